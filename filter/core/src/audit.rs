@@ -1,0 +1,72 @@
+//! The audit record of one request (LOG-4): who called which API, from where, the decision and
+//! its code, and for S3 the signature evidence (DATA-4). The host writes it where Envoy's access
+//! log picks it up; the detail of a refusal goes here and never to the caller.
+
+use serde::Serialize;
+
+use crate::engine::{Evidence, RequestContext};
+use crate::error::Deny;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord<'a> {
+    /// Gateway time, unix seconds.
+    pub ts: u64,
+    pub request_id: &'a str,
+    pub decision: &'static str,
+    pub status: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub detail: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub client_ip: &'a str,
+    pub app: Option<&'a str>,
+    pub api: Option<&'a str>,
+    pub level: Option<&'static str>,
+    pub function: Option<&'a str>,
+    pub keyid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<&'a Evidence>,
+}
+
+pub struct AuditInput<'a> {
+    pub ts: u64,
+    pub request_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub client_ip: &'a str,
+}
+
+/// One JSON line. Serialising plain structs cannot fail; the fallback keeps the log valid anyway.
+pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), &Deny>) -> String {
+    let (decision, status, code, detail) = match outcome {
+        Ok(()) => ("allow", 0, None, ""),
+        Err(d) => ("deny", d.reason.status(), Some(d.reason.code()), d.detail.as_str()),
+    };
+    let rec = AuditRecord {
+        ts: input.ts,
+        request_id: input.request_id,
+        decision,
+        status,
+        code,
+        detail,
+        method: input.method,
+        path: input.path,
+        client_ip: input.client_ip,
+        app: ctx.app.as_deref(),
+        api: ctx.api.as_deref(),
+        level: ctx.level.map(|l| l.as_str()),
+        function: ctx.function.as_deref(),
+        keyid: ctx.keyid.as_deref(),
+        evidence: ctx.evidence.as_ref(),
+    };
+    serde_json::to_string(&rec).unwrap_or_else(|_| {
+        format!(r#"{{"ts":{},"decision":"{decision}","error":"audit serialisation failed"}}"#, input.ts)
+    })
+}
+
+/// The caller's view of a refusal: status and code only.
+pub fn refusal_body(deny: &Deny, request_id: &str) -> String {
+    serde_json::json!({"error": deny.reason.code(), "request_id": request_id}).to_string()
+}

@@ -1,0 +1,159 @@
+//! The two error boundaries: `ConfigError` for operators (a refused policy), and `DenyReason`
+//! for a refused request (status + snake_case code to the caller; detail to the audit log only).
+
+use std::fmt;
+
+/// Why a policy document was refused. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+macro_rules! deny_reasons {
+    ($( $(#[$doc:meta])* $variant:ident => ($code:literal, $status:literal) ),* $(,)?) => {
+        /// Why a request was refused. The code is stable: callers, audit records, metrics and
+        /// the README's table all use it.
+        #[non_exhaustive]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DenyReason {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl DenyReason {
+            pub const ALL: &'static [DenyReason] = &[$(DenyReason::$variant),*];
+
+            pub fn code(self) -> &'static str {
+                match self { $(DenyReason::$variant => $code,)* }
+            }
+
+            pub fn status(self) -> u32 {
+                match self { $(DenyReason::$variant => $status,)* }
+            }
+        }
+    };
+}
+
+deny_reasons! {
+    /// No `x-app-id` header (ID-1).
+    AppIdMissing => ("app_id_missing", 401),
+    /// `x-app-id` names no app in the policy.
+    UnknownApp => ("unknown_app", 401),
+    /// Method and path match no API in the inventory (LVL-1: deny by default).
+    UnknownApi => ("unknown_api", 403),
+    /// A header that must be unique (x-app-id, Signature, Signature-Input, Content-Digest) was repeated.
+    DuplicateHeader => ("duplicate_header", 400),
+    /// A header value is not valid for its field.
+    MalformedHeader => ("malformed_header", 400),
+    /// Signature headers, or all headers together, exceed the configured size.
+    HeaderTooLarge => ("header_too_large", 400),
+    /// Request body larger than `limits.max_body_bytes`.
+    BodyTooLarge => ("body_too_large", 413),
+    /// The API's level requires a signature and none was sent (ID-2, DATA-3).
+    SignatureMissing => ("signature_missing", 401),
+    /// `Signature` / `Signature-Input` are not valid structured fields, or their labels differ.
+    SignatureMalformed => ("signature_malformed", 400),
+    /// More than one signature label: the gateway verifies exactly one.
+    SignatureAmbiguous => ("signature_ambiguous", 400),
+    /// The signature does not verify over the signature base.
+    SignatureInvalid => ("signature_invalid", 401),
+    /// `expires` is in the past.
+    SignatureExpired => ("signature_expired", 401),
+    /// `created` parameter absent.
+    CreatedMissing => ("created_missing", 401),
+    /// `created` older than the skew window.
+    CreatedTooOld => ("created_too_old", 401),
+    /// `created` further in the future than the skew window.
+    CreatedInFuture => ("created_in_future", 401),
+    /// `nonce` parameter absent or empty (ATK-1).
+    NonceMissing => ("nonce_missing", 401),
+    /// The (app, nonce) pair was already accepted (ATK-1).
+    NonceReplayed => ("nonce_replayed", 401),
+    /// `keyid` names no credential of this app.
+    UnknownKey => ("unknown_key", 401),
+    /// The request's `alg` differs from the credential's registered algorithm.
+    AlgMismatch => ("alg_mismatch", 401),
+    /// The credential's algorithm is not strong enough for the API's level (ID-3).
+    CredentialNotAllowed => ("credential_not_allowed", 401),
+    /// A component the policy requires is not covered by the signature.
+    ComponentNotCovered => ("component_not_covered", 401),
+    /// A covered component is absent from the request, or unsupported.
+    ComponentMissing => ("component_missing", 400),
+    /// A body was sent but `Content-Digest` is missing (DATA-3).
+    DigestMissing => ("digest_missing", 401),
+    /// `Content-Digest` does not match the body.
+    DigestMismatch => ("digest_mismatch", 401),
+    /// `Content-Digest` carries no supported algorithm (sha-256, sha-512).
+    DigestUnsupported => ("digest_unsupported", 400),
+    /// The replay store is full of live nonces: refuse rather than forget one (fail closed).
+    ReplayStoreFull => ("replay_store_full", 503),
+    /// The host's shared store or crypto failed: fail closed.
+    HostUnavailable => ("host_unavailable", 503),
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
+/// A refusal with the detail that goes to the audit log (never to the caller).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deny {
+    pub reason: DenyReason,
+    pub detail: String,
+}
+
+impl Deny {
+    pub fn new(reason: DenyReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<DenyReason> for Deny {
+    fn from(reason: DenyReason) -> Self {
+        Self {
+            reason,
+            detail: String::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_snake_case() {
+        let mut seen = std::collections::HashSet::new();
+        for r in DenyReason::ALL {
+            assert!(seen.insert(r.code()), "duplicate code {}", r.code());
+            assert!(r.code().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(matches!(r.status(), 400 | 401 | 403 | 404 | 410 | 413 | 429 | 503));
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! apisec-core: every rule, parser and decision of the apisec gateway, with no dependency on
+//! the proxy host. The host passes in the clock (`now`), the shared store, the ECDSA verifier
+//! and the secrets; the wasm crate only translates between Envoy and these functions.
+
+pub mod audit;
+pub mod crypto;
+pub mod engine;
+pub mod error;
+pub mod message;
+pub mod policy;
+pub mod replay;
+pub mod sf;
+pub mod signer;
+
+pub use error::{ConfigError, Deny, DenyReason};
+pub use policy::{Policy, RawPolicy, SecurityLevel};

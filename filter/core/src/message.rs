@@ -1,0 +1,343 @@
+//! A host-independent view of an HTTP request, and the RFC 9421 signature base built from it
+//! (section 2: derived components and header fields; section 2.5: the base itself).
+//! Implements the message-integrity part of DATA-3 and DATA-4.
+
+use crate::error::{Deny, DenyReason};
+use crate::sf::{self, BareItem, InnerList};
+
+/// What the gateway knows of a request. Header names are lowercase (Envoy lowercases them);
+/// repeated headers appear as repeated pairs, in arrival order.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub scheme: String,
+    pub authority: String,
+    /// The request target as Envoy normalised it: path plus optional `?query`.
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    pub fn path(&self) -> &str {
+        match self.path_and_query.split_once('?') {
+            Some((p, _)) => p,
+            None => &self.path_and_query,
+        }
+    }
+
+    pub fn query(&self) -> Option<&str> {
+        self.path_and_query.split_once('?').map(|(_, q)| q)
+    }
+
+    /// All values of a header, in order.
+    pub fn header_values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The single value of a header that must not repeat; a repeat is an ambiguity and refused.
+    pub fn unique_header(&self, name: &str) -> Result<Option<&str>, Deny> {
+        let mut it = self.header_values(name);
+        let first = it.next();
+        if it.next().is_some() {
+            return Err(Deny::new(DenyReason::DuplicateHeader, format!("{name} sent more than once")));
+        }
+        Ok(first)
+    }
+
+    /// RFC 9421 section 2.1: values trimmed, repeated fields joined with ", ".
+    fn field_value(&self, name: &str) -> Option<String> {
+        let mut out: Option<String> = None;
+        for v in self.header_values(name) {
+            let v = v.trim_matches([' ', '\t']);
+            match &mut out {
+                None => out = Some(v.to_string()),
+                Some(s) => {
+                    s.push_str(", ");
+                    s.push_str(v);
+                }
+            }
+        }
+        out
+    }
+
+    /// RFC 9421 section 2.2.3: lowercase host, default port removed.
+    fn authority_normalised(&self) -> String {
+        let a = self.authority.to_ascii_lowercase();
+        let default_port = match self.scheme.as_str() {
+            "http" => Some(":80"),
+            "https" => Some(":443"),
+            _ => None,
+        };
+        match default_port.and_then(|p| a.strip_suffix(p)) {
+            Some(stripped) => stripped.to_string(),
+            None => a,
+        }
+    }
+}
+
+fn hex_val(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// application/x-www-form-urlencoded decoding of one name or value.
+fn form_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c == b'+' {
+            out.push(b' ');
+        } else if c == b'%' {
+            let hi = b.get(i + 1).copied().and_then(hex_val);
+            let lo = b.get(i + 2).copied().and_then(hex_val);
+            if let (Some(hi), Some(lo)) = (hi, lo) {
+                out.push(hi << 4 | lo);
+                i += 3;
+                continue;
+            }
+            out.push(c);
+        } else {
+            out.push(c);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// RFC 9421 section 2.2.8: re-encode with the form-urlencoded percent-encode set, space as %20.
+fn query_param_encode(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(bytes.len());
+    for &c in bytes {
+        if c.is_ascii_alphanumeric() || b"*-._".contains(&c) {
+            out.push(c as char);
+        } else {
+            out.push('%');
+            out.push(HEX.get(usize::from(c >> 4)).copied().map_or('0', char::from));
+            out.push(HEX.get(usize::from(c & 15)).copied().map_or('0', char::from));
+        }
+    }
+    out
+}
+
+/// One covered component's identifier and value(s), as they go into the base.
+fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result<(), Deny> {
+    let BareItem::String(name) = &item.bare else {
+        return Err(Deny::new(DenyReason::SignatureMalformed, "covered component is not a string"));
+    };
+    let mut ident = String::new();
+    sf::serialize_item(&mut ident, item);
+    let missing = |what: &str| Deny::new(DenyReason::ComponentMissing, format!("{name}: {what}"));
+
+    let allowed_params: &[&str] = if name == "@query-param" { &["name"] } else { &[] };
+    if let Some((k, _)) = item.params.iter().find(|(k, _)| !allowed_params.contains(&k.as_str())) {
+        return Err(missing(&format!("component parameter ;{k} is not supported")));
+    }
+
+    let mut push = |value: &str| {
+        lines.push_str(&ident);
+        lines.push_str(": ");
+        lines.push_str(value);
+        lines.push('\n');
+    };
+    match name.as_str() {
+        "@method" => push(&req.method),
+        "@scheme" => push(&req.scheme.to_ascii_lowercase()),
+        "@authority" => push(&req.authority_normalised()),
+        "@target-uri" => push(&format!(
+            "{}://{}{}",
+            req.scheme.to_ascii_lowercase(),
+            req.authority_normalised(),
+            req.path_and_query
+        )),
+        "@request-target" => push(&req.path_and_query),
+        "@path" => {
+            let p = req.path();
+            push(if p.is_empty() { "/" } else { p })
+        }
+        "@query" => push(&format!("?{}", req.query().unwrap_or(""))),
+        "@query-param" => {
+            let Some(BareItem::String(want)) = sf::param(&item.params, "name") else {
+                return Err(missing("needs a name parameter"));
+            };
+            let mut found = false;
+            for pair in req.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+                let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if query_param_encode(&form_decode(n)) == *want {
+                    push(&query_param_encode(&form_decode(v)));
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(missing("query parameter not present"));
+            }
+        }
+        "@signature-params" | "@status" | "@request-response" => {
+            return Err(missing("not allowed in a request signature"))
+        }
+        n if n.starts_with('@') => return Err(missing("unknown derived component")),
+        n => {
+            if n.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(Deny::new(DenyReason::SignatureMalformed, "header component names must be lowercase"));
+            }
+            match req.field_value(n) {
+                Some(v) => push(&v),
+                None => return Err(missing("header not present")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the RFC 9421 signature base for the covered components and parameters of one
+/// signature. The `@signature-params` line re-serialises the inner list canonically.
+pub fn signature_base(req: &Request, input: &InnerList) -> Result<String, Deny> {
+    let mut base = String::with_capacity(256);
+    let mut seen: Vec<String> = Vec::with_capacity(input.items.len());
+    for item in &input.items {
+        let mut ident = String::new();
+        sf::serialize_item(&mut ident, item);
+        if seen.contains(&ident) {
+            return Err(Deny::new(DenyReason::SignatureMalformed, format!("component {ident} covered twice")));
+        }
+        seen.push(ident);
+        component_lines(req, item, &mut base)?;
+    }
+    base.push_str("\"@signature-params\": ");
+    base.push_str(&sf::serialize_inner_list(input));
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn rfc_request() -> Request {
+        Request {
+            method: "POST".into(),
+            scheme: "https".into(),
+            authority: "example.com".into(),
+            path_and_query: "/foo?param=Value&Pet=dog".into(),
+            headers: vec![
+                ("host".into(), "example.com".into()),
+                ("date".into(), "Tue, 20 Apr 2021 02:07:55 GMT".into()),
+                ("content-type".into(), "application/json".into()),
+                (
+                    "content-digest".into(),
+                    "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:".into(),
+                ),
+                ("content-length".into(), "18".into()),
+            ],
+        }
+    }
+
+    fn input(s: &str) -> InnerList {
+        match sf::parse_dictionary(s).unwrap().remove(0).1 {
+            sf::Member::InnerList(l) => l,
+            sf::Member::Item(_) => panic!("not an inner list"),
+        }
+    }
+
+    /// RFC 9421 Appendix B.2.5, exact bytes.
+    #[test]
+    fn rfc9421_b25_signature_base() {
+        let base = signature_base(
+            &rfc_request(),
+            &input(r#"sig-b25=("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret""#),
+        )
+        .unwrap();
+        assert_eq!(
+            base,
+            "\"date\": Tue, 20 Apr 2021 02:07:55 GMT\n\"@authority\": example.com\n\"content-type\": application/json\n\"@signature-params\": (\"date\" \"@authority\" \"content-type\");created=1618884473;keyid=\"test-shared-secret\""
+        );
+    }
+
+    /// RFC 9421 Appendix B.2.2 (covered components; the RSA signature itself is not usable here).
+    #[test]
+    fn rfc9421_b22_signature_base() {
+        let base = signature_base(
+            &rfc_request(),
+            &input(r#"sig-b22=("@authority" "content-digest" "@query-param";name="Pet");created=1618884473;keyid="test-key-rsa-pss";tag="header-example""#),
+        )
+        .unwrap();
+        assert_eq!(
+            base,
+            "\"@authority\": example.com\n\"content-digest\": sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:\n\"@query-param\";name=\"Pet\": dog\n\"@signature-params\": (\"@authority\" \"content-digest\" \"@query-param\";name=\"Pet\");created=1618884473;keyid=\"test-key-rsa-pss\";tag=\"header-example\""
+        );
+    }
+
+    /// RFC 9421 section 2.2 examples for each derived component.
+    #[test]
+    fn derived_components() {
+        let req = Request {
+            method: "POST".into(),
+            scheme: "https".into(),
+            authority: "WWW.Example.com:443".into(),
+            path_and_query: "/path?param=value&foo=bar&baz=batman&qux=".into(),
+            headers: vec![],
+        };
+        let base = signature_base(
+            &req,
+            &input(r#"s=("@method" "@target-uri" "@authority" "@scheme" "@request-target" "@path" "@query" "@query-param";name="qux")"#),
+        )
+        .unwrap();
+        assert_eq!(
+            base,
+            "\"@method\": POST\n\"@target-uri\": https://www.example.com/path?param=value&foo=bar&baz=batman&qux=\n\"@authority\": www.example.com\n\"@scheme\": https\n\"@request-target\": /path?param=value&foo=bar&baz=batman&qux=\n\"@path\": /path\n\"@query\": ?param=value&foo=bar&baz=batman&qux=\n\"@query-param\";name=\"qux\": \n\"@signature-params\": (\"@method\" \"@target-uri\" \"@authority\" \"@scheme\" \"@request-target\" \"@path\" \"@query\" \"@query-param\";name=\"qux\")"
+        );
+    }
+
+    /// RFC 9421 section 2.2.8 re-encoding example.
+    #[test]
+    fn query_param_reencoding() {
+        let req = Request {
+            path_and_query: "/p?var=this%20is%20a%20big%0Avalue&bar=with+plus+whitespace&fa%C3%A7ade%22%3A%20=something".into(),
+            ..Default::default()
+        };
+        let base = signature_base(
+            &req,
+            &input(r#"s=("@query-param";name="var" "@query-param";name="bar" "@query-param";name="fa%C3%A7ade%22%3A%20")"#),
+        )
+        .unwrap();
+        assert!(base.starts_with(
+            "\"@query-param\";name=\"var\": this%20is%20a%20big%0Avalue\n\"@query-param\";name=\"bar\": with%20plus%20whitespace\n\"@query-param\";name=\"fa%C3%A7ade%22%3A%20\": something\n"
+        ), "{base}");
+    }
+
+    #[test]
+    fn empty_query_and_repeated_headers() {
+        let req = Request {
+            path_and_query: "/p".into(),
+            headers: vec![("x-a".into(), " one ".into()), ("x-a".into(), "two".into())],
+            ..Default::default()
+        };
+        let base = signature_base(&req, &input(r#"s=("@query" "x-a")"#)).unwrap();
+        assert!(base.starts_with("\"@query\": ?\n\"x-a\": one, two\n"), "{base}");
+    }
+
+    #[test]
+    fn refusals() {
+        let req = rfc_request();
+        for (s, reason) in [
+            (r#"s=("x-missing")"#, DenyReason::ComponentMissing),
+            (r#"s=("@query-param";name="nope")"#, DenyReason::ComponentMissing),
+            (r#"s=("@query-param")"#, DenyReason::ComponentMissing),
+            (r#"s=("@status")"#, DenyReason::ComponentMissing),
+            (r#"s=("@bogus")"#, DenyReason::ComponentMissing),
+            (r#"s=("date";sf)"#, DenyReason::ComponentMissing),
+            (r#"s=("date" "date")"#, DenyReason::SignatureMalformed),
+            (r#"s=("Date")"#, DenyReason::SignatureMalformed),
+            (r#"s=(date)"#, DenyReason::SignatureMalformed),
+        ] {
+            assert_eq!(signature_base(&req, &input(s)).unwrap_err().reason, reason, "{s}");
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The policy document: raw serde structs (`deny_unknown_fields`) converted once into a
+//! validated `Policy`. Implements the API inventory (LVL-1, LVL-2), app credentials (ID-1,
+//! ID-2, ID-3, OPS-2) and the replay settings (ATK-1). The request path never re-checks config.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Security level of an API (clause 6). Controls escalate with the level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SecurityLevel {
+    S0,
+    S1,
+    S2,
+    S3,
+}
+
+impl SecurityLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityLevel::S0 => "S0",
+            SecurityLevel::S1 => "S1",
+            SecurityLevel::S2 => "S2",
+            SecurityLevel::S3 => "S3",
+        }
+    }
+}
+
+/// Who the API serves (LVL-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceObject {
+    #[serde(rename = "toB")]
+    ToB,
+    #[serde(rename = "toC")]
+    ToC,
+    #[serde(rename = "toG")]
+    ToG,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Signature algorithms a credential can be registered with (RFC 9421 section 3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    #[serde(rename = "ecdsa-p256-sha256")]
+    EcdsaP256Sha256,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::HmacSha256 => "hmac-sha256",
+            Algorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+        }
+    }
+
+    /// S2 and S3 demand a key pair (ID-3, DATA-4): a shared secret cannot prove who signed.
+    pub fn allowed_for(self, level: SecurityLevel) -> bool {
+        match self {
+            Algorithm::HmacSha256 => level <= SecurityLevel::S1,
+            Algorithm::EcdsaP256Sha256 => true,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw document
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub version: u32,
+    #[serde(default)]
+    pub gateway: RawGateway,
+    pub apis: Vec<RawApi>,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    /// How far `created` may be from the gateway clock, either way.
+    pub clock_skew_seconds: u64,
+    /// How long an accepted nonce is remembered; at least twice the skew.
+    pub nonce_lifetime_seconds: u64,
+    pub replay: RawReplay,
+    pub max_body_bytes: u64,
+    pub max_signature_header_bytes: u64,
+    /// Components every signature must cover, beyond the built-in minimum.
+    pub required_components: Vec<String>,
+}
+
+impl Default for RawGateway {
+    fn default() -> Self {
+        Self {
+            clock_skew_seconds: 300,
+            nonce_lifetime_seconds: 900,
+            replay: RawReplay::default(),
+            max_body_bytes: 1024 * 1024,
+            max_signature_header_bytes: 8192,
+            required_components: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawReplay {
+    /// Number of shared-data keys the replay cache uses.
+    pub slots: u32,
+    /// Live nonces each slot can hold. Capacity = slots * entries_per_slot.
+    pub entries_per_slot: u32,
+}
+
+impl Default for RawReplay {
+    fn default() -> Self {
+        Self {
+            slots: 4096,
+            entries_per_slot: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    pub level: SecurityLevel,
+    pub service_object: ServiceObject,
+    pub access: Access,
+    pub user_auth: bool,
+    pub personal_info: bool,
+    pub function: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub credentials: Vec<RawCredential>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    /// The RFC 9421 `keyid` callers put in `Signature-Input`.
+    pub id: String,
+    pub alg: Algorithm,
+    /// HMAC: the environment variable holding the base64 App_Secret (never the secret itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// ECDSA: the app's public key, PEM SubjectPublicKeyInfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated policy
+
+/// Where HMAC secrets come from: the filter reads Envoy-provided environment variables.
+pub trait SecretSource {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// Secrets from a map; used in tests and by the CLI.
+impl SecretSource for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param,
+}
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    pub level: SecurityLevel,
+    pub service_object: ServiceObject,
+    pub access: Access,
+    pub user_auth: bool,
+    pub personal_info: bool,
+    pub function: String,
+    segments: Vec<Segment>,
+}
+
+impl Api {
+    fn matches(&self, segments: &[&str]) -> bool {
+        self.segments.len() == segments.len()
+            && self.segments.iter().zip(segments).all(|(t, s)| match t {
+                Segment::Literal(l) => l == s,
+                Segment::Param => !s.is_empty(),
+            })
+    }
+
+    /// Literal segments beat parameters, earliest first: `/a/b` wins over `/a/{x}`.
+    fn specificity(&self) -> Vec<bool> {
+        self.segments
+            .iter()
+            .map(|s| matches!(s, Segment::Literal(_)))
+            .collect()
+    }
+}
+
+#[derive(Clone)]
+pub enum KeyMaterial {
+    Hmac(Vec<u8>),
+    /// SubjectPublicKeyInfo DER, as Envoy's `verify_signature` wants it.
+    P256 { spki_der: Vec<u8> },
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    // Secrets never reach logs, not even through Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyMaterial::Hmac(_) => f.write_str("Hmac(<redacted>)"),
+            KeyMaterial::P256 { .. } => f.write_str("P256(<public key>)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub keyid: String,
+    pub alg: Algorithm,
+    pub key: KeyMaterial,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub id: String,
+    pub credentials: Vec<Credential>,
+}
+
+impl App {
+    pub fn credential(&self, keyid: &str) -> Option<&Credential> {
+        self.credentials.iter().find(|c| c.keyid == keyid)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    pub slots: u32,
+    pub entries_per_slot: u32,
+    pub lifetime_seconds: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub clock_skew_seconds: u64,
+    pub replay: ReplaySettings,
+    pub max_body_bytes: u64,
+    pub max_signature_header_bytes: u64,
+    pub required_components: Vec<String>,
+    apis: Vec<Api>,
+    apps: HashMap<String, App>,
+}
+
+/// The minimum every signature covers (DESIGN.md "Wire protocol").
+pub const BASE_REQUIRED_COMPONENTS: &[&str] = &["@method", "@authority", "@path", "@query", "x-app-id"];
+
+const DERIVED: &[&str] = &[
+    "@method",
+    "@target-uri",
+    "@authority",
+    "@scheme",
+    "@request-target",
+    "@path",
+    "@query",
+];
+
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !s.as_bytes().first().is_some_and(|b| b.is_ascii_digit())
+}
+
+fn valid_header_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn parse_template(field: &str, path: &str) -> Result<Vec<Segment>, ConfigError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(ConfigError::new(field, "path must start with '/'"));
+    };
+    if path.contains(['?', '#', '%', '*']) || path.contains("//") {
+        return Err(ConfigError::new(
+            field,
+            "path must be a normalised template without '?', '#', '%', '*' or '//'",
+        ));
+    }
+    let mut names = HashSet::new();
+    rest.split('/')
+        .map(|seg| {
+            if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if !valid_id(inner) || !names.insert(inner.to_string()) {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("bad or repeated path parameter '{{{inner}}}'"),
+                    ));
+                }
+                Ok(Segment::Param)
+            } else if seg.contains(['{', '}']) {
+                Err(ConfigError::new(
+                    field,
+                    "a path parameter must be a whole segment, like /orders/{id}",
+                ))
+            } else if seg == "." || seg == ".." {
+                Err(ConfigError::new(field, "'.' and '..' segments are not allowed"))
+            } else {
+                Ok(Segment::Literal(seg.to_string()))
+            }
+        })
+        .collect()
+}
+
+fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
+    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let key = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
+        ConfigError::new(field, "not a P-256 public key in PEM SubjectPublicKeyInfo form")
+    })?;
+    key.to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|_| ConfigError::new(field, "cannot encode the public key"))
+}
+
+impl RawPolicy {
+    /// Parses the JSON text Envoy hands the filter. Unknown fields are errors.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        serde_json::from_str(text).map_err(|e| ConfigError::new("", format!("policy JSON: {e}")))
+    }
+
+    /// Checks everything that does not need secrets; the CLI runs exactly this.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.compile(None).map(|_| ())
+    }
+
+    /// Validates and binds secrets: the filter's `on_configure` runs exactly this.
+    pub fn into_policy(self, secrets: &dyn SecretSource) -> Result<Policy, ConfigError> {
+        self.compile(Some(secrets))
+    }
+
+    fn compile(&self, secrets: Option<&dyn SecretSource>) -> Result<Policy, ConfigError> {
+        if self.version != 1 {
+            return Err(ConfigError::new("version", "only version 1 is supported"));
+        }
+        let g = &self.gateway;
+        if !(1..=3600).contains(&g.clock_skew_seconds) {
+            return Err(ConfigError::new(
+                "gateway.clock_skew_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        if g.nonce_lifetime_seconds < 2 * g.clock_skew_seconds || g.nonce_lifetime_seconds > 86400 {
+            return Err(ConfigError::new(
+                "gateway.nonce_lifetime_seconds",
+                "must be at least twice clock_skew_seconds (a request is acceptable for that long) and at most 86400",
+            ));
+        }
+        if !(1..=65536).contains(&g.replay.slots) {
+            return Err(ConfigError::new("gateway.replay.slots", "must be between 1 and 65536"));
+        }
+        if !(1..=1024).contains(&g.replay.entries_per_slot) {
+            return Err(ConfigError::new(
+                "gateway.replay.entries_per_slot",
+                "must be between 1 and 1024",
+            ));
+        }
+        if !(1..=16 * 1024 * 1024).contains(&g.max_body_bytes) {
+            return Err(ConfigError::new(
+                "gateway.max_body_bytes",
+                "must be between 1 and 16777216",
+            ));
+        }
+        if !(256..=65536).contains(&g.max_signature_header_bytes) {
+            return Err(ConfigError::new(
+                "gateway.max_signature_header_bytes",
+                "must be between 256 and 65536",
+            ));
+        }
+        let mut required: Vec<String> =
+            BASE_REQUIRED_COMPONENTS.iter().map(|s| s.to_string()).collect();
+        for (i, c) in g.required_components.iter().enumerate() {
+            let field = format!("gateway.required_components[{i}]");
+            let ok = if c.starts_with('@') {
+                DERIVED.contains(&c.as_str())
+            } else {
+                valid_header_name(c)
+            };
+            if !ok {
+                return Err(ConfigError::new(
+                    field,
+                    format!("'{c}' is not a lowercase header name or a supported derived component"),
+                ));
+            }
+            if !required.contains(c) {
+                required.push(c.clone());
+            }
+        }
+
+        if self.apis.is_empty() {
+            return Err(ConfigError::new("apis", "the inventory is empty: every request would be refused"));
+        }
+        let mut apis: Vec<Api> = Vec::with_capacity(self.apis.len());
+        for (i, a) in self.apis.iter().enumerate() {
+            let field = format!("apis[{i}]");
+            if !valid_id(&a.id) {
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+                ));
+            }
+            if apis.iter().any(|x| x.id == a.id) {
+                return Err(ConfigError::new(format!("{field}.id"), format!("duplicate API id '{}'", a.id)));
+            }
+            if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(&a.method.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{field}.method"),
+                    "must be one of GET HEAD POST PUT PATCH DELETE OPTIONS (uppercase)",
+                ));
+            }
+            if a.function.trim().is_empty() {
+                return Err(ConfigError::new(format!("{field}.function"), "business function is required (LVL-2)"));
+            }
+            let segments = parse_template(&format!("{field}.path"), &a.path)?;
+            if let Some(other) = apis
+                .iter()
+                .find(|x| x.method == a.method && x.segments == segments)
+            {
+                return Err(ConfigError::new(
+                    format!("{field}.path"),
+                    format!(
+                        "'{} {}' overlaps API '{}' exactly: a request could not tell them apart",
+                        a.method, a.path, other.id
+                    ),
+                ));
+            }
+            if a.level == SecurityLevel::S0 && a.personal_info {
+                return Err(ConfigError::new(
+                    format!("{field}.level"),
+                    "an API carrying personal information cannot be S0 (public)",
+                ));
+            }
+            apis.push(Api {
+                id: a.id.clone(),
+                method: a.method.clone(),
+                path: a.path.clone(),
+                level: a.level,
+                service_object: a.service_object,
+                access: a.access,
+                user_auth: a.user_auth,
+                personal_info: a.personal_info,
+                function: a.function.clone(),
+                segments,
+            });
+        }
+
+        let mut apps = HashMap::new();
+        let mut keyids = HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let field = format!("apps[{i}]");
+            if !valid_id(&app.id) {
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+                ));
+            }
+            let mut credentials = Vec::new();
+            for (j, c) in app.credentials.iter().enumerate() {
+                let cfield = format!("{field}.credentials[{j}]");
+                if !valid_id(&c.id) {
+                    return Err(ConfigError::new(format!("{cfield}.id"), "must be 1-128 characters of A-Z a-z 0-9 . _ - :"));
+                }
+                if !keyids.insert(c.id.clone()) {
+                    return Err(ConfigError::new(format!("{cfield}.id"), format!("duplicate credential id '{}'", c.id)));
+                }
+                let key = match c.alg {
+                    Algorithm::HmacSha256 => {
+                        if c.public_key_pem.is_some() {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.public_key_pem"),
+                                "an hmac-sha256 credential takes secret_env, not a public key",
+                            ));
+                        }
+                        let Some(env) = &c.secret_env else {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.secret_env"),
+                                "an hmac-sha256 credential needs secret_env (the variable holding the base64 App_Secret)",
+                            ));
+                        };
+                        if !valid_env_name(env) {
+                            return Err(ConfigError::new(format!("{cfield}.secret_env"), "not a valid environment variable name"));
+                        }
+                        match secrets {
+                            None => KeyMaterial::Hmac(Vec::new()),
+                            Some(src) => {
+                                let Some(value) = src.get(env) else {
+                                    return Err(ConfigError::new(
+                                        format!("{cfield}.secret_env"),
+                                        format!("environment variable {env} is not set in the gateway"),
+                                    ));
+                                };
+                                let bytes = base64::engine::general_purpose::STANDARD
+                                    .decode(value.trim())
+                                    .map_err(|_| {
+                                        ConfigError::new(
+                                            format!("{cfield}.secret_env"),
+                                            format!("{env} is not valid base64"),
+                                        )
+                                    })?;
+                                if bytes.len() < 32 {
+                                    return Err(ConfigError::new(
+                                        format!("{cfield}.secret_env"),
+                                        format!("{env} decodes to {} bytes; an App_Secret needs at least 32", bytes.len()),
+                                    ));
+                                }
+                                KeyMaterial::Hmac(bytes)
+                            }
+                        }
+                    }
+                    Algorithm::EcdsaP256Sha256 => {
+                        if c.secret_env.is_some() {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.secret_env"),
+                                "an ecdsa-p256-sha256 credential takes public_key_pem, not a secret",
+                            ));
+                        }
+                        let Some(pem) = &c.public_key_pem else {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.public_key_pem"),
+                                "an ecdsa-p256-sha256 credential needs public_key_pem",
+                            ));
+                        };
+                        KeyMaterial::P256 {
+                            spki_der: decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?,
+                        }
+                    }
+                };
+                credentials.push(Credential {
+                    keyid: c.id.clone(),
+                    alg: c.alg,
+                    key,
+                });
+            }
+            if apps
+                .insert(
+                    app.id.clone(),
+                    App {
+                        id: app.id.clone(),
+                        credentials,
+                    },
+                )
+                .is_some()
+            {
+                return Err(ConfigError::new(format!("{field}.id"), format!("duplicate app id '{}'", app.id)));
+            }
+        }
+
+        Ok(Policy {
+            clock_skew_seconds: g.clock_skew_seconds,
+            replay: ReplaySettings {
+                slots: g.replay.slots,
+                entries_per_slot: g.replay.entries_per_slot,
+                lifetime_seconds: g.nonce_lifetime_seconds,
+            },
+            max_body_bytes: g.max_body_bytes,
+            max_signature_header_bytes: g.max_signature_header_bytes,
+            required_components: required,
+            apis,
+            apps,
+        })
+    }
+}
+
+impl Policy {
+    pub fn from_json(text: &str, secrets: &dyn SecretSource) -> Result<Self, ConfigError> {
+        RawPolicy::from_json(text)?.into_policy(secrets)
+    }
+
+    /// Finds the inventoried API for a method and a normalised path (without query).
+    pub fn match_api(&self, method: &str, path: &str) -> Option<&Api> {
+        let segments: Vec<&str> = match path.strip_prefix('/') {
+            Some(rest) => rest.split('/').collect(),
+            None => return None,
+        };
+        self.apis
+            .iter()
+            .filter(|a| a.method == method && a.matches(&segments))
+            .max_by(|a, b| a.specificity().cmp(&b.specificity()))
+    }
+
+    pub fn app(&self, id: &str) -> Option<&App> {
+        self.apps.get(id)
+    }
+
+    pub fn apis(&self) -> &[Api] {
+        &self.apis
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P256_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqIVYZVLCrPZHGHjP17CTW0/+D9Lf\nw0EkjqF7xB4FivAxzic30tMM4GF+hR6Dxh71Z50VGGdldkkDXZCnTNnoXQ==\n-----END PUBLIC KEY-----\n";
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "version": 1,
+            "apis": [
+                {"id": "quote", "method": "GET", "path": "/api/v1/quotes/{symbol}", "level": "S0",
+                 "service_object": "toC", "access": "read", "user_auth": false, "personal_info": false, "function": "market_data"},
+                {"id": "quote-all", "method": "GET", "path": "/api/v1/quotes/all", "level": "S1",
+                 "service_object": "toB", "access": "read", "user_auth": false, "personal_info": false, "function": "market_data"}
+            ],
+            "apps": [
+                {"id": "app-a", "credentials": [
+                    {"id": "a-hmac", "alg": "hmac-sha256", "secret_env": "SECRET_A"},
+                    {"id": "a-p256", "alg": "ecdsa-p256-sha256", "public_key_pem": P256_PEM}
+                ]}
+            ]
+        })
+    }
+
+    fn secrets() -> HashMap<String, String> {
+        HashMap::from([("SECRET_A".to_string(), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string())])
+    }
+
+    fn compile(v: serde_json::Value) -> Result<Policy, ConfigError> {
+        Policy::from_json(&v.to_string(), &secrets())
+    }
+
+    #[test]
+    fn valid_policy_compiles_and_matches_most_specific() {
+        let p = compile(base()).unwrap();
+        assert_eq!(p.match_api("GET", "/api/v1/quotes/600000").unwrap().id, "quote");
+        assert_eq!(p.match_api("GET", "/api/v1/quotes/all").unwrap().id, "quote-all");
+        assert!(p.match_api("POST", "/api/v1/quotes/all").is_none());
+        assert!(p.match_api("GET", "/api/v1/quotes/").is_none());
+        assert!(p.match_api("GET", "/api/v1/quotes/a/b").is_none());
+        assert!(p.match_api("GET", "api/v1/quotes/a").is_none());
+        let app = p.app("app-a").unwrap();
+        assert!(matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32));
+        assert!(matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der } if spki_der.len() == 91));
+    }
+
+    #[test]
+    fn secret_never_in_debug_output() {
+        let p = compile(base()).unwrap();
+        let dbg = format!("{p:?}");
+        assert!(dbg.contains("<redacted>"));
+        assert!(!dbg.contains("48, 49, 50"));
+    }
+
+    /// Each mutation must be refused with a message naming the field.
+    #[test]
+    fn bad_policies_are_refused_naming_the_field() {
+        type Mutation = fn(&mut serde_json::Value);
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("version", |v| v["version"] = 2.into()),
+            ("unknown field", |v| v["gatewya"] = serde_json::json!({})),
+            ("unknown field", |v| v["apis"][0]["levle"] = "S1".into()),
+            ("unknown variant", |v| v["apis"][0]["level"] = "S4".into()),
+            ("apis[1].id", |v| v["apis"][1]["id"] = "quote".into()),
+            ("apis[0].method", |v| v["apis"][0]["method"] = "get".into()),
+            ("apis[0].path", |v| v["apis"][0]["path"] = "api/v1".into()),
+            ("apis[0].path", |v| v["apis"][0]["path"] = "/api/{a}x".into()),
+            ("apis[0].path", |v| v["apis"][0]["path"] = "/api/{a}/{a}".into()),
+            ("apis[1].path", |v| v["apis"][1]["path"] = "/api/v1/quotes/{other}".into()),
+            ("apis[0].function", |v| v["apis"][0]["function"] = " ".into()),
+            ("apis[0].level", |v| v["apis"][0]["personal_info"] = true.into()),
+            ("apis", |v| v["apis"] = serde_json::json!([])),
+            ("gateway.clock_skew_seconds", |v| v["gateway"] = serde_json::json!({"clock_skew_seconds": 0})),
+            ("gateway.nonce_lifetime_seconds", |v| {
+                v["gateway"] = serde_json::json!({"clock_skew_seconds": 300, "nonce_lifetime_seconds": 400})
+            }),
+            ("gateway.replay.slots", |v| v["gateway"] = serde_json::json!({"replay": {"slots": 0}})),
+            ("gateway.required_components[0]", |v| {
+                v["gateway"] = serde_json::json!({"required_components": ["X-Upper"]})
+            }),
+            ("apps[0].credentials[0].secret_env", |v| {
+                v["apps"][0]["credentials"][0]["secret_env"] = "MISSING_VAR".into()
+            }),
+            ("apps[0].credentials[0].public_key_pem", |v| {
+                v["apps"][0]["credentials"][0]["public_key_pem"] = P256_PEM.into()
+            }),
+            ("apps[0].credentials[1].public_key_pem", |v| {
+                v["apps"][0]["credentials"][1]["public_key_pem"] = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----".into()
+            }),
+            ("apps[0].credentials[1].id", |v| v["apps"][0]["credentials"][1]["id"] = "a-hmac".into()),
+            ("apps[1].id", |v| {
+                let dup = v["apps"][0].clone();
+                v["apps"].as_array_mut().unwrap().push(serde_json::json!({"id": dup["id"], "credentials": []}));
+            }),
+            ("unknown variant", |v| v["apps"][0]["credentials"][0]["alg"] = "rsa-pss-sha512".into()),
+        ];
+        for (expect, mutate) in cases {
+            let mut v = base();
+            mutate(&mut v);
+            let err = compile(v).expect_err(expect);
+            assert!(err.to_string().contains(expect), "expected '{expect}' in '{err}'");
+        }
+    }
+
+    #[test]
+    fn short_or_invalid_secret_refused() {
+        let mut s = secrets();
+        s.insert("SECRET_A".into(), "c2hvcnQ=".into());
+        let err = Policy::from_json(&base().to_string(), &s).unwrap_err();
+        assert!(err.to_string().contains("at least 32"), "{err}");
+        s.insert("SECRET_A".into(), "not base64!".into());
+        let err = Policy::from_json(&base().to_string(), &s).unwrap_err();
+        assert!(err.to_string().contains("not valid base64"), "{err}");
+    }
+
+    #[test]
+    fn validate_without_secrets_checks_structure() {
+        let raw = RawPolicy::from_json(&base().to_string()).unwrap();
+        raw.validate().unwrap();
+    }
+}

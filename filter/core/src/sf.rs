@@ -1,0 +1,412 @@
+//! RFC 8941 structured fields: the strict subset that RFC 9421 (`Signature-Input`,
+//! `Signature`) and RFC 9530 (`Content-Digest`) need. Parsing is strict (ATK-1, DATA-3):
+//! duplicate dictionary keys and anything outside the grammar are errors, never "last wins".
+
+use base64::Engine as _;
+
+/// A bare item (RFC 8941 section 3.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BareItem {
+    Integer(i64),
+    /// Decimal kept as its canonical text (RFC 9421 never needs its value).
+    Decimal(String),
+    String(String),
+    Token(String),
+    ByteSeq(Vec<u8>),
+    Boolean(bool),
+}
+
+/// Ordered parameters; keys are unique (a duplicate is a parse error).
+pub type Params = Vec<(String, BareItem)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub bare: BareItem,
+    pub params: Params,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InnerList {
+    pub items: Vec<Item>,
+    pub params: Params,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Member {
+    Item(Item),
+    InnerList(InnerList),
+}
+
+/// Why a structured field was refused. Kept short: it goes to the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SfError(pub &'static str);
+
+impl std::fmt::Display for SfError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+pub fn param<'a>(params: &'a Params, key: &str) -> Option<&'a BareItem> {
+    params.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+    fn bump(&mut self) -> Option<u8> {
+        let c = self.peek();
+        if c.is_some() {
+            self.pos += 1;
+        }
+        c
+    }
+    fn skip_sp(&mut self) {
+        while self.peek() == Some(b' ') {
+            self.pos += 1;
+        }
+    }
+    fn skip_ows(&mut self) {
+        while matches!(self.peek(), Some(b' ') | Some(b'\t')) {
+            self.pos += 1;
+        }
+    }
+
+    fn key(&mut self) -> Result<String, SfError> {
+        let start = self.pos;
+        match self.peek() {
+            Some(c) if c.is_ascii_lowercase() || c == b'*' => {}
+            _ => return Err(SfError("key must start with a-z or *")),
+        }
+        while let Some(c) = self.peek() {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.*".contains(&c) {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default()).into_owned())
+    }
+
+    fn params(&mut self) -> Result<Params, SfError> {
+        let mut out: Params = Vec::new();
+        while self.peek() == Some(b';') {
+            self.pos += 1;
+            self.skip_sp();
+            let k = self.key()?;
+            let v = if self.peek() == Some(b'=') {
+                self.pos += 1;
+                self.bare()?
+            } else {
+                BareItem::Boolean(true)
+            };
+            if out.iter().any(|(ek, _)| *ek == k) {
+                return Err(SfError("duplicate parameter"));
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    fn bare(&mut self) -> Result<BareItem, SfError> {
+        match self.peek() {
+            Some(b'"') => self.string(),
+            Some(b':') => self.byte_seq(),
+            Some(b'?') => {
+                self.pos += 1;
+                match self.bump() {
+                    Some(b'1') => Ok(BareItem::Boolean(true)),
+                    Some(b'0') => Ok(BareItem::Boolean(false)),
+                    _ => Err(SfError("bad boolean")),
+                }
+            }
+            Some(c) if c == b'-' || c.is_ascii_digit() => self.number(),
+            Some(c) if c.is_ascii_alphabetic() || c == b'*' => self.token(),
+            _ => Err(SfError("bad item")),
+        }
+    }
+
+    fn string(&mut self) -> Result<BareItem, SfError> {
+        self.pos += 1; // opening quote
+        let mut out = String::new();
+        loop {
+            match self.bump() {
+                None => return Err(SfError("unterminated string")),
+                Some(b'"') => return Ok(BareItem::String(out)),
+                Some(b'\\') => match self.bump() {
+                    Some(c @ (b'"' | b'\\')) => out.push(c as char),
+                    _ => return Err(SfError("bad escape in string")),
+                },
+                Some(c) if (0x20..0x7f).contains(&c) => out.push(c as char),
+                Some(_) => return Err(SfError("bad character in string")),
+            }
+        }
+    }
+
+    fn token(&mut self) -> Result<BareItem, SfError> {
+        let start = self.pos;
+        while let Some(c) = self.peek() {
+            if c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&c) {
+                self.pos += 1;
+            } else {
+                break;
+            }
+        }
+        Ok(BareItem::Token(
+            String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default()).into_owned(),
+        ))
+    }
+
+    fn byte_seq(&mut self) -> Result<BareItem, SfError> {
+        self.pos += 1;
+        let start = self.pos;
+        while let Some(c) = self.peek() {
+            if c == b':' {
+                break;
+            }
+            if !(c.is_ascii_alphanumeric() || c == b'+' || c == b'/' || c == b'=') {
+                return Err(SfError("bad character in byte sequence"));
+            }
+            self.pos += 1;
+        }
+        let body = self.s.get(start..self.pos).unwrap_or_default();
+        if self.bump() != Some(b':') {
+            return Err(SfError("unterminated byte sequence"));
+        }
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .map(BareItem::ByteSeq)
+            .map_err(|_| SfError("bad base64 in byte sequence"))
+    }
+
+    fn number(&mut self) -> Result<BareItem, SfError> {
+        let start = self.pos;
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        let digits_start = self.pos;
+        while matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
+            self.pos += 1;
+        }
+        let int_len = self.pos - digits_start;
+        if int_len == 0 {
+            return Err(SfError("bad number"));
+        }
+        if self.peek() == Some(b'.') {
+            if int_len > 12 {
+                return Err(SfError("decimal too long"));
+            }
+            self.pos += 1;
+            let frac_start = self.pos;
+            while matches!(self.peek(), Some(c) if c.is_ascii_digit()) {
+                self.pos += 1;
+            }
+            let frac = self.pos - frac_start;
+            if frac == 0 || frac > 3 {
+                return Err(SfError("bad decimal"));
+            }
+            let text = String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default());
+            return Ok(BareItem::Decimal(text.into_owned()));
+        }
+        if int_len > 15 {
+            return Err(SfError("integer too long"));
+        }
+        let text = String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default());
+        text.parse::<i64>()
+            .map(BareItem::Integer)
+            .map_err(|_| SfError("bad integer"))
+    }
+
+    fn item(&mut self) -> Result<Item, SfError> {
+        let bare = self.bare()?;
+        let params = self.params()?;
+        Ok(Item { bare, params })
+    }
+
+    fn inner_list(&mut self) -> Result<InnerList, SfError> {
+        self.pos += 1; // '('
+        let mut items = Vec::new();
+        loop {
+            self.skip_sp();
+            if self.peek() == Some(b')') {
+                self.pos += 1;
+                let params = self.params()?;
+                return Ok(InnerList { items, params });
+            }
+            items.push(self.item()?);
+            match self.peek() {
+                Some(b' ') | Some(b')') => {}
+                _ => return Err(SfError("bad inner list")),
+            }
+        }
+    }
+
+    fn member(&mut self) -> Result<Member, SfError> {
+        if self.peek() == Some(b'(') {
+            Ok(Member::InnerList(self.inner_list()?))
+        } else {
+            Ok(Member::Item(self.item()?))
+        }
+    }
+}
+
+/// Parses a Dictionary (RFC 8941 section 4.2.2). Duplicate keys are refused: the RFC lets
+/// the last one win, but for signature headers an ambiguous member is an attack surface.
+pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, SfError> {
+    let mut p = Parser {
+        s: input.as_bytes(),
+        pos: 0,
+    };
+    p.skip_sp();
+    let mut out: Vec<(String, Member)> = Vec::new();
+    if p.peek().is_none() {
+        return Err(SfError("empty dictionary"));
+    }
+    loop {
+        let key = p.key()?;
+        let member = if p.peek() == Some(b'=') {
+            p.pos += 1;
+            p.member()?
+        } else {
+            Member::Item(Item {
+                bare: BareItem::Boolean(true),
+                params: p.params()?,
+            })
+        };
+        if out.iter().any(|(k, _)| *k == key) {
+            return Err(SfError("duplicate dictionary key"));
+        }
+        out.push((key, member));
+        p.skip_ows();
+        match p.bump() {
+            None => return Ok(out),
+            Some(b',') => {
+                p.skip_ows();
+                if p.peek().is_none() {
+                    return Err(SfError("trailing comma"));
+                }
+            }
+            Some(_) => return Err(SfError("unexpected character after member")),
+        }
+    }
+}
+
+fn serialize_bare(out: &mut String, b: &BareItem) {
+    match b {
+        BareItem::Integer(i) => out.push_str(&i.to_string()),
+        BareItem::Decimal(d) => out.push_str(d),
+        BareItem::String(s) => {
+            out.push('"');
+            for c in s.chars() {
+                if c == '"' || c == '\\' {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+            out.push('"');
+        }
+        BareItem::Token(t) => out.push_str(t),
+        BareItem::ByteSeq(bytes) => {
+            out.push(':');
+            out.push_str(&base64::engine::general_purpose::STANDARD.encode(bytes));
+            out.push(':');
+        }
+        BareItem::Boolean(true) => out.push_str("?1"),
+        BareItem::Boolean(false) => out.push_str("?0"),
+    }
+}
+
+fn serialize_params(out: &mut String, params: &Params) {
+    for (k, v) in params {
+        out.push(';');
+        out.push_str(k);
+        if *v != BareItem::Boolean(true) {
+            out.push('=');
+            serialize_bare(out, v);
+        }
+    }
+}
+
+pub fn serialize_item(out: &mut String, item: &Item) {
+    serialize_bare(out, &item.bare);
+    serialize_params(out, &item.params);
+}
+
+/// Canonical serialization of an inner list, as RFC 9421 uses for `@signature-params`.
+pub fn serialize_inner_list(list: &InnerList) -> String {
+    let mut out = String::from("(");
+    for (i, item) in list.items.iter().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        serialize_item(&mut out, item);
+    }
+    out.push(')');
+    serialize_params(&mut out, &list.params);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_signature_input() {
+        let d = parse_dictionary(
+            r#"sig1=("@method" "@query-param";name="Pet");created=1618884473;keyid="k";alg="hmac-sha256""#,
+        )
+        .unwrap();
+        assert_eq!(d.len(), 1);
+        let Member::InnerList(l) = &d[0].1 else {
+            panic!("not an inner list")
+        };
+        assert_eq!(l.items.len(), 2);
+        assert_eq!(param(&l.params, "created"), Some(&BareItem::Integer(1618884473)));
+        assert_eq!(
+            serialize_inner_list(l),
+            r#"("@method" "@query-param";name="Pet");created=1618884473;keyid="k";alg="hmac-sha256""#
+        );
+    }
+
+    #[test]
+    fn parses_byte_sequences_and_whitespace() {
+        let d = parse_dictionary("sha-256=:AAEC:,  sha-512=:AA==:").unwrap();
+        assert_eq!(d[0].1, Member::Item(Item { bare: BareItem::ByteSeq(vec![0, 1, 2]), params: vec![] }));
+        assert_eq!(d[1].0, "sha-512");
+    }
+
+    #[test]
+    fn refuses_malformed() {
+        for bad in [
+            "",
+            "a=1,",
+            "a=1,a=2",
+            "A=1",
+            "a=(\"x\"",
+            "a=\"unterminated",
+            "a=:not base64!:",
+            "a=:AAEC",
+            "a=(\"x\");k=1;k=2",
+            "a=1 b=2",
+            "a=1234567890123456",
+            "a=\"bad\\escape\"",
+            "a=\"tab\there\"",
+            "a=?2",
+        ] {
+            assert!(parse_dictionary(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn string_escapes_round_trip() {
+        let d = parse_dictionary(r#"a=("x";name="q\"uote\\")"#).unwrap();
+        let Member::InnerList(l) = &d[0].1 else { panic!() };
+        assert_eq!(serialize_inner_list(l), r#"("x";name="q\"uote\\")"#);
+    }
+}
