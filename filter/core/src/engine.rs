@@ -54,12 +54,18 @@ pub struct RequestContext {
     pub evidence: Option<Evidence>,
 }
 
-fn single_member<'a>(header: &str, dict: &'a [(String, Member)]) -> Result<(&'a str, &'a Member), Deny> {
+fn single_member<'a>(
+    header: &str,
+    dict: &'a [(String, Member)],
+) -> Result<(&'a str, &'a Member), Deny> {
     match dict {
         [(label, m)] => Ok((label.as_str(), m)),
         _ => Err(Deny::new(
             DenyReason::SignatureAmbiguous,
-            format!("{header} carries {} signatures; exactly one is verified", dict.len()),
+            format!(
+                "{header} carries {} signatures; exactly one is verified",
+                dict.len()
+            ),
         )),
     }
 }
@@ -70,7 +76,9 @@ fn covers(covered: &[&str], component: &str) -> bool {
         return true;
     }
     match component {
-        "@path" | "@query" => covered.contains(&"@target-uri") || covered.contains(&"@request-target"),
+        "@path" | "@query" => {
+            covered.contains(&"@target-uri") || covered.contains(&"@request-target")
+        }
         "@authority" => covered.contains(&"@target-uri"),
         _ => false,
     }
@@ -86,7 +94,10 @@ pub fn check_headers(
     ctx: &mut RequestContext,
 ) -> Result<(), Deny> {
     let api = policy.match_api(&req.method, req.path()).ok_or_else(|| {
-        Deny::new(DenyReason::UnknownApi, format!("{} {} is not in the inventory", req.method, req.path()))
+        Deny::new(
+            DenyReason::UnknownApi,
+            format!("{} {} is not in the inventory", req.method, req.path()),
+        )
     })?;
     ctx.api = Some(api.id.clone());
     ctx.level = Some(api.level);
@@ -95,12 +106,21 @@ pub fn check_headers(
     let app_id = req
         .unique_header(APP_ID_HEADER)?
         .ok_or_else(|| Deny::new(DenyReason::AppIdMissing, "no x-app-id"))?;
-    if app_id.is_empty() || app_id.len() > MAX_APP_ID_LEN || !app_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(Deny::new(DenyReason::MalformedHeader, "x-app-id is empty, too long or not printable"));
+    if app_id.is_empty()
+        || app_id.len() > MAX_APP_ID_LEN
+        || !app_id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(Deny::new(
+            DenyReason::MalformedHeader,
+            "x-app-id is empty, too long or not printable",
+        ));
     }
-    let app = policy
-        .app(app_id)
-        .ok_or_else(|| Deny::new(DenyReason::UnknownApp, format!("app {app_id:?} is not registered")))?;
+    let app = policy.app(app_id).ok_or_else(|| {
+        Deny::new(
+            DenyReason::UnknownApp,
+            format!("app {app_id:?} is not registered"),
+        )
+    })?;
     ctx.app = Some(app.id.clone());
 
     let sig_input = req.unique_header("signature-input")?;
@@ -109,7 +129,10 @@ pub fn check_headers(
     ctx.content_digest = digest.map(str::to_string);
     if let Some(d) = digest {
         if d.len() > policy.max_signature_header_bytes as usize {
-            return Err(Deny::new(DenyReason::HeaderTooLarge, "content-digest too large"));
+            return Err(Deny::new(
+                DenyReason::HeaderTooLarge,
+                "content-digest too large",
+            ));
         }
     }
 
@@ -124,44 +147,70 @@ pub fn check_headers(
         ));
     };
     if sig_input.len() + sig.len() > policy.max_signature_header_bytes as usize {
-        return Err(Deny::new(DenyReason::HeaderTooLarge, "signature headers too large"));
+        return Err(Deny::new(
+            DenyReason::HeaderTooLarge,
+            "signature headers too large",
+        ));
     }
-    let malformed = |what: &str, e: sf::SfError| Deny::new(DenyReason::SignatureMalformed, format!("{what}: {e}"));
+    let malformed = |what: &str, e: sf::SfError| {
+        Deny::new(DenyReason::SignatureMalformed, format!("{what}: {e}"))
+    };
     let inputs = sf::parse_dictionary(sig_input).map_err(|e| malformed("signature-input", e))?;
     let sigs = sf::parse_dictionary(sig).map_err(|e| malformed("signature", e))?;
     let (label, input_member) = single_member("signature-input", &inputs)?;
     let (sig_label, sig_member) = single_member("signature", &sigs)?;
     if label != sig_label {
-        return Err(Deny::new(DenyReason::SignatureMalformed, "signature and signature-input labels differ"));
+        return Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "signature and signature-input labels differ",
+        ));
     }
     let Member::InnerList(input) = input_member else {
-        return Err(Deny::new(DenyReason::SignatureMalformed, "signature-input member is not an inner list"));
+        return Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "signature-input member is not an inner list",
+        ));
     };
     let signature_bytes = match sig_member {
         Member::Item(sf::Item {
             bare: BareItem::ByteSeq(b),
             ..
         }) => b,
-        _ => return Err(Deny::new(DenyReason::SignatureMalformed, "signature member is not a byte sequence")),
+        _ => {
+            return Err(Deny::new(
+                DenyReason::SignatureMalformed,
+                "signature member is not a byte sequence",
+            ))
+        }
     };
 
     check_params(policy, input, now, ctx)?;
     let keyid = ctx.keyid.clone().unwrap_or_default();
-    let cred = app
-        .credential(&keyid)
-        .ok_or_else(|| Deny::new(DenyReason::UnknownKey, format!("keyid {keyid:?} is not a credential of {}", app.id)))?;
+    let cred = app.credential(&keyid).ok_or_else(|| {
+        Deny::new(
+            DenyReason::UnknownKey,
+            format!("keyid {keyid:?} is not a credential of {}", app.id),
+        )
+    })?;
     if let Some(BareItem::String(alg)) = sf::param(&input.params, "alg") {
         if alg != cred.alg.as_str() {
             return Err(Deny::new(
                 DenyReason::AlgMismatch,
-                format!("alg {alg:?} but credential {keyid} is {}", cred.alg.as_str()),
+                format!(
+                    "alg {alg:?} but credential {keyid} is {}",
+                    cred.alg.as_str()
+                ),
             ));
         }
     }
     if !cred.alg.allowed_for(api.level) {
         return Err(Deny::new(
             DenyReason::CredentialNotAllowed,
-            format!("{} credentials cannot call {} APIs", cred.alg.as_str(), api.level.as_str()),
+            format!(
+                "{} credentials cannot call {} APIs",
+                cred.alg.as_str(),
+                api.level.as_str()
+            ),
         ));
     }
 
@@ -175,14 +224,23 @@ pub fn check_headers(
         .collect();
     for required in &policy.required_components {
         if !covers(&covered, required) {
-            return Err(Deny::new(DenyReason::ComponentNotCovered, format!("{required} is not covered")));
+            return Err(Deny::new(
+                DenyReason::ComponentNotCovered,
+                format!("{required} is not covered"),
+            ));
         }
     }
     if (has_body || digest.is_some()) && !covered.contains(&"content-digest") {
         if digest.is_none() {
-            return Err(Deny::new(DenyReason::DigestMissing, "a request with a body needs content-digest"));
+            return Err(Deny::new(
+                DenyReason::DigestMissing,
+                "a request with a body needs content-digest",
+            ));
         }
-        return Err(Deny::new(DenyReason::ComponentNotCovered, "content-digest is not covered"));
+        return Err(Deny::new(
+            DenyReason::ComponentNotCovered,
+            "content-digest is not covered",
+        ));
     }
 
     let base = signature_base(req, input)?;
@@ -193,7 +251,10 @@ pub fn check_headers(
             .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
     };
     if !ok {
-        return Err(Deny::new(DenyReason::SignatureInvalid, format!("signature {label} by {keyid} does not verify")));
+        return Err(Deny::new(
+            DenyReason::SignatureInvalid,
+            format!("signature {label} by {keyid} does not verify"),
+        ));
     }
     if api.level == SecurityLevel::S3 {
         ctx.evidence = Some(Evidence {
@@ -201,7 +262,8 @@ pub fn check_headers(
             alg: cred.alg.as_str(),
             signature_input: sig_input.to_string(),
             signature: sig.to_string(),
-            signature_base_sha256: base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes())),
+            signature_base_sha256: base64::engine::general_purpose::STANDARD
+                .encode(sha2::Sha256::digest(base.as_bytes())),
             signature_base: base,
             content_digest: digest.map(str::to_string),
         });
@@ -209,32 +271,57 @@ pub fn check_headers(
     Ok(())
 }
 
-fn check_params(policy: &Policy, input: &InnerList, now: u64, ctx: &mut RequestContext) -> Result<(), Deny> {
+fn check_params(
+    policy: &Policy,
+    input: &InnerList,
+    now: u64,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
     let bad = |what: &str| Deny::new(DenyReason::SignatureMalformed, what.to_string());
     let created = match sf::param(&input.params, "created") {
-        None => return Err(Deny::new(DenyReason::CreatedMissing, "no created parameter")),
+        None => {
+            return Err(Deny::new(
+                DenyReason::CreatedMissing,
+                "no created parameter",
+            ))
+        }
         Some(BareItem::Integer(c)) if *c >= 0 => *c as u64,
         Some(_) => return Err(bad("created is not a non-negative integer")),
     };
     let skew = policy.clock_skew_seconds;
     if created.saturating_add(skew) < now {
-        return Err(Deny::new(DenyReason::CreatedTooOld, format!("created {created}, now {now}, skew {skew}")));
+        return Err(Deny::new(
+            DenyReason::CreatedTooOld,
+            format!("created {created}, now {now}, skew {skew}"),
+        ));
     }
     if created > now.saturating_add(skew) {
-        return Err(Deny::new(DenyReason::CreatedInFuture, format!("created {created}, now {now}, skew {skew}")));
+        return Err(Deny::new(
+            DenyReason::CreatedInFuture,
+            format!("created {created}, now {now}, skew {skew}"),
+        ));
     }
     match sf::param(&input.params, "expires") {
         None => {}
-        Some(BareItem::Integer(e)) => {
-            if *e < 0 || (*e as u64) <= now {
-                return Err(Deny::new(DenyReason::SignatureExpired, format!("expires {e}, now {now}")));
-            }
+        Some(BareItem::Integer(e)) if *e < 0 || (*e as u64) <= now => {
+            return Err(Deny::new(
+                DenyReason::SignatureExpired,
+                format!("expires {e}, now {now}"),
+            ));
         }
+        Some(BareItem::Integer(_)) => {}
         Some(_) => return Err(bad("expires is not an integer")),
     }
     match sf::param(&input.params, "nonce") {
-        Some(BareItem::String(n)) if !n.is_empty() && n.len() <= MAX_NONCE_LEN => ctx.nonce = Some(n.clone()),
-        Some(BareItem::String(_)) => return Err(Deny::new(DenyReason::NonceMissing, "nonce empty or longer than 128")),
+        Some(BareItem::String(n)) if !n.is_empty() && n.len() <= MAX_NONCE_LEN => {
+            ctx.nonce = Some(n.clone())
+        }
+        Some(BareItem::String(_)) => {
+            return Err(Deny::new(
+                DenyReason::NonceMissing,
+                "nonce empty or longer than 128",
+            ))
+        }
         None => return Err(Deny::new(DenyReason::NonceMissing, "no nonce parameter")),
         Some(_) => return Err(bad("nonce is not a string")),
     }
@@ -265,7 +352,10 @@ pub fn check_body(
     match &ctx.content_digest {
         Some(d) => crypto::verify_content_digest(d, body)?,
         None if !body.is_empty() => {
-            return Err(Deny::new(DenyReason::DigestMissing, "a request with a body needs content-digest"))
+            return Err(Deny::new(
+                DenyReason::DigestMissing,
+                "a request with a body needs content-digest",
+            ))
         }
         None => {}
     }

@@ -153,7 +153,10 @@ mod tests {
         for r in DenyReason::ALL {
             assert!(seen.insert(r.code()), "duplicate code {}", r.code());
             assert!(r.code().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
-            assert!(matches!(r.status(), 400 | 401 | 403 | 404 | 410 | 413 | 429 | 503));
+            assert!(matches!(
+                r.status(),
+                400 | 401 | 403 | 404 | 410 | 413 | 429 | 503
+            ));
         }
     }
 }

@@ -2,6 +2,8 @@
 //! the proxy host. The host passes in the clock (`now`), the shared store, the ECDSA verifier
 //! and the secrets; the wasm crate only translates between Envoy and these functions.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod crypto;
 pub mod engine;

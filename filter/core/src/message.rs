@@ -30,7 +30,10 @@ impl Request {
     }
 
     /// All values of a header, in order.
-    pub fn header_values<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    pub fn header_values<'a, 'n>(
+        &'a self,
+        name: &'n str,
+    ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
         self.headers
             .iter()
             .filter(move |(k, _)| k == name)
@@ -42,7 +45,10 @@ impl Request {
         let mut it = self.header_values(name);
         let first = it.next();
         if it.next().is_some() {
-            return Err(Deny::new(DenyReason::DuplicateHeader, format!("{name} sent more than once")));
+            return Err(Deny::new(
+                DenyReason::DuplicateHeader,
+                format!("{name} sent more than once"),
+            ));
         }
         Ok(first)
     }
@@ -75,6 +81,17 @@ impl Request {
             Some(stripped) => stripped.to_string(),
             None => a,
         }
+    }
+}
+
+/// The IP part of Envoy's `source.address` (`1.2.3.4:5678` or `[::1]:5678`).
+pub fn ip_of_address(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(ip, _)| ip);
+    }
+    match addr.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => ip,
+        _ => addr,
     }
 }
 
@@ -121,8 +138,16 @@ fn query_param_encode(bytes: &[u8]) -> String {
             out.push(c as char);
         } else {
             out.push('%');
-            out.push(HEX.get(usize::from(c >> 4)).copied().map_or('0', char::from));
-            out.push(HEX.get(usize::from(c & 15)).copied().map_or('0', char::from));
+            out.push(
+                HEX.get(usize::from(c >> 4))
+                    .copied()
+                    .map_or('0', char::from),
+            );
+            out.push(
+                HEX.get(usize::from(c & 15))
+                    .copied()
+                    .map_or('0', char::from),
+            );
         }
     }
     out
@@ -131,15 +156,28 @@ fn query_param_encode(bytes: &[u8]) -> String {
 /// One covered component's identifier and value(s), as they go into the base.
 fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result<(), Deny> {
     let BareItem::String(name) = &item.bare else {
-        return Err(Deny::new(DenyReason::SignatureMalformed, "covered component is not a string"));
+        return Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "covered component is not a string",
+        ));
     };
     let mut ident = String::new();
     sf::serialize_item(&mut ident, item);
     let missing = |what: &str| Deny::new(DenyReason::ComponentMissing, format!("{name}: {what}"));
 
-    let allowed_params: &[&str] = if name == "@query-param" { &["name"] } else { &[] };
-    if let Some((k, _)) = item.params.iter().find(|(k, _)| !allowed_params.contains(&k.as_str())) {
-        return Err(missing(&format!("component parameter ;{k} is not supported")));
+    let allowed_params: &[&str] = if name == "@query-param" {
+        &["name"]
+    } else {
+        &[]
+    };
+    if let Some((k, _)) = item
+        .params
+        .iter()
+        .find(|(k, _)| !allowed_params.contains(&k.as_str()))
+    {
+        return Err(missing(&format!(
+            "component parameter ;{k} is not supported"
+        )));
     }
 
     let mut push = |value: &str| {
@@ -169,7 +207,12 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
                 return Err(missing("needs a name parameter"));
             };
             let mut found = false;
-            for pair in req.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            for pair in req
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+            {
                 let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
                 if query_param_encode(&form_decode(n)) == *want {
                     push(&query_param_encode(&form_decode(v)));
@@ -186,7 +229,10 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
         n if n.starts_with('@') => return Err(missing("unknown derived component")),
         n => {
             if n.bytes().any(|b| b.is_ascii_uppercase()) {
-                return Err(Deny::new(DenyReason::SignatureMalformed, "header component names must be lowercase"));
+                return Err(Deny::new(
+                    DenyReason::SignatureMalformed,
+                    "header component names must be lowercase",
+                ));
             }
             match req.field_value(n) {
                 Some(v) => push(&v),
@@ -206,7 +252,10 @@ pub fn signature_base(req: &Request, input: &InnerList) -> Result<String, Deny> 
         let mut ident = String::new();
         sf::serialize_item(&mut ident, item);
         if seen.contains(&ident) {
-            return Err(Deny::new(DenyReason::SignatureMalformed, format!("component {ident} covered twice")));
+            return Err(Deny::new(
+                DenyReason::SignatureMalformed,
+                format!("component {ident} covered twice"),
+            ));
         }
         seen.push(ident);
         component_lines(req, item, &mut base)?;
@@ -313,6 +362,14 @@ mod tests {
     }
 
     #[test]
+    fn ip_of_address_forms() {
+        assert_eq!(ip_of_address("10.1.2.3:443"), "10.1.2.3");
+        assert_eq!(ip_of_address("[2001:db8::1]:443"), "2001:db8::1");
+        assert_eq!(ip_of_address("2001:db8::1"), "2001:db8::1");
+        assert_eq!(ip_of_address("127.0.0.1"), "127.0.0.1");
+    }
+
+    #[test]
     fn empty_query_and_repeated_headers() {
         let req = Request {
             path_and_query: "/p".into(),
@@ -320,7 +377,10 @@ mod tests {
             ..Default::default()
         };
         let base = signature_base(&req, &input(r#"s=("@query" "x-a")"#)).unwrap();
-        assert!(base.starts_with("\"@query\": ?\n\"x-a\": one, two\n"), "{base}");
+        assert!(
+            base.starts_with("\"@query\": ?\n\"x-a\": one, two\n"),
+            "{base}"
+        );
     }
 
     #[test]
@@ -328,7 +388,10 @@ mod tests {
         let req = rfc_request();
         for (s, reason) in [
             (r#"s=("x-missing")"#, DenyReason::ComponentMissing),
-            (r#"s=("@query-param";name="nope")"#, DenyReason::ComponentMissing),
+            (
+                r#"s=("@query-param";name="nope")"#,
+                DenyReason::ComponentMissing,
+            ),
             (r#"s=("@query-param")"#, DenyReason::ComponentMissing),
             (r#"s=("@status")"#, DenyReason::ComponentMissing),
             (r#"s=("@bogus")"#, DenyReason::ComponentMissing),
@@ -337,7 +400,11 @@ mod tests {
             (r#"s=("Date")"#, DenyReason::SignatureMalformed),
             (r#"s=(date)"#, DenyReason::SignatureMalformed),
         ] {
-            assert_eq!(signature_base(&req, &input(s)).unwrap_err().reason, reason, "{s}");
+            assert_eq!(
+                signature_base(&req, &input(s)).unwrap_err().reason,
+                reason,
+                "{s}"
+            );
         }
     }
 }

@@ -227,7 +227,9 @@ impl Api {
 pub enum KeyMaterial {
     Hmac(Vec<u8>),
     /// SubjectPublicKeyInfo DER, as Envoy's `verify_signature` wants it.
-    P256 { spki_der: Vec<u8> },
+    P256 {
+        spki_der: Vec<u8>,
+    },
 }
 
 impl std::fmt::Debug for KeyMaterial {
@@ -278,7 +280,8 @@ pub struct Policy {
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
-pub const BASE_REQUIRED_COMPONENTS: &[&str] = &["@method", "@authority", "@path", "@query", "x-app-id"];
+pub const BASE_REQUIRED_COMPONENTS: &[&str] =
+    &["@method", "@authority", "@path", "@query", "x-app-id"];
 
 const DERIVED: &[&str] = &[
     "@method",
@@ -336,7 +339,10 @@ fn parse_template(field: &str, path: &str) -> Result<Vec<Segment>, ConfigError> 
                     "a path parameter must be a whole segment, like /orders/{id}",
                 ))
             } else if seg == "." || seg == ".." {
-                Err(ConfigError::new(field, "'.' and '..' segments are not allowed"))
+                Err(ConfigError::new(
+                    field,
+                    "'.' and '..' segments are not allowed",
+                ))
             } else {
                 Ok(Segment::Literal(seg.to_string()))
             }
@@ -347,7 +353,10 @@ fn parse_template(field: &str, path: &str) -> Result<Vec<Segment>, ConfigError> 
 fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
     use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
     let key = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
-        ConfigError::new(field, "not a P-256 public key in PEM SubjectPublicKeyInfo form")
+        ConfigError::new(
+            field,
+            "not a P-256 public key in PEM SubjectPublicKeyInfo form",
+        )
     })?;
     key.to_public_key_der()
         .map(|d| d.as_bytes().to_vec())
@@ -388,7 +397,10 @@ impl RawPolicy {
             ));
         }
         if !(1..=65536).contains(&g.replay.slots) {
-            return Err(ConfigError::new("gateway.replay.slots", "must be between 1 and 65536"));
+            return Err(ConfigError::new(
+                "gateway.replay.slots",
+                "must be between 1 and 65536",
+            ));
         }
         if !(1..=1024).contains(&g.replay.entries_per_slot) {
             return Err(ConfigError::new(
@@ -408,8 +420,10 @@ impl RawPolicy {
                 "must be between 256 and 65536",
             ));
         }
-        let mut required: Vec<String> =
-            BASE_REQUIRED_COMPONENTS.iter().map(|s| s.to_string()).collect();
+        let mut required: Vec<String> = BASE_REQUIRED_COMPONENTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         for (i, c) in g.required_components.iter().enumerate() {
             let field = format!("gateway.required_components[{i}]");
             let ok = if c.starts_with('@') {
@@ -420,7 +434,9 @@ impl RawPolicy {
             if !ok {
                 return Err(ConfigError::new(
                     field,
-                    format!("'{c}' is not a lowercase header name or a supported derived component"),
+                    format!(
+                        "'{c}' is not a lowercase header name or a supported derived component"
+                    ),
                 ));
             }
             if !required.contains(c) {
@@ -429,7 +445,10 @@ impl RawPolicy {
         }
 
         if self.apis.is_empty() {
-            return Err(ConfigError::new("apis", "the inventory is empty: every request would be refused"));
+            return Err(ConfigError::new(
+                "apis",
+                "the inventory is empty: every request would be refused",
+            ));
         }
         let mut apis: Vec<Api> = Vec::with_capacity(self.apis.len());
         for (i, a) in self.apis.iter().enumerate() {
@@ -441,16 +460,24 @@ impl RawPolicy {
                 ));
             }
             if apis.iter().any(|x| x.id == a.id) {
-                return Err(ConfigError::new(format!("{field}.id"), format!("duplicate API id '{}'", a.id)));
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    format!("duplicate API id '{}'", a.id),
+                ));
             }
-            if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"].contains(&a.method.as_str()) {
+            if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+                .contains(&a.method.as_str())
+            {
                 return Err(ConfigError::new(
                     format!("{field}.method"),
                     "must be one of GET HEAD POST PUT PATCH DELETE OPTIONS (uppercase)",
                 ));
             }
             if a.function.trim().is_empty() {
-                return Err(ConfigError::new(format!("{field}.function"), "business function is required (LVL-2)"));
+                return Err(ConfigError::new(
+                    format!("{field}.function"),
+                    "business function is required (LVL-2)",
+                ));
             }
             let segments = parse_template(&format!("{field}.path"), &a.path)?;
             if let Some(other) = apis
@@ -499,10 +526,16 @@ impl RawPolicy {
             for (j, c) in app.credentials.iter().enumerate() {
                 let cfield = format!("{field}.credentials[{j}]");
                 if !valid_id(&c.id) {
-                    return Err(ConfigError::new(format!("{cfield}.id"), "must be 1-128 characters of A-Z a-z 0-9 . _ - :"));
+                    return Err(ConfigError::new(
+                        format!("{cfield}.id"),
+                        "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+                    ));
                 }
                 if !keyids.insert(c.id.clone()) {
-                    return Err(ConfigError::new(format!("{cfield}.id"), format!("duplicate credential id '{}'", c.id)));
+                    return Err(ConfigError::new(
+                        format!("{cfield}.id"),
+                        format!("duplicate credential id '{}'", c.id),
+                    ));
                 }
                 let key = match c.alg {
                     Algorithm::HmacSha256 => {
@@ -519,7 +552,10 @@ impl RawPolicy {
                             ));
                         };
                         if !valid_env_name(env) {
-                            return Err(ConfigError::new(format!("{cfield}.secret_env"), "not a valid environment variable name"));
+                            return Err(ConfigError::new(
+                                format!("{cfield}.secret_env"),
+                                "not a valid environment variable name",
+                            ));
                         }
                         match secrets {
                             None => KeyMaterial::Hmac(Vec::new()),
@@ -527,7 +563,9 @@ impl RawPolicy {
                                 let Some(value) = src.get(env) else {
                                     return Err(ConfigError::new(
                                         format!("{cfield}.secret_env"),
-                                        format!("environment variable {env} is not set in the gateway"),
+                                        format!(
+                                            "environment variable {env} is not set in the gateway"
+                                        ),
                                     ));
                                 };
                                 let bytes = base64::engine::general_purpose::STANDARD
@@ -582,7 +620,10 @@ impl RawPolicy {
                 )
                 .is_some()
             {
-                return Err(ConfigError::new(format!("{field}.id"), format!("duplicate app id '{}'", app.id)));
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    format!("duplicate app id '{}'", app.id),
+                ));
             }
         }
 
@@ -653,7 +694,10 @@ mod tests {
     }
 
     fn secrets() -> HashMap<String, String> {
-        HashMap::from([("SECRET_A".to_string(), "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string())])
+        HashMap::from([(
+            "SECRET_A".to_string(),
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=".to_string(),
+        )])
     }
 
     fn compile(v: serde_json::Value) -> Result<Policy, ConfigError> {
@@ -663,15 +707,25 @@ mod tests {
     #[test]
     fn valid_policy_compiles_and_matches_most_specific() {
         let p = compile(base()).unwrap();
-        assert_eq!(p.match_api("GET", "/api/v1/quotes/600000").unwrap().id, "quote");
-        assert_eq!(p.match_api("GET", "/api/v1/quotes/all").unwrap().id, "quote-all");
+        assert_eq!(
+            p.match_api("GET", "/api/v1/quotes/600000").unwrap().id,
+            "quote"
+        );
+        assert_eq!(
+            p.match_api("GET", "/api/v1/quotes/all").unwrap().id,
+            "quote-all"
+        );
         assert!(p.match_api("POST", "/api/v1/quotes/all").is_none());
         assert!(p.match_api("GET", "/api/v1/quotes/").is_none());
         assert!(p.match_api("GET", "/api/v1/quotes/a/b").is_none());
         assert!(p.match_api("GET", "api/v1/quotes/a").is_none());
         let app = p.app("app-a").unwrap();
-        assert!(matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32));
-        assert!(matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der } if spki_der.len() == 91));
+        assert!(
+            matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32)
+        );
+        assert!(
+            matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der } if spki_der.len() == 91)
+        );
     }
 
     #[test]
@@ -694,17 +748,34 @@ mod tests {
             ("apis[1].id", |v| v["apis"][1]["id"] = "quote".into()),
             ("apis[0].method", |v| v["apis"][0]["method"] = "get".into()),
             ("apis[0].path", |v| v["apis"][0]["path"] = "api/v1".into()),
-            ("apis[0].path", |v| v["apis"][0]["path"] = "/api/{a}x".into()),
-            ("apis[0].path", |v| v["apis"][0]["path"] = "/api/{a}/{a}".into()),
-            ("apis[1].path", |v| v["apis"][1]["path"] = "/api/v1/quotes/{other}".into()),
-            ("apis[0].function", |v| v["apis"][0]["function"] = " ".into()),
-            ("apis[0].level", |v| v["apis"][0]["personal_info"] = true.into()),
-            ("apis", |v| v["apis"] = serde_json::json!([])),
-            ("gateway.clock_skew_seconds", |v| v["gateway"] = serde_json::json!({"clock_skew_seconds": 0})),
-            ("gateway.nonce_lifetime_seconds", |v| {
-                v["gateway"] = serde_json::json!({"clock_skew_seconds": 300, "nonce_lifetime_seconds": 400})
+            ("apis[0].path", |v| {
+                v["apis"][0]["path"] = "/api/{a}x".into()
             }),
-            ("gateway.replay.slots", |v| v["gateway"] = serde_json::json!({"replay": {"slots": 0}})),
+            ("apis[0].path", |v| {
+                v["apis"][0]["path"] = "/api/{a}/{a}".into()
+            }),
+            ("apis[1].path", |v| {
+                v["apis"][1]["path"] = "/api/v1/quotes/{other}".into()
+            }),
+            ("apis[0].function", |v| {
+                v["apis"][0]["function"] = " ".into()
+            }),
+            ("apis[0].level", |v| {
+                v["apis"][0]["personal_info"] = true.into()
+            }),
+            ("apis", |v| v["apis"] = serde_json::json!([])),
+            ("gateway.clock_skew_seconds", |v| {
+                v["gateway"] = serde_json::json!({"clock_skew_seconds": 0})
+            }),
+            (
+                "gateway.nonce_lifetime_seconds",
+                |v| {
+                    v["gateway"] = serde_json::json!({"clock_skew_seconds": 300, "nonce_lifetime_seconds": 400})
+                },
+            ),
+            ("gateway.replay.slots", |v| {
+                v["gateway"] = serde_json::json!({"replay": {"slots": 0}})
+            }),
             ("gateway.required_components[0]", |v| {
                 v["gateway"] = serde_json::json!({"required_components": ["X-Upper"]})
             }),
@@ -715,20 +786,31 @@ mod tests {
                 v["apps"][0]["credentials"][0]["public_key_pem"] = P256_PEM.into()
             }),
             ("apps[0].credentials[1].public_key_pem", |v| {
-                v["apps"][0]["credentials"][1]["public_key_pem"] = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----".into()
+                v["apps"][0]["credentials"][1]["public_key_pem"] =
+                    "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----".into()
             }),
-            ("apps[0].credentials[1].id", |v| v["apps"][0]["credentials"][1]["id"] = "a-hmac".into()),
+            ("apps[0].credentials[1].id", |v| {
+                v["apps"][0]["credentials"][1]["id"] = "a-hmac".into()
+            }),
             ("apps[1].id", |v| {
                 let dup = v["apps"][0].clone();
-                v["apps"].as_array_mut().unwrap().push(serde_json::json!({"id": dup["id"], "credentials": []}));
+                v["apps"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(serde_json::json!({"id": dup["id"], "credentials": []}));
             }),
-            ("unknown variant", |v| v["apps"][0]["credentials"][0]["alg"] = "rsa-pss-sha512".into()),
+            ("unknown variant", |v| {
+                v["apps"][0]["credentials"][0]["alg"] = "rsa-pss-sha512".into()
+            }),
         ];
         for (expect, mutate) in cases {
             let mut v = base();
             mutate(&mut v);
             let err = compile(v).expect_err(expect);
-            assert!(err.to_string().contains(expect), "expected '{expect}' in '{err}'");
+            assert!(
+                err.to_string().contains(expect),
+                "expected '{expect}' in '{err}'"
+            );
         }
     }
 

@@ -57,7 +57,8 @@ pub fn check_and_record(
 ) -> Result<(), Deny> {
     let fp = fingerprint(app, nonce);
     let slot_count = u64::from(settings.slots.max(1));
-    let slot = (u64::from_le_bytes([fp[0], fp[1], fp[2], fp[3], fp[4], fp[5], fp[6], fp[7]]) % slot_count) as u32;
+    let slot = (u64::from_le_bytes([fp[0], fp[1], fp[2], fp[3], fp[4], fp[5], fp[6], fp[7]])
+        % slot_count) as u32;
     let key = slot_key(slot);
     let expiry = now.saturating_add(settings.lifetime_seconds);
     let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("replay store: {e}"));
@@ -80,14 +81,20 @@ pub fn check_and_record(
                 continue; // expired: pruned by this write
             }
             if efp == fp {
-                return Err(Deny::new(DenyReason::NonceReplayed, format!("nonce {nonce:?} already used")));
+                return Err(Deny::new(
+                    DenyReason::NonceReplayed,
+                    format!("nonce {nonce:?} already used"),
+                ));
             }
             live.extend_from_slice(entry);
         }
         if live.len() / ENTRY >= settings.entries_per_slot as usize {
             return Err(Deny::new(
                 DenyReason::ReplayStoreFull,
-                format!("replay slot {slot} holds {} live nonces", settings.entries_per_slot),
+                format!(
+                    "replay slot {slot} holds {} live nonces",
+                    settings.entries_per_slot
+                ),
             ));
         }
         live.extend_from_slice(&fp);
@@ -96,13 +103,19 @@ pub fn check_and_record(
             return Ok(());
         }
     }
-    Err(Deny::new(DenyReason::HostUnavailable, "replay store: too much contention"))
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "replay store: too much contention",
+    ))
 }
 
 /// In-memory store with Envoy's semantics, for tests and native hosts.
+type Entries = std::collections::HashMap<String, (Vec<u8>, u32)>;
+
 #[derive(Default)]
 pub struct MemoryStore {
-    inner: std::sync::Mutex<(std::collections::HashMap<String, (Vec<u8>, u32)>, u32)>,
+    /// The entries and the last CAS token handed out.
+    inner: std::sync::Mutex<(Entries, u32)>,
 }
 
 impl MemoryStore {

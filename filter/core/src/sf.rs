@@ -367,7 +367,10 @@ mod tests {
             panic!("not an inner list")
         };
         assert_eq!(l.items.len(), 2);
-        assert_eq!(param(&l.params, "created"), Some(&BareItem::Integer(1618884473)));
+        assert_eq!(
+            param(&l.params, "created"),
+            Some(&BareItem::Integer(1618884473))
+        );
         assert_eq!(
             serialize_inner_list(l),
             r#"("@method" "@query-param";name="Pet");created=1618884473;keyid="k";alg="hmac-sha256""#
@@ -377,7 +380,13 @@ mod tests {
     #[test]
     fn parses_byte_sequences_and_whitespace() {
         let d = parse_dictionary("sha-256=:AAEC:,  sha-512=:AA==:").unwrap();
-        assert_eq!(d[0].1, Member::Item(Item { bare: BareItem::ByteSeq(vec![0, 1, 2]), params: vec![] }));
+        assert_eq!(
+            d[0].1,
+            Member::Item(Item {
+                bare: BareItem::ByteSeq(vec![0, 1, 2]),
+                params: vec![]
+            })
+        );
         assert_eq!(d[1].0, "sha-512");
     }
 
@@ -406,7 +415,9 @@ mod tests {
     #[test]
     fn string_escapes_round_trip() {
         let d = parse_dictionary(r#"a=("x";name="q\"uote\\")"#).unwrap();
-        let Member::InnerList(l) = &d[0].1 else { panic!() };
+        let Member::InnerList(l) = &d[0].1 else {
+            panic!()
+        };
         assert_eq!(serialize_inner_list(l), r#"("x";name="q\"uote\\")"#);
     }
 }

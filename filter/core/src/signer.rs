@@ -53,9 +53,15 @@ pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, 
         .map(|c| match c.split_once(";name=") {
             Some((n, v)) => Item {
                 bare: BareItem::String(n.to_string()),
-                params: vec![("name".into(), BareItem::String(v.trim_matches('"').to_string()))],
+                params: vec![(
+                    "name".into(),
+                    BareItem::String(v.trim_matches('"').to_string()),
+                )],
             },
-            None => Item { bare: BareItem::String(c.clone()), params: vec![] },
+            None => Item {
+                bare: BareItem::String(c.clone()),
+                params: vec![],
+            },
         })
         .collect();
     let input = InnerList { items, params };
@@ -70,6 +76,10 @@ pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, 
     };
     Ok((
         format!("{}={}", p.label, sf::serialize_inner_list(&input)),
-        format!("{}=:{}:", p.label, base64::engine::general_purpose::STANDARD.encode(sig)),
+        format!(
+            "{}=:{}:",
+            p.label,
+            base64::engine::general_purpose::STANDARD.encode(sig)
+        ),
     ))
 }

@@ -1,5 +1,6 @@
 //! The decision engine end to end in core, with a negative table: every way a request can be
 //! wrong gets its own code (ID-1, ID-2, ID-3, DATA-3, DATA-4, ATK-1, LVL-1).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)] // test code
 
 use std::collections::HashMap;
 
@@ -16,13 +17,19 @@ const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const P256_PRIV_HEX: &str = "529b85f3597e90ec5b8dfed3e26352bf4af9b4debb1a29bbae77fa105a5c603b";
 
 fn p256_key() -> p256::ecdsa::SigningKey {
-    let bytes: Vec<u8> = (0..64).step_by(2).map(|i| u8::from_str_radix(&P256_PRIV_HEX[i..i + 2], 16).unwrap()).collect();
+    let bytes: Vec<u8> = (0..64)
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&P256_PRIV_HEX[i..i + 2], 16).unwrap())
+        .collect();
     p256::ecdsa::SigningKey::from_slice(&bytes).unwrap()
 }
 
 fn policy() -> Policy {
     use p256::pkcs8::{EncodePublicKey, LineEnding};
-    let pem = p256_key().verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+    let pem = p256_key()
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
     let doc = serde_json::json!({
         "version": 1,
         "gateway": {"clock_skew_seconds": 300, "nonce_lifetime_seconds": 600, "max_signature_header_bytes": 2048,
@@ -47,7 +54,11 @@ fn policy() -> Policy {
 }
 
 fn hmac_key() -> SigningKey {
-    SigningKey::Hmac(base64::engine::general_purpose::STANDARD.decode(SECRET_B64).unwrap())
+    SigningKey::Hmac(
+        base64::engine::general_purpose::STANDARD
+            .decode(SECRET_B64)
+            .unwrap(),
+    )
 }
 
 struct Case {
@@ -74,8 +85,10 @@ fn request(method: &str, path: &str, body: &[u8]) -> Case {
 }
 
 fn params(keyid: &str, nonce: &str, with_digest: bool) -> SignParams {
-    let mut components: Vec<String> =
-        ["@method", "@authority", "@path", "@query", "x-app-id"].iter().map(|s| s.to_string()).collect();
+    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     if with_digest {
         components.push("content-digest".into());
     }
@@ -99,7 +112,15 @@ fn signed(mut c: Case, p: &SignParams, key: &SigningKey) -> Case {
 
 fn run(policy: &Policy, store: &MemoryStore, c: &Case) -> Result<RequestContext, DenyReason> {
     let mut ctx = RequestContext::default();
-    check_headers(policy, &c.req, !c.body.is_empty(), NOW, &SoftwareVerifier, &mut ctx).map_err(|d| d.reason)?;
+    check_headers(
+        policy,
+        &c.req,
+        !c.body.is_empty(),
+        NOW,
+        &SoftwareVerifier,
+        &mut ctx,
+    )
+    .map_err(|d| d.reason)?;
     check_body(policy, &ctx, &c.body, store, NOW).map_err(|d| d.reason)?;
     Ok(ctx)
 }
@@ -126,15 +147,51 @@ fn accepted_per_level() {
     let ctx = run(&p, &store, &request("GET", "/quotes/600000", b"")).unwrap();
     assert_eq!(ctx.api.as_deref(), Some("quote"));
     // S1 with HMAC (ID-2)
-    run(&p, &store, &signed(request("GET", "/news?page=2", b""), &params("a-hmac", "n1", false), &hmac_key())).unwrap();
+    run(
+        &p,
+        &store,
+        &signed(
+            request("GET", "/news?page=2", b""),
+            &params("a-hmac", "n1", false),
+            &hmac_key(),
+        ),
+    )
+    .unwrap();
     // S1 with a key pair
     let ec = SigningKey::P256(Box::new(p256_key()));
-    run(&p, &store, &signed(request("GET", "/news", b""), &params("a-p256", "n2", false), &ec)).unwrap();
+    run(
+        &p,
+        &store,
+        &signed(
+            request("GET", "/news", b""),
+            &params("a-p256", "n2", false),
+            &ec,
+        ),
+    )
+    .unwrap();
     // S2 with a key pair (ID-3)
-    run(&p, &store, &signed(request("GET", "/accounts/42", b""), &params("a-p256", "n3", false), &ec)).unwrap();
+    run(
+        &p,
+        &store,
+        &signed(
+            request("GET", "/accounts/42", b""),
+            &params("a-p256", "n3", false),
+            &ec,
+        ),
+    )
+    .unwrap();
     // S3 with a body: evidence recorded (DATA-4)
     let body = br#"{"symbol":"600000","qty":100}"#;
-    let ctx = run(&p, &store, &signed(request("POST", "/orders", body), &params("a-p256", "n4", true), &ec)).unwrap();
+    let ctx = run(
+        &p,
+        &store,
+        &signed(
+            request("POST", "/orders", body),
+            &params("a-p256", "n4", true),
+            &ec,
+        ),
+    )
+    .unwrap();
     let ev = ctx.evidence.expect("S3 evidence");
     assert!(ev.signature_base.contains("\"content-digest\": sha-256=:"));
     assert_eq!(ev.keyid, "a-p256");
@@ -147,88 +204,316 @@ fn negative_table() {
     let ec = || SigningKey::P256(Box::new(p256_key()));
     let body = br#"{"symbol":"600000","qty":100}"#.to_vec();
     type Build = Box<dyn Fn() -> Case>;
-    let order = move |n: &str| signed(request("POST", "/orders", &body), &params("a-p256", n, true), &ec());
+    let order = move |n: &str| {
+        signed(
+            request("POST", "/orders", &body),
+            &params("a-p256", n, true),
+            &ec(),
+        )
+    };
     let news = |prm: SignParams| signed(request("GET", "/news", b""), &prm, &hmac_key());
 
     let rows: Vec<(&str, Build, DenyReason)> = vec![
-        ("tampered header", Box::new(move || {
-            let mut c = news(params("a-hmac", "t1", false));
-            c.req.path_and_query = "/news?page=9".into();
-            c
-        }), DenyReason::SignatureInvalid),
-        ("tampered body", Box::new({ let order = order.clone(); move || { let mut c = order("t2"); c.body[3] ^= 1; c } }), DenyReason::DigestMismatch),
-        ("wrong digest, re-signed", Box::new(move || {
-            let mut c = request("POST", "/orders", br#"{"qty":1}"#);
-            set_header(&mut c, "content-digest", &content_digest_sha256(b"other"));
-            signed(c, &params("a-p256", "t3", true), &SigningKey::P256(Box::new(p256_key())))
-        }), DenyReason::DigestMismatch),
-        ("body without content-digest", Box::new(move || {
-            let mut c = request("POST", "/orders", br#"{"qty":1}"#);
-            c.req.headers.retain(|(k, _)| k != "content-digest");
-            signed(c, &params("a-p256", "t4", false), &SigningKey::P256(Box::new(p256_key())))
-        }), DenyReason::DigestMissing),
-        ("digest present but not covered", Box::new(move || {
-            signed(request("POST", "/orders", br#"{"qty":1}"#), &params("a-p256", "t5", false), &SigningKey::P256(Box::new(p256_key())))
-        }), DenyReason::ComponentNotCovered),
-        ("missing covered component x-app-id", Box::new(move || {
-            let mut prm = params("a-hmac", "t6", false);
-            prm.components.retain(|c| c != "x-app-id");
-            news(prm)
-        }), DenyReason::ComponentNotCovered),
-        ("missing nonce", Box::new(move || { let mut prm = params("a-hmac", "x", false); prm.nonce = None; news(prm) }), DenyReason::NonceMissing),
-        ("created too old", Box::new(move || { let mut prm = params("a-hmac", "t7", false); prm.created -= 301; news(prm) }), DenyReason::CreatedTooOld),
-        ("created in future", Box::new(move || { let mut prm = params("a-hmac", "t8", false); prm.created += 301; news(prm) }), DenyReason::CreatedInFuture),
-        ("expired", Box::new(move || { let mut prm = params("a-hmac", "t9", false); prm.expires = Some(NOW as i64 - 1); news(prm) }), DenyReason::SignatureExpired),
-        ("unknown keyid", Box::new(move || news(params("nope", "t10", false))), DenyReason::UnknownKey),
-        ("alg mismatch", Box::new(move || {
-            let mut c = news(params("a-hmac", "t11", false));
-            let v = c.req.headers.iter().find(|(k, _)| k == "signature-input").unwrap().1.replace("hmac-sha256", "ecdsa-p256-sha256");
-            set_header(&mut c, "signature-input", &v);
-            c
-        }), DenyReason::AlgMismatch),
-        ("hmac on S3", Box::new(move || signed(request("POST", "/orders", br#"{"q":1}"#), &params("a-hmac", "t12", true), &hmac_key())), DenyReason::CredentialNotAllowed),
-        ("hmac on S2", Box::new(move || signed(request("GET", "/accounts/1", b""), &params("a-hmac", "t13", false), &hmac_key())), DenyReason::CredentialNotAllowed),
-        ("duplicate labels", Box::new(move || {
-            let mut c = news(params("a-hmac", "t14", false));
-            let v = c.req.headers.iter().find(|(k, _)| k == "signature-input").unwrap().1.clone();
-            set_header(&mut c, "signature-input", &format!("{v}, {v}"));
-            c
-        }), DenyReason::SignatureMalformed),
-        ("two signatures", Box::new(move || {
-            let mut c = news(params("a-hmac", "t15", false));
-            let v = c.req.headers.iter().find(|(k, _)| k == "signature-input").unwrap().1.clone();
-            set_header(&mut c, "signature-input", &format!("{v}, {}", v.replacen("sig1", "sig2", 1)));
-            c
-        }), DenyReason::SignatureAmbiguous),
-        ("label mismatch", Box::new(move || {
-            let mut c = news(params("a-hmac", "t16", false));
-            let v = c.req.headers.iter().find(|(k, _)| k == "signature").unwrap().1.replacen("sig1", "sig9", 1);
-            set_header(&mut c, "signature", &v);
-            c
-        }), DenyReason::SignatureMalformed),
-        ("malformed signature-input", Box::new(move || { let mut c = news(params("a-hmac", "t17", false)); set_header(&mut c, "signature-input", "sig1=(\"@method\""); c }), DenyReason::SignatureMalformed),
-        ("malformed signature", Box::new(move || { let mut c = news(params("a-hmac", "t18", false)); set_header(&mut c, "signature", "sig1=:@@@:"); c }), DenyReason::SignatureMalformed),
-        ("oversized signature header", Box::new(move || {
-            let mut c = news(params("a-hmac", "t19", false));
-            set_header(&mut c, "signature", &format!("sig1=:{}:", "A".repeat(4000)));
-            c
-        }), DenyReason::HeaderTooLarge),
-        ("duplicate signature header", Box::new(move || {
-            let mut c = news(params("a-hmac", "t20", false));
-            let v = c.req.headers.iter().find(|(k, _)| k == "signature").unwrap().1.clone();
-            c.req.headers.push(("signature".into(), v));
-            c
-        }), DenyReason::DuplicateHeader),
-        ("duplicate x-app-id", Box::new(move || { let mut c = news(params("a-hmac", "t21", false)); c.req.headers.push(("x-app-id".into(), "app-b".into())); c }), DenyReason::DuplicateHeader),
-        ("no signature on S1", Box::new(|| request("GET", "/news", b"")), DenyReason::SignatureMissing),
-        ("no app id", Box::new(|| { let mut c = request("GET", "/quotes/1", b""); c.req.headers.clear(); c }), DenyReason::AppIdMissing),
-        ("unknown app", Box::new(|| { let mut c = request("GET", "/quotes/1", b""); set_header(&mut c, "x-app-id", "ghost"); c }), DenyReason::UnknownApp),
-        ("unknown api", Box::new(|| request("GET", "/admin", b"")), DenyReason::UnknownApi),
-        ("wrong method", Box::new(|| request("DELETE", "/news", b"")), DenyReason::UnknownApi),
-        ("signature by another key", Box::new(move || {
-            let other = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
-            signed(request("GET", "/accounts/1", b""), &params("a-p256", "t22", false), &SigningKey::P256(Box::new(other)))
-        }), DenyReason::SignatureInvalid),
+        (
+            "tampered header",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t1", false));
+                c.req.path_and_query = "/news?page=9".into();
+                c
+            }),
+            DenyReason::SignatureInvalid,
+        ),
+        (
+            "tampered body",
+            Box::new({
+                let order = order.clone();
+                move || {
+                    let mut c = order("t2");
+                    c.body[3] ^= 1;
+                    c
+                }
+            }),
+            DenyReason::DigestMismatch,
+        ),
+        (
+            "wrong digest, re-signed",
+            Box::new(move || {
+                let mut c = request("POST", "/orders", br#"{"qty":1}"#);
+                set_header(&mut c, "content-digest", &content_digest_sha256(b"other"));
+                signed(
+                    c,
+                    &params("a-p256", "t3", true),
+                    &SigningKey::P256(Box::new(p256_key())),
+                )
+            }),
+            DenyReason::DigestMismatch,
+        ),
+        (
+            "body without content-digest",
+            Box::new(move || {
+                let mut c = request("POST", "/orders", br#"{"qty":1}"#);
+                c.req.headers.retain(|(k, _)| k != "content-digest");
+                signed(
+                    c,
+                    &params("a-p256", "t4", false),
+                    &SigningKey::P256(Box::new(p256_key())),
+                )
+            }),
+            DenyReason::DigestMissing,
+        ),
+        (
+            "digest present but not covered",
+            Box::new(move || {
+                signed(
+                    request("POST", "/orders", br#"{"qty":1}"#),
+                    &params("a-p256", "t5", false),
+                    &SigningKey::P256(Box::new(p256_key())),
+                )
+            }),
+            DenyReason::ComponentNotCovered,
+        ),
+        (
+            "missing covered component x-app-id",
+            Box::new(move || {
+                let mut prm = params("a-hmac", "t6", false);
+                prm.components.retain(|c| c != "x-app-id");
+                news(prm)
+            }),
+            DenyReason::ComponentNotCovered,
+        ),
+        (
+            "missing nonce",
+            Box::new(move || {
+                let mut prm = params("a-hmac", "x", false);
+                prm.nonce = None;
+                news(prm)
+            }),
+            DenyReason::NonceMissing,
+        ),
+        (
+            "created too old",
+            Box::new(move || {
+                let mut prm = params("a-hmac", "t7", false);
+                prm.created -= 301;
+                news(prm)
+            }),
+            DenyReason::CreatedTooOld,
+        ),
+        (
+            "created in future",
+            Box::new(move || {
+                let mut prm = params("a-hmac", "t8", false);
+                prm.created += 301;
+                news(prm)
+            }),
+            DenyReason::CreatedInFuture,
+        ),
+        (
+            "expired",
+            Box::new(move || {
+                let mut prm = params("a-hmac", "t9", false);
+                prm.expires = Some(NOW as i64 - 1);
+                news(prm)
+            }),
+            DenyReason::SignatureExpired,
+        ),
+        (
+            "unknown keyid",
+            Box::new(move || news(params("nope", "t10", false))),
+            DenyReason::UnknownKey,
+        ),
+        (
+            "alg mismatch",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t11", false));
+                let v = c
+                    .req
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "signature-input")
+                    .unwrap()
+                    .1
+                    .replace("hmac-sha256", "ecdsa-p256-sha256");
+                set_header(&mut c, "signature-input", &v);
+                c
+            }),
+            DenyReason::AlgMismatch,
+        ),
+        (
+            "hmac on S3",
+            Box::new(move || {
+                signed(
+                    request("POST", "/orders", br#"{"q":1}"#),
+                    &params("a-hmac", "t12", true),
+                    &hmac_key(),
+                )
+            }),
+            DenyReason::CredentialNotAllowed,
+        ),
+        (
+            "hmac on S2",
+            Box::new(move || {
+                signed(
+                    request("GET", "/accounts/1", b""),
+                    &params("a-hmac", "t13", false),
+                    &hmac_key(),
+                )
+            }),
+            DenyReason::CredentialNotAllowed,
+        ),
+        (
+            "duplicate labels",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t14", false));
+                let v = c
+                    .req
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "signature-input")
+                    .unwrap()
+                    .1
+                    .clone();
+                set_header(&mut c, "signature-input", &format!("{v}, {v}"));
+                c
+            }),
+            DenyReason::SignatureMalformed,
+        ),
+        (
+            "two signatures",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t15", false));
+                let v = c
+                    .req
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "signature-input")
+                    .unwrap()
+                    .1
+                    .clone();
+                set_header(
+                    &mut c,
+                    "signature-input",
+                    &format!("{v}, {}", v.replacen("sig1", "sig2", 1)),
+                );
+                c
+            }),
+            DenyReason::SignatureAmbiguous,
+        ),
+        (
+            "label mismatch",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t16", false));
+                let v = c
+                    .req
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "signature")
+                    .unwrap()
+                    .1
+                    .replacen("sig1", "sig9", 1);
+                set_header(&mut c, "signature", &v);
+                c
+            }),
+            DenyReason::SignatureMalformed,
+        ),
+        (
+            "malformed signature-input",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t17", false));
+                set_header(&mut c, "signature-input", "sig1=(\"@method\"");
+                c
+            }),
+            DenyReason::SignatureMalformed,
+        ),
+        (
+            "malformed signature",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t18", false));
+                set_header(&mut c, "signature", "sig1=:@@@:");
+                c
+            }),
+            DenyReason::SignatureMalformed,
+        ),
+        (
+            "oversized signature header",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t19", false));
+                set_header(&mut c, "signature", &format!("sig1=:{}:", "A".repeat(4000)));
+                c
+            }),
+            DenyReason::HeaderTooLarge,
+        ),
+        (
+            "duplicate signature header",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t20", false));
+                let v = c
+                    .req
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "signature")
+                    .unwrap()
+                    .1
+                    .clone();
+                c.req.headers.push(("signature".into(), v));
+                c
+            }),
+            DenyReason::DuplicateHeader,
+        ),
+        (
+            "duplicate x-app-id",
+            Box::new(move || {
+                let mut c = news(params("a-hmac", "t21", false));
+                c.req.headers.push(("x-app-id".into(), "app-b".into()));
+                c
+            }),
+            DenyReason::DuplicateHeader,
+        ),
+        (
+            "no signature on S1",
+            Box::new(|| request("GET", "/news", b"")),
+            DenyReason::SignatureMissing,
+        ),
+        (
+            "no app id",
+            Box::new(|| {
+                let mut c = request("GET", "/quotes/1", b"");
+                c.req.headers.clear();
+                c
+            }),
+            DenyReason::AppIdMissing,
+        ),
+        (
+            "unknown app",
+            Box::new(|| {
+                let mut c = request("GET", "/quotes/1", b"");
+                set_header(&mut c, "x-app-id", "ghost");
+                c
+            }),
+            DenyReason::UnknownApp,
+        ),
+        (
+            "unknown api",
+            Box::new(|| request("GET", "/admin", b"")),
+            DenyReason::UnknownApi,
+        ),
+        (
+            "wrong method",
+            Box::new(|| request("DELETE", "/news", b"")),
+            DenyReason::UnknownApi,
+        ),
+        (
+            "signature by another key",
+            Box::new(move || {
+                let other = p256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+                signed(
+                    request("GET", "/accounts/1", b""),
+                    &params("a-p256", "t22", false),
+                    &SigningKey::P256(Box::new(other)),
+                )
+            }),
+            DenyReason::SignatureInvalid,
+        ),
     ];
     for (name, build, want) in rows {
         let store = fresh_store(&p);
@@ -240,15 +525,29 @@ fn negative_table() {
 fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
     let p = policy();
     let store = fresh_store(&p);
-    let c = signed(request("GET", "/news", b""), &params("a-hmac", "once", false), &hmac_key());
+    let c = signed(
+        request("GET", "/news", b""),
+        &params("a-hmac", "once", false),
+        &hmac_key(),
+    );
     run(&p, &store, &c).unwrap();
     assert_eq!(run(&p, &store, &c).err(), Some(DenyReason::NonceReplayed));
 
     // a request refused for its body must not use up the nonce
     let ec = SigningKey::P256(Box::new(p256_key()));
-    let good = signed(request("POST", "/orders", b"{}"), &params("a-p256", "keep", true), &ec);
-    let mut bad = Case { req: good.req.clone(), body: b"{}!".to_vec() };
-    assert_eq!(run(&p, &store, &bad).err(), Some(DenyReason::DigestMismatch));
+    let good = signed(
+        request("POST", "/orders", b"{}"),
+        &params("a-p256", "keep", true),
+        &ec,
+    );
+    let mut bad = Case {
+        req: good.req.clone(),
+        body: b"{}!".to_vec(),
+    };
+    assert_eq!(
+        run(&p, &store, &bad).err(),
+        Some(DenyReason::DigestMismatch)
+    );
     bad.body = b"{}".to_vec();
     run(&p, &store, &bad).unwrap();
 }

@@ -1,1 +1,399 @@
+//! apisec-filter: the proxy-wasm glue between Envoy and apisec-core. It reads what Envoy
+//! knows of a request, hands it to core, and turns core's decision into host actions:
+//! forward with verified `x-apisec-*` headers, or a local refusal; and an audit record in
+//! filter state (`wasm.apisec_audit`) for Envoy's access log. No rule lives here.
 
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use apisec_core::audit::{self, AuditInput};
+use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier};
+use apisec_core::engine::{self, RequestContext};
+use apisec_core::message::{self, Request};
+use apisec_core::policy::SecretSource;
+use apisec_core::replay::{self, SharedStore};
+use apisec_core::{Deny, DenyReason, Policy};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+#[allow(unsafe_code)] // the SDK's entry point is a #[no_mangle] export
+mod entry {
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+        proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+            Box::new(super::ApisecRoot::default())
+        });
+    }}
+}
+
+/// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
+const AUDIT_PROPERTY: &str = "apisec_audit";
+
+fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+fn now_secs() -> Option<u64> {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+}
+
+/// HMAC secrets come from `vm_config.environment_variables`, never from the policy text.
+struct EnvSecrets;
+impl SecretSource for EnvSecrets {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Envoy shared data: one store per `vm_id`, shared by every worker, with CAS.
+struct EnvoyStore;
+impl SharedStore for EnvoyStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, Some(cas))) => Ok(Some((value.unwrap_or_default(), cas))),
+            Ok((_, None)) => Ok(None),
+            Err(s) => Err(format!("get_shared_data: {s:?}")),
+        }
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(s) => Err(format!("set_shared_data: {s:?}")),
+        }
+    }
+}
+
+/// ECDSA through Envoy's BoringSSL (`verify_signature` foreign function); the pure-Rust path
+/// only where the host does not offer the function at all.
+struct EnvoyVerifier {
+    warned: Cell<bool>,
+}
+impl EcdsaVerifier for EnvoyVerifier {
+    fn verify_p256_sha256(
+        &self,
+        spki_der: &[u8],
+        msg: &[u8],
+        sig_raw: &[u8],
+    ) -> Result<bool, String> {
+        let Some(der) = crypto::p1363_to_der(sig_raw) else {
+            return Ok(false);
+        };
+        let args = crypto::envoy_verify_args(spki_der, &der, msg);
+        match hostcalls::call_foreign_function("verify_signature", Some(&args)) {
+            Ok(Some(out)) => crypto::envoy_verify_result(&out)
+                .ok_or_else(|| "unreadable verify_signature result".to_string()),
+            Ok(None) => Err("verify_signature returned nothing".into()),
+            Err(Status::NotFound) => {
+                if !self.warned.replace(true) {
+                    log(
+                        LogLevel::Warn,
+                        "apisec: host has no verify_signature; using the pure-Rust P-256 verifier",
+                    );
+                }
+                SoftwareVerifier.verify_p256_sha256(spki_der, msg, sig_raw)
+            }
+            Err(s) => Err(format!("verify_signature: {s:?}")),
+        }
+    }
+}
+
+/// Counters, one fixed list: `apisec.allowed`, `apisec.denied`, `apisec.denied.<code>`.
+struct Metrics {
+    allowed: Option<u32>,
+    denied: Option<u32>,
+    by_reason: Vec<(DenyReason, u32)>,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let def = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
+        Metrics {
+            allowed: def("apisec.allowed"),
+            denied: def("apisec.denied"),
+            by_reason: DenyReason::ALL
+                .iter()
+                .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
+                .collect(),
+        }
+    }
+    fn bump(id: Option<u32>) {
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+    fn allowed(&self) {
+        Self::bump(self.allowed);
+    }
+    fn denied(&self, reason: DenyReason) {
+        Self::bump(self.denied);
+        Self::bump(
+            self.by_reason
+                .iter()
+                .find(|(r, _)| *r == reason)
+                .map(|(_, id)| *id),
+        );
+    }
+}
+
+#[derive(Default)]
+pub struct ApisecRoot {
+    policy: Option<Rc<Policy>>,
+    metrics: Option<Rc<Metrics>>,
+    verifier: Option<Rc<EnvoyVerifier>>,
+}
+
+impl Context for ApisecRoot {}
+
+impl RootContext for ApisecRoot {
+    /// Refusing here (false) makes Envoy reject the new config and keep the last good one.
+    fn on_configure(&mut self, size: usize) -> bool {
+        let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => {
+                log(
+                    LogLevel::Error,
+                    "apisec: policy refused: no plugin configuration",
+                );
+                return false;
+            }
+        };
+        let policy = match Policy::from_json(&text, &EnvSecrets) {
+            Ok(p) => p,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
+                return false;
+            }
+        };
+        if let Err(e) = replay::init_slots(&EnvoyStore, &policy.replay) {
+            log(
+                LogLevel::Error,
+                &format!("apisec: policy refused: replay store: {e}"),
+            );
+            return false;
+        }
+        log(
+            LogLevel::Info,
+            &format!("apisec: policy loaded: {} APIs", policy.apis().len()),
+        );
+        self.policy = Some(Rc::new(policy));
+        if self.metrics.is_none() {
+            self.metrics = Some(Rc::new(Metrics::define()));
+        }
+        if self.verifier.is_none() {
+            self.verifier = Some(Rc::new(EnvoyVerifier {
+                warned: Cell::new(false),
+            }));
+        }
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let (Some(policy), Some(metrics), Some(verifier)) =
+            (&self.policy, &self.metrics, &self.verifier)
+        else {
+            return None; // never configured: Envoy's failure policy (FAIL_CLOSED) applies
+        };
+        Some(Box::new(ApisecHttp {
+            policy: policy.clone(),
+            metrics: metrics.clone(),
+            verifier: verifier.clone(),
+            req: Request::default(),
+            ctx: RequestContext::default(),
+            request_id: String::new(),
+            client_ip: String::new(),
+            decided: false,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct ApisecHttp {
+    policy: Rc<Policy>,
+    metrics: Rc<Metrics>,
+    verifier: Rc<EnvoyVerifier>,
+    req: Request,
+    ctx: RequestContext,
+    request_id: String,
+    client_ip: String,
+    decided: bool,
+}
+
+impl Context for ApisecHttp {}
+
+impl ApisecHttp {
+    fn audit(&self, outcome: Result<(), &Deny>) {
+        let input = AuditInput {
+            ts: now_secs().unwrap_or(0),
+            request_id: &self.request_id,
+            method: &self.req.method,
+            path: self.req.path(),
+            client_ip: &self.client_ip,
+        };
+        let line = audit::record(&input, &self.ctx, outcome);
+        let _ = hostcalls::set_property(vec![AUDIT_PROPERTY], Some(line.as_bytes()));
+    }
+
+    fn refuse(&mut self, deny: Deny) -> Action {
+        self.decided = true;
+        self.audit(Err(&deny));
+        self.metrics.denied(deny.reason);
+        let body = audit::refusal_body(&deny, &self.request_id);
+        let _ = hostcalls::send_http_response(
+            deny.reason.status(),
+            vec![
+                ("content-type", "application/json"),
+                ("cache-control", "no-store"),
+            ],
+            Some(body.as_bytes()),
+        );
+        Action::Pause
+    }
+
+    /// Verified identity for the upstream and for Envoy's rate-limit descriptors.
+    fn allow(&mut self) -> Action {
+        self.decided = true;
+        let set = |k: &str, v: Option<&str>| {
+            if let Some(v) = v {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
+            }
+        };
+        set("x-apisec-app", self.ctx.app.as_deref());
+        set("x-apisec-api", self.ctx.api.as_deref());
+        set("x-apisec-level", self.ctx.level.map(|l| l.as_str()));
+        set("x-apisec-function", self.ctx.function.as_deref());
+        self.audit(Ok(()));
+        self.metrics.allowed();
+        Action::Continue
+    }
+
+    fn finish(&mut self, body: &[u8]) -> Action {
+        let Some(now) = now_secs() else {
+            return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"));
+        };
+        match engine::check_body(&self.policy, &self.ctx, body, &EnvoyStore, now) {
+            Ok(()) => self.allow(),
+            Err(d) => self.refuse(d),
+        }
+    }
+
+    fn read_request(&mut self) -> Result<(), Deny> {
+        let pairs = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|s| {
+            Deny::new(
+                DenyReason::HostUnavailable,
+                format!("request headers: {s:?}"),
+            )
+        })?;
+        for (name, value) in pairs {
+            let value = String::from_utf8_lossy(&value).into_owned();
+            match name.as_str() {
+                ":method" => self.req.method = value,
+                ":scheme" => self.req.scheme = value,
+                ":authority" => self.req.authority = value,
+                ":path" => self.req.path_and_query = value,
+                "x-request-id" => self.request_id = value,
+                n if engine::is_internal_header(n) => {
+                    // client-sent x-apisec-* never reaches the upstream
+                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, n);
+                }
+                n if n.starts_with(':') => {}
+                _ => self.req.headers.push((name, value)),
+            }
+        }
+        if let Ok(Some(addr)) = hostcalls::get_property(vec!["source", "address"]) {
+            self.client_ip = message::ip_of_address(&String::from_utf8_lossy(&addr)).to_string();
+        }
+        if self.req.method.is_empty() || self.req.path_and_query.is_empty() {
+            return Err(Deny::new(
+                DenyReason::MalformedHeader,
+                "missing :method or :path",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HttpContext for ApisecHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if let Err(d) = self.read_request() {
+            return self.refuse(d);
+        }
+        let Some(now) = now_secs() else {
+            return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"));
+        };
+        let declared_len = self
+            .req
+            .header_values("content-length")
+            .next()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > self.policy.max_body_bytes) {
+            return self.refuse(Deny::new(
+                DenyReason::BodyTooLarge,
+                "content-length over max_body_bytes",
+            ));
+        }
+        let verifier = self.verifier.clone();
+        if let Err(d) = engine::check_headers(
+            &self.policy,
+            &self.req,
+            !end_of_stream,
+            now,
+            verifier.as_ref(),
+            &mut self.ctx,
+        ) {
+            return self.refuse(d);
+        }
+        if end_of_stream {
+            return self.finish(&[]);
+        }
+        if self.ctx.level == Some(apisec_core::SecurityLevel::S0) {
+            return self.allow(); // nothing in the body to verify at S0
+        }
+        // Hold the headers until the whole body is in and verified (allow_on_headers_stop_iteration).
+        Action::Pause
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.decided {
+            return Action::Continue;
+        }
+        if body_size as u64 > self.policy.max_body_bytes {
+            return self.refuse(Deny::new(
+                DenyReason::BodyTooLarge,
+                format!("body over {} bytes", self.policy.max_body_bytes),
+            ));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(s) => {
+                return self.refuse(Deny::new(
+                    DenyReason::HostUnavailable,
+                    format!("request body: {s:?}"),
+                ))
+            }
+        };
+        self.finish(&body)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.decided {
+            return Action::Continue;
+        }
+        // RFC 9530 digests cover content, not trailers; a signed request must not smuggle any.
+        self.refuse(Deny::new(
+            DenyReason::MalformedHeader,
+            "request trailers are not accepted on signed APIs",
+        ))
+    }
+}

@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""Demo upstream: answers every request with JSON describing what it received (method, path,
+headers, body digest), so a user sees exactly what the gateway passed on."""
+import argparse
+import hashlib
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _answer(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        headers = {}
+        for k, v in self.headers.items():
+            headers.setdefault(k.lower(), []).append(v)
+        out = json.dumps(
+            {
+                "method": self.command,
+                "path": self.path,
+                "headers": {k: v[0] if len(v) == 1 else v for k, v in headers.items()},
+                "body_bytes": len(body),
+                "body_sha256": hashlib.sha256(body).hexdigest(),
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(out)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=18080)
+    args = ap.parse_args()
+    ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer(("127.0.0.1", args.port), Echo).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

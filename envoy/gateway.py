@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""Render and run the apisec demo gateway: one Envoy, the apisec filter delivered by ECDS from
+a watched file, a plain HTTP listener, a TLS listener, the admin port, and the demo upstream.
+
+The same code renders the configuration for `make run`, the end-to-end tests and the
+benchmarks, so that what is tested is what runs.
+
+    python envoy/gateway.py run [--policy policies/securities.yaml]
+    python envoy/gateway.py apply POLICY --build build      # hot reload (ECDS, atomic rename)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ECDS_NAME = "apisec"
+ECDS_FILE = "apisec.yaml"
+VM_ID = "apisec.v1"
+
+# Audit record per request (LOG-4): the filter's record from filter state plus what only
+# Envoy knows at the end of the stream (final status, duration, upstream host).
+ACCESS_LOG_FORMAT = {
+    "audit": "%FILTER_STATE(wasm.apisec_audit:PLAIN)%",
+    "status": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "duration_ms": "%DURATION%",
+    "upstream": "%UPSTREAM_HOST%",
+    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "start": "%START_TIME%",
+}
+
+# TLS 1.2+ with forward-secret AEAD suites only (DATA-1, DATA-2).
+TLS_PARAMS = {
+    "tls_minimum_protocol_version": "TLSv1_2",
+    "tls_maximum_protocol_version": "TLSv1_3",
+    "cipher_suites": [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ],
+    "ecdh_curves": ["X25519", "P-256"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apisec_cli() -> Path:
+    for p in (ROOT / "target/release/apisec", ROOT / "target/debug/apisec"):
+        if p.exists():
+            return p
+    raise SystemExit("apisec CLI not built: run `make build`")
+
+
+def policy_to_json(policy_path: Path) -> str:
+    """Validates the policy with the same core the filter uses and returns its JSON form."""
+    out = subprocess.run(
+        [str(apisec_cli()), "policy", "json", str(policy_path)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise ValueError(out.stderr.strip())
+    return out.stdout.strip()
+
+
+def secret_env_names(policy_json: str) -> list[str]:
+    doc = json.loads(policy_json)
+    return sorted(
+        {c["secret_env"] for a in doc.get("apps", []) for c in a.get("credentials", []) if c.get("secret_env")}
+    )
+
+
+@dataclass
+class Layout:
+    build: Path
+    wasm: Path
+    http_port: int = 10000
+    https_port: int = 10443
+    admin_port: int = 9901
+    upstream_port: int = 18080
+    certs: Path | None = None
+    concurrency: int = 1
+    extra_listeners: list = field(default_factory=list)
+
+    @property
+    def ecds_dir(self) -> Path:
+        return self.build / "ecds"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.build / "audit.log"
+
+    @property
+    def bootstrap(self) -> Path:
+        return self.build / "envoy.yaml"
+
+
+def wasm_filter_config(policy_json: str, layout: Layout) -> dict:
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": "apisec",
+            "root_id": "apisec",
+            "vm_config": {
+                # A unique vm_id: shared data (replay cache) is per vm_id and survives reloads.
+                "vm_id": VM_ID,
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": str(layout.wasm)}},
+                # Secrets reach the VM from Envoy's environment, never from a config file.
+                "environment_variables": {"host_env_keys": secret_env_names(policy_json)},
+            },
+            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json},
+            # A filter that cannot run refuses; never FAIL_OPEN for a security filter.
+            "failure_policy": "FAIL_CLOSED",
+            # Hold headers while the body is read and verified before anything goes upstream.
+            "allow_on_headers_stop_iteration": True,
+        },
+    }
+
+
+def write_ecds(policy_json: str, layout: Layout) -> None:
+    """Atomically replaces the ECDS resource: write a temp file, then rename into the watched dir."""
+    layout.ecds_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "version_info": str(time.time_ns()),
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                "name": ECDS_NAME,
+                "typed_config": wasm_filter_config(policy_json, layout),
+            }
+        ],
+    }
+    fd, tmp = tempfile.mkstemp(dir=layout.ecds_dir, prefix=".apisec-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.chmod(tmp, 0o600)
+    os.rename(tmp, layout.ecds_dir / ECDS_FILE)
+
+
+def hcm(stat_prefix: str, layout: Layout) -> dict:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": stat_prefix,
+            # The filter matches APIs on the path Envoy normalised (DESIGN.md).
+            "normalize_path": True,
+            "merge_slashes": True,
+            "path_with_escaped_slashes_action": "REJECT_REQUEST",
+            # Client IP is the connection peer; X-Forwarded-For from clients is not trusted.
+            "use_remote_address": True,
+            "xff_num_trusted_hops": 0,
+            "request_headers_timeout": "10s",
+            "stream_idle_timeout": "30s",
+            "request_timeout": "60s",
+            "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+            "access_log": [
+                {
+                    "name": "envoy.access_loggers.file",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                        "path": str(layout.audit_log),
+                        "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                    },
+                }
+            ],
+            "route_config": {
+                "name": "apis",
+                "virtual_hosts": [
+                    {
+                        "name": "apis",
+                        "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend", "timeout": "30s"}}],
+                    }
+                ],
+            },
+            "http_filters": [
+                {
+                    "name": ECDS_NAME,
+                    "config_discovery": {
+                        "config_source": {
+                            "resource_api_version": "V3",
+                            "path_config_source": {
+                                "path": str(layout.ecds_dir / ECDS_FILE),
+                                "watched_directory": {"path": str(layout.ecds_dir)},
+                            },
+                        },
+                        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+                    },
+                },
+                {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                },
+            ],
+        },
+    }
+
+
+def listener(name: str, port: int, layout: Layout, tls: bool) -> dict:
+    chain: dict = {"filters": [hcm(name, layout)]}
+    if tls:
+        assert layout.certs is not None
+        chain["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {
+                    "tls_params": TLS_PARAMS,
+                    "tls_certificates": [
+                        {
+                            "certificate_chain": {"filename": str(layout.certs / "server.pem")},
+                            "private_key": {"filename": str(layout.certs / "server.key")},
+                        }
+                    ],
+                    "alpn_protocols": ["h2", "http/1.1"],
+                },
+            },
+        }
+    out = {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        # Above the policy's max_body_bytes ceiling, so the filter (not Envoy) decides and audits.
+        "per_connection_buffer_limit_bytes": 17 * 1024 * 1024,
+        "filter_chains": [chain],
+    }
+    if tls:
+        # Handshake deadline against slow-handshake floods (DATA-1).
+        out["listener_filters_timeout"] = "5s"
+        chain["transport_socket_connect_timeout"] = "5s"
+    return out
+
+
+def render(policy_json: str, layout: Layout) -> Path:
+    layout.build.mkdir(parents=True, exist_ok=True)
+    write_ecds(policy_json, layout)
+    listeners = [listener("http", layout.http_port, layout, tls=False)]
+    if layout.certs is not None:
+        listeners.append(listener("https", layout.https_port, layout, tls=True))
+    listeners.extend(layout.extra_listeners)
+    bootstrap = {
+        "node": {"id": "apisec-gateway", "cluster": "apisec"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": layout.admin_port}}},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [
+                {
+                    "name": "backend",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "backend",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": layout.upstream_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+    layout.bootstrap.write_text(json.dumps(bootstrap, indent=1))
+    return layout.bootstrap
+
+
+def envoy_binary() -> str:
+    venv = ROOT / ".venv/bin/envoy"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("envoy")
+    if not found:
+        raise SystemExit("envoy not found: run `make setup`")
+    return found
+
+
+class Gateway:
+    """A running Envoy (and the demo upstream) for one layout."""
+
+    def __init__(self, layout: Layout, env: dict[str, str] | None = None, upstream: bool = True):
+        self.layout = layout
+        self.env = {**os.environ, **(env or {})}
+        self.with_upstream = upstream
+        self.envoy: subprocess.Popen | None = None
+        self.upstream: subprocess.Popen | None = None
+        self.envoy_log = layout.build / "envoy.log"
+
+    def start(self, timeout: float = 60.0) -> "Gateway":
+        if self.with_upstream:
+            self.upstream = subprocess.Popen(
+                [sys.executable, str(ROOT / "envoy/demo_upstream.py"), "--port", str(self.layout.upstream_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.layout.build / "upstream.log", "w"),
+            )
+        self.envoy = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c", str(self.layout.bootstrap),
+                "--concurrency", str(self.layout.concurrency),
+                "--base-id", str(self.layout.admin_port),
+                "--component-log-level", "wasm:info",
+                "--log-level", "warning",
+            ],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.envoy_log, "w"),
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def admin(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.layout.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.envoy is not None and self.envoy.poll() is not None:
+                raise RuntimeError(f"envoy exited with {self.envoy.returncode}:\n{self.log_tail()}")
+            try:
+                if self.admin("/ready").strip() == "LIVE":
+                    if self.with_upstream:
+                        with socket.create_connection(("127.0.0.1", self.layout.upstream_port), timeout=1):
+                            pass
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy not ready after {timeout}s:\n{self.log_tail()}")
+
+    def stat(self, name: str) -> int:
+        for line in self.admin(f"/stats?filter=^{name}$").splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        return 0
+
+    def log_tail(self, n: int = 80) -> str:
+        try:
+            return "\n".join(self.envoy_log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no envoy log)"
+
+    def stop(self) -> None:
+        for p in (self.envoy, self.upstream):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                env[k.strip()] = v.strip()
+    return env
+
+
+def example_commands(layout: Layout, env: dict[str, str]) -> str:
+    cli = apisec_cli()
+    base = f"http://127.0.0.1:{layout.http_port}"
+    secret = env.get("APISEC_DEMO_PARTNER_SECRET", "")
+    lines = [
+        "",
+        "apisec demo gateway is up.",
+        f"  http   {base}      https https://127.0.0.1:{layout.https_port} (CA: build/certs/ca.pem)",
+        f"  admin  http://127.0.0.1:{layout.admin_port}     audit log: {layout.audit_log}",
+        "",
+        "An S0 API (market data) needs only a known App_ID:",
+        f"  curl -sS {base}/api/v1/market/quotes/600000 -H 'x-app-id: demo-partner'",
+        "",
+        "An S1 API needs an RFC 9421 signature (created, nonce, keyid). Sign and send in one go:",
+        f"  export APISEC_DEMO_PARTNER_SECRET={secret}",
+        f"  eval \"$({cli.relative_to(ROOT)} sign --app demo-partner --keyid demo-partner-hmac "
+        f"--secret-env APISEC_DEMO_PARTNER_SECRET --url {base}/api/v1/info/research/r-2026-001)\"",
+        "",
+        "An S3 API (place an order) needs the app's key pair; the body is bound by content-digest:",
+        f"  eval \"$({cli.relative_to(ROOT)} sign --app demo-partner --keyid demo-partner-p256 "
+        f"--key policies/demo-keys/demo-partner.key.pem --url {base}/api/v1/orders "
+        "--data '{\\\"symbol\\\":\\\"600000\\\",\\\"side\\\":\\\"buy\\\",\\\"qty\\\":100}')\"",
+        "",
+        "Print the request instead of sending it (drop the eval), change one byte, and the gateway",
+        "answers 401 {\"error\":\"signature_invalid\"} (or digest_mismatch for the body). Send the",
+        "same signed request twice and the second gets 401 {\"error\":\"nonce_replayed\"}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="render and run the demo gateway in the foreground")
+    run.add_argument("--policy", default=str(ROOT / "policies/securities.yaml"))
+    run.add_argument("--build", default=str(ROOT / "build"))
+    run.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
+    apply_ = sub.add_parser("apply", help="validate a policy and hot-reload it into the running gateway")
+    apply_.add_argument("policy")
+    apply_.add_argument("--build", default=str(ROOT / "build"))
+    apply_.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
+    args = ap.parse_args()
+
+    build = Path(args.build).resolve()
+    layout = Layout(build=build, wasm=Path(args.wasm).resolve(), certs=build / "certs")
+    try:
+        policy_json = policy_to_json(Path(args.policy))
+    except ValueError as e:
+        print(f"policy refused: {e}", file=sys.stderr)
+        return 2
+    if args.cmd == "apply":
+        write_ecds(policy_json, layout)
+        print(f"applied {args.policy}; Envoy reloads it from {layout.ecds_dir / ECDS_FILE}")
+        return 0
+
+    env = read_env_file(build / "demo.env")
+    missing = [k for k in secret_env_names(policy_json) if k not in env and k not in os.environ]
+    if missing:
+        print(f"policy needs these secrets in the environment: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    render(policy_json, layout)
+    gw = Gateway(layout, env=env)
+    try:
+        gw.start()
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        gw.stop()
+        return 1
+    print(example_commands(layout, {**os.environ, **env}), flush=True)
+    stop = {"now": False}
+
+    def on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop["now"] and gw.envoy is not None and gw.envoy.poll() is None:
+            time.sleep(0.5)
+    finally:
+        gw.stop()
+    if gw.envoy is not None and gw.envoy.returncode not in (0, -signal.SIGTERM, None):
+        print(gw.log_tail(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
