@@ -1,6 +1,11 @@
 //! The decision engine end to end in core, with a negative table: every way a request can be
 //! wrong gets its own code (ID-1, ID-2, ID-3, DATA-3, DATA-4, ATK-1, LVL-1).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)] // test code
 
 use std::collections::HashMap;
 
