@@ -325,6 +325,8 @@ class Gateway:
                 "-c", str(self.layout.bootstrap),
                 "--concurrency", str(self.layout.concurrency),
                 "--base-id", str(self.layout.admin_port),
+                # Audit records reach the disk within a second (Envoy's default is 10 s).
+                "--file-flush-interval-msec", "1000",
                 "--component-log-level", "wasm:info",
                 "--log-level", "warning",
             ],

@@ -230,13 +230,13 @@ pub fn check_headers(
             ));
         }
     }
-    if (has_body || digest.is_some()) && !covered.contains(&"content-digest") {
-        if digest.is_none() {
-            return Err(Deny::new(
-                DenyReason::DigestMissing,
-                "a request with a body needs content-digest",
-            ));
-        }
+    if has_body && digest.is_none() {
+        return Err(Deny::new(
+            DenyReason::DigestMissing,
+            "a request with a body needs content-digest",
+        ));
+    }
+    if digest.is_some() && !covered.contains(&"content-digest") {
         return Err(Deny::new(
             DenyReason::ComponentNotCovered,
             "content-digest is not covered",
