@@ -59,6 +59,7 @@ unit:
 	$(CARGO) test --locked --workspace
 
 e2e: setup build
+	$(CARGO) build --release --locked -p apisec-crash-fixture --target wasm32-wasip1
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 test: setup build lint unit e2e

@@ -82,7 +82,14 @@ def policy_to_json(policy_path: Path) -> str:
 
 
 def secret_env_names(policy_json: str) -> list[str]:
-    doc = json.loads(policy_json)
+    """The environment variables Envoy must hand the VM. Unparseable text names none: the filter
+    itself refuses it."""
+    try:
+        doc = json.loads(policy_json)
+    except ValueError:
+        return []
+    if not isinstance(doc, dict):
+        return []
     return sorted(
         {c["secret_env"] for a in doc.get("apps", []) for c in a.get("credentials", []) if c.get("secret_env")}
     )

@@ -1,0 +1,160 @@
+"""Policy hot reload through ECDS (bad policy refused, last good one kept; a level change takes
+effect at once: LVL-4), fail-closed behaviour when the filter cannot run, and the replay store's
+capacity bound (ATK-1) in a real Envoy."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+from conftest import ROOT, Client, base_policy, gw, new_secret, read_audit, start_gateway
+from test_levels_and_signatures import assert_refused
+
+
+def ecds_stats(g: gw.Gateway) -> dict[str, int]:
+    out = {}
+    for line in g.admin("/stats?filter=extension_config_discovery.http_filter.apisec").splitlines():
+        k, _, v = line.partition(": ")
+        if v.strip().isdigit():
+            out[k.rsplit(".", 1)[-1]] = int(v)
+    return out
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def push_raw(g: gw.Gateway, policy_text: str) -> None:
+    """What an operator's mistake looks like on disk: a config that skipped `apisec policy check`."""
+    gw.write_ecds(policy_text, g.layout)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    secret = new_secret()
+    g = start_gateway(tmp_path_factory.mktemp("reload"), base_policy(), secret=secret, with_tls=False)
+    yield g, Client(g, secret)
+    g.stop()
+
+
+def quote_status(client: Client) -> int:
+    return client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"}).status_code
+
+
+BAD_POLICIES = {
+    "not json": lambda doc: "{not json",
+    "unknown field": lambda doc: json.dumps({**doc, "gatewya": {}}),
+    "unknown level": lambda doc: json.dumps({**doc, "apis": [{**doc["apis"][0], "level": "S9"}] + doc["apis"][1:]}),
+    "empty inventory": lambda doc: json.dumps({**doc, "apis": []}),
+    "secret not in gateway env": lambda doc: json.dumps(
+        {**doc, "apps": [{"id": "x", "credentials": [{"id": "x-h", "alg": "hmac-sha256", "secret_env": "APISEC_NOT_SET"}]}]}
+    ),
+    "overlapping APIs": lambda doc: json.dumps({**doc, "apis": doc["apis"] + [{**doc["apis"][0], "id": "dup"}]}),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_POLICIES))
+def test_bad_policy_refused_and_last_good_stays(own, name):
+    g, client = own
+    good = base_policy()
+    signed = client.sign("GET", "/api/v1/info/research/r-keep")
+    assert quote_status(client) == 200
+    before = ecds_stats(g)
+    push_raw(g, BAD_POLICIES[name](copy.deepcopy(good)))
+    wait_for(lambda: ecds_stats(g).get("config_fail", 0) + ecds_stats(g).get("update_rejected", 0)
+             > before.get("config_fail", 0) + before.get("update_rejected", 0), what="the bad policy to be refused")
+    assert ecds_stats(g)["update_success"] == before["update_success"], "a bad policy must not be swapped in"
+    # The last good policy is still enforced, in full.
+    assert quote_status(client) == 200
+    assert client.send(signed).status_code == 200
+    assert_refused(g, client.get("/api/v1/info/research/r-x", headers={"x-app-id": "demo-partner"}), 401, "signature_missing")
+    assert "policy refused" in g.envoy_log.read_text()
+
+
+def test_level_change_takes_effect_without_restart_and_replay_state_survives(own):  # LVL-4, ATK-1
+    g, client = own
+    used = client.sign("GET", "/api/v1/info/research/r-used")
+    assert client.send(used).status_code == 200
+    pid = g.envoy.pid
+    raised = base_policy()
+    for api in raised["apis"]:
+        if api["id"] == "market.quote":
+            api["level"] = "S1"
+    before = ecds_stats(g)["update_success"]
+    gw.write_ecds(json.dumps(raised), g.layout)
+    wait_for(lambda: ecds_stats(g)["update_success"] > before, what="the new policy to load")
+    assert g.envoy.pid == pid and g.envoy.poll() is None, "no restart"
+    r = client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"})
+    assert_refused(g, r, 401, "signature_missing")
+    signed = client.sign("GET", "/api/v1/market/quotes/600000")
+    r = client.send(signed)
+    assert r.status_code == 200 and r.json()["headers"]["x-apisec-level"] == "S1"
+    # Nonces accepted before the reload are still remembered after it (shared data survives).
+    assert_refused(g, client.send(used), 401, "nonce_replayed")
+    # And back down again.
+    gw.write_ecds(json.dumps(base_policy()), g.layout)
+    wait_for(lambda: ecds_stats(g)["update_success"] > before + 1, what="the policy to load again")
+    assert quote_status(client) == 200
+
+
+def test_gateway_without_a_valid_policy_refuses_everything(tmp_path):
+    """The HMAC secret the policy names is not in Envoy's environment: the filter refuses its
+    only configuration, so no request is passed upstream."""
+    g = start_gateway(tmp_path, base_policy(), secret=None, with_tls=False)
+    try:
+        client = Client(g, "")
+        wait_for(lambda: ecds_stats(g).get("config_fail", 0) + ecds_stats(g).get("update_rejected", 0) > 0,
+                 what="the policy to be refused")
+        for path in ("/api/v1/market/quotes/1", "/anything"):
+            r = client.get(path, headers={"x-app-id": "demo-partner"})
+            assert r.status_code >= 500, r.text
+        assert g.stat("cluster.backend.upstream_rq_total") == 0
+        assert "APISEC_DEMO_PARTNER_SECRET is not set" in g.envoy_log.read_text()
+    finally:
+        g.stop()
+
+
+def test_crashed_filter_fails_closed(tmp_path):
+    """A filter VM that traps (any fault) must refuse, never pass: failure_policy FAIL_CLOSED."""
+    crash = ROOT / "target/wasm32-wasip1/release/apisec_crash_fixture.wasm"
+    assert crash.exists(), "built by `make e2e`"
+    g = start_gateway(tmp_path, base_policy(), secret=new_secret(), with_tls=False, wasm=crash, concurrency=1)
+    try:
+        client = Client(g, "")
+        statuses = [client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code for _ in range(3)]
+        assert all(s == 503 for s in statuses), statuses
+        assert g.stat("cluster.backend.upstream_rq_total") == 0
+        wasm_cfg = json.loads((g.layout.ecds_dir / gw.ECDS_FILE).read_text())["resources"][0]["typed_config"]["config"]
+        assert wasm_cfg["failure_policy"] == "FAIL_CLOSED"
+    finally:
+        g.stop()
+
+
+def test_replay_store_full_refuses_instead_of_forgetting(tmp_path):
+    """A tiny replay store (2 slots x 8 entries): once it is full of live nonces, new requests are
+    refused with 503 replay_store_full; nothing is evicted early, so no replay can slip through."""
+    policy = base_policy()
+    policy["gateway"]["replay"] = {"slots": 2, "entries_per_slot": 8}
+    secret = new_secret()
+    g = start_gateway(tmp_path, policy, secret=secret, with_tls=False)
+    try:
+        client = Client(g, secret)
+        sent = [client.sign("GET", f"/api/v1/info/research/flood-{i}") for i in range(24)]
+        results = [client.send(s) for s in sent]
+        ok = [r for r in results if r.status_code == 200]
+        full = [r for r in results if r.status_code == 503]
+        assert 8 <= len(ok) <= 16, [r.status_code for r in results]
+        assert len(ok) + len(full) == 24
+        assert_refused(g, full[0], 503, "replay_store_full")
+        # every accepted request is still refused as a replay: none was forgotten
+        for s, r in zip(sent, results):
+            if r.status_code == 200:
+                assert client.send(s).json()["error"] == "nonce_replayed"
+    finally:
+        g.stop()
