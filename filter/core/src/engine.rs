@@ -9,13 +9,17 @@ use sha2::Digest as _;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::message::{signature_base, Request};
-use crate::policy::{KeyMaterial, Policy, SecurityLevel};
+use crate::access;
+use crate::bans::Subject;
+use crate::policy::{Api, App, KeyMaterial, Policy, SecurityLevel};
 use crate::replay::{self, SharedStore};
 use crate::sf::{self, BareItem, InnerList, Member};
 
 /// Headers the gateway owns: any client-sent copy is removed before anything else.
 pub const INTERNAL_HEADER_PREFIX: &str = "x-apisec-";
 pub const APP_ID_HEADER: &str = "x-app-id";
+/// The end user a caller acts for; counts only when the signature covers it.
+pub const USER_HEADER: &str = "x-user-id";
 const MAX_APP_ID_LEN: usize = 128;
 const MAX_NONCE_LEN: usize = 128;
 
@@ -46,6 +50,13 @@ pub struct Evidence {
 pub struct RequestContext {
     pub app: Option<String>,
     pub api: Option<String>,
+    pub api_index: Option<usize>,
+    /// The verified end user (x-user-id), if any.
+    pub user: Option<String>,
+    /// How the caller authenticated: `signature`, `certificate` or both.
+    pub auth: Option<&'static str>,
+    /// The grant that let the call through.
+    pub grant: Option<String>,
     pub level: Option<SecurityLevel>,
     pub function: Option<String>,
     pub keyid: Option<String>,
@@ -84,13 +95,16 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
-/// Step one, when the request headers arrive. `has_body` is true when more data follows.
+/// Step one, when the request headers arrive: identify (inventory, lifecycle, bans, app),
+/// authenticate (TLS, certificate, signature by level) and authorize (user, lists, grant).
+/// `has_body` is true when more data follows.
 pub fn check_headers(
     policy: &Policy,
     req: &Request,
     has_body: bool,
     now: u64,
     verifier: &dyn EcdsaVerifier,
+    store: &dyn SharedStore,
     ctx: &mut RequestContext,
 ) -> Result<(), Deny> {
     let api = policy.match_api(&req.method, req.path()).ok_or_else(|| {
@@ -100,8 +114,15 @@ pub fn check_headers(
         )
     })?;
     ctx.api = Some(api.id.clone());
+    ctx.api_index = Some(api.index);
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
+    if let Some(reason) = api.state.refusal() {
+        return Err(Deny::new(reason, format!("API {} is {:?}", api.id, api.state)));
+    }
+    if let (Some(bans), Some(ip)) = (&policy.bans, req.conn.client_ip) {
+        bans.check(store, Subject::Ip(ip), now)?;
+    }
 
     let app_id = req
         .unique_header(APP_ID_HEADER)?
@@ -122,9 +143,22 @@ pub fn check_headers(
         )
     })?;
     ctx.app = Some(app.id.clone());
+    if let Some(bans) = &policy.bans {
+        bans.check(store, Subject::App(&app.id), now)?;
+    }
+    if app.suspended {
+        return Err(Deny::new(DenyReason::AppSuspended, format!("app {} is suspended", app.id)));
+    }
+    if !app.allowed_ips.is_empty() {
+        let inside = req.conn.client_ip.is_some_and(|ip| app.allowed_ips.iter().any(|c| c.contains(ip)));
+        if !inside {
+            return Err(Deny::new(
+                DenyReason::IpNotAllowed,
+                format!("{:?} is outside the source ranges of {}", req.conn.client_ip, app.id),
+            ));
+        }
+    }
 
-    let sig_input = req.unique_header("signature-input")?;
-    let sig = req.unique_header("signature")?;
     let digest = req.unique_header("content-digest")?;
     ctx.content_digest = digest.map(str::to_string);
     if let Some(d) = digest {
@@ -136,16 +170,105 @@ pub fn check_headers(
         }
     }
 
-    if api.level == SecurityLevel::S0 {
-        return Ok(()); // ID-1: a known App_ID is enough for a public API
+    if api.level > SecurityLevel::S0 {
+        authenticate(policy, req, app, api, has_body, now, verifier, ctx)?;
     }
+    authorize(policy, req, app, api, now, ctx)
+}
 
-    let (Some(sig_input), Some(sig)) = (sig_input, sig) else {
+/// ID-2, ID-3, DATA-2..DATA-4: S1 and above need TLS, then the app's client certificate or its
+/// signature; S2 and S3 accept only a certificate or a key pair; S3 always needs the signature
+/// (evidence). A certificate bound to another app is refused outright.
+#[allow(clippy::too_many_arguments)]
+fn authenticate(
+    policy: &Policy,
+    req: &Request,
+    app: &App,
+    api: &Api,
+    has_body: bool,
+    now: u64,
+    verifier: &dyn EcdsaVerifier,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
+    if !req.conn.tls {
         return Err(Deny::new(
-            DenyReason::SignatureMissing,
-            format!("{} requires an RFC 9421 signature", api.level.as_str()),
+            DenyReason::TlsRequired,
+            format!("{} APIs are served over TLS only", api.level.as_str()),
         ));
-    };
+    }
+    let (cert_sha, cert_uri) = (req.conn.peer_cert_sha256.as_deref(), req.conn.peer_uri_san.as_deref());
+    let cert_ok = app.certificates.iter().any(|b| b.matches(cert_sha, cert_uri));
+    if (cert_sha.is_some() || cert_uri.is_some()) && !cert_ok {
+        return Err(Deny::new(
+            DenyReason::CertificateMismatch,
+            format!("the client certificate is not bound to app {}", app.id),
+        ));
+    }
+    let sig_input = req.unique_header("signature-input")?;
+    let sig = req.unique_header("signature")?;
+    match (sig_input, sig) {
+        (Some(input), Some(sig)) => {
+            let covered = verify_signature(policy, req, app, api, has_body, now, verifier, input, sig, ctx)?;
+            ctx.auth = Some(if cert_ok { "certificate+signature" } else { "signature" });
+            let user = req.unique_header(USER_HEADER)?;
+            if user.is_some() && !covered.iter().any(|c| c == USER_HEADER) {
+                return Err(Deny::new(
+                    DenyReason::ComponentNotCovered,
+                    "x-user-id counts only when the signature covers it",
+                ));
+            }
+            ctx.user = user.map(str::to_string);
+            Ok(())
+        }
+        _ if cert_ok && api.level < SecurityLevel::S3 => {
+            // The whole channel is the app's: its user claim is as authentic as the request.
+            ctx.auth = Some("certificate");
+            ctx.user = req.unique_header(USER_HEADER)?.map(str::to_string);
+            Ok(())
+        }
+        _ => Err(Deny::new(
+            DenyReason::SignatureMissing,
+            if cert_ok {
+                "S3 requires a signature even with a client certificate (DATA-4)".to_string()
+            } else {
+                format!("{} requires an RFC 9421 signature or the app's client certificate", api.level.as_str())
+            },
+        )),
+    }
+}
+
+/// PERM-2, PERM-5, PERM-6, BWL-1, BWL-2 for an identified (and, above S0, authenticated) caller.
+fn authorize(policy: &Policy, req: &Request, app: &App, api: &Api, now: u64, ctx: &mut RequestContext) -> Result<(), Deny> {
+    if let Some(u) = &ctx.user {
+        if u.is_empty() || u.len() > 128 || !u.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Deny::new(DenyReason::MalformedHeader, "x-user-id is empty, too long or not printable"));
+        }
+    }
+    access::check_opt_out(&policy.opted_out_users, ctx.user.as_deref())?;
+    access::check_lists(&policy.lists, api.index, &app.id, req.conn.client_ip, ctx.user.as_deref())?;
+    if api.level > SecurityLevel::S0 {
+        let grant = access::select_grant(&policy.grants, &app.id, api.index, ctx.user.as_deref(), now)?;
+        ctx.grant = Some(grant.id.clone());
+    }
+    Ok(())
+}
+
+/// Verifies the one RFC 9421 signature; returns the covered component names.
+#[allow(clippy::too_many_arguments)]
+fn verify_signature(
+    policy: &Policy,
+    req: &Request,
+    app: &App,
+    api: &Api,
+    has_body: bool,
+    now: u64,
+    verifier: &dyn EcdsaVerifier,
+    sig_input: &str,
+    sig: &str,
+    ctx: &mut RequestContext,
+) -> Result<Vec<String>, Deny> {
+    let digest_owned = ctx.content_digest.clone();
+    let digest = digest_owned.as_deref();
     if sig_input.len() + sig.len() > policy.max_signature_header_bytes as usize {
         return Err(Deny::new(
             DenyReason::HeaderTooLarge,
@@ -268,7 +391,7 @@ pub fn check_headers(
             content_digest: digest.map(str::to_string),
         });
     }
-    Ok(())
+    Ok(covered.iter().map(|c| c.to_string()).collect())
 }
 
 fn check_params(
@@ -337,7 +460,8 @@ fn check_params(
 }
 
 /// Step two, when the whole body is in (an empty slice when there is none): the digest is
-/// checked against every byte, and only then is the nonce spent.
+/// checked against every byte, then the grant's field rules; only then are the nonce and a
+/// use of the grant spent.
 pub fn check_body(
     policy: &Policy,
     ctx: &RequestContext,
@@ -349,9 +473,10 @@ pub fn check_body(
     if level == SecurityLevel::S0 {
         return Ok(());
     }
+    let signed = ctx.nonce.is_some();
     match &ctx.content_digest {
         Some(d) => crypto::verify_content_digest(d, body)?,
-        None if !body.is_empty() => {
+        None if signed && !body.is_empty() => {
             return Err(Deny::new(
                 DenyReason::DigestMissing,
                 "a request with a body needs content-digest",
@@ -359,8 +484,17 @@ pub fn check_body(
         }
         None => {}
     }
-    let (Some(app), Some(nonce)) = (&ctx.app, &ctx.nonce) else {
-        return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce"));
-    };
-    replay::check_and_record(store, &policy.replay, app, nonce, now)
+    let grant = ctx.grant.as_deref().and_then(|g| policy.grant(g));
+    if let Some(g) = grant {
+        access::check_request_fields(&g.forbid_request_fields, body)?;
+    }
+    match (&ctx.app, &ctx.nonce) {
+        (Some(app), Some(nonce)) => replay::check_and_record(store, &policy.replay, app, nonce, now)?,
+        _ if ctx.auth == Some("certificate") => {} // mTLS: the channel itself is fresh
+        _ => return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce")),
+    }
+    match grant {
+        Some(g) => access::consume_grant_use(store, g),
+        None => Err(Deny::new(DenyReason::NoGrant, "no grant selected")),
+    }
 }

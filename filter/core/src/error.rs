@@ -110,6 +110,50 @@ deny_reasons! {
     ReplayStoreFull => ("replay_store_full", 503),
     /// The host's shared store or crypto failed: fail closed.
     HostUnavailable => ("host_unavailable", 503),
+    /// The API is a draft: not yet through review (OPS-1).
+    ApiNotPublished => ("api_not_published", 404),
+    /// The API (or its group) is switched offline: degradation or circuit breaker (OPS-1, MON-5).
+    ApiOffline => ("api_offline", 503),
+    /// The API is retired (OPS-1).
+    ApiRetired => ("api_retired", 410),
+    /// The app is suspended by the operator (MON-5).
+    AppSuspended => ("app_suspended", 403),
+    /// The client IP is outside the app's allowed source ranges (BWL-1).
+    IpNotAllowed => ("ip_not_allowed", 403),
+    /// S1 and above need TLS (DATA-1, DATA-2).
+    TlsRequired => ("tls_required", 403),
+    /// The client certificate is not bound to the claimed app (ID-2, ID-3).
+    CertificateMismatch => ("certificate_mismatch", 401),
+    /// No grant lets this app call this API (PERM-2).
+    NoGrant => ("no_grant", 403),
+    /// The grant's contract period has not started (PERM-5).
+    GrantNotYetValid => ("grant_not_yet_valid", 403),
+    /// The grant's contract period is over (PERM-5).
+    GrantExpired => ("grant_expired", 403),
+    /// Outside the grant's time windows (PERM-5).
+    GrantOutsideWindow => ("grant_outside_window", 403),
+    /// The grant's uses are used up (PERM-5).
+    GrantExhausted => ("grant_exhausted", 403),
+    /// The end user closed API access for their account (PERM-6).
+    UserOptedOut => ("user_opted_out", 403),
+    /// Matched a blacklist entry (BWL-2).
+    Blacklisted => ("blacklisted", 403),
+    /// Not on the whitelist that covers this API (BWL-2).
+    NotWhitelisted => ("not_whitelisted", 403),
+    /// The request carries a field the grant does not allow (PERM-1).
+    FieldForbidden => ("field_forbidden", 403),
+    /// Hidden response fields could not be removed, so the response is withheld (PERM-1).
+    ResponseUnfilterable => ("response_unfilterable", 502),
+    /// Banned after repeated refusals (PERM-4, RL-3).
+    Banned => ("banned", 403),
+}
+
+impl DenyReason {
+    /// Refusals that count toward an automatic ban: authentication and permission failures and
+    /// malformed probing (PERM-4, MON-6). Lifecycle, size and host failures are not the caller's doing.
+    pub fn counts_toward_ban(self) -> bool {
+        matches!(self.status(), 400 | 401 | 403) && self != DenyReason::Banned
+    }
 }
 
 impl fmt::Display for DenyReason {
@@ -155,7 +199,7 @@ mod tests {
             assert!(r.code().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
             assert!(matches!(
                 r.status(),
-                400 | 401 | 403 | 404 | 410 | 413 | 429 | 503
+                400 | 401 | 403 | 404 | 410 | 413 | 429 | 502 | 503
             ));
         }
     }

@@ -4,15 +4,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod audit;
+pub mod bans;
 pub mod crypto;
 pub mod engine;
 pub mod error;
+pub mod ip;
 pub mod message;
 pub mod policy;
 pub mod replay;
 pub mod sf;
 pub mod signer;
+pub mod timeutil;
 
 pub use error::{ConfigError, Deny, DenyReason};
 pub use policy::{Policy, RawPolicy, SecurityLevel};

@@ -5,10 +5,23 @@
 use crate::error::{Deny, DenyReason};
 use crate::sf::{self, BareItem, InnerList};
 
+/// What Envoy established about the connection: the client IP it trusts (after its own
+/// `xff_num_trusted_hops` rule) and the TLS state, including a verified peer certificate.
+#[derive(Debug, Clone, Default)]
+pub struct Connection {
+    pub client_ip: Option<std::net::IpAddr>,
+    pub tls: bool,
+    /// Hex SHA-256 of the verified client certificate (mTLS), lowercase.
+    pub peer_cert_sha256: Option<String>,
+    /// First URI SAN of the verified client certificate.
+    pub peer_uri_san: Option<String>,
+}
+
 /// What the gateway knows of a request. Header names are lowercase (Envoy lowercases them);
 /// repeated headers appear as repeated pairs, in arrival order.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
+    pub conn: Connection,
     pub method: String,
     pub scheme: String,
     pub authority: String,
@@ -271,6 +284,7 @@ mod tests {
 
     pub(crate) fn rfc_request() -> Request {
         Request {
+            conn: Default::default(),
             method: "POST".into(),
             scheme: "https".into(),
             authority: "example.com".into(),
@@ -327,6 +341,7 @@ mod tests {
     #[test]
     fn derived_components() {
         let req = Request {
+            conn: Default::default(),
             method: "POST".into(),
             scheme: "https".into(),
             authority: "WWW.Example.com:443".into(),

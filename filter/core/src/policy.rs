@@ -7,7 +7,11 @@ use std::collections::{HashMap, HashSet};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{self, ApiGroup, ApiState, Grant, List, RawApiGroup, RawGrant, RawList};
+use crate::bans::{BanSettings, RawBans};
 use crate::error::ConfigError;
+use crate::ip::Cidr;
+use crate::timeutil;
 
 /// Security level of an API (clause 6). Controls escalate with the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -84,6 +88,21 @@ pub struct RawPolicy {
     pub apis: Vec<RawApi>,
     #[serde(default)]
     pub apps: Vec<RawApp>,
+    /// Named sets of APIs: list targets and group-wide lifecycle switches.
+    #[serde(default)]
+    pub api_groups: Vec<RawApiGroup>,
+    /// Explicit permissions for S1-S3 APIs (PERM-2).
+    #[serde(default)]
+    pub grants: Vec<RawGrant>,
+    /// Black and white lists (BWL-1, BWL-2).
+    #[serde(default)]
+    pub lists: Vec<RawList>,
+    /// End users who closed API access for their account (PERM-6).
+    #[serde(default)]
+    pub opted_out_users: Vec<String>,
+    /// Automatic bans after repeated refusals (PERM-4, RL-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bans: Option<RawBans>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -98,6 +117,8 @@ pub struct RawGateway {
     pub max_signature_header_bytes: u64,
     /// Components every signature must cover, beyond the built-in minimum.
     pub required_components: Vec<String>,
+    /// Zone for grant time windows when a grant names none.
+    pub default_timezone: String,
 }
 
 impl Default for RawGateway {
@@ -109,6 +130,7 @@ impl Default for RawGateway {
             max_body_bytes: 1024 * 1024,
             max_signature_header_bytes: 8192,
             required_components: Vec::new(),
+            default_timezone: "Asia/Shanghai".to_string(),
         }
     }
 }
@@ -145,6 +167,9 @@ pub struct RawApi {
     pub function: String,
     #[serde(default)]
     pub description: String,
+    /// Lifecycle (OPS-1): draft, online, offline, retired.
+    #[serde(default)]
+    pub state: ApiState,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -155,6 +180,12 @@ pub struct RawApp {
     pub name: String,
     #[serde(default)]
     pub credentials: Vec<RawCredential>,
+    /// Isolates one caller at once (MON-5): every call refused with `app_suspended`.
+    #[serde(default)]
+    pub suspended: bool,
+    /// Source ranges the app may call from; any when empty.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -162,13 +193,29 @@ pub struct RawApp {
 pub struct RawCredential {
     /// The RFC 9421 `keyid` callers put in `Signature-Input`.
     pub id: String,
-    pub alg: Algorithm,
+    /// For signature credentials; a certificate credential has `certificate` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<Algorithm>,
+    /// A client certificate bound to the app (ID-2, ID-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<RawCertificate>,
     /// HMAC: the environment variable holding the base64 App_Secret (never the secret itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
     /// ECDSA: the app's public key, PEM SubjectPublicKeyInfo.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
+}
+
+/// How a client certificate is bound to an app: by the SHA-256 fingerprint of the DER
+/// certificate (hex), or by a URI SAN (for example a SPIFFE ID).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_san: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated policy
@@ -202,6 +249,10 @@ pub struct Api {
     pub user_auth: bool,
     pub personal_info: bool,
     pub function: String,
+    /// Position in the inventory; grants and lists refer to APIs by it.
+    pub index: usize,
+    /// Effective lifecycle state: the API's own, or its group's switch when that is not online.
+    pub state: ApiState,
     segments: Vec<Segment>,
 }
 
@@ -249,10 +300,28 @@ pub struct Credential {
     pub key: KeyMaterial,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertBinding {
+    Sha256(String),
+    UriSan(String),
+}
+
+impl CertBinding {
+    pub fn matches(&self, sha256: Option<&str>, uri_san: Option<&str>) -> bool {
+        match self {
+            CertBinding::Sha256(f) => sha256.is_some_and(|s| s.eq_ignore_ascii_case(f)),
+            CertBinding::UriSan(u) => uri_san == Some(u.as_str()),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct App {
     pub id: String,
     pub credentials: Vec<Credential>,
+    pub certificates: Vec<CertBinding>,
+    pub suspended: bool,
+    pub allowed_ips: Vec<Cidr>,
 }
 
 impl App {
@@ -277,6 +346,10 @@ pub struct Policy {
     pub required_components: Vec<String>,
     apis: Vec<Api>,
     apps: HashMap<String, App>,
+    pub grants: Vec<Grant>,
+    pub lists: Vec<List>,
+    pub opted_out_users: HashSet<String>,
+    pub bans: Option<BanSettings>,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -508,12 +581,36 @@ impl RawPolicy {
                 user_auth: a.user_auth,
                 personal_info: a.personal_info,
                 function: a.function.clone(),
+                index: apis.len(),
+                state: a.state,
                 segments,
             });
         }
 
+        let mut groups: Vec<ApiGroup> = Vec::new();
+        for (i, g) in self.api_groups.iter().enumerate() {
+            let field = format!("api_groups[{i}]");
+            if !valid_id(&g.id) || groups.iter().any(|x| x.id == g.id) {
+                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate group id '{}'", g.id)));
+            }
+            if g.apis.iter().any(|p| p.starts_with("group:")) {
+                return Err(ConfigError::new(format!("{field}.apis"), "groups list APIs, not other groups"));
+            }
+            let set = access::resolve_apis(&format!("{field}.apis"), &g.apis, &apis, &groups)?;
+            groups.push(ApiGroup { id: g.id.clone(), apis: set, state: g.state });
+        }
+        // A group's switch overrides the API's own state when it is not online (degradation).
+        for api in apis.iter_mut() {
+            if let Some(g) = groups.iter().find(|g| g.apis.contains(api.index) && g.state != ApiState::Online) {
+                if api.state == ApiState::Online {
+                    api.state = g.state;
+                }
+            }
+        }
+
         let mut apps = HashMap::new();
         let mut keyids = HashSet::new();
+        let mut cert_owners: Vec<(String, CertBinding)> = Vec::new();
         for (i, app) in self.apps.iter().enumerate() {
             let field = format!("apps[{i}]");
             if !valid_id(&app.id) {
@@ -523,6 +620,11 @@ impl RawPolicy {
                 ));
             }
             let mut credentials = Vec::new();
+            let mut certificates = Vec::new();
+            let mut allowed_ips = Vec::new();
+            for (j, r) in app.allowed_ips.iter().enumerate() {
+                allowed_ips.push(Cidr::parse(r).map_err(|m| ConfigError::new(format!("{field}.allowed_ips[{j}]"), m))?);
+            }
             for (j, c) in app.credentials.iter().enumerate() {
                 let cfield = format!("{field}.credentials[{j}]");
                 if !valid_id(&c.id) {
@@ -537,7 +639,49 @@ impl RawPolicy {
                         format!("duplicate credential id '{}'", c.id),
                     ));
                 }
-                let key = match c.alg {
+                if let Some(cert) = &c.certificate {
+                    if c.alg.is_some() || c.secret_env.is_some() || c.public_key_pem.is_some() {
+                        return Err(ConfigError::new(
+                            cfield,
+                            "a certificate credential has only id and certificate",
+                        ));
+                    }
+                    let binding = match (&cert.sha256, &cert.uri_san) {
+                        (Some(fp), None) => {
+                            let hex: String = fp.chars().filter(|ch| *ch != ':').collect::<String>().to_ascii_lowercase();
+                            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                                return Err(ConfigError::new(
+                                    format!("{cfield}.certificate.sha256"),
+                                    "must be the 64 hex digits of the certificate's SHA-256 fingerprint",
+                                ));
+                            }
+                            CertBinding::Sha256(hex)
+                        }
+                        (None, Some(uri)) if !uri.is_empty() => CertBinding::UriSan(uri.clone()),
+                        _ => {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.certificate"),
+                                "give exactly one of sha256 or uri_san",
+                            ))
+                        }
+                    };
+                    if let Some((other, _)) = cert_owners.iter().find(|(_, b)| *b == binding) {
+                        return Err(ConfigError::new(
+                            format!("{cfield}.certificate"),
+                            format!("the same certificate is already bound to app '{other}'"),
+                        ));
+                    }
+                    cert_owners.push((app.id.clone(), binding.clone()));
+                    certificates.push(binding);
+                    continue;
+                }
+                let Some(alg) = c.alg else {
+                    return Err(ConfigError::new(
+                        format!("{cfield}.alg"),
+                        "a credential needs alg (hmac-sha256, ecdsa-p256-sha256) or certificate",
+                    ));
+                };
+                let key = match alg {
                     Algorithm::HmacSha256 => {
                         if c.public_key_pem.is_some() {
                             return Err(ConfigError::new(
@@ -606,7 +750,7 @@ impl RawPolicy {
                 };
                 credentials.push(Credential {
                     keyid: c.id.clone(),
-                    alg: c.alg,
+                    alg,
                     key,
                 });
             }
@@ -616,6 +760,9 @@ impl RawPolicy {
                     App {
                         id: app.id.clone(),
                         credentials,
+                        certificates,
+                        suspended: app.suspended,
+                        allowed_ips,
                     },
                 )
                 .is_some()
@@ -627,7 +774,38 @@ impl RawPolicy {
             }
         }
 
+        if timeutil::zone_offset(&g.default_timezone).is_none() {
+            return Err(ConfigError::new(
+                "gateway.default_timezone",
+                format!("'{}' is not supported: use a zone without daylight saving or an offset like +08:00", g.default_timezone),
+            ));
+        }
+        let mut grants: Vec<Grant> = Vec::new();
+        for (i, raw) in self.grants.iter().enumerate() {
+            let field = format!("grants[{i}]");
+            if !valid_id(&raw.id) || grants.iter().any(|x| x.id == raw.id) {
+                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate grant id '{}'", raw.id)));
+            }
+            if !apps.contains_key(&raw.app) {
+                return Err(ConfigError::new(format!("{field}.app"), format!("no app '{}'", raw.app)));
+            }
+            grants.push(access::compile_grant(&field, raw, &apis, &groups, &g.default_timezone)?);
+        }
+        let mut lists: Vec<List> = Vec::new();
+        for (i, raw) in self.lists.iter().enumerate() {
+            let field = format!("lists[{i}]");
+            if !valid_id(&raw.id) || lists.iter().any(|x| x.id == raw.id) {
+                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate list id '{}'", raw.id)));
+            }
+            lists.push(access::compile_list(&field, raw, &apis, &groups)?);
+        }
+        let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
+
         Ok(Policy {
+            grants,
+            lists,
+            opted_out_users: self.opted_out_users.iter().cloned().collect(),
+            bans,
             clock_skew_seconds: g.clock_skew_seconds,
             replay: ReplaySettings {
                 slots: g.replay.slots,
@@ -658,6 +836,10 @@ impl Policy {
             .iter()
             .filter(|a| a.method == method && a.matches(&segments))
             .max_by(|a, b| a.specificity().cmp(&b.specificity()))
+    }
+
+    pub fn grant(&self, id: &str) -> Option<&Grant> {
+        self.grants.iter().find(|g| g.id == id)
     }
 
     pub fn app(&self, id: &str) -> Option<&App> {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::engine::{check_body, check_headers, RequestContext};
-use apisec_core::message::Request;
+use apisec_core::message::{Connection, Request};
 use apisec_core::replay::{init_slots, MemoryStore};
 use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::{DenyReason, Policy};
@@ -49,6 +49,11 @@ fn policy() -> Policy {
             {"id": "account", "method": "GET", "path": "/accounts/{id}", "level": "S2", "service_object": "toC",
              "access": "read", "user_auth": true, "personal_info": true, "function": "account"}
         ],
+        "grants": [
+            {"id": "g-news", "app": "app-a", "apis": ["news", "account"]},
+            {"id": "g-trade", "app": "app-a", "functions": ["trading"],
+             "approval": {"approver": "risk-officer", "ticket": "CHG-1", "date": "2026-11-01"}}
+        ],
         "apps": [{"id": "app-a", "credentials": [
             {"id": "a-hmac", "alg": "hmac-sha256", "secret_env": "SECRET_A"},
             {"id": "a-p256", "alg": "ecdsa-p256-sha256", "public_key_pem": pem}
@@ -79,6 +84,7 @@ fn request(method: &str, path: &str, body: &[u8]) -> Case {
     }
     Case {
         req: Request {
+            conn: Connection { client_ip: Some("127.0.0.1".parse().unwrap()), tls: true, ..Default::default() },
             method: method.into(),
             scheme: "https".into(),
             authority: "gw.example.com".into(),
@@ -123,6 +129,7 @@ fn run(policy: &Policy, store: &MemoryStore, c: &Case) -> Result<RequestContext,
         !c.body.is_empty(),
         NOW,
         &SoftwareVerifier,
+        store,
         &mut ctx,
     )
     .map_err(|d| d.reason)?;

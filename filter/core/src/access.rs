@@ -1,0 +1,663 @@
+//! Access control after identity: API lifecycle (OPS-1, MON-5), grants with validity (PERM-2,
+//! PERM-3, PERM-5, OPS-3), black and white lists (BWL-1, BWL-2, OPS-5), the user opt-out list
+//! (PERM-6) and field permissions (PERM-1). Compiled once from the policy; the request path
+//! only evaluates.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, Deny, DenyReason};
+use crate::ip::Cidr;
+use crate::policy::{Api, SecurityLevel};
+use crate::replay::SharedStore;
+use crate::timeutil;
+
+/// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiState {
+    Draft,
+    #[default]
+    Online,
+    Offline,
+    Retired,
+}
+
+impl ApiState {
+    pub fn refusal(self) -> Option<DenyReason> {
+        match self {
+            ApiState::Online => None,
+            ApiState::Draft => Some(DenyReason::ApiNotPublished),
+            ApiState::Offline => Some(DenyReason::ApiOffline),
+            ApiState::Retired => Some(DenyReason::ApiRetired),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Weekday {
+    Mon,
+    Tue,
+    Wed,
+    Thu,
+    Fri,
+    Sat,
+    Sun,
+}
+
+// ---------------------------------------------------------------- raw document parts
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiGroup {
+    pub id: String,
+    /// API ids or patterns (`trade.*`, `*`).
+    pub apis: Vec<String>,
+    /// A group-wide lifecycle switch (degradation switch); `online` leaves each API's own state.
+    #[serde(default)]
+    pub state: ApiState,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    /// Days the window applies to; all days when empty.
+    #[serde(default)]
+    pub days: Vec<Weekday>,
+    /// `HH:MM`, inclusive.
+    pub from: String,
+    /// `HH:MM`, exclusive; `24:00` for the end of the day.
+    pub to: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApproval {
+    pub approver: String,
+    pub ticket: String,
+    /// `YYYY-MM-DD`
+    pub date: String,
+    #[serde(default)]
+    pub assessment: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGrant {
+    pub id: String,
+    pub app: String,
+    /// API ids, patterns (`account.*`, `*`) or groups (`group:trading`).
+    #[serde(default)]
+    pub apis: Vec<String>,
+    /// Business functions: the grant covers every API with one of them.
+    #[serde(default)]
+    pub functions: Vec<String>,
+    /// End users the grant is limited to; any user when empty.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// Contract period, RFC 3339 with offset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    /// A fixed number of uses, counted across workers and reloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_uses: Option<u64>,
+    /// Single use.
+    #[serde(default)]
+    pub once: bool,
+    /// Time-of-day windows (e.g. trading sessions), in `timezone`.
+    #[serde(default)]
+    pub windows: Vec<RawWindow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timezone: Option<String>,
+    /// Required when the grant covers an S3 API (PERM-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<RawApproval>,
+    /// JSON request fields this grant does not allow (dot paths, `order.price`).
+    #[serde(default)]
+    pub forbid_request_fields: Vec<String>,
+    /// JSON response fields removed before the response reaches the caller.
+    #[serde(default)]
+    pub hide_response_fields: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListMode {
+    /// Whitelist: only callers matching an entry pass.
+    Allow,
+    /// Blacklist: callers matching an entry are refused.
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// An address or CIDR, IPv4 or IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawList {
+    pub id: String,
+    pub mode: ListMode,
+    /// APIs the list applies to: ids, patterns or `group:<id>`.
+    pub apis: Vec<String>,
+    pub entries: Vec<RawListEntry>,
+}
+
+// ---------------------------------------------------------------- compiled forms
+
+/// A set of APIs, resolved to indexes into the inventory at compile time.
+#[derive(Debug, Clone, Default)]
+pub struct ApiSet(Vec<bool>);
+
+impl ApiSet {
+    pub fn contains(&self, api_index: usize) -> bool {
+        self.0.get(api_index).copied().unwrap_or(false)
+    }
+    fn is_empty(&self) -> bool {
+        !self.0.iter().any(|b| *b)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiGroup {
+    pub id: String,
+    pub apis: ApiSet,
+    pub state: ApiState,
+}
+
+fn pattern_matches(pattern: &str, id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => id.starts_with(prefix),
+        None => pattern == id,
+    }
+}
+
+/// Resolves ids, `prefix*` patterns and `group:<id>` references; a reference that matches
+/// nothing is an error (a typo must not silently grant or block nothing).
+pub fn resolve_apis(field: &str, patterns: &[String], apis: &[Api], groups: &[ApiGroup]) -> Result<ApiSet, ConfigError> {
+    let mut set = vec![false; apis.len()];
+    for (i, p) in patterns.iter().enumerate() {
+        let before = set.iter().filter(|b| **b).count();
+        if let Some(g) = p.strip_prefix("group:") {
+            let group = groups
+                .iter()
+                .find(|x| x.id == g)
+                .ok_or_else(|| ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'")))?;
+            for (j, s) in set.iter_mut().enumerate() {
+                *s |= group.apis.contains(j);
+            }
+        } else {
+            for (j, a) in apis.iter().enumerate() {
+                if pattern_matches(p, &a.id) {
+                    if let Some(s) = set.get_mut(j) {
+                        *s = true;
+                    }
+                }
+            }
+        }
+        if set.iter().filter(|b| **b).count() == before && !patterns.iter().take(i).any(|q| q == p) {
+            let any = apis.iter().any(|a| pattern_matches(p, &a.id)) || p.starts_with("group:");
+            if !any {
+                return Err(ConfigError::new(format!("{field}[{i}]"), format!("'{p}' matches no API")));
+            }
+        }
+    }
+    Ok(ApiSet(set))
+}
+
+#[derive(Debug, Clone)]
+struct Window {
+    days: u8, // bit per weekday, Monday = bit 0
+    from: u32,
+    to: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub id: String,
+    pub app: String,
+    pub apis: ApiSet,
+    pub users: Vec<String>,
+    not_before: Option<u64>,
+    not_after: Option<u64>,
+    pub max_uses: Option<u64>,
+    windows: Vec<Window>,
+    offset: i64,
+    pub forbid_request_fields: Vec<Vec<String>>,
+    pub hide_response_fields: Vec<Vec<String>>,
+}
+
+fn field_paths(field: &str, paths: &[String]) -> Result<Vec<Vec<String>>, ConfigError> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let parts: Vec<String> = p.split('.').map(str::to_string).collect();
+            if parts.iter().any(|s| s.is_empty()) {
+                return Err(ConfigError::new(format!("{field}[{i}]"), "a field path is dot-separated names, like order.price"));
+            }
+            Ok(parts)
+        })
+        .collect()
+}
+
+pub fn compile_grant(
+    field: &str,
+    g: &RawGrant,
+    apis: &[Api],
+    groups: &[ApiGroup],
+    default_zone: &str,
+) -> Result<Grant, ConfigError> {
+    if g.apis.is_empty() && g.functions.is_empty() {
+        return Err(ConfigError::new(format!("{field}.apis"), "a grant names APIs or business functions"));
+    }
+    let mut set = resolve_apis(&format!("{field}.apis"), &g.apis, apis, groups)?;
+    for (i, f) in g.functions.iter().enumerate() {
+        let mut any = false;
+        for (j, a) in apis.iter().enumerate() {
+            if a.function == *f {
+                if let Some(s) = set.0.get_mut(j) {
+                    *s = true;
+                }
+                any = true;
+            }
+        }
+        if !any {
+            return Err(ConfigError::new(format!("{field}.functions[{i}]"), format!("no API has business function '{f}'")));
+        }
+    }
+    if set.is_empty() {
+        return Err(ConfigError::new(format!("{field}.apis"), "the grant covers no API"));
+    }
+    let s0_only = apis.iter().enumerate().filter(|(j, _)| set.contains(*j)).all(|(_, a)| a.level == SecurityLevel::S0);
+    if s0_only {
+        return Err(ConfigError::new(format!("{field}.apis"), "S0 APIs need no grant; this grant covers only S0 APIs"));
+    }
+    let covers_s3 = apis.iter().enumerate().any(|(j, a)| set.contains(j) && a.level == SecurityLevel::S3);
+    match &g.approval {
+        None if covers_s3 => {
+            return Err(ConfigError::new(
+                format!("{field}.approval"),
+                format!("grant '{}' covers S3 APIs and needs an approval record (approver, ticket, date) (PERM-3)", g.id),
+            ))
+        }
+        Some(a) => {
+            if a.approver.trim().is_empty() || a.ticket.trim().is_empty() {
+                return Err(ConfigError::new(format!("{field}.approval"), format!("grant '{}': approver and ticket are required", g.id)));
+            }
+            if timeutil::parse_date(&a.date).is_none() {
+                return Err(ConfigError::new(format!("{field}.approval.date"), "must be YYYY-MM-DD"));
+            }
+        }
+        None => {}
+    }
+    let ts = |name: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
+        v.as_ref()
+            .map(|s| {
+                timeutil::parse_rfc3339(s).ok_or_else(|| {
+                    ConfigError::new(format!("{field}.{name}"), "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00")
+                })
+            })
+            .transpose()
+    };
+    let not_before = ts("not_before", &g.not_before)?;
+    let not_after = ts("not_after", &g.not_after)?;
+    if let (Some(a), Some(b)) = (not_before, not_after) {
+        if a >= b {
+            return Err(ConfigError::new(format!("{field}.not_after"), "must be after not_before"));
+        }
+    }
+    let max_uses = match (g.once, g.max_uses) {
+        (true, Some(_)) => {
+            return Err(ConfigError::new(format!("{field}.once"), "give once or max_uses, not both"));
+        }
+        (true, None) => Some(1),
+        (false, Some(0)) => return Err(ConfigError::new(format!("{field}.max_uses"), "must be at least 1")),
+        (false, m) => m,
+    };
+    let zone = g.timezone.as_deref().unwrap_or(default_zone);
+    let offset = timeutil::zone_offset(zone).ok_or_else(|| {
+        ConfigError::new(
+            format!("{field}.timezone"),
+            format!("'{zone}' is not supported: use a zone without daylight saving (Asia/Shanghai, Asia/Hong_Kong, UTC, ...) or an offset like +08:00"),
+        )
+    })?;
+    let mut windows = Vec::new();
+    for (i, w) in g.windows.iter().enumerate() {
+        let wf = format!("{field}.windows[{i}]");
+        let from = timeutil::parse_hhmm(&w.from).ok_or_else(|| ConfigError::new(format!("{wf}.from"), "must be HH:MM"))?;
+        let to = timeutil::parse_hhmm(&w.to).ok_or_else(|| ConfigError::new(format!("{wf}.to"), "must be HH:MM"))?;
+        if from >= to {
+            return Err(ConfigError::new(format!("{wf}.to"), "must be after from (split a window that crosses midnight in two)"));
+        }
+        let days = if w.days.is_empty() { 0x7f } else { w.days.iter().fold(0u8, |acc, d| acc | 1 << (*d as u8)) };
+        windows.push(Window { days, from, to });
+    }
+    Ok(Grant {
+        id: g.id.clone(),
+        app: g.app.clone(),
+        apis: set,
+        users: g.users.clone(),
+        not_before,
+        not_after,
+        max_uses,
+        windows,
+        offset,
+        forbid_request_fields: field_paths(&format!("{field}.forbid_request_fields"), &g.forbid_request_fields)?,
+        hide_response_fields: field_paths(&format!("{field}.hide_response_fields"), &g.hide_response_fields)?,
+    })
+}
+
+impl Grant {
+    fn covers(&self, app: &str, api_index: usize, user: Option<&str>) -> bool {
+        self.app == app
+            && self.apis.contains(api_index)
+            && (self.users.is_empty() || user.is_some_and(|u| self.users.iter().any(|x| x == u)))
+    }
+
+    /// Why this grant is not valid now, if it is not.
+    fn validity(&self, now: u64) -> Option<Deny> {
+        if let Some(nb) = self.not_before {
+            if now < nb {
+                return Some(Deny::new(DenyReason::GrantNotYetValid, format!("grant {} starts at {nb}", self.id)));
+            }
+        }
+        if let Some(na) = self.not_after {
+            if now > na {
+                return Some(Deny::new(DenyReason::GrantExpired, format!("grant {} ended at {na}", self.id)));
+            }
+        }
+        if !self.windows.is_empty() {
+            let (day, minute) = timeutil::local_weekday_minute(now, self.offset);
+            let open = self
+                .windows
+                .iter()
+                .any(|w| w.days & (1 << day) != 0 && minute >= w.from && minute < w.to);
+            if !open {
+                return Some(Deny::new(DenyReason::GrantOutsideWindow, format!("grant {} is closed at this time", self.id)));
+            }
+        }
+        None
+    }
+}
+
+/// Picks the grant that lets this call through (PERM-2): the first covering grant that is valid
+/// now. With none, the refusal says why the nearest one failed.
+pub fn select_grant<'a>(grants: &'a [Grant], app: &str, api_index: usize, user: Option<&str>, now: u64) -> Result<&'a Grant, Deny> {
+    let mut first_problem: Option<Deny> = None;
+    for g in grants.iter().filter(|g| g.covers(app, api_index, user)) {
+        match g.validity(now) {
+            None => return Ok(g),
+            Some(d) => {
+                first_problem.get_or_insert(d);
+            }
+        }
+    }
+    Err(first_problem.unwrap_or_else(|| Deny::new(DenyReason::NoGrant, format!("no grant lets {app} call this API"))))
+}
+
+fn uses_key(grant: &str) -> String {
+    format!("apisec/grant-uses/{grant}")
+}
+
+/// Counts one use of a limited grant, atomically across workers (CAS); refuses once used up.
+pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), Deny> {
+    let Some(max) = grant.max_uses else { return Ok(()) };
+    let key = uses_key(&grant.id);
+    let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
+    for _ in 0..16 {
+        let (used, cas) = match store.get(&key).map_err(host)? {
+            Some((v, cas)) => {
+                let mut b = [0u8; 8];
+                if let Some(src) = v.get(..8) {
+                    b.copy_from_slice(src);
+                }
+                (u64::from_le_bytes(b), Some(cas))
+            }
+            None => (0, None),
+        };
+        if used >= max {
+            return Err(Deny::new(DenyReason::GrantExhausted, format!("grant {} used {used} of {max} times", grant.id)));
+        }
+        // A key that does not exist yet cannot be guarded by CAS: create it, then count.
+        if cas.is_none() {
+            store.set(&key, &0u64.to_le_bytes(), None).map_err(host)?;
+            continue;
+        }
+        if store.set(&key, &(used + 1).to_le_bytes(), cas).map_err(host)? {
+            return Ok(());
+        }
+    }
+    Err(Deny::new(DenyReason::HostUnavailable, "grant counter: too much contention"))
+}
+
+/// How many times a grant has been used (for operators and tests).
+pub fn grant_uses(store: &dyn SharedStore, grant_id: &str) -> u64 {
+    match store.get(&uses_key(grant_id)) {
+        Ok(Some((v, _))) => v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes),
+        _ => 0,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    app: Option<String>,
+    ip: Option<Cidr>,
+    user: Option<String>,
+}
+
+impl Entry {
+    /// Every dimension the entry names must match (app + IP together, BWL-1).
+    fn matches(&self, app: &str, ip: Option<IpAddr>, user: Option<&str>) -> bool {
+        self.app.as_deref().is_none_or(|a| a == app)
+            && self.ip.is_none_or(|c| ip.is_some_and(|ip| c.contains(ip)))
+            && self.user.as_deref().is_none_or(|u| user == Some(u))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct List {
+    pub id: String,
+    mode: ListMode,
+    apis: ApiSet,
+    entries: Vec<Entry>,
+}
+
+pub fn compile_list(field: &str, l: &RawList, apis: &[Api], groups: &[ApiGroup]) -> Result<List, ConfigError> {
+    let set = resolve_apis(&format!("{field}.apis"), &l.apis, apis, groups)?;
+    let mut entries = Vec::new();
+    for (i, e) in l.entries.iter().enumerate() {
+        let ef = format!("{field}.entries[{i}]");
+        if e.app.is_none() && e.ip.is_none() && e.user.is_none() {
+            return Err(ConfigError::new(ef, "an entry names an app, an ip, a user, or several of them"));
+        }
+        let ip = e
+            .ip
+            .as_deref()
+            .map(|s| Cidr::parse(s).map_err(|m| ConfigError::new(format!("{ef}.ip"), m)))
+            .transpose()?;
+        entries.push(Entry { app: e.app.clone(), ip, user: e.user.clone() });
+    }
+    if l.mode == ListMode::Allow && entries.is_empty() {
+        return Err(ConfigError::new(format!("{field}.entries"), "an empty whitelist would refuse every caller"));
+    }
+    Ok(List { id: l.id.clone(), mode: l.mode, apis: set, entries })
+}
+
+/// Black and white lists for one call (BWL-1, BWL-2): any matching blacklist entry refuses;
+/// each whitelist covering the API must have a matching entry.
+pub fn check_lists(lists: &[List], api_index: usize, app: &str, ip: Option<IpAddr>, user: Option<&str>) -> Result<(), Deny> {
+    for l in lists.iter().filter(|l| l.apis.contains(api_index)) {
+        let hit = l.entries.iter().any(|e| e.matches(app, ip, user));
+        match l.mode {
+            ListMode::Deny if hit => {
+                return Err(Deny::new(DenyReason::Blacklisted, format!("listed in blacklist {}", l.id)));
+            }
+            ListMode::Allow if !hit => {
+                return Err(Deny::new(DenyReason::NotWhitelisted, format!("not in whitelist {}", l.id)));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a JSON request body that carries a field the grant forbids (PERM-1, field dimension).
+/// A body that is not JSON cannot be checked and is refused when the grant restricts fields.
+pub fn check_request_fields(forbidden: &[Vec<String>], body: &[u8]) -> Result<(), Deny> {
+    if forbidden.is_empty() || body.is_empty() {
+        return Ok(());
+    }
+    let doc: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| Deny::new(DenyReason::FieldForbidden, "the grant restricts fields and the body is not JSON"))?;
+    for path in forbidden {
+        if has_path(&doc, path) {
+            return Err(Deny::new(DenyReason::FieldForbidden, format!("field {} is not granted", path.join("."))));
+        }
+    }
+    Ok(())
+}
+
+fn has_path(v: &serde_json::Value, path: &[String]) -> bool {
+    match (v, path.split_first()) {
+        (_, None) => true,
+        (serde_json::Value::Object(m), Some((head, rest))) => m.get(head).is_some_and(|x| has_path(x, rest)),
+        (serde_json::Value::Array(a), Some(_)) => a.iter().any(|x| has_path(x, path)),
+        _ => false,
+    }
+}
+
+fn remove_path(v: &mut serde_json::Value, path: &[String]) -> bool {
+    match (v, path.split_first()) {
+        (serde_json::Value::Object(m), Some((head, []))) => m.remove(head).is_some(),
+        (serde_json::Value::Object(m), Some((head, rest))) => m.get_mut(head).is_some_and(|x| remove_path(x, rest)),
+        (serde_json::Value::Array(a), Some(_)) => a.iter_mut().fold(false, |acc, x| remove_path(x, path) | acc),
+        _ => false,
+    }
+}
+
+/// Removes hidden fields from a JSON response body. `Ok(None)`: nothing changed. A body that is
+/// not JSON is withheld (Err) rather than passed unfiltered.
+pub fn filter_response_fields(hidden: &[Vec<String>], body: &[u8]) -> Result<Option<Vec<u8>>, Deny> {
+    if hidden.is_empty() || body.is_empty() {
+        return Ok(None);
+    }
+    let mut doc: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| Deny::new(DenyReason::ResponseUnfilterable, "response is not JSON; hidden fields cannot be removed"))?;
+    let mut changed = false;
+    for path in hidden {
+        changed |= remove_path(&mut doc, path);
+    }
+    if !changed {
+        return Ok(None);
+    }
+    serde_json::to_vec(&doc)
+        .map(Some)
+        .map_err(|_| Deny::new(DenyReason::ResponseUnfilterable, "cannot serialise the filtered response"))
+}
+
+/// The opt-out set (PERM-6): users who closed API access for their account.
+pub fn check_opt_out(opted_out: &HashSet<String>, user: Option<&str>) -> Result<(), Deny> {
+    match user {
+        Some(u) if opted_out.contains(u) => Err(Deny::new(DenyReason::UserOptedOut, format!("user {u} closed API access"))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::MemoryStore;
+
+    #[test]
+    fn field_paths_in_objects_and_arrays() {
+        let forbidden = vec![vec!["order".to_string(), "price".to_string()]];
+        assert!(check_request_fields(&forbidden, br#"{"order":{"qty":1}}"#).is_ok());
+        assert_eq!(
+            check_request_fields(&forbidden, br#"{"order":{"price":"9.9"}}"#).unwrap_err().reason,
+            DenyReason::FieldForbidden
+        );
+        assert_eq!(
+            check_request_fields(&forbidden, br#"[{"order":{"price":1}}]"#).unwrap_err().reason,
+            DenyReason::FieldForbidden
+        );
+        assert_eq!(check_request_fields(&forbidden, b"qty=1").unwrap_err().reason, DenyReason::FieldForbidden);
+
+        let hidden = vec![vec!["id_number".to_string()], vec!["owner".to_string(), "phone".to_string()]];
+        let out = filter_response_fields(&hidden, br#"{"id_number":"110","owner":{"phone":"139","name":"A"},"bal":1}"#)
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"owner": {"name": "A"}, "bal": 1}));
+        assert_eq!(filter_response_fields(&hidden, br#"{"bal":1}"#).unwrap(), None);
+        assert!(filter_response_fields(&hidden, b"<html>").is_err());
+    }
+
+    #[test]
+    fn grant_use_counter_is_exact_and_bounded() {
+        let store = MemoryStore::default();
+        let g = Grant {
+            id: "g".into(),
+            app: "a".into(),
+            apis: ApiSet(vec![true]),
+            users: vec![],
+            not_before: None,
+            not_after: None,
+            max_uses: Some(3),
+            windows: vec![],
+            offset: 0,
+            forbid_request_fields: vec![],
+            hide_response_fields: vec![],
+        };
+        for _ in 0..3 {
+            consume_grant_use(&store, &g).unwrap();
+        }
+        assert_eq!(consume_grant_use(&store, &g).unwrap_err().reason, DenyReason::GrantExhausted);
+        assert_eq!(grant_uses(&store, "g"), 3);
+    }
+
+    #[test]
+    fn lists_modes_and_dimensions() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let deny = List {
+            id: "bl".into(),
+            mode: ListMode::Deny,
+            apis: ApiSet(vec![true, false]),
+            entries: vec![
+                Entry { app: Some("bad".into()), ip: None, user: None },
+                Entry { app: Some("a".into()), ip: Some(Cidr::parse("198.51.100.0/24").unwrap()), user: None },
+                Entry { app: None, ip: Some(Cidr::parse("2001:db8::/32").unwrap()), user: None },
+                Entry { app: None, ip: None, user: Some("u9".into()) },
+            ],
+        };
+        let lists = [deny];
+        assert!(check_lists(&lists, 0, "a", ip("203.0.113.1"), None).is_ok());
+        assert_eq!(check_lists(&lists, 0, "bad", ip("203.0.113.1"), None).unwrap_err().reason, DenyReason::Blacklisted);
+        assert_eq!(check_lists(&lists, 0, "a", ip("198.51.100.7"), None).unwrap_err().reason, DenyReason::Blacklisted);
+        assert!(check_lists(&lists, 0, "b", ip("198.51.100.7"), None).is_ok(), "app + ip: both must match");
+        assert_eq!(check_lists(&lists, 0, "b", ip("2001:db8::5"), None).unwrap_err().reason, DenyReason::Blacklisted);
+        assert_eq!(check_lists(&lists, 0, "b", None, Some("u9")).unwrap_err().reason, DenyReason::Blacklisted);
+        assert!(check_lists(&lists, 1, "bad", None, None).is_ok(), "list does not cover API 1");
+        let allow = [List {
+            id: "wl".into(),
+            mode: ListMode::Allow,
+            apis: ApiSet(vec![true]),
+            entries: vec![Entry { app: None, ip: Some(Cidr::parse("10.0.0.0/8").unwrap()), user: None }],
+        }];
+        assert!(check_lists(&allow, 0, "a", ip("10.1.2.3"), None).is_ok());
+        assert_eq!(check_lists(&allow, 0, "a", ip("11.1.2.3"), None).unwrap_err().reason, DenyReason::NotWhitelisted);
+    }
+}

@@ -1,0 +1,346 @@
+//! Automatic bans (PERM-4, RL-3, MON-4, MON-6): N refusals by one app (or by one IP when no
+//! app is identified) within a window ban it for a configured time. Counters live in the
+//! shared store, so they hold across worker threads and policy reloads; entries expire by
+//! time; per-IP state sits in a fixed number of slots with a fixed number of entries each,
+//! so a flood of source addresses cannot grow it. An operator lifts a ban through the policy
+//! (`bans.lifted`): a ban that began before the lift time no longer applies.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ConfigError, Deny, DenyReason};
+use crate::ip::Cidr;
+use crate::replay::SharedStore;
+use crate::timeutil;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBans {
+    /// Refusals within `window_seconds` that trigger a ban.
+    pub threshold: u32,
+    pub window_seconds: u64,
+    pub ban_seconds: u64,
+    /// Shared-data keys for per-IP counters, and entries per key.
+    #[serde(default = "default_ip_slots")]
+    pub ip_slots: u32,
+    #[serde(default = "default_entries")]
+    pub entries_per_slot: u32,
+    /// Operator lifts: bans on this app or IP that began before `at` are void.
+    #[serde(default)]
+    pub lifted: Vec<RawLift>,
+}
+
+fn default_ip_slots() -> u32 {
+    1024
+}
+fn default_entries() -> u32 {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLift {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// RFC 3339 time of the lift.
+    pub at: String,
+    #[serde(default)]
+    pub by: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+enum LiftTarget {
+    App(String),
+    Ip(Cidr),
+}
+
+#[derive(Debug, Clone)]
+pub struct BanSettings {
+    pub threshold: u32,
+    pub window_seconds: u64,
+    pub ban_seconds: u64,
+    ip_slots: u32,
+    entries_per_slot: u32,
+    lifted: Vec<(LiftTarget, u64)>,
+}
+
+impl RawBans {
+    pub fn compile(&self) -> Result<BanSettings, ConfigError> {
+        if self.threshold == 0 {
+            return Err(ConfigError::new("bans.threshold", "must be at least 1"));
+        }
+        if !(1..=86400).contains(&self.window_seconds) {
+            return Err(ConfigError::new("bans.window_seconds", "must be between 1 and 86400"));
+        }
+        if !(1..=30 * 86400).contains(&self.ban_seconds) {
+            return Err(ConfigError::new("bans.ban_seconds", "must be between 1 and 2592000"));
+        }
+        if !(1..=65536).contains(&self.ip_slots) || !(1..=256).contains(&self.entries_per_slot) {
+            return Err(ConfigError::new("bans.ip_slots", "ip_slots 1..65536, entries_per_slot 1..256"));
+        }
+        let mut lifted = Vec::new();
+        for (i, l) in self.lifted.iter().enumerate() {
+            let f = format!("bans.lifted[{i}]");
+            let at = timeutil::parse_rfc3339(&l.at)
+                .ok_or_else(|| ConfigError::new(format!("{f}.at"), "must be an RFC 3339 time with an offset"))?;
+            let target = match (&l.app, &l.ip) {
+                (Some(a), None) => LiftTarget::App(a.clone()),
+                (None, Some(ip)) => LiftTarget::Ip(Cidr::parse(ip).map_err(|m| ConfigError::new(format!("{f}.ip"), m))?),
+                _ => return Err(ConfigError::new(f, "a lift names exactly one of app or ip")),
+            };
+            lifted.push((target, at));
+        }
+        Ok(BanSettings {
+            threshold: self.threshold,
+            window_seconds: self.window_seconds,
+            ban_seconds: self.ban_seconds,
+            ip_slots: self.ip_slots,
+            entries_per_slot: self.entries_per_slot,
+            lifted,
+        })
+    }
+}
+
+/// Who a refusal counts against.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    App(&'a str),
+    Ip(IpAddr),
+}
+
+impl Subject<'_> {
+    pub fn describe(&self) -> String {
+        match self {
+            Subject::App(a) => format!("app {a}"),
+            Subject::Ip(ip) => format!("ip {ip}"),
+        }
+    }
+}
+
+const ENTRY: usize = 36; // fp 8 | window_start 8 | count 4 | banned_at 8 | banned_until 8
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Record {
+    fp: [u8; 8],
+    window_start: u64,
+    count: u32,
+    banned_at: u64,
+    banned_until: u64,
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map_or(0, u64::from_le_bytes)
+}
+
+impl Record {
+    fn decode(b: &[u8]) -> Record {
+        let mut fp = [0u8; 8];
+        if let Some(s) = b.get(..8) {
+            fp.copy_from_slice(s);
+        }
+        let count = b.get(16..20).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, u32::from_le_bytes);
+        Record { fp, window_start: u64_at(b, 8), count, banned_at: u64_at(b, 20), banned_until: u64_at(b, 28) }
+    }
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.fp);
+        out.extend_from_slice(&self.window_start.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(&self.banned_at.to_le_bytes());
+        out.extend_from_slice(&self.banned_until.to_le_bytes());
+    }
+}
+
+impl BanSettings {
+    fn locate(&self, subject: Subject<'_>) -> (String, [u8; 8]) {
+        let mut h = Sha256::new();
+        match subject {
+            Subject::App(a) => {
+                h.update(b"app\0");
+                h.update(a.as_bytes());
+            }
+            Subject::Ip(ip) => {
+                h.update(b"ip\0");
+                h.update(ip.to_string().as_bytes());
+            }
+        }
+        let d = h.finalize();
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
+        let key = match subject {
+            Subject::App(a) => format!("apisec/ban/app/{a}"),
+            Subject::Ip(_) => format!("apisec/ban/ip/{}", u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))),
+        };
+        (key, fp)
+    }
+
+    fn lifted_at(&self, subject: Subject<'_>) -> u64 {
+        self.lifted
+            .iter()
+            .filter(|(t, _)| match (t, subject) {
+                (LiftTarget::App(a), Subject::App(s)) => a == s,
+                (LiftTarget::Ip(c), Subject::Ip(ip)) => c.contains(ip),
+                _ => false,
+            })
+            .map(|(_, at)| *at)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A live ban on the subject: refused with `banned` until it ends.
+    pub fn check(&self, store: &dyn SharedStore, subject: Subject<'_>, now: u64) -> Result<(), Deny> {
+        let (key, fp) = self.locate(subject);
+        let value = match store.get(&key) {
+            Ok(v) => v.map(|(v, _)| v).unwrap_or_default(),
+            Err(e) => return Err(Deny::new(DenyReason::HostUnavailable, format!("ban store: {e}"))),
+        };
+        let lift = self.lifted_at(subject);
+        for r in value.chunks_exact(ENTRY).map(Record::decode) {
+            if r.fp == fp && r.banned_until > now && r.banned_at >= lift {
+                return Err(Deny::new(
+                    DenyReason::Banned,
+                    format!("{} banned until {} after repeated refusals", subject.describe(), r.banned_until),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one refusal; returns true when this refusal started a ban.
+    pub fn record_refusal(&self, store: &dyn SharedStore, subject: Subject<'_>, now: u64) -> Result<bool, String> {
+        let (key, fp) = self.locate(subject);
+        let lift = self.lifted_at(subject);
+        for _ in 0..16 {
+            let (value, cas) = match store.get(&key)? {
+                Some((v, cas)) => (v, Some(cas)),
+                None => {
+                    store.set(&key, &[], None)?;
+                    continue;
+                }
+            };
+            let mut records: Vec<Record> = value.chunks_exact(ENTRY).map(Record::decode).collect();
+            let pos = records.iter().position(|r| r.fp == fp);
+            let mut r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record { fp, ..Default::default() });
+            if r.banned_until > now && r.banned_at >= lift {
+                return Ok(false); // already banned; refusals while banned do not extend it
+            }
+            let voided = r.banned_until > 0 && r.banned_at < lift;
+            if voided || now >= r.window_start.saturating_add(self.window_seconds) {
+                r = Record { fp, window_start: now, ..Default::default() };
+            }
+            r.count = r.count.saturating_add(1);
+            let started = r.count >= self.threshold;
+            if started {
+                r.banned_at = now;
+                r.banned_until = now.saturating_add(self.ban_seconds);
+                r.count = 0;
+                r.window_start = now;
+            }
+            match pos {
+                Some(p) => {
+                    if let Some(slot) = records.get_mut(p) {
+                        *slot = r;
+                    }
+                }
+                None => {
+                    // Drop stale entries, then make room: the oldest unbanned entry goes first.
+                    records.retain(|x| x.banned_until > now || now < x.window_start.saturating_add(self.window_seconds));
+                    while records.len() >= self.entries_per_slot as usize {
+                        let victim = records
+                            .iter()
+                            .enumerate()
+                            .min_by_key(|(_, x)| (x.banned_until > now, x.banned_until, x.window_start))
+                            .map(|(i, _)| i);
+                        match victim {
+                            Some(i) => {
+                                records.remove(i);
+                            }
+                            None => break,
+                        }
+                    }
+                    records.push(r);
+                }
+            }
+            let mut out = Vec::with_capacity(records.len() * ENTRY);
+            for x in &records {
+                x.encode(&mut out);
+            }
+            if store.set(&key, &out, cas)? {
+                return Ok(started);
+            }
+        }
+        Err("ban store: too much contention".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::MemoryStore;
+
+    fn settings(lifted: Vec<RawLift>) -> BanSettings {
+        RawBans { threshold: 3, window_seconds: 60, ban_seconds: 600, ip_slots: 2, entries_per_slot: 4, lifted }
+            .compile()
+            .unwrap()
+    }
+
+    #[test]
+    fn threshold_window_ban_and_expiry() {
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        let app = Subject::App("a");
+        assert!(!s.record_refusal(&store, app, 1000).unwrap());
+        assert!(!s.record_refusal(&store, app, 1010).unwrap());
+        s.check(&store, app, 1010).unwrap();
+        assert!(s.record_refusal(&store, app, 1020).unwrap(), "third refusal bans");
+        assert_eq!(s.check(&store, app, 1021).unwrap_err().reason, DenyReason::Banned);
+        s.check(&store, Subject::App("b"), 1021).unwrap();
+        assert!(s.check(&store, app, 1020 + 600).is_ok(), "bans expire by themselves");
+        // refusals spread wider than the window never ban
+        let ip = Subject::Ip("192.0.2.1".parse().unwrap());
+        for t in [0u64, 70, 140, 210] {
+            assert!(!s.record_refusal(&store, ip, 5000 + t).unwrap());
+        }
+    }
+
+    #[test]
+    fn operator_lift_voids_earlier_bans() {
+        let store = MemoryStore::default();
+        let app = Subject::App("a");
+        let s = settings(vec![]);
+        for t in 0..3 {
+            s.record_refusal(&store, app, 1_800_000_000 + t).unwrap();
+        }
+        assert!(s.check(&store, app, 1_800_000_010).is_err());
+        let lifted = settings(vec![RawLift {
+            app: Some("a".into()),
+            ip: None,
+            at: "2027-01-15T08:00:05Z".into(), // 1_800_000_005
+            by: "ops".into(),
+            reason: "partner fixed its clock".into(),
+        }]);
+        lifted.check(&store, app, 1_800_000_010).unwrap();
+        // a new ban after the lift applies again
+        for t in 20..23 {
+            lifted.record_refusal(&store, app, 1_800_000_000 + t).unwrap();
+        }
+        assert!(lifted.check(&store, app, 1_800_000_030).is_err());
+    }
+
+    #[test]
+    fn ip_flood_stays_bounded() {
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        for i in 0..5000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            s.record_refusal(&store, Subject::Ip(ip), 100).unwrap();
+        }
+        assert_eq!(store.key_count(), 2);
+        assert!(store.value_bytes() <= 2 * 4 * ENTRY);
+    }
+}

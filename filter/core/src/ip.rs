@@ -1,0 +1,91 @@
+//! IP addresses and CIDR ranges, IPv4 and IPv6, for lists and per-app source ranges (BWL-1,
+//! OPS-5). IPv4-mapped IPv6 addresses are compared as IPv4.
+
+use std::net::IpAddr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: u128,
+    prefix: u8,
+    v4: bool,
+}
+
+fn canonical(ip: IpAddr) -> (u128, bool) {
+    match ip {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), true),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (u128::from(u32::from(v4)), true),
+            None => (u128::from(v6), false),
+        },
+    }
+}
+
+fn mask(prefix: u8, v4: bool) -> u128 {
+    let bits = if v4 { 32 } else { 128 };
+    if prefix == 0 {
+        0
+    } else {
+        (u128::MAX << (bits - u32::from(prefix))) & if v4 { u128::from(u32::MAX) } else { u128::MAX }
+    }
+}
+
+impl Cidr {
+    /// `10.0.0.0/8`, `2001:db8::/32`, or a bare address (a /32 or /128). Host bits must be zero.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let ip: IpAddr = addr.trim().parse().map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;
+        let (net, v4) = canonical(ip);
+        let max = if v4 { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'{s}' has a bad prefix length"))?,
+        };
+        if net & !mask(prefix, v4) & if v4 { u128::from(u32::MAX) } else { u128::MAX } != 0 {
+            return Err(format!("'{s}' has host bits set"));
+        }
+        Ok(Cidr { net, prefix, v4 })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (addr, v4) = canonical(ip);
+        v4 == self.v4 && addr & mask(self.prefix, v4) == self.net
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v4_and_v6() {
+        let c = Cidr::parse("203.0.113.0/24").unwrap();
+        assert!(c.contains(ip("203.0.113.9")));
+        assert!(c.contains(ip("::ffff:203.0.113.9")));
+        assert!(!c.contains(ip("203.0.114.1")));
+        assert!(!c.contains(ip("2001:db8::1")));
+        let c = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(c.contains(ip("2001:db8:ffff::1")));
+        assert!(!c.contains(ip("2001:db9::1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("127.0.0.1").unwrap().contains(ip("127.0.0.1")));
+        assert!(Cidr::parse("::/0").unwrap().contains(ip("::1")));
+    }
+
+    #[test]
+    fn refuses_bad_ranges() {
+        for bad in ["10.0.0.1/8", "10.0.0.0/33", "2001:db8::1/32", "nope", "10.0.0.0/x", ""] {
+            assert!(Cidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
