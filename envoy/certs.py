@@ -23,6 +23,49 @@ def _write_key(path: Path, key) -> None:
     path.chmod(0o600)
 
 
+def issue_client(out: Path, name: str, uri: str, ca, ca_key, now) -> None:
+    """A client certificate for an app, with the app's identity as a URI SAN (mTLS, ID-3)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / f"{name}.key", key)
+
+
+# Demo client identities: one per demo app, bound in the policy by URI SAN.
+CLIENTS = {
+    "client-demo-partner": "spiffe://apisec.demo/app/demo-partner",
+    "client-demo-desk": "spiffe://apisec.demo/app/demo-desk",
+}
+
+
+def _ca(name: str, now):
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -59,6 +102,11 @@ def generate(out: Path) -> None:
     _write_key(out / "ca.key", ca_key)
     (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     _write_key(out / "server.key", key)
+    for name, uri in CLIENTS.items():
+        issue_client(out, name, uri, ca, ca_key, now)
+    # A client certificate from a CA the gateway does not trust, for the refusal tests.
+    rogue_ca, rogue_key = _ca("rogue CA", now)
+    issue_client(out, "client-rogue", CLIENTS["client-demo-partner"], rogue_ca, rogue_key, now)
 
 
 if __name__ == "__main__":

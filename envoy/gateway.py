@@ -101,11 +101,14 @@ class Layout:
     wasm: Path
     http_port: int = 10000
     https_port: int = 10443
+    mtls_port: int = 10444
     admin_port: int = 9901
     upstream_port: int = 18080
     certs: Path | None = None
     concurrency: int = 1
     extra_listeners: list = field(default_factory=list)
+    # Envoy local rate limits per verified app (x-apisec-app): {app: (requests, per_seconds)}.
+    app_rate_limits: dict = field(default_factory=dict)
 
     @property
     def ecds_dir(self) -> Path:
@@ -163,6 +166,30 @@ def write_ecds(policy_json: str, layout: Layout) -> None:
     os.rename(tmp, layout.ecds_dir / ECDS_FILE)
 
 
+def local_rate_limit(layout: Layout) -> dict:
+    """Envoy's own local rate limiter, after apisec so it sees the verified app. Its 429s come
+    back through apisec, which audits them and counts them toward automatic bans (RL-3)."""
+    descriptors = [
+        {
+            "entries": [{"key": "app", "value": app}],
+            "token_bucket": {"max_tokens": n, "tokens_per_fill": n, "fill_interval": f"{per}s"},
+        }
+        for app, (n, per) in sorted(layout.app_rate_limits.items())
+    ]
+    return {
+        "name": "envoy.filters.http.local_ratelimit",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            "stat_prefix": "apisec_local_rl",
+            # The default bucket is a process-wide ceiling; per-app buckets are the descriptors.
+            "token_bucket": {"max_tokens": 100000, "tokens_per_fill": 100000, "fill_interval": "1s"},
+            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "apisec_rl_enabled"},
+            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "apisec_rl_enforced"},
+            "descriptors": descriptors,
+        },
+    }
+
+
 def hcm(stat_prefix: str, layout: Layout) -> dict:
     return {
         "name": "envoy.filters.network.http_connection_manager",
@@ -196,7 +223,19 @@ def hcm(stat_prefix: str, layout: Layout) -> dict:
                     {
                         "name": "apis",
                         "domains": ["*"],
-                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend", "timeout": "30s"}}],
+                        "routes": [
+                            {
+                                "match": {"prefix": "/"},
+                                "route": {
+                                    "cluster": "backend",
+                                    "timeout": "30s",
+                                    # Descriptors from the verified identity the filter sets (RL-2).
+                                    "rate_limits": [
+                                        {"actions": [{"request_headers": {"header_name": "x-apisec-app", "descriptor_key": "app"}}]}
+                                    ],
+                                },
+                            }
+                        ],
                     }
                 ],
             },
@@ -214,6 +253,7 @@ def hcm(stat_prefix: str, layout: Layout) -> dict:
                         "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
                     },
                 },
+                local_rate_limit(layout),
                 {
                     "name": "envoy.filters.http.router",
                     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -223,14 +263,21 @@ def hcm(stat_prefix: str, layout: Layout) -> dict:
     }
 
 
-def listener(name: str, port: int, layout: Layout, tls: bool) -> dict:
+def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False) -> dict:
     chain: dict = {"filters": [hcm(name, layout)]}
     if tls:
         assert layout.certs is not None
+        tls_context: dict = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        }
+        if mtls:
+            # Mutual TLS (ID-3): only certificates from the configured client CA complete the
+            # handshake; the filter then binds the certificate to an app.
+            tls_context["require_client_certificate"] = True
         chain["transport_socket"] = {
             "name": "envoy.transport_sockets.tls",
             "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                **tls_context,
                 "common_tls_context": {
                     "tls_params": TLS_PARAMS,
                     "tls_certificates": [
@@ -240,6 +287,11 @@ def listener(name: str, port: int, layout: Layout, tls: bool) -> dict:
                         }
                     ],
                     "alpn_protocols": ["h2", "http/1.1"],
+                    **(
+                        {"validation_context": {"trusted_ca": {"filename": str(layout.certs / "ca.pem")}}}
+                        if mtls
+                        else {}
+                    ),
                 },
             },
         }
@@ -263,6 +315,7 @@ def render(policy_json: str, layout: Layout) -> Path:
     listeners = [listener("http", layout.http_port, layout, tls=False)]
     if layout.certs is not None:
         listeners.append(listener("https", layout.https_port, layout, tls=True))
+        listeners.append(listener("mtls", layout.mtls_port, layout, tls=True, mtls=True))
     listeners.extend(layout.extra_listeners)
     bootstrap = {
         "node": {"id": "apisec-gateway", "cluster": "apisec"},

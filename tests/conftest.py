@@ -27,9 +27,11 @@ SECRET_VAR = "APISEC_DEMO_PARTNER_SECRET"
 
 
 def base_policy() -> dict:
-    """The shipped securities example (LVL-5), with a smaller body limit for the size tests."""
+    """The shipped securities example (LVL-5), with a smaller body limit for the size tests and
+    without automatic bans (the refusal tests would ban the demo app; bans have their own tests)."""
     doc = json.loads(gw.policy_to_json(ROOT / "policies/securities.yaml"))
     doc["gateway"]["max_body_bytes"] = 64 * 1024
+    doc.pop("bans", None)
     return doc
 
 
@@ -41,12 +43,15 @@ class Client:
         self.secret = secret
         self.http = f"http://127.0.0.1:{gateway.layout.http_port}"
         self.https = f"https://127.0.0.1:{gateway.layout.https_port}"
+        self.mtls = f"https://127.0.0.1:{gateway.layout.mtls_port}"
         self.session = requests.Session()
         self.session.trust_env = False  # never a proxy from the environment
+        if gateway.layout.certs is not None:
+            self.session.verify = str(gateway.layout.certs / "ca.pem")
 
     def sign(self, method: str, path: str, *, body: bytes | None = None, keyid: str = "demo-partner-hmac",
              app: str = "demo-partner", base: str | None = None, extra: list[str] | None = None) -> dict:
-        url = (base or self.http) + path
+        url = (base or self.https) + path
         args = [str(CLI), "sign", "--format", "json", "--app", app, "--keyid", keyid, "--url", url, "--method", method]
         if keyid.endswith("hmac"):
             args += ["--secret", self.secret]
@@ -60,22 +65,28 @@ class Client:
         signed["body"] = body or b""
         return signed
 
-    def send(self, signed: dict, headers: list[tuple[str, str]] | None = None) -> requests.Response:
+    def send(self, signed: dict, headers: list[tuple[str, str]] | None = None, cert: str | None = None) -> requests.Response:
         """Sends a signed request; `headers` replaces the header list when given (for tampering)."""
         hdrs = headers if headers is not None else list(signed["headers"].items())
-        return self.raw(signed["method"], signed["url"], hdrs, signed["body"])
+        return self.raw(signed["method"], signed["url"], hdrs, signed["body"], cert=cert)
 
-    def raw(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"") -> requests.Response:
+    def tls_context(self, cert: str | None = None):
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.gw.layout.certs / "ca.pem"))
+        if cert:
+            ctx.load_cert_chain(str(self.gw.layout.certs / f"{cert}.pem"), str(self.gw.layout.certs / f"{cert}.key"))
+        return ctx
+
+    def raw(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
+            cert: str | None = None) -> requests.Response:
         """Sends exactly these header lines, repeats included (http.client keeps duplicates)."""
         import http.client
         from urllib.parse import urlsplit
 
         u = urlsplit(url)
         if u.scheme == "https":
-            import ssl
-
-            ctx = ssl.create_default_context(cafile=str(self.gw.layout.certs / "ca.pem"))
-            conn = http.client.HTTPSConnection(u.hostname, u.port, context=ctx, timeout=10)
+            conn = http.client.HTTPSConnection(u.hostname, u.port, context=self.tls_context(cert), timeout=10)
         else:
             conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
         path = u.path + (f"?{u.query}" if u.query else "")
@@ -93,8 +104,8 @@ class Client:
         conn.close()
         return resp
 
-    def get(self, path: str, headers: dict | None = None, **kw) -> requests.Response:
-        return self.session.get(self.http + path, headers=headers or {}, timeout=10, **kw)
+    def get(self, path: str, headers: dict | None = None, tls: bool = False, **kw) -> requests.Response:
+        return self.session.get((self.https if tls else self.http) + path, headers=headers or {}, timeout=10, **kw)
 
 
 def read_audit(gateway: gw.Gateway, request_id: str, timeout: float = 8.0) -> dict:
@@ -115,7 +126,7 @@ def read_audit(gateway: gw.Gateway, request_id: str, timeout: float = 8.0) -> di
 
 
 def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: int = 2,
-                  wasm: Path = WASM, with_tls: bool = True) -> gw.Gateway:
+                  wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     certs = None
     if with_tls:
@@ -123,7 +134,8 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
         certs_mod.generate(certs)
     layout = gw.Layout(
         build=tmp, wasm=wasm, certs=certs, concurrency=concurrency,
-        http_port=gw.free_port(), https_port=gw.free_port(), admin_port=gw.free_port(), upstream_port=gw.free_port(),
+        http_port=gw.free_port(), https_port=gw.free_port(), mtls_port=gw.free_port(), admin_port=gw.free_port(),
+        upstream_port=gw.free_port(), app_rate_limits=rate_limits or {},
     )
     gw.render(json.dumps(policy), layout)
     env = {SECRET_VAR: secret} if secret else {}

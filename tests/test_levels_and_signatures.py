@@ -91,6 +91,11 @@ def test_s3_over_real_tls(gateway, client):  # DATA-2 transport for S2/S3 APIs
     assert r.json()["headers"]["x-forwarded-proto"] == "https"
 
 
+def test_signed_request_over_plain_http_refused(gateway, client):  # DATA-1, DATA-2
+    signed = client.sign("GET", "/api/v1/info/research/r-plain", base=client.http)
+    assert_refused(gateway, client.send(signed), 403, "tls_required")
+
+
 # ------------------------------------------------------------------ an independent RFC 9421 client
 
 def test_independent_rfc9421_library_hmac_and_ecdsa(gateway, client):
@@ -118,7 +123,7 @@ def test_independent_rfc9421_library_hmac_and_ecdsa(gateway, client):
          b'{"symbol":"000001","qty":200}', "trade.order.place"),
     ]
     for keyid, alg, method, path, body, api in cases:
-        req = requests.Request(method, client.http + path, headers={"x-app-id": "demo-partner"}, data=body).prepare()
+        req = requests.Request(method, client.https + path, headers={"x-app-id": "demo-partner"}, data=body).prepare()
         HTTPMessageSigner(signature_algorithm=alg, key_resolver=keys).sign(
             req, key_id=keyid, nonce=secrets.token_urlsafe(16), label="partner",
             covered_component_ids=("@method", "@target-uri", "@authority", "x-app-id"),
@@ -170,7 +175,7 @@ def test_duplicate_app_id_refused(gateway, client):
 
 
 def test_s1_without_signature_refused(gateway, client):  # ID-2
-    r = client.get("/api/v1/info/research/r-4", headers={"x-app-id": "demo-partner"})
+    r = client.get("/api/v1/info/research/r-4", headers={"x-app-id": "demo-partner"}, tls=True)
     assert_refused(gateway, r, 401, "signature_missing")
 
 
@@ -300,7 +305,7 @@ def test_oversized_chunked_body_refused(gateway, client):
     import http.client
 
     signed = client.sign("POST", "/api/v1/orders", body=b'{"q":1}', keyid="demo-partner-p256")
-    conn = http.client.HTTPConnection("127.0.0.1", gateway.layout.http_port, timeout=10)
+    conn = http.client.HTTPSConnection("127.0.0.1", gateway.layout.https_port, context=client.tls_context(), timeout=10)
     conn.putrequest("POST", "/api/v1/orders")
     for k, v in headers_of(signed):
         conn.putheader(k, v)
@@ -331,7 +336,7 @@ def test_signature_by_another_key_refused(gateway, client, tmp_path):
     other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     out = subprocess.run([str(CLI), "sign", "--format", "json", "--app", "demo-partner", "--keyid", "demo-partner-p256",
-                          "--key", str(other), "--url", client.http + "/api/v1/accounts/1/balance"],
+                          "--key", str(other), "--url", client.https + "/api/v1/accounts/1/balance"],
                          capture_output=True, text=True, check=True)
     signed = json.loads(out.stdout)
     signed["body"] = b""
@@ -355,7 +360,7 @@ def test_spoofed_internal_headers_never_reach_upstream(gateway, client):
 
 
 def test_refused_request_strips_nothing_upstream_because_nothing_is_sent(gateway, client):
-    r = client.get("/api/v1/info/research/r-19", headers={"x-app-id": "demo-partner", "x-apisec-app": "demo-partner"})
+    r = client.get("/api/v1/info/research/r-19", headers={"x-app-id": "demo-partner", "x-apisec-app": "demo-partner"}, tls=True)
     assert_refused(gateway, r, 401, "signature_missing")
 
 

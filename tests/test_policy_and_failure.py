@@ -38,7 +38,7 @@ def push_raw(g: gw.Gateway, policy_text: str) -> None:
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
     secret = new_secret()
-    g = start_gateway(tmp_path_factory.mktemp("reload"), base_policy(), secret=secret, with_tls=False)
+    g = start_gateway(tmp_path_factory.mktemp("reload"), base_policy(), secret=secret)
     yield g, Client(g, secret)
     g.stop()
 
@@ -73,7 +73,7 @@ def test_bad_policy_refused_and_last_good_stays(own, name):
     # The last good policy is still enforced, in full.
     assert quote_status(client) == 200
     assert client.send(signed).status_code == 200
-    assert_refused(g, client.get("/api/v1/info/research/r-x", headers={"x-app-id": "demo-partner"}), 401, "signature_missing")
+    assert_refused(g, client.get("/api/v1/info/research/r-x", headers={"x-app-id": "demo-partner"}, tls=True), 401, "signature_missing")
     assert "policy refused" in g.envoy_log.read_text()
 
 
@@ -86,11 +86,13 @@ def test_level_change_takes_effect_without_restart_and_replay_state_survives(own
     for api in raised["apis"]:
         if api["id"] == "market.quote":
             api["level"] = "S1"
+    # S1 needs a grant (PERM-2): the operator raises the level and grants the partner together.
+    raised["grants"].append({"id": "quote-after-raise", "app": "demo-partner", "apis": ["market.quote"]})
     before = ecds_stats(g)["update_success"]
     gw.write_ecds(json.dumps(raised), g.layout)
     wait_for(lambda: ecds_stats(g)["update_success"] > before, what="the new policy to load")
     assert g.envoy.pid == pid and g.envoy.poll() is None, "no restart"
-    r = client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"})
+    r = client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"}, tls=True)
     assert_refused(g, r, 401, "signature_missing")
     signed = client.sign("GET", "/api/v1/market/quotes/600000")
     r = client.send(signed)
@@ -142,7 +144,7 @@ def test_replay_store_full_refuses_instead_of_forgetting(tmp_path):
     policy = base_policy()
     policy["gateway"]["replay"] = {"slots": 2, "entries_per_slot": 8}
     secret = new_secret()
-    g = start_gateway(tmp_path, policy, secret=secret, with_tls=False)
+    g = start_gateway(tmp_path, policy, secret=secret)
     try:
         client = Client(g, secret)
         sent = [client.sign("GET", f"/api/v1/info/research/flood-{i}") for i in range(24)]

@@ -289,6 +289,7 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         include_alg: true,
     };
     let req = Request {
+        conn: Default::default(),
         method: method.clone(),
         scheme: url.scheme.clone(),
         authority: url.authority.clone(),

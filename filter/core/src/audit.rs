@@ -26,6 +26,12 @@ pub struct AuditRecord<'a> {
     pub level: Option<&'static str>,
     pub function: Option<&'a str>,
     pub keyid: Option<&'a str>,
+    pub user: Option<&'a str>,
+    pub auth: Option<&'static str>,
+    pub grant: Option<&'a str>,
+    /// Set when this refusal started an automatic ban.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ban: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<&'a Evidence>,
 }
@@ -64,6 +70,10 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), 
         level: ctx.level.map(|l| l.as_str()),
         function: ctx.function.as_deref(),
         keyid: ctx.keyid.as_deref(),
+        user: ctx.user.as_deref(),
+        auth: ctx.auth,
+        grant: ctx.grant.as_deref(),
+        ban: ctx.ban.as_deref(),
         evidence: ctx.evidence.as_ref(),
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {

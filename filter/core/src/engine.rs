@@ -57,6 +57,8 @@ pub struct RequestContext {
     pub auth: Option<&'static str>,
     /// The grant that let the call through.
     pub grant: Option<String>,
+    /// Set when a refusal of this request started an automatic ban.
+    pub ban: Option<String>,
     pub level: Option<SecurityLevel>,
     pub function: Option<String>,
     pub keyid: Option<String>,
@@ -496,5 +498,32 @@ pub fn check_body(
     match grant {
         Some(g) => access::consume_grant_use(store, g),
         None => Err(Deny::new(DenyReason::NoGrant, "no grant selected")),
+    }
+}
+
+/// Counts a refusal (or a 429 from Envoy's rate limiter) toward an automatic ban: against the
+/// app when one was identified, otherwise against the client IP (PERM-4, RL-3, MON-6).
+/// Returns a note for the audit record when this refusal started a ban.
+pub fn count_refusal(
+    policy: &Policy,
+    ctx: &RequestContext,
+    client_ip: Option<std::net::IpAddr>,
+    reason: DenyReason,
+    store: &dyn SharedStore,
+    now: u64,
+) -> Option<String> {
+    let bans = policy.bans.as_ref()?;
+    if !reason.counts_toward_ban() {
+        return None;
+    }
+    let subject = match (&ctx.app, client_ip) {
+        (Some(app), _) => Subject::App(app),
+        (None, Some(ip)) => Subject::Ip(ip),
+        (None, None) => return None,
+    };
+    match bans.record_refusal(store, subject, now) {
+        Ok(true) => Some(format!("{} banned for {} s", subject.describe(), bans.ban_seconds)),
+        Ok(false) => None,
+        Err(e) => Some(format!("ban counter unavailable: {e}")),
     }
 }

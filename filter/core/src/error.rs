@@ -146,13 +146,26 @@ deny_reasons! {
     ResponseUnfilterable => ("response_unfilterable", 502),
     /// Banned after repeated refusals (PERM-4, RL-3).
     Banned => ("banned", 403),
+    /// Envoy's rate limiter answered 429 for a request the filter had allowed (RL-3); recorded
+    /// in the audit log and counted toward a ban. The caller sees Envoy's own 429.
+    RateLimited => ("rate_limited", 429),
 }
 
 impl DenyReason {
     /// Refusals that count toward an automatic ban: authentication and permission failures and
     /// malformed probing (PERM-4, MON-6). Lifecycle, size and host failures are not the caller's doing.
     pub fn counts_toward_ban(self) -> bool {
-        matches!(self.status(), 400 | 401 | 403) && self != DenyReason::Banned
+        matches!(self.status(), 400 | 401 | 403 | 429) && self != DenyReason::Banned
+    }
+}
+
+impl DenyReason {
+    /// Extra response headers for a refusal: `Retry-After` for an API switched offline.
+    pub fn retry_after_seconds(self) -> Option<u32> {
+        match self {
+            DenyReason::ApiOffline | DenyReason::ReplayStoreFull => Some(300),
+            _ => None,
+        }
     }
 }
 

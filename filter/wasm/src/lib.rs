@@ -7,6 +7,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
+use apisec_core::access;
 use apisec_core::audit::{self, AuditInput};
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier};
 use apisec_core::engine::{self, RequestContext};
@@ -107,6 +108,7 @@ impl EcdsaVerifier for EnvoyVerifier {
 struct Metrics {
     allowed: Option<u32>,
     denied: Option<u32>,
+    bans: Option<u32>,
     by_reason: Vec<(DenyReason, u32)>,
 }
 
@@ -116,6 +118,7 @@ impl Metrics {
         Metrics {
             allowed: def("apisec.allowed"),
             denied: def("apisec.denied"),
+            bans: def("apisec.bans_started"),
             by_reason: DenyReason::ALL
                 .iter()
                 .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
@@ -129,6 +132,9 @@ impl Metrics {
     }
     fn allowed(&self) {
         Self::bump(self.allowed);
+    }
+    fn banned(&self) {
+        Self::bump(self.bans);
     }
     fn denied(&self, reason: DenyReason) {
         Self::bump(self.denied);
@@ -208,6 +214,8 @@ impl RootContext for ApisecRoot {
             request_id: String::new(),
             client_ip: String::new(),
             decided: false,
+            allowed: false,
+            filtering_response: false,
         }))
     }
 
@@ -225,6 +233,10 @@ struct ApisecHttp {
     request_id: String,
     client_ip: String,
     decided: bool,
+    /// The filter let the request through (the response path then applies grant rules).
+    allowed: bool,
+    /// Buffering the response to remove hidden fields (PERM-1).
+    filtering_response: bool,
 }
 
 impl Context for ApisecHttp {}
@@ -244,18 +256,27 @@ impl ApisecHttp {
 
     fn refuse(&mut self, deny: Deny) -> Action {
         self.decided = true;
-        self.audit(Err(&deny));
-        self.metrics.denied(deny.reason);
+        self.record_refusal(&deny);
         let body = audit::refusal_body(&deny, &self.request_id);
-        let _ = hostcalls::send_http_response(
-            deny.reason.status(),
-            vec![
-                ("content-type", "application/json"),
-                ("cache-control", "no-store"),
-            ],
-            Some(body.as_bytes()),
-        );
+        let retry = deny.reason.retry_after_seconds().map(|s| s.to_string());
+        let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+        if let Some(r) = retry.as_deref() {
+            headers.push(("retry-after", r));
+        }
+        let _ = hostcalls::send_http_response(deny.reason.status(), headers, Some(body.as_bytes()));
         Action::Pause
+    }
+
+    /// Audit, metrics and the ban counter for a refusal (ours, or Envoy's 429 after we allowed).
+    fn record_refusal(&mut self, deny: &Deny) {
+        let now = now_secs().unwrap_or(0);
+        self.ctx.ban = engine::count_refusal(&self.policy, &self.ctx, self.req.conn.client_ip, deny.reason, &EnvoyStore, now);
+        if let Some(ban) = &self.ctx.ban {
+            log(LogLevel::Warn, &format!("apisec: {ban} (request {})", self.request_id));
+            self.metrics.banned();
+        }
+        self.audit(Err(deny));
+        self.metrics.denied(deny.reason);
     }
 
     /// Verified identity for the upstream and for Envoy's rate-limit descriptors.
@@ -270,9 +291,22 @@ impl ApisecHttp {
         set("x-apisec-api", self.ctx.api.as_deref());
         set("x-apisec-level", self.ctx.level.map(|l| l.as_str()));
         set("x-apisec-function", self.ctx.function.as_deref());
+        set("x-apisec-user", self.ctx.user.as_deref());
         self.audit(Ok(()));
         self.metrics.allowed();
+        self.allowed = true;
         Action::Continue
+    }
+
+    fn hidden_fields(&self) -> Option<&[Vec<String>]> {
+        let grant = self.ctx.grant.as_deref().and_then(|g| self.policy.grant(g))?;
+        (!grant.hide_response_fields.is_empty()).then_some(grant.hide_response_fields.as_slice())
+    }
+
+    /// The response cannot be released: replace it with a refusal (headers are still held).
+    fn withhold_response(&mut self, deny: Deny) -> Action {
+        self.filtering_response = false;
+        self.refuse(deny)
     }
 
     fn finish(&mut self, body: &[u8]) -> Action {
@@ -310,6 +344,19 @@ impl ApisecHttp {
         }
         if let Ok(Some(addr)) = hostcalls::get_property(vec!["source", "address"]) {
             self.client_ip = message::ip_of_address(&String::from_utf8_lossy(&addr)).to_string();
+            self.req.conn.client_ip = self.client_ip.parse().ok();
+        }
+        self.req.conn.tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
+        // A peer certificate counts only when Envoy verified it (mTLS listener with a CA).
+        let mtls = matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
+        let valid = !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
+        if mtls && valid {
+            let text = |path: Vec<&str>| match hostcalls::get_property(path) {
+                Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
+                _ => None,
+            };
+            self.req.conn.peer_cert_sha256 = text(vec!["connection", "sha256_peer_certificate_digest"]).map(|s| s.to_ascii_lowercase());
+            self.req.conn.peer_uri_san = text(vec!["connection", "uri_san_peer_certificate"]);
         }
         if self.req.method.is_empty() || self.req.path_and_query.is_empty() {
             return Err(Deny::new(
@@ -347,6 +394,7 @@ impl HttpContext for ApisecHttp {
             !end_of_stream,
             now,
             verifier.as_ref(),
+            &EnvoyStore,
             &mut self.ctx,
         ) {
             return self.refuse(d);
@@ -384,6 +432,57 @@ impl HttpContext for ApisecHttp {
             }
         };
         self.finish(&body)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if !self.allowed {
+            return Action::Continue;
+        }
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status").ok().flatten();
+        if status.as_deref() == Some("429") {
+            // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3).
+            self.allowed = false;
+            self.record_refusal(&Deny::new(DenyReason::RateLimited, "rate limit answered 429"));
+            return Action::Continue;
+        }
+        if self.hidden_fields().is_some() && !end_of_stream {
+            self.filtering_response = true;
+            return Action::Pause; // hold the headers: content-length changes with the body
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.filtering_response {
+            return Action::Continue;
+        }
+        if body_size as u64 > self.policy.max_body_bytes {
+            return self.withhold_response(Deny::new(DenyReason::ResponseUnfilterable, "response over max_body_bytes"));
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(s) => return self.withhold_response(Deny::new(DenyReason::HostUnavailable, format!("response body: {s:?}"))),
+        };
+        let result = match self.hidden_fields() {
+            Some(hidden) => access::filter_response_fields(hidden, &body),
+            None => Ok(None),
+        };
+        match result {
+            Ok(None) => {}
+            Ok(Some(filtered)) => {
+                if hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &filtered).is_err() {
+                    return self.withhold_response(Deny::new(DenyReason::HostUnavailable, "cannot rewrite the response"));
+                }
+                let len = filtered.len().to_string();
+                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", Some(&len));
+            }
+            Err(d) => return self.withhold_response(d),
+        }
+        self.filtering_response = false;
+        Action::Continue
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
