@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Demo upstream: answers every request with JSON describing what it received (method, path,
-headers, body digest), so a user sees exactly what the gateway passed on."""
+headers, body digest), so a user sees exactly what the gateway passed on. Account APIs also
+answer with sample personal data (id_number, mobile), so that field hiding (PERM-1) shows."""
 import argparse
 import hashlib
 import json
@@ -16,15 +17,16 @@ class Echo(BaseHTTPRequestHandler):
         headers = {}
         for k, v in self.headers.items():
             headers.setdefault(k.lower(), []).append(v)
-        out = json.dumps(
-            {
-                "method": self.command,
-                "path": self.path,
-                "headers": {k: v[0] if len(v) == 1 else v for k, v in headers.items()},
-                "body_bytes": len(body),
-                "body_sha256": hashlib.sha256(body).hexdigest(),
-            }
-        ).encode()
+        doc = {
+            "method": self.command,
+            "path": self.path,
+            "headers": {k: v[0] if len(v) == 1 else v for k, v in headers.items()},
+            "body_bytes": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+        if self.path.startswith("/api/v1/accounts/"):
+            doc.update({"id_number": "110101199003071234", "mobile": "13800138000", "balance": "102400.50"})
+        out = json.dumps(doc).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))

@@ -187,15 +187,19 @@ fn pattern_matches(pattern: &str, id: &str) -> bool {
 
 /// Resolves ids, `prefix*` patterns and `group:<id>` references; a reference that matches
 /// nothing is an error (a typo must not silently grant or block nothing).
-pub fn resolve_apis(field: &str, patterns: &[String], apis: &[Api], groups: &[ApiGroup]) -> Result<ApiSet, ConfigError> {
+pub fn resolve_apis(
+    field: &str,
+    patterns: &[String],
+    apis: &[Api],
+    groups: &[ApiGroup],
+) -> Result<ApiSet, ConfigError> {
     let mut set = vec![false; apis.len()];
     for (i, p) in patterns.iter().enumerate() {
         let before = set.iter().filter(|b| **b).count();
         if let Some(g) = p.strip_prefix("group:") {
-            let group = groups
-                .iter()
-                .find(|x| x.id == g)
-                .ok_or_else(|| ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'")))?;
+            let group = groups.iter().find(|x| x.id == g).ok_or_else(|| {
+                ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'"))
+            })?;
             for (j, s) in set.iter_mut().enumerate() {
                 *s |= group.apis.contains(j);
             }
@@ -208,10 +212,14 @@ pub fn resolve_apis(field: &str, patterns: &[String], apis: &[Api], groups: &[Ap
                 }
             }
         }
-        if set.iter().filter(|b| **b).count() == before && !patterns.iter().take(i).any(|q| q == p) {
+        if set.iter().filter(|b| **b).count() == before && !patterns.iter().take(i).any(|q| q == p)
+        {
             let any = apis.iter().any(|a| pattern_matches(p, &a.id)) || p.starts_with("group:");
             if !any {
-                return Err(ConfigError::new(format!("{field}[{i}]"), format!("'{p}' matches no API")));
+                return Err(ConfigError::new(
+                    format!("{field}[{i}]"),
+                    format!("'{p}' matches no API"),
+                ));
             }
         }
     }
@@ -247,7 +255,10 @@ fn field_paths(field: &str, paths: &[String]) -> Result<Vec<Vec<String>>, Config
         .map(|(i, p)| {
             let parts: Vec<String> = p.split('.').map(str::to_string).collect();
             if parts.iter().any(|s| s.is_empty()) {
-                return Err(ConfigError::new(format!("{field}[{i}]"), "a field path is dot-separated names, like order.price"));
+                return Err(ConfigError::new(
+                    format!("{field}[{i}]"),
+                    "a field path is dot-separated names, like order.price",
+                ));
             }
             Ok(parts)
         })
@@ -262,7 +273,10 @@ pub fn compile_grant(
     default_zone: &str,
 ) -> Result<Grant, ConfigError> {
     if g.apis.is_empty() && g.functions.is_empty() {
-        return Err(ConfigError::new(format!("{field}.apis"), "a grant names APIs or business functions"));
+        return Err(ConfigError::new(
+            format!("{field}.apis"),
+            "a grant names APIs or business functions",
+        ));
     }
     let mut set = resolve_apis(&format!("{field}.apis"), &g.apis, apis, groups)?;
     for (i, f) in g.functions.iter().enumerate() {
@@ -276,17 +290,33 @@ pub fn compile_grant(
             }
         }
         if !any {
-            return Err(ConfigError::new(format!("{field}.functions[{i}]"), format!("no API has business function '{f}'")));
+            return Err(ConfigError::new(
+                format!("{field}.functions[{i}]"),
+                format!("no API has business function '{f}'"),
+            ));
         }
     }
     if set.is_empty() {
-        return Err(ConfigError::new(format!("{field}.apis"), "the grant covers no API"));
+        return Err(ConfigError::new(
+            format!("{field}.apis"),
+            "the grant covers no API",
+        ));
     }
-    let s0_only = apis.iter().enumerate().filter(|(j, _)| set.contains(*j)).all(|(_, a)| a.level == SecurityLevel::S0);
+    let s0_only = apis
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| set.contains(*j))
+        .all(|(_, a)| a.level == SecurityLevel::S0);
     if s0_only {
-        return Err(ConfigError::new(format!("{field}.apis"), "S0 APIs need no grant; this grant covers only S0 APIs"));
+        return Err(ConfigError::new(
+            format!("{field}.apis"),
+            "S0 APIs need no grant; this grant covers only S0 APIs",
+        ));
     }
-    let covers_s3 = apis.iter().enumerate().any(|(j, a)| set.contains(j) && a.level == SecurityLevel::S3);
+    let covers_s3 = apis
+        .iter()
+        .enumerate()
+        .any(|(j, a)| set.contains(j) && a.level == SecurityLevel::S3);
     match &g.approval {
         None if covers_s3 => {
             return Err(ConfigError::new(
@@ -308,7 +338,10 @@ pub fn compile_grant(
         v.as_ref()
             .map(|s| {
                 timeutil::parse_rfc3339(s).ok_or_else(|| {
-                    ConfigError::new(format!("{field}.{name}"), "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00")
+                    ConfigError::new(
+                        format!("{field}.{name}"),
+                        "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00",
+                    )
                 })
             })
             .transpose()
@@ -317,15 +350,26 @@ pub fn compile_grant(
     let not_after = ts("not_after", &g.not_after)?;
     if let (Some(a), Some(b)) = (not_before, not_after) {
         if a >= b {
-            return Err(ConfigError::new(format!("{field}.not_after"), "must be after not_before"));
+            return Err(ConfigError::new(
+                format!("{field}.not_after"),
+                "must be after not_before",
+            ));
         }
     }
     let max_uses = match (g.once, g.max_uses) {
         (true, Some(_)) => {
-            return Err(ConfigError::new(format!("{field}.once"), "give once or max_uses, not both"));
+            return Err(ConfigError::new(
+                format!("{field}.once"),
+                "give once or max_uses, not both",
+            ));
         }
         (true, None) => Some(1),
-        (false, Some(0)) => return Err(ConfigError::new(format!("{field}.max_uses"), "must be at least 1")),
+        (false, Some(0)) => {
+            return Err(ConfigError::new(
+                format!("{field}.max_uses"),
+                "must be at least 1",
+            ))
+        }
         (false, m) => m,
     };
     let zone = g.timezone.as_deref().unwrap_or(default_zone);
@@ -338,12 +382,21 @@ pub fn compile_grant(
     let mut windows = Vec::new();
     for (i, w) in g.windows.iter().enumerate() {
         let wf = format!("{field}.windows[{i}]");
-        let from = timeutil::parse_hhmm(&w.from).ok_or_else(|| ConfigError::new(format!("{wf}.from"), "must be HH:MM"))?;
-        let to = timeutil::parse_hhmm(&w.to).ok_or_else(|| ConfigError::new(format!("{wf}.to"), "must be HH:MM"))?;
+        let from = timeutil::parse_hhmm(&w.from)
+            .ok_or_else(|| ConfigError::new(format!("{wf}.from"), "must be HH:MM"))?;
+        let to = timeutil::parse_hhmm(&w.to)
+            .ok_or_else(|| ConfigError::new(format!("{wf}.to"), "must be HH:MM"))?;
         if from >= to {
-            return Err(ConfigError::new(format!("{wf}.to"), "must be after from (split a window that crosses midnight in two)"));
+            return Err(ConfigError::new(
+                format!("{wf}.to"),
+                "must be after from (split a window that crosses midnight in two)",
+            ));
         }
-        let days = if w.days.is_empty() { 0x7f } else { w.days.iter().fold(0u8, |acc, d| acc | 1 << (*d as u8)) };
+        let days = if w.days.is_empty() {
+            0x7f
+        } else {
+            w.days.iter().fold(0u8, |acc, d| acc | 1 << (*d as u8))
+        };
         windows.push(Window { days, from, to });
     }
     Ok(Grant {
@@ -356,8 +409,14 @@ pub fn compile_grant(
         max_uses,
         windows,
         offset,
-        forbid_request_fields: field_paths(&format!("{field}.forbid_request_fields"), &g.forbid_request_fields)?,
-        hide_response_fields: field_paths(&format!("{field}.hide_response_fields"), &g.hide_response_fields)?,
+        forbid_request_fields: field_paths(
+            &format!("{field}.forbid_request_fields"),
+            &g.forbid_request_fields,
+        )?,
+        hide_response_fields: field_paths(
+            &format!("{field}.hide_response_fields"),
+            &g.hide_response_fields,
+        )?,
     })
 }
 
@@ -372,12 +431,18 @@ impl Grant {
     fn validity(&self, now: u64) -> Option<Deny> {
         if let Some(nb) = self.not_before {
             if now < nb {
-                return Some(Deny::new(DenyReason::GrantNotYetValid, format!("grant {} starts at {nb}", self.id)));
+                return Some(Deny::new(
+                    DenyReason::GrantNotYetValid,
+                    format!("grant {} starts at {nb}", self.id),
+                ));
             }
         }
         if let Some(na) = self.not_after {
             if now > na {
-                return Some(Deny::new(DenyReason::GrantExpired, format!("grant {} ended at {na}", self.id)));
+                return Some(Deny::new(
+                    DenyReason::GrantExpired,
+                    format!("grant {} ended at {na}", self.id),
+                ));
             }
         }
         if !self.windows.is_empty() {
@@ -387,7 +452,10 @@ impl Grant {
                 .iter()
                 .any(|w| w.days & (1 << day) != 0 && minute >= w.from && minute < w.to);
             if !open {
-                return Some(Deny::new(DenyReason::GrantOutsideWindow, format!("grant {} is closed at this time", self.id)));
+                return Some(Deny::new(
+                    DenyReason::GrantOutsideWindow,
+                    format!("grant {} is closed at this time", self.id),
+                ));
             }
         }
         None
@@ -396,7 +464,13 @@ impl Grant {
 
 /// Picks the grant that lets this call through (PERM-2): the first covering grant that is valid
 /// now. With none, the refusal says why the nearest one failed.
-pub fn select_grant<'a>(grants: &'a [Grant], app: &str, api_index: usize, user: Option<&str>, now: u64) -> Result<&'a Grant, Deny> {
+pub fn select_grant<'a>(
+    grants: &'a [Grant],
+    app: &str,
+    api_index: usize,
+    user: Option<&str>,
+    now: u64,
+) -> Result<&'a Grant, Deny> {
     let mut first_problem: Option<Deny> = None;
     for g in grants.iter().filter(|g| g.covers(app, api_index, user)) {
         match g.validity(now) {
@@ -406,7 +480,12 @@ pub fn select_grant<'a>(grants: &'a [Grant], app: &str, api_index: usize, user: 
             }
         }
     }
-    Err(first_problem.unwrap_or_else(|| Deny::new(DenyReason::NoGrant, format!("no grant lets {app} call this API"))))
+    Err(first_problem.unwrap_or_else(|| {
+        Deny::new(
+            DenyReason::NoGrant,
+            format!("no grant lets {app} call this API"),
+        )
+    }))
 }
 
 fn uses_key(grant: &str) -> String {
@@ -415,7 +494,9 @@ fn uses_key(grant: &str) -> String {
 
 /// Counts one use of a limited grant, atomically across workers (CAS); refuses once used up.
 pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), Deny> {
-    let Some(max) = grant.max_uses else { return Ok(()) };
+    let Some(max) = grant.max_uses else {
+        return Ok(());
+    };
     let key = uses_key(&grant.id);
     let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
     for _ in 0..16 {
@@ -430,24 +511,36 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), D
             None => (0, None),
         };
         if used >= max {
-            return Err(Deny::new(DenyReason::GrantExhausted, format!("grant {} used {used} of {max} times", grant.id)));
+            return Err(Deny::new(
+                DenyReason::GrantExhausted,
+                format!("grant {} used {used} of {max} times", grant.id),
+            ));
         }
         // A key that does not exist yet cannot be guarded by CAS: create it, then count.
         if cas.is_none() {
             store.set(&key, &0u64.to_le_bytes(), None).map_err(host)?;
             continue;
         }
-        if store.set(&key, &(used + 1).to_le_bytes(), cas).map_err(host)? {
+        if store
+            .set(&key, &(used + 1).to_le_bytes(), cas)
+            .map_err(host)?
+        {
             return Ok(());
         }
     }
-    Err(Deny::new(DenyReason::HostUnavailable, "grant counter: too much contention"))
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "grant counter: too much contention",
+    ))
 }
 
 /// How many times a grant has been used (for operators and tests).
 pub fn grant_uses(store: &dyn SharedStore, grant_id: &str) -> u64 {
     match store.get(&uses_key(grant_id)) {
-        Ok(Some((v, _))) => v.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes),
+        Ok(Some((v, _))) => v
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes),
         _ => 0,
     }
 }
@@ -476,38 +569,69 @@ pub struct List {
     entries: Vec<Entry>,
 }
 
-pub fn compile_list(field: &str, l: &RawList, apis: &[Api], groups: &[ApiGroup]) -> Result<List, ConfigError> {
+pub fn compile_list(
+    field: &str,
+    l: &RawList,
+    apis: &[Api],
+    groups: &[ApiGroup],
+) -> Result<List, ConfigError> {
     let set = resolve_apis(&format!("{field}.apis"), &l.apis, apis, groups)?;
     let mut entries = Vec::new();
     for (i, e) in l.entries.iter().enumerate() {
         let ef = format!("{field}.entries[{i}]");
         if e.app.is_none() && e.ip.is_none() && e.user.is_none() {
-            return Err(ConfigError::new(ef, "an entry names an app, an ip, a user, or several of them"));
+            return Err(ConfigError::new(
+                ef,
+                "an entry names an app, an ip, a user, or several of them",
+            ));
         }
-        let ip = e
-            .ip
-            .as_deref()
-            .map(|s| Cidr::parse(s).map_err(|m| ConfigError::new(format!("{ef}.ip"), m)))
-            .transpose()?;
-        entries.push(Entry { app: e.app.clone(), ip, user: e.user.clone() });
+        let ip =
+            e.ip.as_deref()
+                .map(|s| Cidr::parse(s).map_err(|m| ConfigError::new(format!("{ef}.ip"), m)))
+                .transpose()?;
+        entries.push(Entry {
+            app: e.app.clone(),
+            ip,
+            user: e.user.clone(),
+        });
     }
     if l.mode == ListMode::Allow && entries.is_empty() {
-        return Err(ConfigError::new(format!("{field}.entries"), "an empty whitelist would refuse every caller"));
+        return Err(ConfigError::new(
+            format!("{field}.entries"),
+            "an empty whitelist would refuse every caller",
+        ));
     }
-    Ok(List { id: l.id.clone(), mode: l.mode, apis: set, entries })
+    Ok(List {
+        id: l.id.clone(),
+        mode: l.mode,
+        apis: set,
+        entries,
+    })
 }
 
 /// Black and white lists for one call (BWL-1, BWL-2): any matching blacklist entry refuses;
 /// each whitelist covering the API must have a matching entry.
-pub fn check_lists(lists: &[List], api_index: usize, app: &str, ip: Option<IpAddr>, user: Option<&str>) -> Result<(), Deny> {
+pub fn check_lists(
+    lists: &[List],
+    api_index: usize,
+    app: &str,
+    ip: Option<IpAddr>,
+    user: Option<&str>,
+) -> Result<(), Deny> {
     for l in lists.iter().filter(|l| l.apis.contains(api_index)) {
         let hit = l.entries.iter().any(|e| e.matches(app, ip, user));
         match l.mode {
             ListMode::Deny if hit => {
-                return Err(Deny::new(DenyReason::Blacklisted, format!("listed in blacklist {}", l.id)));
+                return Err(Deny::new(
+                    DenyReason::Blacklisted,
+                    format!("listed in blacklist {}", l.id),
+                ));
             }
             ListMode::Allow if !hit => {
-                return Err(Deny::new(DenyReason::NotWhitelisted, format!("not in whitelist {}", l.id)));
+                return Err(Deny::new(
+                    DenyReason::NotWhitelisted,
+                    format!("not in whitelist {}", l.id),
+                ));
             }
             _ => {}
         }
@@ -521,11 +645,18 @@ pub fn check_request_fields(forbidden: &[Vec<String>], body: &[u8]) -> Result<()
     if forbidden.is_empty() || body.is_empty() {
         return Ok(());
     }
-    let doc: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| Deny::new(DenyReason::FieldForbidden, "the grant restricts fields and the body is not JSON"))?;
+    let doc: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        Deny::new(
+            DenyReason::FieldForbidden,
+            "the grant restricts fields and the body is not JSON",
+        )
+    })?;
     for path in forbidden {
         if has_path(&doc, path) {
-            return Err(Deny::new(DenyReason::FieldForbidden, format!("field {} is not granted", path.join("."))));
+            return Err(Deny::new(
+                DenyReason::FieldForbidden,
+                format!("field {} is not granted", path.join(".")),
+            ));
         }
     }
     Ok(())
@@ -534,7 +665,9 @@ pub fn check_request_fields(forbidden: &[Vec<String>], body: &[u8]) -> Result<()
 fn has_path(v: &serde_json::Value, path: &[String]) -> bool {
     match (v, path.split_first()) {
         (_, None) => true,
-        (serde_json::Value::Object(m), Some((head, rest))) => m.get(head).is_some_and(|x| has_path(x, rest)),
+        (serde_json::Value::Object(m), Some((head, rest))) => {
+            m.get(head).is_some_and(|x| has_path(x, rest))
+        }
         (serde_json::Value::Array(a), Some(_)) => a.iter().any(|x| has_path(x, path)),
         _ => false,
     }
@@ -543,20 +676,31 @@ fn has_path(v: &serde_json::Value, path: &[String]) -> bool {
 fn remove_path(v: &mut serde_json::Value, path: &[String]) -> bool {
     match (v, path.split_first()) {
         (serde_json::Value::Object(m), Some((head, []))) => m.remove(head).is_some(),
-        (serde_json::Value::Object(m), Some((head, rest))) => m.get_mut(head).is_some_and(|x| remove_path(x, rest)),
-        (serde_json::Value::Array(a), Some(_)) => a.iter_mut().fold(false, |acc, x| remove_path(x, path) | acc),
+        (serde_json::Value::Object(m), Some((head, rest))) => {
+            m.get_mut(head).is_some_and(|x| remove_path(x, rest))
+        }
+        (serde_json::Value::Array(a), Some(_)) => a
+            .iter_mut()
+            .fold(false, |acc, x| remove_path(x, path) | acc),
         _ => false,
     }
 }
 
 /// Removes hidden fields from a JSON response body. `Ok(None)`: nothing changed. A body that is
 /// not JSON is withheld (Err) rather than passed unfiltered.
-pub fn filter_response_fields(hidden: &[Vec<String>], body: &[u8]) -> Result<Option<Vec<u8>>, Deny> {
+pub fn filter_response_fields(
+    hidden: &[Vec<String>],
+    body: &[u8],
+) -> Result<Option<Vec<u8>>, Deny> {
     if hidden.is_empty() || body.is_empty() {
         return Ok(None);
     }
-    let mut doc: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| Deny::new(DenyReason::ResponseUnfilterable, "response is not JSON; hidden fields cannot be removed"))?;
+    let mut doc: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
+        Deny::new(
+            DenyReason::ResponseUnfilterable,
+            "response is not JSON; hidden fields cannot be removed",
+        )
+    })?;
     let mut changed = false;
     for path in hidden {
         changed |= remove_path(&mut doc, path);
@@ -564,15 +708,21 @@ pub fn filter_response_fields(hidden: &[Vec<String>], body: &[u8]) -> Result<Opt
     if !changed {
         return Ok(None);
     }
-    serde_json::to_vec(&doc)
-        .map(Some)
-        .map_err(|_| Deny::new(DenyReason::ResponseUnfilterable, "cannot serialise the filtered response"))
+    serde_json::to_vec(&doc).map(Some).map_err(|_| {
+        Deny::new(
+            DenyReason::ResponseUnfilterable,
+            "cannot serialise the filtered response",
+        )
+    })
 }
 
 /// The opt-out set (PERM-6): users who closed API access for their account.
 pub fn check_opt_out(opted_out: &HashSet<String>, user: Option<&str>) -> Result<(), Deny> {
     match user {
-        Some(u) if opted_out.contains(u) => Err(Deny::new(DenyReason::UserOptedOut, format!("user {u} closed API access"))),
+        Some(u) if opted_out.contains(u) => Err(Deny::new(
+            DenyReason::UserOptedOut,
+            format!("user {u} closed API access"),
+        )),
         _ => Ok(()),
     }
 }
@@ -587,22 +737,40 @@ mod tests {
         let forbidden = vec![vec!["order".to_string(), "price".to_string()]];
         assert!(check_request_fields(&forbidden, br#"{"order":{"qty":1}}"#).is_ok());
         assert_eq!(
-            check_request_fields(&forbidden, br#"{"order":{"price":"9.9"}}"#).unwrap_err().reason,
+            check_request_fields(&forbidden, br#"{"order":{"price":"9.9"}}"#)
+                .unwrap_err()
+                .reason,
             DenyReason::FieldForbidden
         );
         assert_eq!(
-            check_request_fields(&forbidden, br#"[{"order":{"price":1}}]"#).unwrap_err().reason,
+            check_request_fields(&forbidden, br#"[{"order":{"price":1}}]"#)
+                .unwrap_err()
+                .reason,
             DenyReason::FieldForbidden
         );
-        assert_eq!(check_request_fields(&forbidden, b"qty=1").unwrap_err().reason, DenyReason::FieldForbidden);
+        assert_eq!(
+            check_request_fields(&forbidden, b"qty=1")
+                .unwrap_err()
+                .reason,
+            DenyReason::FieldForbidden
+        );
 
-        let hidden = vec![vec!["id_number".to_string()], vec!["owner".to_string(), "phone".to_string()]];
-        let out = filter_response_fields(&hidden, br#"{"id_number":"110","owner":{"phone":"139","name":"A"},"bal":1}"#)
-            .unwrap()
-            .unwrap();
+        let hidden = vec![
+            vec!["id_number".to_string()],
+            vec!["owner".to_string(), "phone".to_string()],
+        ];
+        let out = filter_response_fields(
+            &hidden,
+            br#"{"id_number":"110","owner":{"phone":"139","name":"A"},"bal":1}"#,
+        )
+        .unwrap()
+        .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, serde_json::json!({"owner": {"name": "A"}, "bal": 1}));
-        assert_eq!(filter_response_fields(&hidden, br#"{"bal":1}"#).unwrap(), None);
+        assert_eq!(
+            filter_response_fields(&hidden, br#"{"bal":1}"#).unwrap(),
+            None
+        );
         assert!(filter_response_fields(&hidden, b"<html>").is_err());
     }
 
@@ -625,7 +793,10 @@ mod tests {
         for _ in 0..3 {
             consume_grant_use(&store, &g).unwrap();
         }
-        assert_eq!(consume_grant_use(&store, &g).unwrap_err().reason, DenyReason::GrantExhausted);
+        assert_eq!(
+            consume_grant_use(&store, &g).unwrap_err().reason,
+            DenyReason::GrantExhausted
+        );
         assert_eq!(grant_uses(&store, "g"), 3);
     }
 
@@ -637,27 +808,78 @@ mod tests {
             mode: ListMode::Deny,
             apis: ApiSet(vec![true, false]),
             entries: vec![
-                Entry { app: Some("bad".into()), ip: None, user: None },
-                Entry { app: Some("a".into()), ip: Some(Cidr::parse("198.51.100.0/24").unwrap()), user: None },
-                Entry { app: None, ip: Some(Cidr::parse("2001:db8::/32").unwrap()), user: None },
-                Entry { app: None, ip: None, user: Some("u9".into()) },
+                Entry {
+                    app: Some("bad".into()),
+                    ip: None,
+                    user: None,
+                },
+                Entry {
+                    app: Some("a".into()),
+                    ip: Some(Cidr::parse("198.51.100.0/24").unwrap()),
+                    user: None,
+                },
+                Entry {
+                    app: None,
+                    ip: Some(Cidr::parse("2001:db8::/32").unwrap()),
+                    user: None,
+                },
+                Entry {
+                    app: None,
+                    ip: None,
+                    user: Some("u9".into()),
+                },
             ],
         };
         let lists = [deny];
         assert!(check_lists(&lists, 0, "a", ip("203.0.113.1"), None).is_ok());
-        assert_eq!(check_lists(&lists, 0, "bad", ip("203.0.113.1"), None).unwrap_err().reason, DenyReason::Blacklisted);
-        assert_eq!(check_lists(&lists, 0, "a", ip("198.51.100.7"), None).unwrap_err().reason, DenyReason::Blacklisted);
-        assert!(check_lists(&lists, 0, "b", ip("198.51.100.7"), None).is_ok(), "app + ip: both must match");
-        assert_eq!(check_lists(&lists, 0, "b", ip("2001:db8::5"), None).unwrap_err().reason, DenyReason::Blacklisted);
-        assert_eq!(check_lists(&lists, 0, "b", None, Some("u9")).unwrap_err().reason, DenyReason::Blacklisted);
-        assert!(check_lists(&lists, 1, "bad", None, None).is_ok(), "list does not cover API 1");
+        assert_eq!(
+            check_lists(&lists, 0, "bad", ip("203.0.113.1"), None)
+                .unwrap_err()
+                .reason,
+            DenyReason::Blacklisted
+        );
+        assert_eq!(
+            check_lists(&lists, 0, "a", ip("198.51.100.7"), None)
+                .unwrap_err()
+                .reason,
+            DenyReason::Blacklisted
+        );
+        assert!(
+            check_lists(&lists, 0, "b", ip("198.51.100.7"), None).is_ok(),
+            "app + ip: both must match"
+        );
+        assert_eq!(
+            check_lists(&lists, 0, "b", ip("2001:db8::5"), None)
+                .unwrap_err()
+                .reason,
+            DenyReason::Blacklisted
+        );
+        assert_eq!(
+            check_lists(&lists, 0, "b", None, Some("u9"))
+                .unwrap_err()
+                .reason,
+            DenyReason::Blacklisted
+        );
+        assert!(
+            check_lists(&lists, 1, "bad", None, None).is_ok(),
+            "list does not cover API 1"
+        );
         let allow = [List {
             id: "wl".into(),
             mode: ListMode::Allow,
             apis: ApiSet(vec![true]),
-            entries: vec![Entry { app: None, ip: Some(Cidr::parse("10.0.0.0/8").unwrap()), user: None }],
+            entries: vec![Entry {
+                app: None,
+                ip: Some(Cidr::parse("10.0.0.0/8").unwrap()),
+                user: None,
+            }],
         }];
         assert!(check_lists(&allow, 0, "a", ip("10.1.2.3"), None).is_ok());
-        assert_eq!(check_lists(&allow, 0, "a", ip("11.1.2.3"), None).unwrap_err().reason, DenyReason::NotWhitelisted);
+        assert_eq!(
+            check_lists(&allow, 0, "a", ip("11.1.2.3"), None)
+                .unwrap_err()
+                .reason,
+            DenyReason::NotWhitelisted
+        );
     }
 }

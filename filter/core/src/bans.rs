@@ -76,22 +76,34 @@ impl RawBans {
             return Err(ConfigError::new("bans.threshold", "must be at least 1"));
         }
         if !(1..=86400).contains(&self.window_seconds) {
-            return Err(ConfigError::new("bans.window_seconds", "must be between 1 and 86400"));
+            return Err(ConfigError::new(
+                "bans.window_seconds",
+                "must be between 1 and 86400",
+            ));
         }
         if !(1..=30 * 86400).contains(&self.ban_seconds) {
-            return Err(ConfigError::new("bans.ban_seconds", "must be between 1 and 2592000"));
+            return Err(ConfigError::new(
+                "bans.ban_seconds",
+                "must be between 1 and 2592000",
+            ));
         }
         if !(1..=65536).contains(&self.ip_slots) || !(1..=256).contains(&self.entries_per_slot) {
-            return Err(ConfigError::new("bans.ip_slots", "ip_slots 1..65536, entries_per_slot 1..256"));
+            return Err(ConfigError::new(
+                "bans.ip_slots",
+                "ip_slots 1..65536, entries_per_slot 1..256",
+            ));
         }
         let mut lifted = Vec::new();
         for (i, l) in self.lifted.iter().enumerate() {
             let f = format!("bans.lifted[{i}]");
-            let at = timeutil::parse_rfc3339(&l.at)
-                .ok_or_else(|| ConfigError::new(format!("{f}.at"), "must be an RFC 3339 time with an offset"))?;
+            let at = timeutil::parse_rfc3339(&l.at).ok_or_else(|| {
+                ConfigError::new(format!("{f}.at"), "must be an RFC 3339 time with an offset")
+            })?;
             let target = match (&l.app, &l.ip) {
                 (Some(a), None) => LiftTarget::App(a.clone()),
-                (None, Some(ip)) => LiftTarget::Ip(Cidr::parse(ip).map_err(|m| ConfigError::new(format!("{f}.ip"), m))?),
+                (None, Some(ip)) => LiftTarget::Ip(
+                    Cidr::parse(ip).map_err(|m| ConfigError::new(format!("{f}.ip"), m))?,
+                ),
                 _ => return Err(ConfigError::new(f, "a lift names exactly one of app or ip")),
             };
             lifted.push((target, at));
@@ -135,7 +147,9 @@ struct Record {
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8).and_then(|s| <[u8; 8]>::try_from(s).ok()).map_or(0, u64::from_le_bytes)
+    b.get(at..at + 8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_le_bytes)
 }
 
 impl Record {
@@ -144,8 +158,17 @@ impl Record {
         if let Some(s) = b.get(..8) {
             fp.copy_from_slice(s);
         }
-        let count = b.get(16..20).and_then(|s| <[u8; 4]>::try_from(s).ok()).map_or(0, u32::from_le_bytes);
-        Record { fp, window_start: u64_at(b, 8), count, banned_at: u64_at(b, 20), banned_until: u64_at(b, 28) }
+        let count = b
+            .get(16..20)
+            .and_then(|s| <[u8; 4]>::try_from(s).ok())
+            .map_or(0, u32::from_le_bytes);
+        Record {
+            fp,
+            window_start: u64_at(b, 8),
+            count,
+            banned_at: u64_at(b, 20),
+            banned_until: u64_at(b, 28),
+        }
     }
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.fp);
@@ -174,7 +197,10 @@ impl BanSettings {
         fp.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
         let key = match subject {
             Subject::App(a) => format!("apisec/ban/app/{a}"),
-            Subject::Ip(_) => format!("apisec/ban/ip/{}", u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))),
+            Subject::Ip(_) => format!(
+                "apisec/ban/ip/{}",
+                u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))
+            ),
         };
         (key, fp)
     }
@@ -193,18 +219,32 @@ impl BanSettings {
     }
 
     /// A live ban on the subject: refused with `banned` until it ends.
-    pub fn check(&self, store: &dyn SharedStore, subject: Subject<'_>, now: u64) -> Result<(), Deny> {
+    pub fn check(
+        &self,
+        store: &dyn SharedStore,
+        subject: Subject<'_>,
+        now: u64,
+    ) -> Result<(), Deny> {
         let (key, fp) = self.locate(subject);
         let value = match store.get(&key) {
             Ok(v) => v.map(|(v, _)| v).unwrap_or_default(),
-            Err(e) => return Err(Deny::new(DenyReason::HostUnavailable, format!("ban store: {e}"))),
+            Err(e) => {
+                return Err(Deny::new(
+                    DenyReason::HostUnavailable,
+                    format!("ban store: {e}"),
+                ))
+            }
         };
         let lift = self.lifted_at(subject);
         for r in value.chunks_exact(ENTRY).map(Record::decode) {
             if r.fp == fp && r.banned_until > now && r.banned_at >= lift {
                 return Err(Deny::new(
                     DenyReason::Banned,
-                    format!("{} banned until {} after repeated refusals", subject.describe(), r.banned_until),
+                    format!(
+                        "{} banned until {} after repeated refusals",
+                        subject.describe(),
+                        r.banned_until
+                    ),
                 ));
             }
         }
@@ -212,7 +252,12 @@ impl BanSettings {
     }
 
     /// Counts one refusal; returns true when this refusal started a ban.
-    pub fn record_refusal(&self, store: &dyn SharedStore, subject: Subject<'_>, now: u64) -> Result<bool, String> {
+    pub fn record_refusal(
+        &self,
+        store: &dyn SharedStore,
+        subject: Subject<'_>,
+        now: u64,
+    ) -> Result<bool, String> {
         let (key, fp) = self.locate(subject);
         let lift = self.lifted_at(subject);
         for _ in 0..16 {
@@ -225,13 +270,20 @@ impl BanSettings {
             };
             let mut records: Vec<Record> = value.chunks_exact(ENTRY).map(Record::decode).collect();
             let pos = records.iter().position(|r| r.fp == fp);
-            let mut r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record { fp, ..Default::default() });
+            let mut r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record {
+                fp,
+                ..Default::default()
+            });
             if r.banned_until > now && r.banned_at >= lift {
                 return Ok(false); // already banned; refusals while banned do not extend it
             }
             let voided = r.banned_until > 0 && r.banned_at < lift;
             if voided || now >= r.window_start.saturating_add(self.window_seconds) {
-                r = Record { fp, window_start: now, ..Default::default() };
+                r = Record {
+                    fp,
+                    window_start: now,
+                    ..Default::default()
+                };
             }
             r.count = r.count.saturating_add(1);
             let started = r.count >= self.threshold;
@@ -249,12 +301,17 @@ impl BanSettings {
                 }
                 None => {
                     // Drop stale entries, then make room: the oldest unbanned entry goes first.
-                    records.retain(|x| x.banned_until > now || now < x.window_start.saturating_add(self.window_seconds));
+                    records.retain(|x| {
+                        x.banned_until > now
+                            || now < x.window_start.saturating_add(self.window_seconds)
+                    });
                     while records.len() >= self.entries_per_slot as usize {
                         let victim = records
                             .iter()
                             .enumerate()
-                            .min_by_key(|(_, x)| (x.banned_until > now, x.banned_until, x.window_start))
+                            .min_by_key(|(_, x)| {
+                                (x.banned_until > now, x.banned_until, x.window_start)
+                            })
                             .map(|(i, _)| i);
                         match victim {
                             Some(i) => {
@@ -284,9 +341,16 @@ mod tests {
     use crate::replay::MemoryStore;
 
     fn settings(lifted: Vec<RawLift>) -> BanSettings {
-        RawBans { threshold: 3, window_seconds: 60, ban_seconds: 600, ip_slots: 2, entries_per_slot: 4, lifted }
-            .compile()
-            .unwrap()
+        RawBans {
+            threshold: 3,
+            window_seconds: 60,
+            ban_seconds: 600,
+            ip_slots: 2,
+            entries_per_slot: 4,
+            lifted,
+        }
+        .compile()
+        .unwrap()
     }
 
     #[test]
@@ -297,10 +361,19 @@ mod tests {
         assert!(!s.record_refusal(&store, app, 1000).unwrap());
         assert!(!s.record_refusal(&store, app, 1010).unwrap());
         s.check(&store, app, 1010).unwrap();
-        assert!(s.record_refusal(&store, app, 1020).unwrap(), "third refusal bans");
-        assert_eq!(s.check(&store, app, 1021).unwrap_err().reason, DenyReason::Banned);
+        assert!(
+            s.record_refusal(&store, app, 1020).unwrap(),
+            "third refusal bans"
+        );
+        assert_eq!(
+            s.check(&store, app, 1021).unwrap_err().reason,
+            DenyReason::Banned
+        );
         s.check(&store, Subject::App("b"), 1021).unwrap();
-        assert!(s.check(&store, app, 1020 + 600).is_ok(), "bans expire by themselves");
+        assert!(
+            s.check(&store, app, 1020 + 600).is_ok(),
+            "bans expire by themselves"
+        );
         // refusals spread wider than the window never ban
         let ip = Subject::Ip("192.0.2.1".parse().unwrap());
         for t in [0u64, 70, 140, 210] {
@@ -327,7 +400,9 @@ mod tests {
         lifted.check(&store, app, 1_800_000_010).unwrap();
         // a new ban after the lift applies again
         for t in 20..23 {
-            lifted.record_refusal(&store, app, 1_800_000_000 + t).unwrap();
+            lifted
+                .record_refusal(&store, app, 1_800_000_000 + t)
+                .unwrap();
         }
         assert!(lifted.check(&store, app, 1_800_000_030).is_err());
     }

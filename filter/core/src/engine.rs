@@ -6,11 +6,11 @@
 use base64::Engine as _;
 use sha2::Digest as _;
 
+use crate::access;
+use crate::bans::Subject;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::message::{signature_base, Request};
-use crate::access;
-use crate::bans::Subject;
 use crate::policy::{Api, App, KeyMaterial, Policy, SecurityLevel};
 use crate::replay::{self, SharedStore};
 use crate::sf::{self, BareItem, InnerList, Member};
@@ -120,7 +120,10 @@ pub fn check_headers(
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
     if let Some(reason) = api.state.refusal() {
-        return Err(Deny::new(reason, format!("API {} is {:?}", api.id, api.state)));
+        return Err(Deny::new(
+            reason,
+            format!("API {} is {:?}", api.id, api.state),
+        ));
     }
     if let (Some(bans), Some(ip)) = (&policy.bans, req.conn.client_ip) {
         bans.check(store, Subject::Ip(ip), now)?;
@@ -149,14 +152,23 @@ pub fn check_headers(
         bans.check(store, Subject::App(&app.id), now)?;
     }
     if app.suspended {
-        return Err(Deny::new(DenyReason::AppSuspended, format!("app {} is suspended", app.id)));
+        return Err(Deny::new(
+            DenyReason::AppSuspended,
+            format!("app {} is suspended", app.id),
+        ));
     }
     if !app.allowed_ips.is_empty() {
-        let inside = req.conn.client_ip.is_some_and(|ip| app.allowed_ips.iter().any(|c| c.contains(ip)));
+        let inside = req
+            .conn
+            .client_ip
+            .is_some_and(|ip| app.allowed_ips.iter().any(|c| c.contains(ip)));
         if !inside {
             return Err(Deny::new(
                 DenyReason::IpNotAllowed,
-                format!("{:?} is outside the source ranges of {}", req.conn.client_ip, app.id),
+                format!(
+                    "{:?} is outside the source ranges of {}",
+                    req.conn.client_ip, app.id
+                ),
             ));
         }
     }
@@ -198,8 +210,14 @@ fn authenticate(
             format!("{} APIs are served over TLS only", api.level.as_str()),
         ));
     }
-    let (cert_sha, cert_uri) = (req.conn.peer_cert_sha256.as_deref(), req.conn.peer_uri_san.as_deref());
-    let cert_ok = app.certificates.iter().any(|b| b.matches(cert_sha, cert_uri));
+    let (cert_sha, cert_uri) = (
+        req.conn.peer_cert_sha256.as_deref(),
+        req.conn.peer_uri_san.as_deref(),
+    );
+    let cert_ok = app
+        .certificates
+        .iter()
+        .any(|b| b.matches(cert_sha, cert_uri));
     if (cert_sha.is_some() || cert_uri.is_some()) && !cert_ok {
         return Err(Deny::new(
             DenyReason::CertificateMismatch,
@@ -210,8 +228,14 @@ fn authenticate(
     let sig = req.unique_header("signature")?;
     match (sig_input, sig) {
         (Some(input), Some(sig)) => {
-            let covered = verify_signature(policy, req, app, api, has_body, now, verifier, input, sig, ctx)?;
-            ctx.auth = Some(if cert_ok { "certificate+signature" } else { "signature" });
+            let covered = verify_signature(
+                policy, req, app, api, has_body, now, verifier, input, sig, ctx,
+            )?;
+            ctx.auth = Some(if cert_ok {
+                "certificate+signature"
+            } else {
+                "signature"
+            });
             let user = req.unique_header(USER_HEADER)?;
             if user.is_some() && !covered.iter().any(|c| c == USER_HEADER) {
                 return Err(Deny::new(
@@ -233,23 +257,43 @@ fn authenticate(
             if cert_ok {
                 "S3 requires a signature even with a client certificate (DATA-4)".to_string()
             } else {
-                format!("{} requires an RFC 9421 signature or the app's client certificate", api.level.as_str())
+                format!(
+                    "{} requires an RFC 9421 signature or the app's client certificate",
+                    api.level.as_str()
+                )
             },
         )),
     }
 }
 
 /// PERM-2, PERM-5, PERM-6, BWL-1, BWL-2 for an identified (and, above S0, authenticated) caller.
-fn authorize(policy: &Policy, req: &Request, app: &App, api: &Api, now: u64, ctx: &mut RequestContext) -> Result<(), Deny> {
+fn authorize(
+    policy: &Policy,
+    req: &Request,
+    app: &App,
+    api: &Api,
+    now: u64,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
     if let Some(u) = &ctx.user {
         if u.is_empty() || u.len() > 128 || !u.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(Deny::new(DenyReason::MalformedHeader, "x-user-id is empty, too long or not printable"));
+            return Err(Deny::new(
+                DenyReason::MalformedHeader,
+                "x-user-id is empty, too long or not printable",
+            ));
         }
     }
     access::check_opt_out(&policy.opted_out_users, ctx.user.as_deref())?;
-    access::check_lists(&policy.lists, api.index, &app.id, req.conn.client_ip, ctx.user.as_deref())?;
+    access::check_lists(
+        &policy.lists,
+        api.index,
+        &app.id,
+        req.conn.client_ip,
+        ctx.user.as_deref(),
+    )?;
     if api.level > SecurityLevel::S0 {
-        let grant = access::select_grant(&policy.grants, &app.id, api.index, ctx.user.as_deref(), now)?;
+        let grant =
+            access::select_grant(&policy.grants, &app.id, api.index, ctx.user.as_deref(), now)?;
         ctx.grant = Some(grant.id.clone());
     }
     Ok(())
@@ -491,7 +535,9 @@ pub fn check_body(
         access::check_request_fields(&g.forbid_request_fields, body)?;
     }
     match (&ctx.app, &ctx.nonce) {
-        (Some(app), Some(nonce)) => replay::check_and_record(store, &policy.replay, app, nonce, now)?,
+        (Some(app), Some(nonce)) => {
+            replay::check_and_record(store, &policy.replay, app, nonce, now)?
+        }
         _ if ctx.auth == Some("certificate") => {} // mTLS: the channel itself is fresh
         _ => return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce")),
     }
@@ -522,7 +568,11 @@ pub fn count_refusal(
         (None, None) => return None,
     };
     match bans.record_refusal(store, subject, now) {
-        Ok(true) => Some(format!("{} banned for {} s", subject.describe(), bans.ban_seconds)),
+        Ok(true) => Some(format!(
+            "{} banned for {} s",
+            subject.describe(),
+            bans.ban_seconds
+        )),
         Ok(false) => None,
         Err(e) => Some(format!("ban counter unavailable: {e}")),
     }

@@ -25,7 +25,8 @@ fn mask(prefix: u8, v4: bool) -> u128 {
     if prefix == 0 {
         0
     } else {
-        (u128::MAX << (bits - u32::from(prefix))) & if v4 { u128::from(u32::MAX) } else { u128::MAX }
+        (u128::MAX << (bits - u32::from(prefix)))
+            & if v4 { u128::from(u32::MAX) } else { u128::MAX }
     }
 }
 
@@ -36,7 +37,10 @@ impl Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let ip: IpAddr = addr.trim().parse().map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;
+        let ip: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{s}' is not an IP address or CIDR"))?;
         let (net, v4) = canonical(ip);
         let max = if v4 { 32 } else { 128 };
         let prefix = match prefix {
@@ -84,7 +88,14 @@ mod tests {
 
     #[test]
     fn refuses_bad_ranges() {
-        for bad in ["10.0.0.1/8", "10.0.0.0/33", "2001:db8::1/32", "nope", "10.0.0.0/x", ""] {
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "2001:db8::1/32",
+            "nope",
+            "10.0.0.0/x",
+            "",
+        ] {
             assert!(Cidr::parse(bad).is_err(), "{bad}");
         }
     }

@@ -591,17 +591,30 @@ impl RawPolicy {
         for (i, g) in self.api_groups.iter().enumerate() {
             let field = format!("api_groups[{i}]");
             if !valid_id(&g.id) || groups.iter().any(|x| x.id == g.id) {
-                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate group id '{}'", g.id)));
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    format!("missing, invalid or duplicate group id '{}'", g.id),
+                ));
             }
             if g.apis.iter().any(|p| p.starts_with("group:")) {
-                return Err(ConfigError::new(format!("{field}.apis"), "groups list APIs, not other groups"));
+                return Err(ConfigError::new(
+                    format!("{field}.apis"),
+                    "groups list APIs, not other groups",
+                ));
             }
             let set = access::resolve_apis(&format!("{field}.apis"), &g.apis, &apis, &groups)?;
-            groups.push(ApiGroup { id: g.id.clone(), apis: set, state: g.state });
+            groups.push(ApiGroup {
+                id: g.id.clone(),
+                apis: set,
+                state: g.state,
+            });
         }
         // A group's switch overrides the API's own state when it is not online (degradation).
         for api in apis.iter_mut() {
-            if let Some(g) = groups.iter().find(|g| g.apis.contains(api.index) && g.state != ApiState::Online) {
+            if let Some(g) = groups
+                .iter()
+                .find(|g| g.apis.contains(api.index) && g.state != ApiState::Online)
+            {
                 if api.state == ApiState::Online {
                     api.state = g.state;
                 }
@@ -623,7 +636,10 @@ impl RawPolicy {
             let mut certificates = Vec::new();
             let mut allowed_ips = Vec::new();
             for (j, r) in app.allowed_ips.iter().enumerate() {
-                allowed_ips.push(Cidr::parse(r).map_err(|m| ConfigError::new(format!("{field}.allowed_ips[{j}]"), m))?);
+                allowed_ips.push(
+                    Cidr::parse(r)
+                        .map_err(|m| ConfigError::new(format!("{field}.allowed_ips[{j}]"), m))?,
+                );
             }
             for (j, c) in app.credentials.iter().enumerate() {
                 let cfield = format!("{field}.credentials[{j}]");
@@ -648,7 +664,11 @@ impl RawPolicy {
                     }
                     let binding = match (&cert.sha256, &cert.uri_san) {
                         (Some(fp), None) => {
-                            let hex: String = fp.chars().filter(|ch| *ch != ':').collect::<String>().to_ascii_lowercase();
+                            let hex: String = fp
+                                .chars()
+                                .filter(|ch| *ch != ':')
+                                .collect::<String>()
+                                .to_ascii_lowercase();
                             if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
                                 return Err(ConfigError::new(
                                     format!("{cfield}.certificate.sha256"),
@@ -784,18 +804,33 @@ impl RawPolicy {
         for (i, raw) in self.grants.iter().enumerate() {
             let field = format!("grants[{i}]");
             if !valid_id(&raw.id) || grants.iter().any(|x| x.id == raw.id) {
-                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate grant id '{}'", raw.id)));
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    format!("missing, invalid or duplicate grant id '{}'", raw.id),
+                ));
             }
             if !apps.contains_key(&raw.app) {
-                return Err(ConfigError::new(format!("{field}.app"), format!("no app '{}'", raw.app)));
+                return Err(ConfigError::new(
+                    format!("{field}.app"),
+                    format!("no app '{}'", raw.app),
+                ));
             }
-            grants.push(access::compile_grant(&field, raw, &apis, &groups, &g.default_timezone)?);
+            grants.push(access::compile_grant(
+                &field,
+                raw,
+                &apis,
+                &groups,
+                &g.default_timezone,
+            )?);
         }
         let mut lists: Vec<List> = Vec::new();
         for (i, raw) in self.lists.iter().enumerate() {
             let field = format!("lists[{i}]");
             if !valid_id(&raw.id) || lists.iter().any(|x| x.id == raw.id) {
-                return Err(ConfigError::new(format!("{field}.id"), format!("missing, invalid or duplicate list id '{}'", raw.id)));
+                return Err(ConfigError::new(
+                    format!("{field}.id"),
+                    format!("missing, invalid or duplicate list id '{}'", raw.id),
+                ));
             }
             lists.push(access::compile_list(&field, raw, &apis, &groups)?);
         }

@@ -7,8 +7,8 @@
 pub fn zone_offset(name: &str) -> Option<i64> {
     let fixed = match name {
         "UTC" | "Etc/UTC" | "Z" => Some(0),
-        "Asia/Shanghai" | "Asia/Chongqing" | "Asia/Harbin" | "PRC" | "Asia/Hong_Kong" | "Asia/Macau"
-        | "Asia/Taipei" | "Asia/Singapore" | "Asia/Kuala_Lumpur" => Some(8 * 3600),
+        "Asia/Shanghai" | "Asia/Chongqing" | "Asia/Harbin" | "PRC" | "Asia/Hong_Kong"
+        | "Asia/Macau" | "Asia/Taipei" | "Asia/Singapore" | "Asia/Kuala_Lumpur" => Some(8 * 3600),
         "Asia/Tokyo" | "Asia/Seoul" => Some(9 * 3600),
         _ => None,
     };
@@ -63,7 +63,11 @@ fn num(s: &str, len: usize) -> Option<i64> {
 /// `YYYY-MM-DD` to days since the epoch.
 pub fn parse_date(s: &str) -> Option<i64> {
     let mut it = s.split('-');
-    let (y, m, d) = (num(it.next()?, 4)?, num(it.next()?, 2)?, num(it.next()?, 2)?);
+    let (y, m, d) = (
+        num(it.next()?, 4)?,
+        num(it.next()?, 2)?,
+        num(it.next()?, 2)?,
+    );
     if it.next().is_some() || !(1..=12).contains(&m) || d < 1 || d > days_in_month(y, m) {
         return None;
     }
@@ -82,7 +86,11 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     };
     let clock = clock.split_once('.').map_or(clock, |(c, _)| c);
     let mut it = clock.split(':');
-    let (h, mi, se) = (num(it.next()?, 2)?, num(it.next()?, 2)?, num(it.next()?, 2)?);
+    let (h, mi, se) = (
+        num(it.next()?, 2)?,
+        num(it.next()?, 2)?,
+        num(it.next()?, 2)?,
+    );
     if it.next().is_some() || h > 23 || mi > 59 || se > 60 {
         return None;
     }
@@ -118,10 +126,25 @@ mod tests {
     fn rfc3339() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_rfc3339("2026-11-29T22:00:00Z"), Some(1_795_989_600));
-        assert_eq!(parse_rfc3339("2026-11-30T06:00:00+08:00"), Some(1_795_989_600));
-        assert_eq!(parse_rfc3339("2026-11-29T17:00:00-05:00"), Some(1_795_989_600));
-        assert_eq!(parse_rfc3339("2026-11-29T22:00:00.250Z"), Some(1_795_989_600));
-        for bad in ["2026-11-29", "2026-02-30T00:00:00Z", "2026-11-29T25:00:00Z", "2026-11-29T22:00:00", "x"] {
+        assert_eq!(
+            parse_rfc3339("2026-11-30T06:00:00+08:00"),
+            Some(1_795_989_600)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-29T17:00:00-05:00"),
+            Some(1_795_989_600)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-29T22:00:00.250Z"),
+            Some(1_795_989_600)
+        );
+        for bad in [
+            "2026-11-29",
+            "2026-02-30T00:00:00Z",
+            "2026-11-29T25:00:00Z",
+            "2026-11-29T22:00:00",
+            "x",
+        ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
         assert_eq!(parse_date("2024-02-29"), Some(days_from_civil(2024, 2, 29)));

@@ -2,7 +2,12 @@
 //! ID-3, DATA-1, DATA-2), grants and validity (PERM-2, PERM-3, PERM-5), user dimension and
 //! opt-out (PERM-1, PERM-6), lists (BWL-1, BWL-2), source ranges, lifecycle (OPS-1), suspension
 //! (MON-5), automatic bans (PERM-4).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)] // test code
 
 use std::collections::HashMap;
 
@@ -25,7 +30,10 @@ fn key() -> p256::ecdsa::SigningKey {
 
 fn doc() -> serde_json::Value {
     use p256::pkcs8::{EncodePublicKey, LineEnding};
-    let pem = key().verifying_key().to_public_key_pem(LineEnding::LF).unwrap();
+    let pem = key()
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
     let api = |id: &str, method: &str, path: &str, level: &str, function: &str| {
         serde_json::json!({"id": id, "method": method, "path": path, "level": level, "service_object": "toB",
             "access": if method == "GET" { "read" } else { "write" }, "user_auth": false, "personal_info": false,
@@ -60,13 +68,20 @@ fn doc() -> serde_json::Value {
 }
 
 fn compile(v: &serde_json::Value) -> Policy {
-    Policy::from_json(&v.to_string(), &HashMap::from([("S".to_string(), SECRET_B64.to_string())])).unwrap()
+    Policy::from_json(
+        &v.to_string(),
+        &HashMap::from([("S".to_string(), SECRET_B64.to_string())]),
+    )
+    .unwrap()
 }
 
 fn compile_err(v: &serde_json::Value) -> String {
-    Policy::from_json(&v.to_string(), &HashMap::from([("S".to_string(), SECRET_B64.to_string())]))
-        .unwrap_err()
-        .to_string()
+    Policy::from_json(
+        &v.to_string(),
+        &HashMap::from([("S".to_string(), SECRET_B64.to_string())]),
+    )
+    .unwrap_err()
+    .to_string()
 }
 
 const NOW: u64 = 1_795_990_000; // 2026-11-29T22:06:40Z, a Sunday; 06:06 Monday in Shanghai
@@ -79,7 +94,11 @@ struct Call {
 fn call(method: &str, path: &str, app: &str) -> Call {
     Call {
         req: Request {
-            conn: Connection { client_ip: Some("203.0.113.9".parse().unwrap()), tls: true, ..Default::default() },
+            conn: Connection {
+                client_ip: Some("203.0.113.9".parse().unwrap()),
+                tls: true,
+                ..Default::default()
+            },
             method: method.into(),
             scheme: "https".into(),
             authority: "gw".into(),
@@ -92,11 +111,18 @@ fn call(method: &str, path: &str, app: &str) -> Call {
 
 fn signed(mut c: Call, keyid: &str, nonce: &str, extra: &[&str]) -> Call {
     let k = if keyid.ends_with("hmac") {
-        SigningKey::Hmac(base64::engine::general_purpose::STANDARD.decode(SECRET_B64).unwrap())
+        SigningKey::Hmac(
+            base64::engine::general_purpose::STANDARD
+                .decode(SECRET_B64)
+                .unwrap(),
+        )
     } else {
         SigningKey::P256(Box::new(key()))
     };
-    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"].iter().map(|s| s.to_string()).collect();
+    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     components.extend(extra.iter().map(|s| s.to_string()));
     let p = SignParams {
         label: "s".into(),
@@ -118,9 +144,23 @@ fn with_cert(mut c: Call, sha: &str) -> Call {
     c
 }
 
-fn run_at(p: &Policy, store: &MemoryStore, c: &Call, now: u64) -> Result<RequestContext, DenyReason> {
+fn run_at(
+    p: &Policy,
+    store: &MemoryStore,
+    c: &Call,
+    now: u64,
+) -> Result<RequestContext, DenyReason> {
     let mut ctx = RequestContext::default();
-    check_headers(p, &c.req, !c.body.is_empty(), now, &SoftwareVerifier, store, &mut ctx).map_err(|d| d.reason)?;
+    check_headers(
+        p,
+        &c.req,
+        !c.body.is_empty(),
+        now,
+        &SoftwareVerifier,
+        store,
+        &mut ctx,
+    )
+    .map_err(|d| d.reason)?;
     check_body(p, &ctx, &c.body, store, now).map_err(|d| d.reason)?;
     Ok(ctx)
 }
@@ -144,7 +184,12 @@ fn tls_and_certificate_identity_by_level() {
     plain_s0.req.conn.tls = false;
     run(&plain_s0).unwrap();
     // certificate alone: S1 and S2 (ID-2, ID-3)
-    assert_eq!(run(&with_cert(call("GET", "/news", "a"), CERT_A)).unwrap().auth, Some("certificate"));
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "a"), CERT_A))
+            .unwrap()
+            .auth,
+        Some("certificate")
+    );
     run(&with_cert(call("GET", "/account", "a"), CERT_A)).unwrap();
     // S3 needs the signature even with a certificate (DATA-4)
     let mut order = with_cert(call("POST", "/orders", "a"), CERT_A);
@@ -152,11 +197,20 @@ fn tls_and_certificate_identity_by_level() {
     order = signed(order, "a-p256", "o1", &[]);
     assert_eq!(run(&order).unwrap().auth, Some("certificate+signature"));
     // b's certificate claiming to be a
-    assert_eq!(run(&with_cert(call("GET", "/news", "a"), CERT_B)).err(), Some(DenyReason::CertificateMismatch));
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "a"), CERT_B)).err(),
+        Some(DenyReason::CertificateMismatch)
+    );
     // an unbound certificate is not a credential either
-    assert_eq!(run(&with_cert(call("GET", "/news", "a"), &"cc".repeat(32))).err(), Some(DenyReason::CertificateMismatch));
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "a"), &"cc".repeat(32))).err(),
+        Some(DenyReason::CertificateMismatch)
+    );
     // neither certificate nor signature
-    assert_eq!(run(&call("GET", "/account", "a")).err(), Some(DenyReason::SignatureMissing));
+    assert_eq!(
+        run(&call("GET", "/account", "a")).err(),
+        Some(DenyReason::SignatureMissing)
+    );
 }
 
 #[test]
@@ -170,16 +224,43 @@ fn grants_required_and_validity() {
     run_at(&p, &s, &bq, NOW).unwrap();
     d["grants"][2]["apis"] = serde_json::json!(["news"]);
     let p = compile(&d);
-    assert_eq!(run_at(&p, &s, &with_cert(call("GET", "/account", "b"), CERT_B), NOW).err(), Some(DenyReason::NoGrant));
+    assert_eq!(
+        run_at(
+            &p,
+            &s,
+            &with_cert(call("GET", "/account", "b"), CERT_B),
+            NOW
+        )
+        .err(),
+        Some(DenyReason::NoGrant)
+    );
 
     // contract period (PERM-5)
     d["grants"][2]["not_before"] = "2026-12-01T00:00:00+08:00".into();
     d["grants"][2]["not_after"] = "2026-12-31T00:00:00+08:00".into();
     let p = compile(&d);
     let news_b = with_cert(call("GET", "/news", "b"), CERT_B);
-    assert_eq!(run_at(&p, &s, &news_b, NOW).err(), Some(DenyReason::GrantNotYetValid));
-    run_at(&p, &s, &news_b, parse_rfc3339("2026-12-15T10:00:00+08:00").unwrap()).unwrap();
-    assert_eq!(run_at(&p, &s, &news_b, parse_rfc3339("2027-01-01T00:00:00+08:00").unwrap()).err(), Some(DenyReason::GrantExpired));
+    assert_eq!(
+        run_at(&p, &s, &news_b, NOW).err(),
+        Some(DenyReason::GrantNotYetValid)
+    );
+    run_at(
+        &p,
+        &s,
+        &news_b,
+        parse_rfc3339("2026-12-15T10:00:00+08:00").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        run_at(
+            &p,
+            &s,
+            &news_b,
+            parse_rfc3339("2027-01-01T00:00:00+08:00").unwrap()
+        )
+        .err(),
+        Some(DenyReason::GrantExpired)
+    );
 
     // trading-session window in Shanghai time, weekdays only
     d["grants"][2]["not_before"] = serde_json::Value::Null;
@@ -190,11 +271,26 @@ fn grants_required_and_validity() {
     ]);
     let p = compile(&d);
     let at = |t: &str| run_at(&p, &s, &news_b, parse_rfc3339(t).unwrap()).err();
-    assert_eq!(at("2026-11-30T10:00:00+08:00"), None, "Monday morning session");
-    assert_eq!(at("2026-11-30T12:00:00+08:00"), Some(DenyReason::GrantOutsideWindow), "lunch break");
+    assert_eq!(
+        at("2026-11-30T10:00:00+08:00"),
+        None,
+        "Monday morning session"
+    );
+    assert_eq!(
+        at("2026-11-30T12:00:00+08:00"),
+        Some(DenyReason::GrantOutsideWindow),
+        "lunch break"
+    );
     assert_eq!(at("2026-11-30T14:59:00+08:00"), None);
-    assert_eq!(at("2026-11-30T15:00:00+08:00"), Some(DenyReason::GrantOutsideWindow));
-    assert_eq!(at("2026-11-29T10:00:00+08:00"), Some(DenyReason::GrantOutsideWindow), "Sunday");
+    assert_eq!(
+        at("2026-11-30T15:00:00+08:00"),
+        Some(DenyReason::GrantOutsideWindow)
+    );
+    assert_eq!(
+        at("2026-11-29T10:00:00+08:00"),
+        Some(DenyReason::GrantOutsideWindow),
+        "Sunday"
+    );
     assert_eq!(at("2026-11-30T02:00:00Z"), None, "10:00 in Shanghai");
 }
 
@@ -207,24 +303,35 @@ fn limited_and_single_use_grants() {
     let c = with_cert(call("GET", "/news", "b"), CERT_B);
     run_at(&p, &s, &c, NOW).unwrap();
     run_at(&p, &s, &c, NOW).unwrap();
-    assert_eq!(run_at(&p, &s, &c, NOW).err(), Some(DenyReason::GrantExhausted));
+    assert_eq!(
+        run_at(&p, &s, &c, NOW).err(),
+        Some(DenyReason::GrantExhausted)
+    );
     // uses survive a reload of the same policy
     let p2 = compile(&d);
-    assert_eq!(run_at(&p2, &s, &c, NOW).err(), Some(DenyReason::GrantExhausted));
+    assert_eq!(
+        run_at(&p2, &s, &c, NOW).err(),
+        Some(DenyReason::GrantExhausted)
+    );
 
     let mut d = doc();
     d["grants"][2]["once"] = true.into();
     d["grants"][2]["id"] = "g-b-once".into();
     let p = compile(&d);
     run_at(&p, &s, &c, NOW).unwrap();
-    assert_eq!(run_at(&p, &s, &c, NOW).err(), Some(DenyReason::GrantExhausted));
+    assert_eq!(
+        run_at(&p, &s, &c, NOW).err(),
+        Some(DenyReason::GrantExhausted)
+    );
 }
 
 #[test]
 fn grant_validation_errors_name_the_grant() {
     let mut d = doc();
     d["grants"][1].as_object_mut().unwrap().remove("approval");
-    assert!(compile_err(&d).contains("grants[1].approval: grant 'g-a-trade' covers S3 APIs and needs an approval record"));
+    assert!(compile_err(&d).contains(
+        "grants[1].approval: grant 'g-a-trade' covers S3 APIs and needs an approval record"
+    ));
     let mut d = doc();
     d["grants"][0]["apis"] = serde_json::json!(["nws"]);
     assert!(compile_err(&d).contains("grants[0].apis[0]: 'nws' matches no API"));
@@ -242,7 +349,8 @@ fn grant_validation_errors_name_the_grant() {
     d["grants"][0]["app"] = "ghost".into();
     assert!(compile_err(&d).contains("grants[0].app"));
     let mut d = doc();
-    d["lists"] = serde_json::json!([{"id": "wl", "mode": "allow", "apis": ["news"], "entries": []}]);
+    d["lists"] =
+        serde_json::json!([{"id": "wl", "mode": "allow", "apis": ["news"], "entries": []}]);
     assert!(compile_err(&d).contains("empty whitelist"));
     let mut d = doc();
     d["lists"] = serde_json::json!([{"id": "bl", "mode": "deny", "apis": ["*"], "entries": [{"ip": "10.0.0.1/8"}]}]);
@@ -264,15 +372,39 @@ fn user_dimension_opt_out_and_user_grants() {
         c.req.headers.push(("x-user-id".into(), u.into()));
         c
     };
-    let ctx = run_at(&p, &s, &signed(with_user("u-1"), "a-hmac", "n1", &["x-user-id"]), NOW).unwrap();
+    let ctx = run_at(
+        &p,
+        &s,
+        &signed(with_user("u-1"), "a-hmac", "n1", &["x-user-id"]),
+        NOW,
+    )
+    .unwrap();
     assert_eq!(ctx.user.as_deref(), Some("u-1"));
-    assert_eq!(run_at(&p, &s, &signed(with_user("u-2"), "a-hmac", "n2", &["x-user-id"]), NOW).err(), Some(DenyReason::NoGrant));
     assert_eq!(
-        run_at(&p, &s, &signed(with_user("u-closed"), "a-hmac", "n3", &["x-user-id"]), NOW).err(),
+        run_at(
+            &p,
+            &s,
+            &signed(with_user("u-2"), "a-hmac", "n2", &["x-user-id"]),
+            NOW
+        )
+        .err(),
+        Some(DenyReason::NoGrant)
+    );
+    assert_eq!(
+        run_at(
+            &p,
+            &s,
+            &signed(with_user("u-closed"), "a-hmac", "n3", &["x-user-id"]),
+            NOW
+        )
+        .err(),
         Some(DenyReason::UserOptedOut)
     );
     // a user claim the signature does not cover does not count, and is refused
-    assert_eq!(run_at(&p, &s, &signed(with_user("u-1"), "a-hmac", "n4", &[]), NOW).err(), Some(DenyReason::ComponentNotCovered));
+    assert_eq!(
+        run_at(&p, &s, &signed(with_user("u-1"), "a-hmac", "n4", &[]), NOW).err(),
+        Some(DenyReason::ComponentNotCovered)
+    );
 }
 
 #[test]
@@ -287,7 +419,10 @@ fn lists_source_ranges_suspension_and_lifecycle() {
     let p = compile(&d);
     let s = store(&p);
     let run = |c: &Call| run_at(&p, &s, c, NOW).err();
-    assert_eq!(run(&with_cert(call("GET", "/news", "b"), CERT_B)), Some(DenyReason::Blacklisted));
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "b"), CERT_B)),
+        Some(DenyReason::Blacklisted)
+    );
     let mut other_ip = with_cert(call("GET", "/news", "b"), CERT_B);
     other_ip.req.conn.client_ip = Some("192.0.2.1".parse().unwrap());
     assert_eq!(run(&other_ip), None, "app + ip entry needs both");
@@ -296,8 +431,14 @@ fn lists_source_ranges_suspension_and_lifecycle() {
     let mut order_ok = signed(call("POST", "/orders", "a"), "a-p256", "o3", &[]);
     order_ok.req.conn.client_ip = Some("198.51.100.20".parse().unwrap());
     assert_eq!(run(&order_ok), None);
-    assert_eq!(run(&with_cert(call("GET", "/draft", "a"), CERT_A)), Some(DenyReason::ApiNotPublished));
-    assert_eq!(run(&with_cert(call("GET", "/old", "a"), CERT_A)), Some(DenyReason::ApiRetired));
+    assert_eq!(
+        run(&with_cert(call("GET", "/draft", "a"), CERT_A)),
+        Some(DenyReason::ApiNotPublished)
+    );
+    assert_eq!(
+        run(&with_cert(call("GET", "/old", "a"), CERT_A)),
+        Some(DenyReason::ApiRetired)
+    );
 
     let mut d = doc();
     d["api_groups"][0]["state"] = "offline".into();
@@ -306,9 +447,18 @@ fn lists_source_ranges_suspension_and_lifecycle() {
     let p = compile(&d);
     let s = store(&p);
     let run = |c: &Call| run_at(&p, &s, c, NOW).err();
-    assert_eq!(run(&signed(call("POST", "/orders", "a"), "a-p256", "o4", &[])), Some(DenyReason::ApiOffline));
-    assert_eq!(run(&with_cert(call("GET", "/news", "b"), CERT_B)), Some(DenyReason::AppSuspended));
-    assert_eq!(run(&with_cert(call("GET", "/news", "a"), CERT_A)), Some(DenyReason::IpNotAllowed));
+    assert_eq!(
+        run(&signed(call("POST", "/orders", "a"), "a-p256", "o4", &[])),
+        Some(DenyReason::ApiOffline)
+    );
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "b"), CERT_B)),
+        Some(DenyReason::AppSuspended)
+    );
+    assert_eq!(
+        run(&with_cert(call("GET", "/news", "a"), CERT_A)),
+        Some(DenyReason::IpNotAllowed)
+    );
     let mut v6 = with_cert(call("GET", "/news", "a"), CERT_A);
     v6.req.conn.client_ip = Some("2001:db8::7".parse().unwrap());
     assert_eq!(run(&v6), None);
@@ -322,9 +472,27 @@ fn bans_through_the_engine() {
     let s = store(&p);
     let bans = p.bans.as_ref().unwrap();
     let ip = "203.0.113.9".parse().unwrap();
-    bans.record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW).unwrap();
-    assert!(bans.record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW).unwrap());
+    bans.record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW)
+        .unwrap();
+    assert!(bans
+        .record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW)
+        .unwrap());
     // a banned IP is refused before anything else, whatever app it claims
-    assert_eq!(run_at(&p, &s, &with_cert(call("GET", "/news", "a"), CERT_A), NOW + 1).err(), Some(DenyReason::Banned));
-    assert!(run_at(&p, &s, &with_cert(call("GET", "/news", "a"), CERT_A), NOW + 301).is_ok());
+    assert_eq!(
+        run_at(
+            &p,
+            &s,
+            &with_cert(call("GET", "/news", "a"), CERT_A),
+            NOW + 1
+        )
+        .err(),
+        Some(DenyReason::Banned)
+    );
+    assert!(run_at(
+        &p,
+        &s,
+        &with_cert(call("GET", "/news", "a"), CERT_A),
+        NOW + 301
+    )
+    .is_ok());
 }

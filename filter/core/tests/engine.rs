@@ -84,7 +84,11 @@ fn request(method: &str, path: &str, body: &[u8]) -> Case {
     }
     Case {
         req: Request {
-            conn: Connection { client_ip: Some("127.0.0.1".parse().unwrap()), tls: true, ..Default::default() },
+            conn: Connection {
+                client_ip: Some("127.0.0.1".parse().unwrap()),
+                tls: true,
+                ..Default::default()
+            },
             method: method.into(),
             scheme: "https".into(),
             authority: "gw.example.com".into(),

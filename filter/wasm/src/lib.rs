@@ -259,7 +259,10 @@ impl ApisecHttp {
         self.record_refusal(&deny);
         let body = audit::refusal_body(&deny, &self.request_id);
         let retry = deny.reason.retry_after_seconds().map(|s| s.to_string());
-        let mut headers = vec![("content-type", "application/json"), ("cache-control", "no-store")];
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+        ];
         if let Some(r) = retry.as_deref() {
             headers.push(("retry-after", r));
         }
@@ -270,9 +273,19 @@ impl ApisecHttp {
     /// Audit, metrics and the ban counter for a refusal (ours, or Envoy's 429 after we allowed).
     fn record_refusal(&mut self, deny: &Deny) {
         let now = now_secs().unwrap_or(0);
-        self.ctx.ban = engine::count_refusal(&self.policy, &self.ctx, self.req.conn.client_ip, deny.reason, &EnvoyStore, now);
+        self.ctx.ban = engine::count_refusal(
+            &self.policy,
+            &self.ctx,
+            self.req.conn.client_ip,
+            deny.reason,
+            &EnvoyStore,
+            now,
+        );
         if let Some(ban) = &self.ctx.ban {
-            log(LogLevel::Warn, &format!("apisec: {ban} (request {})", self.request_id));
+            log(
+                LogLevel::Warn,
+                &format!("apisec: {ban} (request {})", self.request_id),
+            );
             self.metrics.banned();
         }
         self.audit(Err(deny));
@@ -299,7 +312,11 @@ impl ApisecHttp {
     }
 
     fn hidden_fields(&self) -> Option<&[Vec<String>]> {
-        let grant = self.ctx.grant.as_deref().and_then(|g| self.policy.grant(g))?;
+        let grant = self
+            .ctx
+            .grant
+            .as_deref()
+            .and_then(|g| self.policy.grant(g))?;
         (!grant.hide_response_fields.is_empty()).then_some(grant.hide_response_fields.as_slice())
     }
 
@@ -355,7 +372,9 @@ impl ApisecHttp {
                 Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
                 _ => None,
             };
-            self.req.conn.peer_cert_sha256 = text(vec!["connection", "sha256_peer_certificate_digest"]).map(|s| s.to_ascii_lowercase());
+            self.req.conn.peer_cert_sha256 =
+                text(vec!["connection", "sha256_peer_certificate_digest"])
+                    .map(|s| s.to_ascii_lowercase());
             self.req.conn.peer_uri_san = text(vec!["connection", "uri_san_peer_certificate"]);
         }
         if self.req.method.is_empty() || self.req.path_and_query.is_empty() {
@@ -438,11 +457,16 @@ impl HttpContext for ApisecHttp {
         if !self.allowed {
             return Action::Continue;
         }
-        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status").ok().flatten();
+        let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
+            .ok()
+            .flatten();
         if status.as_deref() == Some("429") {
             // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3).
             self.allowed = false;
-            self.record_refusal(&Deny::new(DenyReason::RateLimited, "rate limit answered 429"));
+            self.record_refusal(&Deny::new(
+                DenyReason::RateLimited,
+                "rate limit answered 429",
+            ));
             return Action::Continue;
         }
         if self.hidden_fields().is_some() && !end_of_stream {
@@ -457,14 +481,22 @@ impl HttpContext for ApisecHttp {
             return Action::Continue;
         }
         if body_size as u64 > self.policy.max_body_bytes {
-            return self.withhold_response(Deny::new(DenyReason::ResponseUnfilterable, "response over max_body_bytes"));
+            return self.withhold_response(Deny::new(
+                DenyReason::ResponseUnfilterable,
+                "response over max_body_bytes",
+            ));
         }
         if !end_of_stream {
             return Action::Pause;
         }
         let body = match hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size) {
             Ok(b) => b.unwrap_or_default(),
-            Err(s) => return self.withhold_response(Deny::new(DenyReason::HostUnavailable, format!("response body: {s:?}"))),
+            Err(s) => {
+                return self.withhold_response(Deny::new(
+                    DenyReason::HostUnavailable,
+                    format!("response body: {s:?}"),
+                ))
+            }
         };
         let result = match self.hidden_fields() {
             Some(hidden) => access::filter_response_fields(hidden, &body),
@@ -473,11 +505,20 @@ impl HttpContext for ApisecHttp {
         match result {
             Ok(None) => {}
             Ok(Some(filtered)) => {
-                if hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &filtered).is_err() {
-                    return self.withhold_response(Deny::new(DenyReason::HostUnavailable, "cannot rewrite the response"));
+                if hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &filtered)
+                    .is_err()
+                {
+                    return self.withhold_response(Deny::new(
+                        DenyReason::HostUnavailable,
+                        "cannot rewrite the response",
+                    ));
                 }
                 let len = filtered.len().to_string();
-                let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", Some(&len));
+                let _ = hostcalls::set_map_value(
+                    MapType::HttpResponseHeaders,
+                    "content-length",
+                    Some(&len),
+                );
             }
             Err(d) => return self.withhold_response(d),
         }

@@ -1,0 +1,374 @@
+"""Access control through a real Envoy: grants and their validity (PERM-1..PERM-6, OPS-3), black
+and white lists and source ranges (BWL-1..BWL-3, OPS-5), identity bound to TLS (ID-2, ID-3,
+DATA-1, DATA-2), API lifecycle and suspension (OPS-1, MON-5), automatic bans (PERM-4, RL-3,
+MON-4, MON-6). Every rule has an accepted and a refused case; refusals check status, code and
+the audit record."""
+from __future__ import annotations
+
+import datetime
+import json
+import ssl
+import time
+import warnings
+
+import pytest
+from conftest import SECRET_VAR, Client, base_policy, gw, new_secret, read_audit, start_gateway
+from test_levels_and_signatures import assert_refused
+from test_policy_and_failure import ecds_stats, wait_for
+
+
+def hmac_app(app_id: str, **extra) -> dict:
+    return {"id": app_id, "credentials": [{"id": f"{app_id}-hmac", "alg": "hmac-sha256", "secret_env": SECRET_VAR}], **extra}
+
+
+def s0_api(api_id: str, path: str, state: str) -> dict:
+    return {"id": api_id, "method": "GET", "path": path, "level": "S0", "service_object": "toC", "access": "read",
+            "user_auth": False, "personal_info": False, "function": "public_info", "state": state}
+
+
+def access_policy() -> dict:
+    doc = base_policy()
+    utc_hour = datetime.datetime.now(datetime.timezone.utc).hour
+    closed_from = (utc_hour + 2) % 24  # a window that is certainly closed for the next hour
+    doc["apps"] += [
+        hmac_app("t-limited"), hmac_app("t-future"), hmac_app("t-expired"), hmac_app("t-window"),
+        hmac_app("t-nogrant"), hmac_app("t-users"), hmac_app("t-blocked"), hmac_app("t-outsider"),
+        hmac_app("t-suspended", suspended=True),
+        hmac_app("t-ranges-ok", allowed_ips=["127.0.0.0/8", "::1/128"]),
+        hmac_app("t-ranges-no", allowed_ips=["10.0.0.0/8", "2001:db8::/32"]),
+    ]
+    research = ["info.research"]
+    doc["grants"] += [
+        {"id": "t-limited-2", "app": "t-limited", "apis": research, "max_uses": 2},
+        {"id": "t-future", "app": "t-future", "apis": research, "not_before": "2099-01-01T00:00:00+08:00"},
+        {"id": "t-expired", "app": "t-expired", "apis": research, "not_after": "2020-01-01T00:00:00+08:00"},
+        {"id": "t-window", "app": "t-window", "apis": research, "timezone": "UTC",
+         "windows": [{"from": f"{closed_from:02d}:00", "to": f"{closed_from:02d}:30"}]},
+        {"id": "t-users", "app": "t-users", "apis": research, "users": ["u-1", "u-gone"]},
+        {"id": "t-blocked", "app": "t-blocked", "apis": research},
+        {"id": "t-outsider", "app": "t-outsider", "apis": research},
+        {"id": "t-suspended", "app": "t-suspended", "apis": research},
+        {"id": "t-ranges-ok", "app": "t-ranges-ok", "apis": research},
+        {"id": "t-ranges-no", "app": "t-ranges-no", "apis": research},
+    ]
+    doc["opted_out_users"] = ["u-gone"]
+    doc["lists"] = [
+        {"id": "bl-app-ip", "mode": "deny", "apis": ["*"], "entries": [{"app": "t-blocked", "ip": "127.0.0.1"}, {"user": "u-frozen"}]},
+        {"id": "wl-research", "mode": "allow", "apis": ["info.research"],
+         "entries": [{"app": a} for a in ["demo-partner", "demo-desk", "t-nogrant", "t-limited", "t-future", "t-expired", "t-window",
+                                          "t-users", "t-blocked", "t-suspended", "t-ranges-ok", "t-ranges-no"]]},
+    ]
+    doc["apis"] += [
+        s0_api("beta.feature", "/api/v1/beta/feature", "draft"),
+        s0_api("legacy.feature", "/api/v1/legacy/feature", "retired"),
+        s0_api("maint.feature", "/api/v1/maint/feature", "offline"),
+        s0_api("grouped.feature", "/api/v1/grouped/feature", "online"),
+    ]
+    doc["api_groups"].append({"id": "degraded", "apis": ["grouped.feature"], "state": "offline"})
+    return doc
+
+
+@pytest.fixture(scope="module")
+def acc(tmp_path_factory):
+    secret = new_secret()
+    g = start_gateway(tmp_path_factory.mktemp("access"), access_policy(), secret=secret)
+    yield g, Client(g, secret)
+    g.stop()
+
+
+def research(client: Client, app: str, extra=None, base=None, headers=None):
+    signed = client.sign("GET", "/api/v1/info/research/r-1", app=app, keyid=f"{app}-hmac", extra=extra, base=base)
+    hdrs = list(signed["headers"].items()) + (headers or [])
+    return client.send(signed, hdrs)
+
+
+def allowed(r) -> dict:
+    assert r.status_code == 200, r.text
+    return r.json()["headers"]
+
+
+# ------------------------------------------------------------------ grants (PERM-2, PERM-5, OPS-3)
+
+def test_s1_needs_a_grant(acc):  # PERM-2
+    g, client = acc
+    assert allowed(research(client, "demo-partner"))["x-apisec-app"] == "demo-partner"
+    audit = assert_refused(g, research(client, "t-nogrant"), 403, "no_grant")
+    assert audit["app"] == "t-nogrant" and audit["api"] == "info.research"
+
+
+def test_s0_needs_no_grant(acc):  # PERM-2
+    g, client = acc
+    r = client.get("/api/v1/market/quotes/1", headers={"x-app-id": "t-nogrant"})
+    assert r.status_code == 200
+
+
+def test_grant_contract_period(acc):  # PERM-5
+    g, client = acc
+    assert_refused(g, research(client, "t-future"), 403, "grant_not_yet_valid")
+    assert_refused(g, research(client, "t-expired"), 403, "grant_expired")
+
+
+def test_grant_time_window(acc):  # PERM-5
+    g, client = acc
+    assert_refused(g, research(client, "t-window"), 403, "grant_outside_window")
+
+
+def test_grant_use_count_holds_across_workers_and_reload(acc):  # PERM-5, PERM-3
+    g, client = acc
+    assert allowed(research(client, "t-limited"))["x-apisec-app"] == "t-limited"
+    assert research(client, "t-limited").status_code == 200
+    audit = assert_refused(g, research(client, "t-limited"), 403, "grant_exhausted")
+    assert audit["app"] == "t-limited"
+    before = ecds_stats(g)["update_success"]
+    gw.write_ecds(json.dumps(access_policy()), g.layout)  # the same policy, reloaded
+    wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
+    assert_refused(g, research(client, "t-limited"), 403, "grant_exhausted")
+
+
+def test_audit_names_the_grant(acc):  # OPS-3
+    g, client = acc
+    r = research(client, "demo-partner")
+    rec = read_audit(g, r.json()["headers"]["x-request-id"])
+    assert rec["audit"]["grant"] == "demo-partner-info"
+
+
+# ------------------------------------------------------------------ users and opt-out (PERM-1, PERM-6)
+
+def test_user_grant_and_opt_out(acc):
+    g, client = acc
+    seen = allowed(research(client, "t-users", extra=["--header", "x-user-id: u-1", "--cover", "x-user-id"]))
+    assert seen["x-apisec-user"] == "u-1"
+    assert_refused(g, research(client, "t-users", extra=["--header", "x-user-id: u-2", "--cover", "x-user-id"]), 403, "no_grant")
+    assert_refused(g, research(client, "t-users", extra=["--header", "x-user-id: u-gone", "--cover", "x-user-id"]),
+                   403, "user_opted_out")
+
+
+def test_user_claim_must_be_signed(acc):  # PERM-1: the user dimension counts only when signed
+    g, client = acc
+    r = research(client, "t-users", headers=[("x-user-id", "u-1")])
+    assert_refused(g, r, 401, "component_not_covered")
+
+
+# ------------------------------------------------------------------ field permissions (PERM-1)
+
+def test_forbidden_request_field(acc):
+    g, client = acc
+    ok = client.sign("POST", "/api/v1/orders", body=b'{"symbol":"600000","qty":100}', keyid="demo-partner-p256")
+    assert client.send(ok).status_code == 200
+    bad = client.sign("POST", "/api/v1/orders", body=b'{"symbol":"600000","qty":100,"margin_override":true}',
+                      keyid="demo-partner-p256")
+    audit = assert_refused(g, client.send(bad), 403, "field_forbidden")
+    assert "margin_override" in audit["detail"]
+
+
+def test_hidden_response_fields_removed(acc):
+    g, client = acc
+    r = client.send(client.sign("GET", "/api/v1/accounts/8800123/balance", keyid="demo-partner-p256"))
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["balance"] == "102400.50"
+    assert "id_number" not in doc and "mobile" not in doc
+    assert int(r.headers["content-length"]) == len(r.content), "content-length fixed after filtering"
+
+
+# ------------------------------------------------------------------ lists and source ranges (BWL-1..3, OPS-5)
+
+def test_blacklist_app_plus_ip(acc):  # BWL-1, BWL-2
+    g, client = acc
+    audit = assert_refused(g, research(client, "t-blocked"), 403, "blacklisted")
+    assert "bl-app-ip" in audit["detail"]
+
+
+def test_blacklist_user(acc):  # BWL-1
+    g, client = acc
+    r = research(client, "demo-partner", extra=["--header", "x-user-id: u-frozen", "--cover", "x-user-id"])
+    assert_refused(g, r, 403, "blacklisted")
+
+
+def test_whitelist_mode(acc):  # BWL-2
+    g, client = acc
+    assert_refused(g, research(client, "t-outsider"), 403, "not_whitelisted")
+    assert research(client, "t-limited").status_code in (200, 403)  # listed; may be exhausted by now
+
+
+def test_app_source_ranges_and_forged_xff(acc):  # BWL-1, OPS-5
+    g, client = acc
+    assert allowed(research(client, "t-ranges-ok"))["x-apisec-app"] == "t-ranges-ok"
+    audit = assert_refused(g, research(client, "t-ranges-no"), 403, "ip_not_allowed")
+    assert audit["client_ip"] == "127.0.0.1"
+    # A forged X-Forwarded-For from an untrusted client changes nothing (xff_num_trusted_hops: 0).
+    r = research(client, "t-ranges-no", headers=[("x-forwarded-for", "10.1.2.3")])
+    assert_refused(g, r, 403, "ip_not_allowed")
+    r = research(client, "t-ranges-ok", headers=[("x-forwarded-for", "10.1.2.3")])
+    assert r.status_code == 200
+
+
+def test_list_change_takes_effect_live(tmp_path):  # BWL-3
+    secret = new_secret()
+    g = start_gateway(tmp_path, base_policy(), secret=secret)
+    try:
+        client = Client(g, secret)
+        assert research(client, "demo-partner").status_code == 200
+        doc = base_policy()
+        doc["lists"] = [{"id": "bl-partner", "mode": "deny", "apis": ["info.*"], "entries": [{"app": "demo-partner"}]}]
+        before = ecds_stats(g)["update_success"]
+        gw.write_ecds(json.dumps(doc), g.layout)
+        wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
+        assert_refused(g, research(client, "demo-partner"), 403, "blacklisted")
+        assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code == 200
+    finally:
+        g.stop()
+
+
+# ------------------------------------------------------------------ TLS and mTLS identity (ID-2, ID-3, DATA-1, DATA-2)
+
+def test_mtls_certificate_identifies_the_app(acc):  # ID-2, ID-3
+    g, client = acc
+    hdrs = [("x-app-id", "demo-partner")]
+    r = client.raw("GET", client.mtls + "/api/v1/accounts/8800123/balance", hdrs, cert="client-demo-partner")
+    assert r.status_code == 200, r.text
+    rec = read_audit(g, r.json()["headers"]["x-request-id"])
+    assert rec["audit"]["auth"] == "certificate" and rec["audit"]["level"] == "S2"
+
+
+def test_mtls_s3_still_needs_signature(acc):  # DATA-4
+    g, client = acc
+    hdrs = [("x-app-id", "demo-partner")]
+    r = client.raw("DELETE", client.mtls + "/api/v1/orders/o-1", hdrs, cert="client-demo-partner")
+    assert_refused(g, r, 401, "signature_missing")
+    signed = client.sign("DELETE", "/api/v1/orders/o-1", keyid="demo-partner-p256", base=client.mtls)
+    r = client.send(signed, cert="client-demo-partner")
+    assert r.status_code == 200
+    assert read_audit(g, r.json()["headers"]["x-request-id"])["audit"]["auth"] == "certificate+signature"
+
+
+def test_mtls_wrong_app_certificate_refused(acc):
+    g, client = acc
+    r = client.raw("GET", client.mtls + "/api/v1/accounts/1/balance", [("x-app-id", "demo-partner")], cert="client-demo-desk")
+    assert_refused(g, r, 401, "certificate_mismatch")
+
+
+def test_mtls_unknown_ca_and_no_certificate_fail_the_handshake(acc):  # ID-3
+    g, client = acc
+    for cert in ("client-rogue", None):
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            client.raw("GET", client.mtls + "/api/v1/accounts/1/balance", [("x-app-id", "demo-partner")], cert=cert)
+    assert g.stat("listener.127.0.0.1_%d.ssl.fail_verify_no_cert" % g.layout.mtls_port) \
+        + g.stat("listener.127.0.0.1_%d.ssl.fail_verify_error" % g.layout.mtls_port) \
+        + g.stat("listener.127.0.0.1_%d.ssl.connection_error" % g.layout.mtls_port) >= 1
+
+
+def handshake_refused_by_gateway(g, ctx) -> bool:
+    """True when the gateway (not the client library) ended the handshake: Envoy counts it."""
+    import socket
+
+    stat = "listener.127.0.0.1_%d.ssl.connection_error" % g.layout.https_port
+    before = g.stat(stat)
+    with socket.create_connection(("127.0.0.1", g.layout.https_port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="localhost"):
+                return False
+        except (ssl.SSLError, OSError):
+            pass
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        if g.stat(stat) > before:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_tls_versions_and_ciphers(acc):  # DATA-1
+    g, client = acc
+    import http.client
+
+    ok = client.tls_context()
+    ok.minimum_version = ok.maximum_version = ssl.TLSVersion.TLSv1_2
+    conn = http.client.HTTPSConnection("127.0.0.1", g.layout.https_port, context=ok, timeout=5)
+    conn.request("GET", "/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"})
+    assert conn.getresponse().status == 200
+
+    weak = client.tls_context()
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE-ECDSA-AES128-SHA")  # CBC without AEAD: not in the gateway's list
+    assert handshake_refused_by_gateway(g, weak)
+
+    old = client.tls_context()
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    assert handshake_refused_by_gateway(g, old)
+
+
+# ------------------------------------------------------------------ lifecycle and isolation (OPS-1, MON-5)
+
+@pytest.mark.parametrize("path,status,code", [
+    ("/api/v1/beta/feature", 404, "api_not_published"),
+    ("/api/v1/legacy/feature", 410, "api_retired"),
+    ("/api/v1/maint/feature", 503, "api_offline"),
+    ("/api/v1/grouped/feature", 503, "api_offline"),
+])
+def test_lifecycle_states(acc, path, status, code):
+    g, client = acc
+    r = client.get(path, headers={"x-app-id": "demo-partner"})
+    assert_refused(g, r, status, code)
+    if status == 503:
+        assert r.headers["retry-after"] == "300"
+
+
+def test_suspended_app_isolated(acc):  # MON-5
+    g, client = acc
+    assert_refused(g, research(client, "t-suspended"), 403, "app_suspended")
+    assert research(client, "demo-partner").status_code == 200
+
+
+# ------------------------------------------------------------------ automatic bans (PERM-4, RL-3, MON-4, MON-6)
+
+def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):
+    doc = base_policy()
+    doc["apps"] += [hmac_app("t-noisy"), hmac_app("t-limited-rate")]
+    doc["grants"] += [{"id": "t-noisy", "app": "t-noisy", "apis": ["info.research"]}]
+    doc["bans"] = {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+    secret = new_secret()
+    g = start_gateway(tmp_path, doc, secret=secret, rate_limits={"t-limited-rate": (2, 60)})
+    try:
+        client = Client(g, secret)
+        # 1. by app: three refused attempts, then even a valid request is refused
+        for i in range(3):
+            signed = client.sign("GET", f"/api/v1/info/research/n-{i}", app="t-noisy", keyid="t-noisy-hmac")
+            signed["url"] += "x"  # tampered: signature_invalid
+            assert client.send(signed).json()["error"] == "signature_invalid"
+        audit = assert_refused(g, research(client, "t-noisy"), 403, "banned")
+        assert audit["app"] == "t-noisy"
+        assert g.stat("wasmcustom.apisec.bans_started") == 1
+        assert research(client, "demo-partner").status_code == 200, "other apps unaffected"
+
+        # 2. Envoy's rate limiter answers 429; those count too (RL-3)
+        s0 = lambda: client.get("/api/v1/market/quotes/1", headers={"x-app-id": "t-limited-rate"})  # noqa: E731
+        codes = [s0().status_code for _ in range(5)]
+        assert codes[:2] == [200, 200] and codes[2:] == [429, 429, 429], codes
+        r = s0()
+        assert_refused(g, r, 403, "banned")
+        limited = [json.loads(line) for line in g.layout.audit_log.read_text().splitlines()]
+        limited = [x for x in limited if x.get("status") == 429]
+        assert limited and json.loads(limited[0]["audit"])["code"] == "rate_limited"
+
+        # 3. by IP when no app is identified
+        for _ in range(3):
+            assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "nobody"}).json()["error"] == "unknown_app"
+        audit = assert_refused(g, client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}), 403, "banned")
+        assert "ip 127.0.0.1" in audit["detail"]
+
+        # 4. the operator lifts the bans through the policy; they end at once
+        # lifted "as of" one second from now: every ban that began before then is void
+        now = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        doc["bans"]["lifted"] = [{"app": "t-noisy", "at": now, "by": "ops", "reason": "partner fixed its signer"},
+                                 {"ip": "127.0.0.1", "at": now, "by": "ops", "reason": "test client"}]
+        before = ecds_stats(g)["update_success"]
+        gw.write_ecds(json.dumps(doc), g.layout)
+        wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
+        assert research(client, "t-noisy").status_code == 200
+        assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code == 200
+    finally:
+        g.stop()
