@@ -33,7 +33,7 @@ build: .rustup-done
 	$(CARGO) build --release --locked -p apisec-filter --target wasm32-wasip1
 	$(CARGO) build --release --locked -p apisec
 
-build/certs/ca.pem: $(VENV)/.installed
+build/certs/ca.pem: envoy/certs.py $(VENV)/.installed
 	$(PY) envoy/certs.py --out build/certs
 
 build/demo.env:

@@ -452,31 +452,40 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def example_commands(layout: Layout, env: dict[str, str]) -> str:
-    cli = apisec_cli()
-    base = f"http://127.0.0.1:{layout.http_port}"
+    cli = apisec_cli().relative_to(ROOT)
+    http = f"http://127.0.0.1:{layout.http_port}"
+    https = f"https://127.0.0.1:{layout.https_port}"
+    mtls = f"https://127.0.0.1:{layout.mtls_port}"
     secret = env.get("APISEC_DEMO_PARTNER_SECRET", "")
+    certs = "build/certs"
     lines = [
         "",
         "apisec demo gateway is up.",
-        f"  http   {base}      https https://127.0.0.1:{layout.https_port} (CA: build/certs/ca.pem)",
-        f"  admin  http://127.0.0.1:{layout.admin_port}     audit log: {layout.audit_log}",
+        f"  http  {http}   https {https}   mTLS {mtls}   (CA: {certs}/ca.pem)",
+        f"  admin http://127.0.0.1:{layout.admin_port}    audit log: {layout.audit_log}",
         "",
-        "An S0 API (market data) needs only a known App_ID:",
-        f"  curl -sS {base}/api/v1/market/quotes/600000 -H 'x-app-id: demo-partner'",
+        "S0 (market data) needs only a known App_ID, over plain HTTP or TLS:",
+        f"  curl -sS {http}/api/v1/market/quotes/600000 -H 'x-app-id: demo-partner'",
         "",
-        "An S1 API needs an RFC 9421 signature (created, nonce, keyid). Sign and send in one go:",
+        "S1 (licensed research) needs TLS and an RFC 9421 signature with the app's secret:",
         f"  export APISEC_DEMO_PARTNER_SECRET={secret}",
-        f"  eval \"$({cli.relative_to(ROOT)} sign --app demo-partner --keyid demo-partner-hmac "
-        f"--secret-env APISEC_DEMO_PARTNER_SECRET --url {base}/api/v1/info/research/r-2026-001)\"",
+        f"  eval \"$({cli} sign --app demo-partner --keyid demo-partner-hmac "
+        f"--secret-env APISEC_DEMO_PARTNER_SECRET --url {https}/api/v1/info/research/r-2026-001)\"",
         "",
-        "An S3 API (place an order) needs the app's key pair; the body is bound by content-digest:",
-        f"  eval \"$({cli.relative_to(ROOT)} sign --app demo-partner --keyid demo-partner-p256 "
-        f"--key policies/demo-keys/demo-partner.key.pem --url {base}/api/v1/orders "
+        "S2 (account balance) with the app's client certificate on the mTLS listener; the grant",
+        "hides id_number and mobile from the response:",
+        f"  curl -sS --cacert {certs}/ca.pem --cert {certs}/client-demo-partner.pem --key {certs}/client-demo-partner.key \\",
+        f"    {mtls}/api/v1/accounts/8800123/balance -H 'x-app-id: demo-partner'",
+        "",
+        "S3 (place an order) needs the app's key-pair signature; the body is bound by content-digest:",
+        f"  eval \"$({cli} sign --app demo-partner --keyid demo-partner-p256 "
+        f"--key policies/demo-keys/demo-partner.key.pem --url {https}/api/v1/orders "
         "--data '{\\\"symbol\\\":\\\"600000\\\",\\\"side\\\":\\\"buy\\\",\\\"qty\\\":100}')\"",
         "",
-        "Print the request instead of sending it (drop the eval), change one byte, and the gateway",
-        "answers 401 {\"error\":\"signature_invalid\"} (or digest_mismatch for the body). Send the",
-        "same signed request twice and the second gets 401 {\"error\":\"nonce_replayed\"}.",
+        "Drop the eval to print the request instead of sending it. Change one byte and the gateway",
+        "answers 401 {\"error\":\"signature_invalid\"} (digest_mismatch for the body); send it twice",
+        "and the second gets 401 {\"error\":\"nonce_replayed\"}; send S1 over plain HTTP and get",
+        "403 {\"error\":\"tls_required\"}.",
         "",
     ]
     return "\n".join(lines)

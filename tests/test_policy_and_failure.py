@@ -56,6 +56,9 @@ BAD_POLICIES = {
         {**doc, "apps": [{"id": "x", "credentials": [{"id": "x-h", "alg": "hmac-sha256", "secret_env": "APISEC_NOT_SET"}]}]}
     ),
     "overlapping APIs": lambda doc: json.dumps({**doc, "apis": doc["apis"] + [{**doc["apis"][0], "id": "dup"}]}),
+    "S3 grant without approval": lambda doc: json.dumps(
+        {**doc, "grants": doc["grants"] + [{"id": "no-approval", "app": "demo-partner", "apis": ["trade.order.place"]}]}
+    ),
 }
 
 

@@ -17,6 +17,10 @@ const USAGE: &str = "usage:
   apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
                                           only if their environment variables are set
   apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
+  apisec grants list FILE [--app APP]     list grants (all, or one caller's) with their validity (OPS-3)
+  apisec grants revoke FILE --app APP [--grant ID]
+                                          print the policy without that caller's grants (or one
+                                          grant), validated, as YAML (comments are not kept)
   apisec sign --app APP --keyid KEYID (--secret-env VAR | --secret B64 | --key PEMFILE)
               --url URL [--method M] [--data BODY | --data-file FILE] [--header 'name: value']...
               [--cover COMPONENT]... [--nonce N] [--created UNIX] [--expires UNIX] [--label L]
@@ -36,6 +40,12 @@ fn main() -> ExitCode {
         ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
         ["policy", "check", file] => policy_check(file),
         ["policy", "json", file] => policy_json(file),
+        ["grants", "list", file] => grants_list(file, None),
+        ["grants", "list", file, "--app", app] => grants_list(file, Some(app)),
+        ["grants", "revoke", file, "--app", app] => grants_revoke(file, app, None),
+        ["grants", "revoke", file, "--app", app, "--grant", id] => {
+            grants_revoke(file, app, Some(id))
+        }
         ["sign", rest @ ..] => sign_cmd(rest),
         ["help"] | ["--help"] | ["-h"] => {
             println!("{USAGE}");
@@ -149,6 +159,79 @@ fn policy_json(file: &str) -> Result<(), String> {
     println!(
         "{}",
         serde_json::to_string(&raw).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn grants_list(file: &str, app: Option<&str>) -> Result<(), String> {
+    let raw = load_policy(file)?;
+    raw.validate().map_err(|e| format!("{file}: {e}"))?;
+    let mut n = 0;
+    for g in raw.grants.iter().filter(|g| app.is_none_or(|a| g.app == a)) {
+        n += 1;
+        let mut what: Vec<String> = g.apis.clone();
+        what.extend(g.functions.iter().map(|f| format!("function:{f}")));
+        let mut validity = Vec::new();
+        if let Some(t) = &g.not_before {
+            validity.push(format!("from {t}"));
+        }
+        if let Some(t) = &g.not_after {
+            validity.push(format!("until {t}"));
+        }
+        if g.once {
+            validity.push("single use".into());
+        }
+        if let Some(m) = g.max_uses {
+            validity.push(format!("{m} uses"));
+        }
+        if !g.windows.is_empty() {
+            validity.push(format!("{} time windows", g.windows.len()));
+        }
+        if !g.users.is_empty() {
+            validity.push(format!("users {}", g.users.join(",")));
+        }
+        let approval = g
+            .approval
+            .as_ref()
+            .map(|a| format!(" approved by {} ({}, {})", a.approver, a.ticket, a.date));
+        println!(
+            "{}\t{}\t{}\t{}{}",
+            g.id,
+            g.app,
+            what.join(","),
+            if validity.is_empty() {
+                "no limits".to_string()
+            } else {
+                validity.join("; ")
+            },
+            approval.unwrap_or_default()
+        );
+    }
+    if n == 0 {
+        eprintln!(
+            "no grants{}",
+            app.map(|a| format!(" for {a}")).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn grants_revoke(file: &str, app: &str, grant: Option<&str>) -> Result<(), String> {
+    let mut raw = load_policy(file)?;
+    let before = raw.grants.len();
+    raw.grants
+        .retain(|g| !(g.app == app && grant.is_none_or(|id| g.id == id)));
+    if raw.grants.len() == before {
+        return Err(format!("{file}: no matching grant for {app}"));
+    }
+    raw.validate().map_err(|e| format!("{file}: {e}"))?;
+    eprintln!(
+        "removed {} grant(s) of {app}; apply the printed policy to take effect",
+        before - raw.grants.len()
+    );
+    print!(
+        "{}",
+        serde_yaml::to_string(&raw).map_err(|e| e.to_string())?
     );
     Ok(())
 }
