@@ -190,6 +190,60 @@ def local_rate_limit(layout: Layout) -> dict:
     }
 
 
+def _index(doc: dict, section: str) -> dict:
+    return {x.get("id"): x for x in doc.get(section, []) if isinstance(x, dict)}
+
+
+def policy_changes(old: dict | None, new: dict) -> list[dict]:
+    """What an operator changed, item by item: levels, lifecycle, apps, keys, grants, lists,
+    opt-outs, bans (LVL-4, BWL-3, PERM-3, LOG-5)."""
+    old = old or {}
+    changes = []
+    for section in ("apis", "apps", "grants", "lists", "api_groups"):
+        before, after = _index(old, section), _index(new, section)
+        for key in sorted(set(before) | set(after), key=str):
+            b, a = before.get(key), after.get(key)
+            if b == a:
+                continue
+            entry = {"section": section, "id": key, "change": "added" if b is None else "removed" if a is None else "changed"}
+            if b is not None and a is not None:
+                entry["fields"] = {
+                    f: {"before": b.get(f), "after": a.get(f)}
+                    for f in sorted(set(b) | set(a))
+                    if b.get(f) != a.get(f) and f not in ("public_key_pem",)
+                }
+                if b.get("credentials") != a.get("credentials"):
+                    entry["fields"]["credentials"] = {
+                        "before": [c.get("id") for c in b.get("credentials", [])],
+                        "after": [c.get("id") for c in a.get("credentials", [])],
+                    }
+            changes.append(entry)
+    for key in ("opted_out_users", "bans", "gateway"):
+        if old.get(key) != new.get(key):
+            changes.append({"section": key, "change": "changed", "before": old.get(key), "after": new.get(key)})
+    return changes
+
+
+def apply_policy(policy_json: str, layout: Layout, actor: str, source: str) -> list[dict]:
+    """Hot-reloads a validated policy and appends what changed to the operations log."""
+    current = layout.ecds_dir / "applied-policy.json"
+    old = json.loads(current.read_text()) if current.exists() else None
+    new = json.loads(policy_json)
+    changes = policy_changes(old, new)
+    write_ecds(policy_json, layout)
+    current.write_text(policy_json)
+    record = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "actor": actor,
+        "source": source,
+        "policy_sha256": __import__("hashlib").sha256(policy_json.encode()).hexdigest(),
+        "changes": changes,
+    }
+    with open(layout.build / "operations.log", "a") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return changes
+
+
 def hcm(stat_prefix: str, layout: Layout) -> dict:
     return {
         "name": "envoy.filters.network.http_connection_manager",
@@ -311,7 +365,7 @@ def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False
 
 def render(policy_json: str, layout: Layout) -> Path:
     layout.build.mkdir(parents=True, exist_ok=True)
-    write_ecds(policy_json, layout)
+    apply_policy(policy_json, layout, actor=os.environ.get("USER", "operator"), source="startup")
     listeners = [listener("http", layout.http_port, layout, tls=False)]
     if layout.certs is not None:
         listeners.append(listener("https", layout.https_port, layout, tls=True))
@@ -500,6 +554,7 @@ def main() -> int:
     run.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
     apply_ = sub.add_parser("apply", help="validate a policy and hot-reload it into the running gateway")
     apply_.add_argument("policy")
+    apply_.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who makes the change (operations log)")
     apply_.add_argument("--build", default=str(ROOT / "build"))
     apply_.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
     args = ap.parse_args()
@@ -512,8 +567,9 @@ def main() -> int:
         print(f"policy refused: {e}", file=sys.stderr)
         return 2
     if args.cmd == "apply":
-        write_ecds(policy_json, layout)
-        print(f"applied {args.policy}; Envoy reloads it from {layout.ecds_dir / ECDS_FILE}")
+        changes = apply_policy(policy_json, layout, actor=args.actor, source=str(args.policy))
+        print(f"applied {args.policy}: {len(changes)} change(s) logged to {layout.build / 'operations.log'}; "
+              f"Envoy reloads it from {layout.ecds_dir / ECDS_FILE}")
         return 0
 
     env = read_env_file(build / "demo.env")

@@ -212,9 +212,13 @@ def test_list_change_takes_effect_live(tmp_path):  # BWL-3
         doc = base_policy()
         doc["lists"] = [{"id": "bl-partner", "mode": "deny", "apis": ["info.*"], "entries": [{"app": "demo-partner"}]}]
         before = ecds_stats(g)["update_success"]
-        gw.write_ecds(json.dumps(doc), g.layout)
+        gw.apply_policy(json.dumps(doc), g.layout, actor="alice", source="test")
         wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
         assert_refused(g, research(client, "demo-partner"), 403, "blacklisted")
+        # the change is in the operations log: who, when, what (BWL-3)
+        last = json.loads((g.layout.build / "operations.log").read_text().splitlines()[-1])
+        assert last["actor"] == "alice" and last["ts"]
+        assert {"section": "lists", "id": "bl-partner", "change": "added"} in last["changes"]
         assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code == 200
     finally:
         g.stop()

@@ -92,8 +92,12 @@ def test_level_change_takes_effect_without_restart_and_replay_state_survives(own
     # S1 needs a grant (PERM-2): the operator raises the level and grants the partner together.
     raised["grants"].append({"id": "quote-after-raise", "app": "demo-partner", "apis": ["market.quote"]})
     before = ecds_stats(g)["update_success"]
-    gw.write_ecds(json.dumps(raised), g.layout)
+    gw.apply_policy(json.dumps(raised), g.layout, actor="bob", source="test")
     wait_for(lambda: ecds_stats(g)["update_success"] > before, what="the new policy to load")
+    # LVL-4: the change is logged with who, when, before and after
+    last = json.loads((g.layout.build / "operations.log").read_text().splitlines()[-1])
+    quote = next(c for c in last["changes"] if c.get("id") == "market.quote")
+    assert last["actor"] == "bob" and quote["fields"]["level"] == {"before": "S0", "after": "S1"}
     assert g.envoy.pid == pid and g.envoy.poll() is None, "no restart"
     r = client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"}, tls=True)
     assert_refused(g, r, 401, "signature_missing")
