@@ -244,7 +244,39 @@ def apply_policy(policy_json: str, layout: Layout, actor: str, source: str) -> l
     return changes
 
 
-def hcm(stat_prefix: str, layout: Layout) -> dict:
+def apisec_filter() -> dict:
+    """The apisec filter, delivered by ECDS from the watched file."""
+    return {
+        "name": ECDS_NAME,
+        "config_discovery": {
+            "config_source": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": "{ecds_file}",
+                    "watched_directory": {"path": "{ecds_dir}"},
+                },
+            },
+            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
+        },
+    }
+
+
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+def default_filters(layout: Layout) -> list[dict]:
+    return [apisec_filter(), local_rate_limit(layout), ROUTER]
+
+
+def hcm(stat_prefix: str, layout: Layout, http_filters: list[dict] | None = None) -> dict:
+    filters = json.loads(
+        json.dumps(http_filters if http_filters is not None else default_filters(layout))
+        .replace("{ecds_file}", str(layout.ecds_dir / ECDS_FILE))
+        .replace("{ecds_dir}", str(layout.ecds_dir))
+    )
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
@@ -293,32 +325,14 @@ def hcm(stat_prefix: str, layout: Layout) -> dict:
                     }
                 ],
             },
-            "http_filters": [
-                {
-                    "name": ECDS_NAME,
-                    "config_discovery": {
-                        "config_source": {
-                            "resource_api_version": "V3",
-                            "path_config_source": {
-                                "path": str(layout.ecds_dir / ECDS_FILE),
-                                "watched_directory": {"path": str(layout.ecds_dir)},
-                            },
-                        },
-                        "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
-                    },
-                },
-                local_rate_limit(layout),
-                {
-                    "name": "envoy.filters.http.router",
-                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                },
-            ],
+            "http_filters": filters,
         },
     }
 
 
-def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False) -> dict:
-    chain: dict = {"filters": [hcm(name, layout)]}
+def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False,
+             http_filters: list[dict] | None = None) -> dict:
+    chain: dict = {"filters": [hcm(name, layout, http_filters)]}
     if tls:
         assert layout.certs is not None
         tls_context: dict = {

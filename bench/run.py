@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""`make bench`: the cost of each security level against bare Envoy and Envoy's native
+jwt_authn, in one Envoy process and one run (ratios only; this machine is shared and noisy).
+
+One Envoy (--concurrency 1, pinned to CPU 1; clients pinned to CPU 0) serves one TLS listener
+per variant, all forwarding to the same direct_response listener in the same process:
+  bare       no filter (the limit)
+  s0         apisec, S0 API (known App_ID)
+  s1         apisec, S1 API: HMAC signature, content-digest-free GET, nonce, grant, lists, bans
+  s3         apisec, S3 API: P-256 signature through Envoy's BoringSSL, body digest, nonce,
+             grant with approval, evidence in the audit record
+  jwt_hs256  Envoy's jwt_authn, HS256 token
+  jwt_es256  Envoy's jwt_authn, ES256 token
+Signed requests are pre-signed in bulk (unique nonces) so client signing is not measured, and
+every response must be 200: a run with any other status is reported as invalid.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "envoy"))
+import certs as certs_mod  # noqa: E402
+import gateway as gw  # noqa: E402
+
+LOADGEN = ROOT / "target/release/apisec-loadgen"
+WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
+OUT = ROOT / "bench/results"
+VARIANTS = ["bare", "s0", "s1", "s3", "jwt_hs256", "jwt_es256"]
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+LAT_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "10"))
+FLOOD = int(os.environ.get("BENCH_FLOOD", "1000000"))
+CONNS = 16
+REPLAY = {"slots": 65536, "entries_per_slot": 32}  # capacity 2,097,152 live nonces
+
+
+def b64url(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+
+
+def jwt_tokens() -> tuple[dict, dict]:
+    """HS256 and ES256 tokens with their JWKS, made here (no external tool)."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    claims = b64url(json.dumps({"iss": "bench", "sub": "bench-app", "exp": int(time.time()) + 86400}).encode())
+    secret = os.urandom(32)
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    sig = hmac.new(secret, f"{head}.{claims}".encode(), hashlib.sha256).digest()
+    hs = {"token": f"{head}.{claims}.{b64url(sig)}", "jwks": {"keys": [{"kty": "oct", "alg": "HS256", "k": b64url(secret)}]}}
+    key = ec.generate_private_key(ec.SECP256R1())
+    nums = key.public_key().public_numbers()
+    head = b64url(json.dumps({"alg": "ES256", "typ": "JWT"}).encode())
+    r, s = decode_dss_signature(key.sign(f"{head}.{claims}".encode(), ec.ECDSA(hashes.SHA256())))
+    es_sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    es = {
+        "token": f"{head}.{claims}.{b64url(es_sig)}",
+        "jwks": {"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256",
+                           "x": b64url(nums.x.to_bytes(32, "big")), "y": b64url(nums.y.to_bytes(32, "big"))}]},
+    }
+    return hs, es
+
+
+def jwt_filter(name: str, jwks: dict) -> dict:
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {name: {"issuer": "bench", "local_jwks": {"inline_string": json.dumps(jwks)}, "forward": True}},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": name}}],
+        },
+    }
+
+
+def bench_policy(pub_pem: str) -> dict:
+    api = lambda i, m, p, lvl, f: {"id": i, "method": m, "path": p, "level": lvl, "service_object": "toB",  # noqa: E731
+                                   "access": "read" if m == "GET" else "write", "user_auth": False,
+                                   "personal_info": False, "function": f}
+    return {
+        "version": 1,
+        "gateway": {"replay": REPLAY, "nonce_lifetime_seconds": 3600, "clock_skew_seconds": 900},
+        "apis": [api("bench.s0", "GET", "/bench/s0", "S0", "market_data"),
+                 api("bench.s1", "GET", "/bench/s1", "S1", "licensed_info"),
+                 api("bench.s3", "POST", "/bench/s3", "S3", "trading")],
+        "apps": [{"id": "bench-app", "credentials": [
+            {"id": "bench-hmac", "alg": "hmac-sha256", "secret_env": "APISEC_BENCH_SECRET"},
+            {"id": "bench-p256", "alg": "ecdsa-p256-sha256", "public_key_pem": pub_pem}]}],
+        "grants": [{"id": "bench-s1", "app": "bench-app", "apis": ["bench.s1"], "not_after": "2099-01-01T00:00:00+08:00"},
+                   {"id": "bench-s3", "app": "bench-app", "apis": ["bench.s3"],
+                    "approval": {"approver": "bench", "ticket": "BENCH-1", "date": "2026-11-29"}}],
+        "lists": [{"id": "bl", "mode": "deny", "apis": ["*"], "entries": [{"ip": "192.0.2.0/24"}, {"user": "u-frozen"}]}],
+        "opted_out_users": ["u-closed"],
+        "bans": {"threshold": 1000000, "window_seconds": 60, "ban_seconds": 60},
+    }
+
+
+def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> gw.Layout:
+    layout = gw.Layout(build=build, wasm=WASM, certs=build / "certs", admin_port=ports["admin"], concurrency=1)
+    gw.write_ecds(json.dumps(policy), layout)
+    hs, es = jwts
+    filters = {
+        "bare": [gw.ROUTER],
+        "s0": [gw.apisec_filter(), gw.ROUTER],
+        "s1": [gw.apisec_filter(), gw.ROUTER],
+        "s3": [gw.apisec_filter(), gw.ROUTER],
+        "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
+        "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
+    }
+    listeners = [gw.listener(v, ports[v], layout, tls=True, http_filters=filters[v]) for v in VARIANTS]
+    listeners.append({
+        "name": "upstream",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["upstream"]}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "upstream",
+                "route_config": {"virtual_hosts": [{"name": "u", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}]}]},
+                "http_filters": [gw.ROUTER],
+            },
+        }]}],
+    })
+    bootstrap = {
+        "node": {"id": "apisec-bench", "cluster": "apisec"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["admin"]}}},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [{
+                "name": "backend", "type": "STATIC", "connect_timeout": "2s",
+                "circuit_breakers": {"thresholds": [{"max_connections": 100000, "max_pending_requests": 100000,
+                                                     "max_requests": 100000}]},
+                "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["upstream"]}}}}]}]},
+            }],
+        },
+    }
+    layout.bootstrap.write_text(json.dumps(bootstrap))
+    return layout
+
+
+WRK_LUA = r"""
+local reqs = {}
+local idx = 0
+function init(args)
+  local f = assert(io.open(args[1], "rb"))
+  local data = f:read("*a")
+  f:close()
+  for r in string.gmatch(data, "([^%z]+)") do reqs[#reqs + 1] = r end
+end
+function request()
+  idx = idx + 1
+  if idx > #reqs then idx = 1 end  -- wrapping replays nonces: the gateway refuses, and the run is invalid
+  return reqs[idx]
+end
+"""
+
+
+def pinned(cpu: int, cmd: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else cmd
+
+
+def run_wrk(url: str, headers: list[str], script: Path | None, data: Path | None) -> tuple[float, int]:
+    cmd = ["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency"]
+    for h in headers:
+        cmd += ["-H", h]
+    if script:
+        cmd += ["-s", str(script), url, "--", str(data)]
+    else:
+        cmd.append(url)
+    out = subprocess.run(pinned(0, cmd), capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    return rps, (int(bad.group(1)) if bad else 0) + (1 if errors else 0)
+
+
+def presign(args: list[str], variant: str, count: int, out: Path, prefix: str) -> None:
+    subprocess.run(pinned(0, [str(LOADGEN), "presign", "--variant", variant, "--count", str(count), "--out", str(out),
+                              "--nonce-prefix", prefix, *args]), check=True)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    for tool in ("wrk",):
+        if not shutil.which(tool):
+            print(f"{tool} not found (make bench installs it)", file=sys.stderr)
+            return 2
+    build = ROOT / "build/bench"
+    shutil.rmtree(build, ignore_errors=True)
+    build.mkdir(parents=True)
+    certs_mod.generate(build / "certs")
+    ca = build / "certs/ca.pem"
+    secret = base64.b64encode(os.urandom(32)).decode()
+    subprocess.run([str(ROOT / "target/release/apisec"), "keygen", "p256", "--out", str(build / "bench")],
+                   check=True, capture_output=True)
+    pub = (build / "bench.pub.pem").read_text()
+    ports = {k: gw.free_port() for k in [*VARIANTS, "upstream", "admin"]}
+    jwts = jwt_tokens()
+    layout = render(build, ports, bench_policy(pub), jwts)
+    env = {**os.environ, "APISEC_BENCH_SECRET": secret}
+    envoy = subprocess.Popen(
+        pinned(1, [gw.envoy_binary(), "-c", str(layout.bootstrap), "--concurrency", "1", "--base-id", str(ports["admin"]),
+                   "--log-level", "warning", "--file-flush-interval-msec", "1000"]),
+        env=env, stdout=subprocess.DEVNULL, stderr=open(build / "envoy.log", "w"))
+    g = gw.Gateway(layout, upstream=False)
+    g.envoy = envoy
+    try:
+        g.wait_ready(60)
+        time.sleep(1)
+        rss_idle = rss_kib(envoy.pid)
+        auth = {"hs": f"authorization: Bearer {jwts[0]['token']}", "es": f"authorization: Bearer {jwts[1]['token']}"}
+        url = {v: f"https://127.0.0.1:{ports[v]}" for v in VARIANTS}
+        hmac_args = ["--app", "bench-app", "--keyid", "bench-hmac", "--secret-b64", secret]
+        ec_args = ["--app", "bench-app", "--keyid", "bench-p256", "--key", str(build / "bench.key.pem")]
+        script = build / "presigned.lua"
+        script.write_text(WRK_LUA)
+
+        # Pre-sign every round's requests up front (unique nonces; signing is not measured).
+        print("pre-signing requests ...", flush=True)
+        files = {}
+        for r in range(ROUNDS):
+            for v, args, per_round in (("s1", hmac_args, 20000 * SECONDS), ("s3", ec_args, 9000 * SECONDS)):
+                f = build / f"{v}-round{r}.bin"
+                presign([*args, "--authority", f"127.0.0.1:{ports[v]}"], v, per_round, f, f"{v}-t{r}")
+                files[(v, r)] = f
+
+        # Every variant must accept its requests before anything is timed.
+        import ssl
+        import urllib.request
+        ctx = ssl.create_default_context(cafile=str(ca))
+        checks = {"bare": [], "s0": ["x-app-id: bench-app"], "jwt_hs256": [auth["hs"]], "jwt_es256": [auth["es"]]}
+        for v, hs in checks.items():
+            req = urllib.request.Request(url[v] + "/bench/s0", headers=dict(h.split(": ", 1) for h in hs))
+            assert urllib.request.urlopen(req, context=ctx, timeout=5).status == 200, v
+        for v in ("s1", "s3"):
+            sample = build / f"{v}-check.bin"
+            presign([*(hmac_args if v == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"], v, 3, sample, f"{v}-check")
+            res = json.loads(subprocess.run([str(LOADGEN), "open", "--addr", f"127.0.0.1:{ports[v]}", "--ca", str(ca),
+                                             "--file", str(sample), "--rate", "10", "--seconds", "0.3",
+                                             "--connections", "1"], capture_output=True, text=True, check=True).stdout)
+            assert res["non_200"] == 0, f"{v} refused its pre-signed requests: {res}"
+
+        # Throughput: closed loop, rounds interleaved across variants.
+        denied_before = g.stat("wasmcustom.apisec.denied")
+        tput: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        invalid: dict[str, int] = {v: 0 for v in VARIANTS}
+        for r in range(ROUNDS):
+            for v in VARIANTS:
+                if v in ("s1", "s3"):
+                    rps, bad = run_wrk(url[v] + "/", [], script, files[(v, r)])
+                else:
+                    hdr = {"bare": [], "s0": ["x-app-id: bench-app"], "jwt_hs256": [auth["hs"]], "jwt_es256": [auth["es"]]}[v]
+                    rps, bad = run_wrk(url[v] + "/bench/s0", hdr, None, None)
+                tput[v].append(rps)
+                invalid[v] += bad
+                print(f"round {r + 1} {v:10s} {rps:9.0f} req/s{'  INVALID: non-200 responses' if bad else ''}", flush=True)
+                time.sleep(1)
+        denied_after = g.stat("wasmcustom.apisec.denied")
+        rss_after_load = rss_kib(envoy.pid)
+
+        med = {v: statistics.median(tput[v]) for v in VARIANTS}
+        bare = med["bare"]
+
+        # Latency: open loop at a quarter of bare capacity, CO-corrected.
+        rate = max(100, int(bare / 4))
+        lat = {}
+        for v in VARIANTS:
+            if v in ("s1", "s3"):
+                f = build / f"{v}-latency.bin"
+                presign([*(hmac_args if v == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"], v,
+                        int(rate * LAT_SECONDS * 1.02) + 10, f, f"{v}-lat")
+                extra = ["--file", str(f)]
+            else:
+                f = build / f"{v}-fixed.bin"
+                hdrs = {"bare": [], "s0": ["x-app-id: bench-app"], "jwt_hs256": [auth["hs"]], "jwt_es256": [auth["es"]]}[v]
+                raw = f"GET /bench/s0 HTTP/1.1\r\nhost: 127.0.0.1:{ports[v]}\r\n" + "".join(h + "\r\n" for h in hdrs) + "\r\n"
+                f.write_bytes(raw.encode() + b"\0")
+                extra = ["--file", str(f), "--cycle", "1"]
+            out = subprocess.run(pinned(0, [str(LOADGEN), "open", "--addr", f"127.0.0.1:{ports[v]}", "--ca", str(ca),
+                                            "--rate", str(rate), "--seconds", str(LAT_SECONDS), "--connections", "16", *extra]),
+                                 capture_output=True, text=True, check=True).stdout
+            lat[v] = json.loads(out)
+            print(f"latency {v:10s} p50 {lat[v]['p50_us']} us  p99 {lat[v]['p99_us']} us  p99.9 {lat[v]['p999_us']} us"
+                  f"{'  INVALID' if lat[v]['non_200'] else ''}", flush=True)
+
+        # Memory: a flood of unique nonces; the replay store must stay within its bound.
+        print(f"flooding {FLOOD} unique nonces ...", flush=True)
+        flood = json.loads(subprocess.run(
+            pinned(0, [str(LOADGEN), "flood", "--addr", f"127.0.0.1:{ports['s1']}", "--ca", str(ca), "--count", str(FLOOD),
+                       "--authority", f"127.0.0.1:{ports['s1']}", "--nonce-prefix", "flood", *hmac_args]),
+            capture_output=True, text=True, check=True).stdout)
+        rss_after_flood = rss_kib(envoy.pid)
+        bound_mib = REPLAY["slots"] * REPLAY["entries_per_slot"] * 24 / 2**20
+    finally:
+        g.stop()
+
+    results = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "envoy": subprocess.run([gw.envoy_binary(), "--version"], capture_output=True, text=True).stdout.strip().split("version: ")[-1],
+        "method": {"rounds": ROUNDS, "seconds": SECONDS, "connections": CONNS, "concurrency": 1, "tls": True,
+                   "latency_rate": rate, "latency_seconds": LAT_SECONDS},
+        "throughput_rps": tput,
+        "median_rps": med,
+        "ratio_to_bare": {v: med[v] / bare for v in VARIANTS},
+        "extra_cpu_us_per_request": {v: 1e6 / med[v] - 1e6 / bare for v in VARIANTS},
+        "invalid_runs": invalid,
+        "apisec_denied_during_throughput": denied_after - denied_before,
+        "latency": lat,
+        "memory_kib": {"idle": rss_idle, "after_throughput": rss_after_load, "after_flood": rss_after_flood,
+                       "flood_requests": FLOOD, "flood_statuses": flood["statuses"],
+                       "replay_bound_mib": bound_mib},
+    }
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "latest.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (OUT / "latest.md").write_text(table)
+    print("\n" + table)
+    update_benchmarks_md(table)
+    ok = not any(invalid.values()) and results["apisec_denied_during_throughput"] == 0 and not any(
+        lat[v]["non_200"] for v in VARIANTS)
+    return 0 if ok else 1
+
+
+def markdown(r: dict) -> str:
+    names = {"bare": "bare Envoy", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256)",
+             "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256"}
+    lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
+             f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
+             f"{r['method']['latency_rate']} req/s for {r['method']['latency_seconds']} s.", "",
+             "| variant | median req/s | ratio to bare | extra CPU us/req | p50 us | p99 us | p99.9 us | p99 / bare p99 |",
+             "|---|---|---|---|---|---|---|---|"]
+    bare_p99 = r["latency"]["bare"]["p99_us"] or 1
+    for v in VARIANTS:
+        lt = r["latency"][v]
+        lines.append(f"| {names[v]} | {r['median_rps'][v]:.0f} | {r['ratio_to_bare'][v]:.3f} | "
+                     f"{r['extra_cpu_us_per_request'][v]:.1f} | {lt['p50_us']} | {lt['p99_us']} | {lt['p999_us']} | "
+                     f"{lt['p99_us'] / bare_p99:.2f} |")
+    m = r["memory_kib"]
+    lines += ["", f"Envoy RSS: idle {m['idle'] / 1024:.1f} MiB, after the throughput runs {m['after_throughput'] / 1024:.1f} MiB, "
+              f"after a flood of {m['flood_requests']:,} unique nonces {m['after_flood'] / 1024:.1f} MiB "
+              f"(flood statuses {m['flood_statuses']}; replay store bound {m['replay_bound_mib']:.0f} MiB of entries).",
+              f"Requests refused by apisec during the throughput runs: {r['apisec_denied_during_throughput']}; "
+              f"invalid runs: {sum(r['invalid_runs'].values())}."]
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks_md(table: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else ""
+    start, end = "<!-- latest:start -->", "<!-- latest:end -->"
+    if start in text and end in text:
+        text = text[: text.index(start) + len(start)] + "\n" + table + text[text.index(end):]
+        path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
