@@ -174,7 +174,13 @@ def pinned(cpu: int, cmd: list[str]) -> list[str]:
     return ["taskset", "-c", str(cpu), *cmd] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else cmd
 
 
-def run_wrk(url: str, headers: list[str], script: Path | None, data: Path | None) -> tuple[float, int]:
+def cpu_seconds(pid: int) -> float:
+    """Envoy's user + system CPU time: per-request CPU is steadier than throughput on a noisy host."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(url: str, headers: list[str], script: Path | None, data: Path | None, pid: int) -> tuple[float, int, float]:
     cmd = ["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency"]
     for h in headers:
         cmd += ["-H", h]
@@ -182,11 +188,14 @@ def run_wrk(url: str, headers: list[str], script: Path | None, data: Path | None
         cmd += ["-s", str(script), url, "--", str(data)]
     else:
         cmd.append(url)
+    cpu0 = cpu_seconds(pid)
     out = subprocess.run(pinned(0, cmd), capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
-    return rps, (int(bad.group(1)) if bad else 0) + (1 if errors else 0)
+    return rps, (int(bad.group(1)) if bad else 0) + (1 if errors else 0), cpu * 1e6 / max(total, 1)
 
 
 def presign(args: list[str], variant: str, count: int, out: Path, prefix: str) -> None:
@@ -264,17 +273,20 @@ def main() -> int:
         # Throughput: closed loop, rounds interleaved across variants.
         denied_before = g.stat("wasmcustom.apisec.denied")
         tput: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        cpu_us: dict[str, list[float]] = {v: [] for v in VARIANTS}
         invalid: dict[str, int] = {v: 0 for v in VARIANTS}
         for r in range(ROUNDS):
             for v in VARIANTS:
                 if v in ("s1", "s3"):
-                    rps, bad = run_wrk(url[v] + "/", [], script, files[(v, r)])
+                    rps, bad, us = run_wrk(url[v] + "/", [], script, files[(v, r)], envoy.pid)
                 else:
                     hdr = {"bare": [], "s0": ["x-app-id: bench-app"], "jwt_hs256": [auth["hs"]], "jwt_es256": [auth["es"]]}[v]
-                    rps, bad = run_wrk(url[v] + "/bench/s0", hdr, None, None)
+                    rps, bad, us = run_wrk(url[v] + "/bench/s0", hdr, None, None, envoy.pid)
                 tput[v].append(rps)
+                cpu_us[v].append(us)
                 invalid[v] += bad
-                print(f"round {r + 1} {v:10s} {rps:9.0f} req/s{'  INVALID: non-200 responses' if bad else ''}", flush=True)
+                print(f"round {r + 1} {v:10s} {rps:9.0f} req/s {us:7.1f} Envoy CPU us/req"
+                      f"{'  INVALID: non-200 responses' if bad else ''}", flush=True)
                 time.sleep(1)
         denied_after = g.stat("wasmcustom.apisec.denied")
         rss_after_load = rss_kib(envoy.pid)
@@ -324,6 +336,7 @@ def main() -> int:
         "median_rps": med,
         "ratio_to_bare": {v: med[v] / bare for v in VARIANTS},
         "extra_cpu_us_per_request": {v: 1e6 / med[v] - 1e6 / bare for v in VARIANTS},
+        "envoy_cpu_us_per_request": {v: statistics.median(cpu_us[v]) for v in VARIANTS},
         "invalid_runs": invalid,
         "apisec_denied_during_throughput": denied_after - denied_before,
         "latency": lat,
@@ -348,13 +361,14 @@ def markdown(r: dict) -> str:
     lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
              f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
              f"{r['method']['latency_rate']} req/s for {r['method']['latency_seconds']} s.", "",
-             "| variant | median req/s | ratio to bare | extra CPU us/req | p50 us | p99 us | p99.9 us | p99 / bare p99 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | median req/s | ratio to bare | extra us/req (1e6/v - 1e6/bare) | Envoy CPU us/req (measured) | p50 us | p99 us | p99.9 us | p99 / bare p99 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     bare_p99 = r["latency"]["bare"]["p99_us"] or 1
     for v in VARIANTS:
         lt = r["latency"][v]
         lines.append(f"| {names[v]} | {r['median_rps'][v]:.0f} | {r['ratio_to_bare'][v]:.3f} | "
-                     f"{r['extra_cpu_us_per_request'][v]:.1f} | {lt['p50_us']} | {lt['p99_us']} | {lt['p999_us']} | "
+                     f"{r['extra_cpu_us_per_request'][v]:.1f} | {r['envoy_cpu_us_per_request'][v]:.1f} | "
+                     f"{lt['p50_us']} | {lt['p99_us']} | {lt['p999_us']} | "
                      f"{lt['p99_us'] / bare_p99:.2f} |")
     m = r["memory_kib"]
     lines += ["", f"Envoy RSS: idle {m['idle'] / 1024:.1f} MiB, after the throughput runs {m['after_throughput'] / 1024:.1f} MiB, "

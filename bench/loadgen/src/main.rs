@@ -3,7 +3,12 @@
 //! open-loop load at a fixed rate with latency measured from each request's *intended* send
 //! time (correcting for coordinated omission, as wrk2 does), and floods unique nonces.
 #![forbid(unsafe_code)]
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::panic)] // a benchmark tool, not request-path code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)] // a benchmark tool, not request-path code
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -17,7 +22,10 @@ use apisec_core::signer::{sign, SignParams, SigningKey};
 use base64::Engine as _;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 fn need(args: &[String], name: &str) -> String {
@@ -26,7 +34,10 @@ fn need(args: &[String], name: &str) -> String {
 
 #[allow(clippy::disallowed_methods)] // the client's own clock
 fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[allow(clippy::disallowed_methods)] // the client's own clock
@@ -45,11 +56,17 @@ struct Signer {
 impl Signer {
     fn from_args(args: &[String]) -> Signer {
         let key = match (arg(args, "--secret-b64"), arg(args, "--key")) {
-            (Some(s), None) => SigningKey::Hmac(base64::engine::general_purpose::STANDARD.decode(s.trim()).unwrap()),
+            (Some(s), None) => SigningKey::Hmac(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s.trim())
+                    .unwrap(),
+            ),
             (None, Some(f)) => {
                 use p256::pkcs8::DecodePrivateKey;
                 let pem = std::fs::read_to_string(f).unwrap();
-                SigningKey::P256(Box::new(p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).unwrap()))
+                SigningKey::P256(Box::new(
+                    p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).unwrap(),
+                ))
             }
             _ => panic!("give --secret-b64 or --key"),
         };
@@ -65,8 +82,10 @@ impl Signer {
     /// One raw HTTP/1.1 request with a unique nonce. With a body: POST with content-digest.
     fn request(&self, path: &str, body: Option<&[u8]>, n: usize) -> Vec<u8> {
         let mut headers = vec![("x-app-id".to_string(), self.app.clone())];
-        let mut components: Vec<String> =
-            ["@method", "@authority", "@path", "@query", "x-app-id"].iter().map(|s| s.to_string()).collect();
+        let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         if let Some(b) = body {
             headers.push(("content-digest".into(), content_digest_sha256(b)));
             headers.push(("content-type".into(), "application/json".into()));
@@ -147,11 +166,13 @@ fn connect(addr: &str, ca: &str) -> Tls {
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let sock = TcpStream::connect(addr).unwrap();
@@ -205,7 +226,11 @@ fn open(args: &[String]) {
     let reqs = Arc::new(load_requests(&need(args, "--file")));
     let cycle = arg(args, "--cycle").is_some();
     let total = (rate * seconds) as usize;
-    assert!(cycle || reqs.len() >= total, "need {total} pre-signed requests, have {}", reqs.len());
+    assert!(
+        cycle || reqs.len() >= total,
+        "need {total} pre-signed requests, have {}",
+        reqs.len()
+    );
     let streams: Vec<Tls> = (0..conns).map(|_| connect(&addr, &ca)).collect();
     let t0 = instant() + Duration::from_millis(200);
     let handles: Vec<_> = streams
@@ -268,7 +293,8 @@ fn flood(args: &[String]) {
     let mut busy = Duration::ZERO;
     while sent < count {
         let n = chunk.min(count - sent);
-        let reqs: Arc<Vec<Vec<u8>>> = Arc::new((sent..sent + n).map(|i| signer.variant("s1", i)).collect());
+        let reqs: Arc<Vec<Vec<u8>>> =
+            Arc::new((sent..sent + n).map(|i| signer.variant("s1", i)).collect());
         let next = Arc::new(AtomicUsize::new(0));
         let started = instant();
         let handles: Vec<_> = streams
@@ -301,8 +327,10 @@ fn flood(args: &[String]) {
         busy += instant().duration_since(started);
         sent += n;
     }
-    let by_status: serde_json::Map<String, serde_json::Value> =
-        statuses.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+    let by_status: serde_json::Map<String, serde_json::Value> = statuses
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+        .collect();
     println!(
         "{}",
         serde_json::json!({"requests": sent, "statuses": by_status, "seconds_sending": busy.as_secs_f64()})

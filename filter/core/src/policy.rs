@@ -265,12 +265,16 @@ impl Api {
             })
     }
 
-    /// Literal segments beat parameters, earliest first: `/a/b` wins over `/a/{x}`.
-    fn specificity(&self) -> Vec<bool> {
+    /// Literal segments beat parameters, earliest first: `/a/b` wins over `/a/{x}`. A bit per
+    /// segment, most significant first (templates deeper than 64 segments compare on the first 64).
+    fn specificity(&self) -> u64 {
         self.segments
             .iter()
-            .map(|s| matches!(s, Segment::Literal(_)))
-            .collect()
+            .take(64)
+            .enumerate()
+            .fold(0u64, |acc, (i, s)| {
+                acc | (u64::from(matches!(s, Segment::Literal(_))) << (63 - i))
+            })
     }
 }
 
@@ -870,7 +874,7 @@ impl Policy {
         self.apis
             .iter()
             .filter(|a| a.method == method && a.matches(&segments))
-            .max_by(|a, b| a.specificity().cmp(&b.specificity()))
+            .max_by_key(|a| a.specificity())
     }
 
     pub fn grant(&self, id: &str) -> Option<&Grant> {

@@ -365,9 +365,12 @@ impl ApisecHttp {
         }
         self.req.conn.tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
         // A peer certificate counts only when Envoy verified it (mTLS listener with a CA).
-        let mtls = matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
-        let valid = !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
-        if mtls && valid {
+        // Each property is a host call: ask only what the previous answer makes relevant.
+        let mtls = self.req.conn.tls
+            && matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
+        let valid = mtls
+            && !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
+        if valid {
             let text = |path: Vec<&str>| match hostcalls::get_property(path) {
                 Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
                 _ => None,
@@ -454,7 +457,9 @@ impl HttpContext for ApisecHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if !self.allowed {
+        let hides = self.hidden_fields().is_some();
+        // Only bans (429 counting) and field hiding need the response: skip the host call otherwise.
+        if !self.allowed || (self.policy.bans.is_none() && !hides) {
             return Action::Continue;
         }
         let status = hostcalls::get_map_value(MapType::HttpResponseHeaders, ":status")
@@ -469,7 +474,7 @@ impl HttpContext for ApisecHttp {
             ));
             return Action::Continue;
         }
-        if self.hidden_fields().is_some() && !end_of_stream {
+        if hides && !end_of_stream {
             self.filtering_response = true;
             return Action::Pause; // hold the headers: content-length changes with the body
         }

@@ -1,0 +1,110 @@
+//! Native timing of the decision engine's hot path (not a test; `cargo run --release -p
+//! apisec-core --example hot_path`). It separates the filter's own work from Envoy host-call
+//! costs when reading `make bench` results.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::disallowed_methods)] // a measuring tool
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use apisec_core::crypto::SoftwareVerifier;
+use apisec_core::engine::{check_body, check_headers, RequestContext};
+use apisec_core::message::{Connection, Request};
+use apisec_core::replay::{init_slots, MemoryStore};
+use apisec_core::signer::{sign, SignParams, SigningKey};
+use apisec_core::Policy;
+use base64::Engine as _;
+
+fn main() {
+    let secret = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+    let doc = serde_json::json!({
+        "version": 1,
+        "gateway": {"replay": {"slots": 65536, "entries_per_slot": 32}},
+        "apis": [
+            {"id": "s0", "method": "GET", "path": "/bench/s0", "level": "S0", "service_object": "toB", "access": "read",
+             "user_auth": false, "personal_info": false, "function": "market_data"},
+            {"id": "s1", "method": "GET", "path": "/bench/s1", "level": "S1", "service_object": "toB", "access": "read",
+             "user_auth": false, "personal_info": false, "function": "info"}],
+        "apps": [{"id": "a", "credentials": [{"id": "a-hmac", "alg": "hmac-sha256", "secret_env": "S"}]}],
+        "grants": [{"id": "g", "app": "a", "apis": ["s1"]}],
+        "bans": {"threshold": 1000000, "window_seconds": 60, "ban_seconds": 60}
+    });
+    let policy = Policy::from_json(
+        &doc.to_string(),
+        &HashMap::from([("S".to_string(), secret.to_string())]),
+    )
+    .unwrap();
+    let store = MemoryStore::default();
+    init_slots(&store, &policy.replay).unwrap();
+    let key = SigningKey::Hmac(
+        base64::engine::general_purpose::STANDARD
+            .decode(secret)
+            .unwrap(),
+    );
+    let now = 1_800_000_000u64;
+    let n = 20_000;
+    let reqs: Vec<Request> = (0..n)
+        .map(|i| {
+            let mut r = Request {
+                conn: Connection {
+                    client_ip: Some("127.0.0.1".parse().unwrap()),
+                    tls: true,
+                    ..Default::default()
+                },
+                method: "GET".into(),
+                scheme: "https".into(),
+                authority: "127.0.0.1:10443".into(),
+                path_and_query: format!("/bench/s1?i={i}"),
+                headers: vec![
+                    ("x-app-id".into(), "a".into()),
+                    ("user-agent".into(), "wrk".into()),
+                ],
+            };
+            let p = SignParams {
+                label: "sig1".into(),
+                components: ["@method", "@authority", "@path", "@query", "x-app-id"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                created: now as i64,
+                expires: None,
+                nonce: Some(format!("n{i}")),
+                keyid: "a-hmac".into(),
+                include_alg: true,
+            };
+            let (si, s) = sign(&r, &p, &key).unwrap();
+            r.headers.push(("signature-input".into(), si));
+            r.headers.push(("signature".into(), s));
+            r
+        })
+        .collect();
+    let t = Instant::now();
+    for r in &reqs {
+        let mut ctx = RequestContext::default();
+        check_headers(&policy, r, false, now, &SoftwareVerifier, &store, &mut ctx).unwrap();
+        check_body(&policy, &ctx, &[], &store, now).unwrap();
+    }
+    println!(
+        "S1 decision (native): {:.2} us/request",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+    let mut s0 = reqs[0].clone();
+    s0.path_and_query = "/bench/s0".into();
+    let t = Instant::now();
+    for _ in 0..n {
+        let mut ctx = RequestContext::default();
+        check_headers(
+            &policy,
+            &s0,
+            false,
+            now,
+            &SoftwareVerifier,
+            &store,
+            &mut ctx,
+        )
+        .unwrap();
+    }
+    println!(
+        "S0 decision (native): {:.2} us/request",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+}
