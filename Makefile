@@ -64,5 +64,12 @@ e2e: setup build
 
 test: setup build lint unit e2e
 
+# --- benchmarks (never part of `make test`; see BENCHMARKS.md) ------------------------------
+bench: setup build
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux)
+	$(CARGO) build --release --locked -p apisec-loadgen
+	$(PY) bench/run.py
+
 clean:
 	rm -rf target build $(VENV) .rustup-done
