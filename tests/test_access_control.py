@@ -134,7 +134,7 @@ def test_audit_names_the_grant(acc):  # OPS-3
 
 # ------------------------------------------------------------------ users and opt-out (PERM-1, PERM-6)
 
-def test_user_grant_and_opt_out(acc):
+def test_user_grant_and_opt_out(acc):  # PERM-1 (user dimension), PERM-6
     g, client = acc
     seen = allowed(research(client, "t-users", extra=["--header", "x-user-id: u-1", "--cover", "x-user-id"]))
     assert seen["x-apisec-user"] == "u-1"
@@ -151,7 +151,7 @@ def test_user_claim_must_be_signed(acc):  # PERM-1: the user dimension counts on
 
 # ------------------------------------------------------------------ field permissions (PERM-1)
 
-def test_forbidden_request_field(acc):
+def test_forbidden_request_field(acc):  # PERM-1 (field dimension)
     g, client = acc
     ok = client.sign("POST", "/api/v1/orders", body=b'{"symbol":"600000","qty":100}', keyid="demo-partner-p256")
     assert client.send(ok).status_code == 200
@@ -161,7 +161,7 @@ def test_forbidden_request_field(acc):
     assert "margin_override" in audit["detail"]
 
 
-def test_hidden_response_fields_removed(acc):
+def test_hidden_response_fields_removed(acc):  # PERM-1 (field dimension)
     g, client = acc
     r = client.send(client.sign("GET", "/api/v1/accounts/8800123/balance", keyid="demo-partner-p256"))
     assert r.status_code == 200
@@ -246,7 +246,7 @@ def test_mtls_s3_still_needs_signature(acc):  # DATA-4
     assert read_audit(g, r.json()["headers"]["x-request-id"])["audit"]["auth"] == "certificate+signature"
 
 
-def test_mtls_wrong_app_certificate_refused(acc):
+def test_mtls_wrong_app_certificate_refused(acc):  # ID-3
     g, client = acc
     r = client.raw("GET", client.mtls + "/api/v1/accounts/1/balance", [("x-app-id", "demo-partner")], cert="client-demo-desk")
     assert_refused(g, r, 401, "certificate_mismatch")
@@ -313,7 +313,7 @@ def test_tls_versions_and_ciphers(acc):  # DATA-1
     ("/api/v1/maint/feature", 503, "api_offline"),
     ("/api/v1/grouped/feature", 503, "api_offline"),
 ])
-def test_lifecycle_states(acc, path, status, code):
+def test_lifecycle_states(acc, path, status, code):  # OPS-1, MON-5 (group switch)
     g, client = acc
     r = client.get(path, headers={"x-app-id": "demo-partner"})
     assert_refused(g, r, status, code)
@@ -329,7 +329,7 @@ def test_suspended_app_isolated(acc):  # MON-5
 
 # ------------------------------------------------------------------ automatic bans (PERM-4, RL-3, MON-4, MON-6)
 
-def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):
+def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MON-6
     doc = base_policy()
     doc["apps"] += [hmac_app("t-noisy"), hmac_app("t-limited-rate")]
     doc["grants"] += [{"id": "t-noisy", "app": "t-noisy", "apis": ["info.research"]}]

@@ -213,6 +213,7 @@ impl RootContext for ApisecRoot {
             ctx: RequestContext::default(),
             request_id: String::new(),
             client_ip: String::new(),
+            now: 0,
             decided: false,
             allowed: false,
             filtering_response: false,
@@ -232,6 +233,8 @@ struct ApisecHttp {
     ctx: RequestContext,
     request_id: String,
     client_ip: String,
+    /// Gateway time (unix seconds) of the current decision step: one clock read per step.
+    now: u64,
     decided: bool,
     /// The filter let the request through (the response path then applies grant rules).
     allowed: bool,
@@ -244,7 +247,7 @@ impl Context for ApisecHttp {}
 impl ApisecHttp {
     fn audit(&self, outcome: Result<(), &Deny>) {
         let input = AuditInput {
-            ts: now_secs().unwrap_or(0),
+            ts: self.now,
             request_id: &self.request_id,
             method: &self.req.method,
             path: self.req.path(),
@@ -272,14 +275,17 @@ impl ApisecHttp {
 
     /// Audit, metrics and the ban counter for a refusal (ours, or Envoy's 429 after we allowed).
     fn record_refusal(&mut self, deny: &Deny) {
-        let now = now_secs().unwrap_or(0);
+        if self.now == 0 {
+            // refused before the clock was read (unreadable headers)
+            self.now = now_secs().unwrap_or(0);
+        }
         self.ctx.ban = engine::count_refusal(
             &self.policy,
             &self.ctx,
             self.req.conn.client_ip,
             deny.reason,
             &EnvoyStore,
-            now,
+            self.now,
         );
         if let Some(ban) = &self.ctx.ban {
             log(
@@ -326,11 +332,10 @@ impl ApisecHttp {
         self.refuse(deny)
     }
 
+    /// The body is complete (empty without one). `now` was read when the headers came, or
+    /// again here when a body was awaited.
     fn finish(&mut self, body: &[u8]) -> Action {
-        let Some(now) = now_secs() else {
-            return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"));
-        };
-        match engine::check_body(&self.policy, &self.ctx, body, &EnvoyStore, now) {
+        match engine::check_body(&self.policy, &self.ctx, body, &EnvoyStore, self.now) {
             Ok(()) => self.allow(),
             Err(d) => self.refuse(d),
         }
@@ -398,6 +403,7 @@ impl HttpContext for ApisecHttp {
         let Some(now) = now_secs() else {
             return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"));
         };
+        self.now = now;
         let declared_len = self
             .req
             .header_values("content-length")
@@ -443,6 +449,10 @@ impl HttpContext for ApisecHttp {
         }
         if !end_of_stream {
             return Action::Pause;
+        }
+        match now_secs() {
+            Some(now) => self.now = now,
+            None => return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock")),
         }
         let body = match hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size) {
             Ok(b) => b.unwrap_or_default(),
