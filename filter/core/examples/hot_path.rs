@@ -1,7 +1,12 @@
 //! Native timing of the decision engine's hot path (not a test; `cargo run --release -p
 //! apisec-core --example hot_path`). It separates the filter's own work from Envoy host-call
 //! costs when reading `make bench` results.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, clippy::disallowed_methods)] // a measuring tool
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::disallowed_methods
+)] // a measuring tool
 
 use std::collections::HashMap;
 use std::time::Instant;
