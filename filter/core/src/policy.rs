@@ -440,6 +440,81 @@ fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
         .map_err(|_| ConfigError::new(field, "cannot encode the public key"))
 }
 
+/// An HMAC credential: the App_Secret comes from the environment variable it names (never
+/// from the policy text). Without a secret source (the CLI's check) only the shape is checked.
+fn hmac_key(
+    cfield: &str,
+    c: &RawCredential,
+    secrets: Option<&dyn SecretSource>,
+) -> Result<KeyMaterial, ConfigError> {
+    if c.public_key_pem.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            "an hmac-sha256 credential takes secret_env, not a public key",
+        ));
+    }
+    let Some(env) = &c.secret_env else {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "an hmac-sha256 credential needs secret_env (the variable holding the base64 App_Secret)",
+        ));
+    };
+    if !valid_env_name(env) {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "not a valid environment variable name",
+        ));
+    }
+    match secrets {
+        None => Ok(KeyMaterial::Hmac(Vec::new())),
+        Some(src) => {
+            let Some(value) = src.get(env) else {
+                return Err(ConfigError::new(
+                    format!("{cfield}.secret_env"),
+                    format!("environment variable {env} is not set in the gateway"),
+                ));
+            };
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.trim())
+                .map_err(|_| {
+                    ConfigError::new(
+                        format!("{cfield}.secret_env"),
+                        format!("{env} is not valid base64"),
+                    )
+                })?;
+            if bytes.len() < 32 {
+                return Err(ConfigError::new(
+                    format!("{cfield}.secret_env"),
+                    format!(
+                        "{env} decodes to {} bytes; an App_Secret needs at least 32",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(KeyMaterial::Hmac(bytes))
+        }
+    }
+}
+
+/// A key-pair credential: a P-256 public key in PEM SubjectPublicKeyInfo form.
+fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> {
+    if c.secret_env.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "an ecdsa-p256-sha256 credential takes public_key_pem, not a secret",
+        ));
+    }
+    let Some(pem) = &c.public_key_pem else {
+        return Err(ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            "an ecdsa-p256-sha256 credential needs public_key_pem",
+        ));
+    };
+    Ok(KeyMaterial::P256 {
+        spki_der: decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?,
+    })
+}
+
 impl RawPolicy {
     /// Parses the JSON text Envoy hands the filter. Unknown fields are errors.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
@@ -706,71 +781,8 @@ impl RawPolicy {
                     ));
                 };
                 let key = match alg {
-                    Algorithm::HmacSha256 => {
-                        if c.public_key_pem.is_some() {
-                            return Err(ConfigError::new(
-                                format!("{cfield}.public_key_pem"),
-                                "an hmac-sha256 credential takes secret_env, not a public key",
-                            ));
-                        }
-                        let Some(env) = &c.secret_env else {
-                            return Err(ConfigError::new(
-                                format!("{cfield}.secret_env"),
-                                "an hmac-sha256 credential needs secret_env (the variable holding the base64 App_Secret)",
-                            ));
-                        };
-                        if !valid_env_name(env) {
-                            return Err(ConfigError::new(
-                                format!("{cfield}.secret_env"),
-                                "not a valid environment variable name",
-                            ));
-                        }
-                        match secrets {
-                            None => KeyMaterial::Hmac(Vec::new()),
-                            Some(src) => {
-                                let Some(value) = src.get(env) else {
-                                    return Err(ConfigError::new(
-                                        format!("{cfield}.secret_env"),
-                                        format!(
-                                            "environment variable {env} is not set in the gateway"
-                                        ),
-                                    ));
-                                };
-                                let bytes = base64::engine::general_purpose::STANDARD
-                                    .decode(value.trim())
-                                    .map_err(|_| {
-                                        ConfigError::new(
-                                            format!("{cfield}.secret_env"),
-                                            format!("{env} is not valid base64"),
-                                        )
-                                    })?;
-                                if bytes.len() < 32 {
-                                    return Err(ConfigError::new(
-                                        format!("{cfield}.secret_env"),
-                                        format!("{env} decodes to {} bytes; an App_Secret needs at least 32", bytes.len()),
-                                    ));
-                                }
-                                KeyMaterial::Hmac(bytes)
-                            }
-                        }
-                    }
-                    Algorithm::EcdsaP256Sha256 => {
-                        if c.secret_env.is_some() {
-                            return Err(ConfigError::new(
-                                format!("{cfield}.secret_env"),
-                                "an ecdsa-p256-sha256 credential takes public_key_pem, not a secret",
-                            ));
-                        }
-                        let Some(pem) = &c.public_key_pem else {
-                            return Err(ConfigError::new(
-                                format!("{cfield}.public_key_pem"),
-                                "an ecdsa-p256-sha256 credential needs public_key_pem",
-                            ));
-                        };
-                        KeyMaterial::P256 {
-                            spki_der: decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?,
-                        }
-                    }
+                    Algorithm::HmacSha256 => hmac_key(&cfield, c, secrets)?,
+                    Algorithm::EcdsaP256Sha256 => p256_key(&cfield, c)?,
                 };
                 credentials.push(Credential {
                     keyid: c.id.clone(),
