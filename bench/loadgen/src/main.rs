@@ -47,6 +47,8 @@ fn instant() -> Instant {
 
 struct Signer {
     key: SigningKey,
+    /// Extra header lines sent but not signed (e.g. a bearer token for the jwt_authn peers).
+    extra: Vec<String>,
     app: String,
     keyid: String,
     authority: String,
@@ -70,8 +72,14 @@ impl Signer {
             }
             _ => panic!("give --secret-b64 or --key"),
         };
+        let extra = args
+            .windows(2)
+            .filter(|w| w[0] == "--header")
+            .map(|w| w[1].clone())
+            .collect();
         Signer {
             key,
+            extra,
             app: need(args, "--app"),
             keyid: need(args, "--keyid"),
             authority: need(args, "--authority"),
@@ -115,6 +123,9 @@ impl Signer {
             out.push_str(&format!("{k}: {v}\r\n"));
         }
         out.push_str(&format!("signature-input: {input}\r\nsignature: {sig}\r\n"));
+        for h in &self.extra {
+            out.push_str(&format!("{h}\r\n"));
+        }
         if let Some(b) = body {
             out.push_str(&format!("content-length: {}\r\n\r\n", b.len()));
             let mut bytes = out.into_bytes();
