@@ -11,6 +11,7 @@ benchmarks, so that what is tested is what runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -236,7 +237,7 @@ def apply_policy(policy_json: str, layout: Layout, actor: str, source: str) -> l
         "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "actor": actor,
         "source": source,
-        "policy_sha256": __import__("hashlib").sha256(policy_json.encode()).hexdigest(),
+        "policy_sha256": hashlib.sha256(policy_json.encode()).hexdigest(),
         "changes": changes,
     }
     with open(layout.build / "operations.log", "a") as f:

@@ -195,7 +195,6 @@ pub fn resolve_apis(
 ) -> Result<ApiSet, ConfigError> {
     let mut set = vec![false; apis.len()];
     for (i, p) in patterns.iter().enumerate() {
-        let before = set.iter().filter(|b| **b).count();
         if let Some(g) = p.strip_prefix("group:") {
             let group = groups.iter().find(|x| x.id == g).ok_or_else(|| {
                 ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'"))
@@ -203,24 +202,20 @@ pub fn resolve_apis(
             for (j, s) in set.iter_mut().enumerate() {
                 *s |= group.apis.contains(j);
             }
-        } else {
-            for (j, a) in apis.iter().enumerate() {
-                if pattern_matches(p, &a.id) {
-                    if let Some(s) = set.get_mut(j) {
-                        *s = true;
-                    }
-                }
+            continue;
+        }
+        let mut matched = false;
+        for (s, a) in set.iter_mut().zip(apis) {
+            if pattern_matches(p, &a.id) {
+                *s = true;
+                matched = true;
             }
         }
-        if set.iter().filter(|b| **b).count() == before && !patterns.iter().take(i).any(|q| q == p)
-        {
-            let any = apis.iter().any(|a| pattern_matches(p, &a.id)) || p.starts_with("group:");
-            if !any {
-                return Err(ConfigError::new(
-                    format!("{field}[{i}]"),
-                    format!("'{p}' matches no API"),
-                ));
-            }
+        if !matched {
+            return Err(ConfigError::new(
+                format!("{field}[{i}]"),
+                format!("'{p}' matches no API"),
+            ));
         }
     }
     Ok(ApiSet(set))

@@ -50,7 +50,6 @@ pub struct Evidence {
 pub struct RequestContext {
     pub app: Option<String>,
     pub api: Option<String>,
-    pub api_index: Option<usize>,
     /// The verified end user (x-user-id), if any.
     pub user: Option<String>,
     /// How the caller authenticated: `signature`, `certificate` or both.
@@ -116,7 +115,6 @@ pub fn check_headers(
         )
     })?;
     ctx.api = Some(api.id.clone());
-    ctx.api_index = Some(api.index);
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
     if let Some(reason) = api.state.refusal() {
@@ -228,7 +226,7 @@ fn authenticate(
     let sig = req.unique_header("signature")?;
     match (sig_input, sig) {
         (Some(input), Some(sig)) => {
-            let covered = verify_signature(
+            let user_covered = verify_signature(
                 policy, req, app, api, has_body, now, verifier, input, sig, ctx,
             )?;
             ctx.auth = Some(if cert_ok {
@@ -237,7 +235,7 @@ fn authenticate(
                 "signature"
             });
             let user = req.unique_header(USER_HEADER)?;
-            if user.is_some() && !covered.iter().any(|c| c == USER_HEADER) {
+            if user.is_some() && !user_covered {
                 return Err(Deny::new(
                     DenyReason::ComponentNotCovered,
                     "x-user-id counts only when the signature covers it",
@@ -299,7 +297,7 @@ fn authorize(
     Ok(())
 }
 
-/// Verifies the one RFC 9421 signature; returns the covered component names.
+/// Verifies the one RFC 9421 signature; returns whether it covers `x-user-id`.
 #[allow(clippy::too_many_arguments)]
 fn verify_signature(
     policy: &Policy,
@@ -312,7 +310,7 @@ fn verify_signature(
     sig_input: &str,
     sig: &str,
     ctx: &mut RequestContext,
-) -> Result<Vec<String>, Deny> {
+) -> Result<bool, Deny> {
     let digest_owned = ctx.content_digest.clone();
     let digest = digest_owned.as_deref();
     if sig_input.len() + sig.len() > policy.max_signature_header_bytes as usize {
@@ -437,7 +435,7 @@ fn verify_signature(
             content_digest: digest.map(str::to_string),
         });
     }
-    Ok(covered.iter().map(|c| c.to_string()).collect())
+    Ok(covered.contains(&USER_HEADER))
 }
 
 fn check_params(
