@@ -69,6 +69,7 @@ bench: setup build
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux)
 	$(CARGO) build --release --locked -p apisec-loadgen
+	$(CARGO) build --release --locked -p apisec-bench-floor --target wasm32-wasip1
 	$(PY) bench/run.py
 
 clean:

@@ -96,6 +96,16 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
+/// Whether deciding this request needs the transport facts beyond the client address (TLS,
+/// the verified client certificate). Only S1 and above look at them (ID-2, ID-3, DATA-1), and
+/// each fact costs the host a property lookup, so an S0 request (or one that matches no API and
+/// is refused anyway) is decided without them.
+pub fn needs_transport(policy: &Policy, method: &str, path: &str) -> bool {
+    policy
+        .match_api(method, path)
+        .is_some_and(|api| api.level > SecurityLevel::S0)
+}
+
 /// Step one, when the request headers arrive: identify (inventory, lifecycle, bans, app),
 /// authenticate (TLS, certificate, signature by level) and authorize (user, lists, grant).
 /// `has_body` is true when more data follows.

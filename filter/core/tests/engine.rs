@@ -567,3 +567,27 @@ fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
     bad.body = b"{}".to_vec();
     run(&p, &store, &bad).unwrap();
 }
+
+/// The host reads TLS and client-certificate facts only when `needs_transport` says the decision
+/// looks at them: never skipped for S1 and above (ID-2, ID-3, DATA-1), skipped for S0 and for
+/// requests that match no API (refused as unknown_api whatever the transport).
+#[test]
+fn transport_facts_are_read_for_s1_and_above_only() {
+    use apisec_core::engine::needs_transport;
+    let p = policy();
+    assert!(!needs_transport(&p, "GET", "/quotes/600000"));
+    assert!(!needs_transport(&p, "GET", "/nowhere"));
+    assert!(!needs_transport(&p, "DELETE", "/news"));
+    assert!(needs_transport(&p, "GET", "/news"));
+    assert!(needs_transport(&p, "GET", "/accounts/42"));
+    assert!(needs_transport(&p, "POST", "/orders"));
+    // Without those facts an S1 request is refused, never let through.
+    let store = fresh_store(&p);
+    let mut c = signed(
+        request("GET", "/news", b""),
+        &params("a-hmac", "t1", false),
+        &hmac_key(),
+    );
+    c.req.conn = Connection::default();
+    assert_eq!(run(&p, &store, &c).unwrap_err(), DenyReason::TlsRequired);
+}
