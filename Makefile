@@ -67,6 +67,7 @@ test: setup build lint unit e2e
 # --- benchmarks (never part of `make test`; see BENCHMARKS.md) ------------------------------
 bench: setup build
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	command -v valgrind >/dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 	command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux)
 	$(CARGO) build --release --locked -p apisec-loadgen
 	$(CARGO) build --release --locked -p apisec-bench-floor --target wasm32-wasip1

