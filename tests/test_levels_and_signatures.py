@@ -359,6 +359,21 @@ def test_spoofed_internal_headers_never_reach_upstream(gateway, client):
     assert seen["x-apisec-app"] == "demo-partner" and seen["x-apisec-api"] == "info.research"
 
 
+def test_forwarded_headers_keep_their_bytes_order_and_repeats(gateway, client):
+    # The filter hands the request headers back to Envoy in one call (the received ones less any
+    # client x-apisec-*, plus the verified ones): nothing else may change on the way upstream.
+    hdrs = [("x-app-id", "demo-partner"), ("x-note", "caf\xe9 \xa7 1"), ("x-multi", "one"), ("x-multi", "two"),
+            ("x-apisec-app", "admin"), ("Cookie", "a=1"), ("cookie", "b=2")]
+    r = client.raw("GET", client.http + "/api/v1/market/quotes/600000?x=1&y=%20", hdrs)
+    assert r.status_code == 200
+    seen = r.json()
+    assert seen["headers"]["x-note"] == "caf\xe9 \xa7 1"  # a non-UTF-8 byte arrives as sent (latin-1 here)
+    assert seen["headers"]["x-multi"] == ["one", "two"]
+    assert seen["headers"]["x-apisec-app"] == "demo-partner" and seen["headers"]["x-apisec-level"] == "S0"
+    assert "a=1" in str(seen["headers"]["cookie"]) and "b=2" in str(seen["headers"]["cookie"])
+    assert seen["path"] == "/api/v1/market/quotes/600000?x=1&y=%20" and seen["method"] == "GET"
+
+
 def test_refused_request_strips_nothing_upstream_because_nothing_is_sent(gateway, client):
     r = client.get("/api/v1/info/research/r-19", headers={"x-app-id": "demo-partner", "x-apisec-app": "demo-partner"}, tls=True)
     assert_refused(gateway, r, 401, "signature_missing")
