@@ -341,8 +341,7 @@ impl ApisecHttp {
         set("x-apisec-function", self.ctx.function.as_deref());
         set("x-apisec-user", self.ctx.user.as_deref());
         self.audit(Ok(()));
-        self.metrics.allowed();
-        self.allowed = true;
+        self.allowed = true; // counted when the stream ends (on_log), unless refused after all
         Action::Continue
     }
 
@@ -358,6 +357,7 @@ impl ApisecHttp {
     /// The response cannot be released: replace it with a refusal (headers are still held).
     fn withhold_response(&mut self, deny: Deny) -> Action {
         self.filtering_response = false;
+        self.allowed = false;
         self.refuse(deny)
     }
 
@@ -574,6 +574,15 @@ impl HttpContext for ApisecHttp {
         }
         self.filtering_response = false;
         Action::Continue
+    }
+
+    /// Each request is counted once, by its final outcome: a request the filter let through
+    /// but whose response was withheld, or that Envoy's rate limiter answered 429, counts as
+    /// denied (counted when that happened), not also as allowed.
+    fn on_log(&mut self) {
+        if self.allowed {
+            self.metrics.allowed();
+        }
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
