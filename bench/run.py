@@ -15,6 +15,10 @@ per variant, all forwarding to the same direct_response listener in the same pro
   jwt_es256  Envoy's jwt_authn, ES256 token
 Signed requests are pre-signed in bulk (unique nonces) so client signing is not measured, and
 every response must be 200: a run with any other status is reported as invalid.
+
+Phases: throughput (wrk rounds), open-loop latency, a nonce flood (memory), then the same
+configuration again under callgrind for instructions per request (repeatable where the wall
+clock of this shared host is not). Settings and the before/after mode: BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -49,10 +53,6 @@ BEFORE_WASM = os.environ.get("BENCH_BEFORE_WASM", "")
 if BEFORE_WASM:
     VARIANTS = [w for v in VARIANTS for w in ((v, f"{v}_before") if v in ("s0", "s1", "s3") else (v,))]
 
-
-def kind(v: str) -> str:
-    """The request shape a variant gets: `s1_before` is sent what `s1` is sent."""
-    return v.removesuffix("_before")
 # S3 (place an order) is a POST with a JSON body; its baseline and its native peer get the very
 # same POST requests, so that the body's own cost is not charged to the filter.
 BASELINE = {"s3": "bare_post", "jwt_es256": "bare_post", "bare_post": "bare_post"}
@@ -67,6 +67,11 @@ IR_ROUNDS = int(os.environ.get("BENCH_INSTRUCTION_ROUNDS", "2"))
 IR_SECONDS = 6
 CONNS = 16
 REPLAY = {"slots": 65536, "entries_per_slot": 32}  # capacity 2,097,152 live nonces
+
+
+def kind(v: str) -> str:
+    """The request shape a variant gets: `s1_before` is sent what `s1` is sent."""
+    return v.removesuffix("_before")
 
 
 def b64url(b: bytes) -> str:
@@ -274,7 +279,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def count_instructions(layout: gw.Layout, env: dict, ports: dict, ca: Path, requests_for) -> dict[str, list[float]]:
+def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) -> dict[str, list[float]]:
     """Envoy's instructions per request for each variant, counted by callgrind (valgrind) in a
     second Envoy process with the same configuration. Wall-clock throughput on this shared host
     moves by a third between runs; instruction counts repeat to within about 1 %, so they are
@@ -516,7 +521,7 @@ def main() -> int:
             return "/", [], ir_files[(v, r)]
         return "/bench/s0", GET_HEADERS[kind(v)](auth), None
 
-    instructions = count_instructions(layout, env, ports, ca, requests_for) if IR_ROUNDS else {}
+    instructions = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else {}
     ir_med = {v: statistics.median(x) for v, x in instructions.items() if x}
 
     results = {
