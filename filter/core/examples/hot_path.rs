@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{check_body, check_headers, RequestContext};
+use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
 use apisec_core::message::{Connection, Request};
 use apisec_core::replay::{init_slots, MemoryStore};
 use apisec_core::signer::{sign, SignParams, SigningKey};
@@ -85,7 +85,18 @@ fn main() {
     let t = Instant::now();
     for r in &reqs {
         let mut ctx = RequestContext::default();
-        check_headers(&policy, r, false, now, &SoftwareVerifier, &store, &mut ctx).unwrap();
+        let api = find_api(&policy, r).unwrap();
+        check_headers(
+            &policy,
+            api,
+            r,
+            false,
+            now,
+            &SoftwareVerifier,
+            &store,
+            &mut ctx,
+        )
+        .unwrap();
         check_body(&policy, &ctx, &[], &store, now).unwrap();
     }
     println!(
@@ -97,8 +108,10 @@ fn main() {
     let t = Instant::now();
     for _ in 0..n {
         let mut ctx = RequestContext::default();
+        let api = find_api(&policy, &s0).unwrap();
         check_headers(
             &policy,
+            api,
             &s0,
             false,
             now,

@@ -96,21 +96,30 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
-/// Whether deciding this request needs the transport facts beyond the client address (TLS,
-/// the verified client certificate). Only S1 and above look at them (ID-2, ID-3, DATA-1), and
-/// each fact costs the host a property lookup, so an S0 request (or one that matches no API and
-/// is refused anyway) is decided without them.
-pub fn needs_transport(policy: &Policy, method: &str, path: &str) -> bool {
-    policy
-        .match_api(method, path)
-        .is_some_and(|api| api.level > SecurityLevel::S0)
+/// Inventory (LVL-1): the API a request is for. A request that matches none is refused.
+pub fn find_api<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
+    policy.match_api(&req.method, req.path()).ok_or_else(|| {
+        Deny::new(
+            DenyReason::UnknownApi,
+            format!("{} {} is not in the inventory", req.method, req.path()),
+        )
+    })
 }
 
-/// Step one, when the request headers arrive: identify (inventory, lifecycle, bans, app),
-/// authenticate (TLS, certificate, signature by level) and authorize (user, lists, grant).
-/// `has_body` is true when more data follows.
+/// Whether deciding a request for `api` needs the transport facts beyond the client address
+/// (TLS, the verified client certificate). Only S1 and above look at them (ID-2, ID-3, DATA-1),
+/// and each fact costs the host a property lookup, so an S0 request is decided without them.
+pub fn needs_transport(api: &Api) -> bool {
+    api.level > SecurityLevel::S0
+}
+
+/// Step one, when the request headers arrive, for the API `find_api` gave: identify
+/// (lifecycle, bans, app), authenticate (TLS, certificate, signature by level) and authorize
+/// (user, lists, grant). `has_body` is true when more data follows.
+#[allow(clippy::too_many_arguments)]
 pub fn check_headers(
     policy: &Policy,
+    api: &Api,
     req: &Request,
     has_body: bool,
     now: u64,
@@ -118,12 +127,6 @@ pub fn check_headers(
     store: &dyn SharedStore,
     ctx: &mut RequestContext,
 ) -> Result<(), Deny> {
-    let api = policy.match_api(&req.method, req.path()).ok_or_else(|| {
-        Deny::new(
-            DenyReason::UnknownApi,
-            format!("{} {} is not in the inventory", req.method, req.path()),
-        )
-    })?;
     ctx.api = Some(api.id.clone());
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());

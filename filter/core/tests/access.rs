@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{check_body, check_headers, RequestContext};
+use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
 use apisec_core::message::{Connection, Request};
 use apisec_core::replay::{init_slots, MemoryStore};
 use apisec_core::signer::{sign, SignParams, SigningKey};
@@ -151,8 +151,10 @@ fn run_at(
     now: u64,
 ) -> Result<RequestContext, DenyReason> {
     let mut ctx = RequestContext::default();
+    let api = find_api(p, &c.req).map_err(|d| d.reason)?;
     check_headers(
         p,
+        api,
         &c.req,
         !c.body.is_empty(),
         now,

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
-use apisec_core::engine::{check_body, check_headers, RequestContext};
+use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
 use apisec_core::message::{Connection, Request};
 use apisec_core::replay::{init_slots, MemoryStore};
 use apisec_core::signer::{sign, SignParams, SigningKey};
@@ -127,8 +127,10 @@ fn signed(mut c: Case, p: &SignParams, key: &SigningKey) -> Case {
 
 fn run(policy: &Policy, store: &MemoryStore, c: &Case) -> Result<RequestContext, DenyReason> {
     let mut ctx = RequestContext::default();
+    let api = find_api(policy, &c.req).map_err(|d| d.reason)?;
     check_headers(
         policy,
+        api,
         &c.req,
         !c.body.is_empty(),
         NOW,
@@ -569,18 +571,23 @@ fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
 }
 
 /// The host reads TLS and client-certificate facts only when `needs_transport` says the decision
-/// looks at them: never skipped for S1 and above (ID-2, ID-3, DATA-1), skipped for S0 and for
-/// requests that match no API (refused as unknown_api whatever the transport).
+/// looks at them: never skipped for S1 and above (ID-2, ID-3, DATA-1), skipped for S0; a
+/// request that matches no API is refused as unknown_api before any of them is read.
 #[test]
 fn transport_facts_are_read_for_s1_and_above_only() {
     use apisec_core::engine::needs_transport;
     let p = policy();
-    assert!(!needs_transport(&p, "GET", "/quotes/600000"));
-    assert!(!needs_transport(&p, "GET", "/nowhere"));
-    assert!(!needs_transport(&p, "DELETE", "/news"));
-    assert!(needs_transport(&p, "GET", "/news"));
-    assert!(needs_transport(&p, "GET", "/accounts/42"));
-    assert!(needs_transport(&p, "POST", "/orders"));
+    let needs = |method: &str, path: &str| {
+        needs_transport(find_api(&p, &request(method, path, b"").req).unwrap())
+    };
+    assert!(!needs("GET", "/quotes/600000"));
+    assert!(needs("GET", "/news"));
+    assert!(needs("GET", "/accounts/42"));
+    assert!(needs("POST", "/orders"));
+    for (method, path) in [("GET", "/nowhere"), ("DELETE", "/news")] {
+        let refused = find_api(&p, &request(method, path, b"").req).unwrap_err();
+        assert_eq!(refused.reason, DenyReason::UnknownApi);
+    }
     // Without those facts an S1 request is refused, never let through.
     let store = fresh_store(&p);
     let mut c = signed(

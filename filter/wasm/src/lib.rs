@@ -405,13 +405,14 @@ impl ApisecHttp {
                 "missing :method or :path",
             ));
         }
-        // Each property is a host call: ask only what the decision will look at.
-        if !engine::needs_transport(&self.policy, &self.req.method, self.req.path()) {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// TLS and the verified client certificate, for APIs whose decision looks at them. Each
+    /// property is a host call: ask only what the previous answer makes relevant.
+    fn read_transport(&mut self) {
         self.req.conn.tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
-        // A peer certificate counts only when Envoy verified it (mTLS listener with a CA);
-        // again, ask only what the previous answer makes relevant.
+        // A peer certificate counts only when Envoy verified it (mTLS listener with a CA).
         let mtls = self.req.conn.tls
             && matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
         let valid = mtls
@@ -426,7 +427,6 @@ impl ApisecHttp {
                     .map(|s| s.to_ascii_lowercase());
             self.req.conn.peer_uri_san = text(vec!["connection", "uri_san_peer_certificate"]);
         }
-        Ok(())
     }
 }
 
@@ -450,9 +450,17 @@ impl HttpContext for ApisecHttp {
                 "content-length over max_body_bytes",
             ));
         }
-        let verifier = self.verifier.clone();
+        let (policy, verifier) = (self.policy.clone(), self.verifier.clone());
+        let api = match engine::find_api(&policy, &self.req) {
+            Ok(api) => api,
+            Err(d) => return self.refuse(d),
+        };
+        if engine::needs_transport(api) {
+            self.read_transport();
+        }
         if let Err(d) = engine::check_headers(
-            &self.policy,
+            &policy,
+            api,
             &self.req,
             !end_of_stream,
             now,
