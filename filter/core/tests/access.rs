@@ -9,16 +9,18 @@
     clippy::panic
 )] // test code
 
+mod common;
+
 use std::collections::HashMap;
 
-use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
+use apisec_core::engine::RequestContext;
 use apisec_core::message::{Connection, Request};
-use apisec_core::replay::{init_slots, MemoryStore};
+use apisec_core::replay::MemoryStore;
 use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::timeutil::parse_rfc3339;
 use apisec_core::{DenyReason, Policy};
 use base64::Engine as _;
+use common::fresh_store;
 
 const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const CERT_A: &str = "aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11aa11";
@@ -150,33 +152,13 @@ fn run_at(
     c: &Call,
     now: u64,
 ) -> Result<RequestContext, DenyReason> {
-    let mut ctx = RequestContext::default();
-    let api = find_api(p, &c.req).map_err(|d| d.reason)?;
-    check_headers(
-        p,
-        api,
-        &c.req,
-        !c.body.is_empty(),
-        now,
-        &SoftwareVerifier,
-        store,
-        &mut ctx,
-    )
-    .map_err(|d| d.reason)?;
-    check_body(p, &ctx, &c.body, store, now).map_err(|d| d.reason)?;
-    Ok(ctx)
-}
-
-fn store(p: &Policy) -> MemoryStore {
-    let s = MemoryStore::default();
-    init_slots(&s, &p.replay).unwrap();
-    s
+    common::decide(p, store, &c.req, &c.body, now)
 }
 
 #[test]
 fn tls_and_certificate_identity_by_level() {
     let p = compile(&doc());
-    let s = store(&p);
+    let s = fresh_store(&p);
     let run = |c: &Call| run_at(&p, &s, c, NOW);
     // plain HTTP: S0 passes, S1+ refused (DATA-1)
     let mut plain = call("GET", "/news", "a");
@@ -219,7 +201,7 @@ fn tls_and_certificate_identity_by_level() {
 fn grants_required_and_validity() {
     let mut d = doc();
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     // b holds no grant for the order API (PERM-2); S0 needs none
     let mut bq = call("GET", "/quotes", "b");
     bq.req.conn.tls = false;
@@ -301,7 +283,7 @@ fn limited_and_single_use_grants() {
     let mut d = doc();
     d["grants"][2]["max_uses"] = 2.into();
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     let c = with_cert(call("GET", "/news", "b"), CERT_B);
     run_at(&p, &s, &c, NOW).unwrap();
     run_at(&p, &s, &c, NOW).unwrap();
@@ -368,7 +350,7 @@ fn user_dimension_opt_out_and_user_grants() {
     d["opted_out_users"] = serde_json::json!(["u-closed"]);
     d["grants"][0]["users"] = serde_json::json!(["u-1", "u-closed"]);
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     let with_user = |u: &str| {
         let mut c = call("GET", "/news", "a");
         c.req.headers.push(("x-user-id".into(), u.into()));
@@ -419,7 +401,7 @@ fn lists_source_ranges_suspension_and_lifecycle() {
     d["apis"][4]["state"] = "draft".into();
     d["apis"][5]["state"] = "retired".into();
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     let run = |c: &Call| run_at(&p, &s, c, NOW).err();
     assert_eq!(
         run(&with_cert(call("GET", "/news", "b"), CERT_B)),
@@ -447,7 +429,7 @@ fn lists_source_ranges_suspension_and_lifecycle() {
     d["apps"][1]["suspended"] = true.into();
     d["apps"][0]["allowed_ips"] = serde_json::json!(["10.0.0.0/8", "2001:db8::/32"]);
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     let run = |c: &Call| run_at(&p, &s, c, NOW).err();
     assert_eq!(
         run(&signed(call("POST", "/orders", "a"), "a-p256", "o4", &[])),
@@ -471,7 +453,7 @@ fn bans_through_the_engine() {
     let mut d = doc();
     d["bans"] = serde_json::json!({"threshold": 2, "window_seconds": 60, "ban_seconds": 300});
     let p = compile(&d);
-    let s = store(&p);
+    let s = fresh_store(&p);
     let bans = p.bans.as_ref().unwrap();
     let ip = "203.0.113.9".parse().unwrap();
     bans.record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW)

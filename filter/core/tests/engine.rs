@@ -7,15 +7,18 @@
     clippy::panic
 )] // test code
 
+mod common;
+
 use std::collections::HashMap;
 
-use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
-use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
+use apisec_core::crypto::content_digest_sha256;
+use apisec_core::engine::{find_api, RequestContext};
 use apisec_core::message::{Connection, Request};
-use apisec_core::replay::{init_slots, MemoryStore};
+use apisec_core::replay::MemoryStore;
 use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::{DenyReason, Policy};
 use base64::Engine as _;
+use common::fresh_store;
 
 const NOW: u64 = 1_800_000_000;
 const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -126,27 +129,17 @@ fn signed(mut c: Case, p: &SignParams, key: &SigningKey) -> Case {
 }
 
 fn run(policy: &Policy, store: &MemoryStore, c: &Case) -> Result<RequestContext, DenyReason> {
-    let mut ctx = RequestContext::default();
-    let api = find_api(policy, &c.req).map_err(|d| d.reason)?;
-    check_headers(
-        policy,
-        api,
-        &c.req,
-        !c.body.is_empty(),
-        NOW,
-        &SoftwareVerifier,
-        store,
-        &mut ctx,
-    )
-    .map_err(|d| d.reason)?;
-    check_body(policy, &ctx, &c.body, store, NOW).map_err(|d| d.reason)?;
-    Ok(ctx)
+    common::decide(policy, store, &c.req, &c.body, NOW)
 }
 
-fn fresh_store(p: &Policy) -> MemoryStore {
-    let s = MemoryStore::default();
-    init_slots(&s, &p.replay).unwrap();
-    s
+fn header(c: &Case, name: &str) -> String {
+    c.req
+        .headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .unwrap()
+        .1
+        .clone()
 }
 
 fn set_header(c: &mut Case, name: &str, value: &str) {
@@ -344,14 +337,7 @@ fn negative_table() {
             "alg mismatch",
             Box::new(move || {
                 let mut c = news(params("a-hmac", "t11", false));
-                let v = c
-                    .req
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "signature-input")
-                    .unwrap()
-                    .1
-                    .replace("hmac-sha256", "ecdsa-p256-sha256");
+                let v = header(&c, "signature-input").replace("hmac-sha256", "ecdsa-p256-sha256");
                 set_header(&mut c, "signature-input", &v);
                 c
             }),
@@ -383,14 +369,7 @@ fn negative_table() {
             "duplicate labels",
             Box::new(move || {
                 let mut c = news(params("a-hmac", "t14", false));
-                let v = c
-                    .req
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "signature-input")
-                    .unwrap()
-                    .1
-                    .clone();
+                let v = header(&c, "signature-input");
                 set_header(&mut c, "signature-input", &format!("{v}, {v}"));
                 c
             }),
@@ -400,14 +379,7 @@ fn negative_table() {
             "two signatures",
             Box::new(move || {
                 let mut c = news(params("a-hmac", "t15", false));
-                let v = c
-                    .req
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "signature-input")
-                    .unwrap()
-                    .1
-                    .clone();
+                let v = header(&c, "signature-input");
                 set_header(
                     &mut c,
                     "signature-input",
@@ -421,14 +393,7 @@ fn negative_table() {
             "label mismatch",
             Box::new(move || {
                 let mut c = news(params("a-hmac", "t16", false));
-                let v = c
-                    .req
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "signature")
-                    .unwrap()
-                    .1
-                    .replacen("sig1", "sig9", 1);
+                let v = header(&c, "signature").replacen("sig1", "sig9", 1);
                 set_header(&mut c, "signature", &v);
                 c
             }),
@@ -465,14 +430,7 @@ fn negative_table() {
             "duplicate signature header",
             Box::new(move || {
                 let mut c = news(params("a-hmac", "t20", false));
-                let v = c
-                    .req
-                    .headers
-                    .iter()
-                    .find(|(k, _)| k == "signature")
-                    .unwrap()
-                    .1
-                    .clone();
+                let v = header(&c, "signature");
                 c.req.headers.push(("signature".into(), v));
                 c
             }),
