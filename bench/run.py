@@ -382,17 +382,29 @@ def main() -> int:
         script = build / "presigned.lua"
         script.write_text(WRK_LUA)
 
+        def signed_requests(v: str, count: int, name: str) -> Path:
+            """`count` requests for a signed variant (S1: HMAC, S3: P-256), each with its own nonce."""
+            f = build / f"{v}-{name}.bin"
+            presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"],
+                    kind(v), count, f, f"{v}-{name}")
+            return f
+
+        def wrk_request(v: str, signed: Path | None) -> tuple[str, list[str], Path | None]:
+            """What wrk sends a variant: (path, headers, file of requests or None); `signed` is
+            the file of unique requests when the variant is a signed one."""
+            if v in POST_VARIANTS:
+                return "/", [], post_files[v]
+            if kind(v) in ("s1", "s3"):
+                return "/", [], signed
+            return "/bench/s0", GET_HEADERS[kind(v)](auth), None
+
         # Pre-sign every round's requests up front (unique nonces; signing is not measured).
         print("pre-signing requests ...", flush=True)
         files = {}
         for r in range(ROUNDS):
             for v in VARIANTS:
-                if kind(v) not in ("s1", "s3"):
-                    continue
-                args, per_round = (hmac_args, 20000 * SECONDS) if kind(v) == "s1" else (ec_args, 9000 * SECONDS)
-                f = build / f"{v}-round{r}.bin"
-                presign([*args, "--authority", f"127.0.0.1:{ports[v]}"], kind(v), per_round, f, f"{v}-t{r}")
-                files[(v, r)] = f
+                if kind(v) in ("s1", "s3"):
+                    files[(v, r)] = signed_requests(v, (20000 if kind(v) == "s1" else 9000) * SECONDS, f"round{r}")
 
         # Every variant must accept its requests before anything is timed.
         import ssl
@@ -419,9 +431,7 @@ def main() -> int:
         for v in VARIANTS:
             if kind(v) not in ("s1", "s3"):
                 continue
-            sample = build / f"{v}-check.bin"
-            presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"], kind(v), 3,
-                    sample, f"{v}-check")
+            sample = signed_requests(v, 3, "check")
             res = json.loads(subprocess.run([str(LOADGEN), "open", "--addr", f"127.0.0.1:{ports[v]}", "--ca", str(ca),
                                              "--file", str(sample), "--rate", "10", "--seconds", "0.3",
                                              "--connections", "1"], capture_output=True, text=True, check=True).stdout)
@@ -434,13 +444,8 @@ def main() -> int:
         invalid: dict[str, int] = {v: 0 for v in VARIANTS}
         for r in range(ROUNDS):
             for v in VARIANTS:
-                if kind(v) in ("s1", "s3"):
-                    rps, bad, us = run_wrk(url[v] + "/", [], script, files[(v, r)], envoy.pid)
-                elif v in POST_VARIANTS:
-                    rps, bad, us = run_wrk(url[v] + "/", [], script, post_files[v], envoy.pid)
-                else:
-                    hdr = GET_HEADERS[kind(v)](auth)
-                    rps, bad, us = run_wrk(url[v] + "/bench/s0", hdr, None, None, envoy.pid)
+                path, hdr, data = wrk_request(v, files.get((v, r)))
+                rps, bad, us = run_wrk(url[v] + path, hdr, script if data else None, data, envoy.pid)
                 tput[v].append(rps)
                 cpu_us[v].append(us)
                 invalid[v] += bad
@@ -466,9 +471,7 @@ def main() -> int:
                 if v in POST_VARIANTS:
                     extra = ["--file", str(post_files[v]), "--cycle", "1"]
                 elif kind(v) in ("s1", "s3"):
-                    f = build / f"{v}-latency{r}.bin"
-                    presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"],
-                            kind(v), int(rate * LAT_SECONDS * 1.02) + 10, f, f"{v}-lat{r}")
+                    f = signed_requests(v, int(rate * LAT_SECONDS * 1.02) + 10, f"latency{r}")
                     extra = ["--file", str(f)]
                 else:
                     f = build / f"{v}-fixed.bin"
@@ -507,19 +510,12 @@ def main() -> int:
         for r in range(2 * IR_ROUNDS):
             for v in VARIANTS:
                 if kind(v) in ("s1", "s3"):
-                    f = build / f"{v}-ir{r}.bin"
-                    presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"],
-                            kind(v), 5000 if kind(v) == "s1" else 2000, f, f"{v}-ir{r}")
-                    ir_files[(v, r)] = f
+                    ir_files[(v, r)] = signed_requests(v, 5000 if kind(v) == "s1" else 2000, f"ir{r}")
     finally:
         g.stop()
 
     def requests_for(v: str, r: int) -> tuple[str, list[str], Path | None]:
-        if v in POST_VARIANTS:
-            return "/", [], post_files[v]
-        if kind(v) in ("s1", "s3"):
-            return "/", [], ir_files[(v, r)]
-        return "/bench/s0", GET_HEADERS[kind(v)](auth), None
+        return wrk_request(v, ir_files.get((v, r)))
 
     instructions = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else {}
     ir_med = {v: statistics.median(x) for v, x in instructions.items() if x}
