@@ -125,6 +125,16 @@ def read_audit(gateway: gw.Gateway, request_id: str, timeout: float = 8.0) -> di
     raise AssertionError(f"no audit record for request {request_id}")
 
 
+# The filter adds allowed requests to `apisec.allowed` on a 1 s tick (refusals at once).
+METRICS_FLUSH_SECONDS = 1.0
+
+
+def flushed_stat(gateway: gw.Gateway, name: str) -> int:
+    """A counter once the filter's pending counts have reached Envoy (one flush period and a margin)."""
+    time.sleep(METRICS_FLUSH_SECONDS + 0.5)
+    return gateway.stat(name)
+
+
 def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: int = 2,
                   wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)

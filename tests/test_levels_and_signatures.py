@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import read_audit
+from conftest import flushed_stat, read_audit
 
 
 def assert_refused(gateway, resp, status: int, code: str) -> dict:
@@ -382,11 +382,9 @@ def test_refused_request_strips_nothing_upstream_because_nothing_is_sent(gateway
 def test_metrics_count_decisions(gateway, client):
     # Decision counters: refusals are counted at once; allowed requests are summed in the VM and reach
     # Envoy's counter within a second (the filter flushes them on a 1 s tick).
-    time.sleep(1.5)  # let earlier tests' allowed requests flush first
+    allowed_before = flushed_stat(gateway, "wasmcustom.apisec.allowed")  # earlier tests' counts settled
     before = gateway.stat("wasmcustom.apisec.denied.unknown_api")
-    allowed_before = gateway.stat("wasmcustom.apisec.allowed")
     client.get("/nowhere", headers={"x-app-id": "demo-partner"})
     client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"})
     assert gateway.stat("wasmcustom.apisec.denied.unknown_api") == before + 1
-    time.sleep(1.5)
-    assert gateway.stat("wasmcustom.apisec.allowed") == allowed_before + 1
+    assert flushed_stat(gateway, "wasmcustom.apisec.allowed") == allowed_before + 1
