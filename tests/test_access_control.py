@@ -332,42 +332,42 @@ def test_suspended_app_isolated(acc):  # MON-5
 def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MON-6
     doc = base_policy()
     doc["apps"] += [hmac_app("t-noisy"), hmac_app("t-limited-rate")]
-    doc["grants"] += [{"id": "t-noisy", "app": "t-noisy", "apis": ["info.research"]}]
+    doc["grants"] += [{"id": "t-noisy", "app": "t-noisy", "apis": ["info.research"], "users": ["u-1"]},
+                      {"id": "t-limited-rate", "app": "t-limited-rate", "apis": ["info.research"]}]
     doc["bans"] = {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
     secret = new_secret()
     g = start_gateway(tmp_path, doc, secret=secret, rate_limits={"t-limited-rate": (2, 60)})
     try:
         client = Client(g, secret)
-        # 1. by app: three refused attempts, then even a valid request is refused
+        # 1. by app: three refusals of the authenticated app (validly signed, but for a user its
+        # grant does not cover), then even a valid request is refused
+        as_user = lambda u: ["--header", f"x-user-id: {u}", "--cover", "x-user-id"]  # noqa: E731
         for i in range(3):
-            signed = client.sign("GET", f"/api/v1/info/research/n-{i}", app="t-noisy", keyid="t-noisy-hmac")
-            signed["url"] += "x"  # tampered: signature_invalid
-            assert client.send(signed).json()["error"] == "signature_invalid"
-        audit = assert_refused(g, research(client, "t-noisy"), 403, "banned")
+            assert research(client, "t-noisy", extra=as_user(f"u-{i + 2}")).json()["error"] == "no_grant"
+        audit = assert_refused(g, research(client, "t-noisy", extra=as_user("u-1")), 403, "banned")
         assert audit["app"] == "t-noisy"
         assert g.stat("wasmcustom.apisec.bans_started") == 1
         assert research(client, "demo-partner").status_code == 200, "other apps unaffected"
 
-        # 2. Envoy's rate limiter answers 429; those count too (RL-3)
-        s0 = lambda: client.get("/api/v1/market/quotes/1", headers={"x-app-id": "t-limited-rate"})  # noqa: E731
+        # 2. Envoy's rate limiter answers 429 to the authenticated app; those count too (RL-3)
         allowed_before = flushed_stat(g, "wasmcustom.apisec.allowed")
         limited_before = g.stat("wasmcustom.apisec.denied.rate_limited")
-        codes = [s0().status_code for _ in range(5)]
+        codes = [research(client, "t-limited-rate").status_code for _ in range(5)]
         assert codes[:2] == [200, 200] and codes[2:] == [429, 429, 429], codes
         # each request counted once, by its outcome: the 429s are denials, not also allowed
         assert g.stat("wasmcustom.apisec.denied.rate_limited") == limited_before + 3
         assert flushed_stat(g, "wasmcustom.apisec.allowed") == allowed_before + 2
-        r = s0()
-        assert_refused(g, r, 403, "banned")
+        audit = assert_refused(g, research(client, "t-limited-rate"), 403, "banned")
+        assert audit["app"] == "t-limited-rate"
         limited = [json.loads(line) for line in g.layout.audit_log.read_text().splitlines()]
         limited = [x for x in limited if x.get("status") == 429]
         assert limited and json.loads(limited[0]["audit"])["code"] == "rate_limited"
 
-        # 3. by IP when no app is identified
+        # 3. by source address when the caller is not authenticated
         for _ in range(3):
             assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "nobody"}).json()["error"] == "unknown_app"
         audit = assert_refused(g, client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}), 403, "banned")
-        assert "ip 127.0.0.1" in audit["detail"]
+        assert "source 127.0.0.1" in audit["detail"]
 
         # 4. the operator lifts the bans through the policy; they end at once
         # lifted "as of" one second from now: every ban that began before then is void
@@ -377,7 +377,7 @@ def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MO
         before = ecds_stats(g)["update_success"]
         gw.write_ecds(json.dumps(doc), g.layout)
         wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
-        assert research(client, "t-noisy").status_code == 200
+        assert research(client, "t-noisy", extra=["--header", "x-user-id: u-1", "--cover", "x-user-id"]).status_code == 200
         assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code == 200
     finally:
         g.stop()

@@ -337,6 +337,11 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         .map(|s| s.to_string())
         .collect();
     if !body.is_empty() {
+        // A body goes as JSON unless the caller says otherwise (--header 'content-type: ...'):
+        // the gateway checks a restricted API's body as its declared type (PERM-1).
+        if !headers.iter().any(|(k, _)| k == "content-type") {
+            headers.push(("content-type".into(), "application/json".into()));
+        }
         headers.push(("content-digest".into(), content_digest_sha256(&body)));
         components.push("content-digest".into());
     }

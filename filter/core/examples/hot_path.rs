@@ -12,10 +12,11 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
+use apisec_core::engine::{begin, check_body, check_headers, Host, RequestContext};
 use apisec_core::message::{Connection, Request};
-use apisec_core::replay::{init_slots, MemoryStore};
+use apisec_core::replay::init_slots;
 use apisec_core::signer::{sign, SignParams, SigningKey};
+use apisec_core::store::{self, MemoryStore};
 use apisec_core::Policy;
 use base64::Engine as _;
 
@@ -39,13 +40,19 @@ fn main() {
     )
     .unwrap();
     let store = MemoryStore::default();
-    init_slots(&store, &policy.replay).unwrap();
+    let now = 1_800_000_000u64;
+    let meta = store::open(&store, [3; 16], now - 10, policy.replay.slots).unwrap();
+    init_slots(&store, &policy.replay, &meta).unwrap();
+    let host = Host {
+        store: &store,
+        meta: &meta,
+        verifier: &SoftwareVerifier,
+    };
     let key = SigningKey::Hmac(
         base64::engine::general_purpose::STANDARD
             .decode(secret)
             .unwrap(),
     );
-    let now = 1_800_000_000u64;
     let n = 20_000;
     let reqs: Vec<Request> = (0..n)
         .map(|i| {
@@ -85,19 +92,9 @@ fn main() {
     let t = Instant::now();
     for r in &reqs {
         let mut ctx = RequestContext::default();
-        let api = find_api(&policy, r).unwrap();
-        check_headers(
-            &policy,
-            api,
-            r,
-            false,
-            now,
-            &SoftwareVerifier,
-            &store,
-            &mut ctx,
-        )
-        .unwrap();
-        check_body(&policy, &ctx, &[], &store, now).unwrap();
+        let api = begin(&policy, r, &store, now).unwrap();
+        check_headers(&policy, api, r, false, now, &host, &mut ctx).unwrap();
+        check_body(&policy, r, &mut ctx, &[], &host, now).unwrap();
     }
     println!(
         "S1 decision (native): {:.2} us/request",
@@ -108,18 +105,8 @@ fn main() {
     let t = Instant::now();
     for _ in 0..n {
         let mut ctx = RequestContext::default();
-        let api = find_api(&policy, &s0).unwrap();
-        check_headers(
-            &policy,
-            api,
-            &s0,
-            false,
-            now,
-            &SoftwareVerifier,
-            &store,
-            &mut ctx,
-        )
-        .unwrap();
+        let api = begin(&policy, &s0, &store, now).unwrap();
+        check_headers(&policy, api, &s0, false, now, &host, &mut ctx).unwrap();
     }
     println!(
         "S0 decision (native): {:.2} us/request",

@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Deny, DenyReason};
+use crate::fields;
 use crate::ip::Cidr;
 use crate::policy::{Api, SecurityLevel};
-use crate::replay::SharedStore;
+use crate::store::{create_if_absent, SharedStore};
 use crate::timeutil;
 
 /// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
@@ -248,14 +249,12 @@ fn field_paths(field: &str, paths: &[String]) -> Result<Vec<Vec<String>>, Config
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let parts: Vec<String> = p.split('.').map(str::to_string).collect();
-            if parts.iter().any(|s| s.is_empty()) {
-                return Err(ConfigError::new(
+            fields::parse_path(p).ok_or_else(|| {
+                ConfigError::new(
                     format!("{field}[{i}]"),
                     "a field path is dot-separated names, like order.price",
-                ));
-            }
-            Ok(parts)
+                )
+            })
         })
         .collect()
 }
@@ -398,7 +397,7 @@ pub fn compile_grant(
         id: g.id.clone(),
         app: g.app.clone(),
         apis: set,
-        users: g.users.clone(),
+        users: g.users.iter().map(|u| normal_user(u)).collect(),
         not_before,
         not_after,
         max_uses,
@@ -459,6 +458,14 @@ impl Grant {
 
 /// Picks the grant that lets this call through (PERM-2): the first covering grant that is valid
 /// now. With none, the refusal says why the nearest one failed.
+/// The grant's contract period and windows at `now` (PERM-5), for a grant already selected.
+pub fn check_grant_validity(grant: &Grant, now: u64) -> Result<(), Deny> {
+    match grant.validity(now) {
+        Some(d) => Err(d),
+        None => Ok(()),
+    }
+}
+
 pub fn select_grant<'a>(
     grants: &'a [Grant],
     app: &str,
@@ -487,7 +494,9 @@ fn uses_key(grant: &str) -> String {
     format!("apisec/grant-uses/{grant}")
 }
 
-/// Counts one use of a limited grant, atomically across workers (CAS); refuses once used up.
+/// Counts one use of a limited grant, atomically across workers (PERM-5): the counter is
+/// created only if absent and updated only by compare-and-swap, so no interleaving of workers
+/// can count a use twice or lose one.
 pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), Deny> {
     let Some(max) = grant.max_uses else {
         return Ok(());
@@ -495,29 +504,22 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), D
     let key = uses_key(&grant.id);
     let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
     for _ in 0..16 {
-        let (used, cas) = match store.get(&key).map_err(host)? {
-            Some((v, cas)) => {
-                let mut b = [0u8; 8];
-                if let Some(src) = v.get(..8) {
-                    b.copy_from_slice(src);
-                }
-                (u64::from_le_bytes(b), Some(cas))
-            }
-            None => (0, None),
+        let Some((v, cas)) = store.get(&key).map_err(host)? else {
+            create_if_absent(store, &key, &0u64.to_le_bytes()).map_err(host)?;
+            continue;
         };
+        let used = v
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map_or(0, u64::from_le_bytes);
         if used >= max {
             return Err(Deny::new(
                 DenyReason::GrantExhausted,
                 format!("grant {} used {used} of {max} times", grant.id),
             ));
         }
-        // A key that does not exist yet cannot be guarded by CAS: create it, then count.
-        if cas.is_none() {
-            store.set(&key, &0u64.to_le_bytes(), None).map_err(host)?;
-            continue;
-        }
         if store
-            .set(&key, &(used + 1).to_le_bytes(), cas)
+            .set(&key, &(used + 1).to_le_bytes(), Some(cas))
             .map_err(host)?
         {
             return Ok(());
@@ -587,7 +589,7 @@ pub fn compile_list(
         entries.push(Entry {
             app: e.app.clone(),
             ip,
-            user: e.user.clone(),
+            user: e.user.as_deref().map(normal_user),
         });
     }
     if l.mode == ListMode::Allow && entries.is_empty() {
@@ -634,81 +636,11 @@ pub fn check_lists(
     Ok(())
 }
 
-/// Refuses a JSON request body that carries a field the grant forbids (PERM-1, field dimension).
-/// A body that is not JSON cannot be checked and is refused when the grant restricts fields.
-pub fn check_request_fields(forbidden: &[Vec<String>], body: &[u8]) -> Result<(), Deny> {
-    if forbidden.is_empty() || body.is_empty() {
-        return Ok(());
-    }
-    let doc: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
-        Deny::new(
-            DenyReason::FieldForbidden,
-            "the grant restricts fields and the body is not JSON",
-        )
-    })?;
-    for path in forbidden {
-        if has_path(&doc, path) {
-            return Err(Deny::new(
-                DenyReason::FieldForbidden,
-                format!("field {} is not granted", path.join(".")),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn has_path(v: &serde_json::Value, path: &[String]) -> bool {
-    match (v, path.split_first()) {
-        (_, None) => true,
-        (serde_json::Value::Object(m), Some((head, rest))) => {
-            m.get(head).is_some_and(|x| has_path(x, rest))
-        }
-        (serde_json::Value::Array(a), Some(_)) => a.iter().any(|x| has_path(x, path)),
-        _ => false,
-    }
-}
-
-fn remove_path(v: &mut serde_json::Value, path: &[String]) -> bool {
-    match (v, path.split_first()) {
-        (serde_json::Value::Object(m), Some((head, []))) => m.remove(head).is_some(),
-        (serde_json::Value::Object(m), Some((head, rest))) => {
-            m.get_mut(head).is_some_and(|x| remove_path(x, rest))
-        }
-        (serde_json::Value::Array(a), Some(_)) => a
-            .iter_mut()
-            .fold(false, |acc, x| remove_path(x, path) | acc),
-        _ => false,
-    }
-}
-
-/// Removes hidden fields from a JSON response body. `Ok(None)`: nothing changed. A body that is
-/// not JSON is withheld (Err) rather than passed unfiltered.
-pub fn filter_response_fields(
-    hidden: &[Vec<String>],
-    body: &[u8],
-) -> Result<Option<Vec<u8>>, Deny> {
-    if hidden.is_empty() || body.is_empty() {
-        return Ok(None);
-    }
-    let mut doc: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
-        Deny::new(
-            DenyReason::ResponseUnfilterable,
-            "response is not JSON; hidden fields cannot be removed",
-        )
-    })?;
-    let mut changed = false;
-    for path in hidden {
-        changed |= remove_path(&mut doc, path);
-    }
-    if !changed {
-        return Ok(None);
-    }
-    serde_json::to_vec(&doc).map(Some).map_err(|_| {
-        Deny::new(
-            DenyReason::ResponseUnfilterable,
-            "cannot serialise the filtered response",
-        )
-    })
+/// The one normal form of an end-user id (BWL-1, PERM-6): user ids are compared without
+/// regard to ASCII case, so `U-FROZEN-0001` is the listed `u-frozen-0001`. Request ids are
+/// printable ASCII (checked before this); the policy's ids pass through here too.
+pub fn normal_user(u: &str) -> String {
+    u.trim().to_ascii_lowercase()
 }
 
 /// The opt-out set (PERM-6): users who closed API access for their account.
@@ -725,49 +657,7 @@ pub fn check_opt_out(opted_out: &HashSet<String>, user: Option<&str>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::MemoryStore;
-
-    #[test]
-    fn field_paths_in_objects_and_arrays() {
-        let forbidden = vec![vec!["order".to_string(), "price".to_string()]];
-        assert!(check_request_fields(&forbidden, br#"{"order":{"qty":1}}"#).is_ok());
-        assert_eq!(
-            check_request_fields(&forbidden, br#"{"order":{"price":"9.9"}}"#)
-                .unwrap_err()
-                .reason,
-            DenyReason::FieldForbidden
-        );
-        assert_eq!(
-            check_request_fields(&forbidden, br#"[{"order":{"price":1}}]"#)
-                .unwrap_err()
-                .reason,
-            DenyReason::FieldForbidden
-        );
-        assert_eq!(
-            check_request_fields(&forbidden, b"qty=1")
-                .unwrap_err()
-                .reason,
-            DenyReason::FieldForbidden
-        );
-
-        let hidden = vec![
-            vec!["id_number".to_string()],
-            vec!["owner".to_string(), "phone".to_string()],
-        ];
-        let out = filter_response_fields(
-            &hidden,
-            br#"{"id_number":"110","owner":{"phone":"139","name":"A"},"bal":1}"#,
-        )
-        .unwrap()
-        .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v, serde_json::json!({"owner": {"name": "A"}, "bal": 1}));
-        assert_eq!(
-            filter_response_fields(&hidden, br#"{"bal":1}"#).unwrap(),
-            None
-        );
-        assert!(filter_response_fields(&hidden, b"<html>").is_err());
-    }
+    use crate::store::{InterleavingStore, MemoryStore};
 
     #[test]
     fn grant_use_counter_is_exact_and_bounded() {
@@ -793,6 +683,38 @@ mod tests {
             DenyReason::GrantExhausted
         );
         assert_eq!(grant_uses(&store, "g"), 3);
+    }
+
+    /// Issue 8, hole 12 (PERM-5): a `once` grant used by two workers at the same moment. Worker
+    /// B reads "no counter yet"; worker A creates the counter and spends the use; then B goes on.
+    /// An unchecked create by B wiped A's use and let B spend it again.
+    #[test]
+    fn once_grant_race_between_two_workers_spends_one_use() {
+        let mem = MemoryStore::default();
+        let g = Grant {
+            id: "once".into(),
+            app: "a".into(),
+            apis: ApiSet(vec![true]),
+            users: vec![],
+            not_before: None,
+            not_after: None,
+            max_uses: Some(1),
+            windows: vec![],
+            offset: 0,
+            forbid_request_fields: vec![],
+            hide_response_fields: vec![],
+        };
+        let worker_b = InterleavingStore {
+            inner: &mem,
+            at: 1,
+            between: |m: &MemoryStore| consume_grant_use(m, &g).unwrap(),
+            reads: std::cell::Cell::new(0),
+        };
+        assert_eq!(
+            consume_grant_use(&worker_b, &g).unwrap_err().reason,
+            DenyReason::GrantExhausted
+        );
+        assert_eq!(grant_uses(&mem, "once"), 1);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::replay::SharedStore;
+use crate::store::{create_if_absent, SharedStore};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -27,6 +27,9 @@ pub struct RawBans {
     pub ip_slots: u32,
     #[serde(default = "default_entries")]
     pub entries_per_slot: u32,
+    /// IPv6 sources are counted and banned by prefix: one host holds a whole /64.
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
     /// Operator lifts: bans on this app or IP that began before `at` are void.
     #[serde(default)]
     pub lifted: Vec<RawLift>,
@@ -37,6 +40,9 @@ fn default_ip_slots() -> u32 {
 }
 fn default_entries() -> u32 {
     16
+}
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -67,6 +73,7 @@ pub struct BanSettings {
     pub ban_seconds: u64,
     ip_slots: u32,
     entries_per_slot: u32,
+    ipv6_prefix: u8,
     lifted: Vec<(LiftTarget, u64)>,
 }
 
@@ -93,6 +100,12 @@ impl RawBans {
                 "ip_slots 1..65536, entries_per_slot 1..256",
             ));
         }
+        if !(16..=128).contains(&self.ipv6_prefix) {
+            return Err(ConfigError::new(
+                "bans.ipv6_prefix",
+                "must be between 16 and 128",
+            ));
+        }
         let mut lifted = Vec::new();
         for (i, l) in self.lifted.iter().enumerate() {
             let f = format!("bans.lifted[{i}]");
@@ -114,6 +127,7 @@ impl RawBans {
             ban_seconds: self.ban_seconds,
             ip_slots: self.ip_slots,
             entries_per_slot: self.entries_per_slot,
+            ipv6_prefix: self.ipv6_prefix,
             lifted,
         })
     }
@@ -124,15 +138,6 @@ impl RawBans {
 pub enum Subject<'a> {
     App(&'a str),
     Ip(IpAddr),
-}
-
-impl Subject<'_> {
-    pub fn describe(&self) -> String {
-        match self {
-            Subject::App(a) => format!("app {a}"),
-            Subject::Ip(ip) => format!("ip {ip}"),
-        }
-    }
 }
 
 const ENTRY: usize = 36; // fp 8 | window_start 8 | count 4 | banned_at 8 | banned_until 8
@@ -180,6 +185,27 @@ impl Record {
 }
 
 impl BanSettings {
+    /// The source a refusal counts against: an IPv4 address, or an IPv6 address's prefix.
+    fn source(&self, ip: IpAddr) -> String {
+        match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => {
+                let bits = u32::from(self.ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+                format!("{net}/{bits}")
+            }
+        }
+    }
+
+    /// How a subject is named in the audit record and the log.
+    pub fn describe(&self, subject: Subject<'_>) -> String {
+        match subject {
+            Subject::App(a) => format!("app {a}"),
+            Subject::Ip(ip) => format!("source {}", self.source(ip)),
+        }
+    }
+
     fn locate(&self, subject: Subject<'_>) -> (String, [u8; 8]) {
         let mut h = Sha256::new();
         match subject {
@@ -189,7 +215,7 @@ impl BanSettings {
             }
             Subject::Ip(ip) => {
                 h.update(b"ip\0");
-                h.update(ip.to_string().as_bytes());
+                h.update(self.source(ip).as_bytes());
             }
         }
         let d = h.finalize();
@@ -242,7 +268,7 @@ impl BanSettings {
                     DenyReason::Banned,
                     format!(
                         "{} banned until {} after repeated refusals",
-                        subject.describe(),
+                        self.describe(subject),
                         r.banned_until
                     ),
                 ));
@@ -264,7 +290,7 @@ impl BanSettings {
             let (value, cas) = match store.get(&key)? {
                 Some((v, cas)) => (v, Some(cas)),
                 None => {
-                    store.set(&key, &[], None)?;
+                    create_if_absent(store, &key, &[])?;
                     continue;
                 }
             };
@@ -338,7 +364,7 @@ impl BanSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replay::MemoryStore;
+    use crate::store::MemoryStore;
 
     fn settings(lifted: Vec<RawLift>) -> BanSettings {
         RawBans {
@@ -347,6 +373,7 @@ mod tests {
             ban_seconds: 600,
             ip_slots: 2,
             entries_per_slot: 4,
+            ipv6_prefix: 64,
             lifted,
         }
         .compile()
@@ -405,6 +432,27 @@ mod tests {
                 .unwrap();
         }
         assert!(lifted.check(&store, app, 1_800_000_030).is_err());
+    }
+
+    /// Issue 8, hole 13: an IPv6 host owns a /64; rotating addresses inside it is one source.
+    #[test]
+    fn ipv6_sources_count_by_prefix() {
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        let ip = |x: &str| Subject::Ip(x.parse().unwrap());
+        s.record_refusal(&store, ip("2001:db8:1:2::1"), 100)
+            .unwrap();
+        s.record_refusal(&store, ip("2001:db8:1:2:aaaa::9"), 100)
+            .unwrap();
+        assert!(s
+            .record_refusal(&store, ip("2001:db8:1:2:ffff:ffff:ffff:ffff"), 100)
+            .unwrap());
+        assert!(s.check(&store, ip("2001:db8:1:2::77"), 101).is_err());
+        s.check(&store, ip("2001:db8:1:3::1"), 101).unwrap();
+        assert_eq!(
+            s.describe(ip("2001:db8:1:2::1")),
+            "source 2001:db8:1:2::/64"
+        );
     }
 
     #[test]

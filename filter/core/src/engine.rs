@@ -10,24 +10,65 @@ use crate::access;
 use crate::bans::Subject;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
+use crate::fields;
 use crate::message::{signature_base, Request};
-use crate::policy::{Api, App, KeyMaterial, Policy, SecurityLevel};
-use crate::replay::{self, SharedStore};
+use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
+use crate::replay;
 use crate::sf::{self, BareItem, InnerList, Member};
+use crate::store::{SharedStore, StoreMeta};
 
 /// Headers the gateway owns: any client-sent copy is removed before anything else.
 pub const INTERNAL_HEADER_PREFIX: &str = "x-apisec-";
 pub const APP_ID_HEADER: &str = "x-app-id";
 /// The end user a caller acts for; counts only when the signature covers it.
 pub const USER_HEADER: &str = "x-user-id";
+/// A unique id a caller sends with a certificate-only write, checked like a nonce (ATK-1).
+pub const IDEMPOTENCY_HEADER: &str = "idempotency-key";
 const MAX_APP_ID_LEN: usize = 128;
 const MAX_NONCE_LEN: usize = 128;
+
+/// Client-sent headers some backends and frameworks obey to change the method or the path the
+/// gateway checked: stripped before the upstream, or refused (`gateway.override_headers`).
+pub const OVERRIDE_HEADERS: &[&str] = &[
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-override-url",
+];
+/// The query or form parameter some frameworks read as the method; it cannot be stripped
+/// without changing the signed request, so it is refused.
+const METHOD_OVERRIDE_PARAM: &str = "_method";
 
 pub fn is_internal_header(name: &str) -> bool {
     name.len() >= INTERNAL_HEADER_PREFIX.len()
         && name
             .get(..INTERNAL_HEADER_PREFIX.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(INTERNAL_HEADER_PREFIX))
+}
+
+fn is_override_header(name: &str) -> bool {
+    OVERRIDE_HEADERS
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Whether a client-sent header is removed before the request goes upstream: the gateway's
+/// own `x-apisec-*` always, routing overrides when the policy strips them.
+pub fn strips_header(policy: &Policy, name: &str) -> bool {
+    is_internal_header(name)
+        || (policy.override_headers == OverrideMode::Strip && is_override_header(name))
+}
+
+/// What the host lends a decision: the state store, the record it was opened with (read once
+/// at configure time), and the ECDSA verifier.
+pub struct Host<'a> {
+    pub store: &'a dyn SharedStore,
+    pub meta: &'a StoreMeta,
+    pub verifier: &'a dyn EcdsaVerifier,
 }
 
 /// What a third party needs to re-verify an S3 request later (DATA-4): the exact signature
@@ -64,6 +105,14 @@ pub struct RequestContext {
     pub nonce: Option<String>,
     pub content_digest: Option<String>,
     pub evidence: Option<Evidence>,
+    /// The signature's `created` and `expires` (re-checked when a body completes late).
+    pub created: Option<u64>,
+    pub expires: Option<u64>,
+    /// The nonce is a certificate-only write's `Idempotency-Key`, not a signature nonce.
+    pub idempotency: bool,
+    /// Gateway time when the headers were decided, and the policy generation that decided them.
+    pub started: u64,
+    pub generation: u64,
 }
 
 fn single_member<'a>(
@@ -96,6 +145,20 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
+/// The first step for every request: a banned source is refused before anything else (what a
+/// banned source costs stays small, MON-6), then the inventory (LVL-1) names the API.
+pub fn begin<'p>(
+    policy: &'p Policy,
+    req: &Request,
+    store: &dyn SharedStore,
+    now: u64,
+) -> Result<&'p Api, Deny> {
+    if let (Some(bans), Some(ip)) = (&policy.bans, req.conn.client_ip) {
+        bans.check(store, Subject::Ip(ip), now)?;
+    }
+    find_api(policy, req)
+}
+
 /// Inventory (LVL-1): the API a request is for. A request that matches none is refused.
 pub fn find_api<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
     policy.match_api(&req.method, req.path()).ok_or_else(|| {
@@ -113,20 +176,20 @@ pub fn needs_transport(api: &Api) -> bool {
     api.level > SecurityLevel::S0
 }
 
-/// Step one, when the request headers arrive, for the API `find_api` gave: identify
-/// (lifecycle, bans, app), authenticate (TLS, certificate, signature by level) and authorize
-/// (user, lists, grant). `has_body` is true when more data follows.
-#[allow(clippy::too_many_arguments)]
+/// Step one, when the request headers arrive, for the API `begin` gave: identify (lifecycle,
+/// bans, app), authenticate (TLS, certificate, signature by level) and authorize (user, lists,
+/// grant). `has_body` is true when more data follows.
 pub fn check_headers(
     policy: &Policy,
     api: &Api,
     req: &Request,
     has_body: bool,
     now: u64,
-    verifier: &dyn EcdsaVerifier,
-    store: &dyn SharedStore,
+    host: &Host<'_>,
     ctx: &mut RequestContext,
 ) -> Result<(), Deny> {
+    ctx.started = now;
+    ctx.generation = policy.generation;
     ctx.api = Some(api.id.clone());
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
@@ -136,9 +199,7 @@ pub fn check_headers(
             format!("API {} is {:?}", api.id, api.state),
         ));
     }
-    if let (Some(bans), Some(ip)) = (&policy.bans, req.conn.client_ip) {
-        bans.check(store, Subject::Ip(ip), now)?;
-    }
+    check_overrides(policy, req)?;
 
     let app_id = req
         .unique_header(APP_ID_HEADER)?
@@ -160,7 +221,7 @@ pub fn check_headers(
     })?;
     ctx.app = Some(app.id.clone());
     if let Some(bans) = &policy.bans {
-        bans.check(store, Subject::App(&app.id), now)?;
+        bans.check(host.store, Subject::App(&app.id), now)?;
     }
     if app.suspended {
         return Err(Deny::new(
@@ -196,9 +257,63 @@ pub fn check_headers(
     }
 
     if api.level > SecurityLevel::S0 {
-        authenticate(policy, req, app, api, has_body, now, verifier, ctx)?;
+        authenticate(policy, req, app, api, has_body, now, host.verifier, ctx)?;
     }
-    authorize(policy, req, app, api, now, ctx)
+    authorize(policy, req, app, api, now, ctx)?;
+    // A spent nonce is refused now, not after its body has been held (issue 8, hole 7).
+    if let (true, Some(app), Some(nonce)) = (has_body, &ctx.app, &ctx.nonce) {
+        replay::check(
+            host.store,
+            host.meta,
+            &policy.replay,
+            policy.clock_skew_seconds,
+            app,
+            nonce,
+            ctx.created.unwrap_or(now),
+            now,
+            false,
+        )
+        .map_err(|d| replay_refusal(d, ctx.idempotency))?;
+    }
+    Ok(())
+}
+
+/// Routing overrides (issue 8, hole 9): refused when the policy says so; `_method` always,
+/// since it is part of the signed request and cannot be stripped.
+fn check_overrides(policy: &Policy, req: &Request) -> Result<(), Deny> {
+    if policy.override_headers == OverrideMode::Refuse {
+        if let Some((name, _)) = req.headers.iter().find(|(n, _)| is_override_header(n)) {
+            return Err(Deny::new(
+                DenyReason::OverrideNotAllowed,
+                format!("routing override header {name} is not accepted"),
+            ));
+        }
+    }
+    let overrides_method = req.query().is_some_and(|q| {
+        q.split(['&', ';']).any(|pair| {
+            let key = pair.split('=').next().unwrap_or(pair);
+            fields::fold(&String::from_utf8_lossy(&fields::form_decode(
+                key.as_bytes(),
+            ))) == METHOD_OVERRIDE_PARAM
+        })
+    });
+    if overrides_method {
+        return Err(Deny::new(
+            DenyReason::OverrideNotAllowed,
+            "the _method query parameter overrides the method",
+        ));
+    }
+    Ok(())
+}
+
+/// A nonce refusal, named for what the caller sent: an Idempotency-Key seen before is a
+/// duplicate write, not a replayed signature.
+fn replay_refusal(d: Deny, idempotency: bool) -> Deny {
+    if idempotency && d.reason == DenyReason::NonceReplayed {
+        Deny::new(DenyReason::IdempotencyKeyReplayed, d.detail)
+    } else {
+        d
+    }
 }
 
 /// ID-2, ID-3, DATA-2..DATA-4: S1 and above need TLS, then the app's client certificate or its
@@ -261,6 +376,28 @@ fn authenticate(
             // The whole channel is the app's: its user claim is as authentic as the request.
             ctx.auth = Some("certificate");
             ctx.user = req.unique_header(USER_HEADER)?.map(str::to_string);
+            // A write has no signature nonce; its Idempotency-Key is checked like one, so a
+            // duplicated write is not executed twice (issue 8, hole 13; ATK-1).
+            if !matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+                let key = req.unique_header(IDEMPOTENCY_HEADER)?.ok_or_else(|| {
+                    Deny::new(
+                        DenyReason::IdempotencyKeyMissing,
+                        "a certificate-only write needs an Idempotency-Key",
+                    )
+                })?;
+                if key.is_empty()
+                    || key.len() > MAX_NONCE_LEN
+                    || !key.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(Deny::new(
+                        DenyReason::IdempotencyKeyMissing,
+                        "Idempotency-Key is empty, longer than 128 or not printable",
+                    ));
+                }
+                ctx.nonce = Some(format!("\0idempotency\0{key}"));
+                ctx.idempotency = true;
+                ctx.created = Some(now);
+            }
             Ok(())
         }
         _ => Err(Deny::new(
@@ -293,6 +430,7 @@ fn authorize(
                 "x-user-id is empty, too long or not printable",
             ));
         }
+        ctx.user = Some(access::normal_user(u));
     }
     access::check_opt_out(&policy.opted_out_users, ctx.user.as_deref())?;
     access::check_lists(
@@ -394,6 +532,16 @@ fn verify_signature(
         ));
     }
 
+    if input.items.len() > policy.max_covered_components {
+        return Err(Deny::new(
+            DenyReason::SignatureTooComplex,
+            format!(
+                "{} covered components, at most {}",
+                input.items.len(),
+                policy.max_covered_components
+            ),
+        ));
+    }
     let covered: Vec<&str> = input
         .items
         .iter()
@@ -423,7 +571,7 @@ fn verify_signature(
         ));
     }
 
-    let base = signature_base(req, input)?;
+    let base = signature_base(req, input, policy.max_signature_base_bytes)?;
     let ok = match &cred.key {
         KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
         KeyMaterial::P256 { spki_der } => verifier
@@ -468,6 +616,7 @@ fn check_params(
         Some(BareItem::Integer(c)) if *c >= 0 => *c as u64,
         Some(_) => return Err(bad("created is not a non-negative integer")),
     };
+    ctx.created = Some(created);
     let skew = policy.clock_skew_seconds;
     if created.saturating_add(skew) < now {
         return Err(Deny::new(
@@ -489,7 +638,7 @@ fn check_params(
                 format!("expires {e}, now {now}"),
             ));
         }
-        Some(BareItem::Integer(_)) => {}
+        Some(BareItem::Integer(e)) => ctx.expires = Some(*e as u64),
         Some(_) => return Err(bad("expires is not an integer")),
     }
     match sf::param(&input.params, "nonce") {
@@ -516,21 +665,34 @@ fn check_params(
     }
 }
 
-/// Step two, when the whole body is in (an empty slice when there is none): the digest is
-/// checked against every byte, then the grant's field rules; only then are the nonce and a
-/// use of the grant spent.
+/// Step two, when the whole body is in (an empty slice when there is none), under the policy
+/// in force *now*: a body that took too long is refused; if the policy changed while the body
+/// was coming, the headers are decided again under the new one, else the checks that depend
+/// on time are made again (issue 8, hole 6). Then the digest is checked against every byte,
+/// then the grant's field rules, and only then are the nonce and a use of the grant spent.
 pub fn check_body(
     policy: &Policy,
-    ctx: &RequestContext,
+    req: &Request,
+    ctx: &mut RequestContext,
     body: &[u8],
-    store: &dyn SharedStore,
+    host: &Host<'_>,
     now: u64,
 ) -> Result<(), Deny> {
+    if ctx.generation != policy.generation {
+        let api = begin(policy, req, host.store, now)?;
+        let started = ctx.started;
+        *ctx = RequestContext::default();
+        check_headers(policy, api, req, !body.is_empty(), now, host, ctx)?;
+        ctx.started = started;
+    }
     let level = ctx.level.unwrap_or(SecurityLevel::S3);
     if level == SecurityLevel::S0 {
         return Ok(());
     }
-    let signed = ctx.nonce.is_some();
+    if !body.is_empty() {
+        recheck(policy, req, ctx, host.store, now)?;
+    }
+    let signed = ctx.nonce.is_some() && !ctx.idempotency;
     match &ctx.content_digest {
         Some(d) => crypto::verify_content_digest(d, body)?,
         None if signed && !body.is_empty() => {
@@ -543,24 +705,91 @@ pub fn check_body(
     }
     let grant = ctx.grant.as_deref().and_then(|g| policy.grant(g));
     if let Some(g) = grant {
-        access::check_request_fields(&g.forbid_request_fields, body)?;
+        fields::check_request(
+            &g.forbid_request_fields,
+            req.query(),
+            req.unique_header("content-type")?,
+            req.unique_header("content-encoding")?,
+            body,
+        )?;
     }
     match (&ctx.app, &ctx.nonce) {
-        (Some(app), Some(nonce)) => {
-            replay::check_and_record(store, &policy.replay, app, nonce, now)?
-        }
-        _ if ctx.auth == Some("certificate") => {} // mTLS: the channel itself is fresh
+        (Some(app), Some(nonce)) => replay::check(
+            host.store,
+            host.meta,
+            &policy.replay,
+            policy.clock_skew_seconds,
+            app,
+            nonce,
+            ctx.created.unwrap_or(now),
+            now,
+            true,
+        )
+        .map_err(|d| replay_refusal(d, ctx.idempotency))?,
+        _ if ctx.auth == Some("certificate") => {} // a read over the app's own TLS channel
         _ => return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce")),
     }
     match grant {
-        Some(g) => access::consume_grant_use(store, g),
+        Some(g) => access::consume_grant_use(host.store, g),
         None => Err(Deny::new(DenyReason::NoGrant, "no grant selected")),
     }
 }
 
-/// Counts a refusal (or a 429 from Envoy's rate limiter) toward an automatic ban: against the
-/// app when one was identified, otherwise against the client IP (PERM-4, RL-3, MON-6).
-/// Returns a note for the audit record when this refusal started a ban.
+/// What may have changed while a body was arriving under the same policy: the time bound on
+/// the body itself, the signature's `expires` and `created` window, the grant's validity and
+/// windows, and bans that started meanwhile.
+fn recheck(
+    policy: &Policy,
+    req: &Request,
+    ctx: &RequestContext,
+    store: &dyn SharedStore,
+    now: u64,
+) -> Result<(), Deny> {
+    let took = now.saturating_sub(ctx.started);
+    if took > policy.max_body_seconds {
+        return Err(Deny::new(
+            DenyReason::BodyTimeout,
+            format!(
+                "the body took {took} s, at most {}",
+                policy.max_body_seconds
+            ),
+        ));
+    }
+    if let Some(e) = ctx.expires.filter(|e| *e <= now) {
+        return Err(Deny::new(
+            DenyReason::SignatureExpired,
+            format!("expires {e}, now {now} (when the body completed)"),
+        ));
+    }
+    if let Some(c) = ctx
+        .created
+        .filter(|c| c.saturating_add(policy.clock_skew_seconds) < now)
+    {
+        return Err(Deny::new(
+            DenyReason::CreatedTooOld,
+            format!("created {c}, now {now} (when the body completed)"),
+        ));
+    }
+    if let Some(g) = ctx.grant.as_deref().and_then(|g| policy.grant(g)) {
+        access::check_grant_validity(g, now)?;
+    }
+    if let Some(bans) = &policy.bans {
+        if let Some(ip) = req.conn.client_ip {
+            bans.check(store, Subject::Ip(ip), now)?;
+        }
+        if let Some(app) = &ctx.app {
+            bans.check(store, Subject::App(app), now)?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts a refusal (or a 429 from Envoy's rate limiter) toward an automatic ban (PERM-4, RL-3,
+/// MON-6). An App_ID is no secret, so a refusal counts against the app only when the caller
+/// proved to be it (authenticated by signature or certificate); any other refusal counts
+/// against its source address (issue 8, hole 5), and so does a replay, which anyone who saw
+/// the request can send. Returns a note for the audit record when this
+/// refusal started a ban.
 pub fn count_refusal(
     policy: &Policy,
     ctx: &RequestContext,
@@ -573,18 +802,41 @@ pub fn count_refusal(
     if !reason.counts_toward_ban() {
         return None;
     }
-    let subject = match (&ctx.app, client_ip) {
-        (Some(app), _) => Subject::App(app),
-        (None, Some(ip)) => Subject::Ip(ip),
-        (None, None) => return None,
+    // A replayed request proves only that someone holds a copy of it.
+    let replay = matches!(
+        reason,
+        DenyReason::NonceReplayed | DenyReason::IdempotencyKeyReplayed
+    );
+    let subject = match (&ctx.app, ctx.auth, client_ip) {
+        (Some(app), Some(_), _) if !replay => Subject::App(app),
+        (_, _, Some(ip)) => Subject::Ip(ip),
+        _ => return None,
     };
     match bans.record_refusal(store, subject, now) {
         Ok(true) => Some(format!(
             "{} banned for {} s",
-            subject.describe(),
+            bans.describe(subject),
             bans.ban_seconds
         )),
         Ok(false) => None,
         Err(e) => Some(format!("ban counter unavailable: {e}")),
     }
+}
+
+/// The body a held request would add to this worker's held bodies; refused when the worker
+/// already holds its bound (issue 8, hole 7). `declared` is the content-length, if any.
+pub fn admit_body(policy: &Policy, held: u64, declared: Option<u64>) -> Result<u64, Deny> {
+    let want = declared
+        .unwrap_or(policy.max_body_bytes)
+        .min(policy.max_body_bytes);
+    if held.saturating_add(want) > policy.max_held_body_bytes {
+        return Err(Deny::new(
+            DenyReason::GatewayBusy,
+            format!(
+                "this worker holds {held} bytes of bodies, at most {}",
+                policy.max_held_body_bytes
+            ),
+        ));
+    }
+    Ok(want)
 }

@@ -149,6 +149,22 @@ deny_reasons! {
     /// Envoy's rate limiter answered 429 for a request the filter had allowed (RL-3); recorded
     /// in the audit log and counted toward a ban. The caller sees Envoy's own 429.
     RateLimited => ("rate_limited", 429),
+    /// A restricted API's body whose content type the gateway cannot check (PERM-1).
+    ContentTypeUnsupported => ("content_type_unsupported", 415),
+    /// More covered components, or a larger signature base, than the gateway builds.
+    SignatureTooComplex => ("signature_too_complex", 400),
+    /// A routing override (`X-HTTP-Method-Override`, `X-Original-URL`, `_method`, ...).
+    OverrideNotAllowed => ("override_not_allowed", 400),
+    /// The body did not complete within `gateway.max_body_seconds` of its headers.
+    BodyTimeout => ("body_timeout", 408),
+    /// The client went away before its request was complete; nothing was sent upstream.
+    RequestAbandoned => ("request_abandoned", 408),
+    /// This worker already holds its bound of request bodies awaiting verification.
+    GatewayBusy => ("gateway_busy", 503),
+    /// A certificate-only write without an `Idempotency-Key` (ATK-1).
+    IdempotencyKeyMissing => ("idempotency_key_missing", 400),
+    /// This app already used this `Idempotency-Key` (ATK-1).
+    IdempotencyKeyReplayed => ("idempotency_key_replayed", 409),
 }
 
 impl DenyReason {
@@ -164,6 +180,7 @@ impl DenyReason {
     pub fn retry_after_seconds(self) -> Option<u32> {
         match self {
             DenyReason::ApiOffline | DenyReason::ReplayStoreFull => Some(300),
+            DenyReason::GatewayBusy => Some(5),
             _ => None,
         }
     }
@@ -212,7 +229,7 @@ mod tests {
             assert!(r.code().chars().all(|c| c.is_ascii_lowercase() || c == '_'));
             assert!(matches!(
                 r.status(),
-                400 | 401 | 403 | 404 | 410 | 413 | 429 | 502 | 503
+                400 | 401 | 403 | 404 | 408 | 409 | 410 | 413 | 415 | 429 | 502 | 503
             ));
         }
     }

@@ -10,12 +10,14 @@ pub mod bans;
 pub mod crypto;
 pub mod engine;
 pub mod error;
+pub mod fields;
 pub mod ip;
 pub mod message;
 pub mod policy;
 pub mod replay;
 pub mod sf;
 pub mod signer;
+pub mod store;
 pub mod timeutil;
 
 pub use error::{ConfigError, Deny, DenyReason};

@@ -3,6 +3,7 @@
 //! Implements the message-integrity part of DATA-3 and DATA-4.
 
 use crate::error::{Deny, DenyReason};
+use crate::fields::form_decode;
 use crate::sf::{self, BareItem, InnerList};
 
 /// What Envoy established about the connection: the client IP it trusts (after its own
@@ -108,40 +109,6 @@ pub fn ip_of_address(addr: &str) -> &str {
     }
 }
 
-fn hex_val(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// application/x-www-form-urlencoded decoding of one name or value.
-fn form_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        if c == b'+' {
-            out.push(b' ');
-        } else if c == b'%' {
-            let hi = b.get(i + 1).copied().and_then(hex_val);
-            let lo = b.get(i + 2).copied().and_then(hex_val);
-            if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push(hi << 4 | lo);
-                i += 3;
-                continue;
-            }
-            out.push(c);
-        } else {
-            out.push(c);
-        }
-        i += 1;
-    }
-    out
-}
-
 /// RFC 9421 section 2.2.8: re-encode with the form-urlencoded percent-encode set, space as %20.
 fn query_param_encode(bytes: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -227,8 +194,8 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
                 .filter(|p| !p.is_empty())
             {
                 let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if query_param_encode(&form_decode(n)) == *want {
-                    push(&query_param_encode(&form_decode(v)));
+                if query_param_encode(&form_decode(n.as_bytes())) == *want {
+                    push(&query_param_encode(&form_decode(v.as_bytes())));
                     found = true;
                 }
             }
@@ -258,7 +225,9 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
 
 /// Builds the RFC 9421 signature base for the covered components and parameters of one
 /// signature. The `@signature-params` line re-serialises the inner list canonically.
-pub fn signature_base(req: &Request, input: &InnerList) -> Result<String, Deny> {
+/// At most `max_bytes` are built: a request cannot make the gateway build an unbounded base
+/// (issue 8, hole 8).
+pub fn signature_base(req: &Request, input: &InnerList, max_bytes: usize) -> Result<String, Deny> {
     let mut base = String::with_capacity(256);
     let mut seen: Vec<String> = Vec::with_capacity(input.items.len());
     for item in &input.items {
@@ -272,6 +241,12 @@ pub fn signature_base(req: &Request, input: &InnerList) -> Result<String, Deny> 
         }
         seen.push(ident);
         component_lines(req, item, &mut base)?;
+        if base.len() > max_bytes {
+            return Err(Deny::new(
+                DenyReason::SignatureTooComplex,
+                format!("signature base over {max_bytes} bytes"),
+            ));
+        }
     }
     base.push_str("\"@signature-params\": ");
     base.push_str(&sf::serialize_inner_list(input));
@@ -314,7 +289,7 @@ mod tests {
     fn rfc9421_b25_signature_base() {
         let base = signature_base(
             &rfc_request(),
-            &input(r#"sig-b25=("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret""#),
+            &input(r#"sig-b25=("date" "@authority" "content-type");created=1618884473;keyid="test-shared-secret""#), usize::MAX,
         )
         .unwrap();
         assert_eq!(
@@ -328,7 +303,7 @@ mod tests {
     fn rfc9421_b22_signature_base() {
         let base = signature_base(
             &rfc_request(),
-            &input(r#"sig-b22=("@authority" "content-digest" "@query-param";name="Pet");created=1618884473;keyid="test-key-rsa-pss";tag="header-example""#),
+            &input(r#"sig-b22=("@authority" "content-digest" "@query-param";name="Pet");created=1618884473;keyid="test-key-rsa-pss";tag="header-example""#), usize::MAX,
         )
         .unwrap();
         assert_eq!(
@@ -350,7 +325,7 @@ mod tests {
         };
         let base = signature_base(
             &req,
-            &input(r#"s=("@method" "@target-uri" "@authority" "@scheme" "@request-target" "@path" "@query" "@query-param";name="qux")"#),
+            &input(r#"s=("@method" "@target-uri" "@authority" "@scheme" "@request-target" "@path" "@query" "@query-param";name="qux")"#), usize::MAX,
         )
         .unwrap();
         assert_eq!(
@@ -368,7 +343,7 @@ mod tests {
         };
         let base = signature_base(
             &req,
-            &input(r#"s=("@query-param";name="var" "@query-param";name="bar" "@query-param";name="fa%C3%A7ade%22%3A%20")"#),
+            &input(r#"s=("@query-param";name="var" "@query-param";name="bar" "@query-param";name="fa%C3%A7ade%22%3A%20")"#), usize::MAX,
         )
         .unwrap();
         assert!(base.starts_with(
@@ -391,7 +366,7 @@ mod tests {
             headers: vec![("x-a".into(), " one ".into()), ("x-a".into(), "two".into())],
             ..Default::default()
         };
-        let base = signature_base(&req, &input(r#"s=("@query" "x-a")"#)).unwrap();
+        let base = signature_base(&req, &input(r#"s=("@query" "x-a")"#), usize::MAX).unwrap();
         assert!(
             base.starts_with("\"@query\": ?\n\"x-a\": one, two\n"),
             "{base}"
@@ -416,7 +391,9 @@ mod tests {
             (r#"s=(date)"#, DenyReason::SignatureMalformed),
         ] {
             assert_eq!(
-                signature_base(&req, &input(s)).unwrap_err().reason,
+                signature_base(&req, &input(s), usize::MAX,)
+                    .unwrap_err()
+                    .reason,
                 reason,
                 "{s}"
             );

@@ -119,6 +119,27 @@ pub struct RawGateway {
     pub required_components: Vec<String>,
     /// Zone for grant time windows when a grant names none.
     pub default_timezone: String,
+    /// Covered components one signature may list, and the largest signature base the gateway
+    /// builds: the work one request can cost is bounded.
+    pub max_covered_components: u32,
+    pub max_signature_base_bytes: u64,
+    /// How long a body may take to arrive after its headers; the checks that depend on time
+    /// and policy are made again when it is complete.
+    pub max_body_seconds: u64,
+    /// Request bodies this worker holds for verification at once, in bytes; past it new
+    /// bodies are refused (`gateway_busy`) rather than held.
+    pub max_held_body_bytes: u64,
+    /// Routing overrides (`X-HTTP-Method-Override`, `X-Original-URL`, ...): `strip` them
+    /// before the upstream, or `refuse` requests that carry one.
+    pub override_headers: OverrideMode,
+}
+
+/// What the gateway does with a client-sent routing override header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverrideMode {
+    Strip,
+    Refuse,
 }
 
 impl Default for RawGateway {
@@ -131,6 +152,11 @@ impl Default for RawGateway {
             max_signature_header_bytes: 8192,
             required_components: Vec::new(),
             default_timezone: "Asia/Shanghai".to_string(),
+            max_covered_components: 24,
+            max_signature_base_bytes: 16 * 1024,
+            max_body_seconds: 30,
+            max_held_body_bytes: 64 * 1024 * 1024,
+            override_headers: OverrideMode::Strip,
         }
     }
 }
@@ -142,6 +168,10 @@ pub struct RawReplay {
     pub slots: u32,
     /// Live nonces each slot can hold. Capacity = slots * entries_per_slot.
     pub entries_per_slot: u32,
+    /// Live nonces one app may hold in one slot (its share of the store); default half of
+    /// `entries_per_slot`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_entries_per_slot: Option<u32>,
 }
 
 impl Default for RawReplay {
@@ -149,6 +179,7 @@ impl Default for RawReplay {
         Self {
             slots: 4096,
             entries_per_slot: 64,
+            app_entries_per_slot: None,
         }
     }
 }
@@ -338,16 +369,25 @@ impl App {
 pub struct ReplaySettings {
     pub slots: u32,
     pub entries_per_slot: u32,
+    pub app_entries_per_slot: u32,
     pub lifetime_seconds: u64,
 }
 
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// Set by the host: which load of the policy this is (a body that completes under a newer
+    /// generation is decided again).
+    pub generation: u64,
     pub clock_skew_seconds: u64,
     pub replay: ReplaySettings,
     pub max_body_bytes: u64,
     pub max_signature_header_bytes: u64,
     pub required_components: Vec<String>,
+    pub max_covered_components: usize,
+    pub max_signature_base_bytes: usize,
+    pub max_body_seconds: u64,
+    pub max_held_body_bytes: u64,
+    pub override_headers: OverrideMode,
     apis: Vec<Api>,
     apps: HashMap<String, App>,
     pub grants: Vec<Grant>,
@@ -558,6 +598,40 @@ impl RawPolicy {
             return Err(ConfigError::new(
                 "gateway.replay.entries_per_slot",
                 "must be between 1 and 1024",
+            ));
+        }
+        let app_entries = g
+            .replay
+            .app_entries_per_slot
+            .unwrap_or((g.replay.entries_per_slot / 2).max(1));
+        if app_entries == 0 || app_entries > g.replay.entries_per_slot {
+            return Err(ConfigError::new(
+                "gateway.replay.app_entries_per_slot",
+                "must be between 1 and entries_per_slot",
+            ));
+        }
+        if !(4..=256).contains(&g.max_covered_components) {
+            return Err(ConfigError::new(
+                "gateway.max_covered_components",
+                "must be between 4 and 256",
+            ));
+        }
+        if !(1024..=1024 * 1024).contains(&g.max_signature_base_bytes) {
+            return Err(ConfigError::new(
+                "gateway.max_signature_base_bytes",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        if !(1..=600).contains(&g.max_body_seconds) {
+            return Err(ConfigError::new(
+                "gateway.max_body_seconds",
+                "must be between 1 and 600",
+            ));
+        }
+        if g.max_held_body_bytes < g.max_body_bytes || g.max_held_body_bytes > 1 << 32 {
+            return Err(ConfigError::new(
+                "gateway.max_held_body_bytes",
+                "must be at least max_body_bytes and at most 4 GiB",
             ));
         }
         if !(1..=16 * 1024 * 1024).contains(&g.max_body_bytes) {
@@ -853,16 +927,27 @@ impl RawPolicy {
         let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
 
         Ok(Policy {
+            generation: 0,
             grants,
             lists,
-            opted_out_users: self.opted_out_users.iter().cloned().collect(),
+            opted_out_users: self
+                .opted_out_users
+                .iter()
+                .map(|u| access::normal_user(u))
+                .collect(),
             bans,
             clock_skew_seconds: g.clock_skew_seconds,
             replay: ReplaySettings {
                 slots: g.replay.slots,
                 entries_per_slot: g.replay.entries_per_slot,
+                app_entries_per_slot: app_entries,
                 lifetime_seconds: g.nonce_lifetime_seconds,
             },
+            max_covered_components: g.max_covered_components as usize,
+            max_signature_base_bytes: g.max_signature_base_bytes as usize,
+            max_body_seconds: g.max_body_seconds,
+            max_held_body_bytes: g.max_held_body_bytes,
+            override_headers: g.override_headers,
             max_body_bytes: g.max_body_bytes,
             max_signature_header_bytes: g.max_signature_header_bytes,
             required_components: required,

@@ -65,7 +65,7 @@ pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, 
         })
         .collect();
     let input = InnerList { items, params };
-    let base = signature_base(req, &input)?;
+    let base = signature_base(req, &input, usize::MAX)?;
     let sig = match key {
         SigningKey::Hmac(k) => crypto::sign_hmac_sha256(k, base.as_bytes()),
         SigningKey::P256(k) => {

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 
 use apisec_core::engine::RequestContext;
 use apisec_core::message::{Connection, Request};
-use apisec_core::replay::MemoryStore;
 use apisec_core::signer::{sign, SignParams, SigningKey};
+use apisec_core::store::MemoryStore;
 use apisec_core::timeutil::parse_rfc3339;
 use apisec_core::{DenyReason, Policy};
 use base64::Engine as _;

@@ -3,17 +3,18 @@
 //! forward with verified `x-apisec-*` headers, or a local refusal; and an audit record in
 //! filter state (`wasm.apisec_audit`) for Envoy's access log. No rule lives here.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
-use apisec_core::access;
 use apisec_core::audit::{self, AuditInput};
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier};
-use apisec_core::engine::{self, RequestContext};
+use apisec_core::engine::{self, Host, RequestContext};
+use apisec_core::fields;
 use apisec_core::message::{self, Request};
 use apisec_core::policy::SecretSource;
-use apisec_core::replay::{self, SharedStore};
+use apisec_core::replay;
+use apisec_core::store::{self, SharedStore, StoreMeta};
 use apisec_core::{Deny, DenyReason, Policy};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -31,6 +32,15 @@ mod entry {
 
 /// How often the allowed-request counter reaches Envoy's stats.
 const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// The policy most recently loaded in this VM (one VM per worker): a stream whose body
+    /// completes after a reload is decided under it, not under the one its headers saw.
+    static CURRENT: RefCell<Option<(Rc<Policy>, Rc<StoreMeta>)>> = const { RefCell::new(None) };
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// Bytes of request bodies this worker holds for verification right now.
+    static HELD: Cell<u64> = const { Cell::new(0) };
+}
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
@@ -115,6 +125,7 @@ struct Metrics {
     allowed_pending: Cell<u64>,
     denied: Option<u32>,
     bans: Option<u32>,
+    abandoned: Option<u32>,
     by_reason: Vec<(DenyReason, u32)>,
 }
 
@@ -126,6 +137,7 @@ impl Metrics {
             allowed_pending: Cell::new(0),
             denied: def("apisec.denied"),
             bans: def("apisec.bans_started"),
+            abandoned: def("apisec.abandoned"),
             by_reason: DenyReason::ALL
                 .iter()
                 .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
@@ -151,6 +163,9 @@ impl Metrics {
     fn banned(&self) {
         Self::bump(self.bans);
     }
+    fn abandoned(&self) {
+        Self::bump(self.abandoned);
+    }
     fn denied(&self, reason: DenyReason) {
         Self::bump(self.denied);
         Self::bump(
@@ -165,6 +180,7 @@ impl Metrics {
 #[derive(Default)]
 pub struct ApisecRoot {
     policy: Option<Rc<Policy>>,
+    meta: Option<Rc<StoreMeta>>,
     metrics: Option<Rc<Metrics>>,
     verifier: Option<Rc<EnvoyVerifier>>,
 }
@@ -191,25 +207,32 @@ impl RootContext for ApisecRoot {
                 return false;
             }
         };
-        let policy = match Policy::from_json(&text, &EnvSecrets) {
+        let mut policy = match Policy::from_json(&text, &EnvSecrets) {
             Ok(p) => p,
             Err(e) => {
                 log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
                 return false;
             }
         };
-        if let Err(e) = replay::init_slots(&EnvoyStore, &policy.replay) {
-            log(
-                LogLevel::Error,
-                &format!("apisec: policy refused: replay store: {e}"),
-            );
-            return false;
-        }
+        let meta = match open_store(&policy) {
+            Ok(m) => m,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
+                return false;
+            }
+        };
+        policy.generation = GENERATION.with(|g| {
+            g.set(g.get() + 1);
+            g.get()
+        });
         log(
             LogLevel::Info,
             &format!("apisec: policy loaded: {} APIs", policy.apis().len()),
         );
-        self.policy = Some(Rc::new(policy));
+        let (policy, meta) = (Rc::new(policy), Rc::new(meta));
+        CURRENT.with(|c| *c.borrow_mut() = Some((policy.clone(), meta.clone())));
+        self.policy = Some(policy);
+        self.meta = Some(meta);
         if self.metrics.is_none() {
             self.metrics = Some(Rc::new(Metrics::define()));
             let _ = hostcalls::set_tick_period(METRICS_FLUSH);
@@ -229,13 +252,14 @@ impl RootContext for ApisecRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let (Some(policy), Some(metrics), Some(verifier)) =
-            (&self.policy, &self.metrics, &self.verifier)
+        let (Some(policy), Some(meta), Some(metrics), Some(verifier)) =
+            (&self.policy, &self.meta, &self.metrics, &self.verifier)
         else {
             return None; // never configured: Envoy's failure policy (FAIL_CLOSED) applies
         };
         Some(Box::new(ApisecHttp {
             policy: policy.clone(),
+            meta: meta.clone(),
             metrics: metrics.clone(),
             verifier: verifier.clone(),
             req: Request::default(),
@@ -246,6 +270,7 @@ impl RootContext for ApisecRoot {
             decided: false,
             allowed: false,
             filtering_response: false,
+            held: 0,
         }))
     }
 
@@ -254,8 +279,23 @@ impl RootContext for ApisecRoot {
     }
 }
 
+/// Opens the state store for a policy: its record (salt, start time, replay layout) and every
+/// replay slot, created only where absent. A layout the running store cannot take is refused.
+fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
+    let now = now_secs().ok_or("no clock")?;
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
+    let meta = store::open(&EnvoyStore, salt, now, policy.replay.slots)
+        .map_err(|e| format!("state store: {e}"))?;
+    replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
+    replay::init_slots(&EnvoyStore, &policy.replay, &meta)
+        .map_err(|e| format!("replay store: {e}"))?;
+    Ok(meta)
+}
+
 struct ApisecHttp {
     policy: Rc<Policy>,
+    meta: Rc<StoreMeta>,
     metrics: Rc<Metrics>,
     verifier: Rc<EnvoyVerifier>,
     req: Request,
@@ -269,6 +309,8 @@ struct ApisecHttp {
     allowed: bool,
     /// Buffering the response to remove hidden fields (PERM-1).
     filtering_response: bool,
+    /// Bytes this request counts against the worker's held-body bound while its body is held.
+    held: u64,
 }
 
 impl Context for ApisecHttp {}
@@ -288,6 +330,7 @@ impl ApisecHttp {
 
     fn refuse(&mut self, deny: Deny) -> Action {
         self.decided = true;
+        self.release_body();
         self.record_refusal(&deny);
         let body = audit::refusal_body(&deny, &self.request_id);
         let retry = deny.reason.retry_after_seconds().map(|s| s.to_string());
@@ -330,6 +373,7 @@ impl ApisecHttp {
     /// Verified identity for the upstream and for Envoy's rate-limit descriptors.
     fn allow(&mut self) -> Action {
         self.decided = true;
+        self.release_body();
         let set = |k: &str, v: Option<&str>| {
             if let Some(v) = v {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, k, Some(v));
@@ -343,6 +387,14 @@ impl ApisecHttp {
         self.audit(Ok(()));
         self.allowed = true; // counted when the stream ends (on_log), unless refused after all
         Action::Continue
+    }
+
+    /// This request no longer holds a body: its bytes leave the worker's held-body count.
+    fn release_body(&mut self) {
+        let n = std::mem::take(&mut self.held);
+        if n > 0 {
+            HELD.with(|h| h.set(h.get().saturating_sub(n)));
+        }
     }
 
     fn hidden_fields(&self) -> Option<&[Vec<String>]> {
@@ -361,10 +413,23 @@ impl ApisecHttp {
         self.refuse(deny)
     }
 
-    /// The body is complete (empty without one). `now` was read when the headers came, or
-    /// again here when a body was awaited.
+    /// The body is complete (empty without one), decided under the policy in force now.
     fn finish(&mut self, body: &[u8]) -> Action {
-        match engine::check_body(&self.policy, &self.ctx, body, &EnvoyStore, self.now) {
+        if let Some((policy, meta)) = CURRENT.with(|c| c.borrow().clone()) {
+            self.policy = policy;
+            self.meta = meta;
+        }
+        let (policy, meta, verifier) = (
+            self.policy.clone(),
+            self.meta.clone(),
+            self.verifier.clone(),
+        );
+        let host = Host {
+            store: &EnvoyStore,
+            meta: &meta,
+            verifier: verifier.as_ref(),
+        };
+        match engine::check_body(&policy, &self.req, &mut self.ctx, body, &host, self.now) {
             Ok(()) => self.allow(),
             Err(d) => self.refuse(d),
         }
@@ -387,12 +452,16 @@ impl ApisecHttp {
                 ":authority" => self.req.authority = value,
                 ":path" => self.req.path_and_query = value,
                 "x-request-id" => self.request_id = value,
-                n if engine::is_internal_header(n) => {
-                    // client-sent x-apisec-* never reaches the upstream
-                    let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, n);
-                }
                 n if n.starts_with(':') => {}
-                _ => self.req.headers.push((name, value)),
+                n => {
+                    if engine::strips_header(&self.policy, n) {
+                        // client-sent x-apisec-* and routing overrides never reach the upstream
+                        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, n);
+                    }
+                    if !engine::is_internal_header(n) {
+                        self.req.headers.push((name, value));
+                    }
+                }
             }
         }
         if let Ok(Some(addr)) = hostcalls::get_property(vec!["source", "address"]) {
@@ -450,22 +519,30 @@ impl HttpContext for ApisecHttp {
                 "content-length over max_body_bytes",
             ));
         }
-        let (policy, verifier) = (self.policy.clone(), self.verifier.clone());
-        let api = match engine::find_api(&policy, &self.req) {
+        let (policy, meta, verifier) = (
+            self.policy.clone(),
+            self.meta.clone(),
+            self.verifier.clone(),
+        );
+        let api = match engine::begin(&policy, &self.req, &EnvoyStore, now) {
             Ok(api) => api,
             Err(d) => return self.refuse(d),
         };
         if engine::needs_transport(api) {
             self.read_transport();
         }
+        let host = Host {
+            store: &EnvoyStore,
+            meta: &meta,
+            verifier: verifier.as_ref(),
+        };
         if let Err(d) = engine::check_headers(
             &policy,
             api,
             &self.req,
             !end_of_stream,
             now,
-            verifier.as_ref(),
-            &EnvoyStore,
+            &host,
             &mut self.ctx,
         ) {
             return self.refuse(d);
@@ -476,7 +553,16 @@ impl HttpContext for ApisecHttp {
         if self.ctx.level == Some(apisec_core::SecurityLevel::S0) {
             return self.allow(); // nothing in the body to verify at S0
         }
-        // Hold the headers until the whole body is in and verified (allow_on_headers_stop_iteration).
+        // Hold the headers until the whole body is in and verified (allow_on_headers_stop_iteration),
+        // within this worker's bound on held bodies.
+        let held = HELD.with(Cell::get);
+        match engine::admit_body(&policy, held, declared_len) {
+            Ok(n) => {
+                self.held = n;
+                HELD.with(|h| h.set(held.saturating_add(n)));
+            }
+            Err(d) => return self.refuse(d),
+        }
         Action::Pause
     }
 
@@ -527,6 +613,19 @@ impl HttpContext for ApisecHttp {
             ));
             return Action::Continue;
         }
+        if hides {
+            // A compressed response cannot be filtered: withhold it rather than pass it.
+            let encoding =
+                hostcalls::get_map_value(MapType::HttpResponseHeaders, "content-encoding")
+                    .ok()
+                    .flatten();
+            if encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity")) {
+                return self.withhold_response(Deny::new(
+                    DenyReason::ResponseUnfilterable,
+                    "the response is compressed; hidden fields cannot be removed",
+                ));
+            }
+        }
         if hides && !end_of_stream {
             self.filtering_response = true;
             return Action::Pause; // hold the headers: content-length changes with the body
@@ -557,7 +656,7 @@ impl HttpContext for ApisecHttp {
             }
         };
         let result = match self.hidden_fields() {
-            Some(hidden) => access::filter_response_fields(hidden, &body),
+            Some(hidden) => fields::filter_response(hidden, &body),
             None => Ok(None),
         };
         match result {
@@ -586,10 +685,22 @@ impl HttpContext for ApisecHttp {
 
     /// Each request is counted once, by its final outcome: a request the filter let through
     /// but whose response was withheld, or that Envoy's rate limiter answered 429, counts as
-    /// denied (counted when that happened), not also as allowed.
+    /// denied (counted when that happened), not also as allowed. A request whose client left
+    /// before it was complete (or that Envoy ended, e.g. on its request timeout) leaves an
+    /// audit record and counts as abandoned: nothing of it went upstream.
     fn on_log(&mut self) {
+        self.release_body();
         if self.allowed {
             self.metrics.allowed();
+        } else if !self.decided && !self.req.method.is_empty() {
+            self.now = now_secs().unwrap_or(self.now);
+            let deny = Deny::new(
+                DenyReason::RequestAbandoned,
+                "the request ended before its body was complete",
+            );
+            self.audit(Err(&deny));
+            self.metrics.abandoned();
+            self.metrics.denied(deny.reason);
         }
     }
 

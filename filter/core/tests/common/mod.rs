@@ -1,14 +1,18 @@
 //! Helpers shared by the core integration tests: the two decision steps, run the way the host
-//! runs them, and a replay store laid out for a policy.
+//! runs them, and a state store opened for a policy.
 #![allow(dead_code, clippy::unwrap_used)] // each test crate uses what it needs
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{check_body, check_headers, find_api, RequestContext};
+use apisec_core::engine::{begin, check_body, check_headers, Host, RequestContext};
 use apisec_core::message::Request;
-use apisec_core::replay::{init_slots, MemoryStore};
+use apisec_core::replay::init_slots;
+use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
 
-/// `find_api`, `check_headers`, then `check_body`, as the filter drives them; the refusal's
+/// When the test stores start: requests in the tables are signed after it.
+pub const STORE_STARTED: u64 = 1_000_000;
+
+/// `begin`, `check_headers`, then `check_body`, as the filter drives them; the refusal's
 /// reason, or what the request established.
 pub fn decide(
     policy: &Policy,
@@ -17,26 +21,24 @@ pub fn decide(
     body: &[u8],
     now: u64,
 ) -> Result<RequestContext, DenyReason> {
-    let mut ctx = RequestContext::default();
-    let api = find_api(policy, req).map_err(|d| d.reason)?;
-    check_headers(
-        policy,
-        api,
-        req,
-        !body.is_empty(),
-        now,
-        &SoftwareVerifier,
+    let meta = store::meta(store).unwrap();
+    let host = Host {
         store,
-        &mut ctx,
-    )
-    .map_err(|d| d.reason)?;
-    check_body(policy, &ctx, body, store, now).map_err(|d| d.reason)?;
+        meta: &meta,
+        verifier: &SoftwareVerifier,
+    };
+    let mut ctx = RequestContext::default();
+    let api = begin(policy, req, store, now).map_err(|d| d.reason)?;
+    check_headers(policy, api, req, !body.is_empty(), now, &host, &mut ctx)
+        .map_err(|d| d.reason)?;
+    check_body(policy, req, &mut ctx, body, &host, now).map_err(|d| d.reason)?;
     Ok(ctx)
 }
 
-/// An empty replay store with the policy's slots in place.
+/// An empty state store opened for the policy, with its replay slots in place.
 pub fn fresh_store(policy: &Policy) -> MemoryStore {
     let s = MemoryStore::default();
-    init_slots(&s, &policy.replay).unwrap();
+    let meta = store::open(&s, [9; 16], STORE_STARTED, policy.replay.slots).unwrap();
+    init_slots(&s, &policy.replay, &meta).unwrap();
     s
 }

@@ -1,0 +1,243 @@
+//! The local state store: a process-wide key/value store with compare-and-swap, as Envoy's
+//! shared data is (one store per `vm_id`, shared by every worker thread). Everything that
+//! outlives a request (nonces, grant use counts, refusal counters and bans) lives here, and
+//! every write to it is conditional: a key is created only if absent, and updated only if
+//! nobody wrote it since it was read (PERM-5, ATK-1).
+//!
+//! Envoy creates a missing key whatever CAS token the write carries, and compares the token
+//! only for an existing key; tokens are unique across all keys of the store. So a write that
+//! carries a token belonging to another key creates a missing key and fails on an existing
+//! one: [`create_if_absent`] is the one conditional create this host allows.
+
+use sha2::{Digest, Sha256};
+
+/// A process-wide key/value store with compare-and-swap, like Envoy's shared data.
+pub trait SharedStore {
+    /// The value and its CAS token, or None if the key was never written.
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String>;
+    /// Writes if `cas` still matches (None: unconditional). Ok(false) on a CAS mismatch.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String>;
+}
+
+/// A key whose only purpose is to own a CAS token that no other key can hold.
+const TOKEN_KEY: &str = "apisec/cas-token";
+
+/// Creates `key` holding `value` if it does not exist; Ok(false) if it already does (someone
+/// else created it first, possibly a moment ago on another worker). Never overwrites.
+pub fn create_if_absent(store: &dyn SharedStore, key: &str, value: &[u8]) -> Result<bool, String> {
+    if store.get(key)?.is_some() {
+        return Ok(false);
+    }
+    let token = match store.get(TOKEN_KEY)? {
+        Some((_, cas)) => cas,
+        None => {
+            // The token key's value is never read, so an unconditional write is harmless.
+            store.set(TOKEN_KEY, b"", None)?;
+            store
+                .get(TOKEN_KEY)?
+                .map(|(_, cas)| cas)
+                .ok_or_else(|| "store lost the token key".to_string())?
+        }
+    };
+    store.set(key, value, Some(token))
+}
+
+/// What the store itself remembers about its life: when it started (it knows nothing from
+/// before), the secret that places entries (callers cannot steer where their entries go), and
+/// the replay layout its live nonces are stored in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreMeta {
+    pub salt: [u8; 16],
+    pub started_at: u64,
+    pub replay_slots: u32,
+}
+
+const META_KEY: &str = "apisec/meta";
+const META_LEN: usize = 1 + 16 + 8 + 4;
+
+impl StoreMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(META_LEN);
+        out.push(1);
+        out.extend_from_slice(&self.salt);
+        out.extend_from_slice(&self.started_at.to_le_bytes());
+        out.extend_from_slice(&self.replay_slots.to_le_bytes());
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<StoreMeta> {
+        if b.len() != META_LEN || b.first() != Some(&1) {
+            return None;
+        }
+        Some(StoreMeta {
+            salt: b.get(1..17)?.try_into().ok()?,
+            started_at: u64::from_le_bytes(b.get(17..25)?.try_into().ok()?),
+            replay_slots: u32::from_le_bytes(b.get(25..29)?.try_into().ok()?),
+        })
+    }
+
+    /// A keyed hash of `parts`: where an entry goes and how it is recognised. Without the salt
+    /// nobody can compute it, so a caller cannot aim its entries at another caller's slot.
+    pub fn keyed(&self, domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        h.update(domain);
+        for p in parts {
+            h.update((p.len() as u64).to_le_bytes());
+            h.update(p);
+        }
+        h.finalize().into()
+    }
+}
+
+/// Opens the store: creates its record on first use (with `salt` from the host's random
+/// source and `now` as its start), or reads the record another worker or an earlier policy
+/// wrote. Whoever creates it first wins; everyone then uses the winner's record.
+pub fn open(
+    store: &dyn SharedStore,
+    salt: [u8; 16],
+    now: u64,
+    replay_slots: u32,
+) -> Result<StoreMeta, String> {
+    let fresh = StoreMeta {
+        salt,
+        started_at: now,
+        replay_slots,
+    };
+    create_if_absent(store, META_KEY, &fresh.encode())?;
+    match store.get(META_KEY)? {
+        Some((v, _)) => StoreMeta::decode(&v).ok_or_else(|| "unreadable store record".into()),
+        None => Err("store record vanished".into()),
+    }
+}
+
+/// Reads the store's record on the request path (never creates it there).
+pub fn meta(store: &dyn SharedStore) -> Result<StoreMeta, String> {
+    match store.get(META_KEY)? {
+        Some((v, _)) => StoreMeta::decode(&v).ok_or_else(|| "unreadable store record".into()),
+        None => Err("the store was not opened".into()),
+    }
+}
+
+/// In-memory store with Envoy's semantics (a missing key is created whatever the CAS; tokens
+/// unique across keys), for tests and native hosts.
+type Entries = std::collections::HashMap<String, (Vec<u8>, u32)>;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    /// The entries and the last CAS token handed out.
+    inner: std::sync::Mutex<(Entries, u32)>,
+}
+
+impl MemoryStore {
+    /// Total bytes of the values that hold state: what the store costs in memory.
+    pub fn value_bytes(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|g| {
+                g.0.iter()
+                    .filter(|(k, _)| *k != META_KEY && *k != TOKEN_KEY)
+                    .map(|(_, (v, _))| v.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    /// Keys that hold state, leaving out the store's own record and token key.
+    pub fn key_count(&self) -> usize {
+        self.inner
+            .lock()
+            .map(|g| {
+                g.0.keys()
+                    .filter(|k| *k != META_KEY && *k != TOKEN_KEY)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl SharedStore for MemoryStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        let g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
+        Ok(g.0.get(key).cloned())
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        let mut g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
+        let (map, counter) = &mut *g;
+        if let (Some(c), Some((_, cur))) = (cas, map.get(key)) {
+            if *cur != c {
+                return Ok(false);
+            }
+        }
+        *counter = counter.wrapping_add(1).max(1);
+        map.insert(key.to_string(), (value.to_vec(), *counter));
+        Ok(true)
+    }
+}
+
+/// A store that runs `between` once, right after the `at`-th read: another worker acting
+/// between a read and the write that depends on it. For deterministic interleaving tests.
+pub struct InterleavingStore<'a, F: Fn(&MemoryStore)> {
+    pub inner: &'a MemoryStore,
+    pub at: usize,
+    pub between: F,
+    pub reads: std::cell::Cell<usize>,
+}
+
+impl<F: Fn(&MemoryStore)> SharedStore for InterleavingStore<'_, F> {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        let v = self.inner.get(key);
+        let n = self.reads.get() + 1;
+        self.reads.set(n);
+        if n == self.at {
+            (self.between)(self.inner);
+        }
+        v
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        self.inner.set(key, value, cas)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_if_absent_never_overwrites() {
+        let s = MemoryStore::default();
+        assert!(create_if_absent(&s, "k", b"first").unwrap());
+        assert!(!create_if_absent(&s, "k", b"second").unwrap());
+        assert_eq!(s.get("k").unwrap().unwrap().0, b"first");
+    }
+
+    /// Another worker creates and updates the key between our "is it there?" read and our
+    /// create: the create must fail instead of wiping the other worker's update.
+    #[test]
+    fn create_racing_another_worker_keeps_its_update() {
+        let mem = MemoryStore::default();
+        let racing = InterleavingStore {
+            inner: &mem,
+            at: 1,
+            between: |m: &MemoryStore| {
+                m.set("k", b"0", None).unwrap();
+                let (_, cas) = m.get("k").unwrap().unwrap();
+                assert!(m.set("k", b"1", Some(cas)).unwrap());
+            },
+            reads: std::cell::Cell::new(0),
+        };
+        assert!(!create_if_absent(&racing, "k", b"0").unwrap());
+        assert_eq!(mem.get("k").unwrap().unwrap().0, b"1");
+    }
+
+    #[test]
+    fn first_opener_wins_and_later_ones_read_its_record() {
+        let s = MemoryStore::default();
+        let a = open(&s, [1; 16], 100, 64).unwrap();
+        let b = open(&s, [2; 16], 200, 128).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(b.salt, [1; 16]);
+        assert_eq!(b.started_at, 100);
+        assert_eq!(meta(&s).unwrap(), a);
+        assert!(meta(&MemoryStore::default()).is_err());
+    }
+}
