@@ -9,7 +9,7 @@ WASM := target/wasm32-wasip1/release/apisec_filter.wasm
 CLI := target/release/apisec
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit lint fmt e2e bench clean demo-assets
+.PHONY: all setup build run test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak
 
 all: build
 
@@ -62,7 +62,41 @@ e2e: setup build
 	$(CARGO) build --release --locked -p apisec-crash-fixture --target wasm32-wasip1
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-test: setup build lint unit e2e
+test: setup build lint unit fuzz-smoke e2e
+
+# --- fuzzing (cargo-fuzz layout in fuzz/; built here with plain cargo on the stable toolchain) -
+# The flags cargo-fuzz passes (coverage instrumentation for libFuzzer); `--target` keeps them
+# off build scripts and proc macros.
+FUZZ_TARGETS := sf_dictionary signature_base policy json_fields path_matcher
+FUZZ_FLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing
+FUZZ_BIN := fuzz/target/x86_64-unknown-linux-gnu/release
+FUZZ_SECONDS ?= 5
+
+fuzz-build:
+	cd fuzz && RUSTFLAGS="$(FUZZ_FLAGS)" $(CARGO) build --locked --release --target x86_64-unknown-linux-gnu --bins
+
+# Each target for FUZZ_SECONDS from the checked-in seeds (part of `make test`); a finding stops
+# the run and leaves its input in build/fuzz-artifacts/. `make fuzz FUZZ_SECONDS=3600` is the
+# longer run; its corpus grows in build/fuzz-corpus/.
+fuzz-smoke: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build/fuzz-corpus/$$t build/fuzz-artifacts; \
+	  echo "fuzz $$t ($(FUZZ_SECONDS) s)"; \
+	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=0 \
+	    -artifact_prefix=build/fuzz-artifacts/$$t- build/fuzz-corpus/$$t fuzz/seeds/$$t 2>&1 \
+	    | grep -E '^(Done|==|SUMMARY)|panicked' ; \
+	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
+
+fuzz: FUZZ_SECONDS = 600
+fuzz: fuzz-smoke
+
+# --- soak (see README: a 10-minute record) -----------------------------------------------------
+SOAK_SECONDS ?= 600
+soak: setup build
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/test_soak.py -q -s -p no:cacheprovider
 
 # --- benchmarks (never part of `make test`; see BENCHMARKS.md) ------------------------------
 bench: setup build

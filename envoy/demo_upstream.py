@@ -24,9 +24,16 @@ class Echo(BaseHTTPRequestHandler):
             "body_bytes": len(body),
             "body_sha256": hashlib.sha256(body).hexdigest(),
         }
+        out = json.dumps(doc)
         if self.path.startswith("/api/v1/accounts/"):
-            doc.update({"id_number": "110101199003071234", "mobile": "13800138000", "balance": "102400.50"})
-        out = json.dumps(doc).encode()
+            # Written as text: amounts beyond a double's precision, a nested owner, and a key in
+            # another case, as real account systems send them; the gateway must pass every byte
+            # it does not hide (PERM-1).
+            out = out[:-1] + (', "id_number": "110101199003071234", "mobile": "13800138000",'
+                              ' "MOBILE": "13900139000", "balance": "102400.50",'
+                              ' "units": 98765432109876543210, "rate": 0.0100000000000000000001,'
+                              ' "owner": {"name": "Zhang San", "mobile": "13700137000"}}')
+        out = out.encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))

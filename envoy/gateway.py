@@ -36,6 +36,9 @@ ACCESS_LOG_FORMAT = {
     "audit": "%FILTER_STATE(wasm.apisec_audit:PLAIN)%",
     "status": "%RESPONSE_CODE%",
     "details": "%RESPONSE_CODE_DETAILS%",
+    # Requests Envoy refused or ended itself (codec errors: DPE; client gone: DC; request
+    # timeout) carry no apisec record; their flags make them visible.
+    "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "upstream": "%UPSTREAM_HOST%",
     "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
@@ -292,7 +295,11 @@ def hcm(stat_prefix: str, layout: Layout, http_filters: list[dict] | None = None
             "xff_num_trusted_hops": 0,
             "request_headers_timeout": "10s",
             "stream_idle_timeout": "30s",
-            "request_timeout": "60s",
+            # The whole request, body included, within the policy's max_body_seconds (30 s by
+            # default): a slow body cannot hold a worker's memory for longer.
+            "request_timeout": "30s",
+            # One connection cannot multiplex an unbounded number of held bodies.
+            "http2_protocol_options": {"max_concurrent_streams": 100},
             "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
             "access_log": [
                 {

@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT / "envoy"))
 import certs as certs_mod  # noqa: E402
 import gateway as gw  # noqa: E402
 
-WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
+# APISEC_WASM runs the suite against another build (e.g. an older one, to show a test catches a hole).
+WASM = Path(os.environ.get("APISEC_WASM") or ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm")
 CLI = ROOT / "target/release/apisec"
 DEMO_KEY = ROOT / "policies/demo-keys/demo-partner.key.pem"
 SECRET_VAR = "APISEC_DEMO_PARTNER_SECRET"
@@ -65,10 +66,11 @@ class Client:
         signed["body"] = body or b""
         return signed
 
-    def send(self, signed: dict, headers: list[tuple[str, str]] | None = None, cert: str | None = None) -> requests.Response:
+    def send(self, signed: dict, headers: list[tuple[str, str]] | None = None, cert: str | None = None,
+             source: str | None = None) -> requests.Response:
         """Sends a signed request; `headers` replaces the header list when given (for tampering)."""
         hdrs = headers if headers is not None else list(signed["headers"].items())
-        return self.raw(signed["method"], signed["url"], hdrs, signed["body"], cert=cert)
+        return self.raw(signed["method"], signed["url"], hdrs, signed["body"], cert=cert, source=source)
 
     def tls_context(self, cert: str | None = None):
         import ssl
@@ -78,17 +80,50 @@ class Client:
             ctx.load_cert_chain(str(self.gw.layout.certs / f"{cert}.pem"), str(self.gw.layout.certs / f"{cert}.key"))
         return ctx
 
-    def raw(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
-            cert: str | None = None) -> requests.Response:
-        """Sends exactly these header lines, repeats included (http.client keeps duplicates)."""
+    def connect(self, url: str, cert: str | None = None, source: str | None = None):
+        """An HTTP/1.1 connection to the gateway, from a chosen loopback source address."""
         import http.client
         from urllib.parse import urlsplit
 
         u = urlsplit(url)
+        src = (source, 0) if source else None
         if u.scheme == "https":
-            conn = http.client.HTTPSConnection(u.hostname, u.port, context=self.tls_context(cert), timeout=10)
-        else:
-            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+            return http.client.HTTPSConnection(u.hostname, u.port, context=self.tls_context(cert), timeout=10,
+                                               source_address=src)
+        return http.client.HTTPConnection(u.hostname, u.port, timeout=10, source_address=src)
+
+    def start(self, method: str, url: str, headers: list[tuple[str, str]], body_len: int = 0,
+              cert: str | None = None, source: str | None = None):
+        """Sends the request line and headers only; the caller sends the body (or not) later."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        conn = self.connect(url, cert=cert, source=source)
+        conn.putrequest(method, u.path + (f"?{u.query}" if u.query else ""), skip_accept_encoding=True)
+        for k, v in headers:
+            conn.putheader(k, v)
+        if body_len:
+            conn.putheader("content-length", str(body_len))
+        conn.endheaders()
+        return conn
+
+    @staticmethod
+    def response(conn) -> requests.Response:
+        r = conn.getresponse()
+        resp = requests.Response()
+        resp.status_code = r.status
+        resp._content = r.read()
+        resp.headers.update(r.getheaders())
+        conn.close()
+        return resp
+
+    def raw(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
+            cert: str | None = None, source: str | None = None) -> requests.Response:
+        """Sends exactly these header lines, repeats included (http.client keeps duplicates)."""
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        conn = self.connect(url, cert=cert, source=source)
         path = u.path + (f"?{u.query}" if u.query else "")
         conn.putrequest(method, path, skip_accept_encoding=True)
         for k, v in headers:

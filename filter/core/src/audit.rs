@@ -54,6 +54,22 @@ pub struct AuditInput<'a> {
     pub client_ip: &'a str,
 }
 
+/// How much of a path the record keeps: a banned source gets a short record, so probing with
+/// long paths costs the log little (MON-6); any record stays bounded.
+const MAX_PATH: usize = 2048;
+const MAX_PATH_BANNED: usize = 256;
+
+fn capped(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("")
+}
+
 /// One JSON line. Serialising plain structs cannot fail; the fallback keeps the log valid anyway.
 pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), &Deny>) -> String {
     let (decision, status, code, detail) = match outcome {
@@ -73,7 +89,14 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), 
         code,
         detail,
         method: input.method,
-        path: input.path,
+        path: capped(
+            input.path,
+            if code == Some(crate::DenyReason::Banned.code()) {
+                MAX_PATH_BANNED
+            } else {
+                MAX_PATH
+            },
+        ),
         client_ip: input.client_ip,
         app: ctx.app.as_deref(),
         api: ctx.api.as_deref(),
