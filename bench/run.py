@@ -66,7 +66,7 @@ FLOOD = int(os.environ.get("BENCH_FLOOD", "1000000"))
 IR_ROUNDS = int(os.environ.get("BENCH_INSTRUCTION_ROUNDS", "2"))
 IR_SECONDS = 6
 CONNS = 16
-REPLAY = {"slots": 65536, "entries_per_slot": 32}  # capacity 2,097,152 live nonces
+REPLAY = {"slots": 65536, "entries_per_slot": 32, "app_entries_per_slot": 32}  # 2,097,152 live nonces, one app may use all
 
 
 def kind(v: str) -> str:
@@ -157,7 +157,10 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     layout = gw.Layout(build=build, wasm=WASM, certs=build / "certs", admin_port=ports["admin"], concurrency=1)
     gw.write_ecds(json.dumps(policy), layout)
     hs, es = jwts
-    before = {"name": "apisec_before", "typed_config": gw.wasm_filter_config(json.dumps(policy), layout)}
+    # An older build may not know every field of this one (app_entries_per_slot came later).
+    old_policy = json.loads(json.dumps(policy))
+    old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
+    before = {"name": "apisec_before", "typed_config": gw.wasm_filter_config(json.dumps(old_policy), layout)}
     before["typed_config"]["config"]["vm_config"].update(
         vm_id="apisec.before", code={"local": {"filename": str(Path(BEFORE_WASM).resolve())}})
     filters = {
@@ -382,11 +385,11 @@ def main() -> int:
         script = build / "presigned.lua"
         script.write_text(WRK_LUA)
 
-        def signed_requests(v: str, count: int, name: str) -> Path:
+        def signed_requests(v: str, count: int, name: str, created_offset: int = 0) -> Path:
             """`count` requests for a signed variant (S1: HMAC, S3: P-256), each with its own nonce."""
             f = build / f"{v}-{name}.bin"
-            presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}"],
-                    kind(v), count, f, f"{v}-{name}")
+            presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}",
+                     "--created-offset", str(created_offset)], kind(v), count, f, f"{v}-{name}")
             return f
 
         def wrk_request(v: str, signed: Path | None) -> tuple[str, list[str], Path | None]:
@@ -505,12 +508,14 @@ def main() -> int:
         rss_after_flood = rss_kib(envoy.pid)
         bound_mib = REPLAY["slots"] * REPLAY["entries_per_slot"] * 24 / 2**20
 
-        # Requests for the instruction counts (their own unique nonces), signed before that Envoy starts.
+        # Requests for the instruction counts (their own unique nonces), signed before that Envoy
+        # starts: dated 600 s ahead (inside the 900 s skew), since its fresh replay store refuses
+        # requests created before it started (ATK-1).
         ir_files = {}
         for r in range(2 * IR_ROUNDS):
             for v in VARIANTS:
                 if kind(v) in ("s1", "s3"):
-                    ir_files[(v, r)] = signed_requests(v, 5000 if kind(v) == "s1" else 2000, f"ir{r}")
+                    ir_files[(v, r)] = signed_requests(v, 5000 if kind(v) == "s1" else 2000, f"ir{r}", created_offset=600)
     finally:
         g.stop()
 

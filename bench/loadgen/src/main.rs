@@ -53,6 +53,8 @@ struct Signer {
     keyid: String,
     authority: String,
     prefix: String,
+    /// Seconds added to the signing time for `created`.
+    created_offset: i64,
 }
 
 impl Signer {
@@ -84,6 +86,11 @@ impl Signer {
             keyid: need(args, "--keyid"),
             authority: need(args, "--authority"),
             prefix: arg(args, "--nonce-prefix").unwrap_or_else(|| format!("{}", unix_now())),
+            // Requests signed before the gateway that will receive them starts must say they
+            // were created after it started (a fresh replay store refuses older ones).
+            created_offset: arg(args, "--created-offset")
+                .map(|v| v.parse().expect("--created-offset is whole seconds"))
+                .unwrap_or(0),
         }
     }
 
@@ -111,7 +118,7 @@ impl Signer {
         let params = SignParams {
             label: "sig1".into(),
             components,
-            created: unix_now(),
+            created: unix_now() + self.created_offset,
             expires: None,
             nonce: Some(format!("{}-{n}", self.prefix)),
             keyid: self.keyid.clone(),

@@ -704,7 +704,7 @@ pub fn check_body(
         None => {}
     }
     let grant = ctx.grant.as_deref().and_then(|g| policy.grant(g));
-    if let Some(g) = grant {
+    if let Some(g) = grant.filter(|g| !g.forbid_request_fields.is_empty()) {
         fields::check_request(
             &g.forbid_request_fields,
             req.query(),
