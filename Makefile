@@ -73,6 +73,8 @@ FUZZ_FLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing
 FUZZ_BIN := fuzz/target/x86_64-unknown-linux-gnu/release
 FUZZ_SECONDS ?= 5
+# A fixed seed keeps the smoke run repeatable; `make fuzz FUZZ_SEED=0` lets libFuzzer pick one.
+FUZZ_SEED ?= 1
 
 fuzz-build:
 	cd fuzz && RUSTFLAGS="$(FUZZ_FLAGS)" $(CARGO) build --locked --release --target x86_64-unknown-linux-gnu --bins
@@ -84,7 +86,7 @@ fuzz-smoke: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p build/fuzz-corpus/$$t build/fuzz-artifacts; \
 	  echo "fuzz $$t ($(FUZZ_SECONDS) s)"; \
-	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=0 \
+	  $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_SECONDS) -seed=$(FUZZ_SEED) -rss_limit_mb=2048 -print_final_stats=0 \
 	    -artifact_prefix=build/fuzz-artifacts/$$t- build/fuzz-corpus/$$t fuzz/seeds/$$t 2>&1 \
 	    | grep -E '^(Done|==|SUMMARY)|panicked' ; \
 	  test $${PIPESTATUS[0]} -eq 0 || exit 1; \

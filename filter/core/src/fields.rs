@@ -555,6 +555,18 @@ mod tests {
         assert_eq!(hide(&["b"], r#"{"a":1,"b":2,"c":3}"#), r#"{"a":1,"c":3}"#);
     }
 
+    /// Fuzz finding (json_fields, fuzz/seeds/json_fields/huge-exponent): RFC 8259 sets no
+    /// range on numbers; one no double can hold passes through untouched, never rejected or
+    /// rounded.
+    #[test]
+    fn numbers_beyond_any_float_pass_through() {
+        let body = r#"{"id":1,"n":98765432109876543210,"d":1.0e710,"e":-1E-999}"#;
+        assert_eq!(
+            hide(&["id"], body),
+            r#"{"n":98765432109876543210,"d":1.0e710,"e":-1E-999}"#
+        );
+    }
+
     #[test]
     fn hiding_by_path_through_objects_arrays_case_and_duplicates() {
         let body = r#"{"owner":{"Mobile":"138","name":"x"},"rows":[{"mobile":"1"},{"k":[{"MOBILE":"2"}]}],"mobile":"3","mobile":"4"}"#;
