@@ -8,11 +8,13 @@
     clippy::disallowed_methods
 )] // a measuring tool
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Instant;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{begin, check_body, check_headers, Host, RequestContext};
+use apisec_core::lifecycle::{Action, Config, Env, HostFacts, Stream, Transport};
 use apisec_core::message::{Connection, Request};
 use apisec_core::replay::init_slots;
 use apisec_core::signer::{sign, SignParams, SigningKey};
@@ -43,10 +45,17 @@ fn main() {
     let now = 1_800_000_000u64;
     let meta = store::open(&store, [3; 16], now - 10, policy.replay.slots).unwrap();
     init_slots(&store, &policy.replay, &meta).unwrap();
-    let host = Host {
+    let config = Config {
+        policy: Rc::new(policy.clone()),
+        meta: Rc::new(meta),
+    };
+    let host = Tls(now);
+    let held = Cell::new(0);
+    let env = Env {
         store: &store,
-        meta: &meta,
         verifier: &SoftwareVerifier,
+        host: &host,
+        held: &held,
     };
     let key = SigningKey::Hmac(
         base64::engine::general_purpose::STANDARD
@@ -91,10 +100,13 @@ fn main() {
         .collect();
     let t = Instant::now();
     for r in &reqs {
-        let mut ctx = RequestContext::default();
-        let api = begin(&policy, r, &store, now).unwrap();
-        check_headers(&policy, api, r, false, now, &host, &mut ctx).unwrap();
-        check_body(&policy, r, &mut ctx, &[], &host, now).unwrap();
+        let step = Stream::new(config.clone()).on_request_headers(
+            Ok(pairs(r)),
+            Some("127.0.0.1:1"),
+            true,
+            &env,
+        );
+        assert_eq!(step.action, Action::Continue);
     }
     println!(
         "S1 decision (native): {:.2} us/request",
@@ -103,13 +115,58 @@ fn main() {
     let mut s0 = reqs[0].clone();
     s0.path_and_query = "/bench/s0".into();
     let t = Instant::now();
+    let s0_pairs = pairs(&s0);
     for _ in 0..n {
-        let mut ctx = RequestContext::default();
-        let api = begin(&policy, &s0, &store, now).unwrap();
-        check_headers(&policy, api, &s0, false, now, &host, &mut ctx).unwrap();
+        let step = Stream::new(config.clone()).on_request_headers(
+            Ok(s0_pairs.clone()),
+            Some("127.0.0.1:1"),
+            true,
+            &env,
+        );
+        assert_eq!(step.action, Action::Continue);
     }
     println!(
         "S0 decision (native): {:.2} us/request",
         t.elapsed().as_secs_f64() * 1e6 / n as f64
     );
+}
+
+/// A host on a TLS connection with a fixed clock.
+struct Tls(u64);
+
+impl HostFacts for Tls {
+    fn now(&self) -> Option<u64> {
+        Some(self.0)
+    }
+    fn transport(&self) -> Transport {
+        Transport {
+            tls: true,
+            ..Default::default()
+        }
+    }
+    fn request_body(&self, _: usize) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    fn response_header(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn response_body(&self, _: usize) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// The headers as the host hands them over.
+fn pairs(r: &Request) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), r.method.clone().into_bytes()),
+        (":scheme".into(), r.scheme.clone().into_bytes()),
+        (":authority".into(), r.authority.clone().into_bytes()),
+        (":path".into(), r.path_and_query.clone().into_bytes()),
+    ];
+    out.extend(
+        r.headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+    );
+    out
 }

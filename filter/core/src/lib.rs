@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod fields;
 pub mod ip;
+pub mod lifecycle;
 pub mod message;
 pub mod policy;
 pub mod replay;

@@ -1,9 +1,19 @@
-//! Helpers shared by the core integration tests: the two decision steps, run the way the host
-//! runs them, and a state store opened for a policy.
-#![allow(dead_code, clippy::unwrap_used)] // each test crate uses what it needs
+//! Helpers shared by the core integration tests: a request decided by the lifecycle, event by
+//! event, the way the filter drives it in Envoy (the order of checks lives only there), and a
+//! state store opened for a policy.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)] // test helpers; each test crate uses what it needs
+
+use std::cell::Cell;
+use std::rc::Rc;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::engine::{begin, check_body, check_headers, Host, RequestContext};
+use apisec_core::engine::RequestContext;
+use apisec_core::lifecycle::{Action, Config, Env, HostFacts, Stream, Transport};
 use apisec_core::message::Request;
 use apisec_core::replay::init_slots;
 use apisec_core::store::{self, MemoryStore};
@@ -12,8 +22,53 @@ use apisec_core::{DenyReason, Policy};
 /// When the test stores start: requests in the tables are signed after it.
 pub const STORE_STARTED: u64 = 1_000_000;
 
-/// `begin`, `check_headers`, then `check_body`, as the filter drives them; the refusal's
-/// reason, or what the request established.
+/// A host that knows one request: its clock, its connection and its body.
+struct OneRequest<'a> {
+    now: u64,
+    req: &'a Request,
+    body: &'a [u8],
+}
+
+impl HostFacts for OneRequest<'_> {
+    fn now(&self) -> Option<u64> {
+        Some(self.now)
+    }
+    fn transport(&self) -> Transport {
+        Transport {
+            tls: self.req.conn.tls,
+            peer_cert_sha256: self.req.conn.peer_cert_sha256.clone(),
+            peer_uri_san: self.req.conn.peer_uri_san.clone(),
+        }
+    }
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+        Ok(self.body[..size].to_vec())
+    }
+    fn response_header(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn response_body(&self, _: usize) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+}
+
+/// The request's headers as the host hands them over: pseudo-headers first, then the rest.
+fn pairs(req: &Request) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), req.method.clone().into_bytes()),
+        (":scheme".into(), req.scheme.clone().into_bytes()),
+        (":authority".into(), req.authority.clone().into_bytes()),
+        (":path".into(), req.path_and_query.clone().into_bytes()),
+    ];
+    out.extend(
+        req.headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
+    );
+    out
+}
+
+/// The request decided by the lifecycle (headers, then the body if any): the refusal's reason,
+/// or what the request established.
 pub fn decide(
     policy: &Policy,
     store: &MemoryStore,
@@ -21,18 +76,37 @@ pub fn decide(
     body: &[u8],
     now: u64,
 ) -> Result<RequestContext, DenyReason> {
-    let meta = store::meta(store).unwrap();
-    let host = Host {
-        store,
-        meta: &meta,
-        verifier: &SoftwareVerifier,
+    let config = Config {
+        policy: Rc::new(policy.clone()),
+        meta: Rc::new(store::meta(store).unwrap()),
     };
-    let mut ctx = RequestContext::default();
-    let api = begin(policy, req, store, now).map_err(|d| d.reason)?;
-    check_headers(policy, api, req, !body.is_empty(), now, &host, &mut ctx)
-        .map_err(|d| d.reason)?;
-    check_body(policy, req, &mut ctx, body, &host, now).map_err(|d| d.reason)?;
-    Ok(ctx)
+    let host = OneRequest { now, req, body };
+    let held = Cell::new(0);
+    let env = Env {
+        store,
+        verifier: &SoftwareVerifier,
+        host: &host,
+        held: &held,
+    };
+    let source = req.conn.client_ip.map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => format!("{v4}:40000"),
+        std::net::IpAddr::V6(v6) => format!("[{v6}]:40000"),
+    });
+    let mut stream = Stream::new(config);
+    let mut step =
+        stream.on_request_headers(Ok(pairs(req)), source.as_deref(), body.is_empty(), &env);
+    if step.action == Action::Pause {
+        step = stream.on_request_body(body.len(), true, None, &env);
+    }
+    match step.action {
+        Action::Continue => Ok(stream.context().clone()),
+        Action::Refuse { body, .. } => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let code = v["error"].as_str().unwrap();
+            Err(*DenyReason::ALL.iter().find(|r| r.code() == code).unwrap())
+        }
+        Action::Pause => panic!("the lifecycle still holds a complete request"),
+    }
 }
 
 /// An empty state store opened for the policy, with its replay slots in place.

@@ -1,0 +1,545 @@
+//! The life of one request through the gateway, as one state machine (DESIGN.md "One request,
+//! one state machine in core"). The host calls one method per event (request headers, request
+//! body, request trailers, response headers, response body, log) and carries out the [`Step`]
+//! it gets back: continue, pause, refuse, headers to set or remove, a response body to put in
+//! place, the audit record to publish and the counts to add. The order of checks and every
+//! rule about the stream (size and time bounds, when a body is held, a 429 from a limiter after
+//! the filter, withholding a response that cannot be filtered, trailers) live here; the host
+//! only answers what the machine asks ([`HostFacts`]) and never decides.
+//!
+//! State that outlives the request goes through the local store ([`SharedStore`]) for now; the
+//! typed, resumable batch of state operations a remote store needs is the next step.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use crate::audit::{self, AuditInput};
+use crate::crypto::EcdsaVerifier;
+use crate::engine::{self, Host, RequestContext};
+use crate::error::{Deny, DenyReason};
+use crate::fields;
+use crate::message::{self, Request};
+use crate::policy::{Policy, SecurityLevel};
+use crate::store::{SharedStore, StoreMeta};
+
+/// What the machine asks the host, only when a decision needs it.
+pub trait HostFacts {
+    /// Gateway time, unix seconds; None when the clock cannot be read.
+    fn now(&self) -> Option<u64>;
+    /// TLS and the verified client certificate of the connection.
+    fn transport(&self) -> Transport;
+    /// The whole request body (`size` bytes, once it is complete).
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, String>;
+    /// A response header's value.
+    fn response_header(&self, name: &str) -> Option<String>;
+    /// The whole response body.
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, String>;
+}
+
+/// The connection's TLS facts as the host established them.
+#[derive(Debug, Clone, Default)]
+pub struct Transport {
+    pub tls: bool,
+    /// Hex SHA-256 of the client certificate Envoy verified (mTLS), lowercase.
+    pub peer_cert_sha256: Option<String>,
+    /// First URI SAN of that certificate.
+    pub peer_uri_san: Option<String>,
+}
+
+/// What the host lends every event: the local store, the ECDSA verifier, its facts, and the
+/// count of request-body bytes this worker holds.
+pub struct Env<'a> {
+    pub store: &'a dyn SharedStore,
+    pub verifier: &'a dyn EcdsaVerifier,
+    pub host: &'a dyn HostFacts,
+    pub held: &'a Cell<u64>,
+}
+
+/// The policy in force and the store record it was opened with.
+#[derive(Clone)]
+pub struct Config {
+    pub policy: Rc<Policy>,
+    pub meta: Rc<StoreMeta>,
+}
+
+/// What the host does with the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Let the stream go on.
+    Continue,
+    /// Hold it (headers until the body is verified; a response until it is filtered).
+    Pause,
+    /// Answer locally with this status and JSON body; nothing more goes upstream.
+    Refuse {
+        status: u32,
+        body: String,
+        retry_after: Option<u32>,
+    },
+}
+
+/// A counter to add to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    Allowed,
+    Denied(DenyReason),
+    BanStarted,
+    Abandoned,
+}
+
+/// What the host carries out after an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: Action,
+    /// Request headers to remove before anything goes upstream (client-sent `x-apisec-*`,
+    /// stripped routing overrides).
+    pub remove_headers: Vec<String>,
+    /// Request headers to set for the upstream (the verified identity).
+    pub set_headers: Vec<(&'static str, String)>,
+    /// A response body to put in place of the one received (its length goes with it).
+    pub response_body: Option<Vec<u8>>,
+    /// The audit record to publish now (it replaces one published earlier).
+    pub audit: Option<String>,
+    pub counts: Vec<Count>,
+    /// A line for the host's log (a ban started).
+    pub log: Option<String>,
+}
+
+impl Step {
+    fn go(action: Action) -> Step {
+        Step {
+            action,
+            remove_headers: Vec::new(),
+            set_headers: Vec::new(),
+            response_body: None,
+            audit: None,
+            counts: Vec::new(),
+            log: None,
+        }
+    }
+    fn proceed() -> Step {
+        Step::go(Action::Continue)
+    }
+    fn pause() -> Step {
+        Step::go(Action::Pause)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the request headers.
+    Start,
+    /// Headers checked; the body is held until it is complete.
+    HoldingBody,
+    /// Let through: the response may still be checked.
+    Forwarded,
+    /// Holding the response to remove hidden fields.
+    FilteringResponse,
+    /// Refused (by us, or a limiter after us); nothing more to decide.
+    Refused,
+}
+
+/// One request's state machine.
+pub struct Stream {
+    config: Config,
+    req: Request,
+    ctx: RequestContext,
+    request_id: String,
+    client_ip: String,
+    /// Gateway time of the current decision step.
+    now: u64,
+    phase: Phase,
+    /// Bytes this request counts against the worker's held-body bound.
+    held: u64,
+}
+
+impl Stream {
+    pub fn new(config: Config) -> Stream {
+        Stream {
+            config,
+            req: Request::default(),
+            ctx: RequestContext::default(),
+            request_id: String::new(),
+            client_ip: String::new(),
+            now: 0,
+            phase: Phase::Start,
+            held: 0,
+        }
+    }
+
+    /// What the request established so far (for tests and tools).
+    pub fn context(&self) -> &RequestContext {
+        &self.ctx
+    }
+
+    fn policy(&self) -> Rc<Policy> {
+        self.config.policy.clone()
+    }
+
+    fn record(&self, outcome: Result<(), &Deny>) -> String {
+        let input = AuditInput {
+            ts: self.now,
+            request_id: &self.request_id,
+            method: &self.req.method,
+            path: self.req.path(),
+            client_ip: &self.client_ip,
+        };
+        audit::record(&input, &self.ctx, outcome)
+    }
+
+    fn release(&mut self, env: &Env<'_>) {
+        let n = std::mem::take(&mut self.held);
+        if n > 0 {
+            env.held.set(env.held.get().saturating_sub(n));
+        }
+    }
+
+    /// Audit, counts and the ban counter for a refusal (ours, or a limiter's 429 after us).
+    fn note_refusal(&mut self, deny: &Deny, env: &Env<'_>, step: &mut Step) {
+        if self.now == 0 {
+            self.now = env.host.now().unwrap_or(0); // refused before the clock was read
+        }
+        let policy = self.policy();
+        self.ctx.ban = engine::count_refusal(
+            &policy,
+            &self.ctx,
+            self.req.conn.client_ip,
+            deny.reason,
+            env.store,
+            self.now,
+        );
+        if let Some(ban) = &self.ctx.ban {
+            step.log = Some(format!("apisec: {ban} (request {})", self.request_id));
+            step.counts.push(Count::BanStarted);
+        }
+        step.audit = Some(self.record(Err(deny)));
+        step.counts.push(Count::Denied(deny.reason));
+    }
+
+    fn refuse(&mut self, deny: Deny, env: &Env<'_>) -> Step {
+        self.phase = Phase::Refused;
+        self.release(env);
+        let mut step = Step::go(Action::Refuse {
+            status: deny.reason.status(),
+            body: audit::refusal_body(&deny, &self.request_id),
+            retry_after: deny.reason.retry_after_seconds(),
+        });
+        self.note_refusal(&deny, env, &mut step);
+        step
+    }
+
+    fn allow(&mut self, mut step: Step, env: &Env<'_>) -> Step {
+        self.phase = Phase::Forwarded;
+        self.release(env);
+        let mut set = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                step.set_headers.push((k, v));
+            }
+        };
+        set("x-apisec-app", self.ctx.app.clone());
+        set("x-apisec-api", self.ctx.api.clone());
+        set(
+            "x-apisec-level",
+            self.ctx.level.map(|l| l.as_str().to_string()),
+        );
+        set("x-apisec-function", self.ctx.function.clone());
+        set("x-apisec-user", self.ctx.user.clone());
+        step.audit = Some(self.record(Ok(())));
+        step.action = Action::Continue;
+        step
+    }
+
+    /// The request headers: every pair as the host holds them (repeats included), the peer
+    /// address, and whether a body follows.
+    pub fn on_request_headers(
+        &mut self,
+        pairs: Result<Vec<(String, Vec<u8>)>, String>,
+        source_address: Option<&str>,
+        end_of_stream: bool,
+        env: &Env<'_>,
+    ) -> Step {
+        let policy = self.policy();
+        let mut removed = Vec::new();
+        let pairs = match pairs {
+            Ok(p) => p,
+            Err(e) => {
+                let d = Deny::new(DenyReason::HostUnavailable, format!("request headers: {e}"));
+                return self.refuse(d, env);
+            }
+        };
+        for (name, value) in pairs {
+            let value = String::from_utf8(value)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+            match name.as_str() {
+                ":method" => self.req.method = value,
+                ":scheme" => self.req.scheme = value,
+                ":authority" => self.req.authority = value,
+                ":path" => self.req.path_and_query = value,
+                "x-request-id" => self.request_id = value,
+                n if n.starts_with(':') => {}
+                n => {
+                    if engine::strips_header(&policy, n) {
+                        removed.push(name.clone());
+                    }
+                    if !engine::is_internal_header(n) {
+                        self.req.headers.push((name, value));
+                    }
+                }
+            }
+        }
+        if let Some(addr) = source_address {
+            self.client_ip = message::ip_of_address(addr).to_string();
+            self.req.conn.client_ip = self.client_ip.parse().ok();
+        }
+        let mut step = self.headers(end_of_stream, env);
+        step.remove_headers = removed;
+        step
+    }
+
+    fn headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if self.req.method.is_empty() || self.req.path_and_query.is_empty() {
+            let d = Deny::new(DenyReason::MalformedHeader, "missing :method or :path");
+            return self.refuse(d, env);
+        }
+        let Some(now) = env.host.now() else {
+            return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"), env);
+        };
+        self.now = now;
+        let policy = self.policy();
+        let declared_len = self
+            .req
+            .header_values("content-length")
+            .next()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > policy.max_body_bytes) {
+            let d = Deny::new(
+                DenyReason::BodyTooLarge,
+                "content-length over max_body_bytes",
+            );
+            return self.refuse(d, env);
+        }
+        let api = match engine::begin(&policy, &self.req, env.store, now) {
+            Ok(api) => api,
+            Err(d) => return self.refuse(d, env),
+        };
+        if engine::needs_transport(api) {
+            let t = env.host.transport();
+            self.req.conn.tls = t.tls;
+            self.req.conn.peer_cert_sha256 = t.peer_cert_sha256;
+            self.req.conn.peer_uri_san = t.peer_uri_san;
+        }
+        let meta = self.config.meta.clone();
+        let host = Host {
+            store: env.store,
+            meta: &meta,
+            verifier: env.verifier,
+        };
+        if let Err(d) = engine::check_headers(
+            &policy,
+            api,
+            &self.req,
+            !end_of_stream,
+            now,
+            &host,
+            &mut self.ctx,
+        ) {
+            return self.refuse(d, env);
+        }
+        if end_of_stream {
+            return self.finish(&[], env);
+        }
+        if self.ctx.level == Some(SecurityLevel::S0) {
+            return self.allow(Step::proceed(), env); // nothing in the body to verify at S0
+        }
+        // Hold the headers until the whole body is in and verified, within this worker's bound.
+        match engine::admit_body(&policy, env.held.get(), declared_len) {
+            Ok(n) => {
+                self.held = n;
+                env.held.set(env.held.get().saturating_add(n));
+            }
+            Err(d) => return self.refuse(d, env),
+        }
+        self.phase = Phase::HoldingBody;
+        Step::pause()
+    }
+
+    /// A part of the request body arrived (`size`: all of it so far). `current` is the policy
+    /// in force now, if the host loaded another since the headers came.
+    pub fn on_request_body(
+        &mut self,
+        size: usize,
+        end_of_stream: bool,
+        current: Option<Config>,
+        env: &Env<'_>,
+    ) -> Step {
+        if self.phase != Phase::HoldingBody {
+            return Step::proceed();
+        }
+        let max = self.config.policy.max_body_bytes;
+        if size as u64 > max {
+            let d = Deny::new(DenyReason::BodyTooLarge, format!("body over {max} bytes"));
+            return self.refuse(d, env);
+        }
+        if !end_of_stream {
+            return Step::pause();
+        }
+        match env.host.now() {
+            Some(now) => self.now = now,
+            None => return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"), env),
+        }
+        let body = match env.host.request_body(size) {
+            Ok(b) => b,
+            Err(e) => {
+                let d = Deny::new(DenyReason::HostUnavailable, format!("request body: {e}"));
+                return self.refuse(d, env);
+            }
+        };
+        if let Some(c) = current {
+            self.config = c;
+        }
+        self.finish(&body, env)
+    }
+
+    /// The body is complete (empty without one): decided under the policy in force now.
+    fn finish(&mut self, body: &[u8], env: &Env<'_>) -> Step {
+        let (policy, meta) = (self.config.policy.clone(), self.config.meta.clone());
+        let host = Host {
+            store: env.store,
+            meta: &meta,
+            verifier: env.verifier,
+        };
+        match engine::check_body(&policy, &self.req, &mut self.ctx, body, &host, self.now) {
+            Ok(()) => self.allow(Step::proceed(), env),
+            Err(d) => self.refuse(d, env),
+        }
+    }
+
+    /// Request trailers: RFC 9530 digests cover content, not trailers, so a request still held
+    /// for verification must not smuggle any.
+    pub fn on_request_trailers(&mut self, env: &Env<'_>) -> Step {
+        if self.phase != Phase::HoldingBody {
+            return Step::proceed();
+        }
+        let d = Deny::new(
+            DenyReason::MalformedHeader,
+            "request trailers are not accepted on signed APIs",
+        );
+        self.refuse(d, env)
+    }
+
+    fn hidden_fields(&self) -> Option<Vec<Vec<String>>> {
+        let grant = self
+            .ctx
+            .grant
+            .as_deref()
+            .and_then(|g| self.config.policy.grant(g))?;
+        (!grant.hide_response_fields.is_empty()).then(|| grant.hide_response_fields.clone())
+    }
+
+    /// The response cannot be released as it is: replace it with a refusal (its headers are
+    /// still held).
+    fn withhold(&mut self, deny: Deny, env: &Env<'_>) -> Step {
+        self.refuse(deny, env)
+    }
+
+    /// The response headers. Only bans (a limiter's 429) and field hiding look at the response;
+    /// otherwise the host is asked nothing.
+    pub fn on_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if self.phase != Phase::Forwarded {
+            return Step::proceed();
+        }
+        let hides = self.hidden_fields().is_some();
+        if self.config.policy.bans.is_none() && !hides {
+            return Step::proceed();
+        }
+        if env.host.response_header(":status").as_deref() == Some("429") {
+            // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3); the
+            // caller gets the limiter's own answer.
+            self.phase = Phase::Refused;
+            let mut step = Step::proceed();
+            let d = Deny::new(DenyReason::RateLimited, "rate limit answered 429");
+            self.note_refusal(&d, env, &mut step);
+            return step;
+        }
+        if !hides {
+            return Step::proceed();
+        }
+        let encoding = env.host.response_header("content-encoding");
+        if encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity")) {
+            let d = Deny::new(
+                DenyReason::ResponseUnfilterable,
+                "the response is compressed; hidden fields cannot be removed",
+            );
+            return self.withhold(d, env);
+        }
+        if end_of_stream {
+            return Step::proceed();
+        }
+        self.phase = Phase::FilteringResponse;
+        Step::pause() // hold the headers: content-length changes with the body
+    }
+
+    /// A part of the response body arrived (`size`: all of it so far).
+    pub fn on_response_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if self.phase != Phase::FilteringResponse {
+            return Step::proceed();
+        }
+        if size as u64 > self.config.policy.max_body_bytes {
+            let d = Deny::new(
+                DenyReason::ResponseUnfilterable,
+                "response over max_body_bytes",
+            );
+            return self.withhold(d, env);
+        }
+        if !end_of_stream {
+            return Step::pause();
+        }
+        let body = match env.host.response_body(size) {
+            Ok(b) => b,
+            Err(e) => {
+                let d = Deny::new(DenyReason::HostUnavailable, format!("response body: {e}"));
+                return self.withhold(d, env);
+            }
+        };
+        let hidden = self.hidden_fields().unwrap_or_default();
+        match fields::filter_response(&hidden, &body) {
+            Ok(filtered) => {
+                self.phase = Phase::Forwarded;
+                let mut step = Step::proceed();
+                step.response_body = filtered;
+                step
+            }
+            Err(d) => self.withhold(d, env),
+        }
+    }
+
+    /// The host could not put the filtered response in place: withhold it.
+    pub fn on_response_rewrite_failed(&mut self, env: &Env<'_>) -> Step {
+        let d = Deny::new(DenyReason::HostUnavailable, "cannot rewrite the response");
+        self.withhold(d, env)
+    }
+
+    /// The stream ended. Each request is counted once, by its final outcome: one let through
+    /// counts as allowed unless its response was withheld or a limiter answered 429 (counted
+    /// as denied when that happened); one whose client left (or that the host ended) before it
+    /// was complete leaves an audit record and counts as abandoned: nothing of it went upstream.
+    pub fn on_log(&mut self, env: &Env<'_>) -> Step {
+        self.release(env);
+        let mut step = Step::proceed();
+        match self.phase {
+            Phase::Forwarded | Phase::FilteringResponse => step.counts.push(Count::Allowed),
+            Phase::HoldingBody => {
+                self.now = env.host.now().unwrap_or(self.now);
+                let d = Deny::new(
+                    DenyReason::RequestAbandoned,
+                    "the request ended before its body was complete",
+                );
+                step.audit = Some(self.record(Err(&d)));
+                step.counts.push(Count::Abandoned);
+                step.counts.push(Count::Denied(d.reason));
+            }
+            Phase::Start | Phase::Refused => {}
+        }
+        self.phase = Phase::Refused;
+        step
+    }
+}

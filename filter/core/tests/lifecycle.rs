@@ -1,0 +1,424 @@
+//! The request lifecycle driven natively, event by event, as the filter drives it in Envoy:
+//! the rules that used to sit in the glue (issue 9) are tested here: the content-length bound,
+//! the S0 early allow, holding a signed body, trailers on a signed API, a 429 from a limiter
+//! after the filter, withholding a response that cannot be filtered, an abandoned upload, and
+//! each request counted once by its outcome.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)] // test code
+
+mod common;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
+use apisec_core::lifecycle::{Action, Config, Count, Env, HostFacts, Step, Stream, Transport};
+use apisec_core::message::Request;
+use apisec_core::signer::{sign, SignParams, SigningKey};
+use apisec_core::store::{self, MemoryStore};
+use apisec_core::{DenyReason, Policy};
+use base64::Engine as _;
+use common::{fresh_store, STORE_STARTED};
+
+const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const NOW: u64 = STORE_STARTED + 1000;
+
+struct FakeHost {
+    now: Cell<Option<u64>>,
+    request_body: RefCell<Vec<u8>>,
+    response_headers: RefCell<HashMap<String, String>>,
+    response_body: RefCell<Vec<u8>>,
+    transport_asked: Cell<u32>,
+}
+
+impl FakeHost {
+    fn new() -> FakeHost {
+        FakeHost {
+            now: Cell::new(Some(NOW)),
+            request_body: RefCell::new(Vec::new()),
+            response_headers: RefCell::new(HashMap::from([(
+                ":status".to_string(),
+                "200".to_string(),
+            )])),
+            response_body: RefCell::new(Vec::new()),
+            transport_asked: Cell::new(0),
+        }
+    }
+}
+
+impl HostFacts for FakeHost {
+    fn now(&self) -> Option<u64> {
+        self.now.get()
+    }
+    fn transport(&self) -> Transport {
+        self.transport_asked.set(self.transport_asked.get() + 1);
+        Transport {
+            tls: true,
+            ..Default::default()
+        }
+    }
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+        Ok(self.request_body.borrow()[..size].to_vec())
+    }
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.response_headers.borrow().get(name).cloned()
+    }
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, String> {
+        Ok(self.response_body.borrow()[..size].to_vec())
+    }
+}
+
+fn policy(bans: bool) -> Policy {
+    let mut doc = serde_json::json!({
+        "version": 1,
+        "gateway": {"max_body_bytes": 1000},
+        "apis": [{"id": "order", "method": "POST", "path": "/orders", "level": "S1", "service_object": "toB",
+                  "access": "write", "user_auth": false, "personal_info": false, "function": "trading"},
+                 {"id": "account", "method": "GET", "path": "/accounts", "level": "S1", "service_object": "toB",
+                  "access": "read", "user_auth": false, "personal_info": true, "function": "account"},
+                 {"id": "quote", "method": "POST", "path": "/quotes", "level": "S0", "service_object": "toB",
+                  "access": "read", "user_auth": false, "personal_info": false, "function": "market_data"}],
+        "apps": [{"id": "app-a", "credentials": [{"id": "k", "alg": "hmac-sha256", "secret_env": "S"}]}],
+        "grants": [{"id": "g", "app": "app-a", "apis": ["order"]},
+                   {"id": "g-acct", "app": "app-a", "apis": ["account"], "hide_response_fields": ["mobile"]}]
+    });
+    if bans {
+        doc["bans"] = serde_json::json!({"threshold": 5, "window_seconds": 60, "ban_seconds": 60});
+    }
+    Policy::from_json(
+        &doc.to_string(),
+        &HashMap::from([("S".to_string(), SECRET_B64.to_string())]),
+    )
+    .unwrap()
+}
+
+fn signed_pairs(method: &str, path: &str, body: &[u8], nonce: &str) -> Vec<(String, Vec<u8>)> {
+    let mut r = Request {
+        method: method.into(),
+        scheme: "https".into(),
+        authority: "gw".into(),
+        path_and_query: path.into(),
+        headers: vec![("x-app-id".into(), "app-a".into())],
+        ..Default::default()
+    };
+    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !body.is_empty() {
+        r.headers
+            .push(("content-type".into(), "application/json".into()));
+        r.headers
+            .push(("content-digest".into(), content_digest_sha256(body)));
+        r.headers
+            .push(("content-length".into(), body.len().to_string()));
+        components.push("content-digest".into());
+    }
+    let p = SignParams {
+        label: "sig1".into(),
+        components,
+        created: NOW as i64,
+        expires: None,
+        nonce: Some(nonce.into()),
+        keyid: "k".into(),
+        include_alg: true,
+    };
+    let key = SigningKey::Hmac(
+        base64::engine::general_purpose::STANDARD
+            .decode(SECRET_B64)
+            .unwrap(),
+    );
+    let (si, s) = sign(&r, &p, &key).unwrap();
+    r.headers.push(("signature-input".into(), si));
+    r.headers.push(("signature".into(), s));
+    let mut pairs: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), method.into()),
+        (":scheme".into(), b"https".to_vec()),
+        (":authority".into(), b"gw".to_vec()),
+        (":path".into(), path.into()),
+        ("x-request-id".into(), b"rid-1".to_vec()),
+    ];
+    pairs.extend(r.headers.into_iter().map(|(k, v)| (k, v.into_bytes())));
+    pairs
+}
+
+struct Rig {
+    store: MemoryStore,
+    host: FakeHost,
+    held: Cell<u64>,
+    config: Config,
+}
+
+impl Rig {
+    fn new(bans: bool) -> Rig {
+        let p = policy(bans);
+        let store = fresh_store(&p);
+        let meta = store::meta(&store).unwrap();
+        Rig {
+            store,
+            host: FakeHost::new(),
+            held: Cell::new(0),
+            config: Config {
+                policy: Rc::new(p),
+                meta: Rc::new(meta),
+            },
+        }
+    }
+    fn env(&self) -> Env<'_> {
+        Env {
+            store: &self.store,
+            verifier: &SoftwareVerifier,
+            host: &self.host,
+            held: &self.held,
+        }
+    }
+}
+
+fn refused(step: &Step) -> Option<(u32, String)> {
+    match &step.action {
+        Action::Refuse { status, body, .. } => {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            Some((*status, v["error"].as_str().unwrap().to_string()))
+        }
+        _ => None,
+    }
+}
+
+fn audit_code(step: &Step) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(step.audit.as_ref()?).unwrap();
+    v.get("code").and_then(|c| c.as_str()).map(str::to_string)
+}
+
+#[test]
+fn a_signed_body_is_held_verified_then_forwarded_and_counted_once() {
+    let rig = Rig::new(false);
+    let body = br#"{"qty":1}"#;
+    *rig.host.request_body.borrow_mut() = body.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", body, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    assert_eq!(step.action, Action::Pause);
+    assert_eq!(
+        rig.held.get(),
+        body.len() as u64,
+        "the declared body is counted as held"
+    );
+    assert_eq!(
+        s.on_request_body(4, false, None, &rig.env()).action,
+        Action::Pause
+    );
+    let step = s.on_request_body(body.len(), true, None, &rig.env());
+    assert_eq!(step.action, Action::Continue);
+    assert!(step
+        .set_headers
+        .contains(&("x-apisec-app", "app-a".to_string())));
+    assert_eq!(audit_code(&step), None);
+    assert_eq!(rig.held.get(), 0, "released once decided");
+    assert!(
+        step.counts.is_empty(),
+        "allowed requests are counted when the stream ends"
+    );
+    assert_eq!(
+        s.on_response_headers(false, &rig.env()).action,
+        Action::Continue
+    );
+    assert_eq!(s.on_log(&rig.env()).counts, vec![Count::Allowed]);
+}
+
+#[test]
+fn content_length_over_the_bound_is_refused_at_the_headers() {
+    let rig = Rig::new(false);
+    let mut pairs = signed_pairs("POST", "/orders", b"{}", "n1");
+    for (k, v) in pairs.iter_mut() {
+        if k == "content-length" {
+            *v = b"5000".to_vec();
+        }
+    }
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(Ok(pairs), Some("192.0.2.1:5000"), false, &rig.env());
+    assert_eq!(refused(&step), Some((413, "body_too_large".into())));
+    assert_eq!(step.counts, vec![Count::Denied(DenyReason::BodyTooLarge)]);
+    assert!(
+        s.on_log(&rig.env()).counts.is_empty(),
+        "counted once, when refused"
+    );
+}
+
+#[test]
+fn s0_goes_through_at_the_headers_without_transport_facts() {
+    let rig = Rig::new(false);
+    let pairs: Vec<(String, Vec<u8>)> = vec![
+        (":method".into(), b"POST".to_vec()),
+        (":path".into(), b"/quotes".to_vec()),
+        ("x-app-id".into(), b"app-a".to_vec()),
+        ("x-apisec-app".into(), b"forged".to_vec()),
+        ("x-http-method-override".into(), b"DELETE".to_vec()),
+    ];
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(Ok(pairs), Some("192.0.2.1:5000"), false, &rig.env());
+    assert_eq!(
+        step.action,
+        Action::Continue,
+        "S0 does not wait for its body"
+    );
+    assert_eq!(
+        step.remove_headers,
+        vec![
+            "x-apisec-app".to_string(),
+            "x-http-method-override".to_string()
+        ]
+    );
+    assert_eq!(rig.host.transport_asked.get(), 0);
+    assert_eq!(rig.held.get(), 0);
+    assert_eq!(
+        s.on_request_body(10, true, None, &rig.env()).action,
+        Action::Continue
+    );
+}
+
+#[test]
+fn trailers_on_a_held_signed_request_are_refused() {
+    let rig = Rig::new(false);
+    let mut s = Stream::new(rig.config.clone());
+    s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", b"{}", "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    let step = s.on_request_trailers(&rig.env());
+    assert_eq!(refused(&step), Some((400, "malformed_header".into())));
+    assert_eq!(rig.held.get(), 0);
+}
+
+#[test]
+fn a_limiters_429_becomes_a_refusal_in_audit_and_counts() {
+    let rig = Rig::new(true);
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", b"", "n1")),
+        Some("192.0.2.1:5000"),
+        true,
+        &rig.env(),
+    );
+    assert_eq!(step.action, Action::Continue);
+    rig.host
+        .response_headers
+        .borrow_mut()
+        .insert(":status".into(), "429".into());
+    let step = s.on_response_headers(true, &rig.env());
+    assert_eq!(
+        step.action,
+        Action::Continue,
+        "the caller gets the limiter's own 429"
+    );
+    assert_eq!(audit_code(&step).as_deref(), Some("rate_limited"));
+    assert_eq!(step.counts, vec![Count::Denied(DenyReason::RateLimited)]);
+    assert!(
+        s.on_log(&rig.env()).counts.is_empty(),
+        "not also counted as allowed"
+    );
+}
+
+#[test]
+fn a_response_that_cannot_be_filtered_is_withheld() {
+    for (encoding, body, code) in [
+        (None, &b"<html>mobile</html>"[..], "response_unfilterable"),
+        (Some("gzip"), &b"{}"[..], "response_unfilterable"),
+    ] {
+        let rig = Rig::new(false);
+        let mut s = Stream::new(rig.config.clone());
+        let step = s.on_request_headers(
+            Ok(signed_pairs("GET", "/accounts", b"", "n1")),
+            Some("192.0.2.1:5000"),
+            true,
+            &rig.env(),
+        );
+        assert_eq!(step.action, Action::Continue);
+        if let Some(e) = encoding {
+            rig.host
+                .response_headers
+                .borrow_mut()
+                .insert("content-encoding".into(), e.into());
+            let step = s.on_response_headers(false, &rig.env());
+            assert_eq!(refused(&step), Some((502, code.into())));
+            continue;
+        }
+        assert_eq!(
+            s.on_response_headers(false, &rig.env()).action,
+            Action::Pause
+        );
+        *rig.host.response_body.borrow_mut() = body.to_vec();
+        let step = s.on_response_body(body.len(), true, &rig.env());
+        assert_eq!(refused(&step), Some((502, code.into())));
+        assert!(
+            s.on_log(&rig.env()).counts.is_empty(),
+            "withheld: a denial only"
+        );
+    }
+    // a JSON response: the hidden field is cut, every other byte kept
+    let rig = Rig::new(false);
+    let mut s = Stream::new(rig.config.clone());
+    s.on_request_headers(
+        Ok(signed_pairs("GET", "/accounts", b"", "n1")),
+        Some("192.0.2.1:5000"),
+        true,
+        &rig.env(),
+    );
+    assert_eq!(
+        s.on_response_headers(false, &rig.env()).action,
+        Action::Pause
+    );
+    let body = br#"{"balance": 10.010, "mobile": "138"}"#;
+    *rig.host.response_body.borrow_mut() = body.to_vec();
+    let step = s.on_response_body(body.len(), true, &rig.env());
+    assert_eq!(
+        step.response_body.as_deref(),
+        Some(&br#"{"balance": 10.010}"#[..])
+    );
+    assert_eq!(s.on_log(&rig.env()).counts, vec![Count::Allowed]);
+}
+
+#[test]
+fn an_abandoned_upload_is_audited_and_released() {
+    let rig = Rig::new(false);
+    let mut s = Stream::new(rig.config.clone());
+    s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", br#"{"qty":1}"#, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    assert!(rig.held.get() > 0);
+    let step = s.on_log(&rig.env());
+    assert_eq!(audit_code(&step).as_deref(), Some("request_abandoned"));
+    assert_eq!(
+        step.counts,
+        vec![
+            Count::Abandoned,
+            Count::Denied(DenyReason::RequestAbandoned)
+        ]
+    );
+    assert_eq!(rig.held.get(), 0);
+}
+
+#[test]
+fn no_clock_fails_closed() {
+    let rig = Rig::new(false);
+    rig.host.now.set(None);
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", b"", "n1")),
+        Some("192.0.2.1:5000"),
+        true,
+        &rig.env(),
+    );
+    assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(Err("gone".into()), None, true, &rig.env());
+    assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
+}

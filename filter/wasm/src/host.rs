@@ -1,0 +1,135 @@
+//! Host adapters: Envoy's clock, log, environment, shared data, crypto and the request facts
+//! the lifecycle asks for, each behind the core trait it serves. Nothing here decides.
+
+use std::cell::Cell;
+use std::time::UNIX_EPOCH;
+
+use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier};
+use apisec_core::lifecycle::{HostFacts, Transport};
+use apisec_core::policy::SecretSource;
+use apisec_core::store::SharedStore;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+
+pub fn log(level: LogLevel, msg: &str) {
+    let _ = hostcalls::log(level, msg);
+}
+
+pub fn now_secs() -> Option<u64> {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+}
+
+/// HMAC secrets come from `vm_config.environment_variables`, never from the policy text.
+pub struct EnvSecrets;
+impl SecretSource for EnvSecrets {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Envoy shared data: one store per `vm_id`, shared by every worker, with CAS.
+pub struct EnvoyStore;
+impl SharedStore for EnvoyStore {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, Some(cas))) => Ok(Some((value.unwrap_or_default(), cas))),
+            Ok((_, None)) => Ok(None),
+            Err(s) => Err(format!("get_shared_data: {s:?}")),
+        }
+    }
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(s) => Err(format!("set_shared_data: {s:?}")),
+        }
+    }
+}
+
+/// ECDSA through Envoy's BoringSSL (`verify_signature` foreign function); the pure-Rust path
+/// only where the host does not offer the function at all.
+pub struct EnvoyVerifier {
+    pub warned: Cell<bool>,
+}
+impl EcdsaVerifier for EnvoyVerifier {
+    fn verify_p256_sha256(
+        &self,
+        spki_der: &[u8],
+        msg: &[u8],
+        sig_raw: &[u8],
+    ) -> Result<bool, String> {
+        let Some(der) = crypto::p1363_to_der(sig_raw) else {
+            return Ok(false);
+        };
+        let args = crypto::envoy_verify_args(spki_der, &der, msg);
+        match hostcalls::call_foreign_function("verify_signature", Some(&args)) {
+            Ok(Some(out)) => crypto::envoy_verify_result(&out)
+                .ok_or_else(|| "unreadable verify_signature result".to_string()),
+            Ok(None) => Err("verify_signature returned nothing".into()),
+            Err(Status::NotFound) => {
+                if !self.warned.replace(true) {
+                    log(
+                        LogLevel::Warn,
+                        "apisec: host has no verify_signature; using the pure-Rust P-256 verifier",
+                    );
+                }
+                SoftwareVerifier.verify_p256_sha256(spki_der, msg, sig_raw)
+            }
+            Err(s) => Err(format!("verify_signature: {s:?}")),
+        }
+    }
+}
+
+/// The request facts the lifecycle asks for, read from Envoy only when asked.
+pub struct EnvoyFacts;
+
+impl HostFacts for EnvoyFacts {
+    fn now(&self) -> Option<u64> {
+        now_secs()
+    }
+
+    /// Each property is a host call: ask only what the previous answer makes relevant. A peer
+    /// certificate counts only when Envoy verified it (mTLS listener with a CA).
+    fn transport(&self) -> Transport {
+        let tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
+        let mtls = tls
+            && matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
+        let valid = mtls
+            && !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
+        let mut t = Transport {
+            tls,
+            ..Default::default()
+        };
+        if valid {
+            let text = |path: Vec<&str>| match hostcalls::get_property(path) {
+                Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
+                _ => None,
+            };
+            t.peer_cert_sha256 = text(vec!["connection", "sha256_peer_certificate_digest"])
+                .map(|s| s.to_ascii_lowercase());
+            t.peer_uri_san = text(vec!["connection", "uri_san_peer_certificate"]);
+        }
+        t
+    }
+
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
+            .map(Option::unwrap_or_default)
+            .map_err(|s| format!("{s:?}"))
+    }
+
+    fn response_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, String> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
+            .map(Option::unwrap_or_default)
+            .map_err(|s| format!("{s:?}"))
+    }
+}

@@ -1,0 +1,141 @@
+//! The root context: loads a policy (refusing a bad one so Envoy keeps the last good one),
+//! opens the state store, keeps the counters, and makes one lifecycle per stream.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use apisec_core::lifecycle::{Config, Stream};
+use apisec_core::replay;
+use apisec_core::store::{self, StoreMeta};
+use apisec_core::Policy;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+
+use crate::host::{log, now_secs, EnvSecrets, EnvoyStore, EnvoyVerifier};
+use crate::metrics::Metrics;
+use crate::stream::ApisecHttp;
+
+/// How often the allowed-request counter reaches Envoy's stats.
+const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+thread_local! {
+    /// The policy most recently loaded in this VM (one VM per worker): a stream whose body
+    /// completes after a reload is decided under it, not under the one its headers saw.
+    static CURRENT: RefCell<Option<Config>> = const { RefCell::new(None) };
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// Bytes of request bodies this worker holds for verification right now.
+    pub static HELD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The policy in force in this VM now.
+pub fn current() -> Option<Config> {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
+#[derive(Default)]
+pub struct ApisecRoot {
+    config: Option<Config>,
+    metrics: Option<Rc<Metrics>>,
+    verifier: Option<Rc<EnvoyVerifier>>,
+}
+
+/// Opens the state store for a policy: its record (salt, start time, replay layout) and every
+/// replay slot, created only where absent. A layout the running store cannot take is refused.
+fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
+    let now = now_secs().ok_or("no clock")?;
+    let mut salt = [0u8; 16];
+    getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
+    let meta = store::open(&EnvoyStore, salt, now, policy.replay.slots)
+        .map_err(|e| format!("state store: {e}"))?;
+    replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
+    replay::init_slots(&EnvoyStore, &policy.replay, &meta)
+        .map_err(|e| format!("replay store: {e}"))?;
+    Ok(meta)
+}
+
+impl Context for ApisecRoot {
+    fn on_done(&mut self) -> bool {
+        if let Some(m) = &self.metrics {
+            m.flush();
+        }
+        true
+    }
+}
+
+impl RootContext for ApisecRoot {
+    /// Refusing here (false) makes Envoy reject the new config and keep the last good one.
+    fn on_configure(&mut self, size: usize) -> bool {
+        let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size) {
+            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => {
+                log(
+                    LogLevel::Error,
+                    "apisec: policy refused: no plugin configuration",
+                );
+                return false;
+            }
+        };
+        let mut policy = match Policy::from_json(&text, &EnvSecrets) {
+            Ok(p) => p,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
+                return false;
+            }
+        };
+        let meta = match open_store(&policy) {
+            Ok(m) => m,
+            Err(e) => {
+                log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
+                return false;
+            }
+        };
+        policy.generation = GENERATION.with(|g| {
+            g.set(g.get() + 1);
+            g.get()
+        });
+        log(
+            LogLevel::Info,
+            &format!("apisec: policy loaded: {} APIs", policy.apis().len()),
+        );
+        let config = Config {
+            policy: Rc::new(policy),
+            meta: Rc::new(meta),
+        };
+        CURRENT.with(|c| *c.borrow_mut() = Some(config.clone()));
+        self.config = Some(config);
+        if self.metrics.is_none() {
+            self.metrics = Some(Rc::new(Metrics::define()));
+            let _ = hostcalls::set_tick_period(METRICS_FLUSH);
+        }
+        if self.verifier.is_none() {
+            self.verifier = Some(Rc::new(EnvoyVerifier {
+                warned: Cell::new(false),
+            }));
+        }
+        true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.flush();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let (Some(config), Some(metrics), Some(verifier)) =
+            (&self.config, &self.metrics, &self.verifier)
+        else {
+            return None; // never configured: Envoy's failure policy (FAIL_CLOSED) applies
+        };
+        Some(Box::new(ApisecHttp {
+            stream: Stream::new(config.clone()),
+            metrics: metrics.clone(),
+            verifier: verifier.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
