@@ -71,6 +71,27 @@ pub struct Host<'a> {
     pub verifier: &'a dyn EcdsaVerifier,
 }
 
+/// How a caller proved to be its app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthKind {
+    /// An RFC 9421 signature by one of the app's credentials.
+    Signature,
+    /// The app's client certificate on the mTLS listener, alone.
+    Certificate,
+    /// Both: the certificate is the app's and the request is signed.
+    CertificateAndSignature,
+}
+
+impl AuthKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthKind::Signature => "signature",
+            AuthKind::Certificate => "certificate",
+            AuthKind::CertificateAndSignature => "certificate+signature",
+        }
+    }
+}
+
 /// What a third party needs to re-verify an S3 request later (DATA-4): the exact signature
 /// base, the signature and the key that made it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -93,8 +114,8 @@ pub struct RequestContext {
     pub api: Option<String>,
     /// The verified end user (x-user-id), if any.
     pub user: Option<String>,
-    /// How the caller authenticated: `signature`, `certificate` or both.
-    pub auth: Option<&'static str>,
+    /// How the caller authenticated (None: not authenticated, as at S0).
+    pub auth: Option<AuthKind>,
     /// The grant that let the call through.
     pub grant: Option<String>,
     /// Set when a refusal of this request started an automatic ban.
@@ -358,9 +379,9 @@ fn authenticate(
                 policy, req, app, api, has_body, now, verifier, input, sig, ctx,
             )?;
             ctx.auth = Some(if cert_ok {
-                "certificate+signature"
+                AuthKind::CertificateAndSignature
             } else {
-                "signature"
+                AuthKind::Signature
             });
             let user = req.unique_header(USER_HEADER)?;
             if user.is_some() && !user_covered {
@@ -374,7 +395,7 @@ fn authenticate(
         }
         _ if cert_ok && api.level < SecurityLevel::S3 => {
             // The whole channel is the app's: its user claim is as authentic as the request.
-            ctx.auth = Some("certificate");
+            ctx.auth = Some(AuthKind::Certificate);
             ctx.user = req.unique_header(USER_HEADER)?.map(str::to_string);
             // A write has no signature nonce; its Idempotency-Key is checked like one, so a
             // duplicated write is not executed twice (issue 8, hole 13; ATK-1).
@@ -726,7 +747,7 @@ pub fn check_body(
             true,
         )
         .map_err(|d| replay_refusal(d, ctx.idempotency))?,
-        _ if ctx.auth == Some("certificate") => {} // a read over the app's own TLS channel
+        _ if ctx.auth == Some(AuthKind::Certificate) => {} // a read over the app's own TLS channel
         _ => return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce")),
     }
     match grant {

@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use apisec_core::engine::RequestContext;
+use apisec_core::engine::{AuthKind, RequestContext};
 use apisec_core::message::{Connection, Request};
 use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::store::MemoryStore;
@@ -172,14 +172,17 @@ fn tls_and_certificate_identity_by_level() {
         run(&with_cert(call("GET", "/news", "a"), CERT_A))
             .unwrap()
             .auth,
-        Some("certificate")
+        Some(AuthKind::Certificate)
     );
     run(&with_cert(call("GET", "/account", "a"), CERT_A)).unwrap();
     // S3 needs the signature even with a certificate (DATA-4)
     let mut order = with_cert(call("POST", "/orders", "a"), CERT_A);
     assert_eq!(run(&order).err(), Some(DenyReason::SignatureMissing));
     order = signed(order, "a-p256", "o1", &[]);
-    assert_eq!(run(&order).unwrap().auth, Some("certificate+signature"));
+    assert_eq!(
+        run(&order).unwrap().auth,
+        Some(AuthKind::CertificateAndSignature)
+    );
     // b's certificate claiming to be a
     assert_eq!(
         run(&with_cert(call("GET", "/news", "a"), CERT_B)).err(),

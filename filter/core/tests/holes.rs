@@ -260,7 +260,7 @@ fn refusals_count_against_the_app_only_once_it_is_authenticated() {
     let note = engine::count_refusal(&p, &ctx, ip, DenyReason::SignatureInvalid, &s, NOW).unwrap();
     assert!(note.starts_with("source 192.0.2.9"), "{note}");
     // authenticated, but a replay: still the source (another one here)
-    ctx.auth = Some("signature");
+    ctx.auth = Some(engine::AuthKind::Signature);
     let other = Some("192.0.2.10".parse().unwrap());
     engine::count_refusal(&p, &ctx, other, DenyReason::NonceReplayed, &s, NOW);
     let note = engine::count_refusal(&p, &ctx, other, DenyReason::NonceReplayed, &s, NOW).unwrap();
