@@ -11,7 +11,6 @@ benchmarks, so that what is tested is what runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -194,58 +193,32 @@ def local_rate_limit(layout: Layout) -> dict:
     }
 
 
-def _index(doc: dict, section: str) -> dict:
-    return {x.get("id"): x for x in doc.get(section, []) if isinstance(x, dict)}
+def apply_policy(policy_json: str, layout: Layout, actor: str, source: str, wait: bool = True) -> dict:
+    """Applies a policy the documented way, `apisec policy apply`: validated by the core code,
+    written into the ECDS file atomically, and (with `wait`, when Envoy runs) confirmed loaded
+    or rejected by Envoy; the outcome and every change go to the operations log. Returns that
+    log record."""
+    fd, tmp = tempfile.mkstemp(dir=layout.build, prefix=".policy-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        f.write(policy_json)
+    args = [str(apisec_cli()), "policy", "apply", tmp, "--ecds", str(layout.ecds_dir / ECDS_FILE),
+            "--actor", actor, "--source", source, "--ops-log", str(layout.build / "operations.log")]
+    if wait:
+        args += ["--admin", f"127.0.0.1:{layout.admin_port}"]
+    env_file = layout.build / "demo.env"
+    if env_file.exists():
+        args += ["--env-file", str(env_file)]
+    try:
+        out = subprocess.run(args, capture_output=True, text=True)
+    finally:
+        os.unlink(tmp)
+    if out.returncode != 0:
+        raise PolicyRejected(out.stderr.strip() or out.stdout.strip())
+    return json.loads((layout.build / "operations.log").read_text().splitlines()[-1])
 
 
-def policy_changes(old: dict | None, new: dict) -> list[dict]:
-    """What an operator changed, item by item: levels, lifecycle, apps, keys, grants, lists,
-    opt-outs, bans (LVL-4, BWL-3, PERM-3, LOG-5)."""
-    old = old or {}
-    changes = []
-    for section in ("apis", "apps", "grants", "lists", "api_groups"):
-        before, after = _index(old, section), _index(new, section)
-        for key in sorted(set(before) | set(after), key=str):
-            b, a = before.get(key), after.get(key)
-            if b == a:
-                continue
-            entry = {"section": section, "id": key, "change": "added" if b is None else "removed" if a is None else "changed"}
-            if b is not None and a is not None:
-                entry["fields"] = {
-                    f: {"before": b.get(f), "after": a.get(f)}
-                    for f in sorted(set(b) | set(a))
-                    if b.get(f) != a.get(f) and f not in ("public_key_pem",)
-                }
-                if b.get("credentials") != a.get("credentials"):
-                    entry["fields"]["credentials"] = {
-                        "before": [c.get("id") for c in b.get("credentials", [])],
-                        "after": [c.get("id") for c in a.get("credentials", [])],
-                    }
-            changes.append(entry)
-    for key in ("opted_out_users", "bans", "gateway"):
-        if old.get(key) != new.get(key):
-            changes.append({"section": key, "change": "changed", "before": old.get(key), "after": new.get(key)})
-    return changes
-
-
-def apply_policy(policy_json: str, layout: Layout, actor: str, source: str) -> list[dict]:
-    """Hot-reloads a validated policy and appends what changed to the operations log."""
-    current = layout.ecds_dir / "applied-policy.json"
-    old = json.loads(current.read_text()) if current.exists() else None
-    new = json.loads(policy_json)
-    changes = policy_changes(old, new)
-    write_ecds(policy_json, layout)
-    current.write_text(policy_json)
-    record = {
-        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "actor": actor,
-        "source": source,
-        "policy_sha256": hashlib.sha256(policy_json.encode()).hexdigest(),
-        "changes": changes,
-    }
-    with open(layout.build / "operations.log", "a") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return changes
+class PolicyRejected(RuntimeError):
+    """`apisec policy apply` did not get the policy loaded (invalid, or Envoy refused it)."""
 
 
 def apisec_filter() -> dict:
@@ -387,7 +360,8 @@ def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False
 
 def render(policy_json: str, layout: Layout) -> Path:
     layout.build.mkdir(parents=True, exist_ok=True)
-    apply_policy(policy_json, layout, actor=os.environ.get("USER", "operator"), source="startup")
+    write_ecds(policy_json, layout)
+    apply_policy(policy_json, layout, actor=os.environ.get("USER", "operator"), source="startup", wait=False)
     listeners = [listener("http", layout.http_port, layout, tls=False)]
     if layout.certs is not None:
         listeners.append(listener("https", layout.https_port, layout, tls=True))
@@ -589,9 +563,14 @@ def main() -> int:
         print(f"policy refused: {e}", file=sys.stderr)
         return 2
     if args.cmd == "apply":
-        changes = apply_policy(policy_json, layout, actor=args.actor, source=str(args.policy))
-        print(f"applied {args.policy}: {len(changes)} change(s) logged to {layout.build / 'operations.log'}; "
-              f"Envoy reloads it from {layout.ecds_dir / ECDS_FILE}")
+        # The same as `apisec policy apply POLICY --ecds build/ecds/apisec.yaml --admin 127.0.0.1:9901`.
+        try:
+            record = apply_policy(policy_json, layout, actor=args.actor, source=str(args.policy))
+        except PolicyRejected as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"applied {args.policy}: Envoy loaded it; {len(record['changes'])} change(s) logged to "
+              f"{layout.build / 'operations.log'}")
         return 0
 
     env = read_env_file(build / "demo.env")

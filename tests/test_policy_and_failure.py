@@ -167,3 +167,38 @@ def test_replay_store_full_refuses_instead_of_forgetting(tmp_path):
                 assert client.send(s).json()["error"] == "nonce_replayed"
     finally:
         g.stop()
+
+
+def test_policy_apply_reports_what_envoy_did(tmp_path):  # LVL-4, LOG-5
+    """`apisec policy apply` waits for Envoy's answer: a policy Envoy takes is logged `applied`;
+    one the filter refuses (here: a replay layout the running store cannot take) is logged
+    `rejected`, exits non-zero and leaves the last good policy in force and as the base of the
+    next comparison; an invalid one is refused before anything is written."""
+    g = start_gateway(tmp_path, base_policy(), secret=new_secret())
+    try:
+        ops = g.layout.build / "operations.log"
+        ecds = g.layout.ecds_dir / gw.ECDS_FILE
+        doc = base_policy()
+        doc["opted_out_users"] = ["u-9"]
+        record = gw.apply_policy(json.dumps(doc), g.layout, actor="carol", source="test")
+        assert record["outcome"] == "applied" and record["actor"] == "carol"
+        assert {"section": "opted_out_users", "change": "changed", "before": [], "after": ["u-9"]} in record["changes"]
+        good_file = ecds.read_text()
+        bad = json.loads(json.dumps(doc))
+        bad["gateway"]["replay"] = {"slots": 7}
+        with pytest.raises(gw.PolicyRejected, match="rejected"):
+            gw.apply_policy(json.dumps(bad), g.layout, actor="carol", source="test")
+        last = json.loads(ops.read_text().splitlines()[-1])
+        assert last["outcome"] == "rejected" and last["ecds_restored"]
+        assert ecds.read_text() == good_file, "a restart must not load the refused policy"
+        assert json.loads((g.layout.ecds_dir / "applied-policy.json").read_text())["opted_out_users"] == ["u-9"]
+        before = ecds.read_text()
+        logged = len(ops.read_text().splitlines())
+        invalid = json.loads(json.dumps(doc))
+        invalid["apis"][0]["level"] = "S9"
+        with pytest.raises(gw.PolicyRejected, match="level"):
+            gw.apply_policy(json.dumps(invalid), g.layout, actor="carol", source="test")
+        assert ecds.read_text() == before, "an invalid policy is never written"
+        assert len(ops.read_text().splitlines()) == logged, "nothing was applied, nothing logged"
+    finally:
+        g.stop()

@@ -2,6 +2,8 @@
 //! conversion to the JSON the filter reads, and RFC 9421 request signing for callers and tests.
 #![forbid(unsafe_code)]
 
+mod apply;
+
 use std::collections::HashMap;
 use std::process::ExitCode;
 
@@ -17,6 +19,12 @@ const USAGE: &str = "usage:
   apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
                                           only if their environment variables are set
   apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
+  apisec policy apply FILE --ecds PATH [--admin HOST:PORT] [--actor NAME] [--source TEXT]
+              [--ops-log PATH] [--timeout SECONDS] [--env-file PATH]
+                                          validate (secrets too, where set here or in --env-file),
+                                          write into Envoy's ECDS file atomically, wait until Envoy
+                                          loads or rejects it (--admin), log the outcome and every
+                                          change to the operations log (LVL-4, BWL-3, LOG-5)
   apisec grants list FILE [--app APP]     list grants (all, or one caller's) with their validity (OPS-3)
   apisec grants revoke FILE --app APP [--grant ID]
                                           print the policy without that caller's grants (or one
@@ -40,6 +48,7 @@ fn main() -> ExitCode {
         ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
         ["policy", "check", file] => policy_check(file),
         ["policy", "json", file] => policy_json(file),
+        ["policy", "apply", rest @ ..] => apply::parse(rest).and_then(|a| apply::apply(&a)),
         ["grants", "list", file] => grants_list(file, None),
         ["grants", "list", file, "--app", app] => grants_list(file, Some(app)),
         ["grants", "revoke", file, "--app", app] => grants_revoke(file, app, None),
@@ -110,6 +119,36 @@ fn load_policy(file: &str) -> Result<RawPolicy, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
     // YAML is a superset of JSON: one parser for both, the same raw structs as the filter.
     serde_yaml::from_str::<RawPolicy>(&text).map_err(|e| format!("{file}: {e}"))
+}
+
+/// Lowercase hex SHA-256.
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds.
+fn rfc3339_utc(t: u64) -> String {
+    let (days, secs) = ((t / 86400) as i64, t % 86400);
+    // civil from days (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 struct EnvSecrets;

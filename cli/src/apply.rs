@@ -1,0 +1,347 @@
+//! `apisec policy apply`: the documented way to change the policy of a running gateway (LVL-4,
+//! BWL-3, PERM-3, LOG-5). It validates the policy with the filter's own core code (secrets too,
+//! when their variables are set here or in `--env-file`), puts it into the ECDS resource Envoy
+//! watches (atomically: a temp file in the same directory, then a rename), waits until Envoy
+//! reports the version loaded or rejected (`--admin`), and appends the outcome with every change,
+//! item by item, to the operations log. The previous policy for the next comparison is kept
+//! only when Envoy took the new one.
+
+use std::collections::BTreeSet;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{load_policy, EnvSecrets};
+
+pub struct Args {
+    pub policy: String,
+    pub ecds: PathBuf,
+    pub actor: String,
+    pub source: Option<String>,
+    pub ops_log: Option<PathBuf>,
+    pub admin: Option<String>,
+    pub timeout: Duration,
+    pub env_file: Option<PathBuf>,
+}
+
+/// Parses `policy apply FILE --ecds PATH [--actor NAME] [--source TEXT] [--ops-log PATH]
+/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH]`.
+pub fn parse(rest: &[&str]) -> Result<Args, String> {
+    let mut it = rest.iter();
+    let policy = it
+        .next()
+        .ok_or("policy apply needs a policy file")?
+        .to_string();
+    let mut args = Args {
+        policy,
+        ecds: PathBuf::new(),
+        actor: std::env::var("USER").unwrap_or_else(|_| "operator".into()),
+        source: None,
+        ops_log: None,
+        admin: None,
+        timeout: Duration::from_secs(15),
+        env_file: None,
+    };
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match *flag {
+            "--ecds" => args.ecds = PathBuf::from(value),
+            "--actor" => args.actor = value.to_string(),
+            "--source" => args.source = Some(value.to_string()),
+            "--ops-log" => args.ops_log = Some(PathBuf::from(value)),
+            "--admin" => args.admin = Some(value.to_string()),
+            "--timeout" => {
+                let s: u64 = value.parse().map_err(|_| "--timeout is whole seconds")?;
+                args.timeout = Duration::from_secs(s);
+            }
+            "--env-file" => args.env_file = Some(PathBuf::from(value)),
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if args.ecds.as_os_str().is_empty() {
+        return Err("policy apply needs --ecds PATH (the ECDS file Envoy watches)".into());
+    }
+    Ok(args)
+}
+
+/// `KEY=VALUE` lines (the demo's `build/demo.env`); comments and blank lines skipped.
+fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect())
+}
+
+struct Secrets(Vec<(String, String)>);
+impl apisec_core::policy::SecretSource for Secrets {
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| apisec_core::policy::SecretSource::get(&EnvSecrets, name))
+    }
+}
+
+fn index(doc: &Value, section: &str) -> Vec<(String, Value)> {
+    doc.get(section)
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|x| Some((x.get("id")?.as_str()?.to_string(), x.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What an operator changed, item by item: levels, lifecycle, apps, keys (by id, never the key
+/// material), grants, lists, opt-outs, bans, gateway settings.
+pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
+    let empty = json!({});
+    let old = old.unwrap_or(&empty);
+    let mut out = Vec::new();
+    for section in ["apis", "apps", "grants", "lists", "api_groups"] {
+        let (before, after) = (index(old, section), index(new, section));
+        let ids: BTreeSet<&String> = before.iter().chain(after.iter()).map(|(k, _)| k).collect();
+        for id in ids {
+            let b = before.iter().find(|(k, _)| k == id).map(|(_, v)| v);
+            let a = after.iter().find(|(k, _)| k == id).map(|(_, v)| v);
+            if b == a {
+                continue;
+            }
+            let change = match (b, a) {
+                (None, _) => "added",
+                (_, None) => "removed",
+                _ => "changed",
+            };
+            let mut entry = json!({"section": section, "id": id, "change": change});
+            if let (Some(Value::Object(b)), Some(Value::Object(a))) = (b, a) {
+                let mut fields = serde_json::Map::new();
+                let keys: BTreeSet<&String> = b.keys().chain(a.keys()).collect();
+                for f in keys {
+                    if b.get(f) != a.get(f) && f != "public_key_pem" && f != "credentials" {
+                        fields.insert(f.clone(), json!({"before": b.get(f), "after": a.get(f)}));
+                    }
+                }
+                if b.get("credentials") != a.get("credentials") {
+                    let ids = |x: &serde_json::Map<String, Value>| -> Vec<Value> {
+                        x.get("credentials")
+                            .and_then(Value::as_array)
+                            .map(|c| c.iter().filter_map(|c| c.get("id").cloned()).collect())
+                            .unwrap_or_default()
+                    };
+                    fields.insert(
+                        "credentials".into(),
+                        json!({"before": ids(b), "after": ids(a)}),
+                    );
+                }
+                if let Some(e) = entry.as_object_mut() {
+                    e.insert("fields".into(), Value::Object(fields));
+                }
+            }
+            out.push(entry);
+        }
+    }
+    for key in ["opted_out_users", "bans", "gateway"] {
+        if old.get(key) != new.get(key) {
+            out.push(json!({"section": key, "change": "changed", "before": old.get(key), "after": new.get(key)}));
+        }
+    }
+    out
+}
+
+/// The filter's ECDS counters from Envoy's admin: (update_success, update_rejected).
+fn ecds_counters(admin: &str) -> Result<(u64, u64), String> {
+    let mut conn =
+        std::net::TcpStream::connect(admin).map_err(|e| format!("admin {admin}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET /stats?filter=extension_config_discovery.http_filter HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("admin {admin}: {e}"))?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)
+        .map_err(|e| format!("admin {admin}: {e}"))?;
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.contains(".apisec.") && l.split(':').next().is_some_and(|k| k.ends_with(name))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<u64>().ok())
+            .sum()
+    };
+    Ok((counter(".update_success"), counter(".update_rejected")))
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    let dir = path.parent().ok_or("the ECDS path has no directory")?;
+    let tmp = dir.join(format!(".apisec-apply-{}.tmp", std::process::id()));
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.sync_all()
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn apply(args: &Args) -> Result<(), String> {
+    let raw = load_policy(&args.policy)?;
+    raw.validate()
+        .map_err(|e| format!("{}: {e}", args.policy))?;
+    let mut secrets = Vec::new();
+    if let Some(f) = &args.env_file {
+        secrets = read_env_file(f)?;
+    }
+    let secrets = Secrets(secrets);
+    // Envoy refuses a VM config that names an environment variable twice.
+    let names: Vec<String> = raw
+        .apps
+        .iter()
+        .flat_map(|a| a.credentials.iter().filter_map(|c| c.secret_env.clone()))
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    let unchecked: Vec<&String> = names
+        .iter()
+        .filter(|n| apisec_core::policy::SecretSource::get(&secrets, n).is_none())
+        .collect();
+    if unchecked.is_empty() {
+        raw.clone()
+            .into_policy(&secrets)
+            .map_err(|e| format!("{}: {e}", args.policy))?;
+    }
+    let policy_json = serde_json::to_string(&raw).map_err(|e| e.to_string())?;
+    let new: Value = serde_json::from_str(&policy_json).map_err(|e| e.to_string())?;
+
+    // The ECDS resource as rendered: only the policy, the secret names and the version change.
+    let ecds_text =
+        std::fs::read_to_string(&args.ecds).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
+    let mut ecds: Value =
+        serde_json::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
+    let config = ecds
+        .pointer_mut("/resources/0/typed_config/config")
+        .ok_or("the ECDS file holds no Wasm filter config at resources[0]")?;
+    let config = config
+        .as_object_mut()
+        .ok_or("the ECDS Wasm filter config is not an object")?;
+    config.insert(
+        "configuration".into(),
+        json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json}),
+    );
+    config
+        .get_mut("vm_config")
+        .and_then(Value::as_object_mut)
+        .ok_or("the ECDS Wasm filter config has no vm_config")?
+        .insert(
+            "environment_variables".into(),
+            json!({"host_env_keys": names}),
+        );
+    #[allow(clippy::disallowed_methods)] // the operator's clock, for the version and the log
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    ecds.as_object_mut()
+        .ok_or("the ECDS file is not a JSON object")?
+        .insert("version_info".into(), json!(now.as_nanos().to_string()));
+
+    let baseline = match &args.admin {
+        Some(a) => Some(ecds_counters(a)?),
+        None => None,
+    };
+    write_atomically(&args.ecds, &ecds.to_string())?;
+    let outcome = match (&args.admin, baseline) {
+        (Some(a), Some((ok0, bad0))) => {
+            #[allow(clippy::disallowed_methods)] // the operator's clock bounds the wait
+            let deadline = Instant::now() + args.timeout;
+            loop {
+                let (ok, bad) = ecds_counters(a)?;
+                if ok > ok0 {
+                    break "applied";
+                }
+                if bad > bad0 {
+                    break "rejected";
+                }
+                #[allow(clippy::disallowed_methods)]
+                let late = Instant::now() > deadline;
+                if late {
+                    break "unconfirmed";
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        _ => "written",
+    };
+
+    // Envoy keeps the last good policy in memory; the file goes back to it as well, so that a
+    // restart does not load what was refused.
+    let restored = matches!(outcome, "rejected" | "unconfirmed");
+    if restored {
+        write_atomically(&args.ecds, &ecds_text)?;
+    }
+    let applied = args.ecds.with_file_name("applied-policy.json");
+    let old: Option<Value> = std::fs::read_to_string(&applied)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let items = changes(old.as_ref(), &new);
+    if outcome == "applied" || outcome == "written" {
+        std::fs::write(&applied, &policy_json)
+            .map_err(|e| format!("{}: {e}", applied.display()))?;
+    }
+    let ops_log = args
+        .ops_log
+        .clone()
+        .unwrap_or_else(|| args.ecds.with_file_name("operations.log"));
+    let record = json!({
+        "ts": crate::rfc3339_utc(now.as_secs()),
+        "actor": args.actor,
+        "source": args.source.clone().unwrap_or_else(|| args.policy.clone()),
+        "policy_sha256": crate::sha256_hex(policy_json.as_bytes()),
+        "outcome": outcome,
+        "ecds_restored": restored,
+        "secrets_not_checked_here": unchecked,
+        "changes": items,
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&ops_log)
+        .map_err(|e| format!("{}: {e}", ops_log.display()))?;
+    writeln!(f, "{record}").map_err(|e| format!("{}: {e}", ops_log.display()))?;
+    let n = items.len();
+    match outcome {
+        "applied" => {
+            println!("{}: applied; Envoy loaded it; {n} change(s) logged to {}", args.policy, ops_log.display());
+            Ok(())
+        }
+        "written" => {
+            println!("{}: written to {}; {n} change(s) logged", args.policy, args.ecds.display());
+            Ok(())
+        }
+        "rejected" => Err(format!(
+            "{}: Envoy rejected it (see its log: apisec: policy refused: ...); the last good policy stays, in Envoy and in the ECDS file",
+            args.policy
+        )),
+        _ => Err(format!(
+            "{}: Envoy did not report the new version within {} s",
+            args.policy,
+            args.timeout.as_secs()
+        )),
+    }
+}
