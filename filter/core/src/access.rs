@@ -12,7 +12,7 @@ use crate::error::{ConfigError, Deny, DenyReason};
 use crate::fields;
 use crate::ip::Cidr;
 use crate::policy::{Api, SecurityLevel};
-use crate::store::{create_if_absent, SharedStore};
+use crate::store::{create_if_absent, SharedStore, StoreError};
 use crate::timeutil;
 
 /// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
@@ -502,7 +502,8 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), D
         return Ok(());
     };
     let key = uses_key(&grant.id);
-    let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
+    let host =
+        |e: StoreError| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
     for _ in 0..16 {
         let Some((v, cas)) = store.get(&key).map_err(host)? else {
             create_if_absent(store, &key, &0u64.to_le_bytes()).map_err(host)?;

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::store::{create_if_absent, SharedStore};
+use crate::store::{create_if_absent, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -283,7 +283,7 @@ impl BanSettings {
         store: &dyn SharedStore,
         subject: Subject<'_>,
         now: u64,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, StoreError> {
         let (key, fp) = self.locate(subject);
         let lift = self.lifted_at(subject);
         for _ in 0..16 {
@@ -357,7 +357,7 @@ impl BanSettings {
                 return Ok(started);
             }
         }
-        Err("ban store: too much contention".into())
+        Err(StoreError::Contention)
     }
 }
 

@@ -121,13 +121,35 @@ pub fn p1363_to_der(raw: &[u8]) -> Option<Vec<u8>> {
 /// Verifies an ECDSA P-256 / SHA-256 signature (raw `r || s`) over `msg`. The host's
 /// implementation (Envoy's BoringSSL) is used where it exists; `Err` means the verifier itself
 /// failed and the request must be refused, never let through.
+/// Why a signature could not be checked (not: it does not verify). The request path refuses
+/// with `host_unavailable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifierError {
+    /// The host's crypto call failed (with its status).
+    Host(String),
+    /// The host answered something that is not a verdict.
+    Unreadable,
+    /// The registered public key cannot be read (the policy check makes this unreachable).
+    Key(String),
+}
+
+impl std::fmt::Display for VerifierError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VerifierError::Host(s) => write!(f, "host: {s}"),
+            VerifierError::Unreadable => f.write_str("unreadable verdict"),
+            VerifierError::Key(s) => write!(f, "public key: {s}"),
+        }
+    }
+}
+
 pub trait EcdsaVerifier {
     fn verify_p256_sha256(
         &self,
         spki_der: &[u8],
         msg: &[u8],
         sig_raw: &[u8],
-    ) -> Result<bool, String>;
+    ) -> Result<bool, VerifierError>;
 }
 
 /// Pure-Rust verifier (RustCrypto `p256`): native tests and hosts without a crypto call.
@@ -140,11 +162,11 @@ impl EcdsaVerifier for SoftwareVerifier {
         spki_der: &[u8],
         msg: &[u8],
         sig_raw: &[u8],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, VerifierError> {
         use p256::ecdsa::signature::Verifier;
         use p256::pkcs8::DecodePublicKey;
         let key = p256::ecdsa::VerifyingKey::from_public_key_der(spki_der)
-            .map_err(|e| format!("public key: {e}"))?;
+            .map_err(|e| VerifierError::Key(e.to_string()))?;
         let Ok(sig) = p256::ecdsa::Signature::from_slice(sig_raw) else {
             return Ok(false);
         };

@@ -16,7 +16,7 @@
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::policy::ReplaySettings;
-use crate::store::{create_if_absent, SharedStore, StoreMeta};
+use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
 
 const HEADER: usize = 8; // horizon (unix seconds, LE)
 const ENTRY: usize = 32; // tag 8 | app 8 | created 8 | expiry 8
@@ -86,7 +86,7 @@ pub fn init_slots(
     store: &dyn SharedStore,
     settings: &ReplaySettings,
     meta: &StoreMeta,
-) -> Result<(), String> {
+) -> Result<(), StoreError> {
     let fresh = start_horizon(meta).to_le_bytes();
     for slot in 0..settings.slots {
         create_if_absent(store, &slot_key(slot), &fresh)?;
@@ -115,7 +115,7 @@ pub fn check(
     let expiry = created
         .saturating_add(skew)
         .max(now.saturating_add(settings.lifetime_seconds));
-    let host = |e: String| Deny::new(DenyReason::HostUnavailable, format!("replay store: {e}"));
+    let host = |e: StoreError| Deny::new(DenyReason::HostUnavailable, format!("replay store: {e}"));
 
     for _ in 0..MAX_CAS_RETRIES {
         let Some((value, cas)) = store.get(&key).map_err(host)? else {
@@ -370,11 +370,11 @@ mod tests {
 
     struct FailingStore;
     impl SharedStore for FailingStore {
-        fn get(&self, _: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
-            Err("down".into())
+        fn get(&self, _: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            Err(StoreError::Host("down".into()))
         }
-        fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, String> {
-            Err("down".into())
+        fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, StoreError> {
+            Err(StoreError::Host("down".into()))
         }
     }
 
@@ -403,10 +403,10 @@ mod tests {
     /// A store whose CAS always loses: the check gives up and refuses instead of looping.
     struct ContendedStore(MemoryStore);
     impl SharedStore for ContendedStore {
-        fn get(&self, k: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        fn get(&self, k: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
             self.0.get(k)
         }
-        fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, String> {
+        fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<bool, StoreError> {
             Ok(false)
         }
     }

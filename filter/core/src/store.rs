@@ -11,12 +11,34 @@
 
 use sha2::{Digest, Sha256};
 
+/// Why the store could not answer. The request path turns each into a refusal
+/// (`host_unavailable`): a store that cannot answer means refuse, never accept unchecked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The host refused the call (with its status).
+    Host(String),
+    /// The store holds something this code did not write, or lost what it wrote.
+    Corrupt(&'static str),
+    /// Compare-and-swap kept losing to other workers.
+    Contention,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Host(s) => write!(f, "host: {s}"),
+            StoreError::Corrupt(s) => write!(f, "corrupt: {s}"),
+            StoreError::Contention => f.write_str("too much contention"),
+        }
+    }
+}
+
 /// A process-wide key/value store with compare-and-swap, like Envoy's shared data.
 pub trait SharedStore {
     /// The value and its CAS token, or None if the key was never written.
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String>;
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
     /// Writes if `cas` still matches (None: unconditional). Ok(false) on a CAS mismatch.
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String>;
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
 }
 
 /// A key whose only purpose is to own a CAS token that no other key can hold.
@@ -24,7 +46,11 @@ const TOKEN_KEY: &str = "apisec/cas-token";
 
 /// Creates `key` holding `value` if it does not exist; Ok(false) if it already does (someone
 /// else created it first, possibly a moment ago on another worker). Never overwrites.
-pub fn create_if_absent(store: &dyn SharedStore, key: &str, value: &[u8]) -> Result<bool, String> {
+pub fn create_if_absent(
+    store: &dyn SharedStore,
+    key: &str,
+    value: &[u8],
+) -> Result<bool, StoreError> {
     if store.get(key)?.is_some() {
         return Ok(false);
     }
@@ -36,7 +62,7 @@ pub fn create_if_absent(store: &dyn SharedStore, key: &str, value: &[u8]) -> Res
             store
                 .get(TOKEN_KEY)?
                 .map(|(_, cas)| cas)
-                .ok_or_else(|| "store lost the token key".to_string())?
+                .ok_or(StoreError::Corrupt("the token key vanished"))?
         }
     };
     store.set(key, value, Some(token))
@@ -98,7 +124,7 @@ pub fn open(
     salt: [u8; 16],
     now: u64,
     replay_slots: u32,
-) -> Result<StoreMeta, String> {
+) -> Result<StoreMeta, StoreError> {
     let fresh = StoreMeta {
         salt,
         started_at: now,
@@ -106,16 +132,16 @@ pub fn open(
     };
     create_if_absent(store, META_KEY, &fresh.encode())?;
     match store.get(META_KEY)? {
-        Some((v, _)) => StoreMeta::decode(&v).ok_or_else(|| "unreadable store record".into()),
-        None => Err("store record vanished".into()),
+        Some((v, _)) => StoreMeta::decode(&v).ok_or(StoreError::Corrupt("unreadable store record")),
+        None => Err(StoreError::Corrupt("the store record vanished")),
     }
 }
 
 /// Reads the store's record on the request path (never creates it there).
-pub fn meta(store: &dyn SharedStore) -> Result<StoreMeta, String> {
+pub fn meta(store: &dyn SharedStore) -> Result<StoreMeta, StoreError> {
     match store.get(META_KEY)? {
-        Some((v, _)) => StoreMeta::decode(&v).ok_or_else(|| "unreadable store record".into()),
-        None => Err("the store was not opened".into()),
+        Some((v, _)) => StoreMeta::decode(&v).ok_or(StoreError::Corrupt("unreadable store record")),
+        None => Err(StoreError::Corrupt("the store was not opened")),
     }
 }
 
@@ -156,12 +182,18 @@ impl MemoryStore {
 }
 
 impl SharedStore for MemoryStore {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
-        let g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        let g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Host("poisoned".into()))?;
         Ok(g.0.get(key).cloned())
     }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
-        let mut g = self.inner.lock().map_err(|_| "poisoned".to_string())?;
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| StoreError::Host("poisoned".into()))?;
         let (map, counter) = &mut *g;
         if let (Some(c), Some((_, cur))) = (cas, map.get(key)) {
             if *cur != c {
@@ -184,7 +216,7 @@ pub struct InterleavingStore<'a, F: Fn(&MemoryStore)> {
 }
 
 impl<F: Fn(&MemoryStore)> SharedStore for InterleavingStore<'_, F> {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         let v = self.inner.get(key);
         let n = self.reads.get() + 1;
         self.reads.set(n);
@@ -193,7 +225,7 @@ impl<F: Fn(&MemoryStore)> SharedStore for InterleavingStore<'_, F> {
         }
         v
     }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
         self.inner.set(key, value, cas)
     }
 }

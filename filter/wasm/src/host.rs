@@ -4,10 +4,10 @@
 use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
-use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier};
+use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
 use apisec_core::lifecycle::{HostFacts, Transport};
 use apisec_core::policy::SecretSource;
-use apisec_core::store::SharedStore;
+use apisec_core::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
 
@@ -33,18 +33,18 @@ impl SecretSource for EnvSecrets {
 /// Envoy shared data: one store per `vm_id`, shared by every worker, with CAS.
 pub struct EnvoyStore;
 impl SharedStore for EnvoyStore {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         match hostcalls::get_shared_data(key) {
             Ok((value, Some(cas))) => Ok(Some((value.unwrap_or_default(), cas))),
             Ok((_, None)) => Ok(None),
-            Err(s) => Err(format!("get_shared_data: {s:?}")),
+            Err(s) => Err(StoreError::Host(format!("get_shared_data: {s:?}"))),
         }
     }
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
         match hostcalls::set_shared_data(key, Some(value), cas) {
             Ok(()) => Ok(true),
             Err(Status::CasMismatch) => Ok(false),
-            Err(s) => Err(format!("set_shared_data: {s:?}")),
+            Err(s) => Err(StoreError::Host(format!("set_shared_data: {s:?}"))),
         }
     }
 }
@@ -60,15 +60,14 @@ impl EcdsaVerifier for EnvoyVerifier {
         spki_der: &[u8],
         msg: &[u8],
         sig_raw: &[u8],
-    ) -> Result<bool, String> {
+    ) -> Result<bool, VerifierError> {
         let Some(der) = crypto::p1363_to_der(sig_raw) else {
             return Ok(false);
         };
         let args = crypto::envoy_verify_args(spki_der, &der, msg);
         match hostcalls::call_foreign_function("verify_signature", Some(&args)) {
-            Ok(Some(out)) => crypto::envoy_verify_result(&out)
-                .ok_or_else(|| "unreadable verify_signature result".to_string()),
-            Ok(None) => Err("verify_signature returned nothing".into()),
+            Ok(Some(out)) => crypto::envoy_verify_result(&out).ok_or(VerifierError::Unreadable),
+            Ok(None) => Err(VerifierError::Unreadable),
             Err(Status::NotFound) => {
                 if !self.warned.replace(true) {
                     log(
@@ -78,7 +77,7 @@ impl EcdsaVerifier for EnvoyVerifier {
                 }
                 SoftwareVerifier.verify_p256_sha256(spki_der, msg, sig_raw)
             }
-            Err(s) => Err(format!("verify_signature: {s:?}")),
+            Err(s) => Err(VerifierError::Host(format!("verify_signature: {s:?}"))),
         }
     }
 }
