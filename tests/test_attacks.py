@@ -196,9 +196,13 @@ def test_expiry_and_body_time_bound_hold_for_a_slow_body(own):  # ATK-1
     before = upstream_count(g)
     r = slow_order(client, order(client), lambda: time.sleep(3.2))
     refused_unsent(g, r, 408, "body_timeout", before)
-    expiring = order(client, extra=["--expires", str(int(time.time()) + 1)])
-    r = slow_order(client, expiring, lambda: time.sleep(2.1))
-    refused_unsent(g, r, 401, "signature_expired", before)
+    # within the body time bound, but after the signature's `expires`
+    g2, client2 = own()
+    before = upstream_count(g2)
+    expires = int(time.time()) + 2
+    expiring = order(client2, extra=["--expires", str(expires)])
+    r = slow_order(client2, expiring, lambda: time.sleep(max(0.0, expires + 1.2 - time.time())))
+    refused_unsent(g2, r, 401, "signature_expired", before)
 
 
 # ------------------------------------------------------------------ hole 7: spent headers, abandoned and held bodies
