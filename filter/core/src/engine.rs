@@ -282,21 +282,36 @@ pub fn check_headers(
     }
     authorize(policy, req, app, api, now, ctx)?;
     // A spent nonce is refused now, not after its body has been held (issue 8, hole 7).
-    if let (true, Some(app), Some(nonce)) = (has_body, &ctx.app, &ctx.nonce) {
-        replay::check(
-            host.store,
-            host.meta,
-            &policy.replay,
-            policy.clock_skew_seconds,
-            app,
-            nonce,
-            ctx.created.unwrap_or(now),
-            now,
-            false,
-        )
-        .map_err(|d| replay_refusal(d, ctx.idempotency))?;
+    if has_body && ctx.nonce.is_some() {
+        check_nonce(policy, host, ctx, now, false)?;
     }
     Ok(())
+}
+
+/// The request's nonce (or Idempotency-Key) against the replay store: only read (`record`
+/// false), or checked and recorded in one compare-and-swap step.
+fn check_nonce(
+    policy: &Policy,
+    host: &Host<'_>,
+    ctx: &RequestContext,
+    now: u64,
+    record: bool,
+) -> Result<(), Deny> {
+    let (Some(app), Some(nonce)) = (&ctx.app, &ctx.nonce) else {
+        return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce"));
+    };
+    replay::check(
+        host.store,
+        host.meta,
+        &policy.replay,
+        policy.clock_skew_seconds,
+        app,
+        nonce,
+        ctx.created.unwrap_or(now),
+        now,
+        record,
+    )
+    .map_err(|d| replay_refusal(d, ctx.idempotency))
 }
 
 /// Routing overrides (issue 8, hole 9): refused when the policy says so; `_method` always,
@@ -734,21 +749,9 @@ pub fn check_body(
             body,
         )?;
     }
-    match (&ctx.app, &ctx.nonce) {
-        (Some(app), Some(nonce)) => replay::check(
-            host.store,
-            host.meta,
-            &policy.replay,
-            policy.clock_skew_seconds,
-            app,
-            nonce,
-            ctx.created.unwrap_or(now),
-            now,
-            true,
-        )
-        .map_err(|d| replay_refusal(d, ctx.idempotency))?,
-        _ if ctx.auth == Some(AuthKind::Certificate) => {} // a read over the app's own TLS channel
-        _ => return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce")),
+    // A certificate-only read has no nonce: the app's own TLS channel is fresh.
+    if ctx.nonce.is_some() || ctx.auth != Some(AuthKind::Certificate) {
+        check_nonce(policy, host, ctx, now, true)?;
     }
     match grant {
         Some(g) => access::consume_grant_use(host.store, g),

@@ -10,13 +10,10 @@ use std::collections::HashMap;
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::engine::{self, begin, check_body, check_headers, Host, RequestContext};
 use apisec_core::message::{Connection, Request};
-use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
-use base64::Engine as _;
-use common::{fresh_store, STORE_STARTED};
+use common::{fresh_store, SECRET_B64, STORE_STARTED};
 
-const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const NOW: u64 = STORE_STARTED + 1000;
 
 fn policy_with(edit: impl FnOnce(&mut serde_json::Value)) -> Policy {
@@ -72,23 +69,7 @@ fn order(body: &[u8], nonce: &str, expires: Option<i64>, extra: &[(&str, &str)])
         r.headers.push((k.to_string(), v.to_string()));
         components.push(k.to_string());
     }
-    let p = SignParams {
-        label: "sig1".into(),
-        components,
-        created: NOW as i64,
-        expires,
-        nonce: Some(nonce.into()),
-        keyid: "k".into(),
-        include_alg: true,
-    };
-    let key = SigningKey::Hmac(
-        base64::engine::general_purpose::STANDARD
-            .decode(SECRET_B64)
-            .unwrap(),
-    );
-    let (si, s) = sign(&r, &p, &key).unwrap();
-    r.headers.push(("signature-input".into(), si));
-    r.headers.push(("signature".into(), s));
+    common::sign_hmac(&mut r, components, NOW, nonce, expires);
     r
 }
 

@@ -14,13 +14,10 @@ use std::rc::Rc;
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::lifecycle::{Action, Config, Count, Env, HostFacts, Step, Stream, Transport};
 use apisec_core::message::Request;
-use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
-use base64::Engine as _;
-use common::{fresh_store, STORE_STARTED};
+use common::{fresh_store, SECRET_B64, STORE_STARTED};
 
-const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const NOW: u64 = STORE_STARTED + 1000;
 
 struct FakeHost {
@@ -114,23 +111,7 @@ fn signed_pairs(method: &str, path: &str, body: &[u8], nonce: &str) -> Vec<(Stri
             .push(("content-length".into(), body.len().to_string()));
         components.push("content-digest".into());
     }
-    let p = SignParams {
-        label: "sig1".into(),
-        components,
-        created: NOW as i64,
-        expires: None,
-        nonce: Some(nonce.into()),
-        keyid: "k".into(),
-        include_alg: true,
-    };
-    let key = SigningKey::Hmac(
-        base64::engine::general_purpose::STANDARD
-            .decode(SECRET_B64)
-            .unwrap(),
-    );
-    let (si, s) = sign(&r, &p, &key).unwrap();
-    r.headers.push(("signature-input".into(), si));
-    r.headers.push(("signature".into(), s));
+    common::sign_hmac(&mut r, components, NOW, nonce, None);
     let mut pairs: Vec<(String, Vec<u8>)> = vec![
         (":method".into(), method.into()),
         (":scheme".into(), b"https".to_vec()),

@@ -10,13 +10,10 @@ use std::collections::HashMap;
 use apisec_core::crypto::content_digest_sha256;
 use apisec_core::fields;
 use apisec_core::message::{Connection, Request};
-use apisec_core::signer::{sign, SignParams, SigningKey};
 use apisec_core::Policy;
-use base64::Engine as _;
-use common::{decide, fresh_store, STORE_STARTED};
+use common::{decide, fresh_store, SECRET_B64, STORE_STARTED};
 use proptest::prelude::*;
 
-const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const NOW: u64 = STORE_STARTED + 1000;
 
 fn policy() -> Policy {
@@ -52,9 +49,9 @@ fn signed(book: &str, query: &str, body: &[u8], nonce: &str) -> Request {
             ("content-digest".into(), content_digest_sha256(body)),
         ],
     };
-    let p = SignParams {
-        label: "sig1".into(),
-        components: [
+    common::sign_hmac(
+        &mut r,
+        [
             "@method",
             "@authority",
             "@path",
@@ -65,20 +62,10 @@ fn signed(book: &str, query: &str, body: &[u8], nonce: &str) -> Request {
         .iter()
         .map(|s| s.to_string())
         .collect(),
-        created: NOW as i64,
-        expires: None,
-        nonce: Some(nonce.into()),
-        keyid: "k".into(),
-        include_alg: true,
-    };
-    let key = SigningKey::Hmac(
-        base64::engine::general_purpose::STANDARD
-            .decode(SECRET_B64)
-            .unwrap(),
+        NOW,
+        nonce,
+        None,
     );
-    let (si, s) = sign(&r, &p, &key).unwrap();
-    r.headers.push(("signature-input".into(), si));
-    r.headers.push(("signature".into(), s));
     r
 }
 

@@ -22,6 +22,38 @@ use apisec_core::{DenyReason, Policy};
 /// When the test stores start: requests in the tables are signed after it.
 pub const STORE_STARTED: u64 = 1_000_000;
 
+/// The App_Secret (base64) of the test apps' HMAC credential `k`.
+pub const SECRET_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+
+/// Signs `r` with credential `k` (HMAC, `SECRET_B64`) over `components` and adds the
+/// `Signature-Input` and `Signature` headers.
+pub fn sign_hmac(
+    r: &mut Request,
+    components: Vec<String>,
+    created: u64,
+    nonce: &str,
+    expires: Option<i64>,
+) {
+    use base64::Engine as _;
+    let p = apisec_core::signer::SignParams {
+        label: "sig1".into(),
+        components,
+        created: created as i64,
+        expires,
+        nonce: Some(nonce.into()),
+        keyid: "k".into(),
+        include_alg: true,
+    };
+    let key = apisec_core::signer::SigningKey::Hmac(
+        base64::engine::general_purpose::STANDARD
+            .decode(SECRET_B64)
+            .unwrap(),
+    );
+    let (si, s) = apisec_core::signer::sign(r, &p, &key).unwrap();
+    r.headers.push(("signature-input".into(), si));
+    r.headers.push(("signature".into(), s));
+}
+
 /// A host that knows one request: its clock, its connection and its body.
 struct OneRequest<'a> {
     now: u64,
