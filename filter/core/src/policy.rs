@@ -576,6 +576,47 @@ impl RawPolicy {
             return Err(ConfigError::new("version", "only version 1 is supported"));
         }
         let g = &self.gateway;
+        let (app_entries, required) = self.compile_gateway()?;
+        let (apis, groups) = self.compile_inventory()?;
+        let apps = self.compile_apps(secrets)?;
+        let grants = self.compile_grants(&apis, &groups, &apps)?;
+        let lists = self.compile_lists(&apis, &groups)?;
+        let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
+
+        Ok(Policy {
+            generation: 0,
+            grants,
+            lists,
+            opted_out_users: self
+                .opted_out_users
+                .iter()
+                .map(|u| access::normal_user(u))
+                .collect(),
+            bans,
+            clock_skew_seconds: g.clock_skew_seconds,
+            replay: ReplaySettings {
+                slots: g.replay.slots,
+                entries_per_slot: g.replay.entries_per_slot,
+                app_entries_per_slot: app_entries,
+                lifetime_seconds: g.nonce_lifetime_seconds,
+            },
+            max_covered_components: g.max_covered_components as usize,
+            max_signature_base_bytes: g.max_signature_base_bytes as usize,
+            max_body_seconds: g.max_body_seconds,
+            max_held_body_bytes: g.max_held_body_bytes,
+            override_headers: g.override_headers,
+            max_body_bytes: g.max_body_bytes,
+            max_signature_header_bytes: g.max_signature_header_bytes,
+            required_components: required,
+            apis,
+            apps,
+        })
+    }
+
+    /// Gateway settings (ATK-1 replay and skew, size and work bounds, required components,
+    /// the default zone): one app's replay share and the components every signature covers.
+    fn compile_gateway(&self) -> Result<(u32, Vec<String>), ConfigError> {
+        let g = &self.gateway;
         if !(1..=3600).contains(&g.clock_skew_seconds) {
             return Err(ConfigError::new(
                 "gateway.clock_skew_seconds",
@@ -670,6 +711,17 @@ impl RawPolicy {
             }
         }
 
+        if timeutil::zone_offset(&g.default_timezone).is_none() {
+            return Err(ConfigError::new(
+                "gateway.default_timezone",
+                format!("'{}' is not supported: use a zone without daylight saving or an offset like +08:00", g.default_timezone),
+            ));
+        }
+        Ok((app_entries, required))
+    }
+
+    /// The inventory (LVL-1, LVL-2) and API groups with their switches (OPS-1, MON-5).
+    fn compile_inventory(&self) -> Result<(Vec<Api>, Vec<ApiGroup>), ConfigError> {
         if self.apis.is_empty() {
             return Err(ConfigError::new(
                 "apis",
@@ -774,6 +826,14 @@ impl RawPolicy {
             }
         }
 
+        Ok((apis, groups))
+    }
+
+    /// Apps and their credentials (ID-1..ID-3, OPS-2); secrets resolved when a source is given.
+    fn compile_apps(
+        &self,
+        secrets: Option<&dyn SecretSource>,
+    ) -> Result<HashMap<String, App>, ConfigError> {
         let mut apps = HashMap::new();
         let mut keyids = HashSet::new();
         let mut cert_owners: Vec<(String, CertBinding)> = Vec::new();
@@ -884,12 +944,17 @@ impl RawPolicy {
             }
         }
 
-        if timeutil::zone_offset(&g.default_timezone).is_none() {
-            return Err(ConfigError::new(
-                "gateway.default_timezone",
-                format!("'{}' is not supported: use a zone without daylight saving or an offset like +08:00", g.default_timezone),
-            ));
-        }
+        Ok(apps)
+    }
+
+    /// Grants (PERM-1..PERM-6, OPS-3), each naming a registered app.
+    fn compile_grants(
+        &self,
+        apis: &[Api],
+        groups: &[ApiGroup],
+        apps: &HashMap<String, App>,
+    ) -> Result<Vec<Grant>, ConfigError> {
+        let g = &self.gateway;
         let mut grants: Vec<Grant> = Vec::new();
         for (i, raw) in self.grants.iter().enumerate() {
             let field = format!("grants[{i}]");
@@ -908,11 +973,16 @@ impl RawPolicy {
             grants.push(access::compile_grant(
                 &field,
                 raw,
-                &apis,
-                &groups,
+                apis,
+                groups,
                 &g.default_timezone,
             )?);
         }
+        Ok(grants)
+    }
+
+    /// Black and white lists (BWL-1, BWL-2).
+    fn compile_lists(&self, apis: &[Api], groups: &[ApiGroup]) -> Result<Vec<List>, ConfigError> {
         let mut lists: Vec<List> = Vec::new();
         for (i, raw) in self.lists.iter().enumerate() {
             let field = format!("lists[{i}]");
@@ -922,38 +992,9 @@ impl RawPolicy {
                     format!("missing, invalid or duplicate list id '{}'", raw.id),
                 ));
             }
-            lists.push(access::compile_list(&field, raw, &apis, &groups)?);
+            lists.push(access::compile_list(&field, raw, apis, groups)?);
         }
-        let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
-
-        Ok(Policy {
-            generation: 0,
-            grants,
-            lists,
-            opted_out_users: self
-                .opted_out_users
-                .iter()
-                .map(|u| access::normal_user(u))
-                .collect(),
-            bans,
-            clock_skew_seconds: g.clock_skew_seconds,
-            replay: ReplaySettings {
-                slots: g.replay.slots,
-                entries_per_slot: g.replay.entries_per_slot,
-                app_entries_per_slot: app_entries,
-                lifetime_seconds: g.nonce_lifetime_seconds,
-            },
-            max_covered_components: g.max_covered_components as usize,
-            max_signature_base_bytes: g.max_signature_base_bytes as usize,
-            max_body_seconds: g.max_body_seconds,
-            max_held_body_bytes: g.max_held_body_bytes,
-            override_headers: g.override_headers,
-            max_body_bytes: g.max_body_bytes,
-            max_signature_header_bytes: g.max_signature_header_bytes,
-            required_components: required,
-            apis,
-            apps,
-        })
+        Ok(lists)
     }
 }
 
