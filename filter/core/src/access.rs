@@ -466,17 +466,22 @@ pub fn check_grant_validity(grant: &Grant, now: u64) -> Result<(), Deny> {
     }
 }
 
-pub fn select_grant<'a>(
-    grants: &'a [Grant],
+/// The first grant that lets this app (and user) call the API now: its index in `grants`.
+pub fn select_grant(
+    grants: &[Grant],
     app: &str,
     api_index: usize,
     user: Option<&str>,
     now: u64,
-) -> Result<&'a Grant, Deny> {
+) -> Result<usize, Deny> {
     let mut first_problem: Option<Deny> = None;
-    for g in grants.iter().filter(|g| g.covers(app, api_index, user)) {
+    for (i, g) in grants
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.covers(app, api_index, user))
+    {
         match g.validity(now) {
-            None => return Ok(g),
+            None => return Ok(i),
             Some(d) => {
                 first_problem.get_or_insert(d);
             }

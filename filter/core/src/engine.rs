@@ -116,8 +116,10 @@ pub struct RequestContext {
     pub user: Option<String>,
     /// How the caller authenticated (None: not authenticated, as at S0).
     pub auth: Option<AuthKind>,
-    /// The grant that let the call through.
+    /// The grant that let the call through: its id (for the audit record) and its index in
+    /// the policy that selected it (the stream keeps that policy, or decides again).
     pub grant: Option<String>,
+    pub grant_index: Option<usize>,
     /// Set when a refusal of this request started an automatic ban.
     pub ban: Option<String>,
     pub level: Option<SecurityLevel>,
@@ -477,9 +479,9 @@ fn authorize(
         ctx.user.as_deref(),
     )?;
     if api.level > SecurityLevel::S0 {
-        let grant =
-            access::select_grant(&policy.grants, &app.id, api.index, ctx.user.as_deref(), now)?;
-        ctx.grant = Some(grant.id.clone());
+        let i = access::select_grant(&policy.grants, &app.id, api.index, ctx.user.as_deref(), now)?;
+        ctx.grant = policy.grants.get(i).map(|g| g.id.clone());
+        ctx.grant_index = Some(i);
     }
     Ok(())
 }
@@ -739,7 +741,7 @@ pub fn check_body(
         }
         None => {}
     }
-    let grant = ctx.grant.as_deref().and_then(|g| policy.grant(g));
+    let grant = ctx.grant_index.and_then(|i| policy.grants.get(i));
     if let Some(g) = grant.filter(|g| !g.forbid_request_fields.is_empty()) {
         fields::check_request(
             &g.forbid_request_fields,
@@ -794,7 +796,7 @@ fn recheck(
             format!("created {c}, now {now} (when the body completed)"),
         ));
     }
-    if let Some(g) = ctx.grant.as_deref().and_then(|g| policy.grant(g)) {
+    if let Some(g) = ctx.grant_index.and_then(|i| policy.grants.get(i)) {
         access::check_grant_validity(g, now)?;
     }
     if let Some(bans) = &policy.bans {

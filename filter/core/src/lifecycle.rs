@@ -429,9 +429,8 @@ impl Stream {
     fn hidden_fields(&self) -> Option<Vec<Vec<String>>> {
         let grant = self
             .ctx
-            .grant
-            .as_deref()
-            .and_then(|g| self.config.policy.grant(g))?;
+            .grant_index
+            .and_then(|i| self.config.policy.grants.get(i))?;
         (!grant.hide_response_fields.is_empty()).then(|| grant.hide_response_fields.clone())
     }
 
