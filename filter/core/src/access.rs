@@ -10,32 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::fields;
+use crate::inventory::{resolve_apis, Api, SecurityLevel};
+pub use crate::inventory::{ApiGroup, ApiSet, ApiState, RawApiGroup};
 use crate::ip::Cidr;
-use crate::policy::{Api, SecurityLevel};
 use crate::store::{create_if_absent, SharedStore, StoreError};
 use crate::timeutil;
-
-/// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApiState {
-    Draft,
-    #[default]
-    Online,
-    Offline,
-    Retired,
-}
-
-impl ApiState {
-    pub fn refusal(self) -> Option<DenyReason> {
-        match self {
-            ApiState::Online => None,
-            ApiState::Draft => Some(DenyReason::ApiNotPublished),
-            ApiState::Offline => Some(DenyReason::ApiOffline),
-            ApiState::Retired => Some(DenyReason::ApiRetired),
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,17 +29,6 @@ pub enum Weekday {
 }
 
 // ---------------------------------------------------------------- raw document parts
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawApiGroup {
-    pub id: String,
-    /// API ids or patterns (`trade.*`, `*`).
-    pub apis: Vec<String>,
-    /// A group-wide lifecycle switch (degradation switch); `online` leaves each API's own state.
-    #[serde(default)]
-    pub state: ApiState,
-}
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -158,69 +126,6 @@ pub struct RawList {
 }
 
 // ---------------------------------------------------------------- compiled forms
-
-/// A set of APIs, resolved to indexes into the inventory at compile time.
-#[derive(Debug, Clone, Default)]
-pub struct ApiSet(Vec<bool>);
-
-impl ApiSet {
-    pub fn contains(&self, api_index: usize) -> bool {
-        self.0.get(api_index).copied().unwrap_or(false)
-    }
-    fn is_empty(&self) -> bool {
-        !self.0.iter().any(|b| *b)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct ApiGroup {
-    pub id: String,
-    pub apis: ApiSet,
-    pub state: ApiState,
-}
-
-fn pattern_matches(pattern: &str, id: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => id.starts_with(prefix),
-        None => pattern == id,
-    }
-}
-
-/// Resolves ids, `prefix*` patterns and `group:<id>` references; a reference that matches
-/// nothing is an error (a typo must not silently grant or block nothing).
-pub fn resolve_apis(
-    field: &str,
-    patterns: &[String],
-    apis: &[Api],
-    groups: &[ApiGroup],
-) -> Result<ApiSet, ConfigError> {
-    let mut set = vec![false; apis.len()];
-    for (i, p) in patterns.iter().enumerate() {
-        if let Some(g) = p.strip_prefix("group:") {
-            let group = groups.iter().find(|x| x.id == g).ok_or_else(|| {
-                ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'"))
-            })?;
-            for (j, s) in set.iter_mut().enumerate() {
-                *s |= group.apis.contains(j);
-            }
-            continue;
-        }
-        let mut matched = false;
-        for (s, a) in set.iter_mut().zip(apis) {
-            if pattern_matches(p, &a.id) {
-                *s = true;
-                matched = true;
-            }
-        }
-        if !matched {
-            return Err(ConfigError::new(
-                format!("{field}[{i}]"),
-                format!("'{p}' matches no API"),
-            ));
-        }
-    }
-    Ok(ApiSet(set))
-}
 
 #[derive(Debug, Clone)]
 struct Window {

@@ -11,6 +11,7 @@ pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod fields;
+pub mod inventory;
 pub mod ip;
 pub mod lifecycle;
 pub mod message;

@@ -7,49 +7,14 @@ use std::collections::{HashMap, HashSet};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::access::{self, ApiGroup, ApiState, Grant, List, RawApiGroup, RawGrant, RawList};
+use crate::access::{self, Grant, List, RawGrant, RawList};
 use crate::bans::{BanSettings, RawBans};
 use crate::error::ConfigError;
+use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
+pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::ip::Cidr;
+pub use crate::replay::ReplaySettings;
 use crate::timeutil;
-
-/// Security level of an API (clause 6). Controls escalate with the level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum SecurityLevel {
-    S0,
-    S1,
-    S2,
-    S3,
-}
-
-impl SecurityLevel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SecurityLevel::S0 => "S0",
-            SecurityLevel::S1 => "S1",
-            SecurityLevel::S2 => "S2",
-            SecurityLevel::S3 => "S3",
-        }
-    }
-}
-
-/// Who the API serves (LVL-2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ServiceObject {
-    #[serde(rename = "toB")]
-    ToB,
-    #[serde(rename = "toC")]
-    ToC,
-    #[serde(rename = "toG")]
-    ToG,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Access {
-    Read,
-    Write,
-}
 
 /// Signature algorithms a credential can be registered with (RFC 9421 section 3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,25 +151,6 @@ impl Default for RawReplay {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawApi {
-    pub id: String,
-    pub method: String,
-    pub path: String,
-    pub level: SecurityLevel,
-    pub service_object: ServiceObject,
-    pub access: Access,
-    pub user_auth: bool,
-    pub personal_info: bool,
-    pub function: String,
-    #[serde(default)]
-    pub description: String,
-    /// Lifecycle (OPS-1): draft, online, offline, retired.
-    #[serde(default)]
-    pub state: ApiState,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub id: String,
     #[serde(default)]
@@ -260,52 +206,6 @@ pub trait SecretSource {
 impl SecretSource for HashMap<String, String> {
     fn get(&self, name: &str) -> Option<String> {
         HashMap::get(self, name).cloned()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    Param,
-}
-
-#[derive(Debug, Clone)]
-pub struct Api {
-    pub id: String,
-    pub method: String,
-    pub path: String,
-    pub level: SecurityLevel,
-    pub service_object: ServiceObject,
-    pub access: Access,
-    pub user_auth: bool,
-    pub personal_info: bool,
-    pub function: String,
-    /// Position in the inventory; grants and lists refer to APIs by it.
-    pub index: usize,
-    /// Effective lifecycle state: the API's own, or its group's switch when that is not online.
-    pub state: ApiState,
-    segments: Vec<Segment>,
-}
-
-impl Api {
-    fn matches(&self, segments: &[&str]) -> bool {
-        self.segments.len() == segments.len()
-            && self.segments.iter().zip(segments).all(|(t, s)| match t {
-                Segment::Literal(l) => l == s,
-                Segment::Param => !s.is_empty(),
-            })
-    }
-
-    /// Literal segments beat parameters, earliest first: `/a/b` wins over `/a/{x}`. A bit per
-    /// segment, most significant first (templates deeper than 64 segments compare on the first 64).
-    fn specificity(&self) -> u64 {
-        self.segments
-            .iter()
-            .take(64)
-            .enumerate()
-            .fold(0u64, |acc, (i, s)| {
-                acc | (u64::from(matches!(s, Segment::Literal(_))) << (63 - i))
-            })
     }
 }
 
@@ -366,14 +266,6 @@ impl App {
 }
 
 #[derive(Debug, Clone)]
-pub struct ReplaySettings {
-    pub slots: u32,
-    pub entries_per_slot: u32,
-    pub app_entries_per_slot: u32,
-    pub lifetime_seconds: u64,
-}
-
-#[derive(Debug, Clone)]
 pub struct Policy {
     /// Set by the host: which load of the policy this is (a body that completes under a newer
     /// generation is decided again).
@@ -410,13 +302,6 @@ const DERIVED: &[&str] = &[
     "@query",
 ];
 
-fn valid_id(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
-}
-
 fn valid_env_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -427,44 +312,6 @@ fn valid_header_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn parse_template(field: &str, path: &str) -> Result<Vec<Segment>, ConfigError> {
-    let Some(rest) = path.strip_prefix('/') else {
-        return Err(ConfigError::new(field, "path must start with '/'"));
-    };
-    if path.contains(['?', '#', '%', '*']) || path.contains("//") {
-        return Err(ConfigError::new(
-            field,
-            "path must be a normalised template without '?', '#', '%', '*' or '//'",
-        ));
-    }
-    let mut names = HashSet::new();
-    rest.split('/')
-        .map(|seg| {
-            if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                if !valid_id(inner) || !names.insert(inner.to_string()) {
-                    return Err(ConfigError::new(
-                        field,
-                        format!("bad or repeated path parameter '{{{inner}}}'"),
-                    ));
-                }
-                Ok(Segment::Param)
-            } else if seg.contains(['{', '}']) {
-                Err(ConfigError::new(
-                    field,
-                    "a path parameter must be a whole segment, like /orders/{id}",
-                ))
-            } else if seg == "." || seg == ".." {
-                Err(ConfigError::new(
-                    field,
-                    "'.' and '..' segments are not allowed",
-                ))
-            } else {
-                Ok(Segment::Literal(seg.to_string()))
-            }
-        })
-        .collect()
 }
 
 fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
@@ -577,7 +424,7 @@ impl RawPolicy {
         }
         let g = &self.gateway;
         let (app_entries, required) = self.compile_gateway()?;
-        let (apis, groups) = self.compile_inventory()?;
+        let (apis, groups) = inventory::compile(&self.apis, &self.api_groups)?;
         let apps = self.compile_apps(secrets)?;
         let grants = self.compile_grants(&apis, &groups, &apps)?;
         let lists = self.compile_lists(&apis, &groups)?;
@@ -718,115 +565,6 @@ impl RawPolicy {
             ));
         }
         Ok((app_entries, required))
-    }
-
-    /// The inventory (LVL-1, LVL-2) and API groups with their switches (OPS-1, MON-5).
-    fn compile_inventory(&self) -> Result<(Vec<Api>, Vec<ApiGroup>), ConfigError> {
-        if self.apis.is_empty() {
-            return Err(ConfigError::new(
-                "apis",
-                "the inventory is empty: every request would be refused",
-            ));
-        }
-        let mut apis: Vec<Api> = Vec::with_capacity(self.apis.len());
-        for (i, a) in self.apis.iter().enumerate() {
-            let field = format!("apis[{i}]");
-            if !valid_id(&a.id) {
-                return Err(ConfigError::new(
-                    format!("{field}.id"),
-                    "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
-                ));
-            }
-            if apis.iter().any(|x| x.id == a.id) {
-                return Err(ConfigError::new(
-                    format!("{field}.id"),
-                    format!("duplicate API id '{}'", a.id),
-                ));
-            }
-            if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-                .contains(&a.method.as_str())
-            {
-                return Err(ConfigError::new(
-                    format!("{field}.method"),
-                    "must be one of GET HEAD POST PUT PATCH DELETE OPTIONS (uppercase)",
-                ));
-            }
-            if a.function.trim().is_empty() {
-                return Err(ConfigError::new(
-                    format!("{field}.function"),
-                    "business function is required (LVL-2)",
-                ));
-            }
-            let segments = parse_template(&format!("{field}.path"), &a.path)?;
-            if let Some(other) = apis
-                .iter()
-                .find(|x| x.method == a.method && x.segments == segments)
-            {
-                return Err(ConfigError::new(
-                    format!("{field}.path"),
-                    format!(
-                        "'{} {}' overlaps API '{}' exactly: a request could not tell them apart",
-                        a.method, a.path, other.id
-                    ),
-                ));
-            }
-            if a.level == SecurityLevel::S0 && a.personal_info {
-                return Err(ConfigError::new(
-                    format!("{field}.level"),
-                    "an API carrying personal information cannot be S0 (public)",
-                ));
-            }
-            apis.push(Api {
-                id: a.id.clone(),
-                method: a.method.clone(),
-                path: a.path.clone(),
-                level: a.level,
-                service_object: a.service_object,
-                access: a.access,
-                user_auth: a.user_auth,
-                personal_info: a.personal_info,
-                function: a.function.clone(),
-                index: apis.len(),
-                state: a.state,
-                segments,
-            });
-        }
-
-        let mut groups: Vec<ApiGroup> = Vec::new();
-        for (i, g) in self.api_groups.iter().enumerate() {
-            let field = format!("api_groups[{i}]");
-            if !valid_id(&g.id) || groups.iter().any(|x| x.id == g.id) {
-                return Err(ConfigError::new(
-                    format!("{field}.id"),
-                    format!("missing, invalid or duplicate group id '{}'", g.id),
-                ));
-            }
-            if g.apis.iter().any(|p| p.starts_with("group:")) {
-                return Err(ConfigError::new(
-                    format!("{field}.apis"),
-                    "groups list APIs, not other groups",
-                ));
-            }
-            let set = access::resolve_apis(&format!("{field}.apis"), &g.apis, &apis, &groups)?;
-            groups.push(ApiGroup {
-                id: g.id.clone(),
-                apis: set,
-                state: g.state,
-            });
-        }
-        // A group's switch overrides the API's own state when it is not online (degradation).
-        for api in apis.iter_mut() {
-            if let Some(g) = groups
-                .iter()
-                .find(|g| g.apis.contains(api.index) && g.state != ApiState::Online)
-            {
-                if api.state == ApiState::Online {
-                    api.state = g.state;
-                }
-            }
-        }
-
-        Ok((apis, groups))
     }
 
     /// Apps and their credentials (ID-1..ID-3, OPS-2); secrets resolved when a source is given.

@@ -15,8 +15,17 @@
 //! - A full slot refuses (fail closed) rather than forget a live nonce.
 
 use crate::error::{ConfigError, Deny, DenyReason};
-use crate::policy::ReplaySettings;
 use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
+
+/// The replay store's layout and lifetimes, from the policy's `gateway.replay` and
+/// `gateway.nonce_lifetime_seconds`.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    pub slots: u32,
+    pub entries_per_slot: u32,
+    pub app_entries_per_slot: u32,
+    pub lifetime_seconds: u64,
+}
 
 const HEADER: usize = 8; // horizon (unix seconds, LE)
 const ENTRY: usize = 32; // tag 8 | app 8 | created 8 | expiry 8

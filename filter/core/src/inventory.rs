@@ -1,0 +1,367 @@
+//! The API inventory (LVL-1, LVL-2): every API with its method, path template, security level,
+//! service object, business function and lifecycle state (OPS-1), and the API groups that
+//! switch many APIs at once (MON-5). Its schema, its compilation and its matcher live here; grants
+//! and lists refer to APIs through it.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, DenyReason};
+
+/// Security level of an API (clause 6). Controls escalate with the level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum SecurityLevel {
+    S0,
+    S1,
+    S2,
+    S3,
+}
+
+impl SecurityLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityLevel::S0 => "S0",
+            SecurityLevel::S1 => "S1",
+            SecurityLevel::S2 => "S2",
+            SecurityLevel::S3 => "S3",
+        }
+    }
+}
+
+/// Who the API serves (LVL-2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceObject {
+    #[serde(rename = "toB")]
+    ToB,
+    #[serde(rename = "toC")]
+    ToC,
+    #[serde(rename = "toG")]
+    ToG,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiState {
+    Draft,
+    #[default]
+    Online,
+    Offline,
+    Retired,
+}
+
+impl ApiState {
+    pub fn refusal(self) -> Option<DenyReason> {
+        match self {
+            ApiState::Online => None,
+            ApiState::Draft => Some(DenyReason::ApiNotPublished),
+            ApiState::Offline => Some(DenyReason::ApiOffline),
+            ApiState::Retired => Some(DenyReason::ApiRetired),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    pub level: SecurityLevel,
+    pub service_object: ServiceObject,
+    pub access: Access,
+    pub user_auth: bool,
+    pub personal_info: bool,
+    pub function: String,
+    #[serde(default)]
+    pub description: String,
+    /// Lifecycle (OPS-1): draft, online, offline, retired.
+    #[serde(default)]
+    pub state: ApiState,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiGroup {
+    pub id: String,
+    /// API ids or patterns (`trade.*`, `*`).
+    pub apis: Vec<String>,
+    /// A group-wide lifecycle switch (degradation switch); `online` leaves each API's own state.
+    #[serde(default)]
+    pub state: ApiState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Segment {
+    Literal(String),
+    Param,
+}
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub id: String,
+    pub method: String,
+    pub path: String,
+    pub level: SecurityLevel,
+    pub service_object: ServiceObject,
+    pub access: Access,
+    pub user_auth: bool,
+    pub personal_info: bool,
+    pub function: String,
+    /// Position in the inventory; grants and lists refer to APIs by it.
+    pub index: usize,
+    /// Effective lifecycle state: the API's own, or its group's switch when that is not online.
+    pub state: ApiState,
+    pub(crate) segments: Vec<Segment>,
+}
+
+impl Api {
+    pub(crate) fn matches(&self, segments: &[&str]) -> bool {
+        self.segments.len() == segments.len()
+            && self.segments.iter().zip(segments).all(|(t, s)| match t {
+                Segment::Literal(l) => l == s,
+                Segment::Param => !s.is_empty(),
+            })
+    }
+
+    /// Literal segments beat parameters, earliest first: `/a/b` wins over `/a/{x}`. A bit per
+    /// segment, most significant first (templates deeper than 64 segments compare on the first 64).
+    pub(crate) fn specificity(&self) -> u64 {
+        self.segments
+            .iter()
+            .take(64)
+            .enumerate()
+            .fold(0u64, |acc, (i, s)| {
+                acc | (u64::from(matches!(s, Segment::Literal(_))) << (63 - i))
+            })
+    }
+}
+
+/// A set of APIs, resolved to indexes into the inventory at compile time.
+#[derive(Debug, Clone, Default)]
+pub struct ApiSet(pub(crate) Vec<bool>);
+
+impl ApiSet {
+    pub fn contains(&self, api_index: usize) -> bool {
+        self.0.get(api_index).copied().unwrap_or(false)
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        !self.0.iter().any(|b| *b)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiGroup {
+    pub id: String,
+    pub apis: ApiSet,
+    pub state: ApiState,
+}
+
+fn pattern_matches(pattern: &str, id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => id.starts_with(prefix),
+        None => pattern == id,
+    }
+}
+
+/// Resolves ids, `prefix*` patterns and `group:<id>` references; a reference that matches
+/// nothing is an error (a typo must not silently grant or block nothing).
+pub fn resolve_apis(
+    field: &str,
+    patterns: &[String],
+    apis: &[Api],
+    groups: &[ApiGroup],
+) -> Result<ApiSet, ConfigError> {
+    let mut set = vec![false; apis.len()];
+    for (i, p) in patterns.iter().enumerate() {
+        if let Some(g) = p.strip_prefix("group:") {
+            let group = groups.iter().find(|x| x.id == g).ok_or_else(|| {
+                ConfigError::new(format!("{field}[{i}]"), format!("no API group '{g}'"))
+            })?;
+            for (j, s) in set.iter_mut().enumerate() {
+                *s |= group.apis.contains(j);
+            }
+            continue;
+        }
+        let mut matched = false;
+        for (s, a) in set.iter_mut().zip(apis) {
+            if pattern_matches(p, &a.id) {
+                *s = true;
+                matched = true;
+            }
+        }
+        if !matched {
+            return Err(ConfigError::new(
+                format!("{field}[{i}]"),
+                format!("'{p}' matches no API"),
+            ));
+        }
+    }
+    Ok(ApiSet(set))
+}
+
+pub(crate) fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+}
+
+pub(crate) fn parse_template(field: &str, path: &str) -> Result<Vec<Segment>, ConfigError> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err(ConfigError::new(field, "path must start with '/'"));
+    };
+    if path.contains(['?', '#', '%', '*']) || path.contains("//") {
+        return Err(ConfigError::new(
+            field,
+            "path must be a normalised template without '?', '#', '%', '*' or '//'",
+        ));
+    }
+    let mut names = HashSet::new();
+    rest.split('/')
+        .map(|seg| {
+            if let Some(inner) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                if !valid_id(inner) || !names.insert(inner.to_string()) {
+                    return Err(ConfigError::new(
+                        field,
+                        format!("bad or repeated path parameter '{{{inner}}}'"),
+                    ));
+                }
+                Ok(Segment::Param)
+            } else if seg.contains(['{', '}']) {
+                Err(ConfigError::new(
+                    field,
+                    "a path parameter must be a whole segment, like /orders/{id}",
+                ))
+            } else if seg == "." || seg == ".." {
+                Err(ConfigError::new(
+                    field,
+                    "'.' and '..' segments are not allowed",
+                ))
+            } else {
+                Ok(Segment::Literal(seg.to_string()))
+            }
+        })
+        .collect()
+}
+
+/// The inventory (LVL-1, LVL-2) and API groups with their switches (OPS-1, MON-5), compiled
+/// from the policy's `apis` and `api_groups`.
+pub fn compile(
+    raw_apis: &[RawApi],
+    raw_groups: &[RawApiGroup],
+) -> Result<(Vec<Api>, Vec<ApiGroup>), ConfigError> {
+    if raw_apis.is_empty() {
+        return Err(ConfigError::new(
+            "apis",
+            "the inventory is empty: every request would be refused",
+        ));
+    }
+    let mut apis: Vec<Api> = Vec::with_capacity(raw_apis.len());
+    for (i, a) in raw_apis.iter().enumerate() {
+        let field = format!("apis[{i}]");
+        if !valid_id(&a.id) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+            ));
+        }
+        if apis.iter().any(|x| x.id == a.id) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                format!("duplicate API id '{}'", a.id),
+            ));
+        }
+        if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+            .contains(&a.method.as_str())
+        {
+            return Err(ConfigError::new(
+                format!("{field}.method"),
+                "must be one of GET HEAD POST PUT PATCH DELETE OPTIONS (uppercase)",
+            ));
+        }
+        if a.function.trim().is_empty() {
+            return Err(ConfigError::new(
+                format!("{field}.function"),
+                "business function is required (LVL-2)",
+            ));
+        }
+        let segments = parse_template(&format!("{field}.path"), &a.path)?;
+        if let Some(other) = apis
+            .iter()
+            .find(|x| x.method == a.method && x.segments == segments)
+        {
+            return Err(ConfigError::new(
+                format!("{field}.path"),
+                format!(
+                    "'{} {}' overlaps API '{}' exactly: a request could not tell them apart",
+                    a.method, a.path, other.id
+                ),
+            ));
+        }
+        if a.level == SecurityLevel::S0 && a.personal_info {
+            return Err(ConfigError::new(
+                format!("{field}.level"),
+                "an API carrying personal information cannot be S0 (public)",
+            ));
+        }
+        apis.push(Api {
+            id: a.id.clone(),
+            method: a.method.clone(),
+            path: a.path.clone(),
+            level: a.level,
+            service_object: a.service_object,
+            access: a.access,
+            user_auth: a.user_auth,
+            personal_info: a.personal_info,
+            function: a.function.clone(),
+            index: apis.len(),
+            state: a.state,
+            segments,
+        });
+    }
+
+    let mut groups: Vec<ApiGroup> = Vec::new();
+    for (i, g) in raw_groups.iter().enumerate() {
+        let field = format!("api_groups[{i}]");
+        if !valid_id(&g.id) || groups.iter().any(|x| x.id == g.id) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                format!("missing, invalid or duplicate group id '{}'", g.id),
+            ));
+        }
+        if g.apis.iter().any(|p| p.starts_with("group:")) {
+            return Err(ConfigError::new(
+                format!("{field}.apis"),
+                "groups list APIs, not other groups",
+            ));
+        }
+        let set = resolve_apis(&format!("{field}.apis"), &g.apis, &apis, &groups)?;
+        groups.push(ApiGroup {
+            id: g.id.clone(),
+            apis: set,
+            state: g.state,
+        });
+    }
+    // A group's switch overrides the API's own state when it is not online (degradation).
+    for api in apis.iter_mut() {
+        if let Some(g) = groups
+            .iter()
+            .find(|g| g.apis.contains(api.index) && g.state != ApiState::Online)
+        {
+            if api.state == ApiState::Online {
+                api.state = g.state;
+            }
+        }
+    }
+
+    Ok((apis, groups))
+}
