@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod apps;
 pub mod audit;
 pub mod bans;
 pub mod crypto;

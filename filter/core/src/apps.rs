@@ -1,0 +1,371 @@
+//! Apps and their credentials (ID-1, ID-2, ID-3, OPS-2): who may call, with which keys
+//! (HMAC App_Secrets named by environment variable, P-256 public keys), which client
+//! certificates are bound to them, from which source ranges, and whether they are suspended.
+//! Its schema, its compilation and its checks live here.
+
+use std::collections::{HashMap, HashSet};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::inventory::{valid_id, SecurityLevel};
+use crate::ip::Cidr;
+
+/// Signature algorithms a credential can be registered with (RFC 9421 section 3.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    #[serde(rename = "ecdsa-p256-sha256")]
+    EcdsaP256Sha256,
+}
+
+impl Algorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::HmacSha256 => "hmac-sha256",
+            Algorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+        }
+    }
+
+    /// S2 and S3 demand a key pair (ID-3, DATA-4): a shared secret cannot prove who signed.
+    pub fn allowed_for(self, level: SecurityLevel) -> bool {
+        match self {
+            Algorithm::HmacSha256 => level <= SecurityLevel::S1,
+            Algorithm::EcdsaP256Sha256 => true,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw document
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub credentials: Vec<RawCredential>,
+    /// Isolates one caller at once (MON-5): every call refused with `app_suspended`.
+    #[serde(default)]
+    pub suspended: bool,
+    /// Source ranges the app may call from; any when empty.
+    #[serde(default)]
+    pub allowed_ips: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    /// The RFC 9421 `keyid` callers put in `Signature-Input`.
+    pub id: String,
+    /// For signature credentials; a certificate credential has `certificate` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<Algorithm>,
+    /// A client certificate bound to the app (ID-2, ID-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<RawCertificate>,
+    /// HMAC: the environment variable holding the base64 App_Secret (never the secret itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// ECDSA: the app's public key, PEM SubjectPublicKeyInfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+}
+
+/// How a client certificate is bound to an app: by the SHA-256 fingerprint of the DER
+/// certificate (hex), or by a URI SAN (for example a SPIFFE ID).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri_san: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated policy
+
+/// Where HMAC secrets come from: the filter reads Envoy-provided environment variables.
+pub trait SecretSource {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// Secrets from a map; used in tests and by the CLI.
+impl SecretSource for HashMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        HashMap::get(self, name).cloned()
+    }
+}
+
+#[derive(Clone)]
+pub enum KeyMaterial {
+    Hmac(Vec<u8>),
+    /// SubjectPublicKeyInfo DER, as Envoy's `verify_signature` wants it.
+    P256 {
+        spki_der: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for KeyMaterial {
+    // Secrets never reach logs, not even through Debug.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyMaterial::Hmac(_) => f.write_str("Hmac(<redacted>)"),
+            KeyMaterial::P256 { .. } => f.write_str("P256(<public key>)"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub keyid: String,
+    pub alg: Algorithm,
+    pub key: KeyMaterial,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertBinding {
+    Sha256(String),
+    UriSan(String),
+}
+
+impl CertBinding {
+    pub fn matches(&self, sha256: Option<&str>, uri_san: Option<&str>) -> bool {
+        match self {
+            CertBinding::Sha256(f) => sha256.is_some_and(|s| s.eq_ignore_ascii_case(f)),
+            CertBinding::UriSan(u) => uri_san == Some(u.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub id: String,
+    pub credentials: Vec<Credential>,
+    pub certificates: Vec<CertBinding>,
+    pub suspended: bool,
+    pub allowed_ips: Vec<Cidr>,
+}
+
+impl App {
+    pub fn credential(&self, keyid: &str) -> Option<&Credential> {
+        self.credentials.iter().find(|c| c.keyid == keyid)
+    }
+}
+
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !s.as_bytes().first().is_some_and(|b| b.is_ascii_digit())
+}
+
+fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
+    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let key = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
+        ConfigError::new(
+            field,
+            "not a P-256 public key in PEM SubjectPublicKeyInfo form",
+        )
+    })?;
+    key.to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|_| ConfigError::new(field, "cannot encode the public key"))
+}
+
+/// An HMAC credential: the App_Secret comes from the environment variable it names (never
+/// from the policy text). Without a secret source (the CLI's check) only the shape is checked.
+fn hmac_key(
+    cfield: &str,
+    c: &RawCredential,
+    secrets: Option<&dyn SecretSource>,
+) -> Result<KeyMaterial, ConfigError> {
+    if c.public_key_pem.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            "an hmac-sha256 credential takes secret_env, not a public key",
+        ));
+    }
+    let Some(env) = &c.secret_env else {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "an hmac-sha256 credential needs secret_env (the variable holding the base64 App_Secret)",
+        ));
+    };
+    if !valid_env_name(env) {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "not a valid environment variable name",
+        ));
+    }
+    match secrets {
+        None => Ok(KeyMaterial::Hmac(Vec::new())),
+        Some(src) => {
+            let Some(value) = src.get(env) else {
+                return Err(ConfigError::new(
+                    format!("{cfield}.secret_env"),
+                    format!("environment variable {env} is not set in the gateway"),
+                ));
+            };
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.trim())
+                .map_err(|_| {
+                    ConfigError::new(
+                        format!("{cfield}.secret_env"),
+                        format!("{env} is not valid base64"),
+                    )
+                })?;
+            if bytes.len() < 32 {
+                return Err(ConfigError::new(
+                    format!("{cfield}.secret_env"),
+                    format!(
+                        "{env} decodes to {} bytes; an App_Secret needs at least 32",
+                        bytes.len()
+                    ),
+                ));
+            }
+            Ok(KeyMaterial::Hmac(bytes))
+        }
+    }
+}
+
+/// A key-pair credential: a P-256 public key in PEM SubjectPublicKeyInfo form.
+fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> {
+    if c.secret_env.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "an ecdsa-p256-sha256 credential takes public_key_pem, not a secret",
+        ));
+    }
+    let Some(pem) = &c.public_key_pem else {
+        return Err(ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            "an ecdsa-p256-sha256 credential needs public_key_pem",
+        ));
+    };
+    Ok(KeyMaterial::P256 {
+        spki_der: decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?,
+    })
+}
+
+/// Apps and their credentials (ID-1..ID-3, OPS-2), compiled from the policy's `apps`; secrets
+/// are resolved when a source is given (the filter), only their shape is checked without one
+/// (the CLI).
+pub fn compile(
+    raw_apps: &[RawApp],
+    secrets: Option<&dyn SecretSource>,
+) -> Result<HashMap<String, App>, ConfigError> {
+    let mut apps = HashMap::new();
+    let mut keyids = HashSet::new();
+    let mut cert_owners: Vec<(String, CertBinding)> = Vec::new();
+    for (i, app) in raw_apps.iter().enumerate() {
+        let field = format!("apps[{i}]");
+        if !valid_id(&app.id) {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+            ));
+        }
+        let mut credentials = Vec::new();
+        let mut certificates = Vec::new();
+        let mut allowed_ips = Vec::new();
+        for (j, r) in app.allowed_ips.iter().enumerate() {
+            allowed_ips.push(
+                Cidr::parse(r)
+                    .map_err(|m| ConfigError::new(format!("{field}.allowed_ips[{j}]"), m))?,
+            );
+        }
+        for (j, c) in app.credentials.iter().enumerate() {
+            let cfield = format!("{field}.credentials[{j}]");
+            if !valid_id(&c.id) {
+                return Err(ConfigError::new(
+                    format!("{cfield}.id"),
+                    "must be 1-128 characters of A-Z a-z 0-9 . _ - :",
+                ));
+            }
+            if !keyids.insert(c.id.clone()) {
+                return Err(ConfigError::new(
+                    format!("{cfield}.id"),
+                    format!("duplicate credential id '{}'", c.id),
+                ));
+            }
+            if let Some(cert) = &c.certificate {
+                if c.alg.is_some() || c.secret_env.is_some() || c.public_key_pem.is_some() {
+                    return Err(ConfigError::new(
+                        cfield,
+                        "a certificate credential has only id and certificate",
+                    ));
+                }
+                let binding = match (&cert.sha256, &cert.uri_san) {
+                    (Some(fp), None) => {
+                        let hex: String = fp
+                            .chars()
+                            .filter(|ch| *ch != ':')
+                            .collect::<String>()
+                            .to_ascii_lowercase();
+                        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            return Err(ConfigError::new(
+                                format!("{cfield}.certificate.sha256"),
+                                "must be the 64 hex digits of the certificate's SHA-256 fingerprint",
+                            ));
+                        }
+                        CertBinding::Sha256(hex)
+                    }
+                    (None, Some(uri)) if !uri.is_empty() => CertBinding::UriSan(uri.clone()),
+                    _ => {
+                        return Err(ConfigError::new(
+                            format!("{cfield}.certificate"),
+                            "give exactly one of sha256 or uri_san",
+                        ))
+                    }
+                };
+                if let Some((other, _)) = cert_owners.iter().find(|(_, b)| *b == binding) {
+                    return Err(ConfigError::new(
+                        format!("{cfield}.certificate"),
+                        format!("the same certificate is already bound to app '{other}'"),
+                    ));
+                }
+                cert_owners.push((app.id.clone(), binding.clone()));
+                certificates.push(binding);
+                continue;
+            }
+            let Some(alg) = c.alg else {
+                return Err(ConfigError::new(
+                    format!("{cfield}.alg"),
+                    "a credential needs alg (hmac-sha256, ecdsa-p256-sha256) or certificate",
+                ));
+            };
+            let key = match alg {
+                Algorithm::HmacSha256 => hmac_key(&cfield, c, secrets)?,
+                Algorithm::EcdsaP256Sha256 => p256_key(&cfield, c)?,
+            };
+            credentials.push(Credential {
+                keyid: c.id.clone(),
+                alg,
+                key,
+            });
+        }
+        if apps
+            .insert(
+                app.id.clone(),
+                App {
+                    id: app.id.clone(),
+                    credentials,
+                    certificates,
+                    suspended: app.suspended,
+                    allowed_ips,
+                },
+            )
+            .is_some()
+        {
+            return Err(ConfigError::new(
+                format!("{field}.id"),
+                format!("duplicate app id '{}'", app.id),
+            ));
+        }
+    }
+
+    Ok(apps)
+}
