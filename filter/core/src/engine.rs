@@ -11,6 +11,7 @@ use crate::bans::Subject;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
+use crate::lists;
 use crate::message::{signature_base, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
 use crate::replay;
@@ -468,10 +469,10 @@ fn authorize(
                 "x-user-id is empty, too long or not printable",
             ));
         }
-        ctx.user = Some(access::normal_user(u));
+        ctx.user = Some(lists::normal_user(u));
     }
-    access::check_opt_out(&policy.opted_out_users, ctx.user.as_deref())?;
-    access::check_lists(
+    lists::check_opt_out(&policy.opted_out_users, ctx.user.as_deref())?;
+    lists::check_lists(
         &policy.lists,
         api.index,
         &app.id,

@@ -15,6 +15,7 @@ pub mod fields;
 pub mod inventory;
 pub mod ip;
 pub mod lifecycle;
+pub mod lists;
 pub mod message;
 pub mod policy;
 pub mod replay;

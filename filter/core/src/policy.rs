@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::access::{self, Grant, List, RawGrant, RawList};
+use crate::access::{self, Grant, RawGrant};
 use crate::apps;
 pub use crate::apps::{
     Algorithm, App, CertBinding, Credential, KeyMaterial, RawApp, RawCertificate, RawCredential,
@@ -18,6 +18,7 @@ use crate::bans::{BanSettings, RawBans};
 use crate::error::ConfigError;
 use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
 pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
+use crate::lists::{self, List, RawList};
 pub use crate::replay::ReplaySettings;
 use crate::timeutil;
 
@@ -204,7 +205,7 @@ impl RawPolicy {
             opted_out_users: self
                 .opted_out_users
                 .iter()
-                .map(|u| access::normal_user(u))
+                .map(|u| lists::normal_user(u))
                 .collect(),
             bans,
             clock_skew_seconds: g.clock_skew_seconds,
@@ -379,7 +380,7 @@ impl RawPolicy {
                     format!("missing, invalid or duplicate list id '{}'", raw.id),
                 ));
             }
-            lists.push(access::compile_list(&field, raw, apis, groups)?);
+            lists.push(lists::compile_list(&field, raw, apis, groups)?);
         }
         Ok(lists)
     }
