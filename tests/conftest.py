@@ -120,24 +120,10 @@ class Client:
     def raw(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes = b"",
             cert: str | None = None, source: str | None = None) -> requests.Response:
         """Sends exactly these header lines, repeats included (http.client keeps duplicates)."""
-        from urllib.parse import urlsplit
-
-        u = urlsplit(url)
-        conn = self.connect(url, cert=cert, source=source)
-        path = u.path + (f"?{u.query}" if u.query else "")
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for k, v in headers:
-            conn.putheader(k, v)
+        conn = self.start(method, url, headers, body_len=len(body), cert=cert, source=source)
         if body:
-            conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body or None)
-        r = conn.getresponse()
-        resp = requests.Response()
-        resp.status_code = r.status
-        resp._content = r.read()
-        resp.headers.update(r.getheaders())
-        conn.close()
-        return resp
+            conn.send(body)
+        return self.response(conn)
 
     def get(self, path: str, headers: dict | None = None, tls: bool = False, **kw) -> requests.Response:
         return self.session.get((self.https if tls else self.http) + path, headers=headers or {}, timeout=10, **kw)

@@ -34,6 +34,11 @@ pub trait HostFacts {
     fn response_header(&self, name: &str) -> Option<String>;
     /// The whole response body.
     fn response_body(&self, size: usize) -> Result<Vec<u8>, String>;
+    /// The policy in force now, if the host loaded another since the stream began (asked only
+    /// when a held body completes). Hosts that never reload have none.
+    fn current_config(&self) -> Option<Config> {
+        None
+    }
 }
 
 /// The connection's TLS facts as the host established them.
@@ -362,15 +367,8 @@ impl Stream {
         Step::pause()
     }
 
-    /// A part of the request body arrived (`size`: all of it so far). `current` is the policy
-    /// in force now, if the host loaded another since the headers came.
-    pub fn on_request_body(
-        &mut self,
-        size: usize,
-        end_of_stream: bool,
-        current: Option<Config>,
-        env: &Env<'_>,
-    ) -> Step {
+    /// A part of the request body arrived (`size`: all of it so far).
+    pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
         if self.phase != Phase::HoldingBody {
             return Step::proceed();
         }
@@ -393,7 +391,7 @@ impl Stream {
                 return self.refuse(d, env);
             }
         };
-        if let Some(c) = current {
+        if let Some(c) = env.host.current_config() {
             self.config = c;
         }
         self.finish(&body, env)
@@ -426,12 +424,11 @@ impl Stream {
         self.refuse(d, env)
     }
 
-    fn hidden_fields(&self) -> Option<Vec<Vec<String>>> {
-        let grant = self
-            .ctx
-            .grant_index
-            .and_then(|i| self.config.policy.grants.get(i))?;
-        (!grant.hide_response_fields.is_empty()).then(|| grant.hide_response_fields.clone())
+    /// The response fields the selected grant hides, if any (in `policy`, the stream's own).
+    fn hidden_fields<'p>(&self, policy: &'p Policy) -> Option<&'p [Vec<String>]> {
+        let grant = self.ctx.grant_index.and_then(|i| policy.grants.get(i))?;
+        let hidden = grant.hide_response_fields.as_slice();
+        (!hidden.is_empty()).then_some(hidden)
     }
 
     /// The response cannot be released as it is: replace it with a refusal (its headers are
@@ -446,7 +443,8 @@ impl Stream {
         if self.phase != Phase::Forwarded {
             return Step::proceed();
         }
-        let hides = self.hidden_fields().is_some();
+        let policy = self.policy();
+        let hides = self.hidden_fields(&policy).is_some();
         if self.config.policy.bans.is_none() && !hides {
             return Step::proceed();
         }
@@ -499,8 +497,9 @@ impl Stream {
                 return self.withhold(d, env);
             }
         };
-        let hidden = self.hidden_fields().unwrap_or_default();
-        match fields::filter_response(&hidden, &body) {
+        let policy = self.policy();
+        let hidden = self.hidden_fields(&policy).unwrap_or_default();
+        match fields::filter_response(hidden, &body) {
             Ok(filtered) => {
                 self.phase = Phase::Forwarded;
                 let mut step = Step::proceed();

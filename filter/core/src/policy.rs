@@ -403,10 +403,6 @@ impl Policy {
             .max_by_key(|a| a.specificity())
     }
 
-    pub fn grant(&self, id: &str) -> Option<&Grant> {
-        self.grants.iter().find(|g| g.id == id)
-    }
-
     pub fn app(&self, id: &str) -> Option<&App> {
         self.apps.get(id)
     }

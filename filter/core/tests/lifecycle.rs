@@ -189,10 +189,10 @@ fn a_signed_body_is_held_verified_then_forwarded_and_counted_once() {
         "the declared body is counted as held"
     );
     assert_eq!(
-        s.on_request_body(4, false, None, &rig.env()).action,
+        s.on_request_body(4, false, &rig.env()).action,
         Action::Pause
     );
-    let step = s.on_request_body(body.len(), true, None, &rig.env());
+    let step = s.on_request_body(body.len(), true, &rig.env());
     assert_eq!(step.action, Action::Continue);
     assert!(step
         .set_headers
@@ -256,7 +256,7 @@ fn s0_goes_through_at_the_headers_without_transport_facts() {
     assert_eq!(rig.host.transport_asked.get(), 0);
     assert_eq!(rig.held.get(), 0);
     assert_eq!(
-        s.on_request_body(10, true, None, &rig.env()).action,
+        s.on_request_body(10, true, &rig.env()).action,
         Action::Continue
     );
 }

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
-use apisec_core::lifecycle::{HostFacts, Transport};
+use apisec_core::lifecycle::{Config, HostFacts, Transport};
 use apisec_core::policy::SecretSource;
 use apisec_core::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -130,5 +130,9 @@ impl HostFacts for EnvoyFacts {
         hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
             .map(Option::unwrap_or_default)
             .map_err(|s| format!("{s:?}"))
+    }
+
+    fn current_config(&self) -> Option<Config> {
+        crate::root::current()
     }
 }

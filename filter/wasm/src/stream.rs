@@ -10,7 +10,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::host::{log, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
-use crate::root::{current, HELD};
+use crate::root::HELD;
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
@@ -101,7 +101,7 @@ impl HttpContext for ApisecHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.event(|s, env| s.on_request_body(body_size, end_of_stream, current(), env))
+        self.event(|s, env| s.on_request_body(body_size, end_of_stream, env))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {

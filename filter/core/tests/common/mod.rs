@@ -128,7 +128,7 @@ pub fn decide(
     let mut step =
         stream.on_request_headers(Ok(pairs(req)), source.as_deref(), body.is_empty(), &env);
     if step.action == Action::Pause {
-        step = stream.on_request_body(body.len(), true, None, &env);
+        step = stream.on_request_body(body.len(), true, &env);
     }
     match step.action {
         Action::Continue => Ok(stream.context().clone()),
