@@ -374,11 +374,8 @@ fn uses_key(grant: &str) -> String {
 /// Counts one use of a limited grant, atomically across workers (PERM-5): the counter is
 /// created only if absent and updated only by compare-and-swap, so no interleaving of workers
 /// can count a use twice or lose one.
-pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), Deny> {
-    let Some(max) = grant.max_uses else {
-        return Ok(());
-    };
-    let key = uses_key(&grant.id);
+pub fn consume_grant_use(store: &dyn SharedStore, grant: &str, max: u64) -> Result<(), Deny> {
+    let key = uses_key(grant);
     let host =
         |e: StoreError| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
     for _ in 0..16 {
@@ -393,7 +390,7 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &Grant) -> Result<(), D
         if used >= max {
             return Err(Deny::new(
                 DenyReason::GrantExhausted,
-                format!("grant {} used {used} of {max} times", grant.id),
+                format!("grant {grant} used {used} of {max} times"),
             ));
         }
         if store
@@ -442,10 +439,10 @@ mod tests {
             hide_response_fields: vec![],
         };
         for _ in 0..3 {
-            consume_grant_use(&store, &g).unwrap();
+            consume_grant_use(&store, &g.id, 3).unwrap();
         }
         assert_eq!(
-            consume_grant_use(&store, &g).unwrap_err().reason,
+            consume_grant_use(&store, &g.id, 3).unwrap_err().reason,
             DenyReason::GrantExhausted
         );
         assert_eq!(grant_uses(&store, "g"), 3);
@@ -473,11 +470,11 @@ mod tests {
         let worker_b = InterleavingStore {
             inner: &mem,
             at: 1,
-            between: |m: &MemoryStore| consume_grant_use(m, &g).unwrap(),
+            between: |m: &MemoryStore| consume_grant_use(m, &g.id, 1).unwrap(),
             reads: std::cell::Cell::new(0),
         };
         assert_eq!(
-            consume_grant_use(&worker_b, &g).unwrap_err().reason,
+            consume_grant_use(&worker_b, &g.id, 1).unwrap_err().reason,
             DenyReason::GrantExhausted
         );
         assert_eq!(grant_uses(&mem, "once"), 1);

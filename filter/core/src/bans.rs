@@ -186,7 +186,7 @@ impl Record {
 
 impl BanSettings {
     /// The source a refusal counts against: an IPv4 address, or an IPv6 address's prefix.
-    fn source(&self, ip: IpAddr) -> String {
+    pub fn source(&self, ip: IpAddr) -> String {
         match ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => {
@@ -231,7 +231,7 @@ impl BanSettings {
         (key, fp)
     }
 
-    fn lifted_at(&self, subject: Subject<'_>) -> u64 {
+    pub fn lifted_at(&self, subject: Subject<'_>) -> u64 {
         self.lifted
             .iter()
             .filter(|(t, _)| match (t, subject) {

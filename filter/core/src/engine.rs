@@ -1,22 +1,22 @@
-//! The per-request decision, in two steps that the host drives:
+//! The per-request decision, in two steps that the lifecycle drives:
 //! `check_headers` (inventory LVL-1, caller identity ID-1..ID-3, RFC 9421 signature DATA-3,
-//! DATA-4, freshness ATK-1) and `check_body` (RFC 9530 digest over the whole body, then the
-//! nonce is recorded last, so a refused request never uses up its nonce).
+//! DATA-4, freshness ATK-1) and `check_body` (RFC 9530 digest over the whole body, field
+//! rules). Both are pure: what they need of stored state (bans, the nonce, grant uses) is
+//! named as state operations (`early_ops`, `final_ops`, `refusal_ops`) that run after them, in
+//! one batch, so a refused request never uses up its nonce and a remote store is asked once.
 
 use base64::Engine as _;
 use sha2::Digest as _;
 
 use crate::access;
-use crate::bans::Subject;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::lists;
 use crate::message::{signature_base, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
-use crate::replay;
 use crate::sf::{self, BareItem, InnerList, Member};
-use crate::store::{SharedStore, StoreMeta};
+use crate::state::{BanSubject, Op};
 
 /// Headers the gateway owns: any client-sent copy is removed before anything else.
 pub const INTERNAL_HEADER_PREFIX: &str = "x-apisec-";
@@ -64,11 +64,8 @@ pub fn strips_header(policy: &Policy, name: &str) -> bool {
         || (policy.override_headers == OverrideMode::Strip && is_override_header(name))
 }
 
-/// What the host lends a decision: the state store, the record it was opened with (read once
-/// at configure time), and the ECDSA verifier.
+/// What the host lends a decision: the ECDSA verifier.
 pub struct Host<'a> {
-    pub store: &'a dyn SharedStore,
-    pub meta: &'a StoreMeta,
     pub verifier: &'a dyn EcdsaVerifier,
 }
 
@@ -121,7 +118,7 @@ pub struct RequestContext {
     /// the policy that selected it (the stream keeps that policy, or decides again).
     pub grant: Option<String>,
     pub grant_index: Option<usize>,
-    /// Set when a refusal of this request started an automatic ban.
+    /// Set when a refusal of this request started an automatic ban (or could not be counted).
     pub ban: Option<String>,
     pub level: Option<SecurityLevel>,
     pub function: Option<String>,
@@ -169,17 +166,9 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
-/// The first step for every request: a banned source is refused before anything else (what a
-/// banned source costs stays small, MON-6), then the inventory (LVL-1) names the API.
-pub fn begin<'p>(
-    policy: &'p Policy,
-    req: &Request,
-    store: &dyn SharedStore,
-    now: u64,
-) -> Result<&'p Api, Deny> {
-    if let (Some(bans), Some(ip)) = (&policy.bans, req.conn.client_ip) {
-        bans.check(store, Subject::Ip(ip), now)?;
-    }
+/// The first step for every request: the inventory (LVL-1) names the API. (Bans are state:
+/// every batch a request runs checks them first, see `ban_ops`.)
+pub fn begin<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
     find_api(policy, req)
 }
 
@@ -244,9 +233,6 @@ pub fn check_headers(
         )
     })?;
     ctx.app = Some(app.id.clone());
-    if let Some(bans) = &policy.bans {
-        bans.check(host.store, Subject::App(&app.id), now)?;
-    }
     if app.suspended {
         return Err(Deny::new(
             DenyReason::AppSuspended,
@@ -283,38 +269,70 @@ pub fn check_headers(
     if api.level > SecurityLevel::S0 {
         authenticate(policy, req, app, api, has_body, now, host.verifier, ctx)?;
     }
-    authorize(policy, req, app, api, now, ctx)?;
-    // A spent nonce is refused now, not after its body has been held (issue 8, hole 7).
-    if has_body && ctx.nonce.is_some() {
-        check_nonce(policy, host, ctx, now, false)?;
-    }
-    Ok(())
+    authorize(policy, req, app, api, now, ctx)
 }
 
-/// The request's nonce (or Idempotency-Key) against the replay store: only read (`record`
-/// false), or checked and recorded in one compare-and-swap step.
-fn check_nonce(
+/// The bans a request is checked against, first in every batch it runs: its source address,
+/// and the app it named (before proving to be it, as before any other check).
+fn ban_ops(policy: &Policy, client_ip: Option<std::net::IpAddr>, ctx: &RequestContext) -> Vec<Op> {
+    let mut ops = Vec::new();
+    if policy.bans.is_some() {
+        if let Some(ip) = client_ip {
+            ops.push(Op::Ban(BanSubject::Ip(ip)));
+        }
+        if let Some(app) = &ctx.app {
+            ops.push(Op::Ban(BanSubject::App(app.clone())));
+        }
+    }
+    ops
+}
+
+fn nonce_op(ctx: &RequestContext, now: u64, record: bool) -> Option<Op> {
+    let (app, nonce) = (ctx.app.as_ref()?, ctx.nonce.as_ref()?);
+    Some(Op::Nonce {
+        app: app.clone(),
+        nonce: nonce.clone(),
+        created: ctx.created.unwrap_or(now),
+        idempotency: ctx.idempotency,
+        record,
+    })
+}
+
+/// What a request whose headers passed asks of the state before its body is held: bans, and
+/// whether its nonce is spent, so a replay is refused now, not after its body has been held
+/// (issue 8, hole 7). Nothing is written.
+pub fn early_ops(
     policy: &Policy,
-    host: &Host<'_>,
+    client_ip: Option<std::net::IpAddr>,
     ctx: &RequestContext,
     now: u64,
-    record: bool,
-) -> Result<(), Deny> {
-    let (Some(app), Some(nonce)) = (&ctx.app, &ctx.nonce) else {
-        return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce"));
-    };
-    replay::check(
-        host.store,
-        host.meta,
-        &policy.replay,
-        policy.clock_skew_seconds,
-        app,
-        nonce,
-        ctx.created.unwrap_or(now),
-        now,
-        record,
-    )
-    .map_err(|d| replay_refusal(d, ctx.idempotency))
+) -> Vec<Op> {
+    let mut ops = ban_ops(policy, client_ip, ctx);
+    ops.extend(nonce_op(ctx, now, false));
+    ops
+}
+
+/// What a request that passed every check spends, in one batch: bans first, then its nonce
+/// (checked and recorded), then a use of its grant. `check_body` made sure a request that
+/// needs a nonce has one.
+pub fn final_ops(
+    policy: &Policy,
+    client_ip: Option<std::net::IpAddr>,
+    ctx: &RequestContext,
+    now: u64,
+) -> Vec<Op> {
+    let mut ops = ban_ops(policy, client_ip, ctx);
+    if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
+        ops.extend(nonce_op(ctx, now, true));
+        let grant = ctx.grant_index.and_then(|i| policy.grants.get(i));
+        if let Some((g, max)) = grant.and_then(|g| g.max_uses.map(|m| (g, m))) {
+            ops.push(Op::GrantUse {
+                grant: g.id.clone(),
+                max,
+            });
+        }
+    }
+    ops
 }
 
 /// Routing overrides (issue 8, hole 9): refused when the policy says so; `_method` always,
@@ -343,16 +361,6 @@ fn check_overrides(policy: &Policy, req: &Request) -> Result<(), Deny> {
         ));
     }
     Ok(())
-}
-
-/// A nonce refusal, named for what the caller sent: an Idempotency-Key seen before is a
-/// duplicate write, not a replayed signature.
-fn replay_refusal(d: Deny, idempotency: bool) -> Deny {
-    if idempotency && d.reason == DenyReason::NonceReplayed {
-        Deny::new(DenyReason::IdempotencyKeyReplayed, d.detail)
-    } else {
-        d
-    }
 }
 
 /// ID-2, ID-3, DATA-2..DATA-4: S1 and above need TLS, then the app's client certificate or its
@@ -718,7 +726,7 @@ pub fn check_body(
     now: u64,
 ) -> Result<(), Deny> {
     if ctx.generation != policy.generation {
-        let api = begin(policy, req, host.store, now)?;
+        let api = begin(policy, req)?;
         let started = ctx.started;
         *ctx = RequestContext::default();
         check_headers(policy, api, req, !body.is_empty(), now, host, ctx)?;
@@ -729,7 +737,7 @@ pub fn check_body(
         return Ok(());
     }
     if !body.is_empty() {
-        recheck(policy, req, ctx, host.store, now)?;
+        recheck(policy, ctx, now)?;
     }
     let signed = ctx.nonce.is_some() && !ctx.idempotency;
     match &ctx.content_digest {
@@ -753,25 +761,19 @@ pub fn check_body(
         )?;
     }
     // A certificate-only read has no nonce: the app's own TLS channel is fresh.
-    if ctx.nonce.is_some() || ctx.auth != Some(AuthKind::Certificate) {
-        check_nonce(policy, host, ctx, now, true)?;
+    if ctx.nonce.is_none() && ctx.auth != Some(AuthKind::Certificate) {
+        return Err(Deny::new(DenyReason::NonceMissing, "no verified nonce"));
     }
     match grant {
-        Some(g) => access::consume_grant_use(host.store, g),
+        Some(_) => Ok(()),
         None => Err(Deny::new(DenyReason::NoGrant, "no grant selected")),
     }
 }
 
 /// What may have changed while a body was arriving under the same policy: the time bound on
 /// the body itself, the signature's `expires` and `created` window, the grant's validity and
-/// windows, and bans that started meanwhile.
-fn recheck(
-    policy: &Policy,
-    req: &Request,
-    ctx: &RequestContext,
-    store: &dyn SharedStore,
-    now: u64,
-) -> Result<(), Deny> {
+/// windows. (Bans that started meanwhile are checked by the final batch.)
+fn recheck(policy: &Policy, ctx: &RequestContext, now: u64) -> Result<(), Deny> {
     let took = now.saturating_sub(ctx.started);
     if took > policy.max_body_seconds {
         return Err(Deny::new(
@@ -800,54 +802,39 @@ fn recheck(
     if let Some(g) = ctx.grant_index.and_then(|i| policy.grants.get(i)) {
         access::check_grant_validity(g, now)?;
     }
-    if let Some(bans) = &policy.bans {
-        if let Some(ip) = req.conn.client_ip {
-            bans.check(store, Subject::Ip(ip), now)?;
-        }
-        if let Some(app) = &ctx.app {
-            bans.check(store, Subject::App(app), now)?;
-        }
-    }
     Ok(())
 }
 
-/// Counts a refusal (or a 429 from Envoy's rate limiter) toward an automatic ban (PERM-4, RL-3,
-/// MON-6). An App_ID is no secret, so a refusal counts against the app only when the caller
-/// proved to be it (authenticated by signature or certificate); any other refusal counts
-/// against its source address (issue 8, hole 5), and so does a replay, which anyone who saw
-/// the request can send. Returns a note for the audit record when this
-/// refusal started a ban.
-pub fn count_refusal(
+/// What a refusal (ours, or a 429 from Envoy's rate limiter) asks of the state (PERM-4, RL-3,
+/// MON-6): the bans, checked first as for every request (a banned caller is told it is banned,
+/// and its refusals are not counted), then one refusal counted. An App_ID is no secret, so a
+/// refusal counts against the app only when the caller proved to be it (authenticated by
+/// signature or certificate); any other refusal counts against its source address (issue 8,
+/// hole 5), and so does a replay, which anyone who saw the request can send.
+pub fn refusal_ops(
     policy: &Policy,
     ctx: &RequestContext,
     client_ip: Option<std::net::IpAddr>,
     reason: DenyReason,
-    store: &dyn SharedStore,
-    now: u64,
-) -> Option<String> {
-    let bans = policy.bans.as_ref()?;
-    if !reason.counts_toward_ban() {
-        return None;
+) -> Vec<Op> {
+    if policy.bans.is_none() || reason == DenyReason::Banned {
+        return Vec::new();
     }
-    // A replayed request proves only that someone holds a copy of it.
-    let replay = matches!(
-        reason,
-        DenyReason::NonceReplayed | DenyReason::IdempotencyKeyReplayed
-    );
-    let subject = match (&ctx.app, ctx.auth, client_ip) {
-        (Some(app), Some(_), _) if !replay => Subject::App(app),
-        (_, _, Some(ip)) => Subject::Ip(ip),
-        _ => return None,
-    };
-    match bans.record_refusal(store, subject, now) {
-        Ok(true) => Some(format!(
-            "{} banned for {} s",
-            bans.describe(subject),
-            bans.ban_seconds
-        )),
-        Ok(false) => None,
-        Err(e) => Some(format!("ban counter unavailable: {e}")),
+    let mut ops = ban_ops(policy, client_ip, ctx);
+    if reason.counts_toward_ban() {
+        // A replayed request proves only that someone holds a copy of it.
+        let replay = matches!(
+            reason,
+            DenyReason::NonceReplayed | DenyReason::IdempotencyKeyReplayed
+        );
+        let subject = match (&ctx.app, ctx.auth, client_ip) {
+            (Some(app), Some(_), _) if !replay => Some(BanSubject::App(app.clone())),
+            (_, _, Some(ip)) => Some(BanSubject::Ip(ip)),
+            _ => None,
+        };
+        ops.extend(subject.map(Op::Refusal));
     }
+    ops
 }
 
 /// The body a held request would add to this worker's held bodies; refused when the worker

@@ -110,6 +110,9 @@ deny_reasons! {
     ReplayStoreFull => ("replay_store_full", 503),
     /// The host's shared store or crypto failed: fail closed.
     HostUnavailable => ("host_unavailable", 503),
+    /// The cluster state store did not answer in time, or answered something unexpected: the
+    /// request cannot be checked against state every replica shares, so it is refused.
+    StateUnavailable => ("state_unavailable", 503),
     /// The API is a draft: not yet through review (OPS-1).
     ApiNotPublished => ("api_not_published", 404),
     /// The API (or its group) is switched offline: degradation or circuit breaker (OPS-1, MON-5).

@@ -7,8 +7,10 @@
 //! the filter, withholding a response that cannot be filtered, trailers) live here; the host
 //! only answers what the machine asks ([`HostFacts`]) and never decides.
 //!
-//! State that outlives the request goes through the local store ([`SharedStore`]) for now; the
-//! typed, resumable batch of state operations a remote store needs is the next step.
+//! State that outlives the request (bans, nonces, grant uses, refusal counters) is asked for as
+//! a typed [`Batch`] in the step: the request pauses, the host runs the batch on its backend
+//! (the local store at once, or a callout to the cluster store) and resumes the machine with
+//! the [`Answer`] through [`Stream::on_state`]. Events that arrive meanwhile wait for it.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -20,6 +22,8 @@ use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::message::{self, Request};
 use crate::policy::{Policy, SecurityLevel};
+use crate::cluster::StateBackend;
+use crate::state::{self, Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
 /// What the machine asks the host, only when a decision needs it.
@@ -107,6 +111,9 @@ pub struct Step {
     pub counts: Vec<Count>,
     /// A line for the host's log (a ban started).
     pub log: Option<String>,
+    /// State operations to run before the machine can go on (the action is then `Pause`):
+    /// the host runs them and calls [`Stream::on_state`] with the answer.
+    pub state: Option<Batch>,
 }
 
 impl Step {
@@ -119,7 +126,32 @@ impl Step {
             audit: None,
             counts: Vec::new(),
             log: None,
+            state: None,
         }
+    }
+    fn ask(batch: Batch) -> Step {
+        let mut step = Step::go(Action::Pause);
+        step.state = Some(batch);
+        step
+    }
+
+    /// This step followed by `next` (what a host that runs state synchronously carries out).
+    pub fn then(mut self, next: Step) -> Step {
+        self.action = next.action;
+        self.remove_headers.extend(next.remove_headers);
+        self.set_headers.extend(next.set_headers);
+        if next.response_body.is_some() {
+            self.response_body = next.response_body;
+        }
+        if next.audit.is_some() {
+            self.audit = next.audit;
+        }
+        self.counts.extend(next.counts);
+        if next.log.is_some() {
+            self.log = next.log;
+        }
+        self.state = next.state;
+        self
     }
     fn proceed() -> Step {
         Step::go(Action::Continue)
@@ -143,6 +175,19 @@ enum Phase {
     Refused,
 }
 
+/// What the machine waits for while a state batch runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Waiting {
+    Nothing,
+    /// Bans and the nonce, read before the body is held (or before an S0 request goes on).
+    Early { s0: bool },
+    /// Bans, the nonce recorded, a grant use: the last word before the request goes upstream.
+    Final,
+    /// Bans and the refusal counter for a refusal; `respond` is false for a limiter's 429,
+    /// whose own answer goes to the caller.
+    Refusal { deny: Deny, respond: bool },
+}
+
 /// One request's state machine.
 pub struct Stream {
     config: Config,
@@ -155,6 +200,11 @@ pub struct Stream {
     phase: Phase,
     /// Bytes this request counts against the worker's held-body bound.
     held: u64,
+    waiting: Waiting,
+    /// The body completed (its size) while a batch was running.
+    body_done: Option<usize>,
+    /// Trailers arrived while a batch was running.
+    trailers: bool,
 }
 
 impl Stream {
@@ -168,7 +218,25 @@ impl Stream {
             now: 0,
             phase: Phase::Start,
             held: 0,
+            waiting: Waiting::Nothing,
+            body_done: None,
+            trailers: false,
         }
+    }
+
+    fn ask(&mut self, ops: Vec<Op>, waiting: Waiting) -> Step {
+        self.waiting = waiting;
+        Step::ask(Batch { ops, now: self.now })
+    }
+
+    /// The policy in force for this stream and the store record it was opened with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether the machine waits for the answer to a state batch.
+    pub fn waiting(&self) -> bool {
+        self.waiting != Waiting::Nothing
     }
 
     /// What the request established so far (for tests and tools).
@@ -198,38 +266,78 @@ impl Stream {
         }
     }
 
-    /// Audit, counts and the ban counter for a refusal (ours, or a limiter's 429 after us).
-    fn note_refusal(&mut self, deny: &Deny, env: &Env<'_>, step: &mut Step) {
+    /// A refusal (ours, or a limiter's 429 after us): first what it asks of the state (bans,
+    /// the refusal counter), then the audit record and the counts.
+    fn refusal(&mut self, deny: Deny, respond: bool, env: &Env<'_>) -> Step {
         if self.now == 0 {
             self.now = env.host.now().unwrap_or(0); // refused before the clock was read
         }
+        self.phase = Phase::Refused;
+        self.release(env);
         let policy = self.policy();
-        self.ctx.ban = engine::count_refusal(
-            &policy,
-            &self.ctx,
-            self.req.conn.client_ip,
-            deny.reason,
-            env.store,
-            self.now,
-        );
-        if let Some(ban) = &self.ctx.ban {
-            step.log = Some(format!("apisec: {ban} (request {})", self.request_id));
-            step.counts.push(Count::BanStarted);
+        let ops = engine::refusal_ops(&policy, &self.ctx, self.req.conn.client_ip, deny.reason);
+        if ops.is_empty() {
+            return self.refused(deny, respond, Answer::default());
         }
-        step.audit = Some(self.record(Err(deny)));
-        step.counts.push(Count::Denied(deny.reason));
+        self.ask(ops, Waiting::Refusal { deny, respond })
     }
 
     fn refuse(&mut self, deny: Deny, env: &Env<'_>) -> Step {
-        self.phase = Phase::Refused;
-        self.release(env);
-        let mut step = Step::go(Action::Refuse {
-            status: deny.reason.status(),
-            body: audit::refusal_body(&deny, &self.request_id),
-            retry_after: deny.reason.retry_after_seconds(),
-        });
-        self.note_refusal(&deny, env, &mut step);
+        self.refusal(deny, true, env)
+    }
+
+    /// The refusal once its state operations answered: a banned caller is told it is banned.
+    fn refused(&mut self, deny: Deny, respond: bool, answer: Answer) -> Step {
+        let deny = match answer.refused {
+            Some(d) if d.reason == DenyReason::Banned => d,
+            _ => deny,
+        };
+        let mut step = if respond {
+            Step::go(Action::Refuse {
+                status: deny.reason.status(),
+                body: audit::refusal_body(&deny, &self.request_id),
+                retry_after: deny.reason.retry_after_seconds(),
+            })
+        } else {
+            Step::proceed()
+        };
+        if let Some(ban) = answer.ban_started {
+            step.log = Some(format!("apisec: {ban} (request {})", self.request_id));
+            step.counts.push(Count::BanStarted);
+            self.ctx.ban = Some(ban);
+        } else if let Some(note) = answer.note {
+            self.ctx.ban = Some(note);
+        }
+        step.audit = Some(self.record(Err(&deny)));
+        step.counts.push(Count::Denied(deny.reason));
         step
+    }
+
+    /// The answer to the state batch the last step asked for.
+    fn ev_state(&mut self, answer: Answer, env: &Env<'_>) -> Step {
+        match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
+            Waiting::Nothing => Step::proceed(),
+            Waiting::Refusal { deny, respond } => self.refused(deny, respond, answer),
+            Waiting::Final => match answer.refused {
+                Some(d) => self.refuse(d, env),
+                None => self.allow(Step::proceed(), env),
+            },
+            Waiting::Early { s0 } => {
+                if let Some(d) = answer.refused {
+                    return self.refuse(d, env);
+                }
+                if s0 {
+                    return self.allow(Step::proceed(), env);
+                }
+                if std::mem::take(&mut self.trailers) {
+                    return self.ev_request_trailers(env);
+                }
+                match self.body_done.take() {
+                    Some(size) => self.ev_request_body(size, true, env),
+                    None => Step::pause(),
+                }
+            }
+        }
     }
 
     fn allow(&mut self, mut step: Step, env: &Env<'_>) -> Step {
@@ -255,7 +363,7 @@ impl Stream {
 
     /// The request headers: every pair as the host holds them (repeats included), the peer
     /// address, and whether a body follows.
-    pub fn on_request_headers(
+    fn ev_request_headers(
         &mut self,
         pairs: Result<Vec<(String, Vec<u8>)>, String>,
         source_address: Option<&str>,
@@ -322,7 +430,7 @@ impl Stream {
             );
             return self.refuse(d, env);
         }
-        let api = match engine::begin(&policy, &self.req, env.store, now) {
+        let api = match engine::begin(&policy, &self.req) {
             Ok(api) => api,
             Err(d) => return self.refuse(d, env),
         };
@@ -332,10 +440,7 @@ impl Stream {
             self.req.conn.peer_cert_sha256 = t.peer_cert_sha256;
             self.req.conn.peer_uri_san = t.peer_uri_san;
         }
-        let meta = self.config.meta.clone();
         let host = Host {
-            store: env.store,
-            meta: &meta,
             verifier: env.verifier,
         };
         if let Err(d) = engine::check_headers(
@@ -352,8 +457,13 @@ impl Stream {
         if end_of_stream {
             return self.finish(&[], env);
         }
+        let ops = engine::early_ops(&policy, self.req.conn.client_ip, &self.ctx, now);
         if self.ctx.level == Some(SecurityLevel::S0) {
-            return self.allow(Step::proceed(), env); // nothing in the body to verify at S0
+            // nothing in the body to verify at S0
+            if ops.is_empty() {
+                return self.allow(Step::proceed(), env);
+            }
+            return self.ask(ops, Waiting::Early { s0: true });
         }
         // Hold the headers until the whole body is in and verified, within this worker's bound.
         match engine::admit_body(&policy, env.held.get(), declared_len) {
@@ -364,11 +474,21 @@ impl Stream {
             Err(d) => return self.refuse(d, env),
         }
         self.phase = Phase::HoldingBody;
-        Step::pause()
+        if ops.is_empty() {
+            return Step::pause();
+        }
+        self.ask(ops, Waiting::Early { s0: false })
     }
 
     /// A part of the request body arrived (`size`: all of it so far).
-    pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+    fn ev_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if self.waiting() {
+            // nothing goes on while the state answers; a completed body is decided then
+            if end_of_stream && self.phase == Phase::HoldingBody {
+                self.body_done = Some(size);
+            }
+            return Step::pause();
+        }
         if self.phase != Phase::HoldingBody {
             return Step::proceed();
         }
@@ -399,21 +519,28 @@ impl Stream {
 
     /// The body is complete (empty without one): decided under the policy in force now.
     fn finish(&mut self, body: &[u8], env: &Env<'_>) -> Step {
-        let (policy, meta) = (self.config.policy.clone(), self.config.meta.clone());
+        let policy = self.policy();
         let host = Host {
-            store: env.store,
-            meta: &meta,
             verifier: env.verifier,
         };
-        match engine::check_body(&policy, &self.req, &mut self.ctx, body, &host, self.now) {
-            Ok(()) => self.allow(Step::proceed(), env),
-            Err(d) => self.refuse(d, env),
+        if let Err(d) = engine::check_body(&policy, &self.req, &mut self.ctx, body, &host, self.now)
+        {
+            return self.refuse(d, env);
         }
+        let ops = engine::final_ops(&policy, self.req.conn.client_ip, &self.ctx, self.now);
+        if ops.is_empty() {
+            return self.allow(Step::proceed(), env);
+        }
+        self.ask(ops, Waiting::Final)
     }
 
     /// Request trailers: RFC 9530 digests cover content, not trailers, so a request still held
     /// for verification must not smuggle any.
-    pub fn on_request_trailers(&mut self, env: &Env<'_>) -> Step {
+    fn ev_request_trailers(&mut self, env: &Env<'_>) -> Step {
+        if self.waiting() {
+            self.trailers = self.phase == Phase::HoldingBody; // refused when the state answers
+            return Step::pause();
+        }
         if self.phase != Phase::HoldingBody {
             return Step::proceed();
         }
@@ -439,7 +566,7 @@ impl Stream {
 
     /// The response headers. Only bans (a limiter's 429) and field hiding look at the response;
     /// otherwise the host is asked nothing.
-    pub fn on_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+    fn ev_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
         if self.phase != Phase::Forwarded {
             return Step::proceed();
         }
@@ -451,11 +578,8 @@ impl Stream {
         if env.host.response_header(":status").as_deref() == Some("429") {
             // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3); the
             // caller gets the limiter's own answer.
-            self.phase = Phase::Refused;
-            let mut step = Step::proceed();
             let d = Deny::new(DenyReason::RateLimited, "rate limit answered 429");
-            self.note_refusal(&d, env, &mut step);
-            return step;
+            return self.refusal(d, false, env);
         }
         if !hides {
             return Step::proceed();
@@ -476,7 +600,10 @@ impl Stream {
     }
 
     /// A part of the response body arrived (`size`: all of it so far).
-    pub fn on_response_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+    fn ev_response_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if self.waiting() {
+            return Step::pause(); // a limiter's 429 is being counted
+        }
         if self.phase != Phase::FilteringResponse {
             return Step::proceed();
         }
@@ -511,9 +638,75 @@ impl Stream {
     }
 
     /// The host could not put the filtered response in place: withhold it.
-    pub fn on_response_rewrite_failed(&mut self, env: &Env<'_>) -> Step {
+    fn ev_response_rewrite_failed(&mut self, env: &Env<'_>) -> Step {
         let d = Deny::new(DenyReason::HostUnavailable, "cannot rewrite the response");
         self.withhold(d, env)
+    }
+
+    /// Runs every batch a step asks for on the local store (Envoy shared data) at once, when
+    /// the policy keeps state locally; a cluster batch goes to the host.
+    fn out(&mut self, mut step: Step, env: &Env<'_>) -> Step {
+        if self.config.policy.state != StateBackend::Local {
+            return step;
+        }
+        while let Some(batch) = step.state.take() {
+            let answer = {
+                let c = &self.config;
+                state::run_local(&c.policy, env.store, &c.meta, &batch)
+            };
+            let next = self.ev_state(answer, env);
+            step = step.then(next);
+        }
+        step
+    }
+
+    /// The request headers: every pair as the host holds them (repeats included), the peer
+    /// address, and whether a body follows.
+    pub fn on_request_headers(
+        &mut self,
+        pairs: Result<Vec<(String, Vec<u8>)>, String>,
+        source_address: Option<&str>,
+        end_of_stream: bool,
+        env: &Env<'_>,
+    ) -> Step {
+        let step = self.ev_request_headers(pairs, source_address, end_of_stream, env);
+        self.out(step, env)
+    }
+
+    /// A part of the request body arrived (`size`: all of it so far).
+    pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        let step = self.ev_request_body(size, end_of_stream, env);
+        self.out(step, env)
+    }
+
+    /// Request trailers.
+    pub fn on_request_trailers(&mut self, env: &Env<'_>) -> Step {
+        let step = self.ev_request_trailers(env);
+        self.out(step, env)
+    }
+
+    /// The response headers.
+    pub fn on_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+        let step = self.ev_response_headers(end_of_stream, env);
+        self.out(step, env)
+    }
+
+    /// A part of the response body arrived (`size`: all of it so far).
+    pub fn on_response_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        let step = self.ev_response_body(size, end_of_stream, env);
+        self.out(step, env)
+    }
+
+    /// The host could not put the filtered response in place: withhold it.
+    pub fn on_response_rewrite_failed(&mut self, env: &Env<'_>) -> Step {
+        let step = self.ev_response_rewrite_failed(env);
+        self.out(step, env)
+    }
+
+    /// The answer to the state batch the last step asked for (from the cluster store).
+    pub fn on_state(&mut self, answer: Answer, env: &Env<'_>) -> Step {
+        let step = self.ev_state(answer, env);
+        self.out(step, env)
     }
 
     /// The stream ended. Each request is counted once, by its final outcome: one let through
@@ -523,13 +716,27 @@ impl Stream {
     pub fn on_log(&mut self, env: &Env<'_>) -> Step {
         self.release(env);
         let mut step = Step::proceed();
-        match self.phase {
+        let waited = std::mem::replace(&mut self.waiting, Waiting::Nothing);
+        if let Waiting::Refusal { deny, .. } = waited {
+            // the stream ended before the refusal's state answered: it is recorded uncounted
+            self.phase = Phase::Refused;
+            let answer = Answer {
+                note: Some("the stream ended before the refusal was counted".into()),
+                ..Answer::default()
+            };
+            return self.refused(deny, false, answer);
+        }
+        let phase = match waited {
+            Waiting::Early { .. } | Waiting::Final => Phase::HoldingBody,
+            _ => self.phase,
+        };
+        match phase {
             Phase::Forwarded | Phase::FilteringResponse => step.counts.push(Count::Allowed),
             Phase::HoldingBody => {
                 self.now = env.host.now().unwrap_or(self.now);
                 let d = Deny::new(
                     DenyReason::RequestAbandoned,
-                    "the request ended before its body was complete",
+                    "the request ended before it was decided",
                 );
                 step.audit = Some(self.record(Err(&d)));
                 step.counts.push(Count::Abandoned);
@@ -541,3 +748,4 @@ impl Stream {
         step
     }
 }
+

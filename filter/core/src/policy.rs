@@ -15,6 +15,7 @@ pub use crate::apps::{
     SecretSource,
 };
 use crate::bans::{BanSettings, RawBans};
+use crate::cluster::{RawState, StateBackend};
 use crate::error::ConfigError;
 use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
 pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
@@ -46,6 +47,9 @@ pub struct RawPolicy {
     /// Automatic bans after repeated refusals (PERM-4, RL-3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bans: Option<RawBans>,
+    /// Where security state lives: this gateway (`local`) or a store every replica shares.
+    #[serde(default)]
+    pub state: RawState,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,6 +152,7 @@ pub struct Policy {
     pub lists: Vec<List>,
     pub opted_out_users: HashSet<String>,
     pub bans: Option<BanSettings>,
+    pub state: StateBackend,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -197,6 +202,7 @@ impl RawPolicy {
         let grants = self.compile_grants(&apis, &groups, &apps)?;
         let lists = self.compile_lists(&apis, &groups)?;
         let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
+        let state = self.state.compile(secrets)?;
 
         Ok(Policy {
             generation: 0,
@@ -208,6 +214,7 @@ impl RawPolicy {
                 .map(|u| lists::normal_user(u))
                 .collect(),
             bans,
+            state,
             clock_skew_seconds: g.clock_skew_seconds,
             replay: ReplaySettings {
                 slots: g.replay.slots,

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::engine::{self, begin, check_body, check_headers, Host, RequestContext};
+use apisec_core::state::{self, Batch};
 use apisec_core::message::{Connection, Request};
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
@@ -85,15 +86,18 @@ fn held(
 ) -> Result<RequestContext, DenyReason> {
     let meta = store::meta(s).unwrap();
     let host = Host {
-        store: s,
-        meta: &meta,
         verifier: &SoftwareVerifier,
     };
     let mut ctx = RequestContext::default();
-    let api = begin(p0, req, s, t0).map_err(|d| d.reason)?;
+    let api = begin(p0, req).map_err(|d| d.reason)?;
     check_headers(p0, api, req, true, t0, &host, &mut ctx).map_err(|d| d.reason)?;
     check_body(p1, req, &mut ctx, body, &host, t1).map_err(|d| d.reason)?;
-    Ok(ctx)
+    let ops = engine::final_ops(p1, req.conn.client_ip, &ctx, t1);
+    let answer = state::run_local(p1, s, &meta, &Batch { ops, now: t1 });
+    match answer.refused {
+        Some(d) => Err(d.reason),
+        None => Ok(ctx),
+    }
 }
 
 #[test]
@@ -236,19 +240,26 @@ fn refusals_count_against_the_app_only_once_it_is_authenticated() {
         app: Some("app-a".into()),
         ..Default::default()
     };
+    let count = |ctx: &RequestContext, ip, reason| {
+        let ops = engine::refusal_ops(&p, ctx, ip, reason);
+        state::run_local(&p, &s, &store::meta(&s).unwrap(), &Batch { ops, now: NOW }).ban_started
+    };
     // unauthenticated: twice against the source, which is then banned; the app is not
-    engine::count_refusal(&p, &ctx, ip, DenyReason::SignatureInvalid, &s, NOW);
-    let note = engine::count_refusal(&p, &ctx, ip, DenyReason::SignatureInvalid, &s, NOW).unwrap();
+    count(&ctx, ip, DenyReason::SignatureInvalid);
+    let note = count(&ctx, ip, DenyReason::SignatureInvalid).unwrap();
     assert!(note.starts_with("source 192.0.2.9"), "{note}");
     // authenticated, but a replay: still the source (another one here)
     ctx.auth = Some(engine::AuthKind::Signature);
     let other = Some("192.0.2.10".parse().unwrap());
-    engine::count_refusal(&p, &ctx, other, DenyReason::NonceReplayed, &s, NOW);
-    let note = engine::count_refusal(&p, &ctx, other, DenyReason::NonceReplayed, &s, NOW).unwrap();
+    count(&ctx, other, DenyReason::NonceReplayed);
+    let note = count(&ctx, other, DenyReason::NonceReplayed).unwrap();
     assert!(note.starts_with("source 192.0.2.10"), "{note}");
-    // authenticated refusals ban the app
-    engine::count_refusal(&p, &ctx, other, DenyReason::NoGrant, &s, NOW);
-    let note = engine::count_refusal(&p, &ctx, other, DenyReason::NoGrant, &s, NOW).unwrap();
+    // a banned source's refusals are not counted (its batch stops at the ban)
+    assert_eq!(count(&ctx, other, DenyReason::NoGrant), None);
+    // authenticated refusals from a source that is not banned ban the app
+    let third = Some("192.0.2.11".parse().unwrap());
+    count(&ctx, third, DenyReason::NoGrant);
+    let note = count(&ctx, third, DenyReason::NoGrant).unwrap();
     assert!(note.starts_with("app app-a"), "{note}");
 }
 
