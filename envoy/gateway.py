@@ -24,6 +24,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import state_store  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 ECDS_NAME = "apisec"
 ECDS_FILE = "apisec.yaml"
@@ -112,6 +115,8 @@ class Layout:
     extra_listeners: list = field(default_factory=list)
     # Envoy local rate limits per verified app (x-apisec-app): {app: (requests, per_seconds)}.
     app_rate_limits: dict = field(default_factory=dict)
+    # The webdis port of the cluster state store, when the policy keeps state there.
+    state_port: int | None = None
 
     @property
     def ecds_dir(self) -> Path:
@@ -397,6 +402,8 @@ def render(policy_json: str, layout: Layout) -> Path:
             ],
         },
     }
+    if layout.state_port is not None:
+        bootstrap["static_resources"]["clusters"].append(state_store.state_cluster(layout.state_port))
     layout.bootstrap.write_text(json.dumps(bootstrap, indent=1))
     return layout.bootstrap
 

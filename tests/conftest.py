@@ -99,7 +99,9 @@ class Client:
 
         u = urlsplit(url)
         conn = self.connect(url, cert=cert, source=source)
-        conn.putrequest(method, u.path + (f"?{u.query}" if u.query else ""), skip_accept_encoding=True)
+        own_host = any(k.lower() == "host" for k, _ in headers)  # a replica behind a shared name
+        conn.putrequest(method, u.path + (f"?{u.query}" if u.query else ""), skip_host=own_host,
+                        skip_accept_encoding=True)
         for k, v in headers:
             conn.putheader(k, v)
         if body_len:
@@ -157,19 +159,20 @@ def flushed_stat(gateway: gw.Gateway, name: str) -> int:
 
 
 def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: int = 2,
-                  wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None) -> gw.Gateway:
+                  wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None,
+                  state_port: int | None = None, certs: Path | None = None,
+                  env: dict | None = None) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
-    certs = None
-    if with_tls:
+    if with_tls and certs is None:
         certs = tmp / "certs"
         certs_mod.generate(certs)
     layout = gw.Layout(
         build=tmp, wasm=wasm, certs=certs, concurrency=concurrency,
         http_port=gw.free_port(), https_port=gw.free_port(), mtls_port=gw.free_port(), admin_port=gw.free_port(),
-        upstream_port=gw.free_port(), app_rate_limits=rate_limits or {},
+        upstream_port=gw.free_port(), app_rate_limits=rate_limits or {}, state_port=state_port,
     )
     gw.render(json.dumps(policy), layout)
-    env = {SECRET_VAR: secret} if secret else {}
+    env = {**(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)
     g = gw.Gateway(layout, env=env)

@@ -817,7 +817,12 @@ pub fn refusal_ops(
     client_ip: Option<std::net::IpAddr>,
     reason: DenyReason,
 ) -> Vec<Op> {
-    if policy.bans.is_none() || reason == DenyReason::Banned {
+    // a store that cannot answer is not asked again about the same request
+    let unavailable = matches!(
+        reason,
+        DenyReason::StateUnavailable | DenyReason::HostUnavailable
+    );
+    if policy.bans.is_none() || reason == DenyReason::Banned || unavailable {
         return Vec::new();
     }
     let mut ops = ban_ops(policy, client_ip, ctx);

@@ -4,13 +4,15 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use apisec_core::cluster::{Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
+use apisec_core::state::{self, Batch};
 use apisec_core::replay;
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
 
 use crate::host::{log, now_secs, EnvSecrets, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
@@ -38,6 +40,40 @@ pub struct ApisecRoot {
     config: Option<Config>,
     metrics: Option<Rc<Metrics>>,
     verifier: Option<Rc<EnvoyVerifier>>,
+    /// The cluster store's epoch is known to exist (it is created by the first batch any
+    /// replica runs; this worker runs an empty one as soon as it has a cluster policy, so the
+    /// epoch predates the first request).
+    cluster_opened: bool,
+    opening: Option<u32>,
+}
+
+impl ApisecRoot {
+    fn open_cluster(&mut self) {
+        if self.cluster_opened || self.opening.is_some() {
+            return;
+        }
+        let Some(config) = &self.config else { return };
+        let StateBackend::Cluster(settings) = &config.policy.state else {
+            return;
+        };
+        let Some(now) = now_secs() else { return };
+        let batch = Batch { ops: vec![], now };
+        let call = state::cluster_call(&config.policy, settings, &batch, true);
+        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match hostcalls::dispatch_http_call(
+            &call.cluster,
+            headers,
+            Some(&call.body),
+            vec![],
+            std::time::Duration::from_millis(call.timeout_ms),
+        ) {
+            Ok(token) => self.opening = Some(token),
+            Err(e) => log(
+                LogLevel::Warn,
+                &format!("apisec: cluster state store not reachable yet: {e:?}"),
+            ),
+        }
+    }
 }
 
 /// Opens the state store for a policy: its record (salt, start time, replay layout) and every
@@ -55,6 +91,36 @@ fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
 }
 
 impl Context for ApisecRoot {
+    fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        if self.opening != Some(token) {
+            return;
+        }
+        self.opening = None;
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let Some(config) = &self.config else { return };
+        let batch = Batch::default();
+        match state::cluster_answer(&config.policy, &batch, status.as_deref(), &body) {
+            Decoded::Answer(a) if a.refused.is_none() => {
+                self.cluster_opened = true;
+                log(LogLevel::Info, "apisec: cluster state store answered");
+            }
+            _ => log(
+                LogLevel::Warn,
+                &format!(
+                    "apisec: cluster state store did not answer as expected ({}); requests are \
+                     refused state_unavailable until it does",
+                    status.as_deref().unwrap_or("no status")
+                ),
+            ),
+        }
+    }
+
     fn on_done(&mut self) -> bool {
         if let Some(m) = &self.metrics {
             m.flush();
@@ -108,6 +174,8 @@ impl RootContext for ApisecRoot {
             self.metrics = Some(Rc::new(Metrics::define()));
             let _ = hostcalls::set_tick_period(METRICS_FLUSH);
         }
+        self.cluster_opened = false;
+        self.open_cluster();
         if self.verifier.is_none() {
             self.verifier = Some(Rc::new(EnvoyVerifier {
                 warned: Cell::new(false),
@@ -120,6 +188,7 @@ impl RootContext for ApisecRoot {
         if let Some(m) = &self.metrics {
             m.flush();
         }
+        self.open_cluster();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -132,6 +201,8 @@ impl RootContext for ApisecRoot {
             stream: Stream::new(config.clone()),
             metrics: metrics.clone(),
             verifier: verifier.clone(),
+            pending: None,
+            on_response: false,
         }))
     }
 

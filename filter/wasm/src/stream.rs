@@ -3,7 +3,9 @@
 
 use std::rc::Rc;
 
+use apisec_core::cluster::{Decoded, StateBackend};
 use apisec_core::lifecycle::{self, Env, Step, Stream};
+use apisec_core::state::{self, Batch};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
@@ -19,9 +21,49 @@ pub struct ApisecHttp {
     pub stream: Stream,
     pub metrics: Rc<Metrics>,
     pub verifier: Rc<EnvoyVerifier>,
+    /// The state batch in flight to the cluster store: its callout token and the batch.
+    pub pending: Option<(u32, Batch)>,
+    /// The stream is held in a response callback (else in a request one).
+    pub on_response: bool,
 }
 
-impl Context for ApisecHttp {}
+impl Context for ApisecHttp {
+    /// The cluster store answered (or Envoy gave up on it): the machine goes on with what it
+    /// means, and the stream is resumed unless the step refused or holds it.
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
+        let Some((sent, batch)) = self.pending.take() else {
+            return;
+        };
+        if sent != token {
+            self.pending = Some((sent, batch));
+            return;
+        }
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let decoded = state::cluster_answer(
+            &self.stream.config().policy,
+            &batch,
+            status.as_deref(),
+            &body,
+        );
+        let action = match decoded {
+            Decoded::LoadScript => self.dispatch(batch, true),
+            Decoded::Answer(answer) => self.event(|s, env| s.on_state(answer, env)),
+        };
+        if action == Action::Continue {
+            let _ = if self.on_response {
+                hostcalls::resume_http_response()
+            } else {
+                hostcalls::resume_http_request()
+            };
+        }
+    }
+}
 
 impl ApisecHttp {
     /// Runs one lifecycle event with the host's adapters lent to it, then carries out its step.
@@ -39,7 +81,34 @@ impl ApisecHttp {
         self.carry_out(step)
     }
 
-    fn carry_out(&mut self, step: Step) -> Action {
+    /// Sends a state batch to the cluster store and holds the stream until it answers; a
+    /// callout Envoy refuses to make is answered at once as the store being unavailable.
+    fn dispatch(&mut self, batch: Batch, full: bool) -> Action {
+        let config = self.stream.config().clone();
+        let StateBackend::Cluster(settings) = &config.policy.state else {
+            return self.event(|s, env| s.on_state(state::Answer::default(), env));
+        };
+        let call = state::cluster_call(&config.policy, settings, &batch, full);
+        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match hostcalls::dispatch_http_call(
+            &call.cluster,
+            headers,
+            Some(&call.body),
+            vec![],
+            std::time::Duration::from_millis(call.timeout_ms),
+        ) {
+            Ok(token) => {
+                self.pending = Some((token, batch));
+                Action::Pause
+            }
+            Err(e) => {
+                let answer = apisec_core::cluster::failed(&format!("callout refused: {e:?}"));
+                self.event(|s, env| s.on_state(answer, env))
+            }
+        }
+    }
+
+    fn carry_out(&mut self, mut step: Step) -> Action {
         for name in &step.remove_headers {
             let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
         }
@@ -65,6 +134,9 @@ impl ApisecHttp {
                 "content-length",
                 Some(&len),
             );
+        }
+        if let Some(batch) = step.state.take() {
+            return self.dispatch(batch, false);
         }
         match step.action {
             lifecycle::Action::Continue => Action::Continue,
@@ -109,6 +181,7 @@ impl HttpContext for ApisecHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.on_response = true;
         self.event(|s, env| s.on_response_headers(end_of_stream, env))
     }
 

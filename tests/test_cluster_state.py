@@ -1,0 +1,246 @@
+"""Security state shared by every gateway replica (issue 10): two real Envoys load the built
+filter with `state.backend: cluster` and share one real Redis behind a real webdis, started here
+on free loopback ports. Requirement IDs: ATK-1 (replay across replicas and restarts), PERM-5
+(grant uses exact across replicas), PERM-4 / MON-6 (bans on every replica), and fail closed
+(a store that cannot answer means 503 state_unavailable, never accepted unchecked)."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+
+import gateway as gw
+import state_store
+from conftest import Client, base_policy, read_audit, start_gateway
+
+# Both replicas serve one public name, as behind a load balancer: requests are signed for it.
+PUBLIC = "gw.example.test"
+RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
+
+
+def upstream_count(g) -> int:
+    return g.stat("cluster.backend.upstream_rq_total")
+
+
+class Pair:
+    """One store and two gateways sharing it."""
+
+    def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500):
+        self.tmp = tmp
+        self.secret = secret
+        self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port()).start()
+        self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms)
+        self.certs = tmp / "certs"
+        import certs as certs_mod
+
+        certs_mod.generate(self.certs)
+        self.a = self.start("a")
+        self.b = self.start("b")
+
+    def start(self, name: str):
+        return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,
+                             state_port=self.store.http_port, certs=self.certs)
+
+    def restart(self) -> None:
+        for g in (self.a, self.b):
+            g.stop()
+        for g in (self.a, self.b):
+            g.start()
+
+    def stop(self) -> None:
+        for g in (self.a, self.b):
+            g.stop()
+        self.store.stop()
+
+    def client(self, g) -> Client:
+        return Client(g, self.secret)
+
+    def sign(self, path: str = RESEARCH, body: bytes | None = None, method: str = "GET") -> dict:
+        keyid = "demo-partner-p256" if body else "demo-partner-hmac"
+        return self.client(self.a).sign(method, path, body=body, keyid=keyid, base=f"https://{PUBLIC}")
+
+    def send(self, g, signed: dict, source: str | None = None):
+        headers = list(signed["headers"].items()) + [("host", PUBLIC)]
+        path = signed["url"].split(PUBLIC, 1)[1]
+        c = self.client(g)
+        return c.raw(signed["method"], f"https://127.0.0.1:{g.layout.https_port}{path}", headers, signed["body"],
+                     source=source)
+
+
+@pytest.fixture
+def pair(tmp_path, secret):
+    made = []
+
+    def make(policy: dict | None = None, timeout_ms: int = 500) -> Pair:
+        p = Pair(tmp_path, secret, policy, timeout_ms)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def refused_unsent(g, resp, status: int, code: str, before: int) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"] == code
+    rec = read_audit(g, resp.json()["request_id"])
+    assert rec["audit"]["code"] == code
+    assert upstream_count(g) == before, "the upstream received the refused request"
+    return rec
+
+
+def test_replay_to_the_other_replica_is_refused(pair):  # ATK-1
+    p = pair()
+    signed = p.sign()
+    assert p.send(p.a, signed).status_code == 200
+    before = upstream_count(p.b)
+    resp = p.send(p.b, signed)
+    refused_unsent(p.b, resp, 401, "nonce_replayed", before)
+    # and the other way round, with a fresh request first accepted by B
+    signed = p.sign()
+    assert p.send(p.b, signed).status_code == 200
+    assert p.send(p.a, signed).json()["error"] == "nonce_replayed"
+
+
+def test_parallel_copies_across_replicas_accept_exactly_one(pair):  # ATK-1
+    p = pair()
+    for _ in range(3):
+        signed = p.sign()
+        with concurrent.futures.ThreadPoolExecutor(20) as ex:
+            codes = list(ex.map(lambda i: p.send(p.a if i % 2 else p.b, signed).status_code, range(20)))
+        assert codes.count(200) == 1, codes
+        assert codes.count(401) == 19, codes
+
+
+def test_once_grant_used_on_one_replica_is_spent_on_the_other(pair):  # PERM-5
+    doc = base_policy()
+    for g in doc["grants"]:
+        if g["id"] == "demo-partner-info":
+            g["once"] = True
+    p = pair(doc)
+    assert p.send(p.a, p.sign()).status_code == 200
+    before = upstream_count(p.b)
+    refused_unsent(p.b, p.send(p.b, p.sign()), 403, "grant_exhausted", before)
+
+
+def test_max_uses_is_exact_across_replicas_under_concurrency(pair):  # PERM-5
+    doc = base_policy()
+    for g in doc["grants"]:
+        if g["id"] == "demo-partner-info":
+            g["max_uses"] = 5
+    p = pair(doc)
+    signed = [p.sign() for _ in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(12) as ex:
+        codes = list(ex.map(lambda i: p.send(p.a if i % 2 else p.b, signed[i]).status_code, range(24)))
+    assert codes.count(200) == 5, codes
+    assert codes.count(403) == 19, codes
+
+
+def test_ban_started_on_one_replica_refuses_on_the_other(pair):  # PERM-4, MON-6
+    doc = base_policy()
+    doc["bans"] = {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+    p = pair(doc)
+    source = "127.0.0.7"
+    bad = p.sign()
+    bad_headers = dict(bad["headers"])
+    bad_headers["signature"] = "sig1=:" + "A" * 86 + "==:"
+    bad["headers"] = bad_headers
+    for _ in range(3):
+        r = p.send(p.a, {**bad, "headers": bad_headers}, source=source)
+        assert r.json()["error"] in ("signature_invalid", "signature_malformed"), r.text
+    before = upstream_count(p.b)
+    rec = refused_unsent(p.b, p.send(p.b, p.sign(), source=source), 403, "banned", before)
+    assert "127.0.0.7" in rec["audit"]["detail"]
+    # another source is not affected
+    assert p.send(p.b, p.sign(), source="127.0.0.8").status_code == 200
+
+
+def test_restart_of_both_replicas_keeps_the_nonce(pair):  # ATK-1
+    p = pair()
+    signed = p.sign()
+    assert p.send(p.a, signed).status_code == 200
+    p.restart()
+    for g in (p.a, p.b):
+        r = p.send(g, signed)
+        assert r.status_code == 401 and r.json()["error"] == "nonce_replayed", r.text
+    assert p.send(p.b, p.sign()).status_code == 200
+
+
+def test_store_restart_keeps_nonces_and_lost_data_moves_the_epoch(pair):  # ATK-1
+    p = pair()
+    signed = p.sign()
+    assert p.send(p.a, signed).status_code == 200
+    # Redis restarted: the append-only file brings the nonce back
+    p.store.stop_redis()
+    p.store.start_redis()
+    deadline = time.time() + 10
+    while True:
+        r = p.send(p.b, signed)
+        if r.status_code != 503 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 401 and r.json()["error"] == "nonce_replayed", r.text
+    # Redis lost everything (a new, empty store): the epoch moves on, and a request created
+    # before it cannot be accepted again
+    old = p.sign()
+    assert p.send(p.a, old).status_code == 200
+    time.sleep(1.1)
+    assert p.store.redis_cli("FLUSHALL") == "OK"
+    r = p.send(p.b, old)
+    assert r.status_code == 401 and r.json()["error"] == "created_too_old", r.text
+    time.sleep(1.1)
+    assert p.send(p.b, p.sign()).status_code == 200
+
+
+def test_store_down_refuses_503_then_recovers_without_restarting_envoy(pair):  # ATK-1, fail closed
+    p = pair(timeout_ms=300)
+    assert p.send(p.a, p.sign()).status_code == 200
+    # stopped: connection refused
+    p.store.stop_redis()
+    for g in (p.a, p.b):
+        before = upstream_count(g)
+        rec = refused_unsent(g, p.send(g, p.sign()), 503, "state_unavailable", before)
+        assert "state store" in rec["audit"]["detail"]
+    # S0 asks the store nothing when no bans are configured: still served
+    r = p.client(p.a).get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"})
+    assert r.status_code == 200, r.text
+    p.store.start_redis()
+    deadline = time.time() + 10
+    while p.send(p.b, p.sign()).status_code != 200:
+        assert time.time() < deadline, "service did not resume after the store came back"
+        time.sleep(0.2)
+    # frozen: no answer within the timeout
+    p.store.freeze()
+    try:
+        before = upstream_count(p.a)
+        t0 = time.time()
+        rec = refused_unsent(p.a, p.send(p.a, p.sign()), 503, "state_unavailable", before)
+        assert time.time() - t0 < 3
+        assert "504" in rec["audit"]["detail"] or "nothing" in rec["audit"]["detail"], rec["audit"]["detail"]
+    finally:
+        p.store.thaw()
+    assert p.send(p.a, p.sign()).status_code == 200
+
+
+def test_s0_with_bans_asks_the_store_and_fails_closed(pair):  # PERM-4, MON-6
+    doc = base_policy()
+    doc["bans"] = {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+    p = pair(doc)
+    c = p.client(p.a)
+    quote = "/api/v1/market/quotes/600000"
+    assert c.get(quote, headers={"x-app-id": "demo-partner"}).status_code == 200
+    p.store.stop_redis()
+    before = upstream_count(p.a)
+    refused_unsent(p.a, c.get(quote, headers={"x-app-id": "demo-partner"}), 503, "state_unavailable", before)
+
+
+def test_signed_body_on_the_cluster_backend(pair):  # ATK-1, DATA-3
+    p = pair()
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    signed = p.sign("/api/v1/orders", body=body, method="POST")
+    r = p.send(p.a, signed)
+    assert r.status_code == 200, r.text
+    r = p.send(p.b, signed)
+    assert r.status_code == 401 and r.json()["error"] == "nonce_replayed", r.text
