@@ -9,7 +9,7 @@ WASM := target/wasm32-wasip1/release/apisec_filter.wasm
 CLI := target/release/apisec
 CARGO ?= cargo
 
-.PHONY: all setup build run test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak
+.PHONY: all setup build run run-cluster test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak
 
 all: build
 
@@ -26,7 +26,13 @@ $(VENV)/.installed: tests/requirements.txt
 	rustup component add clippy rustfmt
 	touch $@
 
-setup: .rustup-done $(VENV)/.installed
+# The cluster state store (issue 10): Redis and its HTTP bridge webdis, from Debian's packages.
+.store-done:
+	command -v redis-server >/dev/null && command -v webdis >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server webdis)
+	touch $@
+
+setup: .rustup-done $(VENV)/.installed .store-done
 
 # --- build ------------------------------------------------------------------------------
 build: .rustup-done
@@ -45,6 +51,10 @@ demo-assets: build/certs/ca.pem build/demo.env
 # --- run the demo gateway ---------------------------------------------------------------
 run: setup build demo-assets
 	$(PY) envoy/gateway.py run --policy $(POLICY)
+
+# Two gateway instances sharing the cluster state store (README "Cluster state").
+run-cluster: setup build demo-assets
+	$(PY) envoy/gateway.py run-cluster --policy $(POLICY)
 
 # --- checks -----------------------------------------------------------------------------
 fmt:
@@ -110,4 +120,4 @@ bench: setup build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf target build $(VENV) .rustup-done
+	rm -rf target build $(VENV) .rustup-done .store-done

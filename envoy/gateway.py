@@ -555,6 +555,10 @@ def main() -> int:
     run.add_argument("--policy", default=str(ROOT / "policies/securities.yaml"))
     run.add_argument("--build", default=str(ROOT / "build"))
     run.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
+    runc = sub.add_parser("run-cluster", help="start the cluster state store and two gateway instances sharing it")
+    runc.add_argument("--policy", default=str(ROOT / "policies/securities.yaml"))
+    runc.add_argument("--build", default=str(ROOT / "build"))
+    runc.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
     apply_ = sub.add_parser("apply", help="validate a policy and hot-reload it into the running gateway")
     apply_.add_argument("policy")
     apply_.add_argument("--actor", default=os.environ.get("USER", "operator"), help="who makes the change (operations log)")
@@ -585,6 +589,8 @@ def main() -> int:
     if missing:
         print(f"policy needs these secrets in the environment: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.cmd == "run-cluster":
+        return run_cluster(policy_json, layout, env)
     render(policy_json, layout)
     gw = Gateway(layout, env=env)
     try:
@@ -594,6 +600,11 @@ def main() -> int:
         gw.stop()
         return 1
     print(example_commands(layout, {**os.environ, **env}), flush=True)
+    return serve([gw])
+
+
+def serve(gateways: list[Gateway], store: state_store.StateStore | None = None) -> int:
+    """Runs until SIGINT/SIGTERM or until an Envoy exits, then stops everything."""
     stop = {"now": False}
 
     def on_signal(*_):
@@ -602,13 +613,62 @@ def main() -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        while not stop["now"] and gw.envoy is not None and gw.envoy.poll() is None:
+        while not stop["now"] and all(g.envoy is not None and g.envoy.poll() is None for g in gateways):
             time.sleep(0.5)
     finally:
-        gw.stop()
-    if gw.envoy is not None and gw.envoy.returncode not in (0, -signal.SIGTERM, None):
-        print(gw.log_tail(), file=sys.stderr)
+        for g in gateways:
+            g.stop()
+        if store is not None:
+            store.stop()
+    for g in gateways:
+        if g.envoy is not None and g.envoy.returncode not in (0, -signal.SIGTERM, None):
+            print(g.log_tail(), file=sys.stderr)
     return 0
+
+
+# `make run-cluster`: documented ports (README "Cluster state").
+CLUSTER_REDIS_PORT = 16379
+CLUSTER_WEBDIS_PORT = 17379
+
+
+def run_cluster(policy_json: str, layout: Layout, env: dict[str, str]) -> int:
+    """The store (Redis + webdis) and two gateway instances sharing it, on documented ports."""
+    doc = state_store.with_cluster_state(json.loads(policy_json))
+    store = state_store.StateStore(layout.build / "state-store", CLUSTER_REDIS_PORT, CLUSTER_WEBDIS_PORT)
+    layouts = [
+        Layout(build=layout.build / "cluster-a", wasm=layout.wasm, certs=layout.certs, state_port=CLUSTER_WEBDIS_PORT),
+        Layout(build=layout.build / "cluster-b", wasm=layout.wasm, certs=layout.certs, state_port=CLUSTER_WEBDIS_PORT,
+               http_port=11000, https_port=11443, mtls_port=11444, admin_port=9902, upstream_port=18081),
+    ]
+    gateways = []
+    try:
+        store.start()
+        for lay in layouts:
+            render(json.dumps(doc), lay)
+            gateways.append(Gateway(lay, env=env).start())
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        for g in gateways:
+            g.stop()
+        store.stop()
+        return 1
+    a, b = layouts
+    cli = apisec_cli().relative_to(ROOT)
+    print(example_commands(a, {**os.environ, **env}), flush=True)
+    print("\n".join([
+        "Cluster state: both instances keep nonces, grant uses, refusal counters and bans in one",
+        f"Redis (port {CLUSTER_REDIS_PORT}, append-only file, fsync always) behind webdis (port {CLUSTER_WEBDIS_PORT}).",
+        f"  instance A: http {a.http_port}  https {a.https_port}  mTLS {a.mtls_port}  admin {a.admin_port}",
+        f"  instance B: http {b.http_port}  https {b.https_port}  mTLS {b.mtls_port}  admin {b.admin_port}",
+        "",
+        "A replay to the other instance is refused (both serve one name, as behind a load balancer):",
+        f"  req=\"$({cli} sign --app demo-partner --keyid demo-partner-hmac --secret-env APISEC_DEMO_PARTNER_SECRET "
+        f"--url https://127.0.0.1:{a.https_port}/api/v1/info/research/r-2026-001)\"",
+        "  eval \"$req\"                                                  # instance A: 200",
+        f"  eval \"$req --connect-to 127.0.0.1:{a.https_port}:127.0.0.1:{b.https_port}\"    # instance B: 401 nonce_replayed",
+        "",
+    ]), flush=True)
+    return serve(gateways, store)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ use sha1::Digest as _;
 use sha2::Sha256;
 
 use crate::apps::SecretSource;
-use crate::error::{ConfigError, Deny, DenyReason};
 use crate::bans::BanSettings;
+use crate::error::{ConfigError, Deny, DenyReason};
 use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op};
 
 /// `state:` in the policy.
@@ -91,8 +91,7 @@ pub enum StateBackend {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 100
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
 }
 
@@ -117,7 +116,10 @@ impl RawState {
                         "1 to 100 of A-Z a-z 0-9 . _ - :",
                     ));
                 }
-                let authority = c.authority.clone().unwrap_or_else(|| c.envoy_cluster.clone());
+                let authority = c
+                    .authority
+                    .clone()
+                    .unwrap_or_else(|| c.envoy_cluster.clone());
                 if !valid_name(&authority) {
                     return Err(ConfigError::new(
                         "state.cluster.authority",
@@ -300,7 +302,8 @@ fn nonce_key(app: &str, nonce: &str) -> String {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
-    hex(&h.finalize()[..16])
+    let digest = h.finalize();
+    hex(digest.get(..16).unwrap_or(&digest))
 }
 
 /// webdis reads a command as `/`-separated, percent-decoded words; `+` would decode to a
@@ -336,9 +339,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
     for op in &batch.ops {
         match op {
             Op::Ban(s) => {
-                let lift = p
-                    .bans
-                    .map_or(0, |b| b.lifted_at(s.as_subject()));
+                let lift = p.bans.map_or(0, |b| b.lifted_at(s.as_subject()));
                 word(&mut body, "B");
                 word(&mut body, &subject_name(p, s));
                 word(&mut body, &lift.to_string());
@@ -361,11 +362,9 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &max.to_string());
             }
             Op::Refusal(s) => {
-                let (window, threshold, ban) = p
-                    .bans
-                    .map_or((1, u32::MAX, 1), |b| {
-                        (b.window_seconds, b.threshold, b.ban_seconds)
-                    });
+                let (window, threshold, ban) = p.bans.map_or((1, u32::MAX, 1), |b| {
+                    (b.window_seconds, b.threshold, b.ban_seconds)
+                });
                 word(&mut body, "R");
                 word(&mut body, &subject_name(p, s));
                 word(&mut body, &window.to_string());
@@ -481,7 +480,10 @@ pub fn decode(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) 
                 .ops
                 .iter()
                 .find_map(|op| match op {
-                    Op::GrantUse { grant, max } => Some(format!("grant {grant} used {} of {max} times", text(1).unwrap_or("?"))),
+                    Op::GrantUse { grant, max } => Some(format!(
+                        "grant {grant} used {} of {max} times",
+                        text(1).unwrap_or("?")
+                    )),
                     _ => None,
                 })
                 .unwrap_or_else(|| "grant exhausted".into());

@@ -21,8 +21,8 @@ pub mod message;
 pub mod policy;
 pub mod replay;
 pub mod sf;
-pub mod state;
 pub mod signer;
+pub mod state;
 pub mod store;
 pub mod timeutil;
 

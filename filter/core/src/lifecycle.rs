@@ -16,13 +16,13 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use crate::audit::{self, AuditInput};
+use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
 use crate::engine::{self, Host, RequestContext};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::message::{self, Request};
 use crate::policy::{Policy, SecurityLevel};
-use crate::cluster::StateBackend;
 use crate::state::{self, Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
@@ -180,12 +180,17 @@ enum Phase {
 enum Waiting {
     Nothing,
     /// Bans and the nonce, read before the body is held (or before an S0 request goes on).
-    Early { s0: bool },
+    Early {
+        s0: bool,
+    },
     /// Bans, the nonce recorded, a grant use: the last word before the request goes upstream.
     Final,
     /// Bans and the refusal counter for a refusal; `respond` is false for a limiter's 429,
     /// whose own answer goes to the caller.
-    Refusal { deny: Deny, respond: bool },
+    Refusal {
+        deny: Deny,
+        respond: bool,
+    },
 }
 
 /// One request's state machine.
@@ -748,4 +753,3 @@ impl Stream {
         step
     }
 }
-

@@ -145,9 +145,7 @@ pub fn run_local(
                             ))
                         }
                         Ok(false) => {}
-                        Err(e) => {
-                            answer.note = Some(format!("ban counter unavailable: {e}"))
-                        }
+                        Err(e) => answer.note = Some(format!("ban counter unavailable: {e}")),
                     }
                 }
                 Ok(())
@@ -170,11 +168,21 @@ fn params(policy: &Policy) -> cluster::Params<'_> {
 }
 
 /// The callout that runs a batch on the cluster store (`full`: with the script's text).
-pub fn cluster_call(policy: &Policy, settings: &ClusterSettings, batch: &Batch, full: bool) -> Call {
+pub fn cluster_call(
+    policy: &Policy,
+    settings: &ClusterSettings,
+    batch: &Batch,
+    full: bool,
+) -> Call {
     cluster::encode(&params(policy), settings, batch, full)
 }
 
 /// What the cluster store's answer to a batch means (`status`: the callout's `:status`).
-pub fn cluster_answer(policy: &Policy, batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+pub fn cluster_answer(
+    policy: &Policy,
+    batch: &Batch,
+    status: Option<&str>,
+    body: &[u8],
+) -> Decoded {
     cluster::decode(&params(policy), batch, status, body)
 }

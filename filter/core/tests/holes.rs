@@ -9,8 +9,8 @@ use std::collections::HashMap;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::engine::{self, begin, check_body, check_headers, Host, RequestContext};
-use apisec_core::state::{self, Batch};
 use apisec_core::message::{Connection, Request};
+use apisec_core::state::{self, Batch};
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
 use common::{fresh_store, SECRET_B64, STORE_STARTED};

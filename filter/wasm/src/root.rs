@@ -6,8 +6,8 @@ use std::rc::Rc;
 
 use apisec_core::cluster::{Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
-use apisec_core::state::{self, Batch};
 use apisec_core::replay;
+use apisec_core::state::{self, Batch};
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
@@ -59,7 +59,8 @@ impl ApisecRoot {
         let Some(now) = now_secs() else { return };
         let batch = Batch { ops: vec![], now };
         let call = state::cluster_call(&config.policy, settings, &batch, true);
-        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> =
+            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match hostcalls::dispatch_http_call(
             &call.cluster,
             headers,

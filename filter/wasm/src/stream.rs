@@ -89,7 +89,8 @@ impl ApisecHttp {
             return self.event(|s, env| s.on_state(state::Answer::default(), env));
         };
         let call = state::cluster_call(&config.policy, settings, &batch, full);
-        let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> =
+            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match hostcalls::dispatch_http_call(
             &call.cluster,
             headers,
