@@ -505,6 +505,7 @@ pub fn failed(detail: &str) -> Answer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)] // test code
 mod tests {
     use super::*;
 
@@ -518,5 +519,148 @@ mod tests {
     #[test]
     fn the_script_is_named_by_its_sha1() {
         assert_eq!(script_sha().len(), 40);
+    }
+
+    const P: Params<'static> = Params {
+        skew: 300,
+        lifetime: 600,
+        bans: None,
+    };
+
+    fn nonce_batch(idempotency: bool) -> Batch {
+        Batch {
+            ops: vec![Op::Nonce {
+                app: "a".into(),
+                nonce: "n/1+.json".into(),
+                created: 1000,
+                idempotency,
+                record: true,
+            }],
+            now: 1001,
+        }
+    }
+
+    fn reason(d: Decoded) -> Option<DenyReason> {
+        match d {
+            Decoded::Answer(a) => a.refused.map(|d| d.reason),
+            Decoded::LoadScript => panic!("unexpected"),
+        }
+    }
+
+    /// Fail closed: only the script's own answers mean anything; everything else (Envoy's
+    /// synthesized 503/504, webdis's 403, a Redis error or LOADING, garbage) is unavailable.
+    #[test]
+    fn anything_but_the_scripts_answer_is_state_unavailable() {
+        let b = nonce_batch(false);
+        let un = Some(DenyReason::StateUnavailable);
+        assert_eq!(reason(decode(&P, &b, None, b"")), un);
+        assert_eq!(
+            reason(decode(&P, &b, Some("504"), b"upstream request timeout")),
+            un
+        );
+        assert_eq!(reason(decode(&P, &b, Some("403"), b"")), un);
+        assert_eq!(reason(decode(&P, &b, Some("200"), b"not json")), un);
+        assert_eq!(
+            reason(decode(
+                &P,
+                &b,
+                Some("200"),
+                br#"{"EVALSHA":[false,"LOADING Redis is loading"]}"#
+            )),
+            un
+        );
+        assert_eq!(
+            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["maybe"]}"#)),
+            un
+        );
+        assert_eq!(
+            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["ok"],"x":1}"#)),
+            un
+        );
+        assert_eq!(
+            reason(decode(&P, &b, Some("200"), br#"{"GET":["ok"]}"#)),
+            un
+        );
+        assert_eq!(
+            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["ok"]}"#)),
+            None
+        );
+        assert_eq!(
+            decode(
+                &P,
+                &b,
+                Some("200"),
+                br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#
+            ),
+            Decoded::LoadScript
+        );
+    }
+
+    #[test]
+    fn the_scripts_refusals_keep_their_codes() {
+        let ok = Some("200");
+        let b = nonce_batch(false);
+        assert_eq!(
+            reason(decode(&P, &b, ok, br#"{"EVALSHA":["replayed"]}"#)),
+            Some(DenyReason::NonceReplayed)
+        );
+        assert_eq!(
+            reason(decode(
+                &P,
+                &nonce_batch(true),
+                ok,
+                br#"{"EVAL":["replayed"]}"#
+            )),
+            Some(DenyReason::IdempotencyKeyReplayed)
+        );
+        assert_eq!(
+            reason(decode(&P, &b, ok, br#"{"EVALSHA":["too_old","999"]}"#)),
+            Some(DenyReason::CreatedTooOld)
+        );
+        assert_eq!(
+            reason(decode(&P, &b, ok, br#"{"EVALSHA":["exhausted","1"]}"#)),
+            Some(DenyReason::GrantExhausted)
+        );
+        assert_eq!(
+            reason(decode(
+                &P,
+                &b,
+                ok,
+                br#"{"EVALSHA":["banned","ip/192.0.2.1","2000"]}"#
+            )),
+            Some(DenyReason::Banned)
+        );
+        match decode(&P, &b, ok, br#"{"EVALSHA":["ok","ban","app/a"]}"#) {
+            Decoded::Answer(a) => {
+                assert_eq!(a.ban_started.as_deref(), Some("app a banned for 0 s"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The caller's nonce never reaches the command as syntax: it is hashed into the key.
+    #[test]
+    fn the_command_carries_no_caller_bytes() {
+        let settings = RawState {
+            backend: Backend::Cluster,
+            cluster: Some(RawCluster {
+                envoy_cluster: "apisec_state".into(),
+                authority: None,
+                timeout_ms: 500,
+                key_prefix: "apisec:".into(),
+                credentials_env: None,
+            }),
+        }
+        .compile(None)
+        .unwrap();
+        let StateBackend::Cluster(c) = settings else {
+            panic!()
+        };
+        let call = encode(&P, &c, &nonce_batch(false), false);
+        let body = String::from_utf8(call.body).unwrap();
+        assert!(body.starts_with("EVALSHA/"), "{body}");
+        assert!(!body.contains("n/1") && !body.contains("json"), "{body}");
+        assert_eq!(body.split('/').count(), 1 + 1 + 1 + 4 + 4);
+        assert!(body.ends_with("/1"), "the record flag ends it: {body}");
     }
 }

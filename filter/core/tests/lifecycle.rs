@@ -14,6 +14,7 @@ use std::rc::Rc;
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::lifecycle::{Action, Config, Count, Env, HostFacts, Step, Stream, Transport};
 use apisec_core::message::Request;
+use apisec_core::state::{Answer, Op};
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
 use common::{fresh_store, SECRET_B64, STORE_STARTED};
@@ -402,4 +403,112 @@ fn no_clock_fails_closed() {
     let mut s = Stream::new(rig.config.clone());
     let step = s.on_request_headers(Err("gone".into()), None, true, &rig.env());
     assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
+}
+
+/// The cluster backend (issue 10): the machine asks the host to run state batches and waits.
+fn cluster_rig(bans: bool) -> Rig {
+    let mut rig = Rig::new(bans);
+    let mut p = (*rig.config.policy).clone();
+    p.state = apisec_core::cluster::RawState {
+        backend: apisec_core::cluster::Backend::Cluster,
+        cluster: Some(apisec_core::cluster::RawCluster {
+            envoy_cluster: "apisec_state".into(),
+            authority: None,
+            timeout_ms: 500,
+            key_prefix: "apisec:".into(),
+            credentials_env: None,
+        }),
+    }
+    .compile(None)
+    .unwrap();
+    rig.config.policy = Rc::new(p);
+    rig
+}
+
+#[test]
+fn cluster_state_is_asked_for_and_the_request_waits_for_the_answer() {
+    let rig = cluster_rig(false);
+    let body = br#"{"qty":1}"#;
+    *rig.host.request_body.borrow_mut() = body.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", body, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    // the early read: is the nonce spent? (nothing written)
+    let batch = step.state.clone().expect("a state batch");
+    assert_eq!(step.action, Action::Pause);
+    assert!(matches!(
+        batch.ops.as_slice(),
+        [Op::Nonce { record: false, .. }]
+    ));
+    // the whole body arrives while the store is still answering: nothing goes on
+    let step = s.on_request_body(body.len(), true, &rig.env());
+    assert_eq!(step.action, Action::Pause);
+    assert!(step.state.is_none());
+    // the answer: the body is decided, then the final batch records the nonce
+    let step = s.on_state(Answer::default(), &rig.env());
+    let batch = step.state.clone().expect("the final batch");
+    assert!(matches!(
+        batch.ops.as_slice(),
+        [Op::Nonce { record: true, .. }]
+    ));
+    let step = s.on_state(Answer::default(), &rig.env());
+    assert_eq!(step.action, Action::Continue);
+    assert!(step
+        .set_headers
+        .contains(&("x-apisec-app", "app-a".to_string())));
+    assert_eq!(s.on_log(&rig.env()).counts, vec![Count::Allowed]);
+}
+
+#[test]
+fn a_store_that_cannot_answer_refuses_503_and_is_not_asked_again() {
+    let rig = cluster_rig(true);
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", b"", "n1")),
+        Some("192.0.2.1:5000"),
+        true,
+        &rig.env(),
+    );
+    let batch = step.state.expect("the final batch");
+    assert!(matches!(
+        batch.ops.as_slice(),
+        [Op::Ban(_), Op::Ban(_), Op::Nonce { record: true, .. }]
+    ));
+    let step = s.on_state(
+        apisec_core::cluster::failed("callout timed out"),
+        &rig.env(),
+    );
+    assert_eq!(refused(&step), Some((503, "state_unavailable".into())));
+    assert!(
+        step.state.is_none(),
+        "no refusal batch for an unavailable store"
+    );
+    assert_eq!(audit_code(&step).as_deref(), Some("state_unavailable"));
+}
+
+#[test]
+fn a_refusal_in_cluster_mode_waits_for_its_count_and_reports_a_ban() {
+    let rig = cluster_rig(true);
+    let mut s = Stream::new(rig.config.clone());
+    let mut pairs = signed_pairs("POST", "/orders", b"", "n1");
+    for (k, v) in pairs.iter_mut() {
+        if k == "signature" {
+            *v = b"sig1=:AAAA:".to_vec();
+        }
+    }
+    let step = s.on_request_headers(Ok(pairs), Some("192.0.2.1:5000"), true, &rig.env());
+    let batch = step.state.expect("the refusal batch");
+    assert!(matches!(batch.ops.last(), Some(Op::Refusal(_))));
+    assert_eq!(step.action, Action::Pause, "refused only once counted");
+    let answer = Answer {
+        ban_started: Some("source 192.0.2.1 banned for 60 s".into()),
+        ..Answer::default()
+    };
+    let step = s.on_state(answer, &rig.env());
+    assert_eq!(refused(&step), Some((401, "signature_invalid".into())));
+    assert!(step.counts.contains(&Count::BanStarted));
 }
