@@ -22,6 +22,7 @@ clock of this shared host is not). Settings and the before/after mode: BENCHMARK
 """
 from __future__ import annotations
 
+import atexit
 import base64
 import json
 import os
@@ -37,12 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "envoy"))
 import certs as certs_mod  # noqa: E402
 import gateway as gw  # noqa: E402
+import state_store  # noqa: E402
 
 LOADGEN = ROOT / "target/release/apisec-loadgen"
 WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/apisec_bench_floor.wasm"
 OUT = ROOT / "bench/results"
-ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256"]
+ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_cluster", "s3_cluster"]
 # BENCH_VARIANTS=bare,s0 runs a subset (a quick A/B while working; baselines are always kept).
 _picked = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 VARIANTS = [v for v in ALL_VARIANTS if not _picked or v in _picked or v in ("bare", "bare_post")]
@@ -70,8 +72,8 @@ REPLAY = {"slots": 65536, "entries_per_slot": 32, "app_entries_per_slot": 32}  #
 
 
 def kind(v: str) -> str:
-    """The request shape a variant gets: `s1_before` is sent what `s1` is sent."""
-    return v.removesuffix("_before")
+    """The request shape a variant gets: `s1_before` and `s1_cluster` are sent what `s1` is sent."""
+    return v.removesuffix("_before").removesuffix("_cluster")
 
 
 def b64url(b: bytes) -> str:
@@ -163,7 +165,14 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     before = {"name": "apisec_before", "typed_config": gw.wasm_filter_config(json.dumps(old_policy), layout)}
     before["typed_config"]["config"]["vm_config"].update(
         vm_id="apisec.before", code={"local": {"filename": str(Path(BEFORE_WASM).resolve())}})
+    # The cluster variants keep their state in Redis (through webdis) on loopback: one callout
+    # per request, in its own VM so its shared data is not the local variants'.
+    cluster = {"name": "apisec_cluster", "typed_config": gw.wasm_filter_config(
+        json.dumps(state_store.with_cluster_state(policy)), layout)}
+    cluster["typed_config"]["config"]["vm_config"].update(vm_id="apisec.cluster")
     filters = {
+        "s1_cluster": [cluster, gw.ROUTER],
+        "s3_cluster": [cluster, gw.ROUTER],
         "s0_before": [before, gw.ROUTER],
         "s1_before": [before, gw.ROUTER],
         "s3_before": [before, gw.ROUTER],
@@ -209,7 +218,7 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
                                                      "max_requests": 100000}]},
                 "load_assignment": {"cluster_name": "backend", "endpoints": [{"lb_endpoints": [
                     {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports["upstream"]}}}}]}]},
-            }],
+            }, state_store.state_cluster(ports["webdis"])],
         },
     }
     layout.bootstrap.write_text(json.dumps(bootstrap))
@@ -364,7 +373,9 @@ def main() -> int:
     subprocess.run([str(ROOT / "target/release/apisec"), "keygen", "p256", "--out", str(build / "bench")],
                    check=True, capture_output=True)
     pub = (build / "bench.pub.pem").read_text()
-    ports = {k: gw.free_port() for k in [*VARIANTS, "upstream", "admin"]}
+    ports = {k: gw.free_port() for k in [*VARIANTS, "upstream", "admin", "redis", "webdis"]}
+    store = state_store.StateStore(build / "state-store", ports["redis"], ports["webdis"]).start()
+    atexit.register(store.stop)
     jwts = jwt_tokens()
     layout = render(build, ports, bench_policy(pub), jwts)
     env = {**os.environ, "APISEC_BENCH_SECRET": secret}
@@ -567,7 +578,8 @@ def main() -> int:
 
 def markdown(r: dict) -> str:
     names = {"bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
-             "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)"}
+             "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)",
+             "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state"}
     lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
              f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
              f"a quarter of the baseline's capacity ({r['method']['latency_rate']['bare']} req/s GET, "

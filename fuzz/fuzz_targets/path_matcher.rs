@@ -23,6 +23,7 @@ fn policy() -> &'static Policy {
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let (method, path) = text.split_once(' ').unwrap_or(("GET", text));
+    let Some(method) = apisec_core::policy::Method::parse(method) else { return };
     if let Some(api) = policy().match_api(method, path) {
         assert_eq!(api.method, method);
     }

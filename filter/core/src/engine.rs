@@ -13,7 +13,7 @@ use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::lists;
-use crate::message::{signature_base, Request};
+use crate::message::{signature_base, Method, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
 use crate::sf::{self, BareItem, InnerList, Member};
 use crate::state::{BanSubject, Op};
@@ -174,12 +174,15 @@ pub fn begin<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
 
 /// Inventory (LVL-1): the API a request is for. A request that matches none is refused.
 pub fn find_api<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
-    policy.match_api(&req.method, req.path()).ok_or_else(|| {
-        Deny::new(
-            DenyReason::UnknownApi,
-            format!("{} {} is not in the inventory", req.method, req.path()),
-        )
-    })
+    let method = Method::parse(&req.method);
+    method
+        .and_then(|m| policy.match_api(m, req.path()))
+        .ok_or_else(|| {
+            Deny::new(
+                DenyReason::UnknownApi,
+                format!("{} {} is not in the inventory", req.method, req.path()),
+            )
+        })
 }
 
 /// Whether deciding a request for `api` needs the transport facts beyond the client address
@@ -425,7 +428,7 @@ fn authenticate(
             ctx.user = req.unique_header(USER_HEADER)?.map(str::to_string);
             // A write has no signature nonce; its Idempotency-Key is checked like one, so a
             // duplicated write is not executed twice (issue 8, hole 13; ATK-1).
-            if !matches!(req.method.as_str(), "GET" | "HEAD" | "OPTIONS") {
+            if !Method::parse(&req.method).is_some_and(Method::is_safe) {
                 let key = req.unique_header(IDEMPOTENCY_HEADER)?.ok_or_else(|| {
                     Deny::new(
                         DenyReason::IdempotencyKeyMissing,

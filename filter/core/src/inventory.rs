@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, DenyReason};
+use crate::message::Method;
 
 /// Security level of an API (clause 6). Controls escalate with the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -108,7 +109,7 @@ pub(crate) enum Segment {
 #[derive(Debug, Clone)]
 pub struct Api {
     pub id: String,
-    pub method: String,
+    pub method: Method,
     pub path: String,
     pub level: SecurityLevel,
     pub service_object: ServiceObject,
@@ -280,14 +281,12 @@ pub fn compile(
                 format!("duplicate API id '{}'", a.id),
             ));
         }
-        if !["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-            .contains(&a.method.as_str())
-        {
+        let Some(method) = Method::parse(&a.method) else {
             return Err(ConfigError::new(
                 format!("{field}.method"),
                 "must be one of GET HEAD POST PUT PATCH DELETE OPTIONS (uppercase)",
             ));
-        }
+        };
         if a.function.trim().is_empty() {
             return Err(ConfigError::new(
                 format!("{field}.function"),
@@ -297,7 +296,7 @@ pub fn compile(
         let segments = parse_template(&format!("{field}.path"), &a.path)?;
         if let Some(other) = apis
             .iter()
-            .find(|x| x.method == a.method && x.segments == segments)
+            .find(|x| x.method == method && x.segments == segments)
         {
             return Err(ConfigError::new(
                 format!("{field}.path"),
@@ -315,7 +314,7 @@ pub fn compile(
         }
         apis.push(Api {
             id: a.id.clone(),
-            method: a.method.clone(),
+            method,
             path: a.path.clone(),
             level: a.level,
             service_object: a.service_object,

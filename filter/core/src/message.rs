@@ -6,6 +6,59 @@ use crate::error::{Deny, DenyReason};
 use crate::fields::form_decode;
 use crate::sf::{self, BareItem, InnerList};
 
+/// The HTTP methods an API in the inventory can have. A request with any other method matches
+/// no API (`unknown_api`); the exact bytes the caller sent still go into the signature base.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+}
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::Get,
+        Method::Head,
+        Method::Post,
+        Method::Put,
+        Method::Patch,
+        Method::Delete,
+        Method::Options,
+    ];
+
+    /// Methods are case-sensitive (RFC 9110 9.1): `get` is not `GET`.
+    pub fn parse(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
+            Method::Options => "OPTIONS",
+        }
+    }
+
+    /// Safe methods (RFC 9110 9.2.1): they read and change nothing.
+    pub fn is_safe(self) -> bool {
+        matches!(self, Method::Get | Method::Head | Method::Options)
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What Envoy established about the connection: the client IP it trusts (after its own
 /// `xff_num_trusted_hops` rule) and the TLS state, including a verified peer certificate.
 #[derive(Debug, Clone, Default)]

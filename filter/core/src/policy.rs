@@ -20,6 +20,7 @@ use crate::error::ConfigError;
 use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
 pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::lists::{self, List, RawList};
+pub use crate::message::Method;
 pub use crate::replay::ReplaySettings;
 use crate::timeutil;
 
@@ -399,7 +400,7 @@ impl Policy {
     }
 
     /// Finds the inventoried API for a method and a normalised path (without query).
-    pub fn match_api(&self, method: &str, path: &str) -> Option<&Api> {
+    pub fn match_api(&self, method: Method, path: &str) -> Option<&Api> {
         let segments: Vec<&str> = match path.strip_prefix('/') {
             Some(rest) => rest.split('/').collect(),
             None => return None,
@@ -458,17 +459,19 @@ mod tests {
     fn valid_policy_compiles_and_matches_most_specific() {
         let p = compile(base()).unwrap();
         assert_eq!(
-            p.match_api("GET", "/api/v1/quotes/600000").unwrap().id,
+            p.match_api(Method::Get, "/api/v1/quotes/600000")
+                .unwrap()
+                .id,
             "quote"
         );
         assert_eq!(
-            p.match_api("GET", "/api/v1/quotes/all").unwrap().id,
+            p.match_api(Method::Get, "/api/v1/quotes/all").unwrap().id,
             "quote-all"
         );
-        assert!(p.match_api("POST", "/api/v1/quotes/all").is_none());
-        assert!(p.match_api("GET", "/api/v1/quotes/").is_none());
-        assert!(p.match_api("GET", "/api/v1/quotes/a/b").is_none());
-        assert!(p.match_api("GET", "api/v1/quotes/a").is_none());
+        assert!(p.match_api(Method::Post, "/api/v1/quotes/all").is_none());
+        assert!(p.match_api(Method::Get, "/api/v1/quotes/").is_none());
+        assert!(p.match_api(Method::Get, "/api/v1/quotes/a/b").is_none());
+        assert!(p.match_api(Method::Get, "api/v1/quotes/a").is_none());
         let app = p.app("app-a").unwrap();
         assert!(
             matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32)
