@@ -96,9 +96,11 @@ def secret_env_names(policy_json: str) -> list[str]:
         return []
     if not isinstance(doc, dict):
         return []
-    return sorted(
-        {c["secret_env"] for a in doc.get("apps", []) for c in a.get("credentials", []) if c.get("secret_env")}
-    )
+    names = {c["secret_env"] for a in doc.get("apps", []) for c in a.get("credentials", []) if c.get("secret_env")}
+    cluster = (doc.get("state") or {}).get("cluster") or {}
+    if cluster.get("credentials_env"):
+        names.add(cluster["credentials_env"])
+    return sorted(names)
 
 
 @dataclass
@@ -115,8 +117,10 @@ class Layout:
     extra_listeners: list = field(default_factory=list)
     # Envoy local rate limits per verified app (x-apisec-app): {app: (requests, per_seconds)}.
     app_rate_limits: dict = field(default_factory=dict)
-    # The webdis port of the cluster state store, when the policy keeps state there.
+    # The webdis port of the cluster state store, when the policy keeps state there, and the CA
+    # its TLS terminator's certificate is checked against (TLS to the store), if any.
     state_port: int | None = None
+    state_tls_ca: Path | None = None
 
     @property
     def ecds_dir(self) -> Path:
@@ -403,7 +407,8 @@ def render(policy_json: str, layout: Layout) -> Path:
         },
     }
     if layout.state_port is not None:
-        bootstrap["static_resources"]["clusters"].append(state_store.state_cluster(layout.state_port))
+        bootstrap["static_resources"]["clusters"].append(
+            state_store.state_cluster(layout.state_port, layout.state_tls_ca))
     layout.bootstrap.write_text(json.dumps(bootstrap, indent=1))
     return layout.bootstrap
 

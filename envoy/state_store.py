@@ -121,11 +121,12 @@ def wait_port(port: int, proc: subprocess.Popen, name: str, timeout: float = 20.
     raise RuntimeError(f"{name} not listening on {port} after {timeout}s")
 
 
-def state_cluster(port: int) -> dict:
+def state_cluster(port: int, tls_ca: Path | None = None) -> dict:
     """The Envoy cluster the filter's callouts go through (HTTP/1.1 keep-alive to webdis).
     Circuit breakers bound the callouts in flight: beyond them a callout is refused at once and
-    the request gets 503 state_unavailable (fail closed)."""
-    return {
+    the request gets 503 state_unavailable (fail closed). With `tls_ca`, the hop is TLS: the
+    store's side must present a certificate for `localhost` issued by that CA."""
+    cluster = {
         "name": "apisec_state",
         "type": "STATIC",
         "connect_timeout": "0.25s",
@@ -142,6 +143,61 @@ def state_cluster(port: int) -> dict:
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
         },
     }
+    if tls_ca is not None:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": "localhost",
+                "common_tls_context": {
+                    "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(tls_ca)},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": "localhost"}}],
+                    },
+                },
+            },
+        }
+    return cluster
+
+
+def tls_terminator(build: Path, listen_port: int, target_port: int, certs: Path, admin_port: int) -> Path:
+    """An Envoy that terminates TLS in front of webdis (webdis has none of its own): the
+    store-side half of TLS between the gateways and the store. Returns its bootstrap."""
+    build.mkdir(parents=True, exist_ok=True)
+    boot = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "store_tls",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                            "common_tls_context": {"tls_certificates": [{
+                                "certificate_chain": {"filename": str(certs / "server.pem")},
+                                "private_key": {"filename": str(certs / "server.key")}}]},
+                        },
+                    },
+                    "filters": [{
+                        "name": "envoy.filters.network.tcp_proxy",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                                         "stat_prefix": "store", "cluster": "webdis"},
+                    }],
+                }],
+            }],
+            "clusters": [{
+                "name": "webdis", "type": "STATIC", "connect_timeout": "0.25s",
+                "load_assignment": {"cluster_name": "webdis", "endpoints": [{"lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": target_port}}}}]}]},
+            }],
+        },
+    }
+    path = build / "store-tls.json"
+    path.write_text(json.dumps(boot, indent=1))
+    return path
 
 
 def with_cluster_state(policy: dict, timeout_ms: int = 500, credentials_env: str | None = None) -> dict:

@@ -17,6 +17,7 @@ from conftest import Client, base_policy, read_audit, start_gateway
 # Both replicas serve one public name, as behind a load balancer: requests are signed for it.
 PUBLIC = "gw.example.test"
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
+CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
 
 
 def upstream_count(g) -> int:
@@ -26,11 +27,14 @@ def upstream_count(g) -> int:
 class Pair:
     """One store and two gateways sharing it."""
 
-    def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500):
+    def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500,
+                 credentials: str | None = None, env: dict | None = None):
         self.tmp = tmp
         self.secret = secret
-        self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port()).start()
-        self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms)
+        self.env = env or {}
+        self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port(), credentials).start()
+        self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms,
+                                                     credentials_env=CREDENTIALS_VAR if credentials else None)
         self.certs = tmp / "certs"
         import certs as certs_mod
 
@@ -40,7 +44,7 @@ class Pair:
 
     def start(self, name: str):
         return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,
-                             state_port=self.store.http_port, certs=self.certs)
+                             state_port=self.store.http_port, certs=self.certs, env=self.env)
 
     def restart(self) -> None:
         for g in (self.a, self.b):
@@ -72,8 +76,9 @@ class Pair:
 def pair(tmp_path, secret):
     made = []
 
-    def make(policy: dict | None = None, timeout_ms: int = 500) -> Pair:
-        p = Pair(tmp_path, secret, policy, timeout_ms)
+    def make(policy: dict | None = None, timeout_ms: int = 500, credentials: str | None = None,
+             env: dict | None = None) -> Pair:
+        p = Pair(tmp_path, secret, policy, timeout_ms, credentials, env)
         made.append(p)
         return p
 
@@ -244,3 +249,74 @@ def test_signed_body_on_the_cluster_backend(pair):  # ATK-1, DATA-3
     assert r.status_code == 200, r.text
     r = p.send(p.b, signed)
     assert r.status_code == 401 and r.json()["error"] == "nonce_replayed", r.text
+    # a body that arrives after the store answered the early read (the request waits for it)
+    signed = p.sign("/api/v1/orders", body=body, method="POST")
+    c = p.client(p.b)
+    headers = list(signed["headers"].items()) + [("host", PUBLIC)]
+    conn = c.start("POST", f"https://127.0.0.1:{p.b.layout.https_port}/api/v1/orders", headers, body_len=len(body))
+    time.sleep(0.5)
+    conn.send(body)
+    assert c.response(conn).status_code == 200
+    assert p.send(p.a, signed).json()["error"] == "nonce_replayed"
+
+
+def test_store_credentials(pair, tmp_path):  # fail closed without the right credentials
+    p = pair(credentials="apisec-gw:s3cret-for-test", env={CREDENTIALS_VAR: "apisec-gw:s3cret-for-test"})
+    signed = p.sign()
+    assert p.send(p.a, signed).status_code == 200
+    assert p.send(p.b, signed).json()["error"] == "nonce_replayed"
+    # a gateway with the wrong password: webdis answers 403, the request is refused, unsent
+    wrong = start_gateway(tmp_path / "wrong", p.policy, secret=p.secret, concurrency=1,
+                          state_port=p.store.http_port, certs=p.certs,
+                          env={CREDENTIALS_VAR: "apisec-gw:not-the-password"})
+    try:
+        before = upstream_count(wrong)
+        rec = refused_unsent(wrong, p.send(wrong, p.sign()), 503, "state_unavailable", before)
+        assert "403" in rec["audit"]["detail"]
+    finally:
+        wrong.stop()
+    # a policy naming a variable Envoy does not have is refused, and the last good one stays
+    import json
+
+    missing = json.loads(json.dumps(p.policy))
+    missing["state"]["cluster"]["credentials_env"] = "APISEC_NOT_SET_ANYWHERE"
+    with pytest.raises(gw.PolicyRejected):
+        gw.apply_policy(json.dumps(missing), p.a.layout, actor="test", source="test")
+    assert p.send(p.a, p.sign()).status_code == 200
+
+
+def test_tls_to_the_store(pair, tmp_path):  # DATA-2 on the hop to the store
+    """The gateways reach webdis through TLS (an Envoy terminating it on the store's side) and
+    check the store's certificate: a store that cannot prove to be the store is unavailable."""
+    import subprocess
+
+    import certs as certs_mod
+
+    p = pair()
+    tls_port = gw.free_port()
+    boot = state_store.tls_terminator(tmp_path / "terminator", tls_port, p.store.http_port, p.certs, gw.free_port())
+    term = subprocess.Popen([gw.envoy_binary(), "-c", str(boot), "--base-id", str(tls_port), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other_ca = tmp_path / "other-ca"
+    certs_mod.generate(other_ca)
+    gws = []
+    try:
+        state_store.wait_port(tls_port, term, "tls terminator")
+        good = start_gateway(tmp_path / "tls-good", p.policy, secret=p.secret, concurrency=1, state_port=tls_port,
+                             certs=p.certs, state_tls_ca=p.certs / "ca.pem")
+        gws.append(good)
+        # checks the store against another CA: the handshake fails, nothing is accepted unchecked
+        bad = start_gateway(tmp_path / "tls-bad", p.policy, secret=p.secret, concurrency=1, state_port=tls_port,
+                            certs=p.certs, state_tls_ca=other_ca / "ca.pem")
+        gws.append(bad)
+        signed = p.sign()
+        assert p.send(good, signed).status_code == 200
+        # the same store as the plain-HTTP replicas: the replay is refused there
+        assert p.send(p.a, signed).json()["error"] == "nonce_replayed"
+        before = upstream_count(bad)
+        refused_unsent(bad, p.send(bad, p.sign()), 503, "state_unavailable", before)
+        assert good.stat("cluster.apisec_state.ssl.handshake") >= 1
+    finally:
+        for g in gws:
+            g.stop()
+        state_store.stop(term)

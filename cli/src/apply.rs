@@ -211,13 +211,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
     }
     let secrets = Secrets(secrets);
     // Envoy refuses a VM config that names an environment variable twice.
-    let names: Vec<String> = raw
-        .apps
-        .iter()
-        .flat_map(|a| a.credentials.iter().filter_map(|c| c.secret_env.clone()))
-        .collect::<BTreeSet<String>>()
-        .into_iter()
-        .collect();
+    let names: Vec<String> = raw.secret_env_names();
     let unchecked: Vec<&String> = names
         .iter()
         .filter(|n| apisec_core::policy::SecretSource::get(&secrets, n).is_none())

@@ -161,14 +161,10 @@ impl apisec_core::policy::SecretSource for EnvSecrets {
 fn policy_check(file: &str) -> Result<(), String> {
     let raw = load_policy(file)?;
     raw.validate().map_err(|e| format!("{file}: {e}"))?;
-    let envs: Vec<&str> = raw
-        .apps
-        .iter()
-        .flat_map(|a| a.credentials.iter().filter_map(|c| c.secret_env.as_deref()))
-        .collect();
+    let envs = raw.secret_env_names();
     let missing: Vec<&str> = envs
         .iter()
-        .copied()
+        .map(String::as_str)
         .filter(|e| std::env::var(e).is_err())
         .collect();
     if missing.is_empty() {

@@ -182,6 +182,24 @@ impl RawPolicy {
         serde_json::from_str(text).map_err(|e| ConfigError::new("", format!("policy JSON: {e}")))
     }
 
+    /// The environment variables the policy reads its secrets from (HMAC App_Secrets, the
+    /// cluster store's credentials), once each and sorted: what Envoy must hand the VM.
+    pub fn secret_env_names(&self) -> Vec<String> {
+        let apps = self
+            .apps
+            .iter()
+            .flat_map(|a| a.credentials.iter().filter_map(|c| c.secret_env.clone()));
+        let store = self
+            .state
+            .cluster
+            .as_ref()
+            .and_then(|c| c.credentials_env.clone());
+        apps.chain(store)
+            .collect::<std::collections::BTreeSet<String>>()
+            .into_iter()
+            .collect()
+    }
+
     /// Checks everything that does not need secrets; the CLI runs exactly this.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.compile(None).map(|_| ())

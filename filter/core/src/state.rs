@@ -177,12 +177,19 @@ pub fn cluster_call(
     cluster::encode(&params(policy), settings, batch, full)
 }
 
-/// What the cluster store's answer to a batch means (`status`: the callout's `:status`).
+/// What the cluster store's answer to a batch means (`status`: the callout's `:status`;
+/// `full`: the batch went with the script's text, so a store that still lacks it is broken).
 pub fn cluster_answer(
     policy: &Policy,
     batch: &Batch,
+    full: bool,
     status: Option<&str>,
     body: &[u8],
 ) -> Decoded {
-    cluster::decode(&params(policy), batch, status, body)
+    match cluster::decode(&params(policy), batch, status, body) {
+        Decoded::LoadScript if full => {
+            Decoded::Answer(cluster::failed("the store lacks the script it was sent"))
+        }
+        d => d,
+    }
 }

@@ -106,7 +106,7 @@ impl Context for ApisecRoot {
             .unwrap_or_default();
         let Some(config) = &self.config else { return };
         let batch = Batch::default();
-        match state::cluster_answer(&config.policy, &batch, status.as_deref(), &body) {
+        match state::cluster_answer(&config.policy, &batch, true, status.as_deref(), &body) {
             Decoded::Answer(a) if a.refused.is_none() => {
                 self.cluster_opened = true;
                 log(LogLevel::Info, "apisec: cluster state store answered");

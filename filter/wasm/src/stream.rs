@@ -21,8 +21,9 @@ pub struct ApisecHttp {
     pub stream: Stream,
     pub metrics: Rc<Metrics>,
     pub verifier: Rc<EnvoyVerifier>,
-    /// The state batch in flight to the cluster store: its callout token and the batch.
-    pub pending: Option<(u32, Batch)>,
+    /// The state batch in flight to the cluster store: its callout token, the batch, and
+    /// whether the script's text went with it.
+    pub pending: Option<(u32, Batch, bool)>,
     /// The stream is held in a response callback (else in a request one).
     pub on_response: bool,
 }
@@ -31,11 +32,11 @@ impl Context for ApisecHttp {
     /// The cluster store answered (or Envoy gave up on it): the machine goes on with what it
     /// means, and the stream is resumed unless the step refused or holds it.
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _: usize) {
-        let Some((sent, batch)) = self.pending.take() else {
+        let Some((sent, batch, full)) = self.pending.take() else {
             return;
         };
         if sent != token {
-            self.pending = Some((sent, batch));
+            self.pending = Some((sent, batch, full));
             return;
         }
         let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
@@ -48,6 +49,7 @@ impl Context for ApisecHttp {
         let decoded = state::cluster_answer(
             &self.stream.config().policy,
             &batch,
+            full,
             status.as_deref(),
             &body,
         );
@@ -86,7 +88,8 @@ impl ApisecHttp {
     fn dispatch(&mut self, batch: Batch, full: bool) -> Action {
         let config = self.stream.config().clone();
         let StateBackend::Cluster(settings) = &config.policy.state else {
-            return self.event(|s, env| s.on_state(state::Answer::default(), env));
+            let answer = apisec_core::cluster::failed("no cluster store in the policy");
+            return self.event(|s, env| s.on_state(answer, env));
         };
         let call = state::cluster_call(&config.policy, settings, &batch, full);
         let headers: Vec<(&str, &str)> =
@@ -99,7 +102,7 @@ impl ApisecHttp {
             std::time::Duration::from_millis(call.timeout_ms),
         ) {
             Ok(token) => {
-                self.pending = Some((token, batch));
+                self.pending = Some((token, batch, full));
                 Action::Pause
             }
             Err(e) => {
