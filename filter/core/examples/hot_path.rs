@@ -62,7 +62,10 @@ fn main() {
             .decode(secret)
             .unwrap(),
     );
-    let n: usize = std::env::var("HOT_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: usize = std::env::var("HOT_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let reqs: Vec<Request> = (0..n)
         .map(|i| {
             let mut r = Request {
@@ -99,7 +102,11 @@ fn main() {
         })
         .collect();
     let t = Instant::now();
-    for r in reqs.iter().take(if std::env::var("HOT_S0").is_ok() { 0 } else { n }) {
+    for r in reqs.iter().take(if std::env::var("HOT_S0").is_ok() {
+        0
+    } else {
+        n
+    }) {
         let step = Stream::new(config.clone()).on_request_headers(
             Ok(pairs(r)),
             Some("127.0.0.1:1"),

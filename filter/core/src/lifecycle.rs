@@ -102,8 +102,9 @@ pub struct Step {
     /// Request headers to remove before anything goes upstream (client-sent `x-apisec-*`,
     /// stripped routing overrides).
     pub remove_headers: Vec<String>,
-    /// Request headers to set for the upstream (the verified identity).
-    pub set_headers: Vec<(&'static str, String)>,
+    /// Set the verified identity headers for the upstream now: what
+    /// [`Stream::identity_headers`] lends (borrowed, not copied into the step).
+    pub set_identity: bool,
     /// A response body to put in place of the one received (its length goes with it).
     pub response_body: Option<Vec<u8>>,
     /// The audit record to publish now (it replaces one published earlier).
@@ -121,7 +122,7 @@ impl Step {
         Step {
             action,
             remove_headers: Vec::new(),
-            set_headers: Vec::new(),
+            set_identity: false,
             response_body: None,
             audit: None,
             counts: Vec::new(),
@@ -139,7 +140,7 @@ impl Step {
     pub fn then(mut self, next: Step) -> Step {
         self.action = next.action;
         self.remove_headers.extend(next.remove_headers);
-        self.set_headers.extend(next.set_headers);
+        self.set_identity |= next.set_identity;
         if next.response_body.is_some() {
             self.response_body = next.response_body;
         }
@@ -237,6 +238,21 @@ impl Stream {
     /// The policy in force for this stream and the store record it was opened with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The verified identity for the upstream and for Envoy's rate-limit descriptors
+    /// (`x-apisec-app`, `-api`, `-level`, `-function`, `-user`), once a step says to set it.
+    pub fn identity_headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let c = &self.ctx;
+        [
+            ("x-apisec-app", c.app.as_deref()),
+            ("x-apisec-api", c.api.as_deref()),
+            ("x-apisec-level", c.level.map(SecurityLevel::as_str)),
+            ("x-apisec-function", c.function.as_deref()),
+            ("x-apisec-user", c.user.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
     }
 
     /// Whether the machine waits for the answer to a state batch.
@@ -348,19 +364,7 @@ impl Stream {
     fn allow(&mut self, mut step: Step, env: &Env<'_>) -> Step {
         self.phase = Phase::Forwarded;
         self.release(env);
-        let mut set = |k: &'static str, v: Option<String>| {
-            if let Some(v) = v {
-                step.set_headers.push((k, v));
-            }
-        };
-        set("x-apisec-app", self.ctx.app.clone());
-        set("x-apisec-api", self.ctx.api.clone());
-        set(
-            "x-apisec-level",
-            self.ctx.level.map(|l| l.as_str().to_string()),
-        );
-        set("x-apisec-function", self.ctx.function.clone());
-        set("x-apisec-user", self.ctx.user.clone());
+        step.set_identity = true;
         step.audit = Some(self.record(Ok(())));
         step.action = Action::Continue;
         step

@@ -116,8 +116,10 @@ impl ApisecHttp {
         for name in &step.remove_headers {
             let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
         }
-        for (name, value) in &step.set_headers {
-            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+        if step.set_identity {
+            for (name, value) in self.stream.identity_headers() {
+                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+            }
         }
         if let Some(line) = &step.log {
             log(LogLevel::Warn, line);
