@@ -200,10 +200,13 @@ def tls_terminator(build: Path, listen_port: int, target_port: int, certs: Path,
     return path
 
 
-def with_cluster_state(policy: dict, timeout_ms: int = 500, credentials_env: str | None = None) -> dict:
+def with_cluster_state(policy: dict, timeout_ms: int = 500, credentials_env: str | None = None,
+                       app_share: int | None = None) -> dict:
     """The policy with its state on the cluster store (through the `apisec_state` cluster)."""
     doc = json.loads(json.dumps(policy))
     cluster = {"envoy_cluster": "apisec_state", "timeout_ms": timeout_ms}
+    if app_share is not None:
+        cluster["app_share"] = app_share
     if credentials_env:
         cluster["credentials_env"] = credentials_env
     doc["state"] = {"backend": "cluster", "cluster": cluster}

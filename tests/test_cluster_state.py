@@ -28,13 +28,14 @@ class Pair:
     """One store and two gateways sharing it."""
 
     def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500,
-                 credentials: str | None = None, env: dict | None = None):
+                 credentials: str | None = None, env: dict | None = None, app_share: int | None = None):
         self.tmp = tmp
         self.secret = secret
         self.env = env or {}
         self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port(), credentials).start()
         self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms,
-                                                     credentials_env=CREDENTIALS_VAR if credentials else None)
+                                                     credentials_env=CREDENTIALS_VAR if credentials else None,
+                                                     app_share=app_share)
         self.certs = tmp / "certs"
         import certs as certs_mod
 
@@ -60,9 +61,10 @@ class Pair:
     def client(self, g) -> Client:
         return Client(g, self.secret)
 
-    def sign(self, path: str = RESEARCH, body: bytes | None = None, method: str = "GET") -> dict:
-        keyid = "demo-partner-p256" if body else "demo-partner-hmac"
-        return self.client(self.a).sign(method, path, body=body, keyid=keyid, base=f"https://{PUBLIC}")
+    def sign(self, path: str = RESEARCH, body: bytes | None = None, method: str = "GET",
+             app: str = "demo-partner", keyid: str | None = None) -> dict:
+        keyid = keyid or ("demo-partner-p256" if body else "demo-partner-hmac")
+        return self.client(self.a).sign(method, path, body=body, keyid=keyid, app=app, base=f"https://{PUBLIC}")
 
     def send(self, g, signed: dict, source: str | None = None):
         headers = list(signed["headers"].items()) + [("host", PUBLIC)]
@@ -77,8 +79,8 @@ def pair(tmp_path, secret):
     made = []
 
     def make(policy: dict | None = None, timeout_ms: int = 500, credentials: str | None = None,
-             env: dict | None = None) -> Pair:
-        p = Pair(tmp_path, secret, policy, timeout_ms, credentials, env)
+             env: dict | None = None, app_share: int | None = None) -> Pair:
+        p = Pair(tmp_path, secret, policy, timeout_ms, credentials, env, app_share)
         made.append(p)
         return p
 
@@ -320,3 +322,24 @@ def test_tls_to_the_store(pair, tmp_path):  # DATA-2 on the hop to the store
         for g in gws:
             g.stop()
         state_store.stop(term)
+
+
+def test_one_partner_cannot_fill_the_shared_store(pair):  # ATK-1, MON-5 (issue 8 hole 4, cluster form)
+    doc = base_policy()
+    doc["apps"].append({"id": "other-partner", "credentials": [
+        {"id": "other-partner-hmac", "alg": "hmac-sha256", "secret_env": "APISEC_DEMO_PARTNER_SECRET"}]})
+    doc["grants"].append({"id": "other-partner-info", "app": "other-partner", "apis": ["info.research"]})
+    p = pair(doc, app_share=3)
+    first = p.sign()
+    assert p.send(p.a, first).status_code == 200
+    for g in (p.b, p.a):
+        assert p.send(g, p.sign()).status_code == 200
+    before = upstream_count(p.b)
+    rec = refused_unsent(p.b, p.send(p.b, p.sign()), 503, "replay_store_full", before)
+    assert "demo-partner holds its share (3)" in rec["audit"]["detail"]
+    # a replay of an accepted request is still a replay, not "full"
+    assert p.send(p.b, first).json()["error"] == "nonce_replayed"
+    # every other partner is served
+    other = p.sign(app="other-partner", keyid="other-partner-hmac")
+    assert p.send(p.a, other).status_code == 200
+    assert p.send(p.b, other).json()["error"] == "nonce_replayed"

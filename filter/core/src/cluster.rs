@@ -60,6 +60,14 @@ pub struct RawCluster {
     /// Environment variable holding `user:password` for webdis's `http_basic_auth`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_env: Option<String>,
+    /// Nonces one app may record per `nonce_lifetime_seconds` (what it can hold live in the
+    /// store): no partner can fill the shared store for the others (ATK-1, MON-5).
+    #[serde(default = "default_app_share")]
+    pub app_share: u64,
+}
+
+fn default_app_share() -> u64 {
+    1_000_000
 }
 
 fn default_timeout_ms() -> u64 {
@@ -76,6 +84,7 @@ pub struct ClusterSettings {
     pub authority: String,
     pub timeout_ms: u64,
     pub key_prefix: String,
+    pub app_share: u64,
     /// `Basic …` for the callouts, from `credentials_env`.
     authorization: Option<String>,
 }
@@ -138,6 +147,12 @@ impl RawState {
                         "1 to 64 of A-Z a-z 0-9 . _ - :",
                     ));
                 }
+                if !(1..=1_000_000_000).contains(&c.app_share) {
+                    return Err(ConfigError::new(
+                        "state.cluster.app_share",
+                        "must be between 1 and 1000000000",
+                    ));
+                }
                 let authorization = match (&c.credentials_env, secrets) {
                     (None, _) | (Some(_), None) => None,
                     (Some(var), Some(s)) => {
@@ -164,6 +179,7 @@ impl RawState {
                     authority,
                     timeout_ms: c.timeout_ms,
                     key_prefix: c.key_prefix.clone(),
+                    app_share: c.app_share,
                     authorization,
                 }))
             }
@@ -172,8 +188,8 @@ impl RawState {
 }
 
 /// The script every batch runs: ARGV = prefix, now, skew, lifetime, then the operations
-/// (`B subject lift`, `N key created record`, `G grant max`, `R subject window threshold
-/// ban_seconds`), in order, stopping at the first refusal.
+/// (`B subject lift`, `N key app created record share`, `G grant max`, `R subject window
+/// threshold ban_seconds`), in order, stopping at the first refusal.
 pub const SCRIPT: &str = r#"-- apisec: one request's state operations, atomically
 local p = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -199,7 +215,7 @@ while i <= #ARGV do
     end
     i = i + 3
   elseif op == 'N' then
-    local created = tonumber(ARGV[i + 2])
+    local created = tonumber(ARGV[i + 3])
     local sk = tonumber(redis.call('GET', p .. 'skew')) or 0
     if skew > sk then
       redis.call('SET', p .. 'skew', skew)
@@ -213,16 +229,27 @@ while i <= #ARGV do
       return {'too_old', tostring(h)}
     end
     local nk = p .. 'nonce:' .. ARGV[i + 1]
-    if ARGV[i + 3] == '1' then
-      local ttl = math.max(created + sk, now + life) - now
-      if ttl < 1 then ttl = 1 end
-      if not redis.call('SET', nk, created, 'NX', 'EX', ttl) then
-        return {'replayed'}
-      end
-    elseif redis.call('EXISTS', nk) == 1 then
+    if redis.call('EXISTS', nk) == 1 then
       return {'replayed'}
     end
-    i = i + 4
+    if ARGV[i + 4] == '1' then
+      -- a nonce lives at most `life` seconds, so an app's live nonces were all recorded in
+      -- this lifetime-long bucket or the one before
+      local b = math.floor(now / life)
+      local qk = p .. 'share:' .. ARGV[i + 2] .. ':'
+      local held = (tonumber(redis.call('GET', qk .. b)) or 0)
+        + (tonumber(redis.call('GET', qk .. (b - 1))) or 0)
+      if held >= tonumber(ARGV[i + 5]) then
+        return {'full', tostring(held)}
+      end
+      local ttl = math.max(created + sk, now + life) - now
+      if ttl < 1 then ttl = 1 end
+      redis.call('SET', nk, created, 'EX', ttl)
+      if redis.call('INCR', qk .. b) == 1 then
+        redis.call('EXPIRE', qk .. b, 2 * life + 1)
+      end
+    end
+    i = i + 6
   elseif op == 'G' then
     local gk = p .. 'grant:' .. ARGV[i + 1]
     local used = tonumber(redis.call('GET', gk)) or 0
@@ -353,8 +380,10 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
             } => {
                 word(&mut body, "N");
                 word(&mut body, &nonce_key(app, nonce));
+                word(&mut body, app);
                 word(&mut body, &created.to_string());
                 word(&mut body, if *record { "1" } else { "0" });
+                word(&mut body, &settings.app_share.to_string());
             }
             Op::GrantUse { grant, max } => {
                 word(&mut body, "G");
@@ -475,6 +504,23 @@ pub fn decode(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) 
                 text(1).unwrap_or("?")
             ),
         ))),
+        (_, Some("full")) => {
+            let app = batch
+                .ops
+                .iter()
+                .find_map(|op| match op {
+                    Op::Nonce { app, .. } => Some(app.as_str()),
+                    _ => None,
+                })
+                .unwrap_or("?");
+            Decoded::Answer(Answer::refused(Deny::new(
+                DenyReason::ReplayStoreFull,
+                format!(
+                    "{app} holds its share ({}) of the cluster replay store",
+                    text(1).unwrap_or("?")
+                ),
+            )))
+        }
         (_, Some("exhausted")) => {
             let grant = batch
                 .ops
@@ -618,6 +664,10 @@ mod tests {
             Some(DenyReason::CreatedTooOld)
         );
         assert_eq!(
+            reason(decode(&P, &b, ok, br#"{"EVALSHA":["full","3"]}"#)),
+            Some(DenyReason::ReplayStoreFull)
+        );
+        assert_eq!(
             reason(decode(&P, &b, ok, br#"{"EVALSHA":["exhausted","1"]}"#)),
             Some(DenyReason::GrantExhausted)
         );
@@ -649,6 +699,7 @@ mod tests {
                 timeout_ms: 500,
                 key_prefix: "apisec:".into(),
                 credentials_env: None,
+                app_share: 1000,
             }),
         }
         .compile(None)
@@ -660,7 +711,7 @@ mod tests {
         let body = String::from_utf8(call.body).unwrap();
         assert!(body.starts_with("EVALSHA/"), "{body}");
         assert!(!body.contains("n/1") && !body.contains("json"), "{body}");
-        assert_eq!(body.split('/').count(), 1 + 1 + 1 + 4 + 4);
-        assert!(body.ends_with("/1"), "the record flag ends it: {body}");
+        assert_eq!(body.split('/').count(), 1 + 1 + 1 + 4 + 6);
+        assert!(body.ends_with("/1000"), "the app's share ends it: {body}");
     }
 }

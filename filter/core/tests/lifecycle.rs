@@ -416,6 +416,7 @@ fn cluster_rig(bans: bool) -> Rig {
             timeout_ms: 500,
             key_prefix: "apisec:".into(),
             credentials_env: None,
+            app_share: 1000,
         }),
     }
     .compile(None)
