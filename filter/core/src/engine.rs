@@ -275,12 +275,24 @@ pub fn check_headers(
     authorize(policy, req, app, api, now, ctx)
 }
 
-/// The bans a request is checked against, first in every batch it runs: its source address,
-/// and the app it named (before proving to be it, as before any other check).
-fn ban_ops(policy: &Policy, client_ip: Option<std::net::IpAddr>, ctx: &RequestContext) -> Vec<Op> {
+/// What a request asks before anything else on the local backend: whether its source is
+/// banned, so that a banned source costs a shared-data read and no signature verification
+/// (MON-6). On the cluster backend this would cost a round trip per request, and the batch
+/// after the checks asks it anyway, with the same outcome.
+pub fn opening_ops(policy: &Policy, client_ip: Option<std::net::IpAddr>, local: bool) -> Vec<Op> {
+    match (&policy.bans, client_ip) {
+        (Some(_), Some(ip)) if local => vec![Op::Ban(BanSubject::Ip(ip))],
+        _ => Vec::new(),
+    }
+}
+
+/// The bans a request is checked against, first in every batch it runs: its source address
+/// (`ip_ban`: None when the opening batch just checked it), and the app it named (before
+/// proving to be it, as before any other check).
+fn ban_ops(policy: &Policy, ip_ban: Option<std::net::IpAddr>, ctx: &RequestContext) -> Vec<Op> {
     let mut ops = Vec::new();
     if policy.bans.is_some() {
-        if let Some(ip) = client_ip {
+        if let Some(ip) = ip_ban {
             ops.push(Op::Ban(BanSubject::Ip(ip)));
         }
         if let Some(app) = &ctx.app {
@@ -306,11 +318,11 @@ fn nonce_op(ctx: &RequestContext, now: u64, record: bool) -> Option<Op> {
 /// (issue 8, hole 7). Nothing is written.
 pub fn early_ops(
     policy: &Policy,
-    client_ip: Option<std::net::IpAddr>,
+    ip_ban: Option<std::net::IpAddr>,
     ctx: &RequestContext,
     now: u64,
 ) -> Vec<Op> {
-    let mut ops = ban_ops(policy, client_ip, ctx);
+    let mut ops = ban_ops(policy, ip_ban, ctx);
     ops.extend(nonce_op(ctx, now, false));
     ops
 }
@@ -320,11 +332,11 @@ pub fn early_ops(
 /// needs a nonce has one.
 pub fn final_ops(
     policy: &Policy,
-    client_ip: Option<std::net::IpAddr>,
+    ip_ban: Option<std::net::IpAddr>,
     ctx: &RequestContext,
     now: u64,
 ) -> Vec<Op> {
-    let mut ops = ban_ops(policy, client_ip, ctx);
+    let mut ops = ban_ops(policy, ip_ban, ctx);
     if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
         ops.extend(nonce_op(ctx, now, true));
         let grant = ctx.grant_index.and_then(|i| policy.grants.get(i));
@@ -818,6 +830,7 @@ pub fn refusal_ops(
     policy: &Policy,
     ctx: &RequestContext,
     client_ip: Option<std::net::IpAddr>,
+    ip_ban: Option<std::net::IpAddr>,
     reason: DenyReason,
 ) -> Vec<Op> {
     // a store that cannot answer is not asked again about the same request
@@ -828,7 +841,7 @@ pub fn refusal_ops(
     if policy.bans.is_none() || reason == DenyReason::Banned || unavailable {
         return Vec::new();
     }
-    let mut ops = ban_ops(policy, client_ip, ctx);
+    let mut ops = ban_ops(policy, ip_ban, ctx);
     if reason.counts_toward_ban() {
         // A replayed request proves only that someone holds a copy of it.
         let replay = matches!(

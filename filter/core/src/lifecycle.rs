@@ -180,6 +180,10 @@ enum Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Waiting {
     Nothing,
+    /// The source's ban, asked before anything else on the local backend.
+    Opening {
+        end_of_stream: bool,
+    },
     /// Bans and the nonce, read before the body is held (or before an S0 request goes on).
     Early {
         s0: bool,
@@ -211,6 +215,9 @@ pub struct Stream {
     body_done: Option<usize>,
     /// Trailers arrived while a batch was running.
     trailers: bool,
+    /// The opening batch found the source not banned, and no body has been held since: later
+    /// batches need not ask again.
+    ip_checked: bool,
 }
 
 impl Stream {
@@ -227,6 +234,16 @@ impl Stream {
             waiting: Waiting::Nothing,
             body_done: None,
             trailers: false,
+            ip_checked: false,
+        }
+    }
+
+    /// The source address to check for a ban in the next batch (None: just checked).
+    fn ip_ban(&self) -> Option<std::net::IpAddr> {
+        if self.ip_checked {
+            None
+        } else {
+            self.req.conn.client_ip
         }
     }
 
@@ -296,7 +313,13 @@ impl Stream {
         self.phase = Phase::Refused;
         self.release(env);
         let policy = self.policy();
-        let ops = engine::refusal_ops(&policy, &self.ctx, self.req.conn.client_ip, deny.reason);
+        let ops = engine::refusal_ops(
+            &policy,
+            &self.ctx,
+            self.req.conn.client_ip,
+            self.ip_ban(),
+            deny.reason,
+        );
         if ops.is_empty() {
             return self.refused(deny, respond, Answer::default());
         }
@@ -308,10 +331,15 @@ impl Stream {
     }
 
     /// The refusal once its state operations answered: a banned caller is told it is banned.
-    fn refused(&mut self, deny: Deny, respond: bool, answer: Answer) -> Step {
+    fn refused(&mut self, deny: Deny, respond: bool, mut answer: Answer) -> Step {
         let deny = match answer.refused {
             Some(d) if d.reason == DenyReason::Banned => d,
-            _ => deny,
+            Some(d) => {
+                // the store could not count it: the refusal stands, and the record says so
+                answer.note = Some(format!("refusal not counted: {}", d.detail));
+                deny
+            }
+            None => deny,
         };
         let mut step = if respond {
             Step::go(Action::Refuse {
@@ -339,6 +367,13 @@ impl Stream {
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::Nothing => Step::proceed(),
             Waiting::Refusal { deny, respond } => self.refused(deny, respond, answer),
+            Waiting::Opening { end_of_stream } => match answer.refused {
+                Some(d) => self.refuse(d, env),
+                None => {
+                    self.ip_checked = true;
+                    self.headers(end_of_stream, env)
+                }
+            },
             Waiting::Final => match answer.refused {
                 Some(d) => self.refuse(d, env),
                 None => self.allow(Step::proceed(), env),
@@ -412,7 +447,16 @@ impl Stream {
             self.client_ip = message::ip_of_address(addr).to_string();
             self.req.conn.client_ip = self.client_ip.parse().ok();
         }
-        let mut step = self.headers(end_of_stream, env);
+        // On the local backend a banned source is refused before anything else (MON-6).
+        let local = policy.state == StateBackend::Local;
+        let opening = engine::opening_ops(&policy, self.req.conn.client_ip, local);
+        let mut step = match env.host.now() {
+            Some(now) if !opening.is_empty() => {
+                self.now = now;
+                self.ask(opening, Waiting::Opening { end_of_stream })
+            }
+            _ => self.headers(end_of_stream, env),
+        };
         step.remove_headers = removed;
         step
     }
@@ -466,7 +510,8 @@ impl Stream {
         if end_of_stream {
             return self.finish(&[], env);
         }
-        let ops = engine::early_ops(&policy, self.req.conn.client_ip, &self.ctx, now);
+        let ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
+        self.ip_checked = false; // a ban may start while the body comes: asked again then
         if self.ctx.level == Some(SecurityLevel::S0) {
             // nothing in the body to verify at S0
             if ops.is_empty() {
@@ -536,7 +581,7 @@ impl Stream {
         {
             return self.refuse(d, env);
         }
-        let ops = engine::final_ops(&policy, self.req.conn.client_ip, &self.ctx, self.now);
+        let ops = engine::final_ops(&policy, self.ip_ban(), &self.ctx, self.now);
         if ops.is_empty() {
             return self.allow(Step::proceed(), env);
         }

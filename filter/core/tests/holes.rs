@@ -241,7 +241,7 @@ fn refusals_count_against_the_app_only_once_it_is_authenticated() {
         ..Default::default()
     };
     let count = |ctx: &RequestContext, ip, reason| {
-        let ops = engine::refusal_ops(&p, ctx, ip, reason);
+        let ops = engine::refusal_ops(&p, ctx, ip, ip, reason);
         state::run_local(&p, &s, &store::meta(&s).unwrap(), &Batch { ops, now: NOW }).ban_started
     };
     // unauthenticated: twice against the source, which is then banned; the app is not

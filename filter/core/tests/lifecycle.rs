@@ -511,3 +511,28 @@ fn a_refusal_in_cluster_mode_waits_for_its_count_and_reports_a_ban() {
     assert_eq!(refused(&step), Some((401, "signature_invalid".into())));
     assert!(step.counts.contains(&Count::BanStarted));
 }
+
+#[test]
+fn a_refusal_the_store_cannot_count_stands_and_says_so() {
+    let rig = cluster_rig(true);
+    let mut s = Stream::new(rig.config.clone());
+    let mut pairs = signed_pairs("POST", "/orders", b"", "n1");
+    for (k, v) in pairs.iter_mut() {
+        if k == "signature" {
+            *v = b"sig1=:AAAA:".to_vec();
+        }
+    }
+    let step = s.on_request_headers(Ok(pairs), Some("192.0.2.1:5000"), true, &rig.env());
+    assert!(step.state.is_some());
+    let step = s.on_state(apisec_core::cluster::failed("timed out"), &rig.env());
+    assert_eq!(refused(&step), Some((401, "signature_invalid".into())));
+    let audit: serde_json::Value = serde_json::from_str(step.audit.as_ref().unwrap()).unwrap();
+    assert!(
+        audit["ban"]
+            .as_str()
+            .unwrap()
+            .starts_with("refusal not counted"),
+        "{audit}"
+    );
+    assert!(!step.counts.contains(&Count::BanStarted));
+}
