@@ -436,7 +436,23 @@ fn unavailable(detail: impl Into<String>) -> Decoded {
 
 /// Reads the callout's answer: `status` is its `:status` (None: the host gave none, as for a
 /// callout that failed or timed out), `body` what came with it.
-pub fn decode(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+/// `full`: the batch went with the script's text, so a store that still lacks it is broken.
+pub fn decode(
+    p: &Params<'_>,
+    batch: &Batch,
+    full: bool,
+    status: Option<&str>,
+    body: &[u8],
+) -> Decoded {
+    match read(p, batch, status, body) {
+        Decoded::LoadScript if full => {
+            Decoded::Answer(failed("the store lacks the script it was sent"))
+        }
+        d => d,
+    }
+}
+
+fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
     if status != Some("200") {
         return unavailable(format!(
             "state store answered {} ({} bytes)",
@@ -599,42 +615,62 @@ mod tests {
     fn anything_but_the_scripts_answer_is_state_unavailable() {
         let b = nonce_batch(false);
         let un = Some(DenyReason::StateUnavailable);
-        assert_eq!(reason(decode(&P, &b, None, b"")), un);
-        assert_eq!(
-            reason(decode(&P, &b, Some("504"), b"upstream request timeout")),
-            un
-        );
-        assert_eq!(reason(decode(&P, &b, Some("403"), b"")), un);
-        assert_eq!(reason(decode(&P, &b, Some("200"), b"not json")), un);
+        assert_eq!(reason(decode(&P, &b, false, None, b"")), un);
         assert_eq!(
             reason(decode(
                 &P,
                 &b,
+                false,
+                Some("504"),
+                b"upstream request timeout"
+            )),
+            un
+        );
+        assert_eq!(reason(decode(&P, &b, false, Some("403"), b"")), un);
+        assert_eq!(reason(decode(&P, &b, false, Some("200"), b"not json")), un);
+        assert_eq!(
+            reason(decode(
+                &P,
+                &b,
+                false,
                 Some("200"),
                 br#"{"EVALSHA":[false,"LOADING Redis is loading"]}"#
             )),
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["maybe"]}"#)),
+            reason(decode(
+                &P,
+                &b,
+                false,
+                Some("200"),
+                br#"{"EVALSHA":["maybe"]}"#
+            )),
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["ok"],"x":1}"#)),
+            reason(decode(
+                &P,
+                &b,
+                false,
+                Some("200"),
+                br#"{"EVALSHA":["ok"],"x":1}"#
+            )),
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, Some("200"), br#"{"GET":["ok"]}"#)),
+            reason(decode(&P, &b, false, Some("200"), br#"{"GET":["ok"]}"#)),
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, Some("200"), br#"{"EVALSHA":["ok"]}"#)),
+            reason(decode(&P, &b, false, Some("200"), br#"{"EVALSHA":["ok"]}"#)),
             None
         );
         assert_eq!(
             decode(
                 &P,
                 &b,
+                false,
                 Some("200"),
                 br#"{"EVALSHA":[false,"NOSCRIPT No matching script."]}"#
             ),
@@ -647,40 +683,54 @@ mod tests {
         let ok = Some("200");
         let b = nonce_batch(false);
         assert_eq!(
-            reason(decode(&P, &b, ok, br#"{"EVALSHA":["replayed"]}"#)),
+            reason(decode(&P, &b, false, ok, br#"{"EVALSHA":["replayed"]}"#)),
             Some(DenyReason::NonceReplayed)
         );
         assert_eq!(
             reason(decode(
                 &P,
                 &nonce_batch(true),
+                false,
                 ok,
                 br#"{"EVAL":["replayed"]}"#
             )),
             Some(DenyReason::IdempotencyKeyReplayed)
         );
         assert_eq!(
-            reason(decode(&P, &b, ok, br#"{"EVALSHA":["too_old","999"]}"#)),
+            reason(decode(
+                &P,
+                &b,
+                false,
+                ok,
+                br#"{"EVALSHA":["too_old","999"]}"#
+            )),
             Some(DenyReason::CreatedTooOld)
         );
         assert_eq!(
-            reason(decode(&P, &b, ok, br#"{"EVALSHA":["full","3"]}"#)),
+            reason(decode(&P, &b, false, ok, br#"{"EVALSHA":["full","3"]}"#)),
             Some(DenyReason::ReplayStoreFull)
         );
         assert_eq!(
-            reason(decode(&P, &b, ok, br#"{"EVALSHA":["exhausted","1"]}"#)),
+            reason(decode(
+                &P,
+                &b,
+                false,
+                ok,
+                br#"{"EVALSHA":["exhausted","1"]}"#
+            )),
             Some(DenyReason::GrantExhausted)
         );
         assert_eq!(
             reason(decode(
                 &P,
                 &b,
+                false,
                 ok,
                 br#"{"EVALSHA":["banned","ip/192.0.2.1","2000"]}"#
             )),
             Some(DenyReason::Banned)
         );
-        match decode(&P, &b, ok, br#"{"EVALSHA":["ok","ban","app/a"]}"#) {
+        match decode(&P, &b, false, ok, br#"{"EVALSHA":["ok","ban","app/a"]}"#) {
             Decoded::Answer(a) => {
                 assert_eq!(a.ban_started.as_deref(), Some("app a banned for 0 s"))
             }

@@ -17,6 +17,7 @@ pub mod inventory;
 pub mod ip;
 pub mod lifecycle;
 pub mod lists;
+pub mod local;
 pub mod message;
 pub mod policy;
 pub mod replay;

@@ -21,9 +21,10 @@ use crate::crypto::EcdsaVerifier;
 use crate::engine::{self, Host, RequestContext};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
+use crate::local;
 use crate::message::{self, Request};
 use crate::policy::{Policy, SecurityLevel};
-use crate::state::{self, Answer, Batch, Op};
+use crate::state::{Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
 /// What the machine asks the host, only when a decision needs it.
@@ -706,7 +707,7 @@ impl Stream {
         while let Some(batch) = step.state.take() {
             let answer = {
                 let c = &self.config;
-                state::run_local(&c.policy, env.store, &c.meta, &batch)
+                local::run_local(&c.policy, env.store, &c.meta, &batch)
             };
             let next = self.ev_state(answer, env);
             step = step.then(next);

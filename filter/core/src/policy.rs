@@ -15,7 +15,7 @@ pub use crate::apps::{
     SecretSource,
 };
 use crate::bans::{BanSettings, RawBans};
-use crate::cluster::{RawState, StateBackend};
+use crate::cluster::{self, RawState, StateBackend};
 use crate::error::ConfigError;
 use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
 pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
@@ -415,6 +415,15 @@ impl RawPolicy {
 impl Policy {
     pub fn from_json(text: &str, secrets: &dyn SecretSource) -> Result<Self, ConfigError> {
         RawPolicy::from_json(text)?.into_policy(secrets)
+    }
+
+    /// What of the policy the cluster store's operations need.
+    pub fn cluster_params(&self) -> cluster::Params<'_> {
+        cluster::Params {
+            skew: self.clock_skew_seconds,
+            lifetime: self.replay.lifetime_seconds,
+            bans: self.bans.as_ref(),
+        }
     }
 
     /// Finds the inventoried API for a method and a normalised path (without query).

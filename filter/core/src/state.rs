@@ -3,19 +3,15 @@
 //! A batch runs in order and stops at the first operation that refuses, so what runs after a
 //! refusal is never written (a banned caller's nonce is not spent, a replayed request uses no
 //! grant). Two backends run batches with the same meaning:
-//! - `local` ([`run_local`]): Envoy's shared data, synchronously, on this gateway only;
+//! - `local` ([`crate::local::run_local`]): Envoy's shared data, synchronously, on this
+//!   gateway only;
 //! - `cluster` ([`crate::cluster`]): one atomic script on a store every replica shares, reached
 //!   by an HTTP callout the request pauses for.
 
 use std::net::IpAddr;
 
-use crate::access;
 use crate::bans::Subject;
-use crate::cluster::{self, Call, ClusterSettings, Decoded};
 use crate::error::{Deny, DenyReason};
-use crate::policy::Policy;
-use crate::replay;
-use crate::store::{SharedStore, StoreMeta};
 
 /// Who a ban or a refusal counter is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,99 +93,5 @@ pub fn replay_refusal(d: Deny, idempotency: bool) -> Deny {
         Deny::new(DenyReason::IdempotencyKeyReplayed, d.detail)
     } else {
         d
-    }
-}
-
-/// Runs a batch on the local store (Envoy shared data), synchronously.
-pub fn run_local(
-    policy: &Policy,
-    store: &dyn SharedStore,
-    meta: &StoreMeta,
-    batch: &Batch,
-) -> Answer {
-    let now = batch.now;
-    let mut answer = Answer::default();
-    for op in &batch.ops {
-        let result = match op {
-            Op::Ban(s) => match &policy.bans {
-                Some(bans) => bans.check(store, s.as_subject(), now),
-                None => Ok(()),
-            },
-            Op::Nonce {
-                app,
-                nonce,
-                created,
-                idempotency,
-                record,
-            } => replay::check(
-                store,
-                meta,
-                &policy.replay,
-                policy.clock_skew_seconds,
-                app,
-                nonce,
-                *created,
-                now,
-                *record,
-            )
-            .map_err(|d| replay_refusal(d, *idempotency)),
-            Op::GrantUse { grant, max } => access::consume_grant_use(store, grant, *max),
-            Op::Refusal(s) => {
-                if let Some(bans) = &policy.bans {
-                    match bans.record_refusal(store, s.as_subject(), now) {
-                        Ok(true) => {
-                            answer.ban_started = Some(format!(
-                                "{} banned for {} s",
-                                bans.describe(s.as_subject()),
-                                bans.ban_seconds
-                            ))
-                        }
-                        Ok(false) => {}
-                        Err(e) => answer.note = Some(format!("ban counter unavailable: {e}")),
-                    }
-                }
-                Ok(())
-            }
-        };
-        if let Err(d) = result {
-            answer.refused = Some(d);
-            break;
-        }
-    }
-    answer
-}
-
-fn params(policy: &Policy) -> cluster::Params<'_> {
-    cluster::Params {
-        skew: policy.clock_skew_seconds,
-        lifetime: policy.replay.lifetime_seconds,
-        bans: policy.bans.as_ref(),
-    }
-}
-
-/// The callout that runs a batch on the cluster store (`full`: with the script's text).
-pub fn cluster_call(
-    policy: &Policy,
-    settings: &ClusterSettings,
-    batch: &Batch,
-    full: bool,
-) -> Call {
-    cluster::encode(&params(policy), settings, batch, full)
-}
-
-/// What the cluster store's answer to a batch means (`status`: the callout's `:status`;
-/// `full`: the batch went with the script's text, so a store that still lacks it is broken).
-pub fn cluster_answer(
-    policy: &Policy,
-    batch: &Batch,
-    full: bool,
-    status: Option<&str>,
-    body: &[u8],
-) -> Decoded {
-    match cluster::decode(&params(policy), batch, status, body) {
-        Decoded::LoadScript if full => {
-            Decoded::Answer(cluster::failed("the store lacks the script it was sent"))
-        }
-        d => d,
     }
 }

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::engine::{self, begin, check_body, check_headers, Host, RequestContext};
+use apisec_core::local;
 use apisec_core::message::{Connection, Request};
-use apisec_core::state::{self, Batch};
+use apisec_core::state::Batch;
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
 use common::{fresh_store, SECRET_B64, STORE_STARTED};
@@ -93,7 +94,7 @@ fn held(
     check_headers(p0, api, req, true, t0, &host, &mut ctx).map_err(|d| d.reason)?;
     check_body(p1, req, &mut ctx, body, &host, t1).map_err(|d| d.reason)?;
     let ops = engine::final_ops(p1, req.conn.client_ip, &ctx, t1);
-    let answer = state::run_local(p1, s, &meta, &Batch { ops, now: t1 });
+    let answer = local::run_local(p1, s, &meta, &Batch { ops, now: t1 });
     match answer.refused {
         Some(d) => Err(d.reason),
         None => Ok(ctx),
@@ -242,7 +243,7 @@ fn refusals_count_against_the_app_only_once_it_is_authenticated() {
     };
     let count = |ctx: &RequestContext, ip, reason| {
         let ops = engine::refusal_ops(&p, ctx, ip, ip, reason);
-        state::run_local(&p, &s, &store::meta(&s).unwrap(), &Batch { ops, now: NOW }).ban_started
+        local::run_local(&p, &s, &store::meta(&s).unwrap(), &Batch { ops, now: NOW }).ban_started
     };
     // unauthenticated: twice against the source, which is then banned; the app is not
     count(&ctx, ip, DenyReason::SignatureInvalid);

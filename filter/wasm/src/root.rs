@@ -4,10 +4,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use apisec_core::cluster::{Decoded, StateBackend};
+use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::replay;
-use apisec_core::state::{self, Batch};
+use apisec_core::state::Batch;
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
@@ -58,7 +58,7 @@ impl ApisecRoot {
         };
         let Some(now) = now_secs() else { return };
         let batch = Batch { ops: vec![], now };
-        let call = state::cluster_call(&config.policy, settings, &batch, true);
+        let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, true);
         let headers: Vec<(&str, &str)> =
             call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match hostcalls::dispatch_http_call(
@@ -106,7 +106,13 @@ impl Context for ApisecRoot {
             .unwrap_or_default();
         let Some(config) = &self.config else { return };
         let batch = Batch::default();
-        match state::cluster_answer(&config.policy, &batch, true, status.as_deref(), &body) {
+        match cluster::decode(
+            &config.policy.cluster_params(),
+            &batch,
+            true,
+            status.as_deref(),
+            &body,
+        ) {
             Decoded::Answer(a) if a.refused.is_none() => {
                 self.cluster_opened = true;
                 log(LogLevel::Info, "apisec: cluster state store answered");

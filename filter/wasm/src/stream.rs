@@ -3,9 +3,9 @@
 
 use std::rc::Rc;
 
-use apisec_core::cluster::{Decoded, StateBackend};
+use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{self, Env, Step, Stream};
-use apisec_core::state::{self, Batch};
+use apisec_core::state::Batch;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
@@ -46,8 +46,8 @@ impl Context for ApisecHttp {
             .ok()
             .flatten()
             .unwrap_or_default();
-        let decoded = state::cluster_answer(
-            &self.stream.config().policy,
+        let decoded = cluster::decode(
+            &self.stream.config().policy.cluster_params(),
             &batch,
             full,
             status.as_deref(),
@@ -91,7 +91,7 @@ impl ApisecHttp {
             let answer = apisec_core::cluster::failed("no cluster store in the policy");
             return self.event(|s, env| s.on_state(answer, env));
         };
-        let call = state::cluster_call(&config.policy, settings, &batch, full);
+        let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, full);
         let headers: Vec<(&str, &str)> =
             call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match hostcalls::dispatch_http_call(
