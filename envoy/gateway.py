@@ -64,10 +64,21 @@ TLS_PARAMS = {
 }
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nobody listens on, never one this process handed out before: the kernel
+    may give a just-closed ephemeral port again, and two listeners of one Envoy (or an Envoy and
+    its store) on one port fail to start."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port after 100 tries")
 
 
 def apisec_cli() -> Path:

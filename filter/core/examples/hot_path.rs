@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use apisec_core::crypto::SoftwareVerifier;
-use apisec_core::lifecycle::{Action, Config, Env, HostFacts, Stream, Transport};
+use apisec_core::lifecycle::{Action, Config, Env, HostError, HostFacts, Stream, Transport};
 use apisec_core::message::{Connection, Request};
 use apisec_core::replay::init_slots;
 use apisec_core::signer::{sign, SignParams, SigningKey};
@@ -151,13 +151,13 @@ impl HostFacts for Tls {
             ..Default::default()
         }
     }
-    fn request_body(&self, _: usize) -> Result<Vec<u8>, String> {
+    fn request_body(&self, _: usize) -> Result<Vec<u8>, HostError> {
         Ok(Vec::new())
     }
     fn response_header(&self, _: &str) -> Option<String> {
         None
     }
-    fn response_body(&self, _: usize) -> Result<Vec<u8>, String> {
+    fn response_body(&self, _: usize) -> Result<Vec<u8>, HostError> {
         Ok(Vec::new())
     }
 }

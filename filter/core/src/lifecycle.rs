@@ -27,6 +27,20 @@ use crate::policy::{Policy, SecurityLevel};
 use crate::state::{Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
+/// A host call that failed: which call, and the status code the host gave (proxy-wasm ABI
+/// `WasmResult`). The request is refused `host_unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostError {
+    pub call: &'static str,
+    pub status: u32,
+}
+
+impl std::fmt::Display for HostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed with host status {}", self.call, self.status)
+    }
+}
+
 /// What the machine asks the host, only when a decision needs it.
 pub trait HostFacts {
     /// Gateway time, unix seconds; None when the clock cannot be read.
@@ -34,11 +48,11 @@ pub trait HostFacts {
     /// TLS and the verified client certificate of the connection.
     fn transport(&self) -> Transport;
     /// The whole request body (`size` bytes, once it is complete).
-    fn request_body(&self, size: usize) -> Result<Vec<u8>, String>;
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
     /// A response header's value.
     fn response_header(&self, name: &str) -> Option<String>;
     /// The whole response body.
-    fn response_body(&self, size: usize) -> Result<Vec<u8>, String>;
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
     /// The policy in force now, if the host loaded another since the stream began (asked only
     /// when a held body completes). Hosts that never reload have none.
     fn current_config(&self) -> Option<Config> {
@@ -410,7 +424,7 @@ impl Stream {
     /// address, and whether a body follows.
     fn ev_request_headers(
         &mut self,
-        pairs: Result<Vec<(String, Vec<u8>)>, String>,
+        pairs: Result<Vec<(String, Vec<u8>)>, HostError>,
         source_address: Option<&str>,
         end_of_stream: bool,
         env: &Env<'_>,
@@ -719,7 +733,7 @@ impl Stream {
     /// address, and whether a body follows.
     pub fn on_request_headers(
         &mut self,
-        pairs: Result<Vec<(String, Vec<u8>)>, String>,
+        pairs: Result<Vec<(String, Vec<u8>)>, HostError>,
         source_address: Option<&str>,
         end_of_stream: bool,
         env: &Env<'_>,

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
-use apisec_core::lifecycle::{Action, Config, Count, Env, HostFacts, Step, Stream, Transport};
+use apisec_core::lifecycle::{
+    Action, Config, Count, Env, HostError, HostFacts, Step, Stream, Transport,
+};
 use apisec_core::message::Request;
 use apisec_core::state::{Answer, Op};
 use apisec_core::store::{self, MemoryStore};
@@ -55,13 +57,13 @@ impl HostFacts for FakeHost {
             ..Default::default()
         }
     }
-    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(self.request_body.borrow()[..size].to_vec())
     }
     fn response_header(&self, name: &str) -> Option<String> {
         self.response_headers.borrow().get(name).cloned()
     }
-    fn response_body(&self, size: usize) -> Result<Vec<u8>, String> {
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(self.response_body.borrow()[..size].to_vec())
     }
 }
@@ -400,7 +402,15 @@ fn no_clock_fails_closed() {
     );
     assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
     let mut s = Stream::new(rig.config.clone());
-    let step = s.on_request_headers(Err("gone".into()), None, true, &rig.env());
+    let step = s.on_request_headers(
+        Err(HostError {
+            call: "get_map_bytes",
+            status: 1,
+        }),
+        None,
+        true,
+        &rig.env(),
+    );
     assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
 }
 

@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
-use apisec_core::lifecycle::{Config, HostFacts, Transport};
+use apisec_core::lifecycle::{Config, HostError, HostFacts, Transport};
 use apisec_core::policy::SecretSource;
 use apisec_core::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -114,10 +114,10 @@ impl HostFacts for EnvoyFacts {
         t
     }
 
-    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size)
             .map(Option::unwrap_or_default)
-            .map_err(|s| format!("{s:?}"))
+            .map_err(|s| host_error("get_buffer(request body)", s))
     }
 
     fn response_header(&self, name: &str) -> Option<String> {
@@ -126,13 +126,21 @@ impl HostFacts for EnvoyFacts {
             .flatten()
     }
 
-    fn response_body(&self, size: usize) -> Result<Vec<u8>, String> {
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
             .map(Option::unwrap_or_default)
-            .map_err(|s| format!("{s:?}"))
+            .map_err(|s| host_error("get_buffer(response body)", s))
     }
 
     fn current_config(&self) -> Option<Config> {
         crate::root::current()
+    }
+}
+
+/// A failed host call as core names it.
+pub fn host_error(call: &'static str, status: Status) -> HostError {
+    HostError {
+        call,
+        status: status as u32,
     }
 }

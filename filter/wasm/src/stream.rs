@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use crate::host::{log, EnvoyFacts, EnvoyStore, EnvoyVerifier};
+use crate::host::{host_error, log, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
 use crate::root::HELD;
 
@@ -169,8 +169,8 @@ impl ApisecHttp {
 
 impl HttpContext for ApisecHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let pairs =
-            hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_err(|s| format!("{s:?}"));
+        let pairs = hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+            .map_err(|s| host_error("get_map_bytes(request headers)", s));
         let source = hostcalls::get_property(vec!["source", "address"])
             .ok()
             .flatten()

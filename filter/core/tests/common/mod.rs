@@ -13,7 +13,7 @@ use std::rc::Rc;
 
 use apisec_core::crypto::SoftwareVerifier;
 use apisec_core::engine::RequestContext;
-use apisec_core::lifecycle::{Action, Config, Env, HostFacts, Stream, Transport};
+use apisec_core::lifecycle::{Action, Config, Env, HostError, HostFacts, Stream, Transport};
 use apisec_core::message::Request;
 use apisec_core::replay::init_slots;
 use apisec_core::store::{self, MemoryStore};
@@ -72,13 +72,13 @@ impl HostFacts for OneRequest<'_> {
             peer_uri_san: self.req.conn.peer_uri_san.clone(),
         }
     }
-    fn request_body(&self, size: usize) -> Result<Vec<u8>, String> {
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(self.body[..size].to_vec())
     }
     fn response_header(&self, _: &str) -> Option<String> {
         None
     }
-    fn response_body(&self, _: usize) -> Result<Vec<u8>, String> {
+    fn response_body(&self, _: usize) -> Result<Vec<u8>, HostError> {
         Ok(Vec::new())
     }
 }
