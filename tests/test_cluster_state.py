@@ -40,8 +40,13 @@ class Pair:
         import certs as certs_mod
 
         certs_mod.generate(self.certs)
-        self.a = self.start("a")
-        self.b = self.start("b")
+        self.a = self.b = None
+        try:
+            self.a = self.start("a")
+            self.b = self.start("b")
+        except Exception:
+            self.stop()  # never leave a store (or an Envoy) running behind a failed start
+            raise
 
     def start(self, name: str):
         return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,
@@ -55,7 +60,8 @@ class Pair:
 
     def stop(self) -> None:
         for g in (self.a, self.b):
-            g.stop()
+            if g is not None:
+                g.stop()
         self.store.stop()
 
     def client(self, g) -> Client:
