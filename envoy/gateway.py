@@ -505,13 +505,7 @@ class Gateway:
 
     def stop(self) -> None:
         for p in (self.envoy, self.upstream):
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            state_store.stop(p)
 
 
 def read_env_file(path: Path) -> dict[str, str]:

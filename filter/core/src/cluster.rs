@@ -434,6 +434,19 @@ fn unavailable(detail: impl Into<String>) -> Decoded {
     )))
 }
 
+/// The batch's nonce operation: its app, nonce and whether it is an Idempotency-Key.
+fn nonce_of(batch: &Batch) -> Option<(&str, &str, bool)> {
+    batch.ops.iter().find_map(|op| match op {
+        Op::Nonce {
+            app,
+            nonce,
+            idempotency,
+            ..
+        } => Some((app.as_str(), nonce.as_str(), *idempotency)),
+        _ => None,
+    })
+}
+
 /// Reads the callout's answer: `status` is its `:status` (None: the host gave none, as for a
 /// callout that failed or timed out), `body` what came with it.
 /// `full`: the batch went with the script's text, so a store that still lacks it is broken.
@@ -496,16 +509,7 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
             ),
         ))),
         (_, Some("replayed")) => {
-            let (nonce, idempotency) = batch
-                .ops
-                .iter()
-                .find_map(|op| match op {
-                    Op::Nonce {
-                        nonce, idempotency, ..
-                    } => Some((nonce.as_str(), *idempotency)),
-                    _ => None,
-                })
-                .unwrap_or(("?", false));
+            let (_, nonce, idempotency) = nonce_of(batch).unwrap_or(("?", "?", false));
             let d = Deny::new(
                 DenyReason::NonceReplayed,
                 format!("nonce {nonce:?} already used (cluster store)"),
@@ -521,14 +525,7 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
             ),
         ))),
         (_, Some("full")) => {
-            let app = batch
-                .ops
-                .iter()
-                .find_map(|op| match op {
-                    Op::Nonce { app, .. } => Some(app.as_str()),
-                    _ => None,
-                })
-                .unwrap_or("?");
+            let (app, _, _) = nonce_of(batch).unwrap_or(("?", "?", false));
             Decoded::Answer(Answer::refused(Deny::new(
                 DenyReason::ReplayStoreFull,
                 format!(

@@ -4,6 +4,7 @@
 use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
+use apisec_core::cluster::Call;
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
 use apisec_core::lifecycle::{Config, HostError, HostFacts, Transport};
 use apisec_core::policy::SecretSource;
@@ -143,4 +144,28 @@ pub fn host_error(call: &'static str, status: Status) -> HostError {
         call,
         status: status as u32,
     }
+}
+
+/// Sends a callout to the cluster state store as core built it; the token matches its answer.
+pub fn send_call(call: &Call) -> Result<u32, Status> {
+    let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    hostcalls::dispatch_http_call(
+        &call.cluster,
+        headers,
+        Some(&call.body),
+        vec![],
+        std::time::Duration::from_millis(call.timeout_ms),
+    )
+}
+
+/// The answer to a callout, read in its response callback: its `:status` and body.
+pub fn call_answer(body_size: usize) -> (Option<String>, Vec<u8>) {
+    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten();
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (status, body)
 }

@@ -12,9 +12,9 @@ use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
-use crate::host::{log, now_secs, EnvSecrets, EnvoyStore, EnvoyVerifier};
+use crate::host::{call_answer, log, now_secs, send_call, EnvSecrets, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
 use crate::stream::ApisecHttp;
 
@@ -59,15 +59,7 @@ impl ApisecRoot {
         let Some(now) = now_secs() else { return };
         let batch = Batch { ops: vec![], now };
         let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, true);
-        let headers: Vec<(&str, &str)> =
-            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        match hostcalls::dispatch_http_call(
-            &call.cluster,
-            headers,
-            Some(&call.body),
-            vec![],
-            std::time::Duration::from_millis(call.timeout_ms),
-        ) {
+        match send_call(&call) {
             Ok(token) => self.opening = Some(token),
             Err(e) => log(
                 LogLevel::Warn,
@@ -97,13 +89,7 @@ impl Context for ApisecRoot {
             return;
         }
         self.opening = None;
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten();
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let (status, body) = call_answer(body_size);
         let Some(config) = &self.config else { return };
         let batch = Batch::default();
         match cluster::decode(

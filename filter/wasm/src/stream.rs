@@ -10,7 +10,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use crate::host::{host_error, log, EnvoyFacts, EnvoyStore, EnvoyVerifier};
+use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
 use crate::root::HELD;
 
@@ -39,13 +39,7 @@ impl Context for ApisecHttp {
             self.pending = Some((sent, batch, full));
             return;
         }
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten();
-        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let (status, body) = call_answer(body_size);
         let decoded = cluster::decode(
             &self.stream.config().policy.cluster_params(),
             &batch,
@@ -92,15 +86,7 @@ impl ApisecHttp {
             return self.event(|s, env| s.on_state(answer, env));
         };
         let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, full);
-        let headers: Vec<(&str, &str)> =
-            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        match hostcalls::dispatch_http_call(
-            &call.cluster,
-            headers,
-            Some(&call.body),
-            vec![],
-            std::time::Duration::from_millis(call.timeout_ms),
-        ) {
+        match send_call(&call) {
             Ok(token) => {
                 self.pending = Some((token, batch, full));
                 Action::Pause
