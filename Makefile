@@ -9,7 +9,7 @@ WASM := target/wasm32-wasip1/release/apisec_filter.wasm
 CLI := target/release/apisec
 CARGO ?= cargo
 
-.PHONY: all setup build run run-cluster test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak
+.PHONY: all setup build run run-cluster test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist
 
 all: build
 
@@ -32,7 +32,14 @@ $(VENV)/.installed: tests/requirements.txt
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server webdis)
 	touch $@
 
-setup: .rustup-done $(VENV)/.installed .store-done
+# Release tooling (issue 11): a registry on loopback and a standard client for the push and
+# pull-back test of the OCI image `make dist` builds.
+.registry-done:
+	command -v docker-registry >/dev/null && command -v skopeo >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry skopeo)
+	touch $@
+
+setup: .rustup-done $(VENV)/.installed .store-done .registry-done
 
 # --- build ------------------------------------------------------------------------------
 build: .rustup-done
@@ -47,6 +54,25 @@ build/demo.env:
 	umask 077; echo "APISEC_DEMO_PARTNER_SECRET=$$($(CLI) keygen hmac)" > $@
 
 demo-assets: build/certs/ca.pem build/demo.env
+
+# --- release artifacts (README "Deploy") ----------------------------------------------------
+# dist/: the .wasm with its SHA-256, and the OCI image of it (compat variant, as Istio and Envoy
+# Gateway pull it) as an oci-archive tarball, built without a container engine; the same .wasm
+# gives the same manifest digest.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+dist: build $(VENV)/.installed
+	mkdir -p dist
+	cp $(WASM) dist/apisec_filter.wasm
+	cd dist && sha256sum apisec_filter.wasm > apisec_filter.wasm.sha256
+	$(PY) release/oci_image.py dist/apisec_filter.wasm --tag $(VERSION) \
+		--out dist/apisec-filter-$(VERSION).oci.tar > dist/apisec-filter-$(VERSION).oci.digest
+	# The deployment manifests, pinned to this image's digest.
+	d=$$(cut -d: -f2 dist/apisec-filter-$(VERSION).oci.digest); \
+	for f in deploy/istio/wasmplugin.yaml deploy/envoy-gateway/envoy-extension-policy.yaml; do \
+		mkdir -p dist/$$(dirname $$f); sed "s/\"0\{64\}\"/\"$$d\"/" $$f > dist/$$f; \
+	done
+	@echo "dist/: apisec_filter.wasm sha256 $$(cut -d' ' -f1 dist/apisec_filter.wasm.sha256)"
+	@echo "       apisec-filter-$(VERSION).oci.tar manifest $$(cat dist/apisec-filter-$(VERSION).oci.digest)"
 
 # --- run the demo gateway ---------------------------------------------------------------
 run: setup build demo-assets
@@ -72,7 +98,7 @@ e2e: setup build
 	$(CARGO) build --release --locked -p apisec-crash-fixture --target wasm32-wasip1
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
-test: setup build lint unit fuzz-smoke e2e
+test: setup build lint unit fuzz-smoke dist e2e
 
 # --- fuzzing (cargo-fuzz layout in fuzz/; built here with plain cargo on the stable toolchain) -
 # The flags cargo-fuzz passes (coverage instrumentation for libFuzzer); `--target` keeps them
@@ -120,4 +146,4 @@ bench: setup build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf target build $(VENV) .rustup-done .store-done
+	rm -rf target build dist $(VENV) .rustup-done .store-done .registry-done

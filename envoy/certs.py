@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Generates the demo PKI: a CA and a server certificate for 127.0.0.1 / localhost.
-Demo material only: real gateways use the firm's own PKI."""
+"""Generates the demo PKI: a CA and a server certificate for 127.0.0.1 / localhost, partner
+client certificates, and a separate backend PKI for the TLS hop from the gateway to the backend
+(envoy/gateway-upstream-tls.yaml): a backend CA, the backend's server certificate and the
+gateway's client certificate. Demo material only: real gateways use the firm's own PKI."""
 import argparse
 import datetime
 import ipaddress
@@ -21,6 +23,28 @@ def _write_key(path: Path, key) -> None:
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.chmod(0o600)
+
+
+# The name the gateway expects the backend's certificate to carry (SNI and SAN check).
+BACKEND_NAME = "backend.apisec.internal"
+
+
+def issue_server(out: Path, name: str, sans: list, ca, ca_key, now, cn: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(out / f"{name}.key", key)
 
 
 def issue_client(out: Path, name: str, uri: str, ca, ca_key, now) -> None:
@@ -70,31 +94,23 @@ def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     ca, ca_key = _ca("apisec demo CA", now)
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
     (out / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     _write_key(out / "ca.key", ca_key)
-    (out / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(out / "server.key", key)
+    issue_server(out, "server", [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                 ca, ca_key, now, "localhost")
     for name, uri in CLIENTS.items():
         issue_client(out, name, uri, ca, ca_key, now)
     # A client certificate from a CA the gateway does not trust, for the refusal tests.
     rogue_ca, rogue_key = _ca("rogue CA", now)
     issue_client(out, "client-rogue", CLIENTS["client-demo-partner"], rogue_ca, rogue_key, now)
+    # The backend hop (DATA-2): its own CA, so that a partner certificate can never pass as the
+    # backend or as the gateway; the backend's certificate; the gateway's client certificate.
+    backend_ca, backend_ca_key = _ca("apisec demo backend CA", now)
+    (out / "backend-ca.pem").write_bytes(backend_ca.public_bytes(serialization.Encoding.PEM))
+    issue_server(out, "backend", [x509.DNSName(BACKEND_NAME)], backend_ca, backend_ca_key, now, BACKEND_NAME)
+    issue_client(out, "gateway-client", "spiffe://apisec.demo/gateway", backend_ca, backend_ca_key, now)
+    # A backend certificate from a CA the gateway does not trust for backends (the partner CA).
+    issue_server(out, "backend-rogue", [x509.DNSName(BACKEND_NAME)], ca, ca_key, now, BACKEND_NAME)
 
 
 if __name__ == "__main__":

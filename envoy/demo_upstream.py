@@ -5,6 +5,7 @@ answer with sample personal data (id_number, mobile), so that field hiding (PERM
 import argparse
 import hashlib
 import json
+import ssl
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -50,9 +51,23 @@ class Echo(BaseHTTPRequestHandler):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=18080)
+    # TLS from the gateway (envoy/gateway-upstream-tls.yaml): this server's certificate, and the
+    # CA the gateway's client certificate must chain to (the backend accepts only the gateway).
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--client-ca")
     args = ap.parse_args()
     ThreadingHTTPServer.daemon_threads = True
-    ThreadingHTTPServer(("127.0.0.1", args.port), Echo).serve_forever()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Echo)
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(args.client_ca)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()
 
 
 if __name__ == "__main__":

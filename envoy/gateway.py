@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import state_store  # noqa: E402
 
@@ -32,36 +34,21 @@ ECDS_NAME = "apisec"
 ECDS_FILE = "apisec.yaml"
 VM_ID = "apisec.v1"
 
-# Audit record per request (LOG-4): the filter's record from filter state plus what only
-# Envoy knows at the end of the stream (final status, duration, upstream host).
-ACCESS_LOG_FORMAT = {
-    "audit": "%FILTER_STATE(wasm.apisec_audit:PLAIN)%",
-    "status": "%RESPONSE_CODE%",
-    "details": "%RESPONSE_CODE_DETAILS%",
-    # Requests Envoy refused or ended itself (codec errors: DPE; client gone: DC; request
-    # timeout) carry no apisec record; their flags make them visible.
-    "flags": "%RESPONSE_FLAGS%",
-    "duration_ms": "%DURATION%",
-    "upstream": "%UPSTREAM_HOST%",
-    "client": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "start": "%START_TIME%",
-}
+# The checked-in Envoy configuration users read and copy (envoy/*.yaml). `make run`, the tests
+# and the benchmarks start these files, with only ports and paths changed (`localize`).
+GATEWAY_YAML = ROOT / "envoy/gateway.yaml"
+UPSTREAM_TLS_YAML = ROOT / "envoy/gateway-upstream-tls.yaml"
+ECDS_YAML = ROOT / "envoy/apisec-ecds.yaml"
+FILTER_YAML = ROOT / "envoy/apisec-filter.yaml"
+# The relative paths the checked-in files use (Envoy resolves them against its working directory).
+REL_WASM = "target/wasm32-wasip1/release/apisec_filter.wasm"
+REL_CERTS = "build/certs/"
+REL_BUILD = "build/"
 
-# TLS 1.2+ with forward-secret AEAD suites only (DATA-1, DATA-2).
-TLS_PARAMS = {
-    "tls_minimum_protocol_version": "TLSv1_2",
-    "tls_maximum_protocol_version": "TLSv1_3",
-    "cipher_suites": [
-        "ECDHE-ECDSA-AES128-GCM-SHA256",
-        "ECDHE-RSA-AES128-GCM-SHA256",
-        "ECDHE-ECDSA-AES256-GCM-SHA384",
-        "ECDHE-RSA-AES256-GCM-SHA384",
-        "ECDHE-ECDSA-CHACHA20-POLY1305",
-        "ECDHE-RSA-CHACHA20-POLY1305",
-    ],
-    "ecdh_curves": ["X25519", "P-256"],
-}
+
+def load_yaml(path: Path):
+    """A checked-in YAML file as plain data; anchors and aliases become independent copies."""
+    return json.loads(json.dumps(yaml.safe_load(path.read_text())))
 
 
 _HANDED_OUT: set[int] = set()
@@ -99,19 +86,16 @@ def policy_to_json(policy_path: Path) -> str:
 
 
 def secret_env_names(policy_json: str) -> list[str]:
-    """The environment variables Envoy must hand the VM. Unparseable text names none: the filter
-    itself refuses it."""
+    """The environment variables Envoy must hand the VM (`apisec policy env`, the core's own
+    list). Text the CLI cannot read names none: the filter itself refuses it."""
+    fd, tmp = tempfile.mkstemp(suffix=".json")
     try:
-        doc = json.loads(policy_json)
-    except ValueError:
-        return []
-    if not isinstance(doc, dict):
-        return []
-    names = {c["secret_env"] for a in doc.get("apps", []) for c in a.get("credentials", []) if c.get("secret_env")}
-    cluster = (doc.get("state") or {}).get("cluster") or {}
-    if cluster.get("credentials_env"):
-        names.add(cluster["credentials_env"])
-    return sorted(names)
+        with os.fdopen(fd, "w") as f:
+            f.write(policy_json)
+        out = subprocess.run([str(apisec_cli()), "policy", "env", tmp], capture_output=True, text=True)
+    finally:
+        os.unlink(tmp)
+    return out.stdout.split() if out.returncode == 0 else []
 
 
 @dataclass
@@ -132,6 +116,8 @@ class Layout:
     # its TLS terminator's certificate is checked against (TLS to the store), if any.
     state_port: int | None = None
     state_tls_ca: Path | None = None
+    # TLS from the gateway to the backend (envoy/gateway-upstream-tls.yaml, DATA-2).
+    backend_tls: bool = False
 
     @property
     def ecds_dir(self) -> Path:
@@ -146,42 +132,37 @@ class Layout:
         return self.build / "envoy.yaml"
 
 
+def localize(doc, layout: "Layout"):
+    """A checked-in document with its relative paths turned into this layout's."""
+    if isinstance(doc, dict):
+        return {k: localize(v, layout) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [localize(v, layout) for v in doc]
+    if isinstance(doc, str):
+        if doc == REL_WASM:
+            return str(layout.wasm)
+        if doc.startswith(REL_CERTS) and layout.certs is not None:
+            return f"{layout.certs}/{doc[len(REL_CERTS):]}"
+        if doc.startswith(REL_BUILD):
+            return f"{layout.build}/{doc[len(REL_BUILD):]}"
+    return doc
+
+
 def wasm_filter_config(policy_json: str, layout: Layout) -> dict:
-    return {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {
-            "name": "apisec",
-            "root_id": "apisec",
-            "vm_config": {
-                # A unique vm_id: shared data (replay cache) is per vm_id and survives reloads.
-                "vm_id": VM_ID,
-                "runtime": "envoy.wasm.runtime.v8",
-                "code": {"local": {"filename": str(layout.wasm)}},
-                # Secrets reach the VM from Envoy's environment, never from a config file.
-                "environment_variables": {"host_env_keys": secret_env_names(policy_json)},
-            },
-            "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json},
-            # A filter that cannot run refuses; never FAIL_OPEN for a security filter.
-            "failure_policy": "FAIL_CLOSED",
-            # Hold headers while the body is read and verified before anything goes upstream.
-            "allow_on_headers_stop_iteration": True,
-        },
-    }
+    """The filter's typed_config: envoy/apisec-ecds.yaml with this policy and its secret names."""
+    config = localize(load_yaml(ECDS_YAML)["resources"][0]["typed_config"], layout)
+    config["config"]["configuration"]["value"] = policy_json
+    config["config"]["vm_config"]["environment_variables"]["host_env_keys"] = secret_env_names(policy_json)
+    return config
 
 
 def write_ecds(policy_json: str, layout: Layout) -> None:
-    """Atomically replaces the ECDS resource: write a temp file, then rename into the watched dir."""
+    """Atomically replaces the ECDS resource (envoy/apisec-ecds.yaml with this policy), bypassing
+    `apisec policy apply`: a temp file, then a rename into the watched directory."""
     layout.ecds_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "version_info": str(time.time_ns()),
-        "resources": [
-            {
-                "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-                "name": ECDS_NAME,
-                "typed_config": wasm_filter_config(policy_json, layout),
-            }
-        ],
-    }
+    doc = load_yaml(ECDS_YAML)
+    doc["version_info"] = str(time.time_ns())
+    doc["resources"][0]["typed_config"] = wasm_filter_config(policy_json, layout)
     fd, tmp = tempfile.mkstemp(dir=layout.ecds_dir, prefix=".apisec-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f)
@@ -189,28 +170,16 @@ def write_ecds(policy_json: str, layout: Layout) -> None:
     os.rename(tmp, layout.ecds_dir / ECDS_FILE)
 
 
-def local_rate_limit(layout: Layout) -> dict:
-    """Envoy's own local rate limiter, after apisec so it sees the verified app. Its 429s come
-    back through apisec, which audits them and counts them toward automatic bans (RL-3)."""
-    descriptors = [
+def rate_limit_descriptors(layout: Layout) -> list[dict]:
+    """Envoy local rate limits per verified app (the descriptors of the local_ratelimit filter
+    that follows apisec in envoy/gateway.yaml)."""
+    return [
         {
             "entries": [{"key": "app", "value": app}],
             "token_bucket": {"max_tokens": n, "tokens_per_fill": n, "fill_interval": f"{per}s"},
         }
         for app, (n, per) in sorted(layout.app_rate_limits.items())
     ]
-    return {
-        "name": "envoy.filters.http.local_ratelimit",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
-            "stat_prefix": "apisec_local_rl",
-            # The default bucket is a process-wide ceiling; per-app buckets are the descriptors.
-            "token_bucket": {"max_tokens": 100000, "tokens_per_fill": 100000, "fill_interval": "1s"},
-            "filter_enabled": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "apisec_rl_enabled"},
-            "filter_enforced": {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "apisec_rl_enforced"},
-            "descriptors": descriptors,
-        },
-    }
 
 
 def apply_policy(policy_json: str, layout: Layout, actor: str, source: str, wait: bool = True) -> dict:
@@ -241,21 +210,29 @@ class PolicyRejected(RuntimeError):
     """`apisec policy apply` did not get the policy loaded (invalid, or Envoy refused it)."""
 
 
+def _hcm(listener: dict) -> dict:
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def gateway_template(layout: Layout) -> dict:
+    """envoy/gateway.yaml (or its upstream TLS variant) with this layout's ports and paths."""
+    doc = localize(load_yaml(UPSTREAM_TLS_YAML if layout.backend_tls else GATEWAY_YAML), layout)
+    doc["admin"]["address"]["socket_address"]["port_value"] = layout.admin_port
+    ports = {"http": layout.http_port, "https": layout.https_port, "mtls": layout.mtls_port}
+    listeners = doc["static_resources"]["listeners"]
+    for lst in listeners:
+        lst["address"]["socket_address"]["port_value"] = ports[lst["name"]]
+    if layout.certs is None:
+        listeners[:] = [lst for lst in listeners if lst["name"] == "http"]
+    backend = doc["static_resources"]["clusters"][0]
+    backend["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
+        "port_value"] = layout.upstream_port
+    return doc
+
+
 def apisec_filter() -> dict:
-    """The apisec filter, delivered by ECDS from the watched file."""
-    return {
-        "name": ECDS_NAME,
-        "config_discovery": {
-            "config_source": {
-                "resource_api_version": "V3",
-                "path_config_source": {
-                    "path": "{ecds_file}",
-                    "watched_directory": {"path": "{ecds_dir}"},
-                },
-            },
-            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"],
-        },
-    }
+    """The apisec filter entry of envoy/gateway.yaml (delivered by ECDS from the watched file)."""
+    return _hcm(load_yaml(GATEWAY_YAML)["static_resources"]["listeners"][0])["http_filters"][0]
 
 
 ROUTER = {
@@ -264,159 +241,32 @@ ROUTER = {
 }
 
 
-def default_filters(layout: Layout) -> list[dict]:
-    return [apisec_filter(), local_rate_limit(layout), ROUTER]
-
-
-def hcm(stat_prefix: str, layout: Layout, http_filters: list[dict] | None = None) -> dict:
-    filters = json.loads(
-        json.dumps(http_filters if http_filters is not None else default_filters(layout))
-        .replace("{ecds_file}", str(layout.ecds_dir / ECDS_FILE))
-        .replace("{ecds_dir}", str(layout.ecds_dir))
-    )
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            # The filter matches APIs on the path Envoy normalised (DESIGN.md).
-            "normalize_path": True,
-            "merge_slashes": True,
-            "path_with_escaped_slashes_action": "REJECT_REQUEST",
-            # Client IP is the connection peer; X-Forwarded-For from clients is not trusted.
-            "use_remote_address": True,
-            "xff_num_trusted_hops": 0,
-            "request_headers_timeout": "10s",
-            "stream_idle_timeout": "30s",
-            # The whole request, body included, within the policy's max_body_seconds (30 s by
-            # default): a slow body cannot hold a worker's memory for longer.
-            "request_timeout": "30s",
-            # One connection cannot multiplex an unbounded number of held bodies.
-            "http2_protocol_options": {"max_concurrent_streams": 100},
-            "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
-            "access_log": [
-                {
-                    "name": "envoy.access_loggers.file",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                        "path": str(layout.audit_log),
-                        "log_format": {"json_format": ACCESS_LOG_FORMAT},
-                    },
-                }
-            ],
-            "route_config": {
-                "name": "apis",
-                "virtual_hosts": [
-                    {
-                        "name": "apis",
-                        "domains": ["*"],
-                        "routes": [
-                            {
-                                "match": {"prefix": "/"},
-                                "route": {
-                                    "cluster": "backend",
-                                    "timeout": "30s",
-                                    # Descriptors from the verified identity the filter sets (RL-2).
-                                    "rate_limits": [
-                                        {"actions": [{"request_headers": {"header_name": "x-apisec-app", "descriptor_key": "app"}}]}
-                                    ],
-                                },
-                            }
-                        ],
-                    }
-                ],
-            },
-            "http_filters": filters,
-        },
-    }
-
-
-def listener(name: str, port: int, layout: Layout, tls: bool, mtls: bool = False,
-             http_filters: list[dict] | None = None) -> dict:
-    chain: dict = {"filters": [hcm(name, layout, http_filters)]}
-    if tls:
-        assert layout.certs is not None
-        tls_context: dict = {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        }
-        if mtls:
-            # Mutual TLS (ID-3): only certificates from the configured client CA complete the
-            # handshake; the filter then binds the certificate to an app.
-            tls_context["require_client_certificate"] = True
-        chain["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                **tls_context,
-                "common_tls_context": {
-                    "tls_params": TLS_PARAMS,
-                    "tls_certificates": [
-                        {
-                            "certificate_chain": {"filename": str(layout.certs / "server.pem")},
-                            "private_key": {"filename": str(layout.certs / "server.key")},
-                        }
-                    ],
-                    "alpn_protocols": ["h2", "http/1.1"],
-                    **(
-                        {"validation_context": {"trusted_ca": {"filename": str(layout.certs / "ca.pem")}}}
-                        if mtls
-                        else {}
-                    ),
-                },
-            },
-        }
-    out = {
-        "name": name,
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-        # Above the policy's max_body_bytes ceiling, so the filter (not Envoy) decides and audits.
-        "per_connection_buffer_limit_bytes": 17 * 1024 * 1024,
-        "filter_chains": [chain],
-    }
-    if tls:
-        # Handshake deadline against slow-handshake floods (DATA-1).
-        out["listener_filters_timeout"] = "5s"
-        chain["transport_socket_connect_timeout"] = "5s"
-    return out
+def listener(name: str, port: int, layout: Layout, tls: bool, http_filters: list[dict]) -> dict:
+    """A listener of envoy/gateway.yaml (the TLS one, or the plain one) under another name and
+    port, with other HTTP filters: the benchmark's variants."""
+    doc = gateway_template(layout)
+    lst = next(x for x in doc["static_resources"]["listeners"] if x["name"] == ("https" if tls else "http"))
+    lst["name"] = name
+    lst["address"]["socket_address"]["port_value"] = port
+    _hcm(lst)["stat_prefix"] = name
+    _hcm(lst)["http_filters"] = localize(http_filters, layout)
+    return lst
 
 
 def render(policy_json: str, layout: Layout) -> Path:
+    """Writes the ECDS resource (through `apisec policy apply`, as an operator would) and the
+    bootstrap: envoy/gateway.yaml with this layout's ports and paths, plus what a test asks for
+    (per-app rate limits, extra listeners, the cluster state store)."""
     layout.build.mkdir(parents=True, exist_ok=True)
     write_ecds(policy_json, layout)
     apply_policy(policy_json, layout, actor=os.environ.get("USER", "operator"), source="startup", wait=False)
-    listeners = [listener("http", layout.http_port, layout, tls=False)]
-    if layout.certs is not None:
-        listeners.append(listener("https", layout.https_port, layout, tls=True))
-        listeners.append(listener("mtls", layout.mtls_port, layout, tls=True, mtls=True))
-    listeners.extend(layout.extra_listeners)
-    bootstrap = {
-        "node": {"id": "apisec-gateway", "cluster": "apisec"},
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": layout.admin_port}}},
-        "static_resources": {
-            "listeners": listeners,
-            "clusters": [
-                {
-                    "name": "backend",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "backend",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": layout.upstream_port}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ],
-        },
-    }
+    bootstrap = gateway_template(layout)
+    descriptors = rate_limit_descriptors(layout)
+    for lst in bootstrap["static_resources"]["listeners"]:
+        for f in _hcm(lst)["http_filters"]:
+            if f["name"] == "envoy.filters.http.local_ratelimit":
+                f["typed_config"]["descriptors"] = descriptors
+    bootstrap["static_resources"]["listeners"].extend(layout.extra_listeners)
     if layout.state_port is not None:
         bootstrap["static_resources"]["clusters"].append(
             state_store.state_cluster(layout.state_port, layout.state_tls_ca))
@@ -437,8 +287,11 @@ def envoy_binary() -> str:
 class Gateway:
     """A running Envoy (and the demo upstream) for one layout."""
 
-    def __init__(self, layout: Layout, env: dict[str, str] | None = None, upstream: bool = True):
+    def __init__(self, layout: Layout, env: dict[str, str] | None = None, upstream: bool = True,
+                 upstream_cert: str = "backend"):
         self.layout = layout
+        # With TLS to the backend: the certificate (in layout.certs) the demo upstream serves.
+        self.upstream_cert = upstream_cert
         self.env = {**os.environ, **(env or {})}
         self.with_upstream = upstream
         self.envoy: subprocess.Popen | None = None
@@ -447,8 +300,13 @@ class Gateway:
 
     def start(self, timeout: float = 60.0) -> "Gateway":
         if self.with_upstream:
+            cmd = [sys.executable, str(ROOT / "envoy/demo_upstream.py"), "--port", str(self.layout.upstream_port)]
+            if self.layout.backend_tls and self.layout.certs is not None:
+                c = self.layout.certs
+                cmd += ["--tls-cert", str(c / f"{self.upstream_cert}.pem"), "--tls-key", str(c / f"{self.upstream_cert}.key"),
+                        "--client-ca", str(c / "backend-ca.pem")]
             self.upstream = subprocess.Popen(
-                [sys.executable, str(ROOT / "envoy/demo_upstream.py"), "--port", str(self.layout.upstream_port)],
+                cmd,
                 stdout=subprocess.DEVNULL,
                 stderr=open(self.layout.build / "upstream.log", "w"),
             )

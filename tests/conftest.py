@@ -161,7 +161,8 @@ def flushed_stat(gateway: gw.Gateway, name: str) -> int:
 def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: int = 2,
                   wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None,
                   state_port: int | None = None, certs: Path | None = None,
-                  env: dict | None = None, state_tls_ca: Path | None = None) -> gw.Gateway:
+                  env: dict | None = None, state_tls_ca: Path | None = None,
+                  backend_tls: bool = False, upstream_cert: str = "backend") -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     if with_tls and certs is None:
         certs = tmp / "certs"
@@ -170,13 +171,13 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
         build=tmp, wasm=wasm, certs=certs, concurrency=concurrency,
         http_port=gw.free_port(), https_port=gw.free_port(), mtls_port=gw.free_port(), admin_port=gw.free_port(),
         upstream_port=gw.free_port(), app_rate_limits=rate_limits or {}, state_port=state_port,
-        state_tls_ca=state_tls_ca,
+        state_tls_ca=state_tls_ca, backend_tls=backend_tls,
     )
     gw.render(json.dumps(policy), layout)
     env = {**(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)
-    g = gw.Gateway(layout, env=env)
+    g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert)
     try:
         g.start()
     except Exception:

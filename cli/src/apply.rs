@@ -227,8 +227,9 @@ pub fn apply(args: &Args) -> Result<(), String> {
     // The ECDS resource as rendered: only the policy, the secret names and the version change.
     let ecds_text =
         std::fs::read_to_string(&args.ecds).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
+    // JSON as this command writes it, or YAML as the checked-in template envoy/apisec-ecds.yaml.
     let mut ecds: Value =
-        serde_json::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
+        serde_yaml::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
     let config = ecds
         .pointer_mut("/resources/0/typed_config/config")
         .ok_or("the ECDS file holds no Wasm filter config at resources[0]")?;

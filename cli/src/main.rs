@@ -19,6 +19,8 @@ const USAGE: &str = "usage:
   apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
                                           only if their environment variables are set
   apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
+  apisec policy env FILE                  print the environment variables the policy names for
+                                          secrets, one per line (Envoy's host_env_keys)
   apisec policy apply FILE --ecds PATH [--admin HOST:PORT] [--actor NAME] [--source TEXT]
               [--ops-log PATH] [--timeout SECONDS] [--env-file PATH]
                                           validate (secrets too, where set here or in --env-file),
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
         ["policy", "check", file] => policy_check(file),
         ["policy", "json", file] => policy_json(file),
+        ["policy", "env", file] => policy_env(file),
         ["policy", "apply", rest @ ..] => apply::parse(rest).and_then(|a| apply::apply(&a)),
         ["grants", "list", file] => grants_list(file, None),
         ["grants", "list", file, "--app", app] => grants_list(file, Some(app)),
@@ -156,6 +159,13 @@ impl apisec_core::policy::SecretSource for EnvSecrets {
     fn get(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+}
+
+fn policy_env(file: &str) -> Result<(), String> {
+    for name in load_policy(file)?.secret_env_names() {
+        println!("{name}");
+    }
+    Ok(())
 }
 
 fn policy_check(file: &str) -> Result<(), String> {
