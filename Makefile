@@ -39,7 +39,13 @@ $(VENV)/.installed: tests/requirements.txt
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry skopeo)
 	touch $@
 
-setup: .rustup-done $(VENV)/.installed .store-done .registry-done
+# The partner kit's signing examples run in `make test` (partner-kit/): a JDK, Go and Node.js.
+.kit-done:
+	command -v javac >/dev/null && command -v go >/dev/null && command -v node >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jdk-headless golang-go nodejs)
+	touch $@
+
+setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done
 
 # --- build ------------------------------------------------------------------------------
 build: .rustup-done
@@ -146,4 +152,4 @@ bench: setup build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf target build dist $(VENV) .rustup-done .store-done .registry-done
+	rm -rf target build dist $(VENV) .rustup-done .store-done .registry-done .kit-done

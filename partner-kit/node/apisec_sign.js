@@ -1,0 +1,112 @@
+#!/usr/bin/env node
+// Signing a request for an apisec gateway, in Node.js 18+ (no packages). RFC 9421 HTTP Message
+// Signatures with an RFC 9530 Content-Digest.
+//
+//   node apisec_sign.js send --url https://gw.example.com/api/v1/info/research/r-1 \
+//       --app APP_ID --keyid KEY_ID --secret-b64 APP_SECRET [--ca ca.pem]
+//   node apisec_sign.js send --url https://gw.example.com/api/v1/orders --method POST \
+//       --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID --key app.key.pem
+//   node apisec_sign.js vectors ../../vectors/signing.json   # check against the test vectors
+//
+// What the gateway expects: x-app-id; with a body, content-type and content-digest
+// (sha-256=:<base64>:); covered components "@method" "@authority" "@path" "@query" "x-app-id"
+// (+ "content-digest"), in this order; parameters created, nonce, keyid, alg.
+// ECDSA: dsaEncoding 'ieee-p1363' gives r || s, which RFC 9421 wants (not DER).
+'use strict';
+const crypto = require('crypto');
+const fs = require('fs');
+const path = require('path');
+const https = require('https');
+const http = require('http');
+
+function contentDigest(body) {
+  return 'sha-256=:' + crypto.createHash('sha256').update(body).digest('base64') + ':';
+}
+
+// host[:port] as the HTTP client sends it: the port only when not the default (URL drops it).
+function authority(u) {
+  return u.port ? `${u.hostname.toLowerCase()}:${u.port}` : u.hostname.toLowerCase();
+}
+
+// The headers to send before the signature, the Signature-Input value and the signature base,
+// exactly as the gateway rebuilds them.
+function signatureParts(method, url, app, body, keyid, alg, created, nonce) {
+  const u = new URL(url);
+  const headers = [['x-app-id', app]];
+  const components = ['@method', '@authority', '@path', '@query', 'x-app-id'];
+  if (body.length > 0) {
+    headers.push(['content-type', 'application/json'], ['content-digest', contentDigest(body)]);
+    components.push('content-digest');
+  }
+  const params = '(' + components.map((c) => `"${c}"`).join(' ') + ')' +
+    `;created=${created};nonce="${nonce}";keyid="${keyid}";alg="${alg}"`;
+  const values = Object.fromEntries(headers);
+  values['@method'] = method.toUpperCase();
+  values['@authority'] = authority(u);
+  values['@path'] = u.pathname || '/';
+  values['@query'] = '?' + u.search.replace(/^\?/, '');
+  const base = components.map((c) => `"${c}": ${values[c]}`).join('\n') + `\n"@signature-params": ${params}`;
+  return { headers, signatureInput: 'sig1=' + params, base };
+}
+
+function signBase(base, alg, secretB64, keyPem) {
+  let raw;
+  if (alg === 'hmac-sha256') {
+    raw = crypto.createHmac('sha256', Buffer.from(secretB64, 'base64')).update(base, 'utf8').digest();
+  } else {
+    raw = crypto.sign('sha256', Buffer.from(base, 'utf8'), { key: keyPem, dsaEncoding: 'ieee-p1363' });
+  }
+  return 'sig1=:' + raw.toString('base64') + ':';
+}
+
+function send(a) {
+  const body = Buffer.from(a.data || '', 'utf8');
+  const method = a.method || (body.length ? 'POST' : 'GET');
+  const alg = a.key ? 'ecdsa-p256-sha256' : 'hmac-sha256';
+  const nonce = crypto.randomBytes(18).toString('base64url');
+  const p = signatureParts(method, a.url, a.app, body, a.keyid, alg, Math.floor(Date.now() / 1000), nonce);
+  const sig = signBase(p.base, alg, a['secret-b64'], a.key ? fs.readFileSync(a.key, 'utf8') : null);
+  const headers = Object.fromEntries([...p.headers, ['signature-input', p.signatureInput], ['signature', sig]]);
+  if (body.length) headers['content-length'] = String(body.length);
+  const u = new URL(a.url);
+  const lib = u.protocol === 'https:' ? https : http;
+  const req = lib.request(u, { method, headers, timeout: 10000, ca: a.ca ? fs.readFileSync(a.ca) : undefined }, (res) => {
+    let out = '';
+    res.setEncoding('utf8');
+    res.on('data', (d) => { out += d; });
+    res.on('end', () => {
+      console.log(res.statusCode);
+      console.log(out);
+      process.exitCode = res.statusCode >= 200 && res.statusCode < 300 ? 0 : 1;
+    });
+  });
+  req.on('error', (e) => { console.error(e.message); process.exitCode = 2; });
+  req.end(body);
+}
+
+function vectors(file) {
+  const doc = JSON.parse(fs.readFileSync(file, 'utf8'));
+  for (const c of doc.cases) {
+    const key = doc.keys[c.key];
+    const p = signatureParts(c.request.method, c.request.url, doc.app_id, Buffer.from(c.request.body, 'utf8'),
+      c.params.keyid, c.params.alg, c.params.created, c.params.nonce);
+    const keyPem = key.private_key_file ? fs.readFileSync(path.join(path.dirname(file), key.private_key_file), 'utf8') : null;
+    const digest = p.headers.find(([k]) => k === 'content-digest');
+    console.log(JSON.stringify({
+      name: c.name, 'content-digest': digest ? digest[1] : null, 'signature-input': p.signatureInput,
+      signature_base: p.base, signature: signBase(p.base, c.params.alg, key.secret_b64, keyPem),
+    }));
+  }
+}
+
+const argv = process.argv.slice(2);
+if (argv.length === 2 && argv[0] === 'vectors') {
+  vectors(argv[1]);
+} else if (argv[0] === 'send' && argv.length % 2 === 1) {
+  const a = {};
+  for (let i = 1; i < argv.length; i += 2) a[argv[i].replace(/^--/, '')] = argv[i + 1];
+  send(a);
+} else {
+  console.error('usage: node apisec_sign.js (send --url URL --app APP --keyid KEYID (--secret-b64 S | --key PEM) [--method M] [--data BODY] [--ca CA] | vectors FILE)');
+  process.exitCode = 2;
+}

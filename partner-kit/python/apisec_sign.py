@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Signing a request for an apisec gateway, in Python (standard library; `cryptography` for
+ECDSA P-256). RFC 9421 HTTP Message Signatures with an RFC 9530 Content-Digest.
+
+    python apisec_sign.py send --url https://gw.example.com/api/v1/info/research/r-1 \
+        --app APP_ID --keyid KEY_ID --secret-b64 APP_SECRET [--ca ca.pem]
+    python apisec_sign.py send --url https://gw.example.com/api/v1/orders --method POST \
+        --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID \
+        --key app.key.pem [--ca ca.pem]
+    python apisec_sign.py vectors ../../vectors/signing.json   # check against the test vectors
+
+What the gateway expects (README "Wire protocol for callers"):
+  - x-app-id: the App_ID; with a body, content-type and content-digest: sha-256=:<base64>:
+  - covered components, in this order: "@method" "@authority" "@path" "@query" "x-app-id",
+    and "content-digest" when there is a body;
+  - parameters: created (unix seconds, now), nonce (unique per request), keyid, alg.
+"""
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import ssl
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def content_digest(body: bytes) -> str:
+    return "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+
+
+def authority(u) -> str:
+    """Host[:port] as the HTTP client sends it: the port only when it is not the default."""
+    default = {"https": 443, "http": 80}.get(u.scheme)
+    host = u.hostname.lower()
+    return f"{host}:{u.port}" if u.port and u.port != default else host
+
+
+def signature_parts(method, url, app, body, keyid, alg, created, nonce):
+    """The headers to send (before the signature), the Signature-Input value and the signature
+    base, exactly as the gateway rebuilds them."""
+    u = urlsplit(url)
+    headers = [("x-app-id", app)]
+    components = ["@method", "@authority", "@path", "@query", "x-app-id"]
+    if body:
+        headers += [("content-type", "application/json"), ("content-digest", content_digest(body))]
+        components.append("content-digest")
+    params = "(" + " ".join(f'"{c}"' for c in components) + ")"
+    params += f';created={created};nonce="{nonce}";keyid="{keyid}";alg="{alg}"'
+    values = {
+        "@method": method.upper(),
+        "@authority": authority(u),
+        "@path": u.path or "/",
+        "@query": "?" + u.query,
+        **dict(headers),
+    }
+    base = "\n".join(f'"{c}": {values[c]}' for c in components) + f'\n"@signature-params": {params}'
+    return headers, "sig1=" + params, base
+
+
+def sign_base(base: str, alg: str, secret_b64=None, key_pem=None) -> str:
+    if alg == "hmac-sha256":
+        raw = hmac.new(base64.b64decode(secret_b64), base.encode(), hashlib.sha256).digest()
+    else:
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        r, s = decode_dss_signature(key.sign(base.encode(), ec.ECDSA(hashes.SHA256())))
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")  # RFC 9421: r || s, not DER
+    return "sig1=:" + base64.b64encode(raw).decode() + ":"
+
+
+def send(args: dict) -> int:
+    body = args.get("data", "").encode()
+    method = args.get("method") or ("POST" if body else "GET")
+    alg = "ecdsa-p256-sha256" if "key" in args else "hmac-sha256"
+    nonce = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+    headers, sig_input, base = signature_parts(method, args["url"], args["app"], body, args["keyid"], alg,
+                                               int(time.time()), nonce)
+    key_pem = Path(args["key"]).read_bytes() if "key" in args else None
+    signature = sign_base(base, alg, args.get("secret-b64"), key_pem)
+    headers += [("signature-input", sig_input), ("signature", signature)]
+    u = urlsplit(args["url"])
+    if u.scheme == "https":
+        ctx = ssl.create_default_context(cafile=args.get("ca"))
+        conn = http.client.HTTPSConnection(u.hostname, u.port or 443, context=ctx, timeout=10)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=10)
+    conn.request(method, u.path + ("?" + u.query if u.query else ""), body=body or None, headers=dict(headers))
+    resp = conn.getresponse()
+    print(resp.status)
+    print(resp.read().decode(errors="replace"))
+    return 0 if 200 <= resp.status < 300 else 1
+
+
+def vectors(path: str) -> int:
+    doc = json.loads(Path(path).read_text())
+    for case in doc["cases"]:
+        p, req = case["params"], case["request"]
+        key = doc["keys"][case["key"]]
+        body = req["body"].encode()
+        headers, sig_input, base = signature_parts(req["method"], req["url"], doc["app_id"], body, p["keyid"],
+                                                   p["alg"], p["created"], p["nonce"])
+        key_pem = (Path(path).parent / key["private_key_file"]).read_bytes() if "private_key_file" in key else None
+        print(json.dumps({
+            "name": case["name"], "content-digest": dict(headers).get("content-digest"),
+            "signature-input": sig_input, "signature_base": base,
+            "signature": sign_base(base, p["alg"], key.get("secret_b64"), key_pem),
+        }))
+    return 0
+
+
+def main(argv) -> int:
+    if len(argv) == 2 and argv[0] == "vectors":
+        return vectors(argv[1])
+    if argv and argv[0] == "send" and len(argv) % 2 == 1:
+        args = {argv[i].lstrip("-"): argv[i + 1] for i in range(1, len(argv), 2)}
+        return send(args)
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
