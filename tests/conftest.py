@@ -162,7 +162,8 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
                   wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None,
                   state_port: int | None = None, certs: Path | None = None,
                   env: dict | None = None, state_tls_ca: Path | None = None,
-                  backend_tls: bool = False, upstream_cert: str = "backend") -> gw.Gateway:
+                  backend_tls: bool = False, upstream_cert: str = "backend",
+                  bootstrap_hook=None) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     if with_tls and certs is None:
         certs = tmp / "certs"
@@ -174,6 +175,10 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
         state_tls_ca=state_tls_ca, backend_tls=backend_tls,
     )
     gw.render(json.dumps(policy), layout)
+    if bootstrap_hook is not None:  # a test's own routes or listeners on top of envoy/gateway.yaml
+        doc = json.loads(layout.bootstrap.read_text())
+        bootstrap_hook(doc)
+        layout.bootstrap.write_text(json.dumps(doc))
     env = {**(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)

@@ -428,6 +428,7 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         authority: url.authority.clone(),
         path_and_query: url.path_and_query.clone(),
         headers: headers.clone(),
+        route: None,
     };
     let (input, sig) =
         sign(&req, &params, &key).map_err(|d| format!("cannot sign: {} {}", d.reason, d.detail))?;

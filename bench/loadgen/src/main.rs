@@ -114,6 +114,7 @@ impl Signer {
             authority: self.authority.clone(),
             path_and_query: path.into(),
             headers: headers.clone(),
+            route: None,
         };
         let params = SignParams {
             label: "sig1".into(),

@@ -82,6 +82,7 @@ fn main() {
                     ("x-app-id".into(), "a".into()),
                     ("user-agent".into(), "wrk".into()),
                 ],
+                route: None,
             };
             let p = SignParams {
                 label: "sig1".into(),

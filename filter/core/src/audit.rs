@@ -70,12 +70,27 @@ fn capped(s: &str, max: usize) -> &str {
     s.get(..end).unwrap_or("")
 }
 
+/// What was decided for a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'d> {
+    Allowed,
+    Refused(&'d Deny),
+    /// Would have been refused, but the rule is in report mode (report.rs): the request went on.
+    Reported(&'d Deny),
+}
+
 /// One JSON line. Serialising plain structs cannot fail; the fallback keeps the log valid anyway.
-pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Result<(), &Deny>) -> String {
+pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>) -> String {
     let (decision, status, code, detail) = match outcome {
-        Ok(()) => ("allow", 0, None, ""),
-        Err(d) => (
+        Outcome::Allowed => ("allow", 0, None, ""),
+        Outcome::Refused(d) => (
             "deny",
+            d.reason.status(),
+            Some(d.reason.code()),
+            d.detail.as_str(),
+        ),
+        Outcome::Reported(d) => (
+            "report",
             d.reason.status(),
             Some(d.reason.code()),
             d.detail.as_str(),

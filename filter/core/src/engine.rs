@@ -15,6 +15,7 @@ use crate::fields;
 use crate::lists;
 use crate::message::{signature_base, Method, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
+use crate::routes;
 use crate::sf::{self, BareItem, InnerList, Member};
 use crate::state::{BanSubject, Op};
 
@@ -166,10 +167,16 @@ fn covers(covered: &[&str], component: &str) -> bool {
     }
 }
 
-/// The first step for every request: the inventory (LVL-1) names the API. (Bans are state:
-/// every batch a request runs checks them first, see `ban_ops`.)
+/// The first step for every request: the route it came through (when the policy narrows per
+/// route, routes.rs) and the inventory (LVL-1) name the API. (Bans are state: every batch a
+/// request runs checks them first, see `ban_ops`.)
 pub fn begin<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
-    find_api(policy, req)
+    let route = routes::find(&policy.routes, req.route.as_deref())?;
+    let api = find_api(policy, req)?;
+    if let Some(r) = route {
+        routes::check_api(r, api)?;
+    }
+    Ok(api)
 }
 
 /// Inventory (LVL-1): the API a request is for. A request that matches none is refused.

@@ -113,6 +113,9 @@ deny_reasons! {
     /// The cluster state store did not answer in time, or answered something unexpected: the
     /// request cannot be checked against state every replica shares, so it is refused.
     StateUnavailable => ("state_unavailable", 503),
+    /// The request came through an Envoy route the policy does not name, or the route does not
+    /// serve this API (per-route policy).
+    RouteNotAllowed => ("route_not_allowed", 403),
     /// The API is a draft: not yet through review (OPS-1).
     ApiNotPublished => ("api_not_published", 404),
     /// The API (or its group) is switched offline: degradation or circuit breaker (OPS-1, MON-5).

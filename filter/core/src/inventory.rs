@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, DenyReason};
 use crate::message::Method;
+use crate::report::Mode;
 
 /// Security level of an API (clause 6). Controls escalate with the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -87,6 +88,9 @@ pub struct RawApi {
     /// Lifecycle (OPS-1): draft, online, offline, retired.
     #[serde(default)]
     pub state: ApiState,
+    /// `report`: refusals are counted and audited as "would refuse", not enforced (a dry run).
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -121,6 +125,7 @@ pub struct Api {
     pub index: usize,
     /// Effective lifecycle state: the API's own, or its group's switch when that is not online.
     pub state: ApiState,
+    pub mode: Mode,
     pub(crate) segments: Vec<Segment>,
 }
 
@@ -324,6 +329,7 @@ pub fn compile(
             function: a.function.clone(),
             index: apis.len(),
             state: a.state,
+            mode: a.mode,
             segments,
         });
     }

@@ -21,6 +21,8 @@ pub mod local;
 pub mod message;
 pub mod policy;
 pub mod replay;
+pub mod report;
+pub mod routes;
 pub mod sf;
 pub mod signer;
 pub mod state;

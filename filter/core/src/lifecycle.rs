@@ -15,7 +15,7 @@
 use std::cell::Cell;
 use std::rc::Rc;
 
-use crate::audit::{self, AuditInput};
+use crate::audit::{self, AuditInput, Outcome};
 use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
 use crate::engine::{self, Host, RequestContext};
@@ -24,6 +24,7 @@ use crate::fields;
 use crate::local;
 use crate::message::{self, Request};
 use crate::policy::{Policy, SecurityLevel};
+use crate::report;
 use crate::state::{Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
@@ -56,6 +57,11 @@ pub trait HostFacts {
     /// The policy in force now, if the host loaded another since the stream began (asked only
     /// when a held body completes). Hosts that never reload have none.
     fn current_config(&self) -> Option<Config> {
+        None
+    }
+    /// The name of the Envoy route the request came through (asked only when the policy has
+    /// per-route rules).
+    fn route_name(&self) -> Option<String> {
         None
     }
 }
@@ -108,6 +114,8 @@ pub enum Count {
     Denied(DenyReason),
     BanStarted,
     Abandoned,
+    /// A refusal reported, not enforced (report mode): the request went on.
+    Reported(DenyReason),
 }
 
 /// What the host carries out after an event.
@@ -233,6 +241,8 @@ pub struct Stream {
     /// The opening batch found the source not banned, and no body has been held since: later
     /// batches need not ask again.
     ip_checked: bool,
+    /// A refusal was reported instead of enforced (report mode): the request went on unverified.
+    reported: bool,
 }
 
 impl Stream {
@@ -250,6 +260,7 @@ impl Stream {
             body_done: None,
             trailers: false,
             ip_checked: false,
+            reported: false,
         }
     }
 
@@ -301,7 +312,7 @@ impl Stream {
         self.config.policy.clone()
     }
 
-    fn record(&self, outcome: Result<(), &Deny>) -> String {
+    fn record(&self, outcome: Outcome<'_>) -> String {
         let input = AuditInput {
             ts: self.now,
             request_id: &self.request_id,
@@ -342,7 +353,33 @@ impl Stream {
     }
 
     fn refuse(&mut self, deny: Deny, env: &Env<'_>) -> Step {
+        if report::reported_request(&self.config.policy, &self.req, deny.reason) {
+            return self.report(deny, env);
+        }
         self.refusal(deny, true, env)
+    }
+
+    /// Report mode: the refusal is audited and counted as "would refuse" and the request goes
+    /// on, without the verified identity headers (nothing was verified) and without touching
+    /// the state (no ban counting, no nonce recorded, no grant use).
+    fn report(&mut self, deny: Deny, env: &Env<'_>) -> Step {
+        if self.now == 0 {
+            self.now = env.host.now().unwrap_or(0);
+        }
+        self.phase = Phase::Forwarded;
+        self.reported = true;
+        self.release(env);
+        let mut step = Step::proceed();
+        step.audit = Some(self.record(Outcome::Reported(&deny)));
+        step.counts.push(Count::Reported(deny.reason));
+        step
+    }
+
+    /// Reads the Envoy route's name when the policy in force narrows per route.
+    fn read_route(&mut self, env: &Env<'_>) {
+        if self.req.route.is_none() && !self.config.policy.routes.is_empty() {
+            self.req.route = env.host.route_name();
+        }
     }
 
     /// The refusal once its state operations answered: a banned caller is told it is banned.
@@ -372,7 +409,7 @@ impl Stream {
         } else if let Some(note) = answer.note {
             self.ctx.ban = Some(note);
         }
-        step.audit = Some(self.record(Err(&deny)));
+        step.audit = Some(self.record(Outcome::Refused(&deny)));
         step.counts.push(Count::Denied(deny.reason));
         step
     }
@@ -415,7 +452,7 @@ impl Stream {
         self.phase = Phase::Forwarded;
         self.release(env);
         step.set_identity = true;
-        step.audit = Some(self.record(Ok(())));
+        step.audit = Some(self.record(Outcome::Allowed));
         step.action = Action::Continue;
         step
     }
@@ -485,6 +522,7 @@ impl Stream {
             return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"), env);
         };
         self.now = now;
+        self.read_route(env);
         let policy = self.policy();
         let declared_len = self
             .req
@@ -582,6 +620,7 @@ impl Stream {
         };
         if let Some(c) = env.host.current_config() {
             self.config = c;
+            self.read_route(env);
         }
         self.finish(&body, env)
     }
@@ -800,6 +839,7 @@ impl Stream {
             _ => self.phase,
         };
         match phase {
+            Phase::Forwarded | Phase::FilteringResponse if self.reported => {}
             Phase::Forwarded | Phase::FilteringResponse => step.counts.push(Count::Allowed),
             Phase::HoldingBody => {
                 self.now = env.host.now().unwrap_or(self.now);
@@ -807,7 +847,7 @@ impl Stream {
                     DenyReason::RequestAbandoned,
                     "the request ended before it was decided",
                 );
-                step.audit = Some(self.record(Err(&d)));
+                step.audit = Some(self.record(Outcome::Refused(&d)));
                 step.counts.push(Count::Abandoned);
                 step.counts.push(Count::Denied(d.reason));
             }

@@ -82,6 +82,8 @@ pub struct Request {
     /// The request target as Envoy normalised it: path plus optional `?query`.
     pub path_and_query: String,
     pub headers: Vec<(String, String)>,
+    /// The Envoy route's name, read only when the policy has per-route rules (routes.rs).
+    pub route: Option<String>,
 }
 
 impl Request {
@@ -327,6 +329,7 @@ mod tests {
                 ),
                 ("content-length".into(), "18".into()),
             ],
+            route: None,
         }
     }
 
@@ -375,6 +378,7 @@ mod tests {
             authority: "WWW.Example.com:443".into(),
             path_and_query: "/path?param=value&foo=bar&baz=batman&qux=".into(),
             headers: vec![],
+            route: None,
         };
         let base = signature_base(
             &req,

@@ -22,6 +22,8 @@ pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::lists::{self, List, RawList};
 pub use crate::message::Method;
 pub use crate::replay::ReplaySettings;
+pub use crate::report::Mode;
+use crate::routes::{self, RawRoute, Route};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -51,6 +53,9 @@ pub struct RawPolicy {
     /// Where security state lives: this gateway (`local`) or a store every replica shares.
     #[serde(default)]
     pub state: RawState,
+    /// Per-route narrowing by Envoy route name (routes.rs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RawRoute>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -80,6 +85,13 @@ pub struct RawGateway {
     /// Routing overrides (`X-HTTP-Method-Override`, `X-Original-URL`, ...): `strip` them
     /// before the upstream, or `refuse` requests that carry one.
     pub override_headers: OverrideMode,
+    /// `report`: every refusal is counted and audited as "would refuse", not enforced (a dry
+    /// run of the whole policy). S3 APIs stay enforced unless `report_only_s3`.
+    #[serde(skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
+    /// Allows report mode (policy, API or route) to cover S3 APIs. Shown by `apisec compliance`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub report_only_s3: bool,
 }
 
 /// What the gateway does with a client-sent routing override header.
@@ -105,6 +117,8 @@ impl Default for RawGateway {
             max_body_seconds: 30,
             max_held_body_bytes: 64 * 1024 * 1024,
             override_headers: OverrideMode::Strip,
+            mode: Mode::Enforce,
+            report_only_s3: false,
         }
     }
 }
@@ -154,6 +168,9 @@ pub struct Policy {
     pub opted_out_users: HashSet<String>,
     pub bans: Option<BanSettings>,
     pub state: StateBackend,
+    pub mode: Mode,
+    pub report_only_s3: bool,
+    pub routes: Vec<Route>,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -222,8 +239,13 @@ impl RawPolicy {
         let lists = self.compile_lists(&apis, &groups)?;
         let bans = self.bans.as_ref().map(RawBans::compile).transpose()?;
         let state = self.state.compile(secrets)?;
+        let routes = routes::compile(&self.routes, &apis, &groups)?;
+        self.check_report_scope(&apis, &routes)?;
 
         Ok(Policy {
+            mode: g.mode,
+            report_only_s3: g.report_only_s3,
+            routes,
             generation: 0,
             grants,
             lists,
@@ -252,6 +274,42 @@ impl RawPolicy {
             apis,
             apps,
         })
+    }
+
+    /// Report mode never covers an S3 API by accident: an S3 API or a route serving one set to
+    /// `report` needs `gateway.report_only_s3: true`.
+    fn check_report_scope(&self, apis: &[Api], routes: &[Route]) -> Result<(), ConfigError> {
+        if self.gateway.report_only_s3 {
+            return Ok(());
+        }
+        if let Some((i, a)) = apis
+            .iter()
+            .enumerate()
+            .find(|(_, a)| a.mode.is_report() && a.level == SecurityLevel::S3)
+        {
+            return Err(ConfigError::new(
+                format!("apis[{i}].mode"),
+                format!(
+                    "'{}' is S3: report mode needs gateway.report_only_s3: true",
+                    a.id
+                ),
+            ));
+        }
+        for (i, r) in routes.iter().enumerate() {
+            let s3 = apis
+                .iter()
+                .find(|a| a.level == SecurityLevel::S3 && r.serves(a));
+            if let (true, Some(a)) = (r.mode.is_report(), s3) {
+                return Err(ConfigError::new(
+                    format!("routes[{i}].mode"),
+                    format!(
+                        "route '{}' serves S3 API '{}': report mode needs gateway.report_only_s3: true",
+                        r.name, a.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Gateway settings (ATK-1 replay and skew, size and work bounds, required components,

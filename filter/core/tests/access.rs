@@ -106,6 +106,7 @@ fn call(method: &str, path: &str, app: &str) -> Call {
             authority: "gw".into(),
             path_and_query: path.into(),
             headers: vec![("x-app-id".into(), app.into())],
+            route: None,
         },
         body: vec![],
     }

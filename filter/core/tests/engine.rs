@@ -97,6 +97,7 @@ fn request(method: &str, path: &str, body: &[u8]) -> Case {
             authority: "gw.example.com".into(),
             path_and_query: path.into(),
             headers,
+            route: None,
         },
         body: body.to_vec(),
     }

@@ -55,6 +55,7 @@ fn order(body: &[u8], nonce: &str, expires: Option<i64>, extra: &[(&str, &str)])
             ("content-type".into(), "application/json".into()),
             ("content-digest".into(), content_digest_sha256(body)),
         ],
+        route: None,
     };
     let mut components: Vec<String> = [
         "@method",

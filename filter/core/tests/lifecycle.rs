@@ -99,6 +99,7 @@ fn signed_pairs(method: &str, path: &str, body: &[u8], nonce: &str) -> Vec<(Stri
         authority: "gw".into(),
         path_and_query: path.into(),
         headers: vec![("x-app-id".into(), "app-a".into())],
+        route: None,
         ..Default::default()
     };
     let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]

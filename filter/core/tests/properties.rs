@@ -48,6 +48,7 @@ fn signed(book: &str, query: &str, body: &[u8], nonce: &str) -> Request {
             ("content-type".into(), "application/json".into()),
             ("content-digest".into(), content_digest_sha256(body)),
         ],
+        route: None,
     };
     common::sign_hmac(
         &mut r,

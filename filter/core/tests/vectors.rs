@@ -120,6 +120,7 @@ fn request(c: &Case) -> Request {
         authority,
         path_and_query,
         headers,
+        route: None,
     }
 }
 

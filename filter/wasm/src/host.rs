@@ -136,6 +136,13 @@ impl HostFacts for EnvoyFacts {
     fn current_config(&self) -> Option<Config> {
         crate::root::current()
     }
+
+    fn route_name(&self) -> Option<String> {
+        match hostcalls::get_property(vec!["xds", "route_name"]) {
+            Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
+            _ => None,
+        }
+    }
 }
 
 /// A failed host call as core names it.

@@ -1,5 +1,6 @@
 //! The filter's counters in Envoy's stats: one fixed list, `apisec.allowed`, `apisec.denied`,
-//! `apisec.denied.<code>`, `apisec.bans_started`, `apisec.abandoned`. Refusals are counted at
+//! `apisec.denied.<code>`, `apisec.reported`, `apisec.reported.<code>` (report mode: would
+//! have been refused), `apisec.bans_started`, `apisec.abandoned`. Refusals are counted at
 //! once; allowed requests (the hot path) are summed in the VM and added to Envoy's counter once
 //! a second by the root context's tick, saving a host call per request.
 
@@ -17,6 +18,8 @@ pub struct Metrics {
     bans: Option<u32>,
     abandoned: Option<u32>,
     by_reason: Vec<(DenyReason, u32)>,
+    reported: Option<u32>,
+    reported_by_reason: Vec<(DenyReason, u32)>,
 }
 
 impl Metrics {
@@ -31,6 +34,12 @@ impl Metrics {
             by_reason: DenyReason::ALL
                 .iter()
                 .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
+                .collect(),
+            reported: def("apisec.reported"),
+            reported_by_reason: DenyReason::ALL
+                .iter()
+                .filter(|r| apisec_core::report::reportable(**r))
+                .filter_map(|r| def(&format!("apisec.reported.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
         }
     }
@@ -58,12 +67,14 @@ impl Metrics {
     }
     fn denied(&self, reason: DenyReason) {
         Self::bump(self.denied);
-        Self::bump(
-            self.by_reason
-                .iter()
-                .find(|(r, _)| *r == reason)
-                .map(|(_, id)| *id),
-        );
+        Self::bump(Self::of(&self.by_reason, reason));
+    }
+    fn reported(&self, reason: DenyReason) {
+        Self::bump(self.reported);
+        Self::bump(Self::of(&self.reported_by_reason, reason));
+    }
+    fn of(ids: &[(DenyReason, u32)], reason: DenyReason) -> Option<u32> {
+        ids.iter().find(|(r, _)| *r == reason).map(|(_, id)| *id)
     }
     /// Adds what a lifecycle step counted.
     pub fn add(&self, counts: &[Count]) {
@@ -73,6 +84,7 @@ impl Metrics {
                 Count::Denied(r) => self.denied(*r),
                 Count::BanStarted => self.banned(),
                 Count::Abandoned => self.abandoned(),
+                Count::Reported(r) => self.reported(*r),
             }
         }
     }
