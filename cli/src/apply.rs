@@ -67,7 +67,7 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
 }
 
 /// `KEY=VALUE` lines (the demo's `build/demo.env`); comments and blank lines skipped.
-fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(text
         .lines()
@@ -78,7 +78,7 @@ fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
         .collect())
 }
 
-struct Secrets(Vec<(String, String)>);
+pub(crate) struct Secrets(pub(crate) Vec<(String, String)>);
 impl apisec_core::policy::SecretSource for Secrets {
     fn get(&self, name: &str) -> Option<String> {
         self.0

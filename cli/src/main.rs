@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod verify;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -38,6 +39,10 @@ const USAGE: &str = "usage:
                                           sign a request with RFC 9421 (created, nonce, keyid, alg)
                                           and RFC 9530 content-digest; print it ready to send";
 
+fn usage() -> String {
+    format!("{USAGE}\n{}", verify::USAGE)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args
@@ -59,11 +64,16 @@ fn main() -> ExitCode {
             grants_revoke(file, app, Some(id))
         }
         ["sign", rest @ ..] => sign_cmd(rest),
+        ["verify", rest @ ..] => match verify::run(rest) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         ["help"] | ["--help"] | ["-h"] => {
-            println!("{USAGE}");
+            println!("{}", usage());
             Ok(())
         }
-        _ => Err(format!("unknown command\n{USAGE}")),
+        _ => Err(format!("unknown command\n{}", usage())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,7 +128,7 @@ fn write_private(path: &str, data: &[u8]) -> Result<(), String> {
     f.write_all(data).map_err(|e| format!("{path}: {e}"))
 }
 
-fn load_policy(file: &str) -> Result<RawPolicy, String> {
+pub(crate) fn load_policy(file: &str) -> Result<RawPolicy, String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
     // YAML is a superset of JSON: one parser for both, the same raw structs as the filter.
     serde_yaml::from_str::<RawPolicy>(&text).map_err(|e| format!("{file}: {e}"))

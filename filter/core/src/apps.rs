@@ -54,6 +54,11 @@ pub struct RawApp {
     /// Source ranges the app may call from; any when empty.
     #[serde(default)]
     pub allowed_ips: Vec<String>,
+    /// While a partner integrates: a refused signature's response carries the signature base
+    /// the gateway computed (never the expected signature), so the partner can compare it
+    /// with its own. Off by default; never for production apps (`apisec compliance` shows it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onboarding: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,6 +153,7 @@ pub struct App {
     pub certificates: Vec<CertBinding>,
     pub suspended: bool,
     pub allowed_ips: Vec<Cidr>,
+    pub onboarding: bool,
 }
 
 impl App {
@@ -356,6 +362,7 @@ pub fn compile(
                     certificates,
                     suspended: app.suspended,
                     allowed_ips,
+                    onboarding: app.onboarding,
                 },
             )
             .is_some()

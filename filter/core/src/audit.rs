@@ -132,7 +132,14 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>
     })
 }
 
-/// The caller's view of a refusal: status and code only.
-pub fn refusal_body(deny: &Deny, request_id: &str) -> String {
-    serde_json::json!({"error": deny.reason.code(), "request_id": request_id}).to_string()
+/// The caller's view of a refusal: status and code only; for an app in onboarding whose
+/// signature did not verify, also the signature base the gateway computed.
+pub fn refusal_body(deny: &Deny, request_id: &str, ctx: &RequestContext) -> String {
+    match &ctx.onboarding_base {
+        Some(base) if deny.reason == crate::DenyReason::SignatureInvalid => serde_json::json!({
+            "error": deny.reason.code(), "request_id": request_id, "signature_base": base,
+        })
+        .to_string(),
+        _ => serde_json::json!({"error": deny.reason.code(), "request_id": request_id}).to_string(),
+    }
 }

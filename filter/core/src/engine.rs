@@ -135,6 +135,9 @@ pub struct RequestContext {
     /// Gateway time when the headers were decided, and the policy generation that decided them.
     pub started: u64,
     pub generation: u64,
+    /// The signature base of a signature that did not verify, kept only for an app in
+    /// onboarding: its refusal shows it to the caller.
+    pub onboarding_base: Option<String>,
 }
 
 fn single_member<'a>(
@@ -154,7 +157,7 @@ fn single_member<'a>(
 }
 
 /// Is `component` covered, directly or by an equivalent that includes it?
-fn covers(covered: &[&str], component: &str) -> bool {
+pub(crate) fn covers(covered: &[&str], component: &str) -> bool {
     if covered.contains(&component) {
         return true;
     }
@@ -648,6 +651,9 @@ fn verify_signature(
             .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
     };
     if !ok {
+        if app.onboarding {
+            ctx.onboarding_base = Some(base);
+        }
         return Err(Deny::new(
             DenyReason::SignatureInvalid,
             format!("signature {label} by {keyid} does not verify"),

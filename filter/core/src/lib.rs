@@ -10,6 +10,7 @@ pub mod audit;
 pub mod bans;
 pub mod cluster;
 pub mod crypto;
+pub mod diagnose;
 pub mod engine;
 pub mod error;
 pub mod fields;

@@ -396,7 +396,7 @@ impl Stream {
         let mut step = if respond {
             Step::go(Action::Refuse {
                 status: deny.reason.status(),
-                body: audit::refusal_body(&deny, &self.request_id),
+                body: audit::refusal_body(&deny, &self.request_id, &self.ctx),
                 retry_after: deny.reason.retry_after_seconds(),
             })
         } else {
