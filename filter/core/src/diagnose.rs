@@ -136,16 +136,13 @@ fn decide(
         .and_then(|a| serde_json::from_str(a).ok());
     Ok(match (&step.action, record) {
         (Action::Refuse { status, .. }, Some(rec)) => {
-            let code = rec["code"].as_str().unwrap_or("");
+            let text = |k: &str| rec.get(k).and_then(serde_json::Value::as_str).unwrap_or("");
+            let code = text("code");
             let code = crate::DenyReason::ALL
                 .iter()
                 .find(|r| r.code() == code)
                 .map_or("unknown", |r| r.code());
-            Some((
-                *status,
-                code,
-                rec["detail"].as_str().unwrap_or("").to_string(),
-            ))
+            Some((*status, code, text("detail").to_string()))
         }
         (Action::Refuse { status, .. }, None) => Some((*status, "unknown", String::new())),
         _ => None,
