@@ -31,8 +31,11 @@ fn parse_raw(text: &[u8], scheme: &str) -> Result<Capture, String> {
         .map(|i| (i, 4))
         .or_else(|| text.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2)))
         .ok_or("no blank line after the headers")?;
-    let head = std::str::from_utf8(&text[..split.0]).map_err(|_| "headers are not UTF-8")?;
-    let body = text[split.0 + split.1..].to_vec();
+    let (head, body) = (
+        text.get(..split.0).unwrap_or_default(),
+        text.get(split.0 + split.1..).unwrap_or_default().to_vec(),
+    );
+    let head = std::str::from_utf8(head).map_err(|_| "headers are not UTF-8")?;
     let mut lines = head.lines();
     let first = lines.next().ok_or("empty request")?;
     let mut parts = first.split_whitespace();
@@ -66,17 +69,18 @@ fn parse_raw(text: &[u8], scheme: &str) -> Result<Capture, String> {
 /// The JSON `apisec sign --format json` prints: method, url, headers (object), body.
 fn parse_json(text: &str) -> Result<Capture, String> {
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("JSON: {e}"))?;
-    let url = v["url"].as_str().ok_or("JSON has no url")?;
+    let field = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
+    let url = field("url").ok_or("JSON has no url")?;
     let (scheme, rest) = url.split_once("://").ok_or("url needs a scheme")?;
     let (authority, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
     let mut req = Request {
-        method: v["method"].as_str().unwrap_or("GET").to_string(),
+        method: field("method").unwrap_or("GET").to_string(),
         scheme: scheme.to_string(),
         authority: authority.to_string(),
         path_and_query: path.to_string(),
         ..Default::default()
     };
-    match &v["headers"] {
+    match v.get("headers").unwrap_or(&serde_json::Value::Null) {
         serde_json::Value::Object(m) => {
             for (k, val) in m {
                 req.headers.push((
@@ -87,14 +91,15 @@ fn parse_json(text: &str) -> Result<Capture, String> {
         }
         serde_json::Value::Array(a) => {
             for pair in a {
-                if let (Some(k), Some(val)) = (pair[0].as_str(), pair[1].as_str()) {
+                let at = |i: usize| pair.get(i).and_then(serde_json::Value::as_str);
+                if let (Some(k), Some(val)) = (at(0), at(1)) {
                     req.headers.push((k.to_ascii_lowercase(), val.to_string()));
                 }
             }
         }
         _ => return Err("JSON headers must be an object or a list of pairs".into()),
     }
-    let body = v["body"].as_str().unwrap_or("").as_bytes().to_vec();
+    let body = field("body").unwrap_or("").as_bytes().to_vec();
     Ok(Capture { req, body })
 }
 
