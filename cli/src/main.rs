@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod compliance;
+mod inventory;
 mod verify;
 
 use std::collections::HashMap;
@@ -40,7 +42,12 @@ const USAGE: &str = "usage:
                                           and RFC 9530 content-digest; print it ready to send";
 
 fn usage() -> String {
-    format!("{USAGE}\n{}", verify::USAGE)
+    format!(
+        "{USAGE}\n{}\n{}\n{}",
+        verify::USAGE,
+        compliance::USAGE,
+        inventory::USAGE
+    )
 }
 
 fn main() -> ExitCode {
@@ -64,6 +71,12 @@ fn main() -> ExitCode {
             grants_revoke(file, app, Some(id))
         }
         ["sign", rest @ ..] => sign_cmd(rest),
+        ["inventory", rest @ ..] => inventory::run(rest),
+        ["compliance", rest @ ..] => match compliance::run(rest) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
         ["verify", rest @ ..] => match verify::run(rest) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

@@ -91,6 +91,10 @@ pub struct RawApi {
     /// `report`: refusals are counted and audited as "would refuse", not enforced (a dry run).
     #[serde(default, skip_serializing_if = "Mode::is_enforce")]
     pub mode: Mode,
+    /// The row of the standard's table A.1 this API implements (`apisec compliance`); when
+    /// absent, `function` is looked up as a row key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annex_a: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -53,6 +53,9 @@ pub struct RawPolicy {
     /// Where security state lives: this gateway (`local`) or a store every replica shares.
     #[serde(default)]
     pub state: RawState,
+    /// The firm's industry, for the Annex A classification (`apisec compliance`, LVL-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub industry: Option<Industry>,
     /// Per-route narrowing by Envoy route name (routes.rs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RawRoute>,
@@ -92,6 +95,25 @@ pub struct RawGateway {
     /// Allows report mode (policy, API or route) to cover S3 APIs. Shown by `apisec compliance`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub report_only_s3: bool,
+}
+
+/// The industries of table A.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Industry {
+    Securities,
+    Futures,
+    Funds,
+}
+
+impl Industry {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Industry::Securities => "securities",
+            Industry::Futures => "futures",
+            Industry::Funds => "funds",
+        }
+    }
 }
 
 /// What the gateway does with a client-sent routing override header.
@@ -220,6 +242,12 @@ impl RawPolicy {
     /// Checks everything that does not need secrets; the CLI runs exactly this.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.compile(None).map(|_| ())
+    }
+
+    /// The compiled policy without its secrets (HMAC keys left out): for review tools such as
+    /// the compliance report, never for deciding requests.
+    pub fn compile_for_review(&self) -> Result<Policy, ConfigError> {
+        self.compile(None)
     }
 
     /// Validates and binds secrets: the filter's `on_configure` runs exactly this.

@@ -1,6 +1,7 @@
-//! Every shipped example policy (Annex A classification, LVL-5) passes validation, and each
-//! follows the Annex A levels: market data and public information S0, licensed information S1,
-//! account APIs S2, trading S3.
+//! Every shipped example policy passes validation and follows table A.1 of the standard
+//! exactly (LVL-5): each names its industry, each API names a row of the table (by `annex_a`,
+//! or by a `function` that is a row key), and its level is the row's level. The table is
+//! `policies/annex-a/table-a1.yaml`, the data `apisec compliance` checks against.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -8,14 +9,52 @@
     clippy::panic
 )] // test code
 
+use apisec_core::compliance::AnnexA;
 use apisec_core::policy::RawPolicy;
-use apisec_core::SecurityLevel;
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn annex() -> AnnexA {
+    let text = std::fs::read_to_string(root().join("policies/annex-a/table-a1.yaml")).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
 
 #[test]
-fn example_policies_validate_and_follow_annex_a() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+fn table_a1_has_every_industry_and_level_of_the_standard() {
+    let a = annex();
+    let names: Vec<_> = a.industries.keys().map(String::as_str).collect();
+    assert_eq!(names, ["funds", "futures", "securities"]);
+    for (name, ind) in &a.industries {
+        let mut levels: Vec<_> = ind.rows.iter().map(|r| r.level.as_str()).collect();
+        levels.dedup();
+        assert_eq!(levels, ["S0", "S1", "S2", "S3"], "{name}");
+        let mut keys: Vec<_> = ind.rows.iter().map(|r| r.key.as_str()).collect();
+        keys.sort_unstable();
+        let n = keys.len();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "{name}: duplicate row keys");
+    }
+    // The row the funds example depends on: 客户持仓份额查询 is S3 for funds.
+    let funds = &a.industries["funds"];
+    let holdings = funds
+        .rows
+        .iter()
+        .find(|r| r.key == "holdings_query")
+        .unwrap();
+    assert_eq!(holdings.level.as_str(), "S3");
+    assert!(funds
+        .rows
+        .iter()
+        .any(|r| r.key == "trading" && r.modules.contains("客户持仓份额查询")));
+}
+
+#[test]
+fn example_policies_validate_and_follow_table_a1_exactly() {
+    let a = annex();
     let mut seen = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
+    for entry in std::fs::read_dir(root().join("policies")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
@@ -25,23 +64,19 @@ fn example_policies_validate_and_follow_annex_a() {
             serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         raw.validate()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let industry = raw
+            .industry
+            .unwrap_or_else(|| panic!("{}: names no industry", path.display()));
+        let table = &a.industries[industry.as_str()];
         for api in &raw.apis {
-            let expected = match api.function.as_str() {
-                "market_data" | "public_info" => SecurityLevel::S0,
-                "licensed_info" => SecurityLevel::S1,
-                "account" | "settlement" => SecurityLevel::S2,
-                "trading" | "funds_transfer" => {
-                    if api.access == apisec_core::policy::Access::Read {
-                        SecurityLevel::S2
-                    } else {
-                        SecurityLevel::S3
-                    }
-                }
-                other => panic!("{}: unexpected function {other}", path.display()),
-            };
-            assert_eq!(api.level, expected, "{}: {}", path.display(), api.id);
+            let key = api.annex_a.as_deref().unwrap_or(&api.function);
+            let row =
+                table.rows.iter().find(|r| r.key == key).unwrap_or_else(|| {
+                    panic!("{}: {} names no row ({key})", path.display(), api.id)
+                });
+            assert_eq!(api.level, row.level, "{}: {}", path.display(), api.id);
         }
         seen += 1;
     }
-    assert!(seen >= 3, "securities, futures and funds examples");
+    assert_eq!(seen, 3, "securities, futures and funds examples");
 }

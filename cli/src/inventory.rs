@@ -1,0 +1,175 @@
+//! `apisec inventory POLICY [--format table|csv|json]`: the API inventory (LVL-2).
+//! `apisec inventory import OPENAPI_FILE [--policy POLICY]`: inventory entries drafted from an
+//! OpenAPI 3 document (core `openapi`), levels left for a person to set, and the difference
+//! against the policy's inventory.
+
+use apisec_core::inventory::RawApi;
+use apisec_core::openapi;
+
+pub const USAGE: &str = "  apisec inventory POLICY [--format table|csv|json]
+                                          the API inventory (LVL-2): method, path, level, service
+                                          object, read/write, user authentication, personal
+                                          information, business function, state, mode, Annex A row
+  apisec inventory import OPENAPI_FILE [--policy POLICY]
+                                          draft inventory entries from an OpenAPI 3 document (YAML or
+                                          JSON); levels and the fields a document cannot tell are left
+                                          as SET-ME for a person; with --policy, only what the policy
+                                          lacks, and what it has that the document does not";
+
+const COLUMNS: &[&str] = &[
+    "id",
+    "method",
+    "path",
+    "level",
+    "service_object",
+    "access",
+    "user_auth",
+    "personal_info",
+    "function",
+    "state",
+    "mode",
+    "annex_a",
+];
+
+fn row(a: &RawApi) -> Vec<String> {
+    let v = serde_json::to_value(a).unwrap_or_default();
+    let text = |k: &str| match v.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => String::new(),
+        Some(x) => x.to_string(),
+    };
+    COLUMNS
+        .iter()
+        .map(|c| match *c {
+            "mode" if text(c).is_empty() => "enforce".into(),
+            "state" if text(c).is_empty() => "online".into(),
+            c => text(c),
+        })
+        .collect()
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn list(policy_file: &str, format: &str) -> Result<(), String> {
+    let raw = crate::load_policy(policy_file)?;
+    raw.validate().map_err(|e| format!("{policy_file}: {e}"))?;
+    let rows: Vec<Vec<String>> = raw.apis.iter().map(row).collect();
+    match format {
+        "json" => {
+            let docs: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|r| {
+                    COLUMNS
+                        .iter()
+                        .zip(r)
+                        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                        .collect::<serde_json::Map<_, _>>()
+                        .into()
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&docs).map_err(|e| e.to_string())?
+            );
+        }
+        "csv" => {
+            println!("{}", COLUMNS.join(","));
+            for r in &rows {
+                println!(
+                    "{}",
+                    r.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",")
+                );
+            }
+        }
+        "table" => {
+            let widths: Vec<usize> = (0..COLUMNS.len())
+                .map(|i| {
+                    rows.iter()
+                        .filter_map(|r| r.get(i))
+                        .map(String::len)
+                        .chain([COLUMNS.get(i).map_or(0, |c| c.len())])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let line = |cells: Vec<&str>| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            println!("{}", line(COLUMNS.to_vec()));
+            for r in &rows {
+                println!("{}", line(r.iter().map(String::as_str).collect()));
+            }
+        }
+        f => return Err(format!("unknown --format {f} (table, csv or json)")),
+    }
+    Ok(())
+}
+
+fn import(file: &str, policy: Option<&str>) -> Result<(), String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+    let doc: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+    let drafts = openapi::drafts(&doc).map_err(|e| format!("{file}: {e}"))?;
+    let apis = match policy {
+        Some(p) => crate::load_policy(p)?.apis,
+        None => Vec::new(),
+    };
+    let diff = openapi::diff(&drafts, &apis);
+    println!(
+        "# apisec inventory import {file}: {} operation(s); {} new{}",
+        drafts.len(),
+        diff.new.len(),
+        policy.map_or(String::new(), |p| format!(
+            " to {p}, {} in the policy under another id, {} in the policy but not in the document",
+            diff.renamed.len(),
+            diff.missing.len()
+        ))
+    );
+    println!(
+        "# Set every SET-ME (level: table A.1 in policies/annex-a/table-a1.yaml), then add the"
+    );
+    println!("# entries under apis:. `apisec policy check` refuses the policy until each is set.");
+    for d in &diff.new {
+        println!("  - id: {}", d.id);
+        println!("    method: {}", d.method);
+        println!("    path: \"{}\"", d.path);
+        println!("    level: SET-ME            # S0 | S1 | S2 | S3");
+        println!("    service_object: SET-ME   # toB | toC | toG");
+        println!("    access: {}", d.access);
+        println!("    user_auth: SET-ME        # true | false");
+        println!("    personal_info: SET-ME    # true | false");
+        println!("    function: {}", d.function);
+        if !d.description.is_empty() {
+            println!("    description: {:?}", d.description);
+        }
+    }
+    for (old, new) in &diff.renamed {
+        println!("# in the policy as '{old}', in the document as '{new}'");
+    }
+    for (id, m, p) in &diff.missing {
+        println!("# in the policy, not in the document: {id} ({m} {p}); retire it or document it");
+    }
+    Ok(())
+}
+
+pub fn run(args: &[&str]) -> Result<(), String> {
+    match args {
+        ["import", file] => import(file, None),
+        ["import", file, "--policy", p] => import(file, Some(p)),
+        [policy] => list(policy, "table"),
+        [policy, "--format", f] => list(policy, f),
+        _ => Err(format!("usage:\n{USAGE}")),
+    }
+}

@@ -1,0 +1,399 @@
+//! The compliance report (`apisec compliance`): per API, what the standard requires at its level
+//! (the controls table of `spec/REQUIREMENTS.md`) and whether the policy and the deployment
+//! provide it, naming the requirement IDs, plus the Annex A classification (LVL-5). It is what
+//! a firm hands its auditors: it states what the gateway enforces, and it says "no" where it
+//! does not (report mode, no TLS to the backend, sessions and two factors not yet built).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::SecurityLevel;
+use crate::policy::{Policy, RawPolicy};
+
+/// Table A.1 of the standard as data (`policies/annex-a/table-a1.yaml`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnexA {
+    pub industries: BTreeMap<String, AnnexIndustry>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnexIndustry {
+    pub name: String,
+    pub rows: Vec<AnnexRow>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnexRow {
+    pub key: String,
+    pub level: SecurityLevel,
+    pub category: String,
+    pub category_en: String,
+    pub modules: String,
+}
+
+/// What the Envoy configuration provides, as the CLI read it from the bootstrap YAML.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Deployment {
+    pub source: String,
+    /// A listener that terminates TLS.
+    pub tls_listener: bool,
+    /// A listener that requires and verifies client certificates.
+    pub mtls_listener: bool,
+    /// The access log carries the filter's audit record (`%FILTER_STATE(wasm.apisec_audit...)`).
+    pub audit_log: bool,
+    /// The backend cluster speaks TLS (an UpstreamTlsContext).
+    pub backend_tls: bool,
+    /// Every apisec filter entry is `failure_policy: FAIL_CLOSED`.
+    pub fail_closed: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Required at this level and provided.
+    Met,
+    /// Required and not provided: the report fails.
+    NotMet,
+    /// Not required at this level.
+    NotRequired,
+    /// Recommended (SHOULD) and not provided.
+    ShouldNotProvided,
+    /// Depends on the deployment, which was not given.
+    Unchecked,
+    /// No Annex A row names this API.
+    Unclassified,
+}
+
+impl Status {
+    pub fn cell(self) -> &'static str {
+        match self {
+            Status::Met => "yes",
+            Status::NotMet => "NO",
+            Status::NotRequired => "-",
+            Status::ShouldNotProvided => "should",
+            Status::Unchecked => "?",
+            Status::Unclassified => "n/a",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    /// Short column name.
+    pub control: &'static str,
+    pub ids: &'static str,
+    pub status: Status,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiReport {
+    pub id: String,
+    pub level: &'static str,
+    pub function: String,
+    pub user_auth: bool,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub industry: Option<String>,
+    pub deployment: Option<Deployment>,
+    pub apis: Vec<ApiReport>,
+    /// Findings about the policy or deployment as a whole.
+    pub findings: Vec<Check>,
+    /// True when no required control is unmet.
+    pub compliant: bool,
+}
+
+/// The columns, in order: control name and requirement IDs.
+pub const CONTROLS: &[(&str, &str)] = &[
+    ("annex_a", "LVL-5"),
+    ("identity", "ID-1 ID-2 ID-3"),
+    ("tls", "DATA-1"),
+    ("grant", "PERM-2"),
+    ("approval", "PERM-3"),
+    ("integrity", "DATA-3"),
+    ("non_repudiation", "DATA-4"),
+    ("replay", "ATK-1"),
+    ("user_2fa", "SES-1..4 ID-4"),
+    ("audit", "LOG-1"),
+    ("backend_tls", "DATA-2"),
+    ("enforced", "LVL-1"),
+];
+
+fn check(i: usize, status: Status, note: impl Into<String>) -> Check {
+    let (control, ids) = CONTROLS.get(i).copied().unwrap_or(("?", ""));
+    Check {
+        control,
+        ids,
+        status,
+        note: note.into(),
+    }
+}
+
+fn deployed(
+    d: Option<&Deployment>,
+    f: impl Fn(&Deployment) -> bool,
+    yes: &str,
+    no: &str,
+) -> (Status, String) {
+    match d {
+        None => (Status::Unchecked, "no --deployment given".into()),
+        Some(d) if f(d) => (Status::Met, yes.into()),
+        Some(_) => (Status::NotMet, no.into()),
+    }
+}
+
+/// Assesses `raw` (compiled as `policy`) against the standard, Annex A and the deployment.
+pub fn assess(
+    raw: &RawPolicy,
+    policy: &Policy,
+    annex: &AnnexA,
+    deployment: Option<&Deployment>,
+) -> Report {
+    use SecurityLevel::{S0, S1, S2, S3};
+    let industry = raw.industry.as_ref().map(|i| i.as_str().to_string());
+    let table = industry.as_deref().and_then(|i| annex.industries.get(i));
+    let mut apis = Vec::new();
+    for (raw_api, api) in raw.apis.iter().zip(policy.apis()) {
+        let level = api.level;
+        let grants: Vec<_> = policy
+            .grants
+            .iter()
+            .filter(|g| g.apis.contains(api.index))
+            .collect();
+        let mut checks = Vec::new();
+
+        // Annex A (LVL-5): the row this API implements, and its level.
+        let key = raw_api.annex_a.as_deref().unwrap_or(&api.function);
+        checks.push(match table {
+            None => check(
+                0,
+                Status::Unclassified,
+                "the policy names no industry (industry: securities | futures | funds)",
+            ),
+            Some(t) => match t.rows.iter().find(|r| r.key == key) {
+                Some(r) if r.level > level => check(
+                    0,
+                    Status::NotMet,
+                    format!(
+                        "table A.1 ({} {}) places '{}' ({}) at {}; the policy gives {}",
+                        t.name,
+                        r.category,
+                        r.key,
+                        r.modules,
+                        r.level.as_str(),
+                        level.as_str()
+                    ),
+                ),
+                Some(r) => check(
+                    0,
+                    Status::Met,
+                    format!(
+                        "{} {} {} ({}): {}",
+                        t.name,
+                        r.level.as_str(),
+                        r.category,
+                        r.key,
+                        r.modules
+                    ),
+                ),
+                None if raw_api.annex_a.is_some() => check(
+                    0,
+                    Status::NotMet,
+                    format!("annex_a '{key}' is not a row of table A.1 for {}", t.name),
+                ),
+                None => check(
+                    0,
+                    Status::Unclassified,
+                    format!("function '{key}' is not a row key of table A.1; set annex_a"),
+                ),
+            },
+        });
+        // Identity and authentication, as the filter enforces them per level.
+        checks.push(check(1, Status::Met, match level {
+            S0 => "App_ID (x-app-id) of a registered app",
+            S1 => "App_ID with an RFC 9421 signature (HMAC or P-256) or a bound client certificate",
+            S2 | S3 => "App_ID with a P-256 signature or a bound client certificate (HMAC refused)",
+        }));
+        // TLS: the filter refuses S1+ over plain HTTP; the deployment must offer a TLS listener.
+        checks.push(if level == S0 {
+            check(2, Status::NotRequired, "")
+        } else {
+            let (s, n) = deployed(
+                deployment,
+                |d| d.tls_listener,
+                "refused without TLS (tls_required); TLS listener present",
+                "no TLS listener in the deployment",
+            );
+            check(2, s, n)
+        });
+        // Grants.
+        checks.push(if level == S0 {
+            check(3, Status::NotRequired, "")
+        } else {
+            check(
+                3,
+                Status::Met,
+                format!(
+                    "explicit grant required; {} grant(s): {}",
+                    grants.len(),
+                    grants
+                        .iter()
+                        .map(|g| g.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        });
+        // Approval record for S3 grants (the policy is refused without one).
+        checks.push(if level == S3 {
+            let tickets: Vec<String> = raw
+                .grants
+                .iter()
+                .filter(|g| grants.iter().any(|x| x.id == g.id))
+                .filter_map(|g| {
+                    g.approval
+                        .as_ref()
+                        .map(|a| format!("{}: {} {}", g.id, a.ticket, a.date))
+                })
+                .collect();
+            check(
+                4,
+                Status::Met,
+                format!(
+                    "every S3 grant carries one (enforced at load): {}",
+                    tickets.join("; ")
+                ),
+            )
+        } else {
+            check(4, Status::NotRequired, "")
+        });
+        // Integrity of the request.
+        checks.push(match level {
+            S0 => check(5, Status::NotRequired, ""),
+            S1 | S3 => check(5, Status::Met, "RFC 9421 signature over method, authority, path, query, App_ID and Content-Digest of the body"),
+            S2 => check(5, Status::Met, "RFC 9421 signature, or a certificate-only call over mutual TLS (channel integrity, Idempotency-Key for writes)"),
+        });
+        checks.push(if level == S3 {
+            check(
+                6,
+                Status::Met,
+                "P-256 signature required; signature, input and base kept in the audit record",
+            )
+        } else {
+            check(6, Status::NotRequired, "")
+        });
+        checks.push(if level == S0 {
+            check(7, Status::ShouldNotProvided, "S0 carries no nonce")
+        } else {
+            check(7, Status::Met, "created within the skew window and nonce once per app (Idempotency-Key for certificate-only writes)")
+        });
+        checks.push(if raw_api.user_auth && level >= S2 {
+            check(8, Status::NotMet, "user login with two factors and sessions are not implemented yet: x-user-id is asserted by the signing app")
+        } else {
+            check(8, Status::NotRequired, "")
+        });
+        let (s, n) = deployed(
+            deployment,
+            |d| d.audit_log,
+            "one JSON record per request in the access log",
+            "the access log does not carry the apisec audit record",
+        );
+        checks.push(check(9, s, n));
+        checks.push(if level >= S2 {
+            let (s, n) = deployed(
+                deployment,
+                |d| d.backend_tls,
+                "TLS from the gateway to the backend",
+                "plain HTTP from the gateway to the backend (use envoy/gateway-upstream-tls.yaml)",
+            );
+            check(10, s, n)
+        } else {
+            check(10, Status::NotRequired, "")
+        });
+        let report_mode = api.mode.is_report()
+            || (policy.mode.is_report() && (level != S3 || policy.report_only_s3));
+        checks.push(if report_mode {
+            check(
+                11,
+                Status::NotMet,
+                "report mode: refusals are recorded, not enforced",
+            )
+        } else {
+            check(11, Status::Met, "enforced")
+        });
+        apis.push(ApiReport {
+            id: api.id.clone(),
+            level: level.as_str(),
+            function: api.function.clone(),
+            user_auth: raw_api.user_auth,
+            checks,
+        });
+    }
+
+    let mut findings = Vec::new();
+    let finding = |control: &'static str, ids: &'static str, status: Status, note: String| Check {
+        control,
+        ids,
+        status,
+        note,
+    };
+    if policy.report_only_s3 {
+        findings.push(finding(
+            "report_only_s3",
+            "LVL-1",
+            Status::NotMet,
+            "gateway.report_only_s3 is set: report mode may cover S3 APIs".into(),
+        ));
+    }
+    if policy.mode.is_report() {
+        findings.push(finding(
+            "mode",
+            "LVL-1",
+            Status::NotMet,
+            "gateway.mode is report: the whole policy is a dry run".into(),
+        ));
+    }
+    for r in policy.routes.iter().filter(|r| r.mode.is_report()) {
+        findings.push(finding(
+            "route_mode",
+            "LVL-1",
+            Status::NotMet,
+            format!("route '{}' is in report mode", r.name),
+        ));
+    }
+    for a in raw.apps.iter().filter(|a| a.onboarding) {
+        findings.push(finding("onboarding", "ID-2", Status::ShouldNotProvided, format!("app '{}' is in onboarding: a refused signature's response shows the signature base", a.id)));
+    }
+    if let Some(d) = deployment {
+        if !d.fail_closed {
+            findings.push(finding(
+                "fail_closed",
+                "LVL-1",
+                Status::NotMet,
+                format!(
+                    "{}: an apisec filter is not failure_policy: FAIL_CLOSED",
+                    d.source
+                ),
+            ));
+        }
+    }
+    let compliant = !apis
+        .iter()
+        .flat_map(|a| &a.checks)
+        .chain(&findings)
+        .any(|c| c.status == Status::NotMet);
+    Report {
+        industry,
+        deployment: deployment.cloned(),
+        apis,
+        findings,
+        compliant,
+    }
+}

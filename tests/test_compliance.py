@@ -1,0 +1,181 @@
+"""`apisec compliance` (the per-API report for auditors, with requirement IDs and the Annex A
+classification, LVL-5) and `apisec inventory` (LVL-2: listing, and drafting from OpenAPI 3)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+
+import yaml
+
+from conftest import CLI, ROOT
+
+GATEWAY = str(ROOT / "envoy/gateway.yaml")
+UPSTREAM_TLS = str(ROOT / "envoy/gateway-upstream-tls.yaml")
+ECDS = str(ROOT / "envoy/apisec-ecds.yaml")
+
+
+def apisec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=60)
+
+
+def compliance(policy, *extra: str) -> tuple[int, dict]:
+    out = apisec("compliance", str(policy), "--format", "json", *extra)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def cells(report: dict) -> dict:
+    return {a["id"]: {c["control"]: c for c in a["checks"]} for a in report["apis"]}
+
+
+def write_policy(tmp_path, doc: dict, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    return path
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "policies" / name).read_text())
+
+
+def test_securities_example_with_each_shipped_deployment():
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", GATEWAY, "--ecds", ECDS)
+    assert rc == 1 and rep["compliant"] is False and rep["industry"] == "securities"
+    c = cells(rep)
+    assert c["market.quote"]["annex_a"]["status"] == "met" and "S0 行情类" in c["market.quote"]["annex_a"]["note"]
+    assert c["market.quote"]["replay"]["status"] == "should_not_provided"
+    assert c["trade.order.place"]["approval"]["status"] == "met" and "RISK-2026-0117" in c["trade.order.place"]["approval"]["note"]
+    assert c["trade.order.place"]["non_repudiation"]["status"] == "met"
+    assert c["info.research"]["backend_tls"]["status"] == "not_required"
+    # envoy/gateway.yaml sends plain HTTP to the backend: DATA-2 is not met for S2 and S3.
+    assert c["account.balance"]["backend_tls"]["status"] == "not_met"
+    assert c["account.balance"]["backend_tls"]["ids"] == "DATA-2"
+    assert c["account.balance"]["user_2fa"]["status"] == "not_met"
+    assert rep["deployment"]["tls_listener"] and rep["deployment"]["mtls_listener"]
+    assert rep["deployment"]["audit_log"] and rep["deployment"]["fail_closed"]
+    # With TLS to the backend, what is left is what the gateway does not do yet: end users
+    # logged in with two factors (sessions), for the APIs marked user_auth at S2/S3.
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    unmet = {(a["id"], c["control"]) for a in rep["apis"] for c in a["checks"] if c["status"] == "not_met"}
+    assert unmet == {(a, "user_2fa") for a in ["account.balance", "account.positions", "trade.order.query",
+                                                "trade.order.place", "trade.order.cancel"]}
+    assert rc == 1
+
+
+def test_table_output_names_the_requirement_ids():
+    out = apisec("compliance", str(ROOT / "policies/securities.yaml"), "--deployment", GATEWAY, "--ecds", ECDS)
+    assert out.returncode == 1
+    assert "NO  account.balance backend_tls (DATA-2)" in out.stdout
+    assert "NO  trade.order.place user_2fa (SES-1..4 ID-4)" in out.stdout
+    assert "NOT compliant" in out.stdout
+    assert out.stdout.splitlines()[1].split()[:3] == ["api", "lvl", "annex"]
+
+
+def test_a_compliant_policy_exits_zero(tmp_path):
+    doc = load("securities.yaml")
+    doc["apis"] = [a for a in doc["apis"] if a["level"] in ("S0", "S1")]
+    doc["api_groups"] = []
+    doc["grants"] = [g for g in doc["grants"] if g["id"] == "demo-partner-info"]
+    doc["lists"] = []
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    assert rc == 0 and rep["compliant"] is True
+
+
+def test_annex_a_flags_an_api_below_its_table_level(tmp_path):
+    """The funds example before this issue: the holdings query at S2, where table A.1 lists
+    客户持仓份额查询 under the funds industry's S3 interfaces."""
+    doc = load("funds.yaml")
+    holdings = next(a for a in doc["apis"] if a["id"] == "account.holdings")
+    assert holdings["level"] == "S3"
+    holdings["level"] = "S2"
+    rc, rep = compliance(write_policy(tmp_path, doc))
+    assert rc == 1
+    check = cells(rep)["account.holdings"]["annex_a"]
+    assert check["status"] == "not_met" and check["ids"] == "LVL-5"
+    assert "客户持仓份额查询" in check["note"] and "S3" in check["note"]
+    # An annex_a key the table does not have is an error too; a function that is no key is
+    # reported as unclassified, not as met.
+    holdings["level"] = "S3"
+    holdings["annex_a"] = "holdings_typo"
+    rc, rep = compliance(write_policy(tmp_path, doc))
+    assert rc == 1 and cells(rep)["account.holdings"]["annex_a"]["status"] == "not_met"
+    del holdings["annex_a"]
+    holdings["function"] = "portfolio"
+    rc, rep = compliance(write_policy(tmp_path, doc))
+    assert cells(rep)["account.holdings"]["annex_a"]["status"] == "unclassified"
+
+
+def test_report_mode_onboarding_and_fail_open_are_visible(tmp_path):
+    doc = load("securities.yaml")
+    next(a for a in doc["apis"] if a["id"] == "info.research")["mode"] = "report"
+    doc["gateway"]["report_only_s3"] = True
+    next(a for a in doc["apps"] if a["id"] == "demo-partner")["onboarding"] = True
+    rc, rep = compliance(write_policy(tmp_path, doc))
+    assert rc == 1
+    assert cells(rep)["info.research"]["enforced"]["status"] == "not_met"
+    findings = {f["control"]: f for f in rep["findings"]}
+    assert findings["report_only_s3"]["status"] == "not_met"
+    assert "demo-partner" in findings["onboarding"]["note"]
+    # Without a deployment, what depends on it is unchecked, not met.
+    assert cells(rep)["account.balance"]["backend_tls"]["status"] == "unchecked"
+    # A deployment whose filter may fail open.
+    bootstrap = yaml.safe_load((ROOT / "envoy/gateway.yaml").read_text())
+    ecds = yaml.safe_load((ROOT / "envoy/apisec-ecds.yaml").read_text())
+    ecds["resources"][0]["typed_config"]["config"]["failure_policy"] = "FAIL_OPEN"
+    (tmp_path / "ecds.yaml").write_text(json.dumps(ecds))
+    (tmp_path / "gw.yaml").write_text(json.dumps(bootstrap))
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", str(tmp_path / "gw.yaml"),
+                         "--ecds", str(tmp_path / "ecds.yaml"))
+    assert {f["control"]: f["status"] for f in rep["findings"]}["fail_closed"] == "not_met"
+
+
+def test_inventory_lists_every_api():
+    out = apisec("inventory", str(ROOT / "policies/futures.yaml"), "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    doc = load("futures.yaml")
+    assert [r["id"] for r in rows] == [a["id"] for a in doc["apis"]]
+    for r, a in zip(rows, doc["apis"]):
+        assert (r["method"], r["path"], r["level"], r["access"], r["function"]) == (
+            a["method"], a["path"], a["level"], a["access"], a["function"])
+        assert r["user_auth"] == str(a["user_auth"]).lower() and r["state"] == "online"
+    js = json.loads(apisec("inventory", str(ROOT / "policies/futures.yaml"), "--format", "json").stdout)
+    assert js == rows
+    table = apisec("inventory", str(ROOT / "policies/futures.yaml")).stdout.splitlines()
+    assert table[0].split()[:4] == ["id", "method", "path", "level"] and len(table) == len(rows) + 1
+
+
+OPENAPI = {
+    "openapi": "3.0.3",
+    "info": {"title": "broker", "version": "1"},
+    "servers": [{"url": "https://api.broker.example/api/v1"}],
+    "paths": {
+        "/market/quotes/{code}": {"get": {"operationId": "getQuote", "tags": ["market_data"], "summary": "Quote"}},
+        "/accounts/{id}/transfers": {"post": {"operationId": "createTransfer", "tags": ["account"],
+                                              "summary": "Bank transfer"}},
+    },
+}
+
+
+def test_inventory_import_drafts_entries_a_person_must_complete(tmp_path):
+    (tmp_path / "openapi.yaml").write_text(yaml.safe_dump(OPENAPI))
+    out = apisec("inventory", "import", str(tmp_path / "openapi.yaml"), "--policy",
+                 str(ROOT / "policies/securities.yaml"))
+    assert out.returncode == 0, out.stderr
+    assert "2 operation(s); 1 new" in out.stdout
+    assert "# in the policy as 'market.quote', in the document as 'getQuote'" in out.stdout
+    assert "# in the policy, not in the document: trade.order.place (POST /api/v1/orders)" in out.stdout
+    drafted = yaml.safe_load("apis:\n" + "\n".join(l for l in out.stdout.splitlines() if not l.startswith("#")))
+    (entry,) = drafted["apis"]
+    assert entry["id"] == "createTransfer" and entry["path"] == "/api/v1/accounts/{id}/transfers"
+    assert entry["method"] == "POST" and entry["access"] == "write" and entry["level"] == "SET-ME"
+    # Until a person sets the levels, the policy is refused.
+    doc = load("securities.yaml")
+    doc["apis"].append(entry)
+    check = apisec("policy", "check", str(write_policy(tmp_path, doc)))
+    assert check.returncode != 0 and "SET-ME" in check.stderr
+    entry.update(level="S2", service_object="toC", user_auth=True, personal_info=True)
+    check = apisec("policy", "check", str(write_policy(tmp_path, doc)))
+    assert check.returncode == 0, check.stderr
