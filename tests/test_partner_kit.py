@@ -29,7 +29,9 @@ LANGS = {
 
 def run(lang: str, *args: str) -> subprocess.CompletedProcess:
     cwd, cmd = LANGS[lang]
-    env = {**os.environ, "GOCACHE": str(ROOT / "build/go-cache")}
+    # Go needs a writable cache and GOPATH; Java and Node need nothing beyond the JDK and node.
+    env = {"HOME": str(ROOT / "build"), **os.environ, "GOCACHE": str(ROOT / "build/go-cache"),
+           "GOPATH": str(ROOT / "build/gopath")}
     return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
 
 
