@@ -1,0 +1,136 @@
+"""README's policy field reference covers every field: a policy that sets every field the
+schema has (the schema refuses unknown fields, so none is invented here) is validated by the
+core and printed back; every field path it contains must be in the README's table, and a field
+the core prints that this policy does not set (a new field with a default) fails the test."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import yaml
+
+from conftest import CLI, ROOT
+
+EVERY_FIELD = """
+version: 1
+industry: securities
+gateway:
+  clock_skew_seconds: 300
+  nonce_lifetime_seconds: 900
+  replay: {slots: 64, entries_per_slot: 16, app_entries_per_slot: 8}
+  max_body_bytes: 65536
+  max_held_body_bytes: 1048576
+  max_body_seconds: 30
+  max_signature_header_bytes: 8192
+  max_covered_components: 24
+  max_signature_base_bytes: 16384
+  required_components: [x-app-id]
+  default_timezone: Asia/Shanghai
+  override_headers: refuse
+  mode: report
+  report_only_s3: true
+apis:
+  - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
+     personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading}
+api_groups:
+  - {id: g, apis: [a], state: online}
+apps:
+  - id: app
+    name: n
+    suspended: false
+    allowed_ips: [10.0.0.0/8]
+    onboarding: true
+    credentials:
+      - {id: k1, alg: hmac-sha256, secret_env: S}
+      - id: k2
+        alg: ecdsa-p256-sha256
+        public_key_pem: |
+          -----BEGIN PUBLIC KEY-----
+          MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESacegqY3JPFFRsC3DSAeA24T6T+y
+          hVlRlRYMZXrfgov2z5CXQwqdwQznQ+BPuQ3qBUcAYFr2cAan7w40gJ3L5g==
+          -----END PUBLIC KEY-----
+      - {id: k3, certificate: {sha256: "%s"}}
+      - {id: k4, certificate: {uri_san: "spiffe://x/app"}}
+grants:
+  - id: gr
+    app: app
+    apis: [a]
+    functions: [trading]
+    users: [u1]
+    not_before: "2026-01-01T00:00:00+08:00"
+    not_after: "2027-01-01T00:00:00+08:00"
+    max_uses: 10
+    once: false
+    windows: [{days: [mon], from: "09:00", to: "15:00"}]
+    timezone: Asia/Shanghai
+    approval: {approver: r, ticket: T-1, date: "2026-01-01", assessment: ok}
+    forbid_request_fields: [x.y]
+    hide_response_fields: [z]
+lists:
+  - {id: l, mode: deny, apis: [a], entries: [{app: app, ip: 192.0.2.1, user: u2}]}
+opted_out_users: [u3]
+bans:
+  threshold: 5
+  window_seconds: 60
+  ban_seconds: 60
+  ip_slots: 64
+  entries_per_slot: 16
+  ipv6_prefix: 64
+  lifted: [{app: app, at: "2026-01-01T00:00:00+08:00", by: ops, reason: r}]
+state:
+  backend: cluster
+  cluster: {envoy_cluster: c, authority: c, timeout_ms: 500, key_prefix: "apisec:", credentials_env: C, app_share: 100}
+routes:
+  - {name: r, apis: [a], mode: report}
+""" % ("ab" * 32)
+
+
+def paths(doc, prefix=""):
+    """Dotted field paths; list elements as `name[]`."""
+    out = set()
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            p = f"{prefix}.{k}" if prefix else k
+            out.add(p)
+            out |= paths(v, p)
+    elif isinstance(doc, list):
+        for v in doc:
+            out |= paths(v, prefix + "[]")
+    return out
+
+
+def readme_fields() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Field reference", 1)[1].split("\n### ", 1)[0]
+    rows = [line.replace("\\|", "/") for line in section.splitlines() if line.startswith("| `")]
+    return "\n".join(row.split("|")[1] for row in rows)
+
+
+def documented(path: str, table: str) -> bool:
+    """`apps[].credentials[].alg` is documented by a cell naming it, or by a cell that names its
+    parent and lists the leaf (`grants[].windows[]` (`days`, `from`, `to`))."""
+    if f"`{path}`" in table:
+        return True
+    leaf = path.rsplit(".", 1)[-1].replace("[]", "")
+    parent = path.rsplit(".", 1)[0] if "." in path else ""
+    for line in table.splitlines():
+        if parent and f"`{parent}" in line and re.search(rf"`\.?{re.escape(leaf)}`", line):
+            return True
+        if parent and re.search(rf"`{re.escape(parent)}`", line) and f"`{leaf}`" in line:
+            return True
+    return False
+
+
+def test_every_policy_field_is_in_the_readme_reference(tmp_path):
+    src = tmp_path / "every.yaml"
+    src.write_text(EVERY_FIELD)
+    out = subprocess.run([str(CLI), "policy", "json", str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    printed = paths(json.loads(out.stdout))
+    given = paths(yaml.safe_load(EVERY_FIELD))
+    assert printed - given == set(), "fields the core has that this test does not set"
+    table = readme_fields()
+    leaves = {p for p in given if not any(q.startswith(p + ".") or q.startswith(p + "[]") for q in given)}
+    missing = sorted(p for p in leaves if not documented(p, table))
+    assert missing == [], f"README field reference lacks: {missing}"
