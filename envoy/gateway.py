@@ -412,6 +412,11 @@ def example_commands(layout: Layout, env: dict[str, str]) -> str:
         "and the second gets 401 {\"error\":\"nonce_replayed\"}; send S1 over plain HTTP and get",
         "403 {\"error\":\"tls_required\"}.",
         "",
+        "Why a request is refused, offline (add --format json to apisec sign, save it, then):",
+        f"  {cli} verify policies/securities.yaml request.json --env-file build/demo.env",
+        "What the standard requires per API and what this gateway provides (for auditors):",
+        f"  {cli} compliance policies/securities.yaml --deployment envoy/gateway.yaml --ecds {layout.ecds_dir / ECDS_FILE}",
+        "",
     ]
     return "\n".join(lines)
 
