@@ -109,6 +109,12 @@ def generate(out: Path) -> None:
     (out / "backend-ca.pem").write_bytes(backend_ca.public_bytes(serialization.Encoding.PEM))
     issue_server(out, "backend", [x509.DNSName(BACKEND_NAME)], backend_ca, backend_ca_key, now, BACKEND_NAME)
     issue_client(out, "gateway-client", "spiffe://apisec.demo/gateway", backend_ca, backend_ca_key, now)
+    # Operators (SES-4, OPS-6): their own CA, trusted only by the operator listener; one
+    # operator named in the demo policy, and one the policy does not name.
+    operator_ca, operator_key = _ca("apisec demo operator CA", now)
+    (out / "operator-ca.pem").write_bytes(operator_ca.public_bytes(serialization.Encoding.PEM))
+    issue_client(out, "operator-alice", "spiffe://apisec.demo/operator/alice", operator_ca, operator_key, now)
+    issue_client(out, "operator-mallory", "spiffe://apisec.demo/operator/mallory", operator_ca, operator_key, now)
     # A backend certificate from a CA the gateway does not trust for backends (the partner CA).
     issue_server(out, "backend-rogue", [x509.DNSName(BACKEND_NAME)], ca, ca_key, now, BACKEND_NAME)
 

@@ -105,6 +105,8 @@ class Layout:
     http_port: int = 10000
     https_port: int = 10443
     mtls_port: int = 10444
+    # Operators only (ending sessions): mutual TLS with operator certificates, loopback.
+    operator_port: int = 10445
     admin_port: int = 9901
     upstream_port: int = 18080
     certs: Path | None = None
@@ -218,7 +220,8 @@ def gateway_template(layout: Layout) -> dict:
     """envoy/gateway.yaml (or its upstream TLS variant) with this layout's ports and paths."""
     doc = localize(load_yaml(UPSTREAM_TLS_YAML if layout.backend_tls else GATEWAY_YAML), layout)
     doc["admin"]["address"]["socket_address"]["port_value"] = layout.admin_port
-    ports = {"http": layout.http_port, "https": layout.https_port, "mtls": layout.mtls_port}
+    ports = {"http": layout.http_port, "https": layout.https_port, "mtls": layout.mtls_port,
+             "operator": layout.operator_port}
     listeners = doc["static_resources"]["listeners"]
     for lst in listeners:
         lst["address"]["socket_address"]["port_value"] = ports[lst["name"]]
@@ -511,7 +514,8 @@ def run_cluster(policy_json: str, layout: Layout, env: dict[str, str]) -> int:
     layouts = [
         Layout(build=layout.build / "cluster-a", wasm=layout.wasm, certs=layout.certs, state_port=CLUSTER_WEBDIS_PORT),
         Layout(build=layout.build / "cluster-b", wasm=layout.wasm, certs=layout.certs, state_port=CLUSTER_WEBDIS_PORT,
-               http_port=11000, https_port=11443, mtls_port=11444, admin_port=9902, upstream_port=18081),
+               http_port=11000, https_port=11443, mtls_port=11444, operator_port=11445, admin_port=9902,
+               upstream_port=18081),
     ]
     gateways = []
     try:

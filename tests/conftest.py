@@ -171,6 +171,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
     layout = gw.Layout(
         build=tmp, wasm=wasm, certs=certs, concurrency=concurrency,
         http_port=gw.free_port(), https_port=gw.free_port(), mtls_port=gw.free_port(), admin_port=gw.free_port(),
+        operator_port=gw.free_port(),
         upstream_port=gw.free_port(), app_rate_limits=rate_limits or {}, state_port=state_port,
         state_tls_ca=state_tls_ca, backend_tls=backend_tls,
     )

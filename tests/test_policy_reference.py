@@ -32,7 +32,12 @@ gateway:
   report_only_s3: true
 apis:
   - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
-     personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading}
+     personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading,
+     session: required}
+  - {id: sc, method: POST, path: /s, level: S0, service_object: toB, access: write, user_auth: false,
+     personal_info: false, function: s}
+  - {id: sl, method: DELETE, path: /s, level: S0, service_object: toB, access: write, user_auth: false,
+     personal_info: false, function: s}
 api_groups:
   - {id: g, apis: [a], state: online}
 apps:
@@ -83,6 +88,16 @@ state:
   cluster: {envoy_cluster: c, authority: c, timeout_ms: 500, key_prefix: "apisec:", credentials_env: C, app_share: 100}
 routes:
   - {name: r, apis: [a], mode: report}
+sessions:
+  create_api: sc
+  logout_api: sl
+  idle_timeout_seconds: 60
+  max_lifetime_seconds: 600
+  slots: 16
+  entries_per_slot: 4
+  ip_unbound_apps: [app]
+  operator_route: op
+  operators: ["spiffe://x/op"]
 """ % ("ab" * 32)
 
 
@@ -122,15 +137,30 @@ def documented(path: str, table: str) -> bool:
     return False
 
 
+def variants() -> list[dict]:
+    """Every field, in two policies: sessions are refused on the cluster backend."""
+    full = yaml.safe_load(EVERY_FIELD)
+    cluster = json.loads(json.dumps(full))
+    del cluster["sessions"]
+    del cluster["apis"][0]["session"]
+    local = json.loads(json.dumps(full))
+    local["state"] = {"backend": "local"}
+    return [cluster, local]
+
+
 def test_every_policy_field_is_in_the_readme_reference(tmp_path):
-    src = tmp_path / "every.yaml"
-    src.write_text(EVERY_FIELD)
-    out = subprocess.run([str(CLI), "policy", "json", str(src)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    printed = paths(json.loads(out.stdout))
-    given = paths(yaml.safe_load(EVERY_FIELD))
-    assert printed - given == set(), "fields the core has that this test does not set"
     table = readme_fields()
-    leaves = {p for p in given if not any(q.startswith(p + ".") or q.startswith(p + "[]") for q in given)}
+    given_all = set()
+    for i, doc in enumerate(variants()):
+        src = tmp_path / f"every{i}.json"
+        src.write_text(json.dumps(doc))
+        out = subprocess.run([str(CLI), "policy", "json", str(src)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        printed = paths(json.loads(out.stdout))
+        given = paths(doc)
+        assert printed - given == set(), "fields the core has that this test does not set"
+        given_all |= given
+    assert given_all == paths(yaml.safe_load(EVERY_FIELD))
+    leaves = {p for p in given_all if not any(q.startswith(p + ".") or q.startswith(p + "[]") for q in given_all)}
     missing = sorted(p for p in leaves if not documented(p, table))
     assert missing == [], f"README field reference lacks: {missing}"

@@ -5,6 +5,7 @@
 mod apply;
 mod compliance;
 mod inventory;
+mod sessions;
 mod verify;
 
 use std::collections::HashMap;
@@ -43,10 +44,11 @@ const USAGE: &str = "usage:
 
 fn usage() -> String {
     format!(
-        "{USAGE}\n{}\n{}\n{}",
+        "{USAGE}\n{}\n{}\n{}\n{}",
         verify::USAGE,
         compliance::USAGE,
-        inventory::USAGE
+        inventory::USAGE,
+        sessions::USAGE
     )
 }
 
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         }
         ["sign", rest @ ..] => sign_cmd(rest),
         ["inventory", rest @ ..] => inventory::run(rest),
+        ["sessions", rest @ ..] => sessions::run(rest),
         ["compliance", rest @ ..] => match compliance::run(rest) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),

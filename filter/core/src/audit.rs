@@ -44,6 +44,12 @@ pub struct AuditRecord<'a> {
     pub ban: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence: Option<&'a Evidence>,
+    /// A fingerprint of the session the request presented or created (never its ID).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<&'a str>,
+    /// created, logged_out, ended_by_operator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_event: Option<&'static str>,
 }
 
 pub struct AuditInput<'a> {
@@ -123,6 +129,8 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>
         grant: ctx.grant.as_deref(),
         ban: ctx.ban.as_deref(),
         evidence: ctx.evidence.as_ref(),
+        session: ctx.session_fp.as_deref(),
+        session_event: ctx.session_event,
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
         format!(

@@ -400,6 +400,13 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &threshold.to_string());
                 word(&mut body, &ban.to_string());
             }
+            // Sessions on the cluster store are not built yet; a policy cannot ask for them
+            // (RawPolicy refuses it). An operation the script does not know fails the batch:
+            // the request is refused, never let through unchecked.
+            Op::SessionUse(_)
+            | Op::SessionCreate { .. }
+            | Op::SessionEnd(_)
+            | Op::SessionRevoke(_) => word(&mut body, "unsupported"),
         }
     }
     let mut headers = vec![

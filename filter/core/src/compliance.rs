@@ -368,6 +368,16 @@ pub fn assess(
             format!("route '{}' is in report mode", r.name),
         ));
     }
+    if let Some(s) = &raw.sessions {
+        for app in &s.ip_unbound_apps {
+            findings.push(finding(
+                "session_ip_binding",
+                "SES-1",
+                Status::ShouldNotProvided,
+                format!("sessions of app '{app}' are not bound to the client IP (ip_unbound_apps)"),
+            ));
+        }
+    }
     for a in raw.apps.iter().filter(|a| a.onboarding) {
         findings.push(finding("onboarding", "ID-2", Status::ShouldNotProvided, format!("app '{}' is in onboarding: a refused signature's response shows the signature base", a.id)));
     }

@@ -16,8 +16,9 @@ use crate::lists;
 use crate::message::{signature_base, Method, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
 use crate::routes;
+use crate::sessions;
 use crate::sf::{self, BareItem, InnerList, Member};
-use crate::state::{BanSubject, Op};
+use crate::state::{BanSubject, Op, SessionCall};
 
 /// Headers the gateway owns: any client-sent copy is removed before anything else.
 pub const INTERNAL_HEADER_PREFIX: &str = "x-apisec-";
@@ -138,6 +139,77 @@ pub struct RequestContext {
     /// The signature base of a signature that did not verify, kept only for an app in
     /// onboarding: its refusal shows it to the caller.
     pub onboarding_base: Option<String>,
+    /// The session the call presents (`x-session-id`) and the device MAC (normal form).
+    pub session: Option<String>,
+    pub mac: Option<String>,
+    /// The client address a session is bound to (set for calls presenting or creating one).
+    pub client_ip: Option<String>,
+    /// For the audit record: a fingerprint of the session (never the ID) and what happened to
+    /// it (created, logged_out, ended_by_operator).
+    pub session_fp: Option<String>,
+    pub session_event: Option<&'static str>,
+}
+
+/// The session endpoints the gateway answers itself (sessions.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Create,
+    Logout,
+}
+
+/// Whether `api` is a session endpoint of the policy.
+pub fn endpoint(policy: &Policy, api: &Api) -> Option<Endpoint> {
+    let s = policy.sessions.as_ref()?;
+    if api.index == s.create_api {
+        Some(Endpoint::Create)
+    } else if api.index == s.logout_api {
+        Some(Endpoint::Logout)
+    } else {
+        None
+    }
+}
+
+/// Whether a call to `api` presents a session (an API marked `session: required`, or logout).
+fn presents_session(policy: &Policy, api: &Api) -> bool {
+    api.session_required || endpoint(policy, api) == Some(Endpoint::Logout)
+}
+
+/// The client address as the gateway saw it: what a session is bound to.
+pub fn client_address(req: &Request) -> Result<String, Deny> {
+    req.conn.client_ip.map(|ip| ip.to_string()).ok_or_else(|| {
+        Deny::new(
+            DenyReason::HostUnavailable,
+            "no client address for the session",
+        )
+    })
+}
+
+/// The session a call presents (SES-1): its ID and the device MAC, both required.
+fn check_session_headers(req: &Request, ctx: &mut RequestContext) -> Result<(), Deny> {
+    let id = req.unique_header(sessions::SESSION_HEADER)?;
+    let mac = req.unique_header(sessions::MAC_HEADER)?;
+    let id = id.filter(|i| {
+        (16..=128).contains(&i.len())
+            && i.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    let mac = mac.and_then(sessions::normal_mac);
+    ctx.client_ip = Some(client_address(req)?);
+    match (id, mac) {
+        (Some(id), Some(mac)) => {
+            ctx.session = Some(id.to_string());
+            ctx.mac = Some(mac);
+            Ok(())
+        }
+        (None, _) => Err(Deny::new(
+            DenyReason::SessionRequired,
+            "no valid x-session-id",
+        )),
+        (_, None) => Err(Deny::new(
+            DenyReason::SessionRequired,
+            "no valid x-device-mac",
+        )),
+    }
 }
 
 fn single_member<'a>(
@@ -282,6 +354,9 @@ pub fn check_headers(
     if api.level > SecurityLevel::S0 {
         authenticate(policy, req, app, api, has_body, now, host.verifier, ctx)?;
     }
+    if presents_session(policy, api) {
+        check_session_headers(req, ctx)?;
+    }
     authorize(policy, req, app, api, now, ctx)
 }
 
@@ -334,7 +409,27 @@ pub fn early_ops(
 ) -> Vec<Op> {
     let mut ops = ban_ops(policy, ip_ban, ctx);
     ops.extend(nonce_op(ctx, now, false));
+    if ctx.level == Some(SecurityLevel::S0) {
+        // at S0 this batch is the last one before the request goes on
+        ops.extend(session_op(ctx));
+    }
     ops
+}
+
+/// The session a call presents, checked and refreshed (logout ends it instead; see
+/// `endpoint_ops`).
+fn session_op(ctx: &RequestContext) -> Option<Op> {
+    Some(Op::SessionUse(session_call(ctx)?))
+}
+
+/// What a call presents of its session, for the state operations.
+pub fn session_call(ctx: &RequestContext) -> Option<SessionCall> {
+    Some(SessionCall {
+        id: ctx.session.clone()?,
+        app: ctx.app.clone()?,
+        ip: ctx.client_ip.clone()?,
+        mac: ctx.mac.clone()?,
+    })
 }
 
 /// What a request that passed every check spends, in one batch: bans first, then its nonce
@@ -349,6 +444,18 @@ pub fn final_ops(
     let mut ops = ban_ops(policy, ip_ban, ctx);
     if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
         ops.extend(nonce_op(ctx, now, true));
+    }
+    let logout = policy
+        .sessions
+        .as_ref()
+        .zip(ctx.api.as_deref())
+        .is_some_and(|(s, api)| policy.apis().get(s.logout_api).is_some_and(|a| a.id == api));
+    match session_call(ctx) {
+        Some(c) if logout => ops.push(Op::SessionEnd(c)),
+        Some(c) => ops.push(Op::SessionUse(c)),
+        None => {}
+    }
+    if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
         let grant = ctx.grant_index.and_then(|i| policy.grants.get(i));
         if let Some((g, max)) = grant.and_then(|g| g.max_uses.map(|m| (g, m))) {
             ops.push(Op::GrantUse {
@@ -622,7 +729,22 @@ fn verify_signature(
             _ => None,
         })
         .collect();
-    for required in &policy.required_components {
+    // A call presenting a session signs it: the session headers it sends must be covered
+    // (their absence is `session_required`, decided after authentication).
+    let session_headers: Vec<&str> = if presents_session(policy, api) {
+        [sessions::SESSION_HEADER, sessions::MAC_HEADER]
+            .into_iter()
+            .filter(|h| req.header_values(h).next().is_some())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for required in policy
+        .required_components
+        .iter()
+        .map(String::as_str)
+        .chain(session_headers.iter().copied())
+    {
         if !covers(&covered, required) {
             return Err(Deny::new(
                 DenyReason::ComponentNotCovered,

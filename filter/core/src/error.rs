@@ -113,6 +113,17 @@ deny_reasons! {
     /// The cluster state store did not answer in time, or answered something unexpected: the
     /// request cannot be checked against state every replica shares, so it is refused.
     StateUnavailable => ("state_unavailable", 503),
+    /// The API needs a session and the call carries no `x-session-id` / `x-device-mac` (SES-1).
+    SessionRequired => ("session_required", 401),
+    /// The session does not exist (never established, logged out, evicted, ended by an
+    /// operator) or is not this caller's (another app, client IP or device MAC) (SES-1, SES-3, SES-4).
+    SessionInvalid => ("session_invalid", 401),
+    /// The session was idle longer than its timeout, or is past its absolute lifetime (SES-2).
+    SessionExpired => ("session_expired", 401),
+    /// The session request's body is not what the endpoint takes (caller code, MAC).
+    SessionRequestInvalid => ("session_request_invalid", 400),
+    /// The operator path was reached without an operator's client certificate (SES-4, OPS-6).
+    OperatorNotAllowed => ("operator_not_allowed", 403),
     /// The request came through an Envoy route the policy does not name, or the route does not
     /// serve this API (per-route policy).
     RouteNotAllowed => ("route_not_allowed", 403),

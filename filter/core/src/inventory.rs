@@ -95,6 +95,24 @@ pub struct RawApi {
     /// absent, `function` is looked up as a row key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub annex_a: Option<String>,
+    /// `required`: calls carry a live session of the same app (sessions.rs, SES-1).
+    #[serde(default, skip_serializing_if = "SessionUse::is_none")]
+    pub session: SessionUse,
+}
+
+/// Whether an API needs a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionUse {
+    #[default]
+    None,
+    Required,
+}
+
+impl SessionUse {
+    pub fn is_none(&self) -> bool {
+        *self == SessionUse::None
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -130,6 +148,7 @@ pub struct Api {
     /// Effective lifecycle state: the API's own, or its group's switch when that is not online.
     pub state: ApiState,
     pub mode: Mode,
+    pub session_required: bool,
     pub(crate) segments: Vec<Segment>,
 }
 
@@ -334,6 +353,7 @@ pub fn compile(
             index: apis.len(),
             state: a.state,
             mode: a.mode,
+            session_required: a.session == SessionUse::Required,
             segments,
         });
     }

@@ -26,6 +26,7 @@ pub mod policy;
 pub mod replay;
 pub mod report;
 pub mod routes;
+pub mod sessions;
 pub mod sf;
 pub mod signer;
 pub mod state;

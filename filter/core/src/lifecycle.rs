@@ -18,13 +18,14 @@ use std::rc::Rc;
 use crate::audit::{self, AuditInput, Outcome};
 use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
-use crate::engine::{self, Host, RequestContext};
+use crate::engine::{self, Endpoint, Host, RequestContext};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::local;
 use crate::message::{self, Request};
 use crate::policy::{Policy, SecurityLevel};
 use crate::report;
+use crate::sessions::{self, Scope};
 use crate::state::{Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
 
@@ -60,9 +61,13 @@ pub trait HostFacts {
         None
     }
     /// The name of the Envoy route the request came through (asked only when the policy has
-    /// per-route rules).
+    /// per-route rules or an operator route).
     fn route_name(&self) -> Option<String> {
         None
+    }
+    /// Fills `buf` from the host's random source (a session ID); false when there is none.
+    fn random(&self, _buf: &mut [u8]) -> bool {
+        false
     }
 }
 
@@ -105,6 +110,9 @@ pub enum Action {
         body: String,
         retry_after: Option<u32>,
     },
+    /// The gateway answers a request it serves itself (the session endpoints, the operator
+    /// path) with this status and JSON body; nothing goes upstream.
+    Answer { status: u32, body: String },
 }
 
 /// A counter to add to.
@@ -116,6 +124,8 @@ pub enum Count {
     Abandoned,
     /// A refusal reported, not enforced (report mode): the request went on.
     Reported(DenyReason),
+    /// A new session evicted the one idle longest (its slot was full).
+    SessionEvicted,
 }
 
 /// What the host carries out after an event.
@@ -243,6 +253,22 @@ pub struct Stream {
     ip_checked: bool,
     /// A refusal was reported instead of enforced (report mode): the request went on unverified.
     reported: bool,
+    /// What the gateway answers itself instead of forwarding: a session endpoint or the
+    /// operator path.
+    served: Option<Served>,
+}
+
+/// A request the gateway serves itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Served {
+    /// Establish: the new session's ID once recorded.
+    Create(String),
+    Logout,
+    /// An operator ends sessions: who, and for which scope (for the answer and the record).
+    Operator {
+        operator: String,
+        scope: String,
+    },
 }
 
 impl Stream {
@@ -261,6 +287,7 @@ impl Stream {
             trailers: false,
             ip_checked: false,
             reported: false,
+            served: None,
         }
     }
 
@@ -375,11 +402,78 @@ impl Stream {
         step
     }
 
-    /// Reads the Envoy route's name when the policy in force narrows per route.
+    /// Reads the Envoy route's name when the policy in force narrows per route or has an
+    /// operator route.
     fn read_route(&mut self, env: &Env<'_>) {
-        if self.req.route.is_none() && !self.config.policy.routes.is_empty() {
+        let p = &self.config.policy;
+        let wanted = !p.routes.is_empty()
+            || p.sessions
+                .as_ref()
+                .is_some_and(|s| s.operator_route.is_some());
+        if self.req.route.is_none() && wanted {
             self.req.route = env.host.route_name();
         }
+    }
+
+    /// The operator path (SES-4, OPS-6): only through the operator route, only with a client
+    /// certificate whose URI SAN the policy names as an operator's.
+    fn operator(&mut self, end_of_stream: bool, env: &Env<'_>) -> Option<Step> {
+        let policy = self.policy();
+        let sessions = policy.sessions.as_ref()?;
+        let route = sessions.operator_route.as_deref()?;
+        if self.req.route.as_deref() != Some(route) {
+            return None;
+        }
+        self.ctx.api = Some("apisec.operator.sessions".into());
+        let t = env.host.transport();
+        let operator = t
+            .peer_uri_san
+            .filter(|s| t.tls && sessions.operators.contains(s));
+        let Some(operator) = operator else {
+            let d = Deny::new(
+                DenyReason::OperatorNotAllowed,
+                "no operator client certificate on the operator route",
+            );
+            return Some(self.refusal(d, true, env));
+        };
+        if self.req.method != "POST" || end_of_stream {
+            let d = Deny::new(
+                DenyReason::SessionRequestInvalid,
+                "the operator path takes a POST with a JSON body",
+            );
+            return Some(self.refusal(d, true, env));
+        }
+        self.served = Some(Served::Operator {
+            operator,
+            scope: String::new(),
+        });
+        match engine::admit_body(&policy, env.held.get(), None) {
+            Ok(n) => {
+                self.held = n;
+                env.held.set(env.held.get().saturating_add(n));
+            }
+            Err(d) => return Some(self.refusal(d, true, env)),
+        }
+        self.phase = Phase::HoldingBody;
+        Some(Step::pause())
+    }
+
+    /// The operator's request, complete: which sessions to end.
+    fn operator_ops(&mut self, body: &[u8]) -> Result<Vec<Op>, Deny> {
+        let scope = sessions::parse_operator(body)?;
+        let text = match &scope {
+            Scope::Session(_) => "one session".to_string(),
+            Scope::App(a) => format!("every session of app {a}"),
+            Scope::User(u) => format!("every session of user {u}"),
+        };
+        if let Scope::Session(id) = &scope {
+            self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, id));
+        }
+        if let Some(Served::Operator { scope: s, .. }) = &mut self.served {
+            *s = text;
+        }
+        self.ctx.session_event = Some("ended_by_operator");
+        Ok(vec![Op::SessionRevoke(scope)])
     }
 
     /// The refusal once its state operations answered: a banned caller is told it is banned.
@@ -428,14 +522,14 @@ impl Stream {
             },
             Waiting::Final => match answer.refused {
                 Some(d) => self.refuse(d, env),
-                None => self.allow(Step::proceed(), env),
+                None => self.accepted(answer, env),
             },
             Waiting::Early { s0 } => {
                 if let Some(d) = answer.refused {
                     return self.refuse(d, env);
                 }
                 if s0 {
-                    return self.allow(Step::proceed(), env);
+                    return self.accepted(answer, env);
                 }
                 if std::mem::take(&mut self.trailers) {
                     return self.ev_request_trailers(env);
@@ -523,6 +617,9 @@ impl Stream {
         };
         self.now = now;
         self.read_route(env);
+        if let Some(step) = self.operator(end_of_stream, env) {
+            return step;
+        }
         let policy = self.policy();
         let declared_len = self
             .req
@@ -560,12 +657,18 @@ impl Stream {
         ) {
             return self.refuse(d, env);
         }
+        let endpoint = engine::endpoint(&policy, api);
+        self.served = match endpoint {
+            Some(Endpoint::Create) => Some(Served::Create(String::new())),
+            Some(Endpoint::Logout) => Some(Served::Logout),
+            None => None,
+        };
         if end_of_stream {
             return self.finish(&[], env);
         }
         let ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
         self.ip_checked = false; // a ban may start while the body comes: asked again then
-        if self.ctx.level == Some(SecurityLevel::S0) {
+        if self.ctx.level == Some(SecurityLevel::S0) && self.served.is_none() {
             // nothing in the body to verify at S0
             if ops.is_empty() {
                 return self.allow(Step::proceed(), env);
@@ -628,6 +731,12 @@ impl Stream {
     /// The body is complete (empty without one): decided under the policy in force now.
     fn finish(&mut self, body: &[u8], env: &Env<'_>) -> Step {
         let policy = self.policy();
+        if matches!(self.served, Some(Served::Operator { .. })) {
+            return match self.operator_ops(body) {
+                Ok(ops) => self.ask(ops, Waiting::Final),
+                Err(d) => self.refusal(d, true, env),
+            };
+        }
         let host = Host {
             verifier: env.verifier,
         };
@@ -635,11 +744,101 @@ impl Stream {
         {
             return self.refuse(d, env);
         }
-        let ops = engine::final_ops(&policy, self.ip_ban(), &self.ctx, self.now);
+        let mut ops = engine::final_ops(&policy, self.ip_ban(), &self.ctx, self.now);
+        if let Some(Served::Create(_)) = self.served {
+            match self.create_op(body, env) {
+                Ok(op) => ops.push(op),
+                Err(d) => return self.refuse(d, env),
+            }
+        }
+        if let Some(id) = &self.ctx.session {
+            self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, id));
+        }
         if ops.is_empty() {
-            return self.allow(Step::proceed(), env);
+            return self.accepted(Answer::default(), env);
         }
         self.ask(ops, Waiting::Final)
+    }
+
+    /// Establishing a session (SES-1): the body names the caller and its device; the ID comes
+    /// from the host's random source.
+    fn create_op(&mut self, body: &[u8], env: &Env<'_>) -> Result<Op, Deny> {
+        let app = self.ctx.app.clone().unwrap_or_default();
+        let (mac, _declared_ip) = sessions::parse_establish(body, &app)?;
+        let ip = engine::client_address(&self.req)?;
+        let mut random = [0u8; 24];
+        if !env.host.random(&mut random) {
+            return Err(Deny::new(DenyReason::HostUnavailable, "no random source"));
+        }
+        let id = sessions::new_id(&random);
+        self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, &id));
+        self.ctx.session_event = Some("created");
+        self.served = Some(Served::Create(id.clone()));
+        Ok(Op::SessionCreate {
+            id,
+            session: sessions::Session {
+                tag: String::new(),
+                app,
+                ip,
+                mac,
+                user: None,
+                factors: 0,
+                created: self.now,
+                last_seen: self.now,
+            },
+        })
+    }
+
+    /// The request passed and its state answered: forwarded, or answered by the gateway.
+    fn accepted(&mut self, answer: Answer, env: &Env<'_>) -> Step {
+        let mut step = Step::proceed();
+        if answer.evicted {
+            step.counts.push(Count::SessionEvicted);
+        }
+        let served = self.served.take();
+        let Some(served) = served else {
+            return self.allow(step, env);
+        };
+        let policy = self.policy();
+        let idle = policy
+            .sessions
+            .as_ref()
+            .map_or(0, |s| s.idle_timeout_seconds);
+        let lifetime = policy
+            .sessions
+            .as_ref()
+            .map_or(0, |s| s.max_lifetime_seconds);
+        let (status, body) = match &served {
+            Served::Create(id) => (
+                201,
+                serde_json::json!({
+                    "session_id": id,
+                    "idle_timeout_seconds": idle,
+                    "expires_at": self.now.saturating_add(lifetime),
+                }),
+            ),
+            Served::Logout => {
+                self.ctx.session_event = Some("logged_out");
+                (200, serde_json::json!({"ended": true}))
+            }
+            Served::Operator { operator, scope } => {
+                if answer.nothing_to_end {
+                    let d = Deny::new(DenyReason::SessionInvalid, "no such session to end");
+                    return self.refusal(d, true, env);
+                }
+                self.ctx.ban = Some(format!("{scope} ended by operator {operator}"));
+                (200, serde_json::json!({"ended": scope}))
+            }
+        };
+        self.phase = Phase::Refused; // answered here: nothing goes upstream
+        self.release(env);
+        step.action = Action::Answer {
+            status,
+            body: body.to_string(),
+        };
+        step.audit = Some(self.record(Outcome::Allowed));
+        step.counts.push(Count::Allowed);
+        step
     }
 
     /// Request trailers: RFC 9530 digests cover content, not trailers, so a request still held

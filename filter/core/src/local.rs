@@ -2,9 +2,11 @@
 //! Envoy's shared data of this gateway, synchronously (one Envoy; every worker shares it).
 
 use crate::access;
+use crate::error::{Deny, DenyReason};
 use crate::policy::Policy;
 use crate::replay;
-use crate::state::{replay_refusal, Answer, Batch, Op};
+use crate::sessions::{self, Presented, Scope};
+use crate::state::{replay_refusal, Answer, Batch, Op, SessionCall};
 use crate::store::{SharedStore, StoreMeta};
 
 /// Runs a batch on the local store (Envoy shared data), synchronously.
@@ -57,6 +59,25 @@ pub fn run_local(
                 }
                 Ok(())
             }
+            Op::SessionUse(c) => session_use(policy, store, meta, c, now).map(|s| {
+                answer.session = Some(Box::new(s));
+            }),
+            Op::SessionCreate { id, session } => match &policy.sessions {
+                Some(cfg) => sessions::create(store, meta, cfg, id, session.clone(), now)
+                    .map(|c| answer.evicted = c.evicted),
+                None => Err(no_sessions()),
+            },
+            Op::SessionEnd(c) => session_use(policy, store, meta, c, now).and_then(|_| {
+                let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
+                sessions::remove(store, meta, cfg, &c.id).map(|_| ())
+            }),
+            Op::SessionRevoke(scope) => match (&policy.sessions, scope) {
+                (None, _) => Err(no_sessions()),
+                (Some(cfg), Scope::Session(id)) => sessions::remove(store, meta, cfg, id)
+                    .map(|gone| answer.nothing_to_end = gone.is_none()),
+                (Some(_), Scope::App(a)) => sessions::end_all(store, meta, "app", a, now),
+                (Some(_), Scope::User(u)) => sessions::end_all(store, meta, "user", u, now),
+            },
         };
         if let Err(d) = result {
             answer.refused = Some(d);
@@ -64,4 +85,25 @@ pub fn run_local(
         }
     }
     answer
+}
+
+fn no_sessions() -> Deny {
+    Deny::new(DenyReason::SessionInvalid, "the policy has no sessions")
+}
+
+fn session_use(
+    policy: &Policy,
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    c: &SessionCall,
+    now: u64,
+) -> Result<sessions::Session, Deny> {
+    let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
+    let p = Presented {
+        id: &c.id,
+        app: &c.app,
+        ip: &c.ip,
+        mac: &c.mac,
+    };
+    sessions::touch(store, meta, cfg, &p, now)
 }

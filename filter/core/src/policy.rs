@@ -24,6 +24,7 @@ pub use crate::message::Method;
 pub use crate::replay::ReplaySettings;
 pub use crate::report::Mode;
 use crate::routes::{self, RawRoute, Route};
+use crate::sessions::{RawSessions, Sessions};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -59,6 +60,9 @@ pub struct RawPolicy {
     /// Per-route narrowing by Envoy route name (routes.rs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RawRoute>,
+    /// Sessions (SES-1 … SES-4): the endpoint the gateway answers, timeouts, store bounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<RawSessions>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -193,6 +197,7 @@ pub struct Policy {
     pub mode: Mode,
     pub report_only_s3: bool,
     pub routes: Vec<Route>,
+    pub sessions: Option<Sessions>,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -269,11 +274,32 @@ impl RawPolicy {
         let state = self.state.compile(secrets)?;
         let routes = routes::compile(&self.routes, &apis, &groups)?;
         self.check_report_scope(&apis, &routes)?;
+        let sessions = self
+            .sessions
+            .as_ref()
+            .map(|s| s.compile(&apis))
+            .transpose()?;
+        if sessions.is_some() && state != StateBackend::Local {
+            return Err(ConfigError::new(
+                "sessions",
+                "sessions on the cluster state backend are not built yet: use state.backend: local",
+            ));
+        }
+        if let (None, Some(a)) = (&sessions, apis.iter().find(|a| a.session_required)) {
+            return Err(ConfigError::new(
+                "sessions",
+                format!(
+                    "API '{}' requires a session and the policy has no sessions section",
+                    a.id
+                ),
+            ));
+        }
 
         Ok(Policy {
             mode: g.mode,
             report_only_s3: g.report_only_s3,
             routes,
+            sessions,
             generation: 0,
             grants,
             lists,

@@ -7,8 +7,9 @@
 //! `gateway.report_only_s3: true` (shown by `apisec compliance`); a ban already in force; and
 //! the refusals that protect the gateway itself or data a decision already covers (host
 //! failures, a worker's held-body bound, body size, a response whose hidden fields cannot be
-//! removed), a routing override a backend might obey, plus what is not a decision of this
-//! filter (a limiter's 429, an abandoned request).
+//! removed), a routing override a backend might obey, anything at the session endpoints the
+//! gateway answers itself, plus what is not a decision of this filter (a limiter's 429, an
+//! abandoned request).
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,10 @@ pub fn reported(
         || api.is_some_and(|a| a.mode.is_report())
         || route.is_some_and(|r| r.mode.is_report());
     if !report || !reportable(reason) {
+        return false;
+    }
+    // The session endpoints are answered by the gateway: nothing of them may go upstream.
+    if api.is_some_and(|a| engine::endpoint(policy, a).is_some()) {
         return false;
     }
     match api {

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 
 use crate::bans::Subject;
 use crate::error::{Deny, DenyReason};
+use crate::sessions::{Scope, Session};
 
 /// Who a ban or a refusal counter is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,24 @@ pub enum Op {
     GrantUse { grant: String, max: u64 },
     /// One refusal counted toward an automatic ban (PERM-4, RL-3, MON-6).
     Refusal(BanSubject),
+    /// A call presenting a session: refused unless live and bound to this app, IP and MAC;
+    /// refreshed (SES-1, SES-2).
+    SessionUse(SessionCall),
+    /// A new session (SES-1).
+    SessionCreate { id: String, session: Session },
+    /// The holder ends its session (SES-3): checked like a use, then removed.
+    SessionEnd(SessionCall),
+    /// An operator ends one session, every session of an app, or of a user (SES-4, OPS-6).
+    SessionRevoke(Scope),
+}
+
+/// What a call presents of its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCall {
+    pub id: String,
+    pub app: String,
+    pub ip: String,
+    pub mac: String,
 }
 
 /// What a request asks of the state backend at one point of its life.
@@ -74,14 +93,19 @@ pub struct Answer {
     pub ban_started: Option<String>,
     /// The refusal could not be counted (the request is refused all the same).
     pub note: Option<String>,
+    /// The session a `SessionUse` found (after its refresh).
+    pub session: Option<Box<Session>>,
+    /// A `SessionCreate` evicted the session idle longest to make room.
+    pub evicted: bool,
+    /// A `SessionRevoke` of one session found none.
+    pub nothing_to_end: bool,
 }
 
 impl Answer {
     pub fn refused(d: Deny) -> Answer {
         Answer {
             refused: Some(d),
-            ban_started: None,
-            note: None,
+            ..Answer::default()
         }
     }
 }

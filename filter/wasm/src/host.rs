@@ -137,6 +137,10 @@ impl HostFacts for EnvoyFacts {
         crate::root::current()
     }
 
+    fn random(&self, buf: &mut [u8]) -> bool {
+        getrandom::getrandom(buf).is_ok()
+    }
+
     fn route_name(&self) -> Option<String> {
         match hostcalls::get_property(vec!["xds", "route_name"]) {
             Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),

@@ -1,6 +1,6 @@
 //! The filter's counters in Envoy's stats: one fixed list, `apisec.allowed`, `apisec.denied`,
 //! `apisec.denied.<code>`, `apisec.reported`, `apisec.reported.<code>` (report mode: would
-//! have been refused), `apisec.bans_started`, `apisec.abandoned`. Refusals are counted at
+//! have been refused), `apisec.bans_started`, `apisec.abandoned`, `apisec.sessions_evicted`. Refusals are counted at
 //! once; allowed requests (the hot path) are summed in the VM and added to Envoy's counter once
 //! a second by the root context's tick, saving a host call per request.
 
@@ -20,6 +20,7 @@ pub struct Metrics {
     by_reason: Vec<(DenyReason, u32)>,
     reported: Option<u32>,
     reported_by_reason: Vec<(DenyReason, u32)>,
+    sessions_evicted: Option<u32>,
 }
 
 impl Metrics {
@@ -36,6 +37,7 @@ impl Metrics {
                 .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
             reported: def("apisec.reported"),
+            sessions_evicted: def("apisec.sessions_evicted"),
             reported_by_reason: DenyReason::ALL
                 .iter()
                 .filter(|r| apisec_core::report::reportable(**r))
@@ -85,6 +87,7 @@ impl Metrics {
                 Count::BanStarted => self.banned(),
                 Count::Abandoned => self.abandoned(),
                 Count::Reported(r) => self.reported(*r),
+                Count::SessionEvicted => Self::bump(self.sessions_evicted),
             }
         }
     }

@@ -149,6 +149,14 @@ impl ApisecHttp {
                 let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
                 Action::Pause
             }
+            lifecycle::Action::Answer { status, body } => {
+                let headers = vec![
+                    ("content-type", "application/json"),
+                    ("cache-control", "no-store"),
+                ];
+                let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
+                Action::Pause
+            }
         }
     }
 }

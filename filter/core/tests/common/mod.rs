@@ -137,6 +137,7 @@ pub fn decide(
             let code = v["error"].as_str().unwrap();
             Err(*DenyReason::ALL.iter().find(|r| r.code() == code).unwrap())
         }
+        Action::Answer { .. } => Ok(stream.context().clone()),
         Action::Pause => panic!("the lifecycle still holds a complete request"),
     }
 }

@@ -1,0 +1,713 @@
+//! Sessions (SES-1 … SES-4, OPS-6): a caller establishes a session at an endpoint the gateway
+//! answers itself, sending its caller code, its IP address and its device MAC address; later
+//! calls to APIs marked `session: required` carry the session ID (`x-session-id`) and the MAC
+//! (`x-device-mac`), covered by the request signature wherever the level requires one. A session
+//! is bound to its app, the client IP the gateway saw and the MAC; each accepted call refreshes
+//! it; it ends when idle longer than its timeout, at its absolute lifetime, at logout, or when
+//! an operator ends it (one session, every session of an app, every session of a user).
+//!
+//! This module owns the settings, the wire format of the endpoint, and the session store's
+//! rules on Envoy shared data (the `local` backend): a fixed number of slots under a keyed hash,
+//! a bounded number of sessions per slot (the oldest idle one evicted when full), and
+//! revocation marks per app and per user that end every session created before them.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ConfigError, Deny, DenyReason};
+use crate::inventory::Api;
+use crate::message::Method;
+use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
+
+/// The header a call carries its session ID in.
+pub const SESSION_HEADER: &str = "x-session-id";
+/// The header a call carries the device MAC in.
+pub const MAC_HEADER: &str = "x-device-mac";
+
+const MAX_CAS_RETRIES: usize = 16;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSessions {
+    /// The inventory API (POST) the gateway answers to establish a session.
+    pub create_api: String,
+    /// The inventory API (DELETE) the gateway answers to end the caller's session (logout).
+    pub logout_api: String,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_seconds: u64,
+    #[serde(default = "default_lifetime")]
+    pub max_lifetime_seconds: u64,
+    /// Shared-data keys for sessions, and sessions per key: at most slots x entries live.
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    #[serde(default = "default_entries")]
+    pub entries_per_slot: u32,
+    /// Apps whose sessions are not bound to the client IP (mobile clients change networks).
+    /// Shown by `apisec compliance`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_unbound_apps: Vec<String>,
+    /// The Envoy route (on an operator-only listener) through which operators end sessions,
+    /// and the URI SANs of the operator client certificates allowed there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_route: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operators: Vec<String>,
+}
+
+fn default_idle() -> u64 {
+    900
+}
+fn default_lifetime() -> u64 {
+    8 * 3600
+}
+fn default_slots() -> u32 {
+    1024
+}
+fn default_entries() -> u32 {
+    16
+}
+
+/// Compiled session settings.
+#[derive(Debug, Clone)]
+pub struct Sessions {
+    pub create_api: usize,
+    pub logout_api: usize,
+    pub idle_timeout_seconds: u64,
+    pub max_lifetime_seconds: u64,
+    pub slots: u32,
+    pub entries_per_slot: u32,
+    pub ip_unbound_apps: HashSet<String>,
+    pub operator_route: Option<String>,
+    pub operators: Vec<String>,
+}
+
+impl RawSessions {
+    pub fn compile(&self, apis: &[Api]) -> Result<Sessions, ConfigError> {
+        let find = |field: &str, id: &str, method: Method| -> Result<usize, ConfigError> {
+            let api = apis.iter().find(|a| a.id == id).ok_or_else(|| {
+                ConfigError::new(format!("sessions.{field}"), format!("no API '{id}'"))
+            })?;
+            if api.method != method {
+                return Err(ConfigError::new(
+                    format!("sessions.{field}"),
+                    format!("'{id}' must be a {} API", method.as_str()),
+                ));
+            }
+            Ok(api.index)
+        };
+        let create_api = find("create_api", &self.create_api, Method::Post)?;
+        let logout_api = find("logout_api", &self.logout_api, Method::Delete)?;
+        if !(1..=86_400).contains(&self.idle_timeout_seconds) {
+            return Err(ConfigError::new(
+                "sessions.idle_timeout_seconds",
+                "must be 1..86400",
+            ));
+        }
+        if self.max_lifetime_seconds < self.idle_timeout_seconds
+            || self.max_lifetime_seconds > 7 * 86_400
+        {
+            return Err(ConfigError::new(
+                "sessions.max_lifetime_seconds",
+                "must be at least idle_timeout_seconds and at most 7 days",
+            ));
+        }
+        if !(1..=65_536).contains(&self.slots) || !(1..=256).contains(&self.entries_per_slot) {
+            return Err(ConfigError::new(
+                "sessions.slots",
+                "slots must be 1..65536 and entries_per_slot 1..256",
+            ));
+        }
+        if self.operator_route.is_some() == self.operators.is_empty() {
+            return Err(ConfigError::new(
+                "sessions.operators",
+                "operator_route and operators go together",
+            ));
+        }
+        Ok(Sessions {
+            create_api,
+            logout_api,
+            idle_timeout_seconds: self.idle_timeout_seconds,
+            max_lifetime_seconds: self.max_lifetime_seconds,
+            slots: self.slots,
+            entries_per_slot: self.entries_per_slot,
+            ip_unbound_apps: self.ip_unbound_apps.iter().cloned().collect(),
+            operator_route: self.operator_route.clone(),
+            operators: self.operators.clone(),
+        })
+    }
+}
+
+/// A MAC address in one normal form (`aa:bb:cc:dd:ee:ff`), from six hex octets separated by
+/// `:` or `-`; None for anything else.
+pub fn normal_mac(s: &str) -> Option<String> {
+    let s = s.trim();
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6
+        || !parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return None;
+    }
+    Some(parts.join(":").to_ascii_lowercase())
+}
+
+/// What an establishing caller sends (JSON body).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EstablishBody {
+    caller_code: String,
+    mac: String,
+    /// The caller's own view of its IP address (recorded; the binding is to the address the
+    /// gateway sees).
+    #[serde(default)]
+    ip: Option<String>,
+}
+
+/// The establish request's body, checked: the caller code must be the authenticated App_ID.
+/// Returns the normal MAC and the IP the caller declared.
+pub fn parse_establish(body: &[u8], app: &str) -> Result<(String, Option<String>), Deny> {
+    let bad = |d: String| Deny::new(DenyReason::SessionRequestInvalid, d);
+    let b: EstablishBody =
+        serde_json::from_slice(body).map_err(|e| bad(format!("session request: {e}")))?;
+    if b.caller_code != app {
+        return Err(bad(format!(
+            "caller_code '{}' is not the authenticated App_ID",
+            b.caller_code
+        )));
+    }
+    let mac = normal_mac(&b.mac).ok_or_else(|| bad("mac is not six hex octets".into()))?;
+    if let Some(ip) = &b.ip {
+        ip.parse::<std::net::IpAddr>()
+            .map_err(|_| bad("ip is not an IP address".into()))?;
+    }
+    Ok((mac, b.ip))
+}
+
+/// What an operator sends to end sessions: exactly one of `session_id`, `app`, `user`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperatorBody {
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    app: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// The operator's request, checked.
+pub fn parse_operator(body: &[u8]) -> Result<Scope, Deny> {
+    let bad = |d: &str| Deny::new(DenyReason::SessionRequestInvalid, d.to_string());
+    let b: OperatorBody = serde_json::from_slice(body).map_err(|e| {
+        Deny::new(
+            DenyReason::SessionRequestInvalid,
+            format!("operator request: {e}"),
+        )
+    })?;
+    let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+    match (nonempty(b.session_id), nonempty(b.app), nonempty(b.user)) {
+        (Some(id), None, None) => Ok(Scope::Session(id)),
+        (None, Some(a), None) => Ok(Scope::App(a)),
+        (None, None, Some(u)) => Ok(Scope::User(crate::lists::normal_user(&u))),
+        _ => Err(bad("name exactly one of session_id, app, user")),
+    }
+}
+
+/// The session ID the gateway hands out: 192 bits from the host's random source, URL-safe.
+pub fn new_id(random: &[u8; 24]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random)
+}
+
+/// A short, non-reversible name of a session for audit records (the ID itself is a bearer
+/// secret and never logged).
+pub fn fingerprint(meta: &StoreMeta, id: &str) -> String {
+    let h = meta.keyed(b"session-fp", &[id.as_bytes()]);
+    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// What the store keeps of one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Keyed hash of the ID (the ID itself is not stored).
+    pub tag: String,
+    pub app: String,
+    /// The client IP the gateway saw at establishment.
+    pub ip: String,
+    pub mac: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub factors: u8,
+    pub created: u64,
+    pub last_seen: u64,
+}
+
+/// Who an operator's forced end is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Session(String),
+    App(String),
+    User(String),
+}
+
+/// What a call presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presented<'a> {
+    pub id: &'a str,
+    pub app: &'a str,
+    pub ip: &'a str,
+    pub mac: &'a str,
+}
+
+fn slot_key(slot: u32) -> String {
+    format!("apisec/session/{slot}")
+}
+
+fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
+    let h = meta.keyed(b"session-mark", &[kind.as_bytes(), name.as_bytes()]);
+    let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("apisec/session-end/{kind}/{hex}")
+}
+
+fn place(meta: &StoreMeta, slots: u32, id: &str) -> (u32, String) {
+    let h = meta.keyed(b"session", &[id.as_bytes()]);
+    let mut w = [0u8; 8];
+    w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
+    let slot = (u64::from_le_bytes(w) % u64::from(slots.max(1))) as u32;
+    let tag: String = h
+        .get(8..24)
+        .unwrap_or(&[])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (slot, tag)
+}
+
+fn unavailable(e: StoreError) -> Deny {
+    Deny::new(DenyReason::HostUnavailable, format!("session store: {e}"))
+}
+
+fn read_slot(store: &dyn SharedStore, key: &str) -> Result<(Vec<Session>, Option<u32>), Deny> {
+    match store.get(key).map_err(unavailable)? {
+        None => Ok((Vec::new(), None)),
+        Some((v, cas)) if v.is_empty() => Ok((Vec::new(), Some(cas))),
+        Some((v, cas)) => serde_json::from_slice(&v)
+            .map(|s| (s, Some(cas)))
+            .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("session slot: {e}"))),
+    }
+}
+
+/// Writes a slot with compare-and-swap; Ok(false) when another worker wrote first.
+fn write_slot(
+    store: &dyn SharedStore,
+    key: &str,
+    sessions: &[Session],
+    cas: Option<u32>,
+) -> Result<bool, Deny> {
+    let text = serde_json::to_vec(sessions)
+        .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("session slot: {e}")))?;
+    match cas {
+        Some(c) => store.set(key, &text, Some(c)).map_err(unavailable),
+        None => create_if_absent(store, key, &text).map_err(unavailable),
+    }
+}
+
+/// The time an operator ended every session of this app or user, if ever.
+fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
+    Ok(match store.get(key).map_err(unavailable)? {
+        Some((v, _)) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX), // unreadable: treat every session as ended (fail closed)
+        None => 0,
+    })
+}
+
+fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
+    now.saturating_sub(s.last_seen) <= settings.idle_timeout_seconds
+        && now.saturating_sub(s.created) <= settings.max_lifetime_seconds
+}
+
+/// Result of establishing a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// An older idle session had to make room (counted as an eviction).
+    pub evicted: bool,
+}
+
+/// Records a new session. When its slot is full, expired sessions are dropped first, then
+/// the one idle longest is evicted.
+pub fn create(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    id: &str,
+    session: Session,
+    now: u64,
+) -> Result<Created, Deny> {
+    let (slot, tag) = place(meta, settings.slots, id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        all.retain(|s| live(s, settings, now) && s.tag != tag);
+        let mut evicted = false;
+        if all.len() >= settings.entries_per_slot as usize {
+            if let Some((i, _)) = all.iter().enumerate().min_by_key(|(_, s)| s.last_seen) {
+                all.remove(i);
+                evicted = true;
+            }
+        }
+        all.push(Session {
+            tag: tag.clone(),
+            ..session.clone()
+        });
+        if write_slot(store, &key, &all, cas)? {
+            return Ok(Created { evicted });
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
+fn invalid(d: &str) -> Deny {
+    Deny::new(DenyReason::SessionInvalid, d.to_string())
+}
+
+/// A call presenting a session: it must be live, of the same app, from the bound IP (unless
+/// the app is IP-unbound) and MAC, not ended by an operator; it is refreshed. Returns the
+/// session as it now is.
+pub fn touch(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+) -> Result<Session, Deny> {
+    let (slot, tag) = place(meta, settings.slots, p.id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        let Some(i) = all.iter().position(|s| s.tag == tag) else {
+            return Err(invalid(
+                "no such session (never established, logged out or evicted)",
+            ));
+        };
+        let s = all
+            .get(i)
+            .cloned()
+            .ok_or_else(|| invalid("no such session"))?;
+        if now.saturating_sub(s.created) > settings.max_lifetime_seconds {
+            return Err(Deny::new(
+                DenyReason::SessionExpired,
+                "past the session's absolute lifetime",
+            ));
+        }
+        if now.saturating_sub(s.last_seen) > settings.idle_timeout_seconds {
+            return Err(Deny::new(
+                DenyReason::SessionExpired,
+                format!("idle for {} s", now.saturating_sub(s.last_seen)),
+            ));
+        }
+        if s.app != p.app {
+            return Err(invalid("the session belongs to another app"));
+        }
+        if s.ip != p.ip && !settings.ip_unbound_apps.contains(&s.app) {
+            return Err(invalid("the session is bound to another client IP"));
+        }
+        if s.mac != p.mac {
+            return Err(invalid("the session is bound to another device MAC"));
+        }
+        let app_end = mark(store, &mark_key("app", &s.app, meta))?;
+        let user_end = match &s.user {
+            Some(u) => mark(store, &mark_key("user", u, meta))?,
+            None => 0,
+        };
+        if s.created <= app_end.max(user_end) {
+            return Err(Deny::new(
+                DenyReason::SessionInvalid,
+                "ended by an operator",
+            ));
+        }
+        let mut fresh = s;
+        fresh.last_seen = now;
+        if let Some(slot) = all.get_mut(i) {
+            *slot = fresh.clone();
+        }
+        if write_slot(store, &key, &all, cas)? {
+            return Ok(fresh);
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
+/// Removes one session (logout by its holder, or an operator's end of one session). Returns
+/// the removed session, None if there was none.
+pub fn remove(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    id: &str,
+) -> Result<Option<Session>, Deny> {
+    let (slot, tag) = place(meta, settings.slots, id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        let Some(i) = all.iter().position(|s| s.tag == tag) else {
+            return Ok(None);
+        };
+        let gone = all.remove(i);
+        if write_slot(store, &key, &all, cas)? {
+            return Ok(Some(gone));
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
+/// An operator ends every session of an app or of a user created up to `now`, at once, by a
+/// mark every later use checks. (One session: [`remove`].)
+pub fn end_all(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    kind: &str,
+    name: &str,
+    now: u64,
+) -> Result<(), Deny> {
+    let key = mark_key(kind, name, meta);
+    for _ in 0..MAX_CAS_RETRIES {
+        let cas = store.get(&key).map_err(unavailable)?.map(|(_, c)| c);
+        let text = now.to_string();
+        let done = match cas {
+            Some(c) => store
+                .set(&key, text.as_bytes(), Some(c))
+                .map_err(unavailable)?,
+            None => create_if_absent(store, &key, text.as_bytes()).map_err(unavailable)?,
+        };
+        if done {
+            return Ok(());
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session mark kept changing",
+    ))
+}
+
+/// Binds the logged-in user and the number of factors to a session (ID-4).
+pub fn set_user(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    id: &str,
+    user: &str,
+    factors: u8,
+) -> Result<bool, Deny> {
+    let (slot, tag) = place(meta, settings.slots, id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
+            return Ok(false);
+        };
+        s.user = Some(user.to_string());
+        s.factors = factors;
+        if write_slot(store, &key, &all, cas)? {
+            return Ok(true);
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use crate::store::{self, MemoryStore};
+
+    fn settings() -> Sessions {
+        Sessions {
+            create_api: 0,
+            logout_api: 1,
+            idle_timeout_seconds: 60,
+            max_lifetime_seconds: 300,
+            slots: 1,
+            entries_per_slot: 2,
+            ip_unbound_apps: HashSet::from(["mobile".to_string()]),
+            operator_route: None,
+            operators: Vec::new(),
+        }
+    }
+
+    fn session(app: &str, user: Option<&str>, now: u64) -> Session {
+        Session {
+            tag: String::new(),
+            app: app.into(),
+            ip: "192.0.2.1".into(),
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+            user: user.map(str::to_string),
+            factors: 0,
+            created: now,
+            last_seen: now,
+        }
+    }
+
+    fn call<'a>(id: &'a str, app: &'a str) -> Presented<'a> {
+        Presented {
+            id,
+            app,
+            ip: "192.0.2.1",
+            mac: "aa:bb:cc:dd:ee:ff",
+        }
+    }
+
+    fn setup() -> (MemoryStore, StoreMeta, Sessions) {
+        let s = MemoryStore::default();
+        let meta = store::open(&s, [7; 16], 1000, 4).unwrap();
+        (s, meta, settings())
+    }
+
+    #[test]
+    fn a_session_lives_while_used_and_ends_when_idle_or_old() {
+        let (s, meta, cfg) = setup();
+        create(&s, &meta, &cfg, "id-1", session("app", None, 1000), 1000).unwrap();
+        // Each use within the idle timeout refreshes it (SES-2).
+        for t in [1050, 1100, 1150, 1200, 1250] {
+            assert_eq!(
+                touch(&s, &meta, &cfg, &call("id-1", "app"), t)
+                    .unwrap()
+                    .last_seen,
+                t
+            );
+        }
+        // Past the absolute lifetime, even if used all along.
+        let e = touch(&s, &meta, &cfg, &call("id-1", "app"), 1301).unwrap_err();
+        assert_eq!(e.reason, DenyReason::SessionExpired);
+        // Idle longer than the timeout.
+        create(&s, &meta, &cfg, "id-2", session("app", None, 2000), 2000).unwrap();
+        let e = touch(&s, &meta, &cfg, &call("id-2", "app"), 2061).unwrap_err();
+        assert_eq!(e.reason, DenyReason::SessionExpired);
+    }
+
+    #[test]
+    fn a_session_is_bound_to_app_ip_and_mac() {
+        let (s, meta, cfg) = setup();
+        create(&s, &meta, &cfg, "id", session("app", None, 1000), 1000).unwrap();
+        let other_app = touch(&s, &meta, &cfg, &call("id", "other"), 1001).unwrap_err();
+        assert_eq!(other_app.reason, DenyReason::SessionInvalid);
+        let mut p = call("id", "app");
+        p.ip = "192.0.2.2";
+        assert!(touch(&s, &meta, &cfg, &p, 1001)
+            .unwrap_err()
+            .detail
+            .contains("client IP"));
+        let mut p = call("id", "app");
+        p.mac = "aa:bb:cc:dd:ee:00";
+        assert!(touch(&s, &meta, &cfg, &p, 1001)
+            .unwrap_err()
+            .detail
+            .contains("MAC"));
+        // An IP-unbound app may move.
+        create(&s, &meta, &cfg, "m", session("mobile", None, 1000), 1000).unwrap();
+        let mut p = call("m", "mobile");
+        p.ip = "198.51.100.9";
+        touch(&s, &meta, &cfg, &p, 1001).unwrap();
+        assert_eq!(
+            touch(&s, &meta, &cfg, &call("nope", "app"), 1001)
+                .unwrap_err()
+                .reason,
+            DenyReason::SessionInvalid
+        );
+    }
+
+    #[test]
+    fn logout_and_operator_ends_are_final() {
+        let (s, meta, cfg) = setup();
+        create(
+            &s,
+            &meta,
+            &cfg,
+            "a1",
+            session("app", Some("u1"), 1000),
+            1000,
+        )
+        .unwrap();
+        assert!(remove(&s, &meta, &cfg, "a1").unwrap().is_some());
+        assert!(touch(&s, &meta, &cfg, &call("a1", "app"), 1001).is_err());
+        assert!(remove(&s, &meta, &cfg, "a1").unwrap().is_none());
+        // Every session of an app, at once; a session created later is not affected.
+        create(&s, &meta, &cfg, "a2", session("app", None, 1000), 1000).unwrap();
+        end_all(&s, &meta, "app", "app", 1010).unwrap();
+        assert!(touch(&s, &meta, &cfg, &call("a2", "app"), 1011)
+            .unwrap_err()
+            .detail
+            .contains("operator"));
+        create(&s, &meta, &cfg, "a3", session("app", None, 1020), 1020).unwrap();
+        touch(&s, &meta, &cfg, &call("a3", "app"), 1021).unwrap();
+        // Every session of a user.
+        set_user(&s, &meta, &cfg, "a3", "u9", 2).unwrap();
+        end_all(&s, &meta, "user", "u9", 1030).unwrap();
+        assert!(touch(&s, &meta, &cfg, &call("a3", "app"), 1031).is_err());
+    }
+
+    #[test]
+    fn a_full_slot_evicts_the_session_idle_longest() {
+        let (s, meta, cfg) = setup();
+        assert!(
+            !create(&s, &meta, &cfg, "x1", session("app", None, 1000), 1000)
+                .unwrap()
+                .evicted
+        );
+        assert!(
+            !create(&s, &meta, &cfg, "x2", session("app", None, 1001), 1001)
+                .unwrap()
+                .evicted
+        );
+        touch(&s, &meta, &cfg, &call("x1", "app"), 1002).unwrap(); // x2 now idle longest
+        assert!(
+            create(&s, &meta, &cfg, "x3", session("app", None, 1003), 1003)
+                .unwrap()
+                .evicted
+        );
+        assert!(touch(&s, &meta, &cfg, &call("x2", "app"), 1004).is_err());
+        touch(&s, &meta, &cfg, &call("x1", "app"), 1004).unwrap();
+        touch(&s, &meta, &cfg, &call("x3", "app"), 1004).unwrap();
+    }
+
+    #[test]
+    fn macs_and_establish_bodies() {
+        assert_eq!(
+            normal_mac("AA-BB-CC-00-11-22").as_deref(),
+            Some("aa:bb:cc:00:11:22")
+        );
+        assert_eq!(normal_mac("aa:bb:cc:00:11"), None);
+        assert_eq!(normal_mac("aa:bb:cc:00:11:zz"), None);
+        let ok = br#"{"caller_code":"app","mac":"AA:BB:CC:DD:EE:FF","ip":"10.0.0.8"}"#;
+        assert_eq!(parse_establish(ok, "app").unwrap().0, "aa:bb:cc:dd:ee:ff");
+        for bad in [
+            &br#"{"caller_code":"other","mac":"aa:bb:cc:dd:ee:ff"}"#[..],
+            br#"{"caller_code":"app","mac":"nope"}"#,
+            br#"{"caller_code":"app","mac":"aa:bb:cc:dd:ee:ff","ip":"x"}"#,
+            br#"{"caller_code":"app","mac":"aa:bb:cc:dd:ee:ff","extra":1}"#,
+            b"not json",
+        ] {
+            assert_eq!(
+                parse_establish(bad, "app").unwrap_err().reason,
+                DenyReason::SessionRequestInvalid
+            );
+        }
+        assert_eq!(new_id(&[0xff; 24]).len(), 32);
+    }
+}

@@ -1,0 +1,261 @@
+"""Sessions (SES-1 … SES-4, OPS-6) against a real Envoy: establish at the endpoint the gateway
+answers itself, use with the session bound to app, client IP and device MAC, idle timeout and
+absolute lifetime, logout, forced end by an operator through `apisec sessions end` on the
+operator listener (and not from the public listeners), eviction when the store is full, and a
+policy reload. Each refused case checks status, code, audit record and that the upstream got
+nothing."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import requests
+
+from conftest import CLI, SECRET_VAR, Client, base_policy, flushed_stat, gw, read_audit, start_gateway
+
+MAC = "AA-BB-CC-DD-EE-01"
+NORMAL_MAC = "aa:bb:cc:dd:ee:01"
+
+
+def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
+    doc = base_policy()
+    common = {"level": "S1", "service_object": "toB", "user_auth": False, "personal_info": False}
+    doc["apis"] += [
+        {"id": "session.create", "method": "POST", "path": "/apisec/v1/sessions", "access": "write",
+         "function": "session", **common},
+        {"id": "session.logout", "method": "DELETE", "path": "/apisec/v1/sessions", "access": "write",
+         "function": "session", **common},
+        {"id": "info.watchlist", "method": "GET", "path": "/api/v1/watchlist", "access": "read",
+         "function": "watchlist", "session": "required", **common},
+    ]
+    doc["apps"].append({"id": "partner-b", "credentials": [
+        {"id": "partner-b-hmac", "alg": "hmac-sha256", "secret_env": SECRET_VAR}]})
+    doc["grants"] += [
+        {"id": "sessions-a", "app": "demo-partner", "apis": ["session.*", "info.watchlist"]},
+        {"id": "sessions-b", "app": "partner-b", "apis": ["session.*", "info.watchlist"]},
+    ]
+    doc["sessions"] = {
+        "create_api": "session.create", "logout_api": "session.logout",
+        "idle_timeout_seconds": idle, "max_lifetime_seconds": lifetime,
+        "slots": 1, "entries_per_slot": entries,
+        "operator_route": "apisec-operator", "operators": ["spiffe://apisec.demo/operator/alice"],
+    }
+    return doc
+
+
+@pytest.fixture(scope="module")
+def sgw(tmp_path_factory, secret):
+    g = start_gateway(tmp_path_factory.mktemp("gw-sessions"), session_policy(idle=60, lifetime=600), secret=secret,
+                      concurrency=2)
+    yield g
+    g.stop()
+
+
+def upstream(g) -> int:
+    return g.stat("cluster.backend.upstream_rq_total")
+
+
+def establish(c: Client, app: str = "demo-partner", mac: str = MAC, keyid: str | None = None):
+    body = json.dumps({"caller_code": app, "mac": mac, "ip": "10.1.2.3"}).encode()
+    signed = c.sign("POST", "/apisec/v1/sessions", body=body, app=app, keyid=keyid or f"{app}-hmac")
+    return c.send(signed)
+
+
+def call(c: Client, sid: str, *, app: str = "demo-partner", mac: str = MAC, cover: bool = True,
+         source: str | None = None, method: str = "GET", path: str = "/api/v1/watchlist"):
+    extra = ["--header", f"x-session-id: {sid}", "--header", f"x-device-mac: {mac}"]
+    if cover:
+        extra += ["--cover", "x-session-id", "--cover", "x-device-mac"]
+    signed = c.sign(method, path, app=app, keyid=f"{app}-hmac", extra=extra)
+    return c.send(signed, source=source)
+
+
+def new_session(c: Client, **kw) -> str:
+    r = establish(c, **kw)
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def refused(g, r, status: int, code: str, before: int):
+    assert r.status_code == status and r.json()["error"] == code, r.text
+    rec = read_audit(g, r.json()["request_id"])["audit"]
+    assert rec["decision"] == "deny" and rec["code"] == code
+    assert upstream(g) == before, "the upstream received the refused request"
+    return rec
+
+
+def test_establish_and_use(sgw, secret):  # SES-1
+    c = Client(sgw, secret)
+    before = upstream(sgw)
+    r = establish(c)
+    assert r.status_code == 201 and r.headers["cache-control"] == "no-store"
+    doc = r.json()
+    sid = doc["session_id"]
+    assert len(sid) == 32 and doc["idle_timeout_seconds"] == 60 and doc["expires_at"] > time.time()
+    assert upstream(sgw) == before, "the gateway answers the session endpoint itself"
+    rec = read_audit(sgw, r.headers.get("x-request-id") or _last_request_id(sgw))["audit"]
+    assert rec["session_event"] == "created" and rec["session"] and sid not in json.dumps(rec)
+    ok = call(c, sid)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["headers"]["x-session-id"] == sid
+    assert upstream(sgw) == before + 1
+    assert read_audit(sgw, ok.json()["headers"]["x-request-id"])["audit"]["session"] == rec["session"]
+
+
+def _last_request_id(g) -> str:
+    time.sleep(1.5)
+    return json.loads(g.layout.audit_log.read_text().splitlines()[-1])["request_id"]
+
+
+def test_session_required_and_covered(sgw, secret):  # SES-1
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    before = upstream(sgw)
+    plain = c.sign("GET", "/api/v1/watchlist")
+    refused(sgw, c.send(plain), 401, "session_required", before)
+    # The session headers must be covered by the signature.
+    refused(sgw, call(c, sid, cover=False), 401, "component_not_covered", before)
+    # A bad MAC is no session.
+    refused(sgw, call(c, sid, mac="not-a-mac"), 401, "session_required", before)
+    # A made-up session.
+    refused(sgw, call(c, "A" * 32), 401, "session_invalid", before)
+
+
+def test_session_is_bound_to_app_ip_and_mac(sgw, secret):
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, mac="aa:bb:cc:dd:ee:02"), 401, "session_invalid", before)
+    refused(sgw, call(c, sid, source="127.0.0.2"), 401, "session_invalid", before)
+    refused(sgw, call(c, sid, app="partner-b"), 401, "session_invalid", before)
+    # The holder still gets through: a refused misuse does not end the session.
+    assert call(c, sid, mac=NORMAL_MAC).status_code == 200
+
+
+@pytest.fixture
+def short_sessions(tmp_path, secret):
+    g = start_gateway(tmp_path, session_policy(idle=3, lifetime=7), secret=secret, concurrency=1)
+    yield g
+    g.stop()
+
+
+def test_idle_timeout_and_absolute_lifetime(short_sessions, secret):  # SES-2
+    """Idle timeout 3 s, absolute lifetime 7 s (whole seconds, as the gateway counts them)."""
+    sgw = short_sessions
+    c = Client(sgw, secret)
+    idle = new_session(c)
+    kept = new_session(c)
+    for _ in range(2):  # used every 2 s: alive while it is used ...
+        time.sleep(2)
+        assert call(c, kept).status_code == 200
+    before = upstream(sgw)
+    rec = refused(sgw, call(c, idle), 401, "session_expired", before)
+    assert rec["detail"].startswith("idle for"), rec
+    time.sleep(1.8)
+    assert call(c, kept).status_code == 200
+    # ... until its absolute lifetime, used or not.
+    time.sleep(3)
+    before = upstream(sgw)
+    rec = refused(sgw, call(c, kept), 401, "session_expired", before)
+    assert "absolute lifetime" in rec["detail"], rec
+
+
+def test_logout(sgw, secret):  # SES-3
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    before = upstream(sgw)
+    r = call(c, sid, method="DELETE", path="/apisec/v1/sessions")
+    assert r.status_code == 200 and r.json() == {"ended": True}
+    assert upstream(sgw) == before
+    refused(sgw, call(c, sid), 401, "session_invalid", before)
+    # Logging out someone else's session (another MAC) is refused and leaves it alive.
+    other = new_session(c)
+    refused(sgw, call(c, other, mac="aa:bb:cc:dd:ee:09", method="DELETE", path="/apisec/v1/sessions"),
+            401, "session_invalid", before)
+    assert call(c, other).status_code == 200
+
+
+def operator_end(g, cert: str, *scope: str) -> subprocess.CompletedProcess:
+    certs = g.layout.certs
+    return subprocess.run([str(CLI), "sessions", "end", "--url", f"https://localhost:{g.layout.operator_port}",
+                           "--cert", str(certs / f"{cert}.pem"), "--key", str(certs / f"{cert}.key"),
+                           "--ca", str(certs / "ca.pem"), *scope], capture_output=True, text=True, timeout=30)
+
+
+def test_forced_end_by_an_operator(sgw, secret):  # SES-4, OPS-6
+    c = Client(sgw, secret)
+    one, two = new_session(c), new_session(c)
+    b1 = new_session(c, app="partner-b")
+    out = operator_end(sgw, "operator-alice", "--session", one)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"ended": "one session"}
+    before = upstream(sgw)
+    refused(sgw, call(c, one), 401, "session_invalid", before)
+    assert call(c, two).status_code == 200
+    # Every session of an app at once; another app's sessions stay.
+    out = operator_end(sgw, "operator-alice", "--app", "demo-partner")
+    assert out.returncode == 0, out.stderr
+    before = upstream(sgw)
+    rec = refused(sgw, call(c, two), 401, "session_invalid", before)
+    assert "operator" in rec["detail"]
+    assert call(c, b1, app="partner-b").status_code == 200
+    # A session created after the operator's end is not affected.
+    assert call(c, new_session(c)).status_code == 200
+    # An operator the policy does not name.
+    out = operator_end(sgw, "operator-mallory", "--app", "partner-b")
+    assert out.returncode != 0 and "403" in out.stderr and "operator_not_allowed" in out.stderr
+    assert call(c, b1, app="partner-b").status_code == 200
+
+
+def test_operator_path_is_unreachable_from_public_listeners(sgw, secret):
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    s = requests.Session()
+    s.trust_env = False
+    before = upstream(sgw)
+    body = json.dumps({"session_id": sid})
+    for base in (c.https, c.http):
+        r = s.post(f"{base}/apisec/v1/operator/sessions/end", data=body, verify=str(sgw.layout.certs / "ca.pem"),
+                   headers={"x-app-id": "demo-partner", "content-type": "application/json"}, timeout=10)
+        assert r.status_code in (401, 403) and r.json()["error"] in ("unknown_api", "signature_missing"), r.text
+    # An operator's certificate is not accepted by the partner mTLS listener either.
+    with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+        s.post(f"{c.mtls}/apisec/v1/operator/sessions/end", data=body, verify=str(sgw.layout.certs / "ca.pem"),
+               cert=(str(sgw.layout.certs / "operator-alice.pem"), str(sgw.layout.certs / "operator-alice.key")),
+               timeout=10)
+    assert upstream(sgw) == before
+    assert call(c, sid).status_code == 200
+
+
+def test_sessions_survive_a_policy_reload(sgw, secret):
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    record = gw.apply_policy(json.dumps(session_policy(idle=60, lifetime=600)), sgw.layout, actor="test",
+                             source="reload")
+    assert record["outcome"] == "applied"
+    assert call(c, sid).status_code == 200
+
+
+def test_a_full_store_evicts_the_session_idle_longest(tmp_path, secret):
+    g = start_gateway(tmp_path, session_policy(idle=60, lifetime=120, entries=2), secret=secret, concurrency=1)
+    try:
+        c = Client(g, secret)
+        first, second = new_session(c), new_session(c)
+        time.sleep(1.1)  # the gateway counts idle time in whole seconds
+        assert call(c, first).status_code == 200  # second is now idle longest
+        third = new_session(c)
+        before = upstream(g)
+        refused(g, call(c, second), 401, "session_invalid", before)
+        assert call(c, first).status_code == 200 and call(c, third).status_code == 200
+        assert flushed_stat(g, "wasmcustom.apisec.sessions_evicted") == 1
+    finally:
+        g.stop()
+
+
+def test_sessions_on_the_cluster_backend_are_refused_at_load(tmp_path):
+    doc = session_policy(idle=60, lifetime=600)
+    doc["state"] = {"backend": "cluster", "cluster": {"envoy_cluster": "apisec_state"}}
+    with pytest.raises(gw.PolicyRejected, match="cluster state backend"):
+        gw.render(json.dumps(doc), gw.Layout(build=tmp_path, wasm=gw.ROOT / gw.REL_WASM))
