@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Render and run the apisec demo gateway: one Envoy, the apisec filter delivered by ECDS from
-a watched file, a plain HTTP listener, a TLS listener, the admin port, and the demo upstream.
+"""Run the apisec demo gateway: envoy/gateway.yaml (the checked-in, commented Envoy
+configuration) with this run's ports and paths, the filter delivered by ECDS from a watched
+file, and the demo upstream.
 
-The same code renders the configuration for `make run`, the end-to-end tests and the
-benchmarks, so that what is tested is what runs.
+The same code starts the configuration for `make run`, the end-to-end tests and the
+benchmarks, so that what is tested is what users read and run.
 
     python envoy/gateway.py run [--policy policies/securities.yaml]
     python envoy/gateway.py apply POLICY --build build      # hot reload (ECDS, atomic rename)
@@ -32,7 +33,6 @@ import state_store  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 ECDS_NAME = "apisec"
 ECDS_FILE = "apisec.yaml"
-VM_ID = "apisec.v1"
 
 # The checked-in Envoy configuration users read and copy (envoy/*.yaml). `make run`, the tests
 # and the benchmarks start these files, with only ports and paths changed (`localize`).

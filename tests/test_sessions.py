@@ -191,6 +191,10 @@ def test_forced_end_by_an_operator(sgw, secret):  # SES-4, OPS-6
     out = operator_end(sgw, "operator-alice", "--session", one)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"ended": "one session"}
+    time.sleep(1.5)  # the access log reaches the disk within a second
+    rec = json.loads(json.loads(sgw.layout.audit_log.read_text().splitlines()[-1])["audit"])
+    assert rec["session_event"] == "ended_by_operator" and rec["decision"] == "allow"
+    assert rec["operator"] == "spiffe://apisec.demo/operator/alice: one session" and one not in json.dumps(rec)
     before = upstream(sgw)
     refused(sgw, call(c, one), 401, "session_invalid", before)
     assert call(c, two).status_code == 200
@@ -206,6 +210,8 @@ def test_forced_end_by_an_operator(sgw, secret):  # SES-4, OPS-6
     # An operator the policy does not name.
     out = operator_end(sgw, "operator-mallory", "--app", "partner-b")
     assert out.returncode != 0 and "403" in out.stderr and "operator_not_allowed" in out.stderr
+    request_id = json.loads(out.stderr.split(": ", 2)[-1])["request_id"]
+    assert read_audit(sgw, request_id)["audit"]["code"] == "operator_not_allowed"
     assert call(c, b1, app="partner-b").status_code == 200
 
 

@@ -50,6 +50,9 @@ pub struct AuditRecord<'a> {
     /// created, logged_out, ended_by_operator.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_event: Option<&'static str>,
+    /// On the operator path: who (client certificate URI SAN) and what was ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator: Option<&'a str>,
 }
 
 pub struct AuditInput<'a> {
@@ -131,6 +134,7 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>
         evidence: ctx.evidence.as_ref(),
         session: ctx.session_fp.as_deref(),
         session_event: ctx.session_event,
+        operator: ctx.operator.as_deref(),
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
         format!(

@@ -148,6 +148,8 @@ pub struct RequestContext {
     /// it (created, logged_out, ended_by_operator).
     pub session_fp: Option<String>,
     pub session_event: Option<&'static str>,
+    /// The operator (client certificate URI SAN) and what they ended, on the operator path.
+    pub operator: Option<String>,
 }
 
 /// The session endpoints the gateway answers itself (sessions.rs).

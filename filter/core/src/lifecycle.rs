@@ -826,7 +826,7 @@ impl Stream {
                     let d = Deny::new(DenyReason::SessionInvalid, "no such session to end");
                     return self.refusal(d, true, env);
                 }
-                self.ctx.ban = Some(format!("{scope} ended by operator {operator}"));
+                self.ctx.operator = Some(format!("{operator}: {scope}"));
                 (200, serde_json::json!({"ended": scope}))
             }
         };
