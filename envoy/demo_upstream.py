@@ -36,6 +36,14 @@ class Echo(BaseHTTPRequestHandler):
                               ' "owner": {"name": "Zhang San", "mobile": "13700137000"}}')
         out = out.encode()
         self.send_response(200)
+        if self.path.startswith("/api/v1/users/login"):
+            # The demo login service (ID-4): it reports who logged in, and with how many
+            # factors, to the gateway, which records it on the session and strips the header.
+            from urllib.parse import parse_qs, urlsplit
+
+            q = parse_qs(urlsplit(self.path).query)
+            report = q.get("report", [None])[0] or f"user={q.get('user', ['u-demo'])[0]}; factors={q.get('factors', ['2'])[0]}"
+            self.send_header("x-apisec-login", report)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
         self.end_headers()

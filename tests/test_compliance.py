@@ -179,3 +179,17 @@ def test_inventory_import_drafts_entries_a_person_must_complete(tmp_path):
     entry.update(level="S2", service_object="toC", user_auth=True, personal_info=True)
     check = apisec("policy", "check", str(write_policy(tmp_path, doc)))
     assert check.returncode == 0, check.stderr
+
+
+def test_sessions_with_a_login_api_meet_the_two_factor_requirement(tmp_path):  # ID-4
+    import test_sessions
+
+    doc = test_sessions.session_policy(idle=60, lifetime=600)
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    c = cells(rep)
+    assert c["user.profile"]["user_2fa"]["status"] == "met" and "user.login" in c["user.profile"]["user_2fa"]["note"]
+    assert c["account.balance"]["user_2fa"]["status"] == "met"
+    assert c["user.news"]["user_2fa"]["status"] == "not_required"  # S1
+    del doc["sessions"]["login_apis"]
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    assert rc == 1 and cells(rep)["user.profile"]["user_2fa"]["status"] == "not_met"

@@ -98,6 +98,8 @@ sessions:
   ip_unbound_apps: [app]
   operator_route: op
   operators: ["spiffe://x/op"]
+  login_apis: [a]
+  login_header: x-apisec-login
 """ % ("ab" * 32)
 
 

@@ -30,10 +30,19 @@ def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
         {"id": "info.watchlist", "method": "GET", "path": "/api/v1/watchlist", "access": "read",
          "function": "watchlist", "session": "required", **common},
     ]
+    doc["apis"] += [
+        {"id": "user.login", "method": "POST", "path": "/api/v1/users/login", "access": "write",
+         "function": "session", "session": "required", **common},
+        {"id": "user.news", "method": "GET", "path": "/api/v1/users/news", "access": "read",
+         "function": "user_news", **{**common, "user_auth": True}},
+        {"id": "user.profile", "method": "GET", "path": "/api/v1/users/profile", "access": "read",
+         "function": "user_profile", **{**common, "level": "S2", "user_auth": True, "personal_info": True}},
+    ]
+    doc["opted_out_users"] = ["u-closed"]
     doc["apps"].append({"id": "partner-b", "credentials": [
         {"id": "partner-b-hmac", "alg": "hmac-sha256", "secret_env": SECRET_VAR}]})
     doc["grants"] += [
-        {"id": "sessions-a", "app": "demo-partner", "apis": ["session.*", "info.watchlist"]},
+        {"id": "sessions-a", "app": "demo-partner", "apis": ["session.*", "info.watchlist", "user.*"]},
         {"id": "sessions-b", "app": "partner-b", "apis": ["session.*", "info.watchlist"]},
     ]
     doc["sessions"] = {
@@ -41,6 +50,7 @@ def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
         "idle_timeout_seconds": idle, "max_lifetime_seconds": lifetime,
         "slots": 1, "entries_per_slot": entries,
         "operator_route": "apisec-operator", "operators": ["spiffe://apisec.demo/operator/alice"],
+        "login_apis": ["user.login"],
     }
     return doc
 
@@ -64,12 +74,22 @@ def establish(c: Client, app: str = "demo-partner", mac: str = MAC, keyid: str |
 
 
 def call(c: Client, sid: str, *, app: str = "demo-partner", mac: str = MAC, cover: bool = True,
-         source: str | None = None, method: str = "GET", path: str = "/api/v1/watchlist"):
+         source: str | None = None, method: str = "GET", path: str = "/api/v1/watchlist",
+         keyid: str | None = None, user: str | None = None):
     extra = ["--header", f"x-session-id: {sid}", "--header", f"x-device-mac: {mac}"]
     if cover:
         extra += ["--cover", "x-session-id", "--cover", "x-device-mac"]
-    signed = c.sign(method, path, app=app, keyid=f"{app}-hmac", extra=extra)
+    if user:
+        extra += ["--header", f"x-user-id: {user}", "--cover", "x-user-id"]
+    signed = c.sign(method, path, app=app, keyid=keyid or f"{app}-hmac", extra=extra)
     return c.send(signed, source=source)
+
+
+def login(c: Client, sid: str, report: str):
+    """The firm's login API (upstream: the demo login service, which reports `report`)."""
+    from urllib.parse import quote
+
+    return call(c, sid, method="POST", path=f"/api/v1/users/login?report={quote(report)}")
 
 
 def new_session(c: Client, **kw) -> str:
@@ -265,3 +285,76 @@ def test_sessions_on_the_cluster_backend_are_refused_at_load(tmp_path):
     doc["state"] = {"backend": "cluster", "cluster": {"envoy_cluster": "apisec_state"}}
     with pytest.raises(gw.PolicyRejected, match="cluster state backend"):
         gw.render(json.dumps(doc), gw.Layout(build=tmp_path, wasm=gw.ROOT / gw.REL_WASM))
+
+
+# --- end users and two factors (ID-4) ------------------------------------------------------------
+
+def test_login_with_two_factors_opens_user_bound_apis(sgw, secret):  # ID-4
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    r = login(c, sid, "user=U-Alice; factors=2")
+    assert r.status_code == 200
+    assert "x-apisec-login" not in {k.lower() for k in r.headers}, "the login report reached the client"
+    rec = read_audit(sgw, r.json()["headers"]["x-request-id"])["audit"]
+    assert rec["session_event"] == "user_logged_in" and rec["user"] == "u-alice"
+    # The verified user goes upstream as x-apisec-user, at S1 and (two factors) at S2.
+    ok = call(c, sid, path="/api/v1/users/news")
+    assert ok.status_code == 200 and ok.json()["headers"]["x-apisec-user"] == "u-alice"
+    ok = call(c, sid, path="/api/v1/users/profile", keyid="demo-partner-p256")
+    assert ok.status_code == 200 and ok.json()["headers"]["x-apisec-user"] == "u-alice"
+    # A client-sent user cannot override the session's user.
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, path="/api/v1/users/news", user="u-mallory"), 403, "user_mismatch", before)
+    assert call(c, sid, path="/api/v1/users/news", user="u-alice").status_code == 200
+
+
+def test_one_factor_is_not_enough_at_s2(sgw, secret):  # ID-4
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    assert login(c, sid, "user=u-bob; factors=1").status_code == 200
+    assert call(c, sid, path="/api/v1/users/news").status_code == 200
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, path="/api/v1/users/profile", keyid="demo-partner-p256"), 403, "mfa_required", before)
+
+
+def test_user_bound_apis_need_a_logged_in_session(sgw, secret):  # ID-4
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, path="/api/v1/users/news"), 401, "user_login_required", before)
+    # Without a session at all, even with a signed x-user-id.
+    signed = c.sign("GET", "/api/v1/users/news", extra=["--header", "x-user-id: u-alice", "--cover", "x-user-id"])
+    refused(sgw, c.send(signed), 401, "session_required", before)
+
+
+def test_a_malformed_login_report_withholds_the_answer(sgw, secret):
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    r = login(c, sid, "user=u-carol; factors=many")
+    assert r.status_code == 502 and r.json()["error"] == "login_report_invalid"
+    assert "x-apisec-login" not in {k.lower() for k in r.headers}
+    assert read_audit(sgw, r.json()["request_id"])["audit"]["code"] == "login_report_invalid"
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, path="/api/v1/users/news"), 401, "user_login_required", before)
+
+
+def test_opt_out_applies_to_the_session_user(sgw, secret):  # PERM-6 with ID-4
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    assert login(c, sid, "user=u-closed; factors=2").status_code == 200
+    before = upstream(sgw)
+    refused(sgw, call(c, sid, path="/api/v1/users/news"), 403, "user_opted_out", before)
+
+
+def test_operator_ends_every_session_of_a_user(sgw, secret):  # SES-4, OPS-6
+    c = Client(sgw, secret)
+    s1, s2, other = new_session(c), new_session(c), new_session(c)
+    for sid in (s1, s2):
+        assert login(c, sid, "user=u-dave; factors=2").status_code == 200
+    assert login(c, other, "user=u-erin; factors=2").status_code == 200
+    out = operator_end(sgw, "operator-alice", "--user", "U-Dave")
+    assert out.returncode == 0, out.stderr
+    before = upstream(sgw)
+    for sid in (s1, s2):
+        refused(sgw, call(c, sid, path="/api/v1/users/news"), 401, "session_invalid", before)
+    assert call(c, other, path="/api/v1/users/news").status_code == 200

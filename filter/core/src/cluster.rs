@@ -404,6 +404,8 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
             // (RawPolicy refuses it). An operation the script does not know fails the batch:
             // the request is refused, never let through unchecked.
             Op::SessionUse(_)
+            | Op::SessionRead(_)
+            | Op::SessionLogin { .. }
             | Op::SessionCreate { .. }
             | Op::SessionEnd(_)
             | Op::SessionRevoke(_) => word(&mut body, "unsupported"),

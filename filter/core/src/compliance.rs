@@ -294,10 +294,13 @@ pub fn assess(
         } else {
             check(7, Status::Met, "created within the skew window and nonce once per app (Idempotency-Key for certificate-only writes)")
         });
-        checks.push(if raw_api.user_auth && level >= S2 {
-            check(8, Status::NotMet, "user login with two factors and sessions are not implemented yet: x-user-id is asserted by the signing app")
-        } else {
-            check(8, Status::NotRequired, "")
+        checks.push(match (&policy.sessions, raw_api.user_auth && level >= S2) {
+            (_, false) => check(8, Status::NotRequired, ""),
+            (Some(s), true) if !s.login_apis.is_empty() => check(8, Status::Met, format!(
+                "a live session bound to app, IP and MAC, whose user logged in with two factors as reported by {}",
+                s.login_apis.iter().filter_map(|i| policy.apis().get(*i)).map(|a| a.id.as_str()).collect::<Vec<_>>().join(", "))),
+            (Some(_), true) => check(8, Status::NotMet, "the policy has sessions but no login_apis: no user can log in"),
+            (None, true) => check(8, Status::NotMet, "the policy has no sessions: x-user-id is asserted by the signing app, with no evidence of a two-factor login"),
         });
         let (s, n) = deployed(
             deployment,

@@ -150,6 +150,8 @@ pub struct RequestContext {
     pub session_event: Option<&'static str>,
     /// The operator (client certificate URI SAN) and what they ended, on the operator path.
     pub operator: Option<String>,
+    /// The user the session carries and the factors they logged in with, once read (ID-4).
+    pub session_user: Option<(String, u8)>,
 }
 
 /// The session endpoints the gateway answers itself (sessions.rs).
@@ -171,9 +173,65 @@ pub fn endpoint(policy: &Policy, api: &Api) -> Option<Endpoint> {
     }
 }
 
-/// Whether a call to `api` presents a session (an API marked `session: required`, or logout).
+/// Whether a call to `api` presents a session (an API marked `session: required`, logout, or
+/// a user-bound API when the policy has sessions).
 fn presents_session(policy: &Policy, api: &Api) -> bool {
-    api.session_required || endpoint(policy, api) == Some(Endpoint::Logout)
+    api.session_required
+        || endpoint(policy, api) == Some(Endpoint::Logout)
+        || needs_session_user(policy, api)
+}
+
+/// Whether `api` acts for an end user who must have logged in on the session (ID-4): an API
+/// marked `user_auth` when the policy has sessions. Its authorization waits for the session's
+/// user (`apply_session_user`).
+pub fn needs_session_user(policy: &Policy, api: &Api) -> bool {
+    api.user_auth && policy.sessions.is_some() && endpoint(policy, api).is_none()
+}
+
+/// The session's user for a user-bound API (ID-4): someone logged in on it, with two factors
+/// at S2 and S3; a client's `x-user-id` must name the same user; then the call is authorized
+/// for that user (opt-out, user lists, user grants).
+pub fn apply_session_user(
+    policy: &Policy,
+    req: &Request,
+    user: Option<&str>,
+    factors: u8,
+    now: u64,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
+    let Some(user) = user else {
+        return Err(Deny::new(
+            DenyReason::UserLoginRequired,
+            "no user has logged in on this session",
+        ));
+    };
+    let level = ctx.level.unwrap_or(SecurityLevel::S3);
+    if level >= SecurityLevel::S2 && factors < 2 {
+        return Err(Deny::new(
+            DenyReason::MfaRequired,
+            format!(
+                "the user logged in with {factors} factor(s); {} needs two",
+                level.as_str()
+            ),
+        ));
+    }
+    if let Some(claimed) = ctx.user.as_deref() {
+        if lists::normal_user(claimed) != user {
+            return Err(Deny::new(
+                DenyReason::UserMismatch,
+                "x-user-id is not the session's user",
+            ));
+        }
+    }
+    ctx.user = Some(user.to_string());
+    ctx.session_user = Some((user.to_string(), factors));
+    let api = find_api(policy, req)?;
+    let app = ctx
+        .app
+        .as_deref()
+        .and_then(|a| policy.app(a))
+        .ok_or_else(|| Deny::new(DenyReason::UnknownApp, "the app is gone"))?;
+    authorize(policy, req, app, api, now, ctx)
 }
 
 /// The client address as the gateway saw it: what a session is bound to.
@@ -358,6 +416,9 @@ pub fn check_headers(
     }
     if presents_session(policy, api) {
         check_session_headers(req, ctx)?;
+    }
+    if needs_session_user(policy, api) {
+        return Ok(()); // authorized once the session's user is known
     }
     authorize(policy, req, app, api, now, ctx)
 }
@@ -880,8 +941,18 @@ pub fn check_body(
     if ctx.generation != policy.generation {
         let api = begin(policy, req)?;
         let started = ctx.started;
+        let session_user = ctx.session_user.take();
         *ctx = RequestContext::default();
         check_headers(policy, api, req, !body.is_empty(), now, host, ctx)?;
+        if needs_session_user(policy, api) {
+            let (user, factors) = session_user.ok_or_else(|| {
+                Deny::new(
+                    DenyReason::UserLoginRequired,
+                    "no session user read before the reload",
+                )
+            })?;
+            apply_session_user(policy, req, Some(&user), factors, now, ctx)?;
+        }
         ctx.started = started;
     }
     let level = ctx.level.unwrap_or(SecurityLevel::S3);

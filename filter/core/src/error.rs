@@ -122,6 +122,15 @@ deny_reasons! {
     SessionExpired => ("session_expired", 401),
     /// The session request's body is not what the endpoint takes (caller code, MAC).
     SessionRequestInvalid => ("session_request_invalid", 400),
+    /// A user-bound API (`user_auth`) called on a session no user has logged in on (ID-4).
+    UserLoginRequired => ("user_login_required", 401),
+    /// A user-bound S2/S3 API called on a session whose user logged in with one factor (ID-4).
+    MfaRequired => ("mfa_required", 403),
+    /// The caller's `x-user-id` is not the session's user: a client cannot override it.
+    UserMismatch => ("user_mismatch", 403),
+    /// The login service's report (`sessions.login_header`) is not `user=<id>; factors=<n>`:
+    /// the login answer is withheld.
+    LoginReportInvalid => ("login_report_invalid", 502),
     /// The operator path was reached without an operator's client certificate (SES-4, OPS-6).
     OperatorNotAllowed => ("operator_not_allowed", 403),
     /// The request came through an Envoy route the policy does not name, or the route does not

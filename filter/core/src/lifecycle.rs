@@ -135,6 +135,8 @@ pub struct Step {
     /// Request headers to remove before anything goes upstream (client-sent `x-apisec-*`,
     /// stripped routing overrides).
     pub remove_headers: Vec<String>,
+    /// Response headers to remove before the response leaves (the login service's report).
+    pub remove_response_headers: Vec<String>,
     /// Set the verified identity headers for the upstream now: what
     /// [`Stream::identity_headers`] lends (borrowed, not copied into the step).
     pub set_identity: bool,
@@ -155,6 +157,7 @@ impl Step {
         Step {
             action,
             remove_headers: Vec::new(),
+            remove_response_headers: Vec::new(),
             set_identity: false,
             response_body: None,
             audit: None,
@@ -173,6 +176,8 @@ impl Step {
     pub fn then(mut self, next: Step) -> Step {
         self.action = next.action;
         self.remove_headers.extend(next.remove_headers);
+        self.remove_response_headers
+            .extend(next.remove_response_headers);
         self.set_identity |= next.set_identity;
         if next.response_body.is_some() {
             self.response_body = next.response_body;
@@ -223,6 +228,13 @@ enum Waiting {
     },
     /// Bans, the nonce recorded, a grant use: the last word before the request goes upstream.
     Final,
+    /// The session's user, read before a user-bound call is authorized (ID-4).
+    SessionUser {
+        end_of_stream: bool,
+        declared_len: Option<u64>,
+    },
+    /// The login service's report, being recorded on the session (ID-4).
+    Login,
     /// Bans and the refusal counter for a refusal; `respond` is false for a limiter's 429,
     /// whose own answer goes to the caller.
     Refusal {
@@ -524,6 +536,47 @@ impl Stream {
                 Some(d) => self.refuse(d, env),
                 None => self.accepted(answer, env),
             },
+            Waiting::SessionUser {
+                end_of_stream,
+                declared_len,
+            } => {
+                if let Some(d) = answer.refused {
+                    return self.refuse(d, env);
+                }
+                let policy = self.policy();
+                let (user, factors) = answer
+                    .session
+                    .as_deref()
+                    .map_or((None, 0), |s| (s.user.clone(), s.factors));
+                if let Err(d) = engine::apply_session_user(
+                    &policy,
+                    &self.req,
+                    user.as_deref(),
+                    factors,
+                    self.now,
+                    &mut self.ctx,
+                ) {
+                    return self.refuse(d, env);
+                }
+                let step = self.after_checks(end_of_stream, declared_len, env);
+                if step.action == Action::Pause && step.state.is_none() {
+                    if std::mem::take(&mut self.trailers) {
+                        return self.ev_request_trailers(env);
+                    }
+                    if let Some(size) = self.body_done.take() {
+                        return self.ev_request_body(size, true, env);
+                    }
+                }
+                step
+            }
+            Waiting::Login => match answer.refused {
+                Some(d) => self.withhold(d, env),
+                None => {
+                    let mut step = Step::proceed();
+                    step.audit = Some(self.record(Outcome::Allowed));
+                    step
+                }
+            },
             Waiting::Early { s0 } => {
                 if let Some(d) = answer.refused {
                     return self.refuse(d, env);
@@ -663,6 +716,27 @@ impl Stream {
             Some(Endpoint::Logout) => Some(Served::Logout),
             None => None,
         };
+        if engine::needs_session_user(&policy, api) {
+            if let Some(call) = engine::session_call(&self.ctx) {
+                let waiting = Waiting::SessionUser {
+                    end_of_stream,
+                    declared_len,
+                };
+                return self.ask(vec![Op::SessionRead(call)], waiting);
+            }
+        }
+        self.after_checks(end_of_stream, declared_len, env)
+    }
+
+    /// The request headers passed every check: decide at once, or hold the body.
+    fn after_checks(
+        &mut self,
+        end_of_stream: bool,
+        declared_len: Option<u64>,
+        env: &Env<'_>,
+    ) -> Step {
+        let policy = self.policy();
+        let now = self.now;
         if end_of_stream {
             return self.finish(&[], env);
         }
@@ -694,7 +768,8 @@ impl Stream {
     fn ev_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
         if self.waiting() {
             // nothing goes on while the state answers; a completed body is decided then
-            if end_of_stream && self.phase == Phase::HoldingBody {
+            let reading_user = matches!(self.waiting, Waiting::SessionUser { .. });
+            if end_of_stream && (self.phase == Phase::HoldingBody || reading_user) {
                 self.body_done = Some(size);
             }
             return Step::pause();
@@ -845,7 +920,9 @@ impl Stream {
     /// for verification must not smuggle any.
     fn ev_request_trailers(&mut self, env: &Env<'_>) -> Step {
         if self.waiting() {
-            self.trailers = self.phase == Phase::HoldingBody; // refused when the state answers
+            let reading_user = matches!(self.waiting, Waiting::SessionUser { .. });
+            // refused when the state answers
+            self.trailers = self.phase == Phase::HoldingBody || reading_user;
             return Step::pause();
         }
         if self.phase != Phase::HoldingBody {
@@ -874,6 +951,9 @@ impl Stream {
     /// The response headers. Only bans (a limiter's 429) and field hiding look at the response;
     /// otherwise the host is asked nothing.
     fn ev_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if let Some(step) = self.login_report(env) {
+            return step;
+        }
         if self.phase != Phase::Forwarded {
             return Step::proceed();
         }
@@ -904,6 +984,54 @@ impl Stream {
         }
         self.phase = Phase::FilteringResponse;
         Step::pause() // hold the headers: content-length changes with the body
+    }
+
+    /// The answer of one of the firm's login APIs (ID-4): its report of who logged in, with
+    /// how many factors, is recorded on the caller's session and removed before the answer
+    /// leaves. A malformed report withholds the answer; a call that was not verified (report
+    /// mode) records nothing.
+    fn login_report(&mut self, env: &Env<'_>) -> Option<Step> {
+        let policy = self.policy();
+        let sessions = policy.sessions.as_ref()?;
+        let api = self.ctx.api.as_deref()?;
+        let is_login = sessions
+            .login_apis
+            .iter()
+            .any(|i| policy.apis().get(*i).is_some_and(|a| a.id == api));
+        if !is_login {
+            return None;
+        }
+        let name = sessions.login_header.clone();
+        let value = env.host.response_header(&name)?;
+        let mut step = Step::proceed();
+        step.remove_response_headers.push(name);
+        let ok = env
+            .host
+            .response_header(":status")
+            .is_some_and(|s| s.starts_with('2'));
+        let call = engine::session_call(&self.ctx);
+        let (Phase::Forwarded, false, true, Some(call)) = (self.phase, self.reported, ok, call)
+        else {
+            return Some(step);
+        };
+        let Some((user, factors)) = sessions::parse_login(&value) else {
+            let d = Deny::new(
+                DenyReason::LoginReportInvalid,
+                "the login service's report is not user=<id>; factors=<n>",
+            );
+            return Some(step.then(self.withhold(d, env)));
+        };
+        self.ctx.user = Some(user.clone());
+        self.ctx.session_event = Some("user_logged_in");
+        let ask = self.ask(
+            vec![Op::SessionLogin {
+                call,
+                user,
+                factors,
+            }],
+            Waiting::Login,
+        );
+        Some(step.then(ask))
     }
 
     /// A part of the response body arrived (`size`: all of it so far).

@@ -62,6 +62,20 @@ pub fn run_local(
             Op::SessionUse(c) => session_use(policy, store, meta, c, now).map(|s| {
                 answer.session = Some(Box::new(s));
             }),
+            Op::SessionRead(c) => session_read(policy, store, meta, c, now).map(|s| {
+                answer.session = Some(Box::new(s));
+            }),
+            Op::SessionLogin {
+                call,
+                user,
+                factors,
+            } => session_read(policy, store, meta, call, now).and_then(|_| {
+                let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
+                match sessions::set_user(store, meta, cfg, &call.id, user, *factors)? {
+                    true => Ok(()),
+                    false => Err(Deny::new(DenyReason::SessionInvalid, "the session is gone")),
+                }
+            }),
             Op::SessionCreate { id, session } => match &policy.sessions {
                 Some(cfg) => sessions::create(store, meta, cfg, id, session.clone(), now)
                     .map(|c| answer.evicted = c.evicted),
@@ -106,4 +120,21 @@ fn session_use(
         mac: &c.mac,
     };
     sessions::touch(store, meta, cfg, &p, now)
+}
+
+fn session_read(
+    policy: &Policy,
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    c: &SessionCall,
+    now: u64,
+) -> Result<sessions::Session, Deny> {
+    let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
+    let p = Presented {
+        id: &c.id,
+        app: &c.app,
+        ip: &c.ip,
+        mac: &c.mac,
+    };
+    sessions::read(store, meta, cfg, &p, now)
 }

@@ -53,6 +53,16 @@ pub struct RawSessions {
     pub operator_route: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub operators: Vec<String>,
+    /// The firm's login APIs (each `session: required`): their upstream answers name the user
+    /// who logged in, and with how many factors, in `login_header` (ID-4).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub login_apis: Vec<String>,
+    #[serde(default = "default_login_header")]
+    pub login_header: String,
+}
+
+fn default_login_header() -> String {
+    "x-apisec-login".into()
 }
 
 fn default_idle() -> u64 {
@@ -80,6 +90,8 @@ pub struct Sessions {
     pub ip_unbound_apps: HashSet<String>,
     pub operator_route: Option<String>,
     pub operators: Vec<String>,
+    pub login_apis: Vec<usize>,
+    pub login_header: String,
 }
 
 impl RawSessions {
@@ -124,7 +136,35 @@ impl RawSessions {
                 "operator_route and operators go together",
             ));
         }
+        let mut login_apis = Vec::new();
+        for (i, id) in self.login_apis.iter().enumerate() {
+            let field = format!("sessions.login_apis[{i}]");
+            let api = apis
+                .iter()
+                .find(|a| a.id == *id)
+                .ok_or_else(|| ConfigError::new(&field, format!("no API '{id}'")))?;
+            if !api.session_required {
+                return Err(ConfigError::new(
+                    field,
+                    format!("'{id}' must be session: required (a login is recorded on a session)"),
+                ));
+            }
+            login_apis.push(api.index);
+        }
+        let h = &self.login_header;
+        if h.is_empty()
+            || !h
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ConfigError::new(
+                "sessions.login_header",
+                "a lowercase header name",
+            ));
+        }
         Ok(Sessions {
+            login_apis,
+            login_header: h.clone(),
             create_api,
             logout_api,
             idle_timeout_seconds: self.idle_timeout_seconds,
@@ -213,6 +253,24 @@ pub fn parse_operator(body: &[u8]) -> Result<Scope, Deny> {
         (None, None, Some(u)) => Ok(Scope::User(crate::lists::normal_user(&u))),
         _ => Err(bad("name exactly one of session_id, app, user")),
     }
+}
+
+/// The login service's report (`user=<id>; factors=<n>`): the user and the number of factors
+/// they logged in with (1..9); None for anything else.
+pub fn parse_login(value: &str) -> Option<(String, u8)> {
+    let mut user = None;
+    let mut factors = None;
+    for part in value.split(';') {
+        let (k, v) = part.split_once('=')?;
+        match k.trim() {
+            "user" => user = Some(v.trim()),
+            "factors" => factors = v.trim().parse::<u8>().ok().filter(|n| (1..=9).contains(n)),
+            _ => return None,
+        }
+    }
+    let user = user
+        .filter(|u| !u.is_empty() && u.len() <= 128 && u.bytes().all(|b| b.is_ascii_graphic()))?;
+    Some((crate::lists::normal_user(user), factors?))
 }
 
 /// The session ID the gateway hands out: 192 bits from the host's random source, URL-safe.
@@ -388,6 +446,29 @@ pub fn touch(
     p: &Presented<'_>,
     now: u64,
 ) -> Result<Session, Deny> {
+    check(store, meta, settings, p, now, true)
+}
+
+/// The session a call presents, checked like [`touch`] but not refreshed: read before the
+/// call is authorized, for the user it carries.
+pub fn read(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+) -> Result<Session, Deny> {
+    check(store, meta, settings, p, now, false)
+}
+
+fn check(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+    refresh: bool,
+) -> Result<Session, Deny> {
     let (slot, tag) = place(meta, settings.slots, p.id);
     let key = slot_key(slot);
     for _ in 0..MAX_CAS_RETRIES {
@@ -432,6 +513,9 @@ pub fn touch(
                 DenyReason::SessionInvalid,
                 "ended by an operator",
             ));
+        }
+        if !refresh {
+            return Ok(s);
         }
         let mut fresh = s;
         fresh.last_seen = now;
@@ -548,6 +632,8 @@ mod tests {
             ip_unbound_apps: HashSet::from(["mobile".to_string()]),
             operator_route: None,
             operators: Vec::new(),
+            login_apis: Vec::new(),
+            login_header: "x-apisec-login".into(),
         }
     }
 
@@ -709,5 +795,17 @@ mod tests {
             );
         }
         assert_eq!(new_id(&[0xff; 24]).len(), 32);
+        assert_eq!(parse_login("user=U-1; factors=2"), Some(("u-1".into(), 2)));
+        for bad in [
+            "user=u",
+            "factors=2",
+            "user=; factors=2",
+            "user=u; factors=0",
+            "user=u; factors=x",
+            "user=u; factors=2; admin=1",
+            "",
+        ] {
+            assert_eq!(parse_login(bad), None, "{bad}");
+        }
     }
 }

@@ -53,6 +53,15 @@ pub enum Op {
     /// A call presenting a session: refused unless live and bound to this app, IP and MAC;
     /// refreshed (SES-1, SES-2).
     SessionUse(SessionCall),
+    /// The session a call presents, checked but not refreshed: for the user it carries,
+    /// before the call is authorized (ID-4).
+    SessionRead(SessionCall),
+    /// The login service reported who logged in on this session, with how many factors (ID-4).
+    SessionLogin {
+        call: SessionCall,
+        user: String,
+        factors: u8,
+    },
     /// A new session (SES-1).
     SessionCreate { id: String, session: Session },
     /// The holder ends its session (SES-3): checked like a use, then removed.
