@@ -59,17 +59,17 @@ pub fn run_local(
                 }
                 Ok(())
             }
-            Op::SessionUse(c) => session_use(policy, store, meta, c, now).map(|s| {
+            Op::SessionUse(c) => session_check(policy, store, meta, c, now, true).map(|s| {
                 answer.session = Some(Box::new(s));
             }),
-            Op::SessionRead(c) => session_read(policy, store, meta, c, now).map(|s| {
+            Op::SessionRead(c) => session_check(policy, store, meta, c, now, false).map(|s| {
                 answer.session = Some(Box::new(s));
             }),
             Op::SessionLogin {
                 call,
                 user,
                 factors,
-            } => session_read(policy, store, meta, call, now).and_then(|_| {
+            } => session_check(policy, store, meta, call, now, false).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
                 match sessions::set_user(store, meta, cfg, &call.id, user, *factors)? {
                     true => Ok(()),
@@ -81,7 +81,7 @@ pub fn run_local(
                     .map(|c| answer.evicted = c.evicted),
                 None => Err(no_sessions()),
             },
-            Op::SessionEnd(c) => session_use(policy, store, meta, c, now).and_then(|_| {
+            Op::SessionEnd(c) => session_check(policy, store, meta, c, now, true).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
                 sessions::remove(store, meta, cfg, &c.id).map(|_| ())
             }),
@@ -105,12 +105,14 @@ fn no_sessions() -> Deny {
     Deny::new(DenyReason::SessionInvalid, "the policy has no sessions")
 }
 
-fn session_use(
+/// The session a call presents, checked; refreshed when `refresh` (a use), else only read.
+fn session_check(
     policy: &Policy,
     store: &dyn SharedStore,
     meta: &StoreMeta,
     c: &SessionCall,
     now: u64,
+    refresh: bool,
 ) -> Result<sessions::Session, Deny> {
     let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
     let p = Presented {
@@ -119,22 +121,9 @@ fn session_use(
         ip: &c.ip,
         mac: &c.mac,
     };
-    sessions::touch(store, meta, cfg, &p, now)
-}
-
-fn session_read(
-    policy: &Policy,
-    store: &dyn SharedStore,
-    meta: &StoreMeta,
-    c: &SessionCall,
-    now: u64,
-) -> Result<sessions::Session, Deny> {
-    let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-    let p = Presented {
-        id: &c.id,
-        app: &c.app,
-        ip: &c.ip,
-        mac: &c.mac,
-    };
-    sessions::read(store, meta, cfg, &p, now)
+    if refresh {
+        sessions::touch(store, meta, cfg, &p, now)
+    } else {
+        sessions::read(store, meta, cfg, &p, now)
+    }
 }

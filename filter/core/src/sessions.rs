@@ -396,6 +396,40 @@ pub struct Created {
     pub evicted: bool,
 }
 
+/// What an edit of a slot came to: write the slot back, or leave it as it was.
+enum Edit<T> {
+    Write(T),
+    Keep(T),
+}
+
+/// Reads the slot session `id` lands in, lets `edit` change it (given the session's tag), and
+/// writes it back with compare-and-swap; from the start again when another worker wrote first.
+fn update<T>(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    id: &str,
+    mut edit: impl FnMut(&mut Vec<Session>, &str) -> Result<Edit<T>, Deny>,
+) -> Result<T, Deny> {
+    let (slot, tag) = place(meta, settings.slots, id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        match edit(&mut all, &tag)? {
+            Edit::Keep(out) => return Ok(out),
+            Edit::Write(out) => {
+                if write_slot(store, &key, &all, cas)? {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
 /// Records a new session. When its slot is full, expired sessions are dropped first, then
 /// the one idle longest is evicted.
 pub fn create(
@@ -406,10 +440,7 @@ pub fn create(
     session: Session,
     now: u64,
 ) -> Result<Created, Deny> {
-    let (slot, tag) = place(meta, settings.slots, id);
-    let key = slot_key(slot);
-    for _ in 0..MAX_CAS_RETRIES {
-        let (mut all, cas) = read_slot(store, &key)?;
+    update(store, meta, settings, id, |all, tag| {
         all.retain(|s| live(s, settings, now) && s.tag != tag);
         let mut evicted = false;
         if all.len() >= settings.entries_per_slot as usize {
@@ -419,17 +450,11 @@ pub fn create(
             }
         }
         all.push(Session {
-            tag: tag.clone(),
+            tag: tag.to_string(),
             ..session.clone()
         });
-        if write_slot(store, &key, &all, cas)? {
-            return Ok(Created { evicted });
-        }
-    }
-    Err(Deny::new(
-        DenyReason::HostUnavailable,
-        "session slot kept changing",
-    ))
+        Ok(Edit::Write(Created { evicted }))
+    })
 }
 
 fn invalid(d: &str) -> Deny {
@@ -469,19 +494,12 @@ fn check(
     now: u64,
     refresh: bool,
 ) -> Result<Session, Deny> {
-    let (slot, tag) = place(meta, settings.slots, p.id);
-    let key = slot_key(slot);
-    for _ in 0..MAX_CAS_RETRIES {
-        let (mut all, cas) = read_slot(store, &key)?;
-        let Some(i) = all.iter().position(|s| s.tag == tag) else {
+    update(store, meta, settings, p.id, |all, tag| {
+        let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
             return Err(invalid(
                 "no such session (never established, logged out or evicted)",
             ));
         };
-        let s = all
-            .get(i)
-            .cloned()
-            .ok_or_else(|| invalid("no such session"))?;
         if now.saturating_sub(s.created) > settings.max_lifetime_seconds {
             return Err(Deny::new(
                 DenyReason::SessionExpired,
@@ -515,21 +533,11 @@ fn check(
             ));
         }
         if !refresh {
-            return Ok(s);
+            return Ok(Edit::Keep(s.clone()));
         }
-        let mut fresh = s;
-        fresh.last_seen = now;
-        if let Some(slot) = all.get_mut(i) {
-            *slot = fresh.clone();
-        }
-        if write_slot(store, &key, &all, cas)? {
-            return Ok(fresh);
-        }
-    }
-    Err(Deny::new(
-        DenyReason::HostUnavailable,
-        "session slot kept changing",
-    ))
+        s.last_seen = now;
+        Ok(Edit::Write(s.clone()))
+    })
 }
 
 /// Removes one session (logout by its holder, or an operator's end of one session). Returns
@@ -540,22 +548,12 @@ pub fn remove(
     settings: &Sessions,
     id: &str,
 ) -> Result<Option<Session>, Deny> {
-    let (slot, tag) = place(meta, settings.slots, id);
-    let key = slot_key(slot);
-    for _ in 0..MAX_CAS_RETRIES {
-        let (mut all, cas) = read_slot(store, &key)?;
-        let Some(i) = all.iter().position(|s| s.tag == tag) else {
-            return Ok(None);
-        };
-        let gone = all.remove(i);
-        if write_slot(store, &key, &all, cas)? {
-            return Ok(Some(gone));
-        }
-    }
-    Err(Deny::new(
-        DenyReason::HostUnavailable,
-        "session slot kept changing",
-    ))
+    update(store, meta, settings, id, |all, tag| {
+        Ok(match all.iter().position(|s| s.tag == tag) {
+            Some(i) => Edit::Write(Some(all.remove(i))),
+            None => Edit::Keep(None),
+        })
+    })
 }
 
 /// An operator ends every session of an app or of a user created up to `now`, at once, by a
@@ -587,7 +585,8 @@ pub fn end_all(
     ))
 }
 
-/// Binds the logged-in user and the number of factors to a session (ID-4).
+/// Binds the logged-in user and the number of factors to a session (ID-4). False when the
+/// session is gone.
 pub fn set_user(
     store: &dyn SharedStore,
     meta: &StoreMeta,
@@ -596,23 +595,16 @@ pub fn set_user(
     user: &str,
     factors: u8,
 ) -> Result<bool, Deny> {
-    let (slot, tag) = place(meta, settings.slots, id);
-    let key = slot_key(slot);
-    for _ in 0..MAX_CAS_RETRIES {
-        let (mut all, cas) = read_slot(store, &key)?;
-        let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
-            return Ok(false);
-        };
-        s.user = Some(user.to_string());
-        s.factors = factors;
-        if write_slot(store, &key, &all, cas)? {
-            return Ok(true);
-        }
-    }
-    Err(Deny::new(
-        DenyReason::HostUnavailable,
-        "session slot kept changing",
-    ))
+    update(store, meta, settings, id, |all, tag| {
+        Ok(match all.iter_mut().find(|s| s.tag == tag) {
+            Some(s) => {
+                s.user = Some(user.to_string());
+                s.factors = factors;
+                Edit::Write(true)
+            }
+            None => Edit::Keep(false),
+        })
+    })
 }
 
 #[cfg(test)]
