@@ -35,6 +35,20 @@ fn type_of(v: &Value) -> &str {
     get(v, "@type").and_then(Value::as_str).unwrap_or("")
 }
 
+/// The `failure_policy` of every Wasm filter config among `values` (None: not set).
+fn failure_policies(values: &[&Value]) -> Vec<Option<String>> {
+    values
+        .iter()
+        .filter(|v| type_of(v).ends_with("filters.http.wasm.v3.Wasm"))
+        .filter_map(|v| get(v, "config"))
+        .map(|c| {
+            get(c, "failure_policy")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 /// The deployment facts of an Envoy bootstrap (YAML or JSON).
 pub fn read_deployment(path: &str, ecds: Option<&str>) -> Result<Deployment, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
@@ -82,16 +96,7 @@ pub fn read_deployment(path: &str, ecds: Option<&str>) -> Result<Deployment, Str
             })
         });
     // The apisec filter: inline Wasm configs here, or the ECDS file they are delivered from.
-    let mut policies: Vec<Option<String>> = all
-        .iter()
-        .filter(|v| type_of(v).ends_with("filters.http.wasm.v3.Wasm"))
-        .filter_map(|v| get(v, "config"))
-        .map(|c| {
-            get(c, "failure_policy")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .collect();
+    let mut policies = failure_policies(&all);
     let discovered = all.iter().any(|v| get(v, "config_discovery").is_some());
     if discovered {
         let file = ecds.map(str::to_string).or_else(|| {
@@ -106,17 +111,7 @@ pub fn read_deployment(path: &str, ecds: Option<&str>) -> Result<Deployment, Str
                 let e: Value = serde_yaml::from_str(&t).map_err(|e| format!("ECDS file: {e}"))?;
                 let mut inner = Vec::new();
                 walk(&e, &mut inner);
-                policies.extend(
-                    inner
-                        .iter()
-                        .filter(|v| type_of(v).ends_with("filters.http.wasm.v3.Wasm"))
-                        .filter_map(|v| get(v, "config"))
-                        .map(|c| {
-                            get(c, "failure_policy")
-                                .and_then(Value::as_str)
-                                .map(str::to_string)
-                        }),
-                );
+                policies.extend(failure_policies(&inner));
             }
             None => policies.push(None), // cannot tell: not counted as fail-closed
         }
