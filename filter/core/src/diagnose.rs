@@ -10,12 +10,12 @@ use std::rc::Rc;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::engine::{self, USER_HEADER};
 use crate::error::Deny;
-use crate::lifecycle::{Action, Config, Env, HostError, HostFacts, Stream, Transport};
+use crate::lifecycle::{Action, Config, Env, HostError, HostFacts, Step, Stream, Transport};
 use crate::message::{signature_base, Request};
 use crate::policy::Policy;
 use crate::replay;
 use crate::sf::{self, BareItem, Member};
-use crate::store::{self, MemoryStore};
+use crate::store::{self, MemoryStore, SharedStore};
 
 /// What the offline check found.
 #[derive(Debug, Clone)]
@@ -85,26 +85,21 @@ impl HostFacts for Captured<'_> {
     }
 }
 
-/// The lifecycle's decision on the captured request, with an empty replay store (a nonce used
-/// before cannot be judged offline).
-fn decide(
-    policy: &Policy,
+/// One complete request (headers, then its body) driven through the lifecycle, as Envoy
+/// drives it, on `store` at gateway time `now`: the last step and the stream. Used here for the
+/// offline decision and by the core tests.
+pub fn run(
+    config: Config,
+    store: &dyn SharedStore,
+    verifier: &dyn EcdsaVerifier,
     req: &Request,
     body: &[u8],
     now: u64,
-    verifier: &dyn EcdsaVerifier,
-) -> Result<Option<(u32, &'static str, String)>, String> {
-    let mem = MemoryStore::default();
-    let meta = store::open(&mem, [0; 16], 0, policy.replay.slots).map_err(|e| format!("{e:?}"))?;
-    replay::init_slots(&mem, &policy.replay, &meta).map_err(|e| format!("{e:?}"))?;
-    let config = Config {
-        policy: Rc::new(policy.clone()),
-        meta: Rc::new(meta),
-    };
+) -> (Step, Stream) {
     let host = Captured { now, req, body };
     let held = Cell::new(0);
     let env = Env {
-        store: &mem,
+        store,
         verifier,
         host: &host,
         held: &held,
@@ -130,6 +125,26 @@ fn decide(
     if step.action == Action::Pause {
         step = stream.on_request_body(body.len(), true, &env);
     }
+    (step, stream)
+}
+
+/// The lifecycle's decision on the captured request, with an empty replay store (a nonce used
+/// before cannot be judged offline).
+fn decide(
+    policy: &Policy,
+    req: &Request,
+    body: &[u8],
+    now: u64,
+    verifier: &dyn EcdsaVerifier,
+) -> Result<Option<(u32, &'static str, String)>, String> {
+    let mem = MemoryStore::default();
+    let meta = store::open(&mem, [0; 16], 0, policy.replay.slots).map_err(|e| format!("{e:?}"))?;
+    replay::init_slots(&mem, &policy.replay, &meta).map_err(|e| format!("{e:?}"))?;
+    let config = Config {
+        policy: Rc::new(policy.clone()),
+        meta: Rc::new(meta),
+    };
+    let (step, _) = run(config, &mem, verifier, req, body, now);
     let record: Option<serde_json::Value> = step
         .audit
         .as_deref()

@@ -8,12 +8,12 @@
     clippy::panic
 )] // test helpers; each test crate uses what it needs
 
-use std::cell::Cell;
 use std::rc::Rc;
 
 use apisec_core::crypto::SoftwareVerifier;
+use apisec_core::diagnose;
 use apisec_core::engine::RequestContext;
-use apisec_core::lifecycle::{Action, Config, Env, HostError, HostFacts, Stream, Transport};
+use apisec_core::lifecycle::{Action, Config};
 use apisec_core::message::Request;
 use apisec_core::replay::init_slots;
 use apisec_core::store::{self, MemoryStore};
@@ -54,53 +54,8 @@ pub fn sign_hmac(
     r.headers.push(("signature".into(), s));
 }
 
-/// A host that knows one request: its clock, its connection and its body.
-struct OneRequest<'a> {
-    now: u64,
-    req: &'a Request,
-    body: &'a [u8],
-}
-
-impl HostFacts for OneRequest<'_> {
-    fn now(&self) -> Option<u64> {
-        Some(self.now)
-    }
-    fn transport(&self) -> Transport {
-        Transport {
-            tls: self.req.conn.tls,
-            peer_cert_sha256: self.req.conn.peer_cert_sha256.clone(),
-            peer_uri_san: self.req.conn.peer_uri_san.clone(),
-        }
-    }
-    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
-        Ok(self.body[..size].to_vec())
-    }
-    fn response_header(&self, _: &str) -> Option<String> {
-        None
-    }
-    fn response_body(&self, _: usize) -> Result<Vec<u8>, HostError> {
-        Ok(Vec::new())
-    }
-}
-
-/// The request's headers as the host hands them over: pseudo-headers first, then the rest.
-fn pairs(req: &Request) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = vec![
-        (":method".into(), req.method.clone().into_bytes()),
-        (":scheme".into(), req.scheme.clone().into_bytes()),
-        (":authority".into(), req.authority.clone().into_bytes()),
-        (":path".into(), req.path_and_query.clone().into_bytes()),
-    ];
-    out.extend(
-        req.headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone().into_bytes())),
-    );
-    out
-}
-
-/// The request decided by the lifecycle (headers, then the body if any): the refusal's reason,
-/// or what the request established.
+/// The request decided by the lifecycle (headers, then the body if any; `diagnose::run`, the
+/// driver `apisec verify` uses): the refusal's reason, or what the request established.
 pub fn decide(
     policy: &Policy,
     store: &MemoryStore,
@@ -112,24 +67,7 @@ pub fn decide(
         policy: Rc::new(policy.clone()),
         meta: Rc::new(store::meta(store).unwrap()),
     };
-    let host = OneRequest { now, req, body };
-    let held = Cell::new(0);
-    let env = Env {
-        store,
-        verifier: &SoftwareVerifier,
-        host: &host,
-        held: &held,
-    };
-    let source = req.conn.client_ip.map(|ip| match ip {
-        std::net::IpAddr::V4(v4) => format!("{v4}:40000"),
-        std::net::IpAddr::V6(v6) => format!("[{v6}]:40000"),
-    });
-    let mut stream = Stream::new(config);
-    let mut step =
-        stream.on_request_headers(Ok(pairs(req)), source.as_deref(), body.is_empty(), &env);
-    if step.action == Action::Pause {
-        step = stream.on_request_body(body.len(), true, &env);
-    }
+    let (step, stream) = diagnose::run(config, store, &SoftwareVerifier, req, body, now);
     match step.action {
         Action::Continue => Ok(stream.context().clone()),
         Action::Refuse { body, .. } => {
