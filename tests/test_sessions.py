@@ -2,8 +2,9 @@
 answers itself, use with the session bound to app, client IP and device MAC, idle timeout and
 absolute lifetime, logout, forced end by an operator through `apisec sessions end` on the
 operator listener (and not from the public listeners), eviction when the store is full, and a
-policy reload. Each refused case checks status, code, audit record and that the upstream got
-nothing."""
+policy reload; then the same on the `cluster` state backend, with two replicas sharing one real
+Redis: a session created on one replica is used, logged in, logged out and force-ended on the
+other. Each refused case checks status, code, audit record and that the upstream got nothing."""
 from __future__ import annotations
 
 import json
@@ -280,13 +281,6 @@ def test_a_full_store_evicts_the_session_idle_longest(tmp_path, secret):
         g.stop()
 
 
-def test_sessions_on_the_cluster_backend_are_refused_at_load(tmp_path):
-    doc = session_policy(idle=60, lifetime=600)
-    doc["state"] = {"backend": "cluster", "cluster": {"envoy_cluster": "apisec_state"}}
-    with pytest.raises(gw.PolicyRejected, match="cluster state backend"):
-        gw.render(json.dumps(doc), gw.Layout(build=tmp_path, wasm=gw.ROOT / gw.REL_WASM))
-
-
 # --- end users and two factors (ID-4) ------------------------------------------------------------
 
 def test_login_with_two_factors_opens_user_bound_apis(sgw, secret):  # ID-4
@@ -358,3 +352,170 @@ def test_operator_ends_every_session_of_a_user(sgw, secret):  # SES-4, OPS-6
     for sid in (s1, s2):
         refused(sgw, call(c, sid, path="/api/v1/users/news"), 401, "session_invalid", before)
     assert call(c, other, path="/api/v1/users/news").status_code == 200
+
+
+# --- two replicas on the cluster state backend (SES-1 … SES-4, OPS-6, ID-4 across replicas) -------
+
+class Replica:
+    """One replica of a cluster pair behind the shared public name, signing and sending as Client
+    does: the session helpers above work on it unchanged."""
+
+    def __init__(self, pair, g, secret: str):
+        self.pair, self.gw = pair, g
+        self.client = Client(g, secret)
+
+    def sign(self, method: str, path: str, **kw) -> dict:
+        from test_cluster_state import PUBLIC
+
+        return self.client.sign(method, path, base=f"https://{PUBLIC}", **kw)
+
+    def send(self, signed: dict, source: str | None = None):
+        return self.pair.send(self.gw, signed, source=source)
+
+
+@pytest.fixture(scope="module")
+def cluster_pair(tmp_path_factory, secret):
+    from test_cluster_state import Pair
+
+    p = Pair(tmp_path_factory.mktemp("sessions-cluster"), secret, session_policy(idle=60, lifetime=600, entries=64))
+    yield p
+    p.stop()
+
+
+def test_a_session_holds_across_replicas(cluster_pair, secret):  # SES-1, SES-2, SES-3, ID-4
+    p = cluster_pair
+    a, b = Replica(p, p.a, secret), Replica(p, p.b, secret)
+    r = establish(a)
+    assert r.status_code == 201, r.text
+    sid = r.json()["session_id"]
+    created = read_audit(p.a, r.headers.get("x-request-id") or _last_request_id(p.a))["audit"]
+    assert created["session_event"] == "created"
+    # The store keeps a hash of the ID, never the ID (a bearer secret).
+    keys = p.store.redis_cli("KEYS", "apisec:session:*").split()
+    assert keys and all(sid not in k for k in keys)
+    assert all(sid not in p.store.redis_cli("HGETALL", k) for k in keys)
+    # Used on the other replica: the same session, named alike in both replicas' records.
+    ok = call(b, sid)
+    assert ok.status_code == 200, ok.text
+    assert read_audit(p.b, ok.json()["headers"]["x-request-id"])["audit"]["session"] == created["session"]
+    # Bound to the MAC, the IP and the app on every replica; a refused misuse leaves it alive.
+    before = upstream(p.b)
+    refused(p.b, call(b, sid, mac="aa:bb:cc:dd:ee:02"), 401, "session_invalid", before)
+    refused(p.b, call(b, sid, source="127.0.0.2"), 401, "session_invalid", before)
+    refused(p.b, call(b, sid, app="partner-b"), 401, "session_invalid", before)
+    # A login through one replica (two factors) opens user-bound APIs on the other.
+    r = login(a, sid, "user=U-Frank; factors=2")
+    assert r.status_code == 200 and "x-apisec-login" not in {k.lower() for k in r.headers}
+    ok = call(b, sid, path="/api/v1/users/profile", keyid="demo-partner-p256")
+    assert ok.status_code == 200 and ok.json()["headers"]["x-apisec-user"] == "u-frank", ok.text
+    before = upstream(p.b)
+    refused(p.b, call(b, sid, path="/api/v1/users/news", user="u-mallory"), 403, "user_mismatch", before)
+    # One factor, reported on B, is not enough at S2 on A.
+    weak = new_session(b)
+    assert login(b, weak, "user=u-gina; factors=1").status_code == 200
+    before = upstream(p.a)
+    refused(p.a, call(a, weak, path="/api/v1/users/profile", keyid="demo-partner-p256"), 403, "mfa_required", before)
+    # Logged out on B: nothing accepts it afterwards, on A either.
+    r = call(b, sid, method="DELETE", path="/apisec/v1/sessions")
+    assert r.status_code == 200 and r.json() == {"ended": True}, r.text
+    for g, rep in ((p.a, a), (p.b, b)):
+        before = upstream(g)
+        refused(g, call(rep, sid), 401, "session_invalid", before)
+
+
+def test_operators_end_sessions_on_every_replica(cluster_pair, secret):  # SES-4, OPS-6
+    p = cluster_pair
+    a, b = Replica(p, p.a, secret), Replica(p, p.b, secret)
+    one, two = new_session(a), new_session(b)
+    other_app = new_session(a, app="partner-b")
+    # One session, through B's operator listener: refused on A.
+    out = operator_end(p.b, "operator-alice", "--session", one)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"ended": "one session"}, out.stderr
+    before = upstream(p.a)
+    refused(p.a, call(a, one), 401, "session_invalid", before)
+    # Ending it again finds nothing, on either replica.
+    out = operator_end(p.a, "operator-alice", "--session", one)
+    assert out.returncode != 0 and "session_invalid" in out.stderr
+    # Every session of an app, through A: refused on B; the other app's session lives; a session
+    # created right after the end, within the same second, is not affected.
+    out = operator_end(p.a, "operator-alice", "--app", "demo-partner")
+    fresh = new_session(b)
+    assert out.returncode == 0, out.stderr
+    before = upstream(p.b)
+    rec = refused(p.b, call(b, two), 401, "session_invalid", before)
+    assert "operator" in rec["detail"]
+    assert call(b, other_app, app="partner-b").status_code == 200
+    assert call(a, fresh).status_code == 200
+    # Every session of a user, through B, whichever replica the user logged in on.
+    s1, s2 = new_session(a), new_session(b)
+    assert login(a, s1, "user=u-hank; factors=2").status_code == 200
+    assert login(b, s2, "user=u-hank; factors=2").status_code == 200
+    out = operator_end(p.b, "operator-alice", "--user", "U-Hank")
+    assert out.returncode == 0, out.stderr
+    for g, rep, sid in ((p.a, a, s1), (p.b, b, s1), (p.a, a, s2)):
+        before = upstream(g)
+        refused(g, call(rep, sid, path="/api/v1/users/news"), 401, "session_invalid", before)
+    # An operator the policy does not name ends nothing.
+    out = operator_end(p.a, "operator-mallory", "--app", "partner-b")
+    assert out.returncode != 0 and "operator_not_allowed" in out.stderr
+    assert call(b, other_app, app="partner-b").status_code == 200
+
+
+def test_cluster_sessions_survive_restarts_and_fail_closed_without_the_store(cluster_pair, secret):
+    p = cluster_pair
+    a = Replica(p, p.a, secret)
+    sid = new_session(a)
+    # Both replicas restart (a rolling upgrade): the session lives in the store.
+    p.restart()
+    a, b = Replica(p, p.a, secret), Replica(p, p.b, secret)
+    assert call(b, sid).status_code == 200
+    # A store that cannot answer: refused 503, neither established nor used unchecked.
+    p.store.stop_redis()
+    try:
+        before = upstream(p.a)
+        r = establish(a)
+        assert r.status_code == 503 and r.json()["error"] == "state_unavailable", r.text
+        assert read_audit(p.a, r.json()["request_id"])["audit"]["code"] == "state_unavailable"
+        refused(p.a, call(a, sid), 503, "state_unavailable", before)
+    finally:
+        p.store.start_redis()
+    deadline = time.time() + 10
+    while (r := call(a, sid)).status_code == 503:
+        assert time.time() < deadline, "service did not resume after the store came back"
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+
+
+def test_cluster_eviction_idle_timeout_and_lifetime(tmp_path, secret):  # SES-2
+    """At most 2 sessions (slots x entries_per_slot), idle timeout 3 s, absolute lifetime 7 s."""
+    from test_cluster_state import Pair
+
+    p = Pair(tmp_path, secret, session_policy(idle=3, lifetime=7, entries=2))
+    try:
+        a, b = Replica(p, p.a, secret), Replica(p, p.b, secret)
+        # The store holds at most two sessions: a third evicts the one idle longest.
+        first, second = new_session(a), new_session(b)
+        time.sleep(1.1)  # the gateway counts idle time in whole seconds
+        assert call(b, first).status_code == 200  # second is now idle longest
+        third = new_session(a)
+        assert call(b, first).status_code == 200 and call(a, third).status_code == 200
+        before = upstream(p.b)
+        refused(p.b, call(b, second), 401, "session_invalid", before)
+        assert flushed_stat(p.a, "wasmcustom.apisec.sessions_evicted") == 1
+        # Used every 2 s, on alternate replicas, a session lives while it is used ...
+        idle, kept = new_session(a), new_session(b)
+        for _ in range(2):
+            time.sleep(2)
+            assert call(a, kept).status_code == 200
+        before = upstream(p.b)
+        rec = refused(p.b, call(b, idle), 401, "session_expired", before)
+        assert rec["detail"].startswith("idle for"), rec
+        time.sleep(1.8)
+        assert call(b, kept).status_code == 200
+        # ... until its absolute lifetime, used or not.
+        time.sleep(3)
+        before = upstream(p.a)
+        rec = refused(p.a, call(a, kept), 401, "session_expired", before)
+        assert "absolute lifetime" in rec["detail"], rec
+    finally:
+        p.stop()

@@ -22,7 +22,8 @@ use sha2::Sha256;
 use crate::apps::SecretSource;
 use crate::bans::BanSettings;
 use crate::error::{ConfigError, Deny, DenyReason};
-use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op};
+use crate::sessions::{Misuse, Scope, Session, Sessions};
+use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op, SessionCall};
 
 /// `state:` in the policy.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -189,7 +190,19 @@ impl RawState {
 
 /// The script every batch runs: ARGV = prefix, now, skew, lifetime, then the operations
 /// (`B subject lift`, `N key app created record share`, `G grant max`, `R subject window
-/// threshold ban_seconds`), in order, stopping at the first refusal.
+/// threshold ban_seconds`, and the session operations `S`, `SL`, `SC`, `SE`, `SR`, `SA` whose
+/// words [`encode`] writes), in order, stopping at the first refusal. A batch that passes
+/// answers `ok` followed by what it found: `ban <subject>`, `session <app ip mac user factors
+/// created last_seen>`, `evicted`, `nothing`.
+///
+/// Sessions: a hash `session:<key>` per session (the key is a hash of its ID; the ID is never
+/// sent), with a TTL a minute past the moment it would end; a sorted set `sessions` by last
+/// use, for the bound (`slots` x `entries_per_slot`) and for evicting the one idle longest;
+/// `session-seq`, a counter that numbers sessions in the order they are created; and the end
+/// marks `session-end:app:<sha1>` and `session-end:user:<sha1>`, holding the number of the
+/// last session created before an operator ended every session of that app or user. Ordering
+/// by that number, not by time, makes an operator's end exact: a session created in the same
+/// second, just after it, lives.
 pub const SCRIPT: &str = r#"-- apisec: one request's state operations, atomically
 local p = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -200,6 +213,52 @@ local h = tonumber(redis.call('GET', hk))
 if not h then
   h = now - 1
   redis.call('SET', hk, h)
+end
+local zk = p .. 'sessions'
+local function mark(kind, name)
+  return tonumber(redis.call('GET', p .. 'session-end:' .. kind .. ':' .. redis.sha1hex(name))) or 0
+end
+-- a presented session (words: key app ip mac ip_unbound idle lifetime): the session's fields
+-- or a refusal; refreshed when `refresh`
+local function session(i, refresh)
+  local sk = p .. 'session:' .. ARGV[i + 1]
+  local idle = tonumber(ARGV[i + 6])
+  local slife = tonumber(ARGV[i + 7])
+  local s = redis.call('HMGET', sk, 'app', 'ip', 'mac', 'user', 'factors', 'created', 'last_seen', 'seq')
+  if not s[1] or not s[6] or not s[7] or not s[8] then
+    return nil, {'session', 'unknown'}
+  end
+  local created = tonumber(s[6])
+  local last = tonumber(s[7])
+  if now - created > slife then
+    return nil, {'session', 'lifetime'}
+  end
+  if now - last > idle then
+    return nil, {'session', 'idle', tostring(now - last)}
+  end
+  if s[1] ~= ARGV[i + 2] then
+    return nil, {'session', 'app'}
+  end
+  if s[2] ~= ARGV[i + 3] and ARGV[i + 5] ~= '1' then
+    return nil, {'session', 'ip'}
+  end
+  if s[3] ~= ARGV[i + 4] then
+    return nil, {'session', 'mac'}
+  end
+  local ended = mark('app', s[1])
+  if s[4] and s[4] ~= '' then
+    ended = math.max(ended, mark('user', s[4]))
+  end
+  if tonumber(s[8]) <= ended then
+    return nil, {'session', 'operator'}
+  end
+  if refresh then
+    s[7] = tostring(now)
+    redis.call('HSET', sk, 'last_seen', now)
+    redis.call('ZADD', zk, now, ARGV[i + 1])
+    redis.call('EXPIRE', sk, math.max(math.min(idle, created + slife - now), 0) + 60)
+  end
+  return s, nil
 end
 local i = 5
 local out = {'ok'}
@@ -269,9 +328,70 @@ while i <= #ARGV do
       local ban = tonumber(ARGV[i + 4])
       redis.call('SET', p .. 'ban:' .. s, now .. ' ' .. (now + ban), 'EX', ban)
       redis.call('DEL', ck)
-      out = {'ok', 'ban', s}
+      table.insert(out, 'ban')
+      table.insert(out, s)
     end
     i = i + 5
+  elseif op == 'S' or op == 'SL' or op == 'SE' then
+    -- use (refresh), read (S with refresh 0), login, logout:
+    -- S key app ip mac ip_unbound idle lifetime refresh
+    -- SL key app ip mac ip_unbound idle lifetime user factors
+    -- SE key app ip mac ip_unbound idle lifetime
+    local s, refusal = session(i, op == 'S' and ARGV[i + 8] == '1')
+    if refusal then
+      return refusal
+    end
+    if op == 'S' then
+      table.insert(out, 'session')
+      for f = 1, 7 do
+        table.insert(out, s[f] or '')
+      end
+      i = i + 9
+    elseif op == 'SL' then
+      redis.call('HSET', p .. 'session:' .. ARGV[i + 1], 'user', ARGV[i + 8], 'factors', ARGV[i + 9])
+      i = i + 10
+    else
+      redis.call('DEL', p .. 'session:' .. ARGV[i + 1])
+      redis.call('ZREM', zk, ARGV[i + 1])
+      i = i + 8
+    end
+  elseif op == 'SC' then
+    -- SC key app ip mac user factors idle bound
+    local sk = p .. 'session:' .. ARGV[i + 1]
+    local idle = tonumber(ARGV[i + 7])
+    local bound = tonumber(ARGV[i + 8])
+    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - idle))
+    redis.call('DEL', sk)
+    redis.call('ZREM', zk, ARGV[i + 1])
+    local n = 0
+    while redis.call('ZCARD', zk) >= bound and n < 64 do
+      local oldest = redis.call('ZPOPMIN', zk)
+      if oldest[1] and redis.call('DEL', p .. 'session:' .. oldest[1]) == 1 then
+        if out[#out] ~= 'evicted' then
+          table.insert(out, 'evicted')
+        end
+      end
+      n = n + 1
+    end
+    local seq = redis.call('INCR', p .. 'session-seq')
+    redis.call('HSET', sk, 'app', ARGV[i + 2], 'ip', ARGV[i + 3], 'mac', ARGV[i + 4], 'user', ARGV[i + 5],
+      'factors', ARGV[i + 6], 'created', now, 'last_seen', now, 'seq', seq)
+    redis.call('EXPIRE', sk, idle + 60)
+    redis.call('ZADD', zk, now, ARGV[i + 1])
+    i = i + 9
+  elseif op == 'SR' then
+    -- SR key: an operator ends one session
+    if redis.call('DEL', p .. 'session:' .. ARGV[i + 1]) == 0 then
+      table.insert(out, 'nothing')
+    end
+    redis.call('ZREM', zk, ARGV[i + 1])
+    i = i + 2
+  elseif op == 'SA' then
+    -- SA kind name lifetime: an operator ends every session of an app or a user created so far
+    local seq = tonumber(redis.call('GET', p .. 'session-seq')) or 0
+    redis.call('SET', p .. 'session-end:' .. ARGV[i + 1] .. ':' .. redis.sha1hex(ARGV[i + 2]), seq,
+      'EX', tonumber(ARGV[i + 3]) + 120)
+    i = i + 4
   else
     return redis.error_reply('apisec: unknown state operation')
   end
@@ -294,6 +414,7 @@ pub struct Params<'a> {
     pub skew: u64,
     pub lifetime: u64,
     pub bans: Option<&'a BanSettings>,
+    pub sessions: Option<&'a Sessions>,
 }
 
 /// One HTTP callout for the host to dispatch, as it is.
@@ -331,6 +452,85 @@ fn nonce_key(app: &str, nonce: &str) -> String {
     }
     let digest = h.finalize();
     hex(digest.get(..16).unwrap_or(&digest))
+}
+
+/// The store's key of a session: a hash of its ID (a bearer secret, never sent to the store).
+fn session_key(id: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"apisec-session\0")
+        .chain_update(id.as_bytes())
+        .finalize();
+    hex(digest.get(..16).unwrap_or(&digest))
+}
+
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+/// The words every check of a presented session starts with.
+fn session_words(body: &mut Vec<u8>, op: &str, s: &Sessions, c: &SessionCall) {
+    word(body, op);
+    word(body, &session_key(&c.id));
+    word(body, &c.app);
+    word(body, &c.ip);
+    word(body, &c.mac);
+    word(body, flag(s.ip_unbound_apps.contains(&c.app)));
+    word(body, &s.idle_timeout_seconds.to_string());
+    word(body, &s.max_lifetime_seconds.to_string());
+}
+
+/// A session operation's words.
+fn session_op(body: &mut Vec<u8>, s: &Sessions, op: &Op) {
+    match op {
+        Op::SessionUse(c) | Op::SessionRead(c) => {
+            session_words(body, "S", s, c);
+            word(body, flag(matches!(op, Op::SessionUse(_))));
+        }
+        Op::SessionLogin {
+            call,
+            user,
+            factors,
+        } => {
+            session_words(body, "SL", s, call);
+            word(body, user);
+            word(body, &factors.to_string());
+        }
+        Op::SessionEnd(c) => session_words(body, "SE", s, c),
+        Op::SessionCreate { id, session } => {
+            word(body, "SC");
+            word(body, &session_key(id));
+            word(body, &session.app);
+            word(body, &session.ip);
+            word(body, &session.mac);
+            word(body, session.user.as_deref().unwrap_or(""));
+            word(body, &session.factors.to_string());
+            word(body, &s.idle_timeout_seconds.to_string());
+            let bound = u64::from(s.slots) * u64::from(s.entries_per_slot);
+            word(body, &bound.to_string());
+        }
+        Op::SessionRevoke(Scope::Session(id)) => {
+            word(body, "SR");
+            word(body, &session_key(id));
+        }
+        Op::SessionRevoke(Scope::App(name)) | Op::SessionRevoke(Scope::User(name)) => {
+            word(body, "SA");
+            word(
+                body,
+                if matches!(op, Op::SessionRevoke(Scope::App(_))) {
+                    "app"
+                } else {
+                    "user"
+                },
+            );
+            word(body, name);
+            word(body, &s.max_lifetime_seconds.to_string());
+        }
+        Op::Ban(_) | Op::Nonce { .. } | Op::GrantUse { .. } | Op::Refusal(_) => {}
+    }
 }
 
 /// webdis reads a command as `/`-separated, percent-decoded words; `+` would decode to a
@@ -382,7 +582,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &nonce_key(app, nonce));
                 word(&mut body, app);
                 word(&mut body, &created.to_string());
-                word(&mut body, if *record { "1" } else { "0" });
+                word(&mut body, flag(*record));
                 word(&mut body, &settings.app_share.to_string());
             }
             Op::GrantUse { grant, max } => {
@@ -400,15 +600,17 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &threshold.to_string());
                 word(&mut body, &ban.to_string());
             }
-            // Sessions on the cluster store are not built yet; a policy cannot ask for them
-            // (RawPolicy refuses it). An operation the script does not know fails the batch:
-            // the request is refused, never let through unchecked.
             Op::SessionUse(_)
             | Op::SessionRead(_)
             | Op::SessionLogin { .. }
             | Op::SessionCreate { .. }
             | Op::SessionEnd(_)
-            | Op::SessionRevoke(_) => word(&mut body, "unsupported"),
+            | Op::SessionRevoke(_) => match p.sessions {
+                Some(s) => session_op(&mut body, s, op),
+                // The lifecycle asks for sessions only under a policy that has them; should
+                // one come anyway, the script does not know this word and fails the batch.
+                None => word(&mut body, "no-sessions"),
+            },
         }
     }
     let mut headers = vec![
@@ -500,15 +702,14 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
             let first = msg.split_whitespace().next().unwrap_or("error");
             unavailable(format!("state store error: {first}"))
         }
-        (_, Some("ok")) => {
-            let mut answer = Answer::default();
-            if text(1) == Some("ban") {
-                let subject = text(2).unwrap_or("?");
-                let secs = p.bans.map_or(0, |b| b.ban_seconds);
-                answer.ban_started = Some(format!("{} banned for {secs} s", describe(subject)));
-            }
-            Decoded::Answer(answer)
-        }
+        (_, Some("ok")) => match found(p, batch, reply) {
+            Some(answer) => Decoded::Answer(answer),
+            None => unavailable("state store answer has an unexpected shape"),
+        },
+        (_, Some("session")) => match text(1).and_then(|w| Misuse::from_word(w, text(2))) {
+            Some(m) => Decoded::Answer(Answer::refused(m.deny())),
+            None => unavailable("state store answer has an unexpected shape"),
+        },
         (_, Some("banned")) => Decoded::Answer(Answer::refused(Deny::new(
             DenyReason::Banned,
             format!(
@@ -564,6 +765,46 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
     }
 }
 
+/// What a batch that passed found (`ok` and its findings), as an answer; None for a shape the
+/// script does not give.
+fn found(p: &Params<'_>, batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
+    let mut answer = Answer::default();
+    let mut words = reply.iter().skip(1).map(|v| v.as_str());
+    while let Some(w) = words.next() {
+        match w? {
+            "ban" => {
+                let subject = words.next()??;
+                let secs = p.bans.map_or(0, |b| b.ban_seconds);
+                answer.ban_started = Some(format!("{} banned for {secs} s", describe(subject)));
+            }
+            "session" => {
+                let mut f = || words.next().flatten().map(str::to_string);
+                let (app, ip, mac, user) = (f()?, f()?, f()?, f()?);
+                let factors = f()?.parse().ok()?;
+                let (created, last_seen) = (f()?.parse().ok()?, f()?.parse().ok()?);
+                let tag = batch.ops.iter().find_map(|op| match op {
+                    Op::SessionUse(c) | Op::SessionRead(c) => Some(session_key(&c.id)),
+                    _ => None,
+                })?;
+                answer.session = Some(Box::new(Session {
+                    tag,
+                    app,
+                    ip,
+                    mac,
+                    user: Some(user).filter(|u| !u.is_empty()),
+                    factors,
+                    created,
+                    last_seen,
+                }));
+            }
+            "evicted" => answer.evicted = true,
+            "nothing" => answer.nothing_to_end = true,
+            _ => return None,
+        }
+    }
+    Some(answer)
+}
+
 /// What a callout that could not be made or got no answer means: the store is unavailable.
 pub fn failed(detail: &str) -> Answer {
     Answer::refused(Deny::new(
@@ -593,6 +834,7 @@ mod tests {
         skew: 300,
         lifetime: 600,
         bans: None,
+        sessions: None,
     };
 
     fn nonce_batch(idempotency: bool) -> Batch {
@@ -741,6 +983,213 @@ mod tests {
                 assert_eq!(a.ban_started.as_deref(), Some("app a banned for 0 s"))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn sessions() -> Sessions {
+        Sessions {
+            create_api: 0,
+            logout_api: 1,
+            idle_timeout_seconds: 60,
+            max_lifetime_seconds: 600,
+            slots: 4,
+            entries_per_slot: 8,
+            ip_unbound_apps: ["mobile".to_string()].into_iter().collect(),
+            operator_route: None,
+            operators: Vec::new(),
+            login_apis: Vec::new(),
+            login_header: "x-apisec-login".into(),
+        }
+    }
+
+    fn session_call(id: &str, app: &str) -> SessionCall {
+        SessionCall {
+            id: id.into(),
+            app: app.into(),
+            ip: "192.0.2.1".into(),
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+        }
+    }
+
+    fn words_of(p: &Params<'_>, ops: Vec<Op>) -> Vec<String> {
+        let c = match (RawState {
+            backend: Backend::Cluster,
+            cluster: Some(RawCluster {
+                envoy_cluster: "apisec_state".into(),
+                authority: None,
+                timeout_ms: 500,
+                key_prefix: "apisec:".into(),
+                credentials_env: None,
+                app_share: 1000,
+            }),
+        })
+        .compile(None)
+        .unwrap()
+        {
+            StateBackend::Cluster(c) => c,
+            StateBackend::Local => panic!(),
+        };
+        let body = String::from_utf8(encode(p, &c, &Batch { ops, now: 1000 }, false).body).unwrap();
+        body.split('/').skip(7).map(str::to_string).collect()
+    }
+
+    /// Each session operation has the words the script reads, the session ID never among them
+    /// (its hash is the key), and the IP binding relaxed only for the apps the policy names.
+    #[test]
+    fn session_operations_carry_a_hash_of_the_id_and_the_policys_numbers() {
+        let s = sessions();
+        let p = Params {
+            sessions: Some(&s),
+            ..P
+        };
+        let key = session_key("secret-id");
+        assert_eq!(key.len(), 32);
+        let w = words_of(&p, vec![Op::SessionUse(session_call("secret-id", "app"))]);
+        assert_eq!(
+            w,
+            [
+                "S",
+                &key,
+                "app",
+                "192%2E0%2E2%2E1",
+                "aa%3Abb%3Acc%3Add%3Aee%3Aff",
+                "0",
+                "60",
+                "600",
+                "1"
+            ]
+        );
+        let w = words_of(
+            &p,
+            vec![Op::SessionRead(session_call("secret-id", "mobile"))],
+        );
+        assert_eq!((w[5].as_str(), w[8].as_str()), ("1", "0"));
+        let w = words_of(
+            &p,
+            vec![Op::SessionLogin {
+                call: session_call("secret-id", "app"),
+                user: "u-1".into(),
+                factors: 2,
+            }],
+        );
+        assert_eq!(
+            (w[0].as_str(), w.len(), w[8].as_str(), w[9].as_str()),
+            ("SL", 10, "u-1", "2")
+        );
+        assert_eq!(
+            words_of(&p, vec![Op::SessionEnd(session_call("secret-id", "app"))]).len(),
+            8
+        );
+        let created = Session {
+            tag: String::new(),
+            app: "app".into(),
+            ip: "192.0.2.1".into(),
+            mac: "aa:bb:cc:dd:ee:ff".into(),
+            user: None,
+            factors: 0,
+            created: 1000,
+            last_seen: 1000,
+        };
+        let w = words_of(
+            &p,
+            vec![Op::SessionCreate {
+                id: "secret-id".into(),
+                session: created,
+            }],
+        );
+        assert_eq!(w.len(), 9);
+        assert_eq!(
+            (w[0].as_str(), w[1].as_str(), w[5].as_str(), w[8].as_str()),
+            ("SC", key.as_str(), "", "32")
+        );
+        let w = words_of(
+            &p,
+            vec![Op::SessionRevoke(Scope::Session("secret-id".into()))],
+        );
+        assert_eq!(w, ["SR", &key]);
+        let w = words_of(&p, vec![Op::SessionRevoke(Scope::User("u-1".into()))]);
+        assert_eq!(w, ["SA", "user", "u-1", "600"]);
+        let w = words_of(&p, vec![Op::SessionRevoke(Scope::App("app".into()))]);
+        assert_eq!(w, ["SA", "app", "app", "600"]);
+        // Without sessions in the policy, a word the script refuses: the batch fails.
+        let w = words_of(&P, vec![Op::SessionRevoke(Scope::App("app".into()))]);
+        assert_eq!(w, ["no-sessions"]);
+    }
+
+    #[test]
+    fn session_answers_are_read_back() {
+        let s = sessions();
+        let p = Params {
+            sessions: Some(&s),
+            ..P
+        };
+        let ok = Some("200");
+        let b = Batch {
+            ops: vec![Op::SessionUse(session_call("id", "app"))],
+            now: 1000,
+        };
+        let body = br#"{"EVALSHA":["ok","session","app","192.0.2.1","aa:bb:cc:dd:ee:ff","u-1","2","990","1000"]}"#;
+        match decode(&p, &b, false, ok, body) {
+            Decoded::Answer(a) => {
+                let got = a.session.unwrap();
+                assert_eq!(got.user.as_deref(), Some("u-1"));
+                assert_eq!((got.factors, got.created, got.last_seen), (2, 990, 1000));
+                assert_eq!(got.tag, session_key("id"));
+                assert!(a.refused.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        let anonymous = br#"{"EVALSHA":["ok","session","app","192.0.2.1","aa:bb:cc:dd:ee:ff","","0","990","1000"]}"#;
+        match decode(&p, &b, false, ok, anonymous) {
+            Decoded::Answer(a) => assert_eq!(a.session.unwrap().user, None),
+            other => panic!("{other:?}"),
+        }
+        match decode(
+            &p,
+            &b,
+            false,
+            ok,
+            br#"{"EVALSHA":["ok","evicted","nothing"]}"#,
+        ) {
+            Decoded::Answer(a) => assert!(a.evicted && a.nothing_to_end && a.refused.is_none()),
+            other => panic!("{other:?}"),
+        }
+        // Each refusal keeps its code and the wording the local backend gives.
+        for (body, misuse) in [
+            (
+                &br#"{"EVALSHA":["session","unknown"]}"#[..],
+                Misuse::Unknown,
+            ),
+            (br#"{"EVALSHA":["session","lifetime"]}"#, Misuse::Lifetime),
+            (br#"{"EVALSHA":["session","idle","75"]}"#, Misuse::Idle(75)),
+            (br#"{"EVALSHA":["session","app"]}"#, Misuse::OtherApp),
+            (br#"{"EVALSHA":["session","ip"]}"#, Misuse::OtherIp),
+            (br#"{"EVALSHA":["session","mac"]}"#, Misuse::OtherMac),
+            (
+                br#"{"EVALSHA":["session","operator"]}"#,
+                Misuse::EndedByOperator,
+            ),
+        ] {
+            match decode(&p, &b, false, ok, body) {
+                Decoded::Answer(a) => assert_eq!(a.refused, Some(misuse.deny())),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Fail closed on anything else: a short session, an unknown finding or refusal.
+        for body in [
+            &br#"{"EVALSHA":["ok","session","app","192.0.2.1"]}"#[..],
+            br#"{"EVALSHA":["ok","session","app","192.0.2.1","m","","x","990","1000"]}"#,
+            br#"{"EVALSHA":["ok","welcome"]}"#,
+            br#"{"EVALSHA":["session","maybe"]}"#,
+            br#"{"EVALSHA":["session","idle"]}"#,
+            br#"{"EVALSHA":["ok",1]}"#,
+        ] {
+            assert_eq!(
+                reason(decode(&p, &b, false, ok, body)),
+                Some(DenyReason::StateUnavailable),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 

@@ -479,7 +479,7 @@ impl Stream {
             Scope::User(u) => format!("every session of user {u}"),
         };
         if let Scope::Session(id) = &scope {
-            self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, id));
+            self.ctx.session_fp = Some(sessions::fingerprint(id));
         }
         if let Some(Served::Operator { scope: s, .. }) = &mut self.served {
             *s = text;
@@ -827,7 +827,7 @@ impl Stream {
             }
         }
         if let Some(id) = &self.ctx.session {
-            self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, id));
+            self.ctx.session_fp = Some(sessions::fingerprint(id));
         }
         if ops.is_empty() {
             return self.accepted(Answer::default(), env);
@@ -846,7 +846,7 @@ impl Stream {
             return Err(Deny::new(DenyReason::HostUnavailable, "no random source"));
         }
         let id = sessions::new_id(&random);
-        self.ctx.session_fp = Some(sessions::fingerprint(&self.config.meta, &id));
+        self.ctx.session_fp = Some(sessions::fingerprint(&id));
         self.ctx.session_event = Some("created");
         self.served = Some(Served::Create(id.clone()));
         Ok(Op::SessionCreate {

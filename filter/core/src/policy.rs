@@ -279,12 +279,6 @@ impl RawPolicy {
             .as_ref()
             .map(|s| s.compile(&apis))
             .transpose()?;
-        if sessions.is_some() && state != StateBackend::Local {
-            return Err(ConfigError::new(
-                "sessions",
-                "sessions on the cluster state backend are not built yet: use state.backend: local",
-            ));
-        }
         if let (None, Some(a)) = (&sessions, apis.iter().find(|a| a.session_required)) {
             return Err(ConfigError::new(
                 "sessions",
@@ -535,6 +529,7 @@ impl Policy {
             skew: self.clock_skew_seconds,
             lifetime: self.replay.lifetime_seconds,
             bans: self.bans.as_ref(),
+            sessions: self.sessions.as_ref(),
         }
     }
 

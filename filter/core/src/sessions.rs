@@ -14,6 +14,7 @@
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::inventory::Api;
@@ -280,10 +281,91 @@ pub fn new_id(random: &[u8; 24]) -> String {
 }
 
 /// A short, non-reversible name of a session for audit records (the ID itself is a bearer
-/// secret and never logged).
-pub fn fingerprint(meta: &StoreMeta, id: &str) -> String {
-    let h = meta.keyed(b"session-fp", &[id.as_bytes()]);
+/// secret and never logged). Not keyed: every replica, and every restart, names one session
+/// alike, so its records can be followed across them; 192 random bits cannot be found back
+/// from 64 bits of their hash.
+pub fn fingerprint(id: &str) -> String {
+    let h = sha2::Sha256::new()
+        .chain_update(b"apisec-session-fp\0")
+        .chain_update(id.as_bytes())
+        .finalize();
     h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a presented session is refused: the one wording of each refusal, for both backends
+/// (the cluster store's script answers with [`Misuse::word`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misuse {
+    /// Never established, logged out, evicted or ended by an operator one by one.
+    Unknown,
+    Lifetime,
+    /// Idle for this many seconds.
+    Idle(u64),
+    OtherApp,
+    OtherIp,
+    OtherMac,
+    /// Created before an operator ended every session of its app or user.
+    EndedByOperator,
+}
+
+impl Misuse {
+    pub fn deny(self) -> Deny {
+        let (reason, detail) = match self {
+            Misuse::Unknown => (
+                DenyReason::SessionInvalid,
+                "no such session (never established, logged out or evicted)".to_string(),
+            ),
+            Misuse::Lifetime => (
+                DenyReason::SessionExpired,
+                "past the session's absolute lifetime".to_string(),
+            ),
+            Misuse::Idle(s) => (DenyReason::SessionExpired, format!("idle for {s} s")),
+            Misuse::OtherApp => (
+                DenyReason::SessionInvalid,
+                "the session belongs to another app".to_string(),
+            ),
+            Misuse::OtherIp => (
+                DenyReason::SessionInvalid,
+                "the session is bound to another client IP".to_string(),
+            ),
+            Misuse::OtherMac => (
+                DenyReason::SessionInvalid,
+                "the session is bound to another device MAC".to_string(),
+            ),
+            Misuse::EndedByOperator => (
+                DenyReason::SessionInvalid,
+                "ended by an operator".to_string(),
+            ),
+        };
+        Deny::new(reason, detail)
+    }
+
+    /// How the cluster store's script names it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Misuse::Unknown => "unknown",
+            Misuse::Lifetime => "lifetime",
+            Misuse::Idle(_) => "idle",
+            Misuse::OtherApp => "app",
+            Misuse::OtherIp => "ip",
+            Misuse::OtherMac => "mac",
+            Misuse::EndedByOperator => "operator",
+        }
+    }
+
+    /// The script's answer `session <word> [seconds]`, read back; None for anything else.
+    pub fn from_word(word: &str, seconds: Option<&str>) -> Option<Misuse> {
+        Some(match word {
+            "unknown" => Misuse::Unknown,
+            "lifetime" => Misuse::Lifetime,
+            "idle" => Misuse::Idle(seconds?.parse().ok()?),
+            "app" => Misuse::OtherApp,
+            "ip" => Misuse::OtherIp,
+            "mac" => Misuse::OtherMac,
+            "operator" => Misuse::EndedByOperator,
+            _ => return None,
+        })
+    }
 }
 
 /// What the store keeps of one session.
@@ -457,10 +539,6 @@ pub fn create(
     })
 }
 
-fn invalid(d: &str) -> Deny {
-    Deny::new(DenyReason::SessionInvalid, d.to_string())
-}
-
 /// A call presenting a session: it must be live, of the same app, from the bound IP (unless
 /// the app is IP-unbound) and MAC, not ended by an operator; it is refreshed. Returns the
 /// session as it now is.
@@ -496,30 +574,22 @@ fn check(
 ) -> Result<Session, Deny> {
     update(store, meta, settings, p.id, |all, tag| {
         let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
-            return Err(invalid(
-                "no such session (never established, logged out or evicted)",
-            ));
+            return Err(Misuse::Unknown.deny());
         };
         if now.saturating_sub(s.created) > settings.max_lifetime_seconds {
-            return Err(Deny::new(
-                DenyReason::SessionExpired,
-                "past the session's absolute lifetime",
-            ));
+            return Err(Misuse::Lifetime.deny());
         }
         if now.saturating_sub(s.last_seen) > settings.idle_timeout_seconds {
-            return Err(Deny::new(
-                DenyReason::SessionExpired,
-                format!("idle for {} s", now.saturating_sub(s.last_seen)),
-            ));
+            return Err(Misuse::Idle(now.saturating_sub(s.last_seen)).deny());
         }
         if s.app != p.app {
-            return Err(invalid("the session belongs to another app"));
+            return Err(Misuse::OtherApp.deny());
         }
         if s.ip != p.ip && !settings.ip_unbound_apps.contains(&s.app) {
-            return Err(invalid("the session is bound to another client IP"));
+            return Err(Misuse::OtherIp.deny());
         }
         if s.mac != p.mac {
-            return Err(invalid("the session is bound to another device MAC"));
+            return Err(Misuse::OtherMac.deny());
         }
         let app_end = mark(store, &mark_key("app", &s.app, meta))?;
         let user_end = match &s.user {
@@ -527,10 +597,7 @@ fn check(
             None => 0,
         };
         if s.created <= app_end.max(user_end) {
-            return Err(Deny::new(
-                DenyReason::SessionInvalid,
-                "ended by an operator",
-            ));
+            return Err(Misuse::EndedByOperator.deny());
         }
         if !refresh {
             return Ok(Edit::Keep(s.clone()));
