@@ -379,6 +379,51 @@ def read_env_file(path: Path) -> dict[str, str]:
     return env
 
 
+DEMO_MAC = "AA-BB-CC-DD-EE-01"
+
+
+def session_commands(layout: Layout, secret_env: str) -> list[str]:
+    """The session walk-through `make run` prints (and tests/test_demo.py runs line by line): run
+    from the checkout, it establishes a session, logs the user in with two factors, calls an S2
+    and an S3 API on it, logs out, and shows the session refused afterwards."""
+    cli = apisec_cli().relative_to(ROOT)
+    https = f"https://127.0.0.1:{layout.https_port}"
+    mtls = f"https://127.0.0.1:{layout.mtls_port}"
+    certs = "build/certs"
+    hmac = f"{cli} sign --app demo-partner --keyid demo-partner-hmac --secret-env {secret_env}"
+    p256 = f"{cli} sign --app demo-partner --keyid demo-partner-p256 --key policies/demo-keys/demo-partner.key.pem"
+    on = f'--session "$SID" --mac {DEMO_MAC}'
+    balance = (f"  curl -sS --cacert {certs}/ca.pem --cert {certs}/client-demo-partner.pem "
+               f"--key {certs}/client-demo-partner.key {mtls}/api/v1/accounts/8800123/balance "
+               f"-H 'x-app-id: demo-partner' -H \"x-session-id: $SID\" -H 'x-device-mac: {DEMO_MAC}'")
+    return [
+        "  # establish (S1, signed with the app's secret); the gateway answers it itself",
+        f"  SID=$(eval \"$({hmac} --url {https}/apisec/v1/sessions "
+        f"--data '{{\"caller_code\":\"demo-partner\",\"mac\":\"{DEMO_MAC}\"}}')\" "
+        "| python3 -c 'import json,sys; print(json.load(sys.stdin)[\"session_id\"])'); echo \"session $SID\"",
+        "  # the user logs in through the firm's login API (S2, key pair); the demo login service",
+        "  # reports 'user=u-demo; factors=2' in x-apisec-login, which the gateway records and strips",
+        f"  eval \"$({p256} --method POST --url {https}/api/v1/users/login {on})\"",
+        "  # S2 account balance with the app's client certificate; x-apisec-user: u-demo goes upstream,",
+        "  # and the grant hides id_number and mobile from the answer",
+        balance,
+        "  # S3: place an order with a key-pair signature; content-digest binds the body",
+        f"  eval \"$({p256} --url {https}/api/v1/orders {on} "
+        "--data '{\"symbol\":\"600000\",\"side\":\"buy\",\"qty\":100}')\"",
+        "  # log out (SES-3); the same call is then refused 401 session_invalid",
+        f"  eval \"$({hmac} --method DELETE --url {https}/apisec/v1/sessions {on})\"",
+        balance,
+    ]
+
+
+def operator_command(layout: Layout) -> str:
+    """An operator ends every session of the demo app (printed by `make run`, run by test_demo.py)."""
+    cli = apisec_cli().relative_to(ROOT)
+    certs = "build/certs"
+    return (f"  {cli} sessions end --url https://localhost:{layout.operator_port} "
+            f"--cert {certs}/operator-alice.pem --key {certs}/operator-alice.key --ca {certs}/ca.pem --app demo-partner")
+
+
 def example_commands(layout: Layout, env: dict[str, str]) -> str:
     cli = apisec_cli().relative_to(ROOT)
     http = f"http://127.0.0.1:{layout.http_port}"
@@ -400,15 +445,13 @@ def example_commands(layout: Layout, env: dict[str, str]) -> str:
         f"  eval \"$({cli} sign --app demo-partner --keyid demo-partner-hmac "
         f"--secret-env APISEC_DEMO_PARTNER_SECRET --url {https}/api/v1/info/research/r-2026-001)\"",
         "",
-        "S2 (account balance) with the app's client certificate on the mTLS listener; the grant",
-        "hides id_number and mobile from the response:",
-        f"  curl -sS --cacert {certs}/ca.pem --cert {certs}/client-demo-partner.pem --key {certs}/client-demo-partner.key \\",
-        f"    {mtls}/api/v1/accounts/8800123/balance -H 'x-app-id: demo-partner'",
+        "S2 (accounts) and S3 (trading) APIs are user-bound (ID-4): they need a session (SES-1) on",
+        "which the user logged in with two factors. Paste this block as a whole:",
+        *session_commands(layout, secret_env="APISEC_DEMO_PARTNER_SECRET"),
         "",
-        "S3 (place an order) needs the app's key-pair signature; the body is bound by content-digest:",
-        f"  eval \"$({cli} sign --app demo-partner --keyid demo-partner-p256 "
-        f"--key policies/demo-keys/demo-partner.key.pem --url {https}/api/v1/orders "
-        "--data '{\\\"symbol\\\":\\\"600000\\\",\\\"side\\\":\\\"buy\\\",\\\"qty\\\":100}')\"",
+        "An operator ends every session of an app at once (SES-4, OPS-6), on the loopback operator",
+        "listener, with an operator certificate:",
+        operator_command(layout),
         "",
         "Drop the eval to print the request instead of sending it. Change one byte and the gateway",
         "answers 401 {\"error\":\"signature_invalid\"} (digest_mismatch for the body); send it twice",
@@ -543,6 +586,12 @@ def run_cluster(policy_json: str, layout: Layout, env: dict[str, str]) -> int:
         f"--url https://127.0.0.1:{a.https_port}/api/v1/info/research/r-2026-001)\"",
         "  eval \"$req\"                                                  # instance A: 200",
         f"  eval \"$req --connect-to 127.0.0.1:{a.https_port}:127.0.0.1:{b.https_port}\"    # instance B: 401 nonce_replayed",
+        "",
+        "Sessions hold on every instance: after the session block above (before its logout), the",
+        "S2 call on instance B's mTLS listener serves the session established and logged in on A:",
+        f"  curl -sS --cacert build/certs/ca.pem --cert build/certs/client-demo-partner.pem "
+        f"--key build/certs/client-demo-partner.key https://127.0.0.1:{b.mtls_port}/api/v1/accounts/8800123/balance "
+        f"-H 'x-app-id: demo-partner' -H \"x-session-id: $SID\" -H 'x-device-mac: {DEMO_MAC}'",
         "",
     ]), flush=True)
     return serve(gateways, store)

@@ -28,11 +28,18 @@ SECRET_VAR = "APISEC_DEMO_PARTNER_SECRET"
 
 
 def base_policy() -> dict:
-    """The shipped securities example (LVL-5), with a smaller body limit for the size tests and
-    without automatic bans (the refusal tests would ban the demo app; bans have their own tests)."""
+    """The shipped securities example (LVL-5), with a smaller body limit for the size tests,
+    without automatic bans (the refusal tests would ban the demo app; bans have their own tests),
+    and without sessions: its user-bound account and trading APIs then take the user the signing
+    app asserts (`x-user-id`), as the tests of every other control call them. Sessions and
+    two-factor users have their own tests (test_sessions.py, which adds them back)."""
     doc = json.loads(gw.policy_to_json(ROOT / "policies/securities.yaml"))
     doc["gateway"]["max_body_bytes"] = 64 * 1024
     doc.pop("bans", None)
+    sessions = doc.pop("sessions")
+    gone = {sessions["create_api"], sessions["logout_api"], *sessions["login_apis"]}
+    doc["apis"] = [a for a in doc["apis"] if a["id"] not in gone]
+    doc["grants"] = [g for g in doc["grants"] if not set(g.get("apis", [])) & gone]
     return doc
 
 

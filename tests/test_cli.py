@@ -49,7 +49,8 @@ def test_keygen(tmp_path):  # OPS-2
 def test_list_and_revoke_grants(tmp_path):  # OPS-3, PERM-6
     policy = str(ROOT / "policies/securities.yaml")
     listed = run("grants", "list", policy, "--app", "demo-partner", check=True).stdout.splitlines()
-    assert [line.split("\t")[0] for line in listed] == ["demo-partner-info", "demo-partner-accounts", "demo-partner-trading"]
+    assert [line.split("\t")[0] for line in listed] == ["demo-partner-info", "demo-partner-accounts", "demo-partner-trading",
+                                                 "demo-partner-sessions"]
     out = run("grants", "revoke", policy, "--app", "demo-partner", "--grant", "demo-partner-info", check=True)
     revoked = tmp_path / "revoked.yaml"
     revoked.write_text(out.stdout)

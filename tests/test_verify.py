@@ -12,15 +12,16 @@ import pytest
 
 from conftest import CLI, ROOT, SECRET_VAR, Client, base_policy, read_audit, start_gateway
 
-POLICY = ROOT / "policies/securities.yaml"
-
-
 def verify(tmp_path, capture: str, secret: str, *extra: str) -> subprocess.CompletedProcess:
+    """`apisec verify` with the policy the test gateway runs (the securities example as
+    `base_policy` shapes it: JSON is YAML)."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps(base_policy()))
     path = tmp_path / "capture.txt"
     path.write_bytes(capture.encode())
     env_file = tmp_path / "demo.env"
     env_file.write_text(f"{SECRET_VAR}={secret}\n")
-    return subprocess.run([str(CLI), "verify", str(POLICY), str(path), "--env-file", str(env_file), *extra],
+    return subprocess.run([str(CLI), "verify", str(policy), str(path), "--env-file", str(env_file), *extra],
                           capture_output=True, text=True, timeout=30)
 
 

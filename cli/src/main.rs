@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use apisec_core::crypto::content_digest_sha256;
 use apisec_core::message::Request;
 use apisec_core::policy::RawPolicy;
+use apisec_core::sessions::{MAC_HEADER, SESSION_HEADER};
 use apisec_core::signer::{sign, SignParams, SigningKey};
 use base64::Engine as _;
 
@@ -38,9 +39,11 @@ const USAGE: &str = "usage:
   apisec sign --app APP --keyid KEYID (--secret-env VAR | --secret B64 | --key PEMFILE)
               --url URL [--method M] [--data BODY | --data-file FILE] [--header 'name: value']...
               [--cover COMPONENT]... [--nonce N] [--created UNIX] [--expires UNIX] [--label L]
-              [--format curl|json|headers]
+              [--session ID --mac MAC] [--format curl|json|headers]
                                           sign a request with RFC 9421 (created, nonce, keyid, alg)
-                                          and RFC 9530 content-digest; print it ready to send";
+                                          and RFC 9530 content-digest; print it ready to send;
+                                          --session and --mac add x-session-id and x-device-mac,
+                                          covered by the signature";
 
 fn usage() -> String {
     format!(
@@ -357,6 +360,8 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         "expires",
         "label",
         "format",
+        "session",
+        "mac",
     ];
     if let Some(k) = opts.keys().find(|k| !known.contains(k)) {
         return Err(format!("unknown option --{k}"));
@@ -407,6 +412,13 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+    // A session (SES-1): its ID and the device MAC travel in headers the signature covers.
+    for (opt, name) in [("session", SESSION_HEADER), ("mac", MAC_HEADER)] {
+        if let Some(v) = one(opt) {
+            headers.push((name.to_string(), v));
+            components.push(name.to_string());
+        }
+    }
     if !body.is_empty() {
         // A body goes as JSON unless the caller says otherwise (--header 'content-type: ...'):
         // the gateway checks a restricted API's body as its declared type (PERM-1).

@@ -171,7 +171,17 @@ pub fn assess(
 
         // Annex A (LVL-5): the row this API implements, and its level.
         let key = raw_api.annex_a.as_deref().unwrap_or(&api.function);
+        let own_endpoint = policy
+            .sessions
+            .as_ref()
+            .is_some_and(|s| s.create_api == api.index || s.logout_api == api.index);
         checks.push(match table {
+            _ if own_endpoint => check(
+                0,
+                Status::Met,
+                "the gateway's own session endpoint (SES-1, SES-3), answered by the gateway: \
+                 not a business interface of table A.1",
+            ),
             None => check(
                 0,
                 Status::Unclassified,

@@ -1,6 +1,7 @@
 //! Every shipped example policy passes validation and follows table A.1 of the standard
 //! exactly (LVL-5): each names its industry, each API names a row of the table (by `annex_a`,
-//! or by a `function` that is a row key), and its level is the row's level. The table is
+//! or by a `function` that is a row key), and its level is the row's level; only the gateway's
+//! own session endpoints (`sessions.create_api`, `.logout_api`) are no business interface. The table is
 //! `policies/annex-a/table-a1.yaml`, the data `apisec compliance` checks against.
 #![allow(
     clippy::unwrap_used,
@@ -68,7 +69,13 @@ fn example_policies_validate_and_follow_table_a1_exactly() {
             .industry
             .unwrap_or_else(|| panic!("{}: names no industry", path.display()));
         let table = &a.industries[industry.as_str()];
-        for api in &raw.apis {
+        // The gateway's own session endpoints are not business interfaces of the table.
+        let own: Vec<&str> = raw
+            .sessions
+            .iter()
+            .flat_map(|s| [s.create_api.as_str(), s.logout_api.as_str()])
+            .collect();
+        for api in raw.apis.iter().filter(|a| !own.contains(&a.id.as_str())) {
             let key = api.annex_a.as_deref().unwrap_or(&api.function);
             let row =
                 table.rows.iter().find(|r| r.key == key).unwrap_or_else(|| {
