@@ -58,8 +58,11 @@ build/certs/ca.pem: envoy/certs.py $(VENV)/.installed
 build/demo.env:
 	mkdir -p build
 	umask 077; echo "APISEC_DEMO_PARTNER_SECRET=$$($(CLI) keygen hmac)" > $@
+	umask 077; echo "APISEC_AUDIT_KEY=$$($(CLI) keygen hmac)" >> $@
 
 demo-assets: build/certs/ca.pem build/demo.env
+	@# a demo.env from before the audit chain (LOG-1) gets its key
+	@grep -q '^APISEC_AUDIT_KEY=' build/demo.env || echo "APISEC_AUDIT_KEY=$$($(CLI) keygen hmac)" >> build/demo.env
 
 # --- release artifacts (README "Deploy") ----------------------------------------------------
 # dist/: the .wasm with its SHA-256, and the OCI image of it (compat variant, as Istio and Envoy

@@ -152,6 +152,7 @@ def bench_policy(pub_pem: str) -> dict:
         "lists": [{"id": "bl", "mode": "deny", "apis": ["*"], "entries": [{"ip": "192.0.2.0/24"}, {"user": "u-frozen"}]}],
         "opted_out_users": ["u-closed"],
         "bans": {"threshold": 1000000, "window_seconds": 60, "ban_seconds": 60},
+        "audit": {"chain_key_env": "APISEC_BENCH_AUDIT_KEY"},
     }
 
 
@@ -162,6 +163,7 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     # An older build may not know every field of this one (app_entries_per_slot came later).
     old_policy = json.loads(json.dumps(policy))
     old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
+    old_policy.pop("audit", None)  # the audit chain came with issue 13
     before = {"name": "apisec_before", "typed_config": gw.wasm_filter_config(json.dumps(old_policy), layout)}
     before["typed_config"]["config"]["vm_config"].update(
         vm_id="apisec.before", code={"local": {"filename": str(Path(BEFORE_WASM).resolve())}})
@@ -379,7 +381,8 @@ def main() -> int:
     atexit.register(store.stop)
     jwts = jwt_tokens()
     layout = render(build, ports, bench_policy(pub), jwts)
-    env = {**os.environ, "APISEC_BENCH_SECRET": secret}
+    env = {**os.environ, "APISEC_BENCH_SECRET": secret,
+           "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode()}
     envoy = subprocess.Popen(
         pinned(1, [gw.envoy_binary(), "-c", str(layout.bootstrap), "--concurrency", "1", "--base-id", str(ports["admin"]),
                    "--log-level", "warning", "--file-flush-interval-msec", "1000"]),

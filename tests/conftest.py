@@ -25,6 +25,9 @@ WASM = Path(os.environ.get("APISEC_WASM") or ROOT / "target/wasm32-wasip1/releas
 CLI = ROOT / "target/release/apisec"
 DEMO_KEY = ROOT / "policies/demo-keys/demo-partner.key.pem"
 SECRET_VAR = "APISEC_DEMO_PARTNER_SECRET"
+# The audit chain's key (LOG-1), as securities.yaml names it; one per test session.
+AUDIT_KEY_VAR = "APISEC_AUDIT_KEY"
+AUDIT_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 def base_policy() -> dict:
@@ -138,19 +141,29 @@ class Client:
         return self.session.get((self.https if tls else self.http) + path, headers=headers or {}, timeout=10, **kw)
 
 
+def audit_lines(gateway: gw.Gateway) -> list[dict]:
+    """Every line of the audit log, each shaped as {"audit": the filter's record or None, and the
+    record's fields}: a filter record is the line itself; Envoy's own record (a request the filter
+    never saw) is marked "source": "envoy"."""
+    out = []
+    if gateway.layout.audit_log.exists():
+        for line in gateway.layout.audit_log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            own = rec.get("source") == "envoy"
+            out.append({"upstream": None, **rec, "audit": None if own else rec})
+    return out
+
+
 def read_audit(gateway: gw.Gateway, request_id: str, timeout: float = 8.0) -> dict:
     """The audit record of one request, from the Envoy access log (flushed about once a second)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if gateway.layout.audit_log.exists():
-            for line in gateway.layout.audit_log.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("request_id") == request_id:
-                    rec["audit"] = json.loads(rec["audit"]) if rec.get("audit") else None
-                    return rec
+        for rec in audit_lines(gateway):
+            if rec.get("request_id") == request_id:
+                return rec
         time.sleep(0.2)
     raise AssertionError(f"no audit record for request {request_id}")
 
@@ -187,7 +200,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
         doc = json.loads(layout.bootstrap.read_text())
         bootstrap_hook(doc)
         layout.bootstrap.write_text(json.dumps(doc))
-    env = {**(env or {}), **({SECRET_VAR: secret} if secret else {})}
+    env = {AUDIT_KEY_VAR: AUDIT_KEY, **(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)
     g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert)

@@ -12,7 +12,7 @@ import time
 import warnings
 
 import pytest
-from conftest import SECRET_VAR, Client, base_policy, flushed_stat, gw, new_secret, read_audit, start_gateway
+from conftest import SECRET_VAR, Client, audit_lines, base_policy, flushed_stat, gw, new_secret, read_audit, start_gateway
 from test_levels_and_signatures import assert_refused
 from test_policy_and_failure import ecds_stats, wait_for
 
@@ -359,9 +359,8 @@ def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MO
         assert flushed_stat(g, "wasmcustom.apisec.allowed") == allowed_before + 2
         audit = assert_refused(g, research(client, "t-limited-rate"), 403, "banned")
         assert audit["app"] == "t-limited-rate"
-        limited = [json.loads(line) for line in g.layout.audit_log.read_text().splitlines()]
-        limited = [x for x in limited if x.get("status") == 429]
-        assert limited and json.loads(limited[0]["audit"])["code"] == "rate_limited"
+        limited = [x for x in audit_lines(g) if x.get("status") == 429]
+        assert limited and limited[0]["audit"]["code"] == "rate_limited"
 
         # 3. by source address when the caller is not authenticated
         for _ in range(3):

@@ -12,7 +12,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import SECRET_VAR, Client, base_policy, new_secret, read_audit, start_gateway
+from conftest import SECRET_VAR, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
 from test_levels_and_signatures import assert_refused
 from test_policy_and_failure import ecds_stats, wait_for
 
@@ -229,8 +229,7 @@ def test_abandoned_request_leaves_an_audit_record(gateway, client):  # LOG-1, MO
     assert upstream_count(gateway) == before
 
     def records():
-        recs = [json.loads(x) for x in gateway.layout.audit_log.read_text().splitlines()]
-        return [json.loads(x["audit"]) for x in recs if x.get("audit") and '"request_abandoned"' in x["audit"]]
+        return [x["audit"] for x in audit_lines(gateway) if x["audit"] and x["audit"].get("code") == "request_abandoned"]
 
     wait_for(lambda: records(), what="audit record of the abandoned upload")
     audit = records()[-1]
@@ -385,8 +384,7 @@ def test_codec_refusals_are_visible_in_the_access_log(gateway, client):  # LOG-1
     assert reply.startswith(b"HTTP/1.1 400"), reply
 
     def found():
-        for line in gateway.layout.audit_log.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in audit_lines(gateway):
             if rec["status"] == 400 and rec["audit"] is None and "DPE" in (rec.get("flags") or ""):
                 return True
         return False

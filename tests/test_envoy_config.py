@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, WASM, base_policy, certs_mod, gw, read_audit, start_gateway
+from conftest import ROOT, WASM, audit_lines, base_policy, certs_mod, gw, read_audit, start_gateway
 
 FILES = ["gateway.yaml", "gateway-upstream-tls.yaml", "apisec-filter.yaml", "apisec-ecds.yaml"]
 
@@ -144,7 +144,8 @@ def test_rendered_configuration_is_the_checked_in_one(tmp_path, backend_tls):
     assert ecds.pop("version_info")
     cfg = ecds["resources"][0]["typed_config"]["config"]
     assert json.loads(cfg["configuration"]["value"]) == policy
-    assert cfg["vm_config"]["environment_variables"]["host_env_keys"] == ["APISEC_DEMO_PARTNER_SECRET"]
+    assert cfg["vm_config"]["environment_variables"]["host_env_keys"] == ["APISEC_AUDIT_KEY",
+                                                                          "APISEC_DEMO_PARTNER_SECRET"]
     tcfg = template["resources"][0]["typed_config"]["config"]
     cfg["configuration"]["value"] = tcfg["configuration"]["value"]
     cfg["vm_config"]["environment_variables"]["host_env_keys"] = []
@@ -187,10 +188,10 @@ def test_backend_with_a_certificate_from_another_ca_gets_nothing(tmp_path, secre
         while time.time() < deadline and not g.layout.audit_log.exists():
             time.sleep(0.2)
         time.sleep(1.5)
-        (line,) = g.layout.audit_log.read_text().splitlines()
-        record = json.loads(line)
-        assert record["status"] == 503 and "UF" in record["flags"]
-        assert json.loads(record["audit"])["app"] == "demo-partner"
+        (record,) = audit_lines(g)
+        assert record["status"] == 503, record
+        assert record["details"].startswith("upstream_reset_before_response_started"), record
+        assert record["audit"]["app"] == "demo-partner"
     finally:
         g.stop()
 

@@ -100,6 +100,9 @@ sessions:
   operators: ["spiffe://x/op"]
   login_apis: [a]
   login_header: x-apisec-login
+audit:
+  chain_key_env: K
+  checkpoint_seconds: 10
 """ % ("ab" * 32)
 
 

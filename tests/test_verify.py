@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CLI, ROOT, SECRET_VAR, Client, base_policy, read_audit, start_gateway
+from conftest import AUDIT_KEY, AUDIT_KEY_VAR, CLI, ROOT, SECRET_VAR, Client, base_policy, read_audit, start_gateway
 
 def verify(tmp_path, capture: str, secret: str, *extra: str) -> subprocess.CompletedProcess:
     """`apisec verify` with the policy the test gateway runs (the securities example as
@@ -20,7 +20,7 @@ def verify(tmp_path, capture: str, secret: str, *extra: str) -> subprocess.Compl
     path = tmp_path / "capture.txt"
     path.write_bytes(capture.encode())
     env_file = tmp_path / "demo.env"
-    env_file.write_text(f"{SECRET_VAR}={secret}\n")
+    env_file.write_text(f"{SECRET_VAR}={secret}\n{AUDIT_KEY_VAR}={AUDIT_KEY}\n")
     return subprocess.run([str(CLI), "verify", str(policy), str(path), "--env-file", str(env_file), *extra],
                           capture_output=True, text=True, timeout=30)
 

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod audit;
 mod compliance;
 mod inventory;
 mod sessions;
@@ -47,8 +48,9 @@ const USAGE: &str = "usage:
 
 fn usage() -> String {
     format!(
-        "{USAGE}\n{}\n{}\n{}\n{}",
+        "{USAGE}\n{}\n{}\n{}\n{}\n{}",
         verify::USAGE,
+        audit::USAGE,
         compliance::USAGE,
         inventory::USAGE,
         sessions::USAGE
@@ -79,6 +81,11 @@ fn main() -> ExitCode {
         ["inventory", rest @ ..] => inventory::run(rest),
         ["sessions", rest @ ..] => sessions::run(rest),
         ["compliance", rest @ ..] => match compliance::run(rest) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
+        ["audit", rest @ ..] => match audit::run(rest) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::from(1),
             Err(e) => Err(e),

@@ -56,6 +56,7 @@ fn main() {
         verifier: &SoftwareVerifier,
         host: &host,
         held: &held,
+        chain: None,
     };
     let key = SigningKey::Hmac(
         base64::engine::general_purpose::STANDARD

@@ -1,14 +1,15 @@
-//! The audit record of one request (LOG-4): who called which API, from where, the decision and
-//! its code, and for S3 the signature evidence (DATA-4). The host writes it where Envoy's access
-//! log picks it up; the detail of a refusal goes here and never to the caller.
+//! The audit record of one request (LOG-1, LOG-4): who called which API, from where, the
+//! decision and its code, what Envoy did with it (status, duration, bytes, upstream), and for S3
+//! the signature evidence (DATA-4). It is written once, when the stream ends, as one JSON object
+//! (sealed into the worker's chain, `audit_chain.rs`) that Envoy's access log prints as it is;
+//! the detail of a refusal goes here and never to the caller.
 
 use serde::Serialize;
 
 use crate::engine::{Evidence, RequestContext};
 use crate::error::Deny;
 
-/// Fields that do not apply to a request (no user, no grant at S0, ...) are left out: the line
-/// is escaped once more by Envoy's JSON access log, at a cost per byte.
+/// Fields that do not apply to a request (no user, no grant at S0, ...) are left out.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord<'a> {
     /// Gateway time, unix seconds.
@@ -53,6 +54,30 @@ pub struct AuditRecord<'a> {
     /// On the operator path: who (client certificate URI SAN) and what was ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub operator: Option<&'a str>,
+    /// From the host, when the stream ended: how long it took, the bytes that came in and went
+    /// out, the upstream host it went to (none: nothing went upstream), and why Envoy itself
+    /// answered an allowed request with an error (no upstream, a timeout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    pub upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<&'a str>,
+}
+
+/// What the host knows of the stream once it ended (read once, for the record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogFacts {
+    /// The status the client got.
+    pub status: Option<u32>,
+    pub duration_ms: Option<u64>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub upstream: Option<String>,
+    pub details: Option<String>,
 }
 
 pub struct AuditInput<'a> {
@@ -88,8 +113,40 @@ pub enum Outcome<'d> {
     Reported(&'d Deny),
 }
 
-/// One JSON line. Serialising plain structs cannot fail; the fallback keeps the log valid anyway.
-pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>) -> String {
+/// An [`Outcome`] kept until the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decided {
+    Allowed,
+    Refused(Deny),
+    Reported(Deny),
+}
+
+impl Decided {
+    pub fn of(o: Outcome<'_>) -> Decided {
+        match o {
+            Outcome::Allowed => Decided::Allowed,
+            Outcome::Refused(d) => Decided::Refused(d.clone()),
+            Outcome::Reported(d) => Decided::Reported(d.clone()),
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome<'_> {
+        match self {
+            Decided::Allowed => Outcome::Allowed,
+            Decided::Refused(d) => Outcome::Refused(d),
+            Decided::Reported(d) => Outcome::Reported(d),
+        }
+    }
+}
+
+/// One JSON object. Serialising plain structs cannot fail; the fallback keeps the log valid
+/// anyway. `facts`: what the host told of the ended stream (none yet while deciding).
+pub fn record(
+    input: &AuditInput<'_>,
+    ctx: &RequestContext,
+    outcome: Outcome<'_>,
+    facts: &LogFacts,
+) -> String {
     let (decision, status, code, detail) = match outcome {
         Outcome::Allowed => ("allow", 0, None, ""),
         Outcome::Refused(d) => (
@@ -109,7 +166,7 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>
         ts: input.ts,
         request_id: input.request_id,
         decision,
-        status,
+        status: facts.status.unwrap_or(status),
         code,
         detail,
         method: input.method,
@@ -135,6 +192,11 @@ pub fn record(input: &AuditInput<'_>, ctx: &RequestContext, outcome: Outcome<'_>
         session: ctx.session_fp.as_deref(),
         session_event: ctx.session_event,
         operator: ctx.operator.as_deref(),
+        duration_ms: facts.duration_ms,
+        bytes_in: facts.bytes_in,
+        bytes_out: facts.bytes_out,
+        upstream: facts.upstream.as_deref(),
+        details: facts.details.as_deref(),
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
         format!(

@@ -391,6 +391,16 @@ pub fn assess(
             ));
         }
     }
+    if policy.audit.key_env.is_none() {
+        findings.push(finding(
+            "audit_chain",
+            "LOG-1",
+            Status::NotMet,
+            "audit.chain_key_env is not set: the audit records are not chained, so a record \
+             can be changed, deleted or reordered without trace"
+                .into(),
+        ));
+    }
     for a in raw.apps.iter().filter(|a| a.onboarding) {
         findings.push(finding("onboarding", "ID-2", Status::ShouldNotProvided, format!("app '{}' is in onboarding: a refused signature's response shows the signature base", a.id)));
     }

@@ -103,6 +103,7 @@ pub fn run(
         verifier,
         host: &host,
         held: &held,
+        chain: None,
     };
     let mut pairs: Vec<(String, Vec<u8>)> = vec![
         (":method".into(), req.method.clone().into_bytes()),
@@ -144,11 +145,10 @@ fn decide(
         policy: Rc::new(policy.clone()),
         meta: Rc::new(meta),
     };
-    let (step, _) = run(config, &mem, verifier, req, body, now);
-    let record: Option<serde_json::Value> = step
-        .audit
-        .as_deref()
-        .and_then(|a| serde_json::from_str(a).ok());
+    let (step, stream) = run(config, &mem, verifier, req, body, now);
+    let record: Option<serde_json::Value> = stream
+        .record_so_far()
+        .and_then(|a| serde_json::from_str(&a).ok());
     Ok(match (&step.action, record) {
         (Action::Refuse { status, .. }, Some(rec)) => {
             let text = |k: &str| rec.get(k).and_then(serde_json::Value::as_str).unwrap_or("");

@@ -7,6 +7,7 @@
 pub mod access;
 pub mod apps;
 pub mod audit;
+pub mod audit_chain;
 pub mod bans;
 pub mod cluster;
 pub mod compliance;

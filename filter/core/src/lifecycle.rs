@@ -12,10 +12,11 @@
 //! (the local store at once, or a callout to the cluster store) and resumes the machine with
 //! the [`Answer`] through [`Stream::on_state`]. Events that arrive meanwhile wait for it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::audit::{self, AuditInput, Outcome};
+use crate::audit::{self, AuditInput, Decided, LogFacts, Outcome};
+use crate::audit_chain::Chain;
 use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
 use crate::engine::{self, Endpoint, Host, RequestContext};
@@ -69,6 +70,11 @@ pub trait HostFacts {
     fn random(&self, _buf: &mut [u8]) -> bool {
         false
     }
+    /// What the host knows of the stream once it ended, for its audit record (asked once per
+    /// request, at its end; the upstream only when the request went there).
+    fn log_facts(&self, _forwarded: bool) -> LogFacts {
+        LogFacts::default()
+    }
 }
 
 /// The connection's TLS facts as the host established them.
@@ -88,6 +94,8 @@ pub struct Env<'a> {
     pub verifier: &'a dyn EcdsaVerifier,
     pub host: &'a dyn HostFacts,
     pub held: &'a Cell<u64>,
+    /// This worker's audit chain (LOG-1); None where records are not sealed (tools, tests).
+    pub chain: Option<&'a RefCell<Chain>>,
 }
 
 /// The policy in force and the store record it was opened with.
@@ -142,7 +150,7 @@ pub struct Step {
     pub set_identity: bool,
     /// A response body to put in place of the one received (its length goes with it).
     pub response_body: Option<Vec<u8>>,
-    /// The audit record to publish now (it replaces one published earlier).
+    /// The request's audit record, to publish now: set once, when the stream ends.
     pub audit: Option<String>,
     pub counts: Vec<Count>,
     /// A line for the host's log (a ban started).
@@ -268,6 +276,8 @@ pub struct Stream {
     /// What the gateway answers itself instead of forwarding: a session endpoint or the
     /// operator path.
     served: Option<Served>,
+    /// The last decision, for the record written when the stream ends.
+    decided: Option<Decided>,
 }
 
 /// A request the gateway serves itself.
@@ -300,6 +310,7 @@ impl Stream {
             ip_checked: false,
             reported: false,
             served: None,
+            decided: None,
         }
     }
 
@@ -351,7 +362,19 @@ impl Stream {
         self.config.policy.clone()
     }
 
-    fn record(&self, outcome: Outcome<'_>) -> String {
+    /// Keeps the decision for the audit record written when the stream ends.
+    fn decide(&mut self, outcome: Outcome<'_>) {
+        self.decided = Some(Decided::of(outcome));
+    }
+
+    /// The audit record as decided so far, without what only the ended stream tells (for
+    /// tests and tools; the host gets the record from [`Stream::on_log`]).
+    pub fn record_so_far(&self) -> Option<String> {
+        let d = self.decided.as_ref()?;
+        Some(self.record_with(d.outcome(), &LogFacts::default()))
+    }
+
+    fn record_with(&self, outcome: Outcome<'_>, facts: &LogFacts) -> String {
         let input = AuditInput {
             ts: self.now,
             request_id: &self.request_id,
@@ -359,7 +382,7 @@ impl Stream {
             path: self.req.path(),
             client_ip: &self.client_ip,
         };
-        audit::record(&input, &self.ctx, outcome)
+        audit::record(&input, &self.ctx, outcome, facts)
     }
 
     fn release(&mut self, env: &Env<'_>) {
@@ -409,7 +432,7 @@ impl Stream {
         self.reported = true;
         self.release(env);
         let mut step = Step::proceed();
-        step.audit = Some(self.record(Outcome::Reported(&deny)));
+        self.decide(Outcome::Reported(&deny));
         step.counts.push(Count::Reported(deny.reason));
         step
     }
@@ -515,7 +538,7 @@ impl Stream {
         } else if let Some(note) = answer.note {
             self.ctx.ban = Some(note);
         }
-        step.audit = Some(self.record(Outcome::Refused(&deny)));
+        self.decide(Outcome::Refused(&deny));
         step.counts.push(Count::Denied(deny.reason));
         step
     }
@@ -572,9 +595,8 @@ impl Stream {
             Waiting::Login => match answer.refused {
                 Some(d) => self.withhold(d, env),
                 None => {
-                    let mut step = Step::proceed();
-                    step.audit = Some(self.record(Outcome::Allowed));
-                    step
+                    self.decide(Outcome::Allowed); // the login, recorded on the session
+                    Step::proceed()
                 }
             },
             Waiting::Early { s0 } => {
@@ -599,7 +621,7 @@ impl Stream {
         self.phase = Phase::Forwarded;
         self.release(env);
         step.set_identity = true;
-        step.audit = Some(self.record(Outcome::Allowed));
+        self.decide(Outcome::Allowed);
         step.action = Action::Continue;
         step
     }
@@ -911,7 +933,7 @@ impl Stream {
             status,
             body: body.to_string(),
         };
-        step.audit = Some(self.record(Outcome::Allowed));
+        self.decide(Outcome::Allowed);
         step.counts.push(Count::Allowed);
         step
     }
@@ -1148,7 +1170,24 @@ impl Stream {
     /// counts as allowed unless its response was withheld or a limiter answered 429 (counted
     /// as denied when that happened); one whose client left (or that the host ended) before it
     /// was complete leaves an audit record and counts as abandoned: nothing of it went upstream.
+    ///
+    /// The request's audit record is written here, once, with what the host knows of the ended
+    /// stream, and sealed into the worker's chain when the policy has a chain key (LOG-1).
     pub fn on_log(&mut self, env: &Env<'_>) -> Step {
+        let forwarded = matches!(self.phase, Phase::Forwarded | Phase::FilteringResponse);
+        let mut step = self.ended(env);
+        if let Some(decided) = self.decided.take() {
+            let facts = env.host.log_facts(forwarded);
+            let body = self.record_with(decided.outcome(), &facts);
+            step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
+                (Some(key), Some(chain)) => chain.borrow_mut().seal(key, &body),
+                _ => body,
+            });
+        }
+        step
+    }
+
+    fn ended(&mut self, env: &Env<'_>) -> Step {
         self.release(env);
         let mut step = Step::proceed();
         let waited = std::mem::replace(&mut self.waiting, Waiting::Nothing);
@@ -1174,7 +1213,7 @@ impl Stream {
                     DenyReason::RequestAbandoned,
                     "the request ended before it was decided",
                 );
-                step.audit = Some(self.record(Outcome::Refused(&d)));
+                self.decide(Outcome::Refused(&d));
                 step.counts.push(Count::Abandoned);
                 step.counts.push(Count::Denied(d.reason));
             }

@@ -14,6 +14,7 @@ pub use crate::apps::{
     Algorithm, App, CertBinding, Credential, KeyMaterial, RawApp, RawCertificate, RawCredential,
     SecretSource,
 };
+use crate::audit_chain::{AuditSettings, RawAudit};
 use crate::bans::{BanSettings, RawBans};
 use crate::cluster::{self, RawState, StateBackend};
 use crate::error::ConfigError;
@@ -63,6 +64,9 @@ pub struct RawPolicy {
     /// Sessions (SES-1 … SES-4): the endpoint the gateway answers, timeouts, store bounds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sessions: Option<RawSessions>,
+    /// The audit chain (LOG-1): its key's environment variable, the checkpoint period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<RawAudit>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -198,6 +202,7 @@ pub struct Policy {
     pub report_only_s3: bool,
     pub routes: Vec<Route>,
     pub sessions: Option<Sessions>,
+    pub audit: AuditSettings,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -238,7 +243,9 @@ impl RawPolicy {
             .cluster
             .as_ref()
             .and_then(|c| c.credentials_env.clone());
+        let audit = self.audit.as_ref().and_then(|a| a.chain_key_env.clone());
         apps.chain(store)
+            .chain(audit)
             .collect::<std::collections::BTreeSet<String>>()
             .into_iter()
             .collect()
@@ -294,6 +301,12 @@ impl RawPolicy {
             report_only_s3: g.report_only_s3,
             routes,
             sessions,
+            audit: self
+                .audit
+                .as_ref()
+                .map(|a| a.compile(secrets))
+                .transpose()?
+                .unwrap_or_default(),
             generation: 0,
             grants,
             lists,

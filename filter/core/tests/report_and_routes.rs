@@ -95,6 +95,7 @@ fn get(
         verifier: &SoftwareVerifier,
         host: &host,
         held: &held,
+        chain: None,
     };
     let pairs: Vec<(String, Vec<u8>)> = vec![
         (":method".into(), b"GET".to_vec()),
@@ -105,8 +106,9 @@ fn get(
         ("x-app-id".into(), app.as_bytes().to_vec()),
     ];
     let mut stream = Stream::new(config);
-    let step = stream.on_request_headers(Ok(pairs), Some("192.0.2.1:4000"), true, &env);
+    let mut step = stream.on_request_headers(Ok(pairs), Some("192.0.2.1:4000"), true, &env);
     let log = stream.on_log(&env);
+    step.audit = log.audit; // the record is written when the stream ends
     (step, log.counts, host.asked.get())
 }
 

@@ -4,6 +4,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use apisec_core::audit_chain::Chain;
 use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::replay;
@@ -28,6 +29,22 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Bytes of request bodies this worker holds for verification right now.
     pub static HELD: Cell<u64> = const { Cell::new(0) };
+    /// This worker's audit chain (LOG-1): one per VM, kept across policy reloads; named by 64
+    /// random bits when the VM starts.
+    pub static CHAIN: RefCell<Chain> = RefCell::new(Chain::new(&chain_name()));
+}
+
+fn chain_name() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No random source: the clock's nanoseconds still tell workers and restarts apart.
+        let ns = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = ns.to_le_bytes();
+    }
+    b
 }
 
 /// The policy in force in this VM now.
@@ -45,9 +62,29 @@ pub struct ApisecRoot {
     /// epoch predates the first request).
     cluster_opened: bool,
     opening: Option<u32>,
+    /// Ticks since the audit chain's head was last written to Envoy's log.
+    since_checkpoint: u64,
 }
 
 impl ApisecRoot {
+    /// Every `audit.checkpoint_seconds` (and when the VM stops), the chain's head goes to
+    /// Envoy's log if it moved: a tail cut off the audit log is then found missing (LOG-1).
+    fn checkpoint(&mut self, now_anyway: bool) {
+        let Some(config) = &self.config else { return };
+        if config.policy.audit.key.is_none() {
+            return;
+        }
+        self.since_checkpoint += 1;
+        if !now_anyway && self.since_checkpoint < config.policy.audit.checkpoint_seconds {
+            return;
+        }
+        self.since_checkpoint = 0;
+        let Some(now) = now_secs() else { return };
+        if let Some(line) = CHAIN.with(|c| c.borrow_mut().checkpoint(now)) {
+            log(LogLevel::Info, &line);
+        }
+    }
+
     fn open_cluster(&mut self) {
         if self.cluster_opened || self.opening.is_some() {
             return;
@@ -118,6 +155,7 @@ impl Context for ApisecRoot {
         if let Some(m) = &self.metrics {
             m.flush();
         }
+        self.checkpoint(true);
         true
     }
 }
@@ -182,6 +220,7 @@ impl RootContext for ApisecRoot {
             m.flush();
         }
         self.open_cluster();
+        self.checkpoint(false);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -12,7 +12,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
-use crate::root::HELD;
+use crate::root::{CHAIN, HELD};
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
@@ -66,13 +66,16 @@ impl ApisecHttp {
     fn event(&mut self, f: impl FnOnce(&mut Stream, &Env<'_>) -> Step) -> Action {
         let verifier = self.verifier.clone();
         let step = HELD.with(|held| {
-            let env = Env {
-                store: &EnvoyStore,
-                verifier: verifier.as_ref(),
-                host: &EnvoyFacts,
-                held,
-            };
-            f(&mut self.stream, &env)
+            CHAIN.with(|chain| {
+                let env = Env {
+                    store: &EnvoyStore,
+                    verifier: verifier.as_ref(),
+                    host: &EnvoyFacts,
+                    held,
+                    chain: Some(chain),
+                };
+                f(&mut self.stream, &env)
+            })
         });
         self.carry_out(step)
     }

@@ -1,0 +1,99 @@
+//! `apisec audit verify AUDIT_LOG... --key-env VAR [--key-env VAR]... [--checkpoints ENVOY_LOG]...
+//! [--format text|json]`: checks the gateway's audit logs (LOG-1): every record against its MAC
+//! and the one before it in its chain, the order of each chain, and the checkpoints the gateway
+//! wrote to Envoy's log. Exit 0: intact; 1: something was modified, deleted, inserted,
+//! reordered or cut off (each finding names its file and line); 2: usage.
+
+use apisec_core::audit_chain::{self, ChainKey};
+
+pub const USAGE: &str = "  apisec audit verify AUDIT_LOG... --key-env VAR [--key-env VAR]... [--checkpoints ENVOY_LOG]...
+              [--format text|json]
+                                          check the audit logs' chains (LOG-1): the first modified,
+                                          deleted, inserted or reordered record with its line, and a
+                                          tail cut off after a checkpoint in Envoy's log; the keys are
+                                          read from environment variables (base64), one per key in use";
+
+/// Runs the command; Ok(true) when the logs are intact.
+pub fn run(args: &[&str]) -> Result<bool, String> {
+    let Some((&"verify", rest)) = args.split_first() else {
+        return Err(format!("unknown audit command\n{USAGE}"));
+    };
+    let mut files = Vec::new();
+    let mut key_envs = Vec::new();
+    let mut checkpoints = Vec::new();
+    let mut format = "text";
+    let mut it = rest.iter();
+    while let Some(&a) = it.next() {
+        let mut value = || {
+            it.next()
+                .copied()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a {
+            "--key-env" => key_envs.push(value()?),
+            "--checkpoints" => checkpoints.push(value()?),
+            "--format" => format = value()?,
+            s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
+            file => files.push(file),
+        }
+    }
+    if files.is_empty() || key_envs.is_empty() {
+        return Err(format!("give the audit logs and --key-env\n{USAGE}"));
+    }
+    let mut keys = Vec::new();
+    for var in key_envs {
+        let text =
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?;
+        keys.push(ChainKey::from_base64(&text).map_err(|e| format!("{var}: {e}"))?);
+    }
+    let read = |names: &[&str]| -> Result<Vec<(String, String)>, String> {
+        names
+            .iter()
+            .map(|n| {
+                std::fs::read(n)
+                    .map(|b| (n.to_string(), String::from_utf8_lossy(&b).into_owned()))
+                    .map_err(|e| format!("{n}: {e}"))
+            })
+            .collect()
+    };
+    let verdict = audit_chain::verify(&read(&files)?, &keys, &read(&checkpoints)?);
+    match format {
+        "json" => println!(
+            "{}",
+            serde_json::to_string_pretty(&verdict).map_err(|e| e.to_string())?
+        ),
+        "text" => {
+            println!(
+                "{} record(s) in {} chain(s); {} checkpoint(s); {} line(s) of Envoy's own records",
+                verdict.records, verdict.chains, verdict.checkpoints, verdict.unchained
+            );
+            if checkpoints.is_empty() {
+                println!("no --checkpoints given: a tail cut off the logs cannot be seen");
+            }
+            for f in &verdict.findings {
+                println!(
+                    "{}:{}: {}: {}{}",
+                    f.at.file,
+                    f.at.line,
+                    f.kind,
+                    f.detail,
+                    if f.chain.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (chain {})", f.chain)
+                    }
+                );
+            }
+            println!(
+                "{}",
+                if verdict.intact() {
+                    "intact"
+                } else {
+                    "NOT intact"
+                }
+            );
+        }
+        f => return Err(format!("unknown --format {f}")),
+    }
+    Ok(verdict.intact())
+}

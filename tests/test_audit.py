@@ -1,0 +1,200 @@
+"""Audit evidence (issue 13; LOG-1, LOG-4) against a real Envoy with two workers: one JSON object
+per request in the access log, allowed and refused alike (no string inside a string), with what
+only the ended stream tells (status, duration, bytes, upstream); every record sealed into its
+worker's chain; `apisec audit verify` finds a modified, deleted, inserted or reordered record at
+its line, and a tail cut off against the checkpoints the gateway wrote to Envoy's log."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import AUDIT_KEY, AUDIT_KEY_VAR, CLI, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
+
+RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, signed
+
+
+@pytest.fixture(scope="module")
+def agw(tmp_path_factory, secret):
+    doc = base_policy()
+    doc["audit"]["checkpoint_seconds"] = 1
+    g = start_gateway(tmp_path_factory.mktemp("gw-audit"), doc, secret=secret, concurrency=2)
+    yield g
+    g.stop()
+
+
+def verify(g, *files, key: str = AUDIT_KEY, checkpoints: bool = True) -> tuple[int, dict]:
+    args = [str(CLI), "audit", "verify", *map(str, files), "--key-env", AUDIT_KEY_VAR, "--format", "json"]
+    if checkpoints:
+        args += ["--checkpoints", str(g.envoy_log)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, AUDIT_KEY_VAR: key})
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_each_request_is_one_json_object_with_what_envoy_did(agw, secret):  # LOG-1
+    c = Client(agw, secret)
+    ok = c.send(c.sign("GET", RESEARCH))
+    assert ok.status_code == 200
+    request_id = ok.json()["headers"]["x-request-id"]  # the transaction serial, forwarded upstream
+    rec = read_audit(agw, request_id)["audit"]
+    assert (rec["app"], rec["api"], rec["level"], rec["function"]) == ("demo-partner", "info.research", "S1",
+                                                                       "licensed_info")
+    assert rec["decision"] == "allow" and rec["grant"] == "demo-partner-info" and rec["status"] == 200
+    assert rec["upstream"] == f"127.0.0.1:{agw.layout.upstream_port}"
+    assert rec["bytes_in"] > 0 and rec["bytes_out"] > len(ok.content) and rec["duration_ms"] >= 0
+    assert rec["client_ip"] == "127.0.0.1" and rec["method"] == "GET" and rec["path"] == RESEARCH
+    assert len(rec["mac"]) == 64 and rec["seq"] >= 1 and rec["chain"] and rec["key"]
+    refused = c.get(RESEARCH, headers={"x-app-id": "nobody"}, tls=True)
+    assert refused.status_code == 401
+    rec = read_audit(agw, refused.json()["request_id"])["audit"]
+    assert rec["decision"] == "deny" and rec["code"] == "unknown_app" and rec["status"] == 401
+    assert rec["upstream"] is None and rec["bytes_out"] > 0 and len(rec["mac"]) == 64
+    # The line is the record itself: a log pipeline reads it without decoding a string inside it.
+    line = next(l for l in agw.layout.audit_log.read_text().splitlines() if refused.json()["request_id"] in l)
+    assert json.loads(line)["code"] == "unknown_app"
+
+
+def traffic(g, secret, n: int) -> list[str]:
+    """n requests from many connections at once, so that both workers write: signed S1 calls and
+    refusals. Returns their request ids."""
+    c = Client(g, secret)
+
+    def one(i: int) -> str:
+        if i % 3 == 0:
+            r = c.raw("GET", f"{c.https}{RESEARCH}", [("x-app-id", "nobody")])
+            return r.json()["request_id"]
+        signed = c.sign("GET", RESEARCH)
+        r = c.send(signed)
+        assert r.status_code == 200, r.text
+        return r.json()["headers"]["x-request-id"]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def settled(g, ids: list[str]) -> list[str]:
+    """The audit log once every one of these requests is in it and each worker's checkpoint
+    vouches for its chain's last record."""
+    deadline = time.time() + 20
+    while True:
+        lines = g.layout.audit_log.read_text().splitlines()
+        have = {json.loads(l).get("request_id") for l in lines}
+        heads: dict[str, int] = {}
+        for l in lines:
+            rec = json.loads(l)
+            if "chain" in rec:
+                heads[rec["chain"]] = max(heads.get(rec["chain"], 0), rec["seq"])
+        log = g.envoy_log.read_text(errors="replace")
+        vouched = all(f'"chain":"{ch}","seq":{seq},' in log for ch, seq in heads.items())
+        if set(ids) <= have and vouched:
+            return lines
+        assert time.time() < deadline, "records or checkpoints did not arrive"
+        time.sleep(0.3)
+
+
+def write(tmp_path, name: str, lines: list[str]):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def by_chain(lines: list[str]) -> dict[str, list[int]]:
+    """Line indexes of each chain's records, in file order."""
+    out: dict[str, list[int]] = {}
+    for i, l in enumerate(lines):
+        rec = json.loads(l)
+        if "chain" in rec:
+            out.setdefault(rec["chain"], []).append(i)
+    return out
+
+
+def first(report: dict) -> tuple[str, int]:
+    f = report["findings"][0]
+    return f["kind"], f["line"]
+
+
+def test_two_workers_chains_verify_and_every_tampering_is_found(agw, secret, tmp_path):  # LOG-1
+    lines = settled(agw, traffic(agw, secret, 60))
+    rc, rep = verify(agw, agw.layout.audit_log)
+    assert rc == 0 and rep["findings"] == [], rep
+    assert rep["chains"] >= 2, "both workers write, each its own chain"
+    assert rep["records"] == len(lines) and rep["checkpoints"] >= rep["chains"]
+    chains = by_chain(lines)
+    chain, idx = max(chains.items(), key=lambda kv: len(kv[1]))
+    assert len(idx) >= 6
+    mid, nxt = idx[len(idx) // 2], idx[len(idx) // 2 + 1]
+
+    # Modified: one field of one record.
+    m = list(lines)
+    rec = json.loads(m[mid])
+    assert '"status":' in m[mid]
+    m[mid] = m[mid].replace(f'"status":{rec["status"]}', f'"status":{rec["status"] + 1}', 1)
+    rc, rep = verify(agw, write(tmp_path, "modified.log", m))
+    assert rc == 1 and first(rep) == ("modified", mid + 1), rep
+
+    # Deleted: the next record of its chain says what is missing.
+    d = lines[:mid] + lines[mid + 1:]
+    rc, rep = verify(agw, write(tmp_path, "deleted.log", d))
+    assert rc == 1 and first(rep) == ("deleted", nxt), rep  # nxt shifted up by one: nxt + 1 - 1
+
+    # Inserted: a copy of an earlier record, further down.
+    i = lines + [lines[mid]]
+    rc, rep = verify(agw, write(tmp_path, "inserted.log", i))
+    assert rc == 1 and first(rep) == ("inserted", len(i)), rep
+
+    # Reordered: two records of one chain swap places.
+    r = list(lines)
+    r[mid], r[nxt] = r[nxt], r[mid]
+    rc, rep = verify(agw, write(tmp_path, "reordered.log", r))
+    assert rc == 1 and [f["kind"] for f in rep["findings"]] == ["reordered"], rep
+    assert rep["findings"][0]["line"] == nxt + 1
+
+    # Truncated: the last records cut off; the checkpoints in Envoy's log vouch for them.
+    t = lines[:-5]
+    rc, rep = verify(agw, write(tmp_path, "truncated.log", t))
+    assert rc == 1 and {f["kind"] for f in rep["findings"]} == {"truncated"}, rep
+    assert all(f["file"] == str(agw.envoy_log) for f in rep["findings"])
+    rc, _ = verify(agw, write(tmp_path, "truncated.log", t), checkpoints=False)
+    assert rc == 0, "without Envoy's log a cut tail cannot be seen (the trust model says so)"
+
+    # Another key: nothing verifies.
+    rc, rep = verify(agw, agw.layout.audit_log, key=new_secret())
+    assert rc == 1 and {f["kind"] for f in rep["findings"]} == {"unknown_key"}
+
+
+def test_without_a_chain_key_records_are_plain_and_compliance_says_so(tmp_path, secret):  # LOG-1
+    doc = base_policy()
+    del doc["audit"]
+    g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
+    try:
+        c = Client(g, secret)
+        r = c.send(c.sign("GET", RESEARCH))
+        rec = read_audit(g, r.json()["headers"]["x-request-id"])["audit"]
+        assert rec["decision"] == "allow" and "mac" not in rec and "chain" not in rec
+    finally:
+        g.stop()
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    out = subprocess.run([str(CLI), "compliance", str(tmp_path / "p.json"), "--format", "json"], capture_output=True,
+                         text=True, timeout=60)
+    findings = {f["control"]: f for f in json.loads(out.stdout)["findings"]}
+    assert out.returncode == 1 and findings["audit_chain"]["status"] == "not_met"
+    assert findings["audit_chain"]["ids"] == "LOG-1"
+
+
+def test_a_bad_chain_key_refuses_the_policy(tmp_path, secret):  # fail closed
+    """A chain key too short to be one: the filter refuses the policy, and with no policy in
+    force every request is refused (FAIL_CLOSED); the reason is in Envoy's log, the key is not."""
+    g = start_gateway(tmp_path / "gw", base_policy(), secret=secret, concurrency=1, env={AUDIT_KEY_VAR: "c2hvcnQ="})
+    try:
+        r = Client(g, secret).get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"})
+        assert r.status_code >= 500, r.text
+        assert g.stat("cluster.backend.upstream_rq_total") == 0
+        log = g.envoy_log.read_text()
+        assert "audit.chain_key_env" in log and "a chain key needs at least 32" in log and "c2hvcnQ=" not in log
+    finally:
+        g.stop()
