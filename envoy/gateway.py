@@ -233,9 +233,15 @@ def gateway_template(layout: Layout) -> dict:
     return doc
 
 
+def gateway_filter(name: str) -> dict:
+    """One HTTP filter entry of envoy/gateway.yaml, by name."""
+    filters = _hcm(load_yaml(GATEWAY_YAML)["static_resources"]["listeners"][0])["http_filters"]
+    return next(f for f in filters if f["name"] == name)
+
+
 def apisec_filter() -> dict:
     """The apisec filter entry of envoy/gateway.yaml (delivered by ECDS from the watched file)."""
-    return _hcm(load_yaml(GATEWAY_YAML)["static_resources"]["listeners"][0])["http_filters"][0]
+    return gateway_filter("apisec")
 
 
 ROUTER = {

@@ -46,14 +46,21 @@ def test_each_request_is_one_json_object_with_what_envoy_did(agw, secret):  # LO
                                                                        "licensed_info")
     assert rec["decision"] == "allow" and rec["grant"] == "demo-partner-info" and rec["status"] == 200
     assert rec["upstream"] == f"127.0.0.1:{agw.layout.upstream_port}"
-    assert rec["bytes_in"] > 0 and rec["bytes_out"] > len(ok.content) and rec["duration_ms"] >= 0
+    # Body bytes, as they passed the filter: none in, the upstream's answer out.
+    assert rec["bytes_in"] == 0 and rec["bytes_out"] == len(ok.content) and rec["duration_ms"] >= 0
     assert rec["client_ip"] == "127.0.0.1" and rec["method"] == "GET" and rec["path"] == RESEARCH
     assert len(rec["mac"]) == 64 and rec["seq"] >= 1 and rec["chain"] and rec["key"]
     refused = c.get(RESEARCH, headers={"x-app-id": "nobody"}, tls=True)
     assert refused.status_code == 401
     rec = read_audit(agw, refused.json()["request_id"])["audit"]
     assert rec["decision"] == "deny" and rec["code"] == "unknown_app" and rec["status"] == 401
-    assert rec["upstream"] is None and rec["bytes_out"] > 0 and len(rec["mac"]) == 64
+    assert rec["upstream"] is None and rec["bytes_out"] == len(refused.content) and len(rec["mac"]) == 64
+    # A signed body, held and verified before it went on: its bytes in.
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    order = c.send(c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256"))
+    assert order.status_code == 200, order.text
+    rec = read_audit(agw, order.json()["headers"]["x-request-id"])["audit"]
+    assert rec["bytes_in"] == len(body) and rec["bytes_out"] == len(order.content) and rec["level"] == "S3"
     # The line is the record itself: a log pipeline reads it without decoding a string inside it.
     line = next(l for l in agw.layout.audit_log.read_text().splitlines() if refused.json()["request_id"] in l)
     assert json.loads(line)["code"] == "unknown_app"
@@ -198,3 +205,44 @@ def test_a_bad_chain_key_refuses_the_policy(tmp_path, secret):  # fail closed
         assert "audit.chain_key_env" in log and "a chain key needs at least 32" in log and "c2hvcnQ=" not in log
     finally:
         g.stop()
+
+
+# --- masking (LOG-4) -------------------------------------------------------------------------------
+
+ID_CARD, MOBILE, BANK_CARD = "110101199003071234", "13800138000", "6222021234567890128"
+
+
+def test_personal_data_is_masked_wherever_it_is_logged(agw, secret):  # LOG-4
+    c = Client(agw, secret)
+    # In a path and a query string (an unknown API: refused, and recorded).
+    r = c.get(f"/api/v1/lookup/{ID_CARD}?mobile={MOBILE}&card={BANK_CARD}&account_id=8800123456&page=2",
+              headers={"x-app-id": "demo-partner"})
+    assert r.json()["error"] == "unknown_api", r.text
+    rec = read_audit(agw, r.json()["request_id"])["audit"]
+    assert rec["path"] == "/api/v1/lookup/110***********1234", rec
+    assert rec["query"] == "mobile=138****8000&card=622************0128&account_id=880***3456&page=2", rec
+    # An account field named by the policy, in the path of the API whose template names it.
+    r = c.session.get(f"{c.mtls}/api/v1/accounts/8800123456/balance", headers={"x-app-id": "demo-partner"},
+                      cert=(str(agw.layout.certs / "client-demo-partner.pem"),
+                            str(agw.layout.certs / "client-demo-partner.key")), timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["path"] == "/api/v1/accounts/8800123456/balance", "the backend gets the real path"
+    rec = read_audit(agw, r.json()["headers"]["x-request-id"])["audit"]
+    assert rec["path"] == "/api/v1/accounts/880***3456/balance" and rec["api"] == "account.balance", rec
+    # A user named by a mobile number, and a refusal detail that quotes one.
+    signed = c.sign("GET", RESEARCH, extra=["--header", f"x-user-id: {MOBILE}", "--cover", "x-user-id"])
+    r = c.send(signed)
+    assert r.status_code == 200, r.text
+    rec = read_audit(agw, r.json()["headers"]["x-request-id"])["audit"]
+    assert rec["user"] == "138****8000", rec
+    r = c.get("/api/v1/market/quotes/600000", headers={"x-app-id": MOBILE})
+    assert r.json()["error"] == "unknown_app"
+    rec = read_audit(agw, r.json()["request_id"])["audit"]
+    assert "138****8000" in rec["detail"], rec
+    # None of it anywhere in the log, and the chain still verifies.
+    time.sleep(1.5)
+    text = agw.layout.audit_log.read_text()
+    for secret_value in (ID_CARD, MOBILE, BANK_CARD, "8800123456"):
+        assert secret_value not in text, secret_value
+    rc, rep = verify(agw, agw.layout.audit_log)
+    assert rc == 0, rep

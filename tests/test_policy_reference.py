@@ -103,6 +103,7 @@ sessions:
 audit:
   chain_key_env: K
   checkpoint_seconds: 10
+  mask: {keep_head: 3, keep_tail: 4, account_fields: [account_id]}
 """ % ("ab" * 32)
 
 

@@ -302,13 +302,27 @@ def test_login_with_two_factors_opens_user_bound_apis(sgw, secret):  # ID-4
     assert call(c, sid, path="/api/v1/users/news", user="u-alice").status_code == 200
 
 
-def test_one_factor_is_not_enough_at_s2(sgw, secret):  # ID-4
+def order(c: Client, sid: str):
+    """S3: place an order (user-bound in the securities example) on a session."""
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    signed = c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256",
+                    extra=["--session", sid, "--mac", MAC])
+    return c.send(signed)
+
+
+def test_one_factor_is_not_enough_at_s2_and_s3(sgw, secret):  # ID-4
     c = Client(sgw, secret)
     sid = new_session(c)
     assert login(c, sid, "user=u-bob; factors=1").status_code == 200
     assert call(c, sid, path="/api/v1/users/news").status_code == 200
     before = upstream(sgw)
     refused(sgw, call(c, sid, path="/api/v1/users/profile", keyid="demo-partner-p256"), 403, "mfa_required", before)
+    refused(sgw, order(c, sid), 403, "mfa_required", before)
+    # Two factors open the S3 API; the order goes upstream with the session's user.
+    strong = new_session(c)
+    assert login(c, strong, "user=u-bob; factors=2").status_code == 200
+    r = order(c, strong)
+    assert r.status_code == 200 and r.json()["headers"]["x-apisec-user"] == "u-bob", r.text
 
 
 def test_user_bound_apis_need_a_logged_in_session(sgw, secret):  # ID-4

@@ -27,12 +27,13 @@ use sha2::{Digest, Sha256};
 
 use crate::apps::SecretSource;
 use crate::error::ConfigError;
+use crate::masking::{Masking, RawMask};
 
 /// What a checkpoint line in Envoy's log starts with.
 pub const CHECKPOINT_TAG: &str = "apisec-audit-checkpoint";
 
 /// `audit:` in the policy.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     /// Environment variable holding the chain key (base64, at least 32 bytes). Without it the
@@ -42,6 +43,9 @@ pub struct RawAudit {
     /// How often each worker writes its chain's head to Envoy's log (1..3600).
     #[serde(default = "default_checkpoint")]
     pub checkpoint_seconds: u64,
+    /// Masking of personal data in the records (LOG-4); on with its defaults when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<RawMask>,
 }
 
 fn default_checkpoint() -> u64 {
@@ -49,12 +53,21 @@ fn default_checkpoint() -> u64 {
 }
 
 /// The chain key and its fingerprint.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ChainKey {
-    bytes: Vec<u8>,
+    /// HMAC-SHA256 with the key already absorbed (its two key blocks are hashed once, not per
+    /// record).
+    keyed: Hmac<Sha256>,
     /// 16 hex digits of a SHA-256 of the key: names it in records, reveals nothing of it.
     pub id: String,
 }
+
+impl PartialEq for ChainKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+impl Eq for ChainKey {}
 
 impl std::fmt::Debug for ChainKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,15 +92,13 @@ impl ChainKey {
             .chain_update(&bytes)
             .finalize();
         let id = hex(digest.get(..8).unwrap_or(&digest));
-        Ok(ChainKey { bytes, id })
+        // HMAC takes a key of any length: new_from_slice cannot fail for it.
+        let keyed = Hmac::<Sha256>::new_from_slice(&bytes).map_err(|e| e.to_string())?;
+        Ok(ChainKey { keyed, id })
     }
 
     fn mac(&self, prev: &[u8; 32], content: &[u8]) -> [u8; 32] {
-        // HMAC takes a key of any length: new_from_slice cannot fail for it.
-        let mut m = match Hmac::<Sha256>::new_from_slice(&self.bytes) {
-            Ok(m) => m,
-            Err(_) => return [0; 32],
-        };
+        let mut m = self.keyed.clone();
         m.update(prev);
         m.update(content);
         m.finalize().into_bytes().into()
@@ -101,6 +112,7 @@ pub struct AuditSettings {
     pub key: Option<ChainKey>,
     pub key_env: Option<String>,
     pub checkpoint_seconds: u64,
+    pub mask: Masking,
 }
 
 impl Default for AuditSettings {
@@ -109,6 +121,7 @@ impl Default for AuditSettings {
             key: None,
             key_env: None,
             checkpoint_seconds: default_checkpoint(),
+            mask: Masking::default(),
         }
     }
 }
@@ -144,12 +157,22 @@ impl RawAudit {
             key,
             key_env: self.chain_key_env.clone(),
             checkpoint_seconds: self.checkpoint_seconds,
+            mask: self.mask.clone().unwrap_or_default().compile()?,
         })
     }
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(b.len() * 2);
+    for x in b {
+        for nibble in [x >> 4, x & 15] {
+            out.push(char::from(
+                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    out
 }
 
 /// One worker's chain.
@@ -200,17 +223,25 @@ impl Chain {
         } else {
             ","
         };
-        let mut content = format!(
-            "{head}{sep}\"chain\":\"{}\",\"seq\":{},\"key\":\"{}\"",
-            self.id(),
-            self.seq,
-            key.id
-        );
-        content.push('}');
-        let mac = key.mac(&self.prev, content.as_bytes());
+        let mut line = String::with_capacity(head.len() + 200);
+        line.push_str(head);
+        line.push_str(sep);
+        line.push_str("\"chain\":\"");
+        line.push_str(&self.base);
+        line.push('-');
+        line.push_str(&self.epoch.to_string());
+        line.push_str("\",\"seq\":");
+        line.push_str(&self.seq.to_string());
+        line.push_str(",\"key\":\"");
+        line.push_str(&key.id);
+        line.push_str("\"}");
+        let mac = key.mac(&self.prev, line.as_bytes());
         self.prev = mac;
-        content.pop();
-        format!("{content},\"mac\":\"{}\"}}", hex(&mac))
+        line.pop();
+        line.push_str(",\"mac\":\"");
+        line.push_str(&hex(&mac));
+        line.push_str("\"}");
+        line
     }
 
     /// The chain's head for Envoy's log, if it moved since the last checkpoint.

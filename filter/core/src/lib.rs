@@ -21,6 +21,7 @@ pub mod ip;
 pub mod lifecycle;
 pub mod lists;
 pub mod local;
+pub mod masking;
 pub mod message;
 pub mod openapi;
 pub mod policy;

@@ -15,7 +15,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use crate::audit::{self, AuditInput, Decided, LogFacts, Outcome};
+use crate::audit::{self, AuditInput, Decided, LogFacts, Outcome, Traffic};
 use crate::audit_chain::Chain;
 use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
@@ -70,10 +70,13 @@ pub trait HostFacts {
     fn random(&self, _buf: &mut [u8]) -> bool {
         false
     }
-    /// What the host knows of the stream once it ended, for its audit record (asked once per
-    /// request, at its end; the upstream only when the request went there).
-    fn log_facts(&self, _forwarded: bool) -> LogFacts {
-        LogFacts::default()
+    /// The host's clock in milliseconds (for the request's duration in its audit record).
+    fn now_ms(&self) -> Option<u64> {
+        self.now().map(|s| s.saturating_mul(1000))
+    }
+    /// Why Envoy itself answered a forwarded request with an error (asked only then).
+    fn response_details(&self) -> Option<String> {
+        None
     }
 }
 
@@ -278,6 +281,8 @@ pub struct Stream {
     served: Option<Served>,
     /// The last decision, for the record written when the stream ends.
     decided: Option<Decided>,
+    /// What the stream carried (status, bytes, start), for that record.
+    traffic: Traffic,
 }
 
 /// A request the gateway serves itself.
@@ -311,6 +316,7 @@ impl Stream {
             reported: false,
             served: None,
             decided: None,
+            traffic: Traffic::default(),
         }
     }
 
@@ -375,12 +381,26 @@ impl Stream {
     }
 
     fn record_with(&self, outcome: Outcome<'_>, facts: &LogFacts) -> String {
+        let policy = &self.config.policy;
+        let mask = &policy.audit.mask;
+        // The template names the account fields of the path; looked up only when masked by name.
+        let template = match (&self.ctx.api, mask.account_fields.is_empty()) {
+            (Some(id), false) => policy
+                .apis()
+                .iter()
+                .find(|a| &a.id == id)
+                .map(|a| a.path.as_str()),
+            _ => None,
+        };
         let input = AuditInput {
             ts: self.now,
             request_id: &self.request_id,
             method: &self.req.method,
             path: self.req.path(),
+            query: self.req.query(),
+            template,
             client_ip: &self.client_ip,
+            mask,
         };
         audit::record(&input, &self.ctx, outcome, facts)
     }
@@ -984,7 +1004,7 @@ impl Stream {
         if self.config.policy.bans.is_none() && !hides {
             return Step::proceed();
         }
-        if env.host.response_header(":status").as_deref() == Some("429") {
+        if self.traffic.status == Some(429) {
             // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3); the
             // caller gets the limiter's own answer.
             let d = Deny::new(DenyReason::RateLimited, "rate limit answered 429");
@@ -1027,10 +1047,7 @@ impl Stream {
         let value = env.host.response_header(&name)?;
         let mut step = Step::proceed();
         step.remove_response_headers.push(name);
-        let ok = env
-            .host
-            .response_header(":status")
-            .is_some_and(|s| s.starts_with('2'));
+        let ok = self.traffic.status.is_some_and(|s| (200..300).contains(&s));
         let call = engine::session_call(&self.ctx);
         let (Phase::Forwarded, false, true, Some(call)) = (self.phase, self.reported, ok, call)
         else {
@@ -1103,18 +1120,40 @@ impl Stream {
     /// Runs every batch a step asks for on the local store (Envoy shared data) at once, when
     /// the policy keeps state locally; a cluster batch goes to the host.
     fn out(&mut self, mut step: Step, env: &Env<'_>) -> Step {
-        if self.config.policy.state != StateBackend::Local {
-            return step;
+        if self.config.policy.state == StateBackend::Local {
+            while let Some(batch) = step.state.take() {
+                let answer = {
+                    let c = &self.config;
+                    local::run_local(&c.policy, env.store, &c.meta, &batch)
+                };
+                let next = self.ev_state(answer, env);
+                step = step.then(next);
+            }
         }
-        while let Some(batch) = step.state.take() {
-            let answer = {
-                let c = &self.config;
-                local::run_local(&c.policy, env.store, &c.meta, &batch)
-            };
-            let next = self.ev_state(answer, env);
-            step = step.then(next);
-        }
+        self.count(&step);
         step
+    }
+
+    /// What a step does to the stream's traffic, for the audit record: an answer of our own
+    /// (its status and body), a replaced response body, a body let go on.
+    fn count(&mut self, step: &Step) {
+        match &step.action {
+            Action::Refuse { status, body, .. } | Action::Answer { status, body } => {
+                self.traffic.status = Some(*status);
+                self.traffic.response = Default::default();
+                self.traffic.response.replaced(body.len());
+                self.traffic.own_reply = true;
+                return;
+            }
+            Action::Continue if step.state.is_none() => {
+                self.traffic.request.flushed();
+                self.traffic.response.flushed();
+            }
+            _ => {}
+        }
+        if let Some(body) = &step.response_body {
+            self.traffic.response.replaced(body.len());
+        }
     }
 
     /// The request headers: every pair as the host holds them (repeats included), the peer
@@ -1126,12 +1165,14 @@ impl Stream {
         end_of_stream: bool,
         env: &Env<'_>,
     ) -> Step {
+        self.traffic.started_ms = env.host.now_ms();
         let step = self.ev_request_headers(pairs, source_address, end_of_stream, env);
         self.out(step, env)
     }
 
     /// A part of the request body arrived (`size`: all of it so far).
     pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        self.traffic.request.seen(size);
         let step = self.ev_request_body(size, end_of_stream, env);
         self.out(step, env)
     }
@@ -1144,12 +1185,24 @@ impl Stream {
 
     /// The response headers.
     pub fn on_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if matches!(self.phase, Phase::Forwarded) && !self.traffic.own_reply {
+            // What the upstream (or Envoy, for it) answered: read once, for the checks below
+            // and the audit record; and the upstream host, which Envoy's route adds for us.
+            self.traffic.status = env
+                .host
+                .response_header(":status")
+                .and_then(|s| s.trim().parse().ok());
+            self.traffic.upstream = env.host.response_header(audit::UPSTREAM_HEADER);
+        }
         let step = self.ev_response_headers(end_of_stream, env);
         self.out(step, env)
     }
 
     /// A part of the response body arrived (`size`: all of it so far).
     pub fn on_response_body(&mut self, size: usize, end_of_stream: bool, env: &Env<'_>) -> Step {
+        if !self.traffic.own_reply {
+            self.traffic.response.seen(size);
+        }
         let step = self.ev_response_body(size, end_of_stream, env);
         self.out(step, env)
     }
@@ -1177,7 +1230,22 @@ impl Stream {
         let forwarded = matches!(self.phase, Phase::Forwarded | Phase::FilteringResponse);
         let mut step = self.ended(env);
         if let Some(decided) = self.decided.take() {
-            let facts = env.host.log_facts(forwarded);
+            let t = &self.traffic;
+            let status = t.status;
+            let facts = LogFacts {
+                status,
+                duration_ms: match (t.started_ms, env.host.now_ms()) {
+                    (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                    _ => None,
+                },
+                bytes_in: Some(t.request.total),
+                bytes_out: Some(t.response.total),
+                upstream: t.upstream.clone(),
+                // Why Envoy answered a forwarded request with an error of its own.
+                details: (forwarded && status.is_none_or(|c| c >= 500))
+                    .then(|| env.host.response_details())
+                    .flatten(),
+            };
             let body = self.record_with(decided.outcome(), &facts);
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
                 (Some(key), Some(chain)) => chain.borrow_mut().seal(key, &body),

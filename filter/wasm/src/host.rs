@@ -4,7 +4,6 @@
 use std::cell::Cell;
 use std::time::UNIX_EPOCH;
 
-use apisec_core::audit::LogFacts;
 use apisec_core::cluster::Call;
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
 use apisec_core::lifecycle::{Config, HostError, HostFacts, Transport};
@@ -142,46 +141,27 @@ impl HostFacts for EnvoyFacts {
         getrandom::getrandom(buf).is_ok()
     }
 
-    /// Read once per request, when its stream ended. Integers come as 8 little-endian bytes.
-    fn log_facts(&self, forwarded: bool) -> LogFacts {
-        let int = |path: Vec<&str>| match hostcalls::get_property(path) {
-            Ok(Some(v)) => v
-                .get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(i64::from_le_bytes)
-                .and_then(|n| u64::try_from(n).ok()),
-            _ => None,
-        };
-        let text = |path: Vec<&str>| match hostcalls::get_property(path) {
-            Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
-            _ => None,
-        };
-        let status = int(vec!["response", "code"]).and_then(|c| u32::try_from(c).ok());
-        LogFacts {
-            status,
-            duration_ms: int(vec!["request", "duration"]).map(|ns| ns / 1_000_000),
-            bytes_in: int(vec!["request", "total_size"]),
-            bytes_out: int(vec!["response", "total_size"]),
-            upstream: if forwarded {
-                text(vec!["upstream", "address"])
-            } else {
-                None
-            },
-            // Why Envoy answered a forwarded request with an error (no healthy upstream, reset,
-            // timeout): asked only then.
-            details: if forwarded && status.is_none_or(|c| c >= 500) {
-                text(vec!["response", "code_details"])
-            } else {
-                None
-            },
-        }
+    fn now_ms(&self) -> Option<u64> {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as u64)
+    }
+
+    fn response_details(&self) -> Option<String> {
+        text_property(vec!["response", "code_details"])
     }
 
     fn route_name(&self) -> Option<String> {
-        match hostcalls::get_property(vec!["xds", "route_name"]) {
-            Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
-            _ => None,
-        }
+        text_property(vec!["xds", "route_name"])
+    }
+}
+
+/// A property that is text; None when absent or empty.
+fn text_property(path: Vec<&str>) -> Option<String> {
+    match hostcalls::get_property(path) {
+        Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
+        _ => None,
     }
 }
 
