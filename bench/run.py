@@ -173,7 +173,6 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         # a long callout timeout: under callgrind Envoy runs ~50 times slower than the store
         json.dumps(state_store.with_cluster_state(policy, timeout_ms=5000)), layout)}
     cluster["typed_config"]["config"]["vm_config"].update(vm_id="apisec.cluster")
-    STRIP = gw.gateway_filter("envoy.filters.http.header_mutation")  # noqa: N806
     filters = {
         "s1_cluster": [cluster, gw.ROUTER],
         "s3_cluster": [cluster, gw.ROUTER],
@@ -183,11 +182,9 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         "bare": [gw.ROUTER],
         "bare_post": [gw.ROUTER],
         "floor": [floor_filter(), gw.ROUTER],
-        # as envoy/gateway.yaml deploys it: the header_mutation filter strips the upstream host
-        # the route adds for the audit record (issue 13)
-        "s0": [STRIP, gw.apisec_filter(), gw.ROUTER],
-        "s1": [STRIP, gw.apisec_filter(), gw.ROUTER],
-        "s3": [STRIP, gw.apisec_filter(), gw.ROUTER],
+        "s0": [gw.apisec_filter(), gw.ROUTER],
+        "s1": [gw.apisec_filter(), gw.ROUTER],
+        "s3": [gw.apisec_filter(), gw.ROUTER],
         "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
         "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
     }

@@ -84,16 +84,7 @@ pub struct Traffic {
     pub response: BodyCount,
     /// The gateway answered itself (a refusal, a session endpoint): its own body went out.
     pub own_reply: bool,
-    /// The upstream host, as Envoy's route told it ([`UPSTREAM_HEADER`]).
-    pub upstream: Option<String>,
 }
-
-/// The response header Envoy's route sets to the upstream host it used
-/// (`%UPSTREAM_REMOTE_ADDRESS%`, envoy/gateway.yaml), read for the audit record; a native
-/// header_mutation filter removes it before the answer leaves. Measured with callgrind: asking
-/// Envoy for the `upstream.address` property costs about 80,000 instructions a request, and so
-/// does removing a response header from Wasm; reading one header, about 10,000.
-pub const UPSTREAM_HEADER: &str = "x-apisec-upstream";
 
 /// Body bytes of one direction. A callback reports the bytes in the host's buffer: new ones
 /// only after the last callback let the body go on, everything since then after a pause.

@@ -1011,8 +1011,8 @@ mod tests {
         }
     }
 
-    fn words_of(p: &Params<'_>, ops: Vec<Op>) -> Vec<String> {
-        let c = match (RawState {
+    fn settings() -> ClusterSettings {
+        let settings = RawState {
             backend: Backend::Cluster,
             cluster: Some(RawCluster {
                 envoy_cluster: "apisec_state".into(),
@@ -1022,13 +1022,17 @@ mod tests {
                 credentials_env: None,
                 app_share: 1000,
             }),
-        })
+        }
         .compile(None)
-        .unwrap()
-        {
-            StateBackend::Cluster(c) => c,
-            StateBackend::Local => panic!(),
+        .unwrap();
+        let StateBackend::Cluster(c) = settings else {
+            panic!()
         };
+        c
+    }
+
+    fn words_of(p: &Params<'_>, ops: Vec<Op>) -> Vec<String> {
+        let c = settings();
         let body = String::from_utf8(encode(p, &c, &Batch { ops, now: 1000 }, false).body).unwrap();
         body.split('/').skip(7).map(str::to_string).collect()
     }
@@ -1196,22 +1200,7 @@ mod tests {
     /// The caller's nonce never reaches the command as syntax: it is hashed into the key.
     #[test]
     fn the_command_carries_no_caller_bytes() {
-        let settings = RawState {
-            backend: Backend::Cluster,
-            cluster: Some(RawCluster {
-                envoy_cluster: "apisec_state".into(),
-                authority: None,
-                timeout_ms: 500,
-                key_prefix: "apisec:".into(),
-                credentials_env: None,
-                app_share: 1000,
-            }),
-        }
-        .compile(None)
-        .unwrap();
-        let StateBackend::Cluster(c) = settings else {
-            panic!()
-        };
+        let c = settings();
         let call = encode(&P, &c, &nonce_batch(false), false);
         let body = String::from_utf8(call.body).unwrap();
         assert!(body.starts_with("EVALSHA/"), "{body}");

@@ -74,6 +74,10 @@ pub trait HostFacts {
     fn now_ms(&self) -> Option<u64> {
         self.now().map(|s| s.saturating_mul(1000))
     }
+    /// The upstream host a forwarded request went to (asked once, when its stream ended).
+    fn upstream_address(&self) -> Option<String> {
+        None
+    }
     /// Why Envoy itself answered a forwarded request with an error (asked only then).
     fn response_details(&self) -> Option<String> {
         None
@@ -1187,12 +1191,11 @@ impl Stream {
     pub fn on_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
         if matches!(self.phase, Phase::Forwarded) && !self.traffic.own_reply {
             // What the upstream (or Envoy, for it) answered: read once, for the checks below
-            // and the audit record; and the upstream host, which Envoy's route adds for us.
+            // and the audit record.
             self.traffic.status = env
                 .host
                 .response_header(":status")
                 .and_then(|s| s.trim().parse().ok());
-            self.traffic.upstream = env.host.response_header(audit::UPSTREAM_HEADER);
         }
         let step = self.ev_response_headers(end_of_stream, env);
         self.out(step, env)
@@ -1240,7 +1243,7 @@ impl Stream {
                 },
                 bytes_in: Some(t.request.total),
                 bytes_out: Some(t.response.total),
-                upstream: t.upstream.clone(),
+                upstream: forwarded.then(|| env.host.upstream_address()).flatten(),
                 // Why Envoy answered a forwarded request with an error of its own.
                 details: (forwarded && status.is_none_or(|c| c >= 500))
                     .then(|| env.host.response_details())

@@ -148,6 +148,10 @@ impl HostFacts for EnvoyFacts {
             .map(|d| d.as_millis() as u64)
     }
 
+    fn upstream_address(&self) -> Option<String> {
+        text_property(vec!["upstream", "address"])
+    }
+
     fn response_details(&self) -> Option<String> {
         text_property(vec!["response", "code_details"])
     }
