@@ -84,6 +84,8 @@ pub struct Traffic {
     pub response: BodyCount,
     /// The gateway answered itself (a refusal, a session endpoint): its own body went out.
     pub own_reply: bool,
+    /// An answer came back for a forwarded request (even if the gateway withheld it later).
+    pub answered: bool,
 }
 
 /// Body bytes of one direction. A callback reports the bytes in the host's buffer: new ones

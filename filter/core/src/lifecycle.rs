@@ -1192,6 +1192,7 @@ impl Stream {
         if matches!(self.phase, Phase::Forwarded) && !self.traffic.own_reply {
             // What the upstream (or Envoy, for it) answered: read once, for the checks below
             // and the audit record.
+            self.traffic.answered = true;
             self.traffic.status = env
                 .host
                 .response_header(":status")
@@ -1230,7 +1231,8 @@ impl Stream {
     /// The request's audit record is written here, once, with what the host knows of the ended
     /// stream, and sealed into the worker's chain when the policy has a chain key (LOG-1).
     pub fn on_log(&mut self, env: &Env<'_>) -> Step {
-        let forwarded = matches!(self.phase, Phase::Forwarded | Phase::FilteringResponse);
+        let forwarded = matches!(self.phase, Phase::Forwarded | Phase::FilteringResponse)
+            || self.traffic.answered;
         let mut step = self.ended(env);
         if let Some(decided) = self.decided.take() {
             let t = &self.traffic;
