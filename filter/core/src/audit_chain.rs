@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::apps::SecretSource;
+use crate::crypto::hex;
 use crate::error::ConfigError;
 use crate::masking::{Masking, RawMask};
 
@@ -160,19 +161,6 @@ impl RawAudit {
             mask: self.mask.clone().unwrap_or_default().compile()?,
         })
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(b.len() * 2);
-    for x in b {
-        for nibble in [x >> 4, x & 15] {
-            out.push(char::from(
-                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-            ));
-        }
-    }
-    out
 }
 
 /// One worker's chain.

@@ -21,6 +21,7 @@ use sha2::Sha256;
 
 use crate::apps::SecretSource;
 use crate::bans::BanSettings;
+use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::sessions::{Misuse, Scope, Session, Sessions};
 use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op, SessionCall};
@@ -402,10 +403,6 @@ return out
 /// Hex SHA-1 of [`SCRIPT`], as Redis names a loaded script.
 pub fn script_sha() -> String {
     hex(&sha1::Sha1::digest(SCRIPT.as_bytes()))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// What of the policy the store's operations need.

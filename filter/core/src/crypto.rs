@@ -58,6 +58,20 @@ pub fn content_digest_sha256(body: &[u8]) -> String {
     )
 }
 
+/// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
+pub fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(b.len() * 2);
+    for x in b {
+        for nibble in [x >> 4, x & 15] {
+            out.push(char::from(
+                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
+        }
+    }
+    out
+}
+
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;

@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::inventory::Api;
 use crate::message::Method;
@@ -289,7 +290,7 @@ pub fn fingerprint(id: &str) -> String {
         .chain_update(b"apisec-session-fp\0")
         .chain_update(id.as_bytes())
         .finalize();
-    h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    hex(h.get(..8).unwrap_or(&h))
 }
 
 /// Why a presented session is refused: the one wording of each refusal, for both backends
@@ -408,8 +409,10 @@ fn slot_key(slot: u32) -> String {
 
 fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
     let h = meta.keyed(b"session-mark", &[kind.as_bytes(), name.as_bytes()]);
-    let hex: String = h.iter().take(12).map(|b| format!("{b:02x}")).collect();
-    format!("apisec/session-end/{kind}/{hex}")
+    format!(
+        "apisec/session-end/{kind}/{}",
+        hex(h.get(..12).unwrap_or(&h))
+    )
 }
 
 fn place(meta: &StoreMeta, slots: u32, id: &str) -> (u32, String) {
@@ -417,12 +420,7 @@ fn place(meta: &StoreMeta, slots: u32, id: &str) -> (u32, String) {
     let mut w = [0u8; 8];
     w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
     let slot = (u64::from_le_bytes(w) % u64::from(slots.max(1))) as u32;
-    let tag: String = h
-        .get(8..24)
-        .unwrap_or(&[])
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let tag = hex(h.get(8..24).unwrap_or(&[]));
     (slot, tag)
 }
 
