@@ -45,7 +45,14 @@ $(VENV)/.installed: tests/requirements.txt
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jdk-headless golang-go nodejs)
 	touch $@
 
-setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done
+# Monitoring (issue 13): a real Prometheus scrapes the test gateway, and promtool runs the alert
+# rules' unit tests (monitoring/), from Debian's prometheus package.
+.monitoring-done:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+	touch $@
+
+setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done .monitoring-done
 
 # --- build ------------------------------------------------------------------------------
 build: .rustup-done
@@ -59,10 +66,13 @@ build/demo.env:
 	mkdir -p build
 	umask 077; echo "APISEC_DEMO_PARTNER_SECRET=$$($(CLI) keygen hmac)" > $@
 	umask 077; echo "APISEC_AUDIT_KEY=$$($(CLI) keygen hmac)" >> $@
+	umask 077; echo "APISEC_OPS_KEY=$$($(CLI) keygen hmac)" >> $@
 
 demo-assets: build/certs/ca.pem build/demo.env
 	@# a demo.env from before the audit chain (LOG-1) gets its key
 	@grep -q '^APISEC_AUDIT_KEY=' build/demo.env || echo "APISEC_AUDIT_KEY=$$($(CLI) keygen hmac)" >> build/demo.env
+	@# ... and the operations log's chain key (LOG-5)
+	@grep -q '^APISEC_OPS_KEY=' build/demo.env || echo "APISEC_OPS_KEY=$$($(CLI) keygen hmac)" >> build/demo.env
 
 # --- release artifacts (README "Deploy") ----------------------------------------------------
 # dist/: the .wasm with its SHA-256, and the OCI image of it (compat variant, as Istio and Envoy

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import pwd
+import subprocess
 import time
 
 import pytest
-from conftest import ROOT, Client, base_policy, gw, new_secret, read_audit, start_gateway
+from conftest import CLI, ROOT, Client, base_policy, gw, new_secret, read_audit, start_gateway
 from test_levels_and_signatures import assert_refused
 
 
@@ -169,11 +172,15 @@ def test_replay_store_full_refuses_instead_of_forgetting(tmp_path):
         g.stop()
 
 
-def test_policy_apply_reports_what_envoy_did(tmp_path):  # LVL-4, LOG-5
+def test_policy_apply_reports_what_envoy_did(tmp_path, monkeypatch):  # LVL-4, LOG-5
     """`apisec policy apply` waits for Envoy's answer: a policy Envoy takes is logged `applied`;
     one the filter refuses (here: a replay layout the running store cannot take) is logged
-    `rejected`, exits non-zero and leaves the last good policy in force and as the base of the
-    next comparison; an invalid one is refused before anything is written."""
+    `rejected` by Envoy, exits non-zero and leaves the last good policy in force and as the base
+    of the next comparison; an invalid one is refused before anything is written and logged
+    `rejected` by apisec with the reason. The log is chained under APISEC_OPS_KEY: `apisec audit
+    verify` finds it intact, and finds an edited record at its line."""
+    ops_key = new_secret()
+    monkeypatch.setenv("APISEC_OPS_KEY", ops_key)
     g = start_gateway(tmp_path, base_policy(), secret=new_secret())
     try:
         ops = g.layout.build / "operations.log"
@@ -182,6 +189,10 @@ def test_policy_apply_reports_what_envoy_did(tmp_path):  # LVL-4, LOG-5
         doc["opted_out_users"] = ["u-9"]
         record = gw.apply_policy(json.dumps(doc), g.layout, actor="carol", source="test")
         assert record["outcome"] == "applied" and record["actor"] == "carol"
+        # who, as the operating system knows it, beside the declared name
+        assert record["operator"]["declared"] == "carol" and record["operator"]["uid"] == os.getuid()
+        assert record["operator"]["user"] == pwd.getpwuid(os.getuid()).pw_name
+        assert record["seq"] >= 1 and len(record["mac"]) == 64
         assert {"section": "opted_out_users", "change": "changed", "before": [], "after": ["u-9"]} in record["changes"]
         good_file = ecds.read_text()
         bad = json.loads(json.dumps(doc))
@@ -189,7 +200,8 @@ def test_policy_apply_reports_what_envoy_did(tmp_path):  # LVL-4, LOG-5
         with pytest.raises(gw.PolicyRejected, match="rejected"):
             gw.apply_policy(json.dumps(bad), g.layout, actor="carol", source="test")
         last = json.loads(ops.read_text().splitlines()[-1])
-        assert last["outcome"] == "rejected" and last["ecds_restored"]
+        assert last["outcome"] == "rejected" and last["ecds_restored"] and last["rejected_by"] == "envoy"
+        assert "policy refused" in last["reason"]
         assert ecds.read_text() == good_file, "a restart must not load the refused policy"
         assert json.loads((g.layout.ecds_dir / "applied-policy.json").read_text())["opted_out_users"] == ["u-9"]
         before = ecds.read_text()
@@ -199,6 +211,21 @@ def test_policy_apply_reports_what_envoy_did(tmp_path):  # LVL-4, LOG-5
         with pytest.raises(gw.PolicyRejected, match="level"):
             gw.apply_policy(json.dumps(invalid), g.layout, actor="carol", source="test")
         assert ecds.read_text() == before, "an invalid policy is never written"
-        assert len(ops.read_text().splitlines()) == logged, "nothing was applied, nothing logged"
+        lines = ops.read_text().splitlines()
+        assert len(lines) == logged + 1, "the refusal is logged"
+        last = json.loads(lines[-1])
+        assert (last["outcome"], last["rejected_by"], last["actor"]) == ("rejected", "apisec", "carol")
+        assert "level" in last["reason"] and "changes" not in last
+        # LOG-5: the operations log is one chain across the three runs, checked like the audit log
+        verify = [str(CLI), "audit", "verify", str(ops), "--key-env", "APISEC_OPS_KEY", "--format", "json"]
+        out = subprocess.run(verify, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        edited = tmp_path / "operations-edited.log"
+        edited.write_text(ops.read_text().replace('"declared":"carol"', '"declared":"mallory"', 1))
+        out = subprocess.run([*verify[:3], str(edited), *verify[4:]], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        findings = json.loads(out.stdout)["findings"]
+        first_carol = next(i for i, l in enumerate(lines, 1) if '"declared":"carol"' in l)
+        assert (findings[0]["kind"], findings[0]["line"]) == ("modified", first_carol), findings
     finally:
         g.stop()

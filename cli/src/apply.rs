@@ -24,10 +24,11 @@ pub struct Args {
     pub admin: Option<String>,
     pub timeout: Duration,
     pub env_file: Option<PathBuf>,
+    pub ops_key_env: String,
 }
 
 /// Parses `policy apply FILE --ecds PATH [--actor NAME] [--source TEXT] [--ops-log PATH]
-/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH]`.
+/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR]`.
 pub fn parse(rest: &[&str]) -> Result<Args, String> {
     let mut it = rest.iter();
     let policy = it
@@ -43,6 +44,7 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
         admin: None,
         timeout: Duration::from_secs(15),
         env_file: None,
+        ops_key_env: crate::opslog::DEFAULT_KEY_ENV.into(),
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -57,6 +59,7 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
                 args.timeout = Duration::from_secs(s);
             }
             "--env-file" => args.env_file = Some(PathBuf::from(value)),
+            "--ops-key-env" => args.ops_key_env = value.to_string(),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -131,16 +134,7 @@ pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
                     }
                 }
                 if b.get("credentials") != a.get("credentials") {
-                    let ids = |x: &serde_json::Map<String, Value>| -> Vec<Value> {
-                        x.get("credentials")
-                            .and_then(Value::as_array)
-                            .map(|c| c.iter().filter_map(|c| c.get("id").cloned()).collect())
-                            .unwrap_or_default()
-                    };
-                    fields.insert(
-                        "credentials".into(),
-                        json!({"before": ids(b), "after": ids(a)}),
-                    );
+                    fields.insert("credentials".into(), credential_changes(b, a));
                 }
                 if let Some(e) = entry.as_object_mut() {
                     e.insert("fields".into(), Value::Object(fields));
@@ -155,6 +149,44 @@ pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
         }
     }
     out
+}
+
+/// An app's credentials, by id, never the key material (LOG-5): issued (a new id), revoked (an
+/// id gone), rotated (the same id with another key, algorithm or validity).
+fn credential_changes(
+    before: &serde_json::Map<String, Value>,
+    after: &serde_json::Map<String, Value>,
+) -> Value {
+    let by_id = |x: &serde_json::Map<String, Value>| -> Vec<(String, Value)> {
+        x.get("credentials")
+            .and_then(Value::as_array)
+            .map(|c| {
+                c.iter()
+                    .filter_map(|c| Some((c.get("id")?.as_str()?.to_string(), c.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (b, a) = (by_id(before), by_id(after));
+    let find = |list: &[(String, Value)], id: &str| {
+        list.iter().find(|(k, _)| k == id).map(|(_, v)| v.clone())
+    };
+    let issued: Vec<&String> = a
+        .iter()
+        .filter(|(id, _)| find(&b, id).is_none())
+        .map(|(id, _)| id)
+        .collect();
+    let revoked: Vec<&String> = b
+        .iter()
+        .filter(|(id, _)| find(&a, id).is_none())
+        .map(|(id, _)| id)
+        .collect();
+    let rotated: Vec<&String> = a
+        .iter()
+        .filter(|(id, v)| find(&b, id).is_some_and(|old| &old != v))
+        .map(|(id, _)| id)
+        .collect();
+    json!({"issued": issued, "revoked": revoked, "rotated": rotated})
 }
 
 /// The filter's ECDS counters from Envoy's admin: (update_success, update_rejected).
@@ -201,20 +233,28 @@ fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-pub fn apply(args: &Args) -> Result<(), String> {
+/// A policy validated and rendered into the ECDS resource, ready to write.
+struct Prepared {
+    policy_json: String,
+    new: Value,
+    unchecked: Vec<String>,
+    ecds_text: String,
+    ecds: Value,
+}
+
+/// Validates the policy with the filter's own code and renders the ECDS resource; an error is
+/// the reason the policy is refused.
+fn prepare(args: &Args, env_pairs: Vec<(String, String)>) -> Result<Prepared, String> {
     let raw = load_policy(&args.policy)?;
     raw.validate()
         .map_err(|e| format!("{}: {e}", args.policy))?;
-    let mut secrets = Vec::new();
-    if let Some(f) = &args.env_file {
-        secrets = read_env_file(f)?;
-    }
-    let secrets = Secrets(secrets);
+    let secrets = Secrets(env_pairs);
     // Envoy refuses a VM config that names an environment variable twice.
     let names: Vec<String> = raw.secret_env_names();
-    let unchecked: Vec<&String> = names
+    let unchecked: Vec<String> = names
         .iter()
         .filter(|n| apisec_core::policy::SecretSource::get(&secrets, n).is_none())
+        .cloned()
         .collect();
     if unchecked.is_empty() {
         raw.clone()
@@ -248,14 +288,72 @@ pub fn apply(args: &Args) -> Result<(), String> {
             "environment_variables".into(),
             json!({"host_env_keys": names}),
         );
+
+    Ok(Prepared {
+        policy_json,
+        new,
+        unchecked,
+        ecds_text,
+        ecds,
+    })
+}
+
+/// Applies a policy; every outcome, a policy refused here included, goes to the operations log.
+pub fn apply(args: &Args) -> Result<(), String> {
+    let env_pairs = match &args.env_file {
+        Some(f) => read_env_file(f)?,
+        None => Vec::new(),
+    };
+    let ops_key = crate::opslog::key(&args.ops_key_env, &env_pairs)?;
+    let ops_log = args
+        .ops_log
+        .clone()
+        .unwrap_or_else(|| args.ecds.with_file_name("operations.log"));
     #[allow(clippy::disallowed_methods)] // the operator's clock, for the version and the log
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_err(|e| e.to_string())?;
+    let record = |outcome: &str, fields: Value| -> Result<bool, String> {
+        let mut r = json!({
+            "ts": crate::rfc3339_utc(now.as_secs()),
+            "action": "policy_apply",
+            "actor": args.actor,
+            "operator": crate::opslog::operator(&args.actor),
+            "source": args.source.clone().unwrap_or_else(|| args.policy.clone()),
+            "outcome": outcome,
+        });
+        if let (Some(r), Value::Object(f)) = (r.as_object_mut(), fields) {
+            r.extend(f);
+        }
+        crate::opslog::append(&ops_log, ops_key.as_ref(), &r)
+    };
+    let prepared = match prepare(args, env_pairs) {
+        Ok(p) => p,
+        Err(reason) => {
+            // Refused before Envoy saw it: recorded as rejected, with the reason (LOG-5).
+            let sha = std::fs::read(&args.policy)
+                .ok()
+                .map(|b| crate::sha256_hex(&b));
+            record(
+                "rejected",
+                json!({"rejected_by": "apisec", "reason": reason, "policy_file_sha256": sha}),
+            )?;
+            return Err(format!(
+                "{reason}; recorded as rejected in {}",
+                ops_log.display()
+            ));
+        }
+    };
+    let Prepared {
+        policy_json,
+        new,
+        unchecked,
+        ecds_text,
+        mut ecds,
+    } = prepared;
     ecds.as_object_mut()
         .ok_or("the ECDS file is not a JSON object")?
         .insert("version_info".into(), json!(now.as_nanos().to_string()));
-
     let baseline = match &args.admin {
         Some(a) => Some(ecds_counters(a)?),
         None => None,
@@ -299,26 +397,28 @@ pub fn apply(args: &Args) -> Result<(), String> {
         std::fs::write(&applied, &policy_json)
             .map_err(|e| format!("{}: {e}", applied.display()))?;
     }
-    let ops_log = args
-        .ops_log
-        .clone()
-        .unwrap_or_else(|| args.ecds.with_file_name("operations.log"));
-    let record = json!({
-        "ts": crate::rfc3339_utc(now.as_secs()),
-        "actor": args.actor,
-        "source": args.source.clone().unwrap_or_else(|| args.policy.clone()),
-        "policy_sha256": crate::sha256_hex(policy_json.as_bytes()),
-        "outcome": outcome,
-        "ecds_restored": restored,
-        "secrets_not_checked_here": unchecked,
-        "changes": items,
-    });
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&ops_log)
-        .map_err(|e| format!("{}: {e}", ops_log.display()))?;
-    writeln!(f, "{record}").map_err(|e| format!("{}: {e}", ops_log.display()))?;
+    let reason = match outcome {
+        "rejected" => Some("Envoy refused it; its log says why (apisec: policy refused: ...)"),
+        "unconfirmed" => Some("Envoy did not report the new version in time"),
+        _ => None,
+    };
+    let sealed = record(
+        outcome,
+        json!({
+            "rejected_by": (outcome == "rejected").then_some("envoy"),
+            "reason": reason,
+            "policy_sha256": crate::sha256_hex(policy_json.as_bytes()),
+            "ecds_restored": restored,
+            "secrets_not_checked_here": unchecked,
+            "changes": items,
+        }),
+    )?;
+    if !sealed {
+        eprintln!(
+            "warning: the operations log is not sealed: set {} (a base64 key of 32 bytes or more) to chain it (LOG-5)",
+            args.ops_key_env
+        );
+    }
     let n = items.len();
     match outcome {
         "applied" => {
@@ -338,5 +438,34 @@ pub fn apply(args: &Args) -> Result<(), String> {
             args.policy,
             args.timeout.as_secs()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// LOG-5: credentials are logged as issued, revoked or rotated, by id, never the key.
+    #[test]
+    fn credential_changes_name_issued_revoked_and_rotated_ids() {
+        let app = |creds: Value| json!({"apps": [{"id": "a", "credentials": creds}]});
+        let old = app(json!([
+            {"id": "k1", "alg": "hmac-sha256", "secret_env": "S1"},
+            {"id": "k2", "alg": "ecdsa-p256-sha256", "public_key_pem": "OLD"},
+        ]));
+        let new = app(json!([
+            {"id": "k2", "alg": "ecdsa-p256-sha256", "public_key_pem": "NEW"},
+            {"id": "k3", "alg": "hmac-sha256", "secret_env": "S3"},
+        ]));
+        let items = changes(Some(&old), &new);
+        assert_eq!(
+            items[0]["fields"]["credentials"],
+            json!({"issued": ["k3"], "revoked": ["k1"], "rotated": ["k2"]})
+        );
+        let text = serde_json::to_string(&items).unwrap();
+        assert!(
+            !text.contains("NEW") && !text.contains("OLD"),
+            "no key material: {text}"
+        );
     }
 }

@@ -6,6 +6,7 @@ mod apply;
 mod audit;
 mod compliance;
 mod inventory;
+mod opslog;
 mod sessions;
 mod verify;
 

@@ -187,6 +187,30 @@ impl Chain {
         }
     }
 
+    /// The chain a sealed line ends, continued by whoever appends the next line: a log that
+    /// outlives its writer (the operations log, appended to by one `apisec` run after another).
+    /// None when the line is not a sealed record.
+    pub fn resume(last_line: &str) -> Option<Chain> {
+        let v: serde_json::Value = serde_json::from_str(last_line).ok()?;
+        let (base, epoch) = v.get("chain")?.as_str()?.rsplit_once('-')?;
+        let mac = v.get("mac")?.as_str()?;
+        let mut prev = [0u8; 32];
+        if mac.len() != 64 {
+            return None;
+        }
+        for (i, b) in prev.iter_mut().enumerate() {
+            *b = u8::from_str_radix(mac.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Chain {
+            base: base.to_string(),
+            epoch: epoch.parse().ok()?,
+            key_id: v.get("key")?.as_str()?.to_string(),
+            seq: v.get("seq")?.as_u64()?,
+            prev,
+            checkpointed: 0,
+        })
+    }
+
     fn id(&self) -> String {
         format!("{}-{}", self.base, self.epoch)
     }
@@ -606,6 +630,29 @@ mod tests {
         assert_eq!(rec["chain"], "0101010101010101-0");
         assert_eq!(rec["mac"].as_str().unwrap().len(), 64);
         assert!(check(&lines, "").intact());
+    }
+
+    /// LOG-5: the operations log is appended to by one process after another, each resuming
+    /// the chain from the last line; the result verifies as one chain.
+    #[test]
+    fn a_chain_resumed_from_its_last_line_continues_it() {
+        let (mut lines, _) = log(2);
+        let mut resumed = Chain::resume(lines.last().unwrap()).unwrap();
+        lines.push(resumed.seal(&key(), "{\"ts\":9}"));
+        let rec: serde_json::Value = serde_json::from_str(&lines[2]).unwrap();
+        assert_eq!(
+            (rec["seq"].as_u64(), rec["chain"].as_str()),
+            (Some(3), Some("0101010101010101-0"))
+        );
+        assert!(check(&lines, "").intact());
+        assert!(
+            Chain::resume("{\"ts\":1}").is_none(),
+            "an unsealed line starts no chain"
+        );
+        // a resumed chain that skipped a line (the writer read a stale tail) is caught
+        let mut stale = Chain::resume(&lines[1]).unwrap();
+        lines.push(stale.seal(&key(), "{\"ts\":10}"));
+        assert!(!check(&lines, "").intact());
     }
 
     /// LOG-1: every kind of tampering is found, at its line.

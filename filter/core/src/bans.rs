@@ -184,6 +184,11 @@ impl Record {
     }
 }
 
+/// The shared-data key of a slot of per-source counters.
+fn ip_key(slot: u64) -> String {
+    format!("apisec/ban/ip/{slot}")
+}
+
 impl BanSettings {
     /// The source a refusal counts against: an IPv4 address, or an IPv6 address's prefix.
     pub fn source(&self, ip: IpAddr) -> String {
@@ -223,10 +228,7 @@ impl BanSettings {
         fp.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
         let key = match subject {
             Subject::App(a) => format!("apisec/ban/app/{a}"),
-            Subject::Ip(_) => format!(
-                "apisec/ban/ip/{}",
-                u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))
-            ),
+            Subject::Ip(_) => ip_key(u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))),
         };
         (key, fp)
     }
@@ -242,6 +244,38 @@ impl BanSettings {
             .map(|(_, at)| *at)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Bans in force now (a gauge for MON-4): on the policy's apps, and on sources. Reads each
+    /// app's key and every source slot once. A source ban lifted by range is counted until it
+    /// ends (the store keeps a fingerprint of the source, not the address).
+    pub fn active<'a>(
+        &self,
+        store: &dyn SharedStore,
+        apps: impl Iterator<Item = &'a str>,
+        now: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let live = |key: &str, lift: u64| -> Result<u64, StoreError> {
+            Ok(store
+                .get(key)?
+                .map(|(v, _)| {
+                    v.chunks_exact(ENTRY)
+                        .map(Record::decode)
+                        .filter(|r| r.banned_until > now && r.banned_at >= lift)
+                        .count() as u64
+                })
+                .unwrap_or(0))
+        };
+        let mut by_app = 0u64;
+        for app in apps {
+            let subject = Subject::App(app);
+            by_app = by_app.saturating_add(live(&self.locate(subject).0, self.lifted_at(subject))?);
+        }
+        let mut by_ip = 0u64;
+        for slot in 0..self.ip_slots {
+            by_ip = by_ip.saturating_add(live(&ip_key(u64::from(slot)), 0)?);
+        }
+        Ok((by_app, by_ip))
     }
 
     /// A live ban on the subject: refused with `banned` until it ends.
@@ -406,6 +440,40 @@ mod tests {
         for t in [0u64, 70, 140, 210] {
             assert!(!s.record_refusal(&store, ip, 5000 + t).unwrap());
         }
+    }
+
+    #[test]
+    fn active_bans_are_counted_by_subject_until_they_end_or_are_lifted() {
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        let ip = Subject::Ip("192.0.2.7".parse().unwrap());
+        for t in 0..3 {
+            s.record_refusal(&store, Subject::App("a"), 1_800_000_000 + t)
+                .unwrap();
+            s.record_refusal(&store, ip, 1_800_000_000 + t).unwrap();
+        }
+        s.record_refusal(&store, Subject::App("b"), 1_800_000_000)
+            .unwrap(); // counted, not banned
+        let apps = ["a", "b", "c"];
+        assert_eq!(
+            s.active(&store, apps.into_iter(), 1_800_000_010).unwrap(),
+            (1, 1)
+        );
+        let lifted = settings(vec![RawLift {
+            app: Some("a".into()),
+            ip: None,
+            at: "2027-01-15T08:00:05Z".into(),
+            by: "ops".into(),
+            reason: "checked".into(),
+        }]);
+        assert_eq!(
+            lifted
+                .active(&store, apps.into_iter(), 1_800_000_010)
+                .unwrap(),
+            (0, 1)
+        );
+        let after = 1_800_000_002 + s.ban_seconds;
+        assert_eq!(s.active(&store, apps.into_iter(), after).unwrap(), (0, 0));
     }
 
     #[test]

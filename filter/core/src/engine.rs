@@ -314,6 +314,13 @@ pub fn begin<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
     Ok(api)
 }
 
+/// The registered app a request names in a single `x-app-id`, unverified: what a shadow-API
+/// call (one outside the inventory, never authenticated) is recorded and counted with.
+pub fn claimed_app(policy: &Policy, req: &Request) -> Option<String> {
+    let id = req.unique_header(APP_ID_HEADER).ok().flatten()?;
+    policy.app(id).map(|a| a.id.clone())
+}
+
 /// Inventory (LVL-1): the API a request is for. A request that matches none is refused.
 pub fn find_api<'p>(policy: &'p Policy, req: &Request) -> Result<&'p Api, Deny> {
     let method = Method::parse(&req.method);

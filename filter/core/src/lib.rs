@@ -23,6 +23,7 @@ pub mod lists;
 pub mod local;
 pub mod masking;
 pub mod message;
+pub mod metrics;
 pub mod openapi;
 pub mod policy;
 pub mod replay;

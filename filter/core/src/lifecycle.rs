@@ -24,6 +24,7 @@ use crate::error::{Deny, DenyReason};
 use crate::fields;
 use crate::local;
 use crate::message::{self, Request};
+use crate::metrics::{self, Sample};
 use crate::policy::{Policy, SecurityLevel};
 use crate::report;
 use crate::sessions::{self, Scope};
@@ -159,6 +160,8 @@ pub struct Step {
     pub response_body: Option<Vec<u8>>,
     /// The request's audit record, to publish now: set once, when the stream ends.
     pub audit: Option<String>,
+    /// What the request adds to the labelled metrics: set once, when the stream ends.
+    pub sample: Option<Sample>,
     pub counts: Vec<Count>,
     /// A line for the host's log (a ban started).
     pub log: Option<String>,
@@ -176,6 +179,7 @@ impl Step {
             set_identity: false,
             response_body: None,
             audit: None,
+            sample: None,
             counts: Vec::new(),
             log: None,
             state: None,
@@ -199,6 +203,9 @@ impl Step {
         }
         if next.audit.is_some() {
             self.audit = next.audit;
+        }
+        if next.sample.is_some() {
+            self.sample = next.sample;
         }
         self.counts.extend(next.counts);
         if next.log.is_some() {
@@ -407,6 +414,38 @@ impl Stream {
             mask,
         };
         audit::record(&input, &self.ctx, outcome, facts)
+    }
+
+    /// What the request adds to the labelled metrics (metrics.rs).
+    fn sample(&self, outcome: Outcome<'_>, facts: &LogFacts) -> Sample {
+        let policy = &self.config.policy;
+        let (decision, code, shadow) = match outcome {
+            Outcome::Allowed => ("allow", "none", false),
+            Outcome::Refused(d) => ("deny", d.reason.code(), d.reason == DenyReason::UnknownApi),
+            Outcome::Reported(d) => ("report", d.reason.code(), false),
+        };
+        let app = match &self.ctx.app {
+            Some(a) => metrics::label(a).into_owned(),
+            None => metrics::app_label(
+                policy,
+                self.req.unique_header(engine::APP_ID_HEADER).ok().flatten(),
+            ),
+        };
+        Sample {
+            app,
+            api: self
+                .ctx
+                .api
+                .as_deref()
+                .map_or_else(|| "none".into(), |a| metrics::label(a).into_owned()),
+            level: self.ctx.level.map_or("none", |l| l.as_str()),
+            decision,
+            code,
+            bytes_in: facts.bytes_in.unwrap_or(0),
+            bytes_out: facts.bytes_out.unwrap_or(0),
+            duration_ms: facts.duration_ms,
+            shadow,
+        }
     }
 
     fn release(&mut self, env: &Env<'_>) {
@@ -734,7 +773,13 @@ impl Stream {
         }
         let api = match engine::begin(&policy, &self.req) {
             Ok(api) => api,
-            Err(d) => return self.refuse(d, env),
+            Err(d) => {
+                // A shadow-API call (MON-1) is recorded with the registered app it claims.
+                if d.reason == DenyReason::UnknownApi {
+                    self.ctx.app = engine::claimed_app(&policy, &self.req);
+                }
+                return self.refuse(d, env);
+            }
         };
         if engine::needs_transport(api) {
             let t = env.host.transport();
@@ -1252,6 +1297,7 @@ impl Stream {
                     .flatten(),
             };
             let body = self.record_with(decided.outcome(), &facts);
+            step.sample = Some(self.sample(decided.outcome(), &facts));
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
                 (Some(key), Some(chain)) => chain.borrow_mut().seal(key, &body),
                 _ => body,

@@ -565,6 +565,11 @@ impl Policy {
     pub fn apis(&self) -> &[Api] {
         &self.apis
     }
+
+    /// The registered app ids.
+    pub fn app_ids(&self) -> impl Iterator<Item = &str> {
+        self.apps.keys().map(String::as_str)
+    }
 }
 
 #[cfg(test)]

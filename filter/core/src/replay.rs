@@ -202,6 +202,34 @@ pub fn check(
     ))
 }
 
+/// How full the replay store is (a gauge for MON-2): live nonces in every slot, the capacity,
+/// and the fill of the fullest slot in percent. Reads every slot once.
+pub fn fill(
+    store: &dyn SharedStore,
+    settings: &ReplaySettings,
+    now: u64,
+) -> Result<crate::metrics::ReplayFill, StoreError> {
+    let per_slot = u64::from(settings.entries_per_slot.max(1));
+    let mut out = crate::metrics::ReplayFill {
+        capacity: u64::from(settings.slots).saturating_mul(per_slot),
+        ..Default::default()
+    };
+    for slot in 0..settings.slots {
+        let Some((value, _)) = store.get(&slot_key(slot))? else {
+            continue;
+        };
+        let live = value
+            .get(HEADER..)
+            .unwrap_or(&[])
+            .chunks_exact(ENTRY)
+            .filter(|e| u64_at(e, 24) > now)
+            .count() as u64;
+        out.live = out.live.saturating_add(live);
+        out.fullest_pct = out.fullest_pct.max(live.saturating_mul(100) / per_slot);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +249,27 @@ mod tests {
         let meta = store::open(&store, [7; 16], started, s.slots).unwrap();
         init_slots(&store, s, &meta).unwrap();
         (store, meta)
+    }
+
+    #[test]
+    fn fill_counts_live_nonces_and_the_fullest_slot() {
+        let s = settings(2, 4, 4);
+        let (store, meta) = opened(&s, 100);
+        for n in 0..5 {
+            rec(&store, &meta, &s, "a", &format!("n{n}"), 200, 200).unwrap();
+        }
+        let f = fill(&store, &s, 200).unwrap();
+        assert_eq!((f.live, f.capacity), (5, 8));
+        assert!(
+            f.fullest_pct >= 75,
+            "five nonces in two slots of four: one holds three or more"
+        );
+        let later = fill(&store, &s, 200 + 601).unwrap();
+        assert_eq!(
+            (later.live, later.fullest_pct),
+            (0, 0),
+            "expired entries are not live"
+        );
     }
 
     fn rec(

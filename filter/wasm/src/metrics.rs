@@ -1,12 +1,22 @@
-//! The filter's counters in Envoy's stats: one fixed list, `apisec.allowed`, `apisec.denied`,
+//! The filter's metrics in Envoy's stats.
+//!
+//! Labelled (core `metrics.rs` names them): `apisec.requests_total`, request and response bytes,
+//! the latency histogram, shadow-API calls, the policy version, and the local store's gauges.
+//! A series is defined the first time it is needed and kept by name; counters are summed in the
+//! VM and added to Envoy's once a second by the root context's tick, so a request costs one
+//! host call (its latency sample).
+//!
+//! Unlabelled, one fixed list: `apisec.allowed`, `apisec.denied`,
 //! `apisec.denied.<code>`, `apisec.reported`, `apisec.reported.<code>` (report mode: would
 //! have been refused), `apisec.bans_started`, `apisec.abandoned`, `apisec.sessions_evicted`. Refusals are counted at
 //! once; allowed requests (the hot path) are summed in the VM and added to Envoy's counter once
 //! a second by the root context's tick, saving a host call per request.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
 use apisec_core::lifecycle::Count;
+use apisec_core::metrics::{self as series, Sample};
 use apisec_core::DenyReason;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -21,7 +31,19 @@ pub struct Metrics {
     reported: Option<u32>,
     reported_by_reason: Vec<(DenyReason, u32)>,
     sessions_evicted: Option<u32>,
+    /// Labelled series defined so far, by stat name (bounded: see `MAX_SERIES`).
+    defined: RefCell<HashMap<String, u32>>,
+    /// Counter increments not yet added to Envoy's stats, by series.
+    pending: RefCell<HashMap<u32, u64>>,
+    /// The policy version gauge now set to 1.
+    policy_version: Cell<Option<u32>>,
+    dropped: Option<u32>,
 }
+
+/// The most labelled series one VM defines. The policy bounds the label values (apps, APIs,
+/// codes); this bounds what a policy with very many of them can cost Envoy's stats. Samples
+/// for series past the bound are counted in `apisec.metrics_series_dropped`.
+const MAX_SERIES: usize = 20_000;
 
 impl Metrics {
     pub fn define() -> Self {
@@ -43,6 +65,74 @@ impl Metrics {
                 .filter(|r| apisec_core::report::reportable(**r))
                 .filter_map(|r| def(&format!("apisec.reported.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
+            defined: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            policy_version: Cell::new(None),
+            dropped: def("apisec.metrics_series_dropped"),
+        }
+    }
+
+    /// The id of a labelled series, defined on first use.
+    fn series(&self, name: String, kind: MetricType) -> Option<u32> {
+        let mut defined = self.defined.borrow_mut();
+        if let Some(id) = defined.get(&name) {
+            return Some(*id);
+        }
+        if defined.len() >= MAX_SERIES {
+            Self::bump(self.dropped);
+            return None;
+        }
+        let id = hostcalls::define_metric(kind, &name).ok()?;
+        defined.insert(name, id);
+        Some(id)
+    }
+
+    fn later(&self, name: String, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(id) = self.series(name, MetricType::Counter) {
+            let mut pending = self.pending.borrow_mut();
+            let v = pending.entry(id).or_insert(0);
+            *v = v.saturating_add(n);
+        }
+    }
+
+    /// What one request adds: counted now, reaching Envoy with the next flush; its latency
+    /// goes to the histogram at once.
+    pub fn sample(&self, s: &Sample) {
+        self.later(s.requests(), 1);
+        self.later(s.per_api(series::REQUEST_BYTES), s.bytes_in);
+        self.later(s.per_api(series::RESPONSE_BYTES), s.bytes_out);
+        if s.shadow {
+            self.later(s.shadow(), 1);
+        }
+        if let Some(ms) = s.duration_ms {
+            if let Some(id) = self.series(s.per_api(series::DURATION), MetricType::Histogram) {
+                let _ = hostcalls::record_metric(id, ms);
+            }
+        }
+    }
+
+    /// The loaded policy's version (`apisec_policy_info{version} 1`; the one before goes to 0).
+    pub fn policy_loaded(&self, policy_text: &[u8]) {
+        let id = self.series(series::policy_info(policy_text), MetricType::Gauge);
+        if let Some(old) = self.policy_version.replace(id) {
+            if Some(old) != id {
+                let _ = hostcalls::record_metric(old, 0);
+            }
+        }
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, 1);
+        }
+    }
+
+    /// Sets gauges to what was measured.
+    pub fn gauges(&self, values: Vec<(String, u64)>) {
+        for (name, v) in values {
+            if let Some(id) = self.series(name, MetricType::Gauge) {
+                let _ = hostcalls::record_metric(id, v);
+            }
         }
     }
     fn bump(id: Option<u32>) {
@@ -58,6 +148,9 @@ impl Metrics {
     pub fn flush(&self) {
         let n = self.allowed_pending.replace(0);
         if let (Some(id), true) = (self.allowed, n > 0) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for (id, n) in self.pending.borrow_mut().drain() {
             let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }

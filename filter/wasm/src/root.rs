@@ -7,6 +7,7 @@ use std::rc::Rc;
 use apisec_core::audit_chain::Chain;
 use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
+use apisec_core::metrics;
 use apisec_core::replay;
 use apisec_core::state::Batch;
 use apisec_core::store::{self, StoreMeta};
@@ -205,6 +206,9 @@ impl RootContext for ApisecRoot {
             self.metrics = Some(Rc::new(Metrics::define()));
             let _ = hostcalls::set_tick_period(METRICS_FLUSH);
         }
+        if let Some(m) = &self.metrics {
+            m.policy_loaded(text.as_bytes());
+        }
         self.cluster_opened = false;
         self.open_cluster();
         if self.verifier.is_none() {
@@ -218,6 +222,11 @@ impl RootContext for ApisecRoot {
     fn on_tick(&mut self) {
         if let Some(m) = &self.metrics {
             m.flush();
+            if let (Some(config), Some(now)) = (&self.config, now_secs()) {
+                if metrics::gauge_turn(&EnvoyStore, now) {
+                    m.gauges(metrics::store_gauges(&config.policy, &EnvoyStore, now));
+                }
+            }
         }
         self.open_cluster();
         self.checkpoint(false);

@@ -120,6 +120,9 @@ impl ApisecHttp {
             let _ = hostcalls::set_property(vec![AUDIT_PROPERTY], Some(audit.as_bytes()));
         }
         self.metrics.add(&step.counts);
+        if let Some(sample) = &step.sample {
+            self.metrics.sample(sample);
+        }
         if let Some(body) = &step.response_body {
             // From 0 with any length: Envoy drains the whole body and puts this in its place.
             let replaced = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, usize::MAX, body);

@@ -1,0 +1,255 @@
+"""Monitoring (issue 13; MON-1, MON-2, MON-4, MON-8, LVL-3, ATK-2) against a real Envoy and a real
+Prometheus (Debian's `prometheus`): the filter's metrics labelled by app, API, level, decision and
+refusal code as Prometheus reads them; shadow-API calls with the App_ID they claim; an unknown
+App_ID as one label value; the policy version; bans and replay-store gauges; the backend
+cluster's active health checks and outlier detection; and every query of the checked-in alert
+rules and Grafana dashboard (monitoring/) evaluated by that Prometheus against metric names the
+gateway really exports. The alert rules' own unit tests run with `promtool test rules`."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from conftest import ROOT, Client, base_policy, gw, read_audit, start_gateway
+
+MONITORING = ROOT / "monitoring"
+RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, signed
+QUOTE = "/api/v1/market/quotes/600000"  # S0
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is not installed: `make setup` installs Debian's prometheus package"
+    return path
+
+
+def test_alert_rules_pass_promtool():  # MON-2: the rules parse, and their unit tests pass
+    promtool = tool("promtool")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"],
+                 ["test", "rules", "alerts.test.yml"]):
+        out = subprocess.run([promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"promtool {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    out = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=MONITORING, capture_output=True,
+                         text=True, timeout=120)
+    assert "SUCCESS" in out.stdout
+
+
+def prometheus_series(text: str) -> dict[str, float]:
+    """`name{labels} value` lines of Envoy's /stats/prometheus, by `name{labels}`."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+class Prometheus:
+    """A real Prometheus scraping one gateway's admin listener with monitoring/prometheus.yml."""
+
+    def __init__(self, tmp: Path, admin_port: int):
+        conf = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+        conf["global"]["scrape_interval"] = "1s"
+        conf["global"]["evaluation_interval"] = "1s"
+        conf["rule_files"] = [str(MONITORING / f) for f in conf["rule_files"]]
+        job = conf["scrape_configs"][0]
+        job["static_configs"][0]["targets"] = [f"127.0.0.1:{admin_port}"]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(conf))
+        self.port = gw.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, (tmp / "prometheus.log").read_text()
+            time.sleep(0.3)
+        raise AssertionError("prometheus did not become ready")
+
+    def query(self, expr: str) -> list[dict]:
+        r = requests.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        doc = r.json()
+        assert doc["status"] == "success", f"{expr}: {doc}"
+        return doc["data"]["result"]
+
+    def names(self) -> set[str]:
+        return set(requests.get(self.url + "/api/v1/label/__name__/values", timeout=10).json()["data"])
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    doc = json.loads((MONITORING / "grafana/apisec-dashboard.json").read_text())
+    return [(p["title"], t["expr"]) for p in doc["panels"] for t in p["targets"]]
+
+
+def alert_queries() -> list[tuple[str, str]]:
+    doc = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    return [(r["alert"], r["expr"]) for g in doc["groups"] for r in g["rules"]]
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's variables as Grafana would fill them for 'All' over a few minutes."""
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "5m")
+            .replace('"$app"', '".*"').replace('"$api"', '".*"'))
+
+
+NAME = re.compile(r"\b((?:apisec|envoy)_[a-z0-9_]+)\b")
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a query reads (label matchers and grouping clauses taken out first)."""
+    bare = re.sub(r"\{[^}]*\}", "", expr)
+    bare = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", bare)
+    return set(NAME.findall(bare))
+
+
+@pytest.fixture(scope="module")
+def mgw(tmp_path_factory, secret):
+    doc = base_policy()
+    # Bans by source after 30 refusals (the gauge below); the traffic before stays under it.
+    doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600}
+    g = start_gateway(tmp_path_factory.mktemp("gw-mon"), doc, secret=secret, concurrency=2)
+    yield g
+    g.stop()
+
+
+def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # MON-1, MON-2, MON-4, MON-8, LVL-3
+    c = Client(mgw, secret)
+    # Allowed: S0 and S1, and an S3 order with a body (bytes in).
+    assert c.get(QUOTE, headers={"x-app-id": "demo-partner"}).status_code == 200
+    for _ in range(2):
+        assert c.send(c.sign("GET", RESEARCH)).status_code == 200
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    order = c.send(c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256"))
+    assert order.status_code == 200, order.text
+    # Refused: a valid key id with a wrong signature (the request changed after signing), ATK-2.
+    forged = c.sign("GET", "/api/v1/info/research/r-5")
+    forged["url"] = forged["url"].replace("r-5", "r-6")
+    r = c.send(forged)
+    assert r.status_code == 401 and r.json()["error"] == "signature_invalid"
+    # Twenty App_IDs the policy does not know: one label value, "unknown" (bounded cardinality).
+    for i in range(20):
+        r = c.get(QUOTE, headers={"x-app-id": f"stranger-{i}"})
+        assert r.status_code == 401 and r.json()["error"] == "unknown_app"
+    # A shadow API: a path outside the inventory, with the App_ID it claims (LVL-3, MON-1).
+    shadow = c.get("/api/v1/internal/export-all", headers={"x-app-id": "demo-partner"})
+    assert shadow.status_code == 403 and shadow.json()["error"] == "unknown_api"
+    rec = read_audit(mgw, shadow.json()["request_id"])
+    assert rec["audit"]["app"] == "demo-partner" and rec["upstream"] is None
+
+    # Envoy's own Prometheus output, labels taken out of the stat names by stats_tags.
+    time.sleep(1.5)  # the filter adds its counts to Envoy's once a second
+    series = prometheus_series(mgw.admin("/stats/prometheus"))
+    ok = 'apisec_requests_total{app="demo-partner",api="%s",level="%s",decision="allow",code="none"}'
+    assert series[ok % ("market.quote", "S0")] == 1
+    assert series[ok % ("info.research", "S1")] == 2
+    assert series[ok % ("trade.order.place", "S3")] == 1
+    deny = 'apisec_requests_total{app="%s",api="%s",level="%s",decision="deny",code="%s"}'
+    assert series[deny % ("demo-partner", "info.research", "S1", "signature_invalid")] == 1
+    assert series[deny % ("unknown", "market.quote", "S0", "unknown_app")] == 20
+    assert not [k for k in series if "stranger" in k], "an unknown App_ID must not become a label value"
+    assert series[deny % ("demo-partner", "none", "none", "unknown_api")] == 1
+    assert series['apisec_shadow_calls_total{app="demo-partner"}'] == 1
+    assert series['apisec_request_bytes_total{app="demo-partner",api="trade.order.place"}'] == len(body)
+    assert series['apisec_response_bytes_total{app="demo-partner",api="trade.order.place"}'] == len(order.content)
+    # Histograms reach the admin output when Envoy merges them (its stats flush, every 5 s).
+    count = 'apisec_request_duration_ms_count{app="demo-partner",api="info.research"}'
+    deadline = time.time() + 15
+    while series.get(count) != 3 and time.time() < deadline:
+        time.sleep(1)
+        series = prometheus_series(mgw.admin("/stats/prometheus"))
+    assert series[count] == 3, "two allowed calls and the refused one"
+    versions = [k for k, v in series.items() if k.startswith("apisec_policy_info{") and v == 1]
+    assert len(versions) == 1 and re.fullmatch(r'apisec_policy_info\{version="[0-9a-f]{12}"\}', versions[0])
+    # MON-8: the backend cluster is health-checked (the demo backend answers /healthz).
+    assert series['envoy_cluster_health_check_success{envoy_cluster_name="backend"}'] >= 1
+    assert series['envoy_cluster_membership_healthy{envoy_cluster_name="backend"}'] == 1
+    assert 'envoy_cluster_outlier_detection_ejections_active{envoy_cluster_name="backend"}' in series
+
+    # Start a ban by source (MON-4): refusals without an App_ID count against 127.0.0.1.
+    for _ in range(40):
+        r = c.get(QUOTE)
+        if r.json()["error"] == "banned":
+            break
+    assert r.status_code == 403 and r.json()["error"] == "banned"
+
+    prom = Prometheus(tmp_path, mgw.layout.admin_port)
+    try:
+        def read_back():
+            got = prom.query('apisec_requests_total{app="demo-partner",api="info.research",decision="allow"}')
+            return got if got and float(got[0]["value"][1]) == 2 else None
+        deadline = time.time() + 60
+        while not (got := read_back()) and time.time() < deadline:
+            time.sleep(1)
+        assert got, "Prometheus never read the filter's labelled counter"
+        labels = got[0]["metric"]
+        assert (labels["level"], labels["code"], labels["job"]) == ("S1", "none", "apisec-gateway")
+        # The gauges are measured every 10 s by one worker: the ban shows, and the replay store.
+        deadline = time.time() + 30
+        while time.time() < deadline and not prom.query('apisec_bans_active{subject="ip"} == 1'):
+            time.sleep(1)
+        assert prom.query('apisec_bans_active{subject="ip"} == 1'), "the active ban gauge never showed the ban"
+        cap = prom.query("apisec_replay_store_capacity")
+        assert cap and float(cap[0]["value"][1]) > 0
+        live = prom.query("apisec_replay_store_live")
+        assert live and float(live[0]["value"][1]) >= 1, "the S1 and S3 nonces are live in the replay store"
+        # A second shadow call, now that Prometheus has seen the counter's first value.
+        # (from another source address: 127.0.0.1 is banned by now)
+        again = c.raw("GET", c.http + "/api/v1/internal/export-all", [("x-app-id", "demo-partner")],
+                      source="127.0.0.2")
+        assert again.status_code == 403 and again.json()["error"] == "unknown_api"
+        time.sleep(3)  # enough scrapes for rate() over 1m
+
+        # Every query of the dashboard and the alert rules names metrics the gateway exports and
+        # evaluates in this Prometheus; the dashboard's panels show data for this traffic.
+        exported = prom.names()
+        empty_ok = {"Reported (report mode) by code"}  # no rule runs in report mode here
+        for title, expr in dashboard_queries():
+            promql = grafana_to_promql(expr)
+            missing = metric_names(promql) - exported
+            assert not missing, f"dashboard panel {title!r} reads metrics nobody exports: {missing}"
+            result = prom.query(promql)
+            if title not in empty_ok:
+                assert result, f"dashboard panel {title!r} shows nothing: {promql}"
+        for alert, expr in alert_queries():
+            missing = metric_names(expr) - exported
+            assert not missing, f"alert {alert} reads metrics nobody exports: {missing}"
+            prom.query(expr)
+        # The rules are loaded, and the ones this traffic should fire are pending or firing.
+        rules = requests.get(prom.url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+        loaded = {r["name"]: r for g in rules for r in g["rules"]}
+        assert set(loaded) == {a for a, _ in alert_queries()}
+        assert all(r["health"] == "ok" for r in loaded.values()), [r for r in loaded.values() if r["health"] != "ok"]
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            alerts = requests.get(prom.url + "/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+            active = {a["labels"]["alertname"] for a in alerts}
+            if {"ApisecShadowApiCalls", "ApisecBansActive"} <= active:
+                break
+            time.sleep(1)
+        assert {"ApisecShadowApiCalls", "ApisecBansActive"} <= active, active
+        assert "ApisecBackendUnhealthy" not in active
+    finally:
+        prom.stop()
