@@ -5,15 +5,19 @@ worker's chain; `apisec audit verify` finds a modified, deleted, inserted or reo
 its line, and a tail cut off against the checkpoints the gateway wrote to Envoy's log."""
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import hashlib
 import json
 import os
 import subprocess
 import time
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
-from conftest import AUDIT_KEY, AUDIT_KEY_VAR, CLI, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
+from conftest import (AUDIT_KEY, AUDIT_KEY_VAR, CLI, ROOT, Client, audit_lines, base_policy, gw, new_secret, read_audit,
+                      start_gateway)
 
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, signed
 
@@ -246,3 +250,81 @@ def test_personal_data_is_masked_wherever_it_is_logged(agw, secret):  # LOG-4
         assert secret_value not in text, secret_value
     rc, rep = verify(agw, agw.layout.audit_log)
     assert rc == 0, rep
+
+
+def evidence_verify(*files, keyring=None, policy=None, chain: bool = False) -> tuple[int, dict]:
+    args = [str(CLI), "audit", "verify", *map(str, files), "--evidence", "--format", "json"]
+    if keyring:
+        args += ["--keyring", str(keyring)]
+    if policy:
+        args += ["--policy", str(policy)]
+    if chain:
+        args += ["--key-env", AUDIT_KEY_VAR]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, AUDIT_KEY_VAR: AUDIT_KEY})
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_s3_evidence_reverified_after_key_rotation_and_forgery_found(agw, secret, tmp_path):  # DATA-4
+    """An S3 order's record keeps its signature evidence and the key's fingerprint. After the
+    partner's key is rotated out, `apisec audit verify --evidence` still re-verifies it against
+    the keyring `apisec policy apply` keeps (retired keys included); against the current policy
+    alone the key is unknown; an order whose evidence was rewritten (another quantity, with its
+    digest and hash recomputed, as an insider would) does not verify."""
+    c = Client(agw, secret)
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    order = c.send(c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256"))
+    assert order.status_code == 200, order.text
+    rid = order.json()["headers"]["x-request-id"]
+    ev = read_audit(agw, rid)["audit"]["evidence"]
+    der = serialization.load_pem_public_key((ROOT / "policies/demo-keys/demo-partner.pub.pem").read_bytes()) \
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ev["key_sha256"] == hashlib.sha256(der).hexdigest() and ev["keyid"] == "demo-partner-p256"
+    assert f'"content-digest": {ev["content_digest"]}' in ev["signature_base"]
+
+    keyring = agw.layout.ecds_dir / "public-keys.jsonl"
+    subprocess.run([str(CLI), "keygen", "p256", "--out", str(tmp_path / "rotated")], check=True, capture_output=True)
+    rotated = base_policy()
+    rotated["audit"]["checkpoint_seconds"] = 1
+    for app in rotated["apps"]:
+        for cred in app.get("credentials", []):
+            if cred["id"] == "demo-partner-p256":
+                cred["public_key_pem"] = (tmp_path / "rotated.pub.pem").read_text()
+    (tmp_path / "rotated.json").write_text(json.dumps(rotated))
+    try:
+        record = gw.apply_policy(json.dumps(rotated), agw.layout, actor="ops", source="rotation")
+        assert record["outcome"] == "applied" and record["keyring_added"] == 1
+        cred_change = next(ch for ch in record["changes"] if ch.get("id") == "demo-partner")
+        assert cred_change["fields"]["credentials"] == {"issued": [], "revoked": [], "rotated": ["demo-partner-p256"]}
+        # the old key signs no more
+        late = c.send(c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256"))
+        assert late.status_code == 401 and late.json()["error"] == "signature_invalid"
+
+        log = agw.layout.audit_log
+        lines = log.read_text().splitlines()
+        at = next(i for i, l in enumerate(lines, 1) if rid in l)
+        rc, rep = evidence_verify(log, keyring=keyring)
+        assert rc == 0, rep["findings"]
+        assert rep["evidence_checked"] == rep["evidence_verified"] >= 1
+        rc, rep = evidence_verify(log, policy=tmp_path / "rotated.json")
+        assert rc == 1 and ("evidence_key_unknown", at) in [(f["kind"], f["line"]) for f in rep["findings"]]
+
+        # An insider rewrites the order: 100 becomes 900, digest and hash recomputed to agree.
+        rec = json.loads(lines[at - 1])
+        forged_body = body.replace(b"100", b"900")
+        digest = "sha-256=:" + base64.b64encode(hashlib.sha256(forged_body).digest()).decode() + ":"
+        e = rec["evidence"]
+        e["signature_base"] = e["signature_base"].replace(e["content_digest"], digest)
+        e["content_digest"] = digest
+        e["signature_base_sha256"] = base64.b64encode(hashlib.sha256(e["signature_base"].encode()).digest()).decode()
+        forged = write(tmp_path, "forged.log", [*lines[:at - 1], json.dumps(rec, separators=(",", ":")), *lines[at:]])
+        rc, rep = evidence_verify(forged, keyring=keyring)
+        assert rc == 1 and [(f["kind"], f["line"]) for f in rep["findings"]] == [("evidence_invalid", at)], rep
+        assert "does not verify" in rep["findings"][0]["detail"]
+        # without the chain key the evidence alone finds it; with it, the chain does as well
+        rc, rep = evidence_verify(forged, keyring=keyring, chain=True)
+        assert {("modified", at), ("evidence_invalid", at)} <= {(f["kind"], f["line"]) for f in rep["findings"]}
+    finally:
+        restore = base_policy()
+        restore["audit"]["checkpoint_seconds"] = 1
+        gw.apply_policy(json.dumps(restore), agw.layout, actor="ops", source="restore")

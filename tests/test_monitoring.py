@@ -130,6 +130,13 @@ def mgw(tmp_path_factory, secret):
     doc = base_policy()
     # Bans by source after 30 refusals (the gauge below); the traffic before stays under it.
     doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600}
+    # An anomaly rule that every announcement call matches, in alert mode, and an SDK minimum
+    # the test's calls (which send no x-sdk-version) are flagged against: their metrics have data.
+    doc["anomalies"] = {"working_hours": [{"id": "never", "timezone": "UTC", "days": ["sun"], "from": "00:00",
+                                           "to": "00:01", "apis": ["info.announcements"], "action": "alert"}]}
+    for app in doc["apps"]:
+        if app["id"] == "demo-partner":
+            app["sdk"] = {"minimum": "2.1.0", "action": "flag"}
     g = start_gateway(tmp_path_factory.mktemp("gw-mon"), doc, secret=secret, concurrency=2)
     yield g
     g.stop()
@@ -139,6 +146,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
     c = Client(mgw, secret)
     # Allowed: S0 and S1, and an S3 order with a body (bytes in).
     assert c.get(QUOTE, headers={"x-app-id": "demo-partner"}).status_code == 200
+    assert c.get("/api/v1/info/announcements", headers={"x-app-id": "demo-partner"}).status_code == 200
     for _ in range(2):
         assert c.send(c.sign("GET", RESEARCH)).status_code == 200
     body = b'{"symbol":"600000","side":"buy","qty":100}'
@@ -206,8 +214,9 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         assert got, "Prometheus never read the filter's labelled counter"
         labels = got[0]["metric"]
         assert (labels["level"], labels["code"], labels["job"]) == ("S1", "none", "apisec-gateway")
-        # The gauges are measured every 10 s by one worker: the ban shows, and the replay store.
-        deadline = time.time() + 30
+        # One worker reads the store for the gauges, 128 keys a second (a pass over the default
+        # 1024 replay and 1024 source slots takes ~17 s): the ban shows, and the replay store.
+        deadline = time.time() + 60
         while time.time() < deadline and not prom.query('apisec_bans_active{subject="ip"} == 1'):
             time.sleep(1)
         assert prom.query('apisec_bans_active{subject="ip"} == 1'), "the active ban gauge never showed the ban"

@@ -46,6 +46,7 @@ apps:
     suspended: false
     allowed_ips: [10.0.0.0/8]
     onboarding: true
+    sdk: {minimum: "2.1.0", known_bad: ["2.3.1"], action: flag}
     credentials:
       - {id: k1, alg: hmac-sha256, secret_env: S}
       - id: k2
@@ -104,6 +105,11 @@ audit:
   chain_key_env: K
   checkpoint_seconds: 10
   mask: {keep_head: 3, keep_tail: 4, account_fields: [account_id]}
+anomalies:
+  working_hours:
+    - {id: h, timezone: "+08:00", days: [mon], from: "09:00", to: "15:00", apis: [a], apps: [app], action: alert}
+  usual_sources:
+    - {id: s, app: app, ranges: [10.1.0.0/16], action: block}
 """ % ("ab" * 32)
 
 

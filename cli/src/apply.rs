@@ -25,10 +25,11 @@ pub struct Args {
     pub timeout: Duration,
     pub env_file: Option<PathBuf>,
     pub ops_key_env: String,
+    pub keyring: Option<PathBuf>,
 }
 
 /// Parses `policy apply FILE --ecds PATH [--actor NAME] [--source TEXT] [--ops-log PATH]
-/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR]`.
+/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR] [--keyring PATH]`.
 pub fn parse(rest: &[&str]) -> Result<Args, String> {
     let mut it = rest.iter();
     let policy = it
@@ -45,6 +46,7 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
         timeout: Duration::from_secs(15),
         env_file: None,
         ops_key_env: crate::opslog::DEFAULT_KEY_ENV.into(),
+        keyring: None,
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -60,6 +62,7 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
             }
             "--env-file" => args.env_file = Some(PathBuf::from(value)),
             "--ops-key-env" => args.ops_key_env = value.to_string(),
+            "--keyring" => args.keyring = Some(PathBuf::from(value)),
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -393,9 +396,17 @@ pub fn apply(args: &Args) -> Result<(), String> {
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok());
     let items = changes(old.as_ref(), &new);
+    let mut keys_added = 0;
     if outcome == "applied" || outcome == "written" {
         std::fs::write(&applied, &policy_json)
             .map_err(|e| format!("{}: {e}", applied.display()))?;
+        // Every public key the gateway may accept S3 signatures under is kept for
+        // re-verification (DATA-4), also after a later policy rotates it out.
+        let keyring = args
+            .keyring
+            .clone()
+            .unwrap_or_else(|| args.ecds.with_file_name("public-keys.jsonl"));
+        keys_added = crate::keyring::remember(&keyring, &new, &crate::rfc3339_utc(now.as_secs()))?;
     }
     let reason = match outcome {
         "rejected" => Some("Envoy refused it; its log says why (apisec: policy refused: ...)"),
@@ -409,6 +420,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
             "reason": reason,
             "policy_sha256": crate::sha256_hex(policy_json.as_bytes()),
             "ecds_restored": restored,
+            "keyring_added": keys_added,
             "secrets_not_checked_here": unchecked,
             "changes": items,
         }),

@@ -5,13 +5,18 @@
 //! reordered or cut off (each finding names its file and line); 2: usage.
 
 use apisec_core::audit_chain::{self, ChainKey};
+use apisec_core::evidence;
 
-pub const USAGE: &str = "  apisec audit verify AUDIT_LOG... --key-env VAR [--key-env VAR]... [--checkpoints ENVOY_LOG]...
-              [--format text|json]
-                                          check the audit logs' chains (LOG-1): the first modified,
-                                          deleted, inserted or reordered record with its line, and a
-                                          tail cut off after a checkpoint in Envoy's log; the keys are
-                                          read from environment variables (base64), one per key in use";
+pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... [--checkpoints ENVOY_LOG]...
+              [--evidence [--keyring FILE]... [--policy FILE]...] [--format text|json]
+                                          check audit or operations logs' chains (LOG-1, LOG-5): the
+                                          first modified, deleted, inserted or reordered record with
+                                          its line, and a tail cut off after a checkpoint in Envoy's
+                                          log; the keys are read from environment variables (base64),
+                                          one per key in use. --evidence re-verifies every S3
+                                          record's signature (DATA-4) against the public keys of the
+                                          keyring (kept by policy apply, retired keys included) and
+                                          of the policies given";
 
 /// Runs the command; Ok(true) when the logs are intact.
 pub fn run(args: &[&str]) -> Result<bool, String> {
@@ -22,6 +27,9 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
     let mut key_envs = Vec::new();
     let mut checkpoints = Vec::new();
     let mut format = "text";
+    let mut evidence = false;
+    let mut keyrings = Vec::new();
+    let mut policies = Vec::new();
     let mut it = rest.iter();
     while let Some(&a) = it.next() {
         let mut value = || {
@@ -33,12 +41,20 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
             "--key-env" => key_envs.push(value()?),
             "--checkpoints" => checkpoints.push(value()?),
             "--format" => format = value()?,
+            "--evidence" => evidence = true,
+            "--keyring" => keyrings.push(value()?),
+            "--policy" => policies.push(value()?),
             s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
             file => files.push(file),
         }
     }
-    if files.is_empty() || key_envs.is_empty() {
-        return Err(format!("give the audit logs and --key-env\n{USAGE}"));
+    if files.is_empty() || (key_envs.is_empty() && !evidence) {
+        return Err(format!(
+            "give the logs, and --key-env or --evidence\n{USAGE}"
+        ));
+    }
+    if evidence && keyrings.is_empty() && policies.is_empty() {
+        return Err(format!("--evidence needs --keyring or --policy\n{USAGE}"));
     }
     let mut keys = Vec::new();
     for var in key_envs {
@@ -56,7 +72,24 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
             })
             .collect()
     };
-    let verdict = audit_chain::verify(&read(&files)?, &keys, &read(&checkpoints)?);
+    let logs = read(&files)?;
+    let mut verdict = if keys.is_empty() {
+        audit_chain::Verdict::default()
+    } else {
+        audit_chain::verify(&logs, &keys, &read(&checkpoints)?)
+    };
+    if evidence {
+        let mut ring = Vec::new();
+        for (name, text) in read(&keyrings)? {
+            ring.extend(crate::keyring::parse(&name, &text)?);
+        }
+        for p in &policies {
+            let raw = crate::load_policy(p)?;
+            let doc = serde_json::to_value(&raw).map_err(|e| e.to_string())?;
+            ring.extend(evidence::policy_keys(&doc));
+        }
+        evidence::verify_logs(&logs, &ring, &mut verdict);
+    }
     match format {
         "json" => println!(
             "{}",
@@ -67,8 +100,15 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
                 "{} record(s) in {} chain(s); {} checkpoint(s); {} line(s) of Envoy's own records",
                 verdict.records, verdict.chains, verdict.checkpoints, verdict.unchained
             );
-            if checkpoints.is_empty() {
+            if keys.is_empty() {
+                println!("no --key-env given: the chains were not checked");
+            } else if checkpoints.is_empty() {
                 println!("no --checkpoints given: a tail cut off the logs cannot be seen");
+            }
+            if let (Some(c), Some(v)) = (verdict.evidence_checked, verdict.evidence_verified) {
+                println!(
+                    "{c} S3 record(s) with evidence; {v} re-verified under the registered key"
+                );
             }
             for f in &verdict.findings {
                 println!(

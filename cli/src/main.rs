@@ -6,6 +6,7 @@ mod apply;
 mod audit;
 mod compliance;
 mod inventory;
+mod keyring;
 mod opslog;
 mod sessions;
 mod verify;
@@ -29,11 +30,14 @@ const USAGE: &str = "usage:
   apisec policy env FILE                  print the environment variables the policy names for
                                           secrets, one per line (Envoy's host_env_keys)
   apisec policy apply FILE --ecds PATH [--admin HOST:PORT] [--actor NAME] [--source TEXT]
-              [--ops-log PATH] [--timeout SECONDS] [--env-file PATH]
+              [--ops-log PATH] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR]
+              [--keyring PATH]
                                           validate (secrets too, where set here or in --env-file),
                                           write into Envoy's ECDS file atomically, wait until Envoy
-                                          loads or rejects it (--admin), log the outcome and every
-                                          change to the operations log (LVL-4, BWL-3, LOG-5)
+                                          loads or rejects it (--admin), log the outcome, who, and
+                                          every change to the operations log, chained under
+                                          APISEC_OPS_KEY (LVL-4, BWL-3, LOG-5); keep the policy's
+                                          public keys in the keyring (DATA-4)
   apisec grants list FILE [--app APP]     list grants (all, or one caller's) with their validity (OPS-3)
   apisec grants revoke FILE --app APP [--grant ID]
                                           print the policy without that caller's grants (or one

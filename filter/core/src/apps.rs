@@ -59,6 +59,9 @@ pub struct RawApp {
     /// with its own. Off by default; never for production apps (`apisec compliance` shows it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub onboarding: bool,
+    /// The SDK versions this app's callers must run (`x-sdk-version`, sdk.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk: Option<crate::sdk::RawSdk>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -111,6 +114,8 @@ pub enum KeyMaterial {
     /// SubjectPublicKeyInfo DER, as Envoy's `verify_signature` wants it.
     P256 {
         spki_der: Vec<u8>,
+        /// Its fingerprint (evidence.rs), named by S3 evidence (DATA-4).
+        sha256: String,
     },
 }
 
@@ -154,6 +159,7 @@ pub struct App {
     pub suspended: bool,
     pub allowed_ips: Vec<Cidr>,
     pub onboarding: bool,
+    pub sdk: Option<crate::sdk::SdkRule>,
 }
 
 impl App {
@@ -169,16 +175,12 @@ fn valid_env_name(s: &str) -> bool {
 }
 
 fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
-    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
-    let key = p256::PublicKey::from_public_key_pem(pem.trim()).map_err(|_| {
+    crate::evidence::spki_from_pem(pem).ok_or_else(|| {
         ConfigError::new(
             field,
             "not a P-256 public key in PEM SubjectPublicKeyInfo form",
         )
-    })?;
-    key.to_public_key_der()
-        .map(|d| d.as_bytes().to_vec())
-        .map_err(|_| ConfigError::new(field, "cannot encode the public key"))
+    })
 }
 
 /// An HMAC credential: the App_Secret comes from the environment variable it names (never
@@ -251,8 +253,10 @@ fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError>
             "an ecdsa-p256-sha256 credential needs public_key_pem",
         ));
     };
+    let spki_der = decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?;
     Ok(KeyMaterial::P256 {
-        spki_der: decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?,
+        sha256: crate::evidence::key_fingerprint(&spki_der),
+        spki_der,
     })
 }
 
@@ -363,6 +367,11 @@ pub fn compile(
                     suspended: app.suspended,
                     allowed_ips,
                     onboarding: app.onboarding,
+                    sdk: app
+                        .sdk
+                        .as_ref()
+                        .map(|r| r.compile(&format!("{field}.sdk")))
+                        .transpose()?,
                 },
             )
             .is_some()

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
+use crate::anomaly::Anomaly;
 use crate::engine::{Evidence, RequestContext};
 use crate::error::Deny;
 use crate::masking::Masking;
@@ -72,6 +73,20 @@ pub struct AuditRecord<'a> {
     pub upstream: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<&'a str>,
+    /// The caller's SDK when it is not acceptable: the version it sent, why, and the action.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sdk: Option<SdkRecord<'a>>,
+    /// Anomaly rules the call matched (MON-3, MON-7, MON-9).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub anomalies: &'a [Anomaly],
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SdkRecord<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<Cow<'a, str>>,
+    pub status: &'static str,
+    pub action: &'static str,
 }
 
 /// What the stream carried, as the filter saw it pass: the status the client got, body bytes
@@ -248,6 +263,12 @@ pub fn record(
         bytes_out: facts.bytes_out,
         upstream: facts.upstream.as_deref(),
         details: facts.details.as_deref(),
+        sdk: ctx.sdk.as_ref().map(|f| SdkRecord {
+            version: f.version.as_deref().map(|v| input.mask.text(v)),
+            status: f.status.as_str(),
+            action: f.action.as_str(),
+        }),
+        anomalies: &ctx.anomalies,
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
         format!(

@@ -283,7 +283,8 @@ pub struct Place {
 pub struct Finding {
     #[serde(flatten)]
     pub at: Place,
-    /// modified, deleted, inserted, reordered, truncated, unreadable, unknown_key
+    /// modified, deleted, inserted, reordered, truncated, unreadable, unknown_key;
+    /// evidence_invalid, evidence_key_unknown (evidence.rs)
     pub kind: &'static str,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub chain: String,
@@ -302,6 +303,11 @@ pub struct Verdict {
     /// the filter (`"source":"envoy"`), counted, not checked.
     pub unchained: usize,
     pub checkpoints: usize,
+    /// With `--evidence`: S3 records whose evidence was checked, and how many verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_checked: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub evidence_verified: Option<usize>,
     pub findings: Vec<Finding>,
 }
 

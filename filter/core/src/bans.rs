@@ -246,36 +246,63 @@ impl BanSettings {
             .unwrap_or(0)
     }
 
-    /// Bans in force now (a gauge for MON-4): on the policy's apps, and on sources. Reads each
-    /// app's key and every source slot once. A source ban lifted by range is counted until it
-    /// ends (the store keeps a fingerprint of the source, not the address).
-    pub fn active<'a>(
+    fn live_in(
+        &self,
+        store: &dyn SharedStore,
+        key: &str,
+        lift: u64,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        Ok(store
+            .get(key)?
+            .map(|(v, _)| {
+                v.chunks_exact(ENTRY)
+                    .map(Record::decode)
+                    .filter(|r| r.banned_until > now && r.banned_at >= lift)
+                    .count() as u64
+            })
+            .unwrap_or(0))
+    }
+
+    /// How many slots hold per-source counters.
+    pub fn ip_slots(&self) -> u32 {
+        self.ip_slots
+    }
+
+    /// Bans in force now on the policy's apps (a gauge for MON-4): one read per app.
+    pub fn active_apps<'a>(
         &self,
         store: &dyn SharedStore,
         apps: impl Iterator<Item = &'a str>,
         now: u64,
-    ) -> Result<(u64, u64), StoreError> {
-        let live = |key: &str, lift: u64| -> Result<u64, StoreError> {
-            Ok(store
-                .get(key)?
-                .map(|(v, _)| {
-                    v.chunks_exact(ENTRY)
-                        .map(Record::decode)
-                        .filter(|r| r.banned_until > now && r.banned_at >= lift)
-                        .count() as u64
-                })
-                .unwrap_or(0))
-        };
-        let mut by_app = 0u64;
+    ) -> Result<u64, StoreError> {
+        let mut n = 0u64;
         for app in apps {
             let subject = Subject::App(app);
-            by_app = by_app.saturating_add(live(&self.locate(subject).0, self.lifted_at(subject))?);
+            n = n.saturating_add(self.live_in(
+                store,
+                &self.locate(subject).0,
+                self.lifted_at(subject),
+                now,
+            )?);
         }
-        let mut by_ip = 0u64;
-        for slot in 0..self.ip_slots {
-            by_ip = by_ip.saturating_add(live(&ip_key(u64::from(slot)), 0)?);
+        Ok(n)
+    }
+
+    /// Bans in force now on sources, in the source slots `slots` (a pass over every slot is
+    /// spread over several calls). A source ban lifted by range is counted until it ends (the
+    /// store keeps a fingerprint of the source, not the address).
+    pub fn active_sources(
+        &self,
+        store: &dyn SharedStore,
+        slots: std::ops::Range<u32>,
+        now: u64,
+    ) -> Result<u64, StoreError> {
+        let mut n = 0u64;
+        for slot in slots {
+            n = n.saturating_add(self.live_in(store, &ip_key(u64::from(slot)), 0, now)?);
         }
-        Ok((by_app, by_ip))
+        Ok(n)
     }
 
     /// A live ban on the subject: refused with `banned` until it ends.
@@ -455,10 +482,13 @@ mod tests {
         s.record_refusal(&store, Subject::App("b"), 1_800_000_000)
             .unwrap(); // counted, not banned
         let apps = ["a", "b", "c"];
-        assert_eq!(
-            s.active(&store, apps.into_iter(), 1_800_000_010).unwrap(),
-            (1, 1)
-        );
+        let active = |s: &BanSettings, now| {
+            (
+                s.active_apps(&store, apps.into_iter(), now).unwrap(),
+                s.active_sources(&store, 0..s.ip_slots, now).unwrap(),
+            )
+        };
+        assert_eq!(active(&s, 1_800_000_010), (1, 1));
         let lifted = settings(vec![RawLift {
             app: Some("a".into()),
             ip: None,
@@ -466,14 +496,9 @@ mod tests {
             by: "ops".into(),
             reason: "checked".into(),
         }]);
-        assert_eq!(
-            lifted
-                .active(&store, apps.into_iter(), 1_800_000_010)
-                .unwrap(),
-            (0, 1)
-        );
+        assert_eq!(active(&lifted, 1_800_000_010), (0, 1));
         let after = 1_800_000_002 + s.ban_seconds;
-        assert_eq!(s.active(&store, apps.into_iter(), after).unwrap(), (0, 0));
+        assert_eq!(active(&s, after), (0, 0));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use sha2::Digest as _;
 
 use crate::access;
+use crate::anomaly;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
 use crate::fields;
@@ -16,6 +17,7 @@ use crate::lists;
 use crate::message::{signature_base, Method, Request};
 use crate::policy::{Api, App, KeyMaterial, OverrideMode, Policy, SecurityLevel};
 use crate::routes;
+use crate::sdk;
 use crate::sessions;
 use crate::sf::{self, BareItem, InnerList, Member};
 use crate::state::{BanSubject, Op, SessionCall};
@@ -104,6 +106,10 @@ pub struct Evidence {
     pub signature_base: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content_digest: Option<String>,
+    /// The fingerprint of the public key that verified it (evidence.rs): re-verification finds
+    /// the key by it, also after the key was rotated out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_sha256: Option<String>,
 }
 
 /// What is known about a request so far; filled as the checks go, so that a refusal's audit
@@ -152,6 +158,10 @@ pub struct RequestContext {
     pub operator: Option<String>,
     /// The user the session carries and the factors they logged in with, once read (ID-4).
     pub session_user: Option<(String, u8)>,
+    /// The caller's SDK version when it is not acceptable (sdk.rs): flagged or refused.
+    pub sdk: Option<sdk::SdkFlag>,
+    /// Anomaly rules the call matched (anomaly.rs): recorded, counted, and refused if one blocks.
+    pub anomalies: Vec<anomaly::Anomaly>,
 }
 
 /// The session endpoints the gateway answers itself (sessions.rs).
@@ -420,6 +430,22 @@ pub fn check_headers(
 
     if api.level > SecurityLevel::S0 {
         authenticate(policy, req, app, api, has_body, now, host.verifier, ctx)?;
+    }
+    if let Some(rule) = &app.sdk {
+        let sent = req.unique_header(sdk::SDK_HEADER)?;
+        let (flag, refused) = sdk::check(rule, sent);
+        ctx.sdk = flag;
+        if let Some(d) = refused {
+            return Err(d);
+        }
+    }
+    if !policy.anomalies.is_empty() {
+        ctx.anomalies = policy
+            .anomalies
+            .check(&app.id, &api.id, req.conn.client_ip, now);
+        if let Some(d) = anomaly::blocking(&ctx.anomalies) {
+            return Err(d);
+        }
     }
     if presents_session(policy, api) {
         check_session_headers(req, ctx)?;
@@ -838,7 +864,7 @@ fn verify_signature(
     let base = signature_base(req, input, policy.max_signature_base_bytes)?;
     let ok = match &cred.key {
         KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
-        KeyMaterial::P256 { spki_der } => verifier
+        KeyMaterial::P256 { spki_der, .. } => verifier
             .verify_p256_sha256(spki_der, base.as_bytes(), signature_bytes)
             .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
     };
@@ -861,6 +887,10 @@ fn verify_signature(
                 .encode(sha2::Sha256::digest(base.as_bytes())),
             signature_base: base,
             content_digest: digest.map(str::to_string),
+            key_sha256: match &cred.key {
+                KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),
+                KeyMaterial::Hmac(_) => None,
+            },
         });
     }
     Ok(covered.contains(&USER_HEADER))

@@ -133,6 +133,12 @@ deny_reasons! {
     LoginReportInvalid => ("login_report_invalid", 502),
     /// The operator path was reached without an operator's client certificate (SES-4, OPS-6).
     OperatorNotAllowed => ("operator_not_allowed", 403),
+    /// The caller's SDK (`x-sdk-version`) is below its app's minimum, a known-bad version,
+    /// missing or not a version, and the app's `sdk.action` is `refuse`.
+    SdkOutdated => ("sdk_outdated", 403),
+    /// An anomaly rule in block mode matched: outside working hours, or from outside the app's
+    /// usual source ranges (MON-3, MON-7, MON-9).
+    AnomalyBlocked => ("anomaly_blocked", 403),
     /// The request came through an Envoy route the policy does not name, or the route does not
     /// serve this API (per-route policy).
     RouteNotAllowed => ("route_not_allowed", 403),

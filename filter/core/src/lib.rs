@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod anomaly;
 pub mod apps;
 pub mod audit;
 pub mod audit_chain;
@@ -15,6 +16,7 @@ pub mod crypto;
 pub mod diagnose;
 pub mod engine;
 pub mod error;
+pub mod evidence;
 pub mod fields;
 pub mod inventory;
 pub mod ip;
@@ -29,6 +31,7 @@ pub mod policy;
 pub mod replay;
 pub mod report;
 pub mod routes;
+pub mod sdk;
 pub mod sessions;
 pub mod sf;
 pub mod signer;

@@ -27,6 +27,7 @@ use crate::message::{self, Request};
 use crate::metrics::{self, Sample};
 use crate::policy::{Policy, SecurityLevel};
 use crate::report;
+use crate::sdk;
 use crate::sessions::{self, Scope};
 use crate::state::{Answer, Batch, Op};
 use crate::store::{SharedStore, StoreMeta};
@@ -153,6 +154,8 @@ pub struct Step {
     pub remove_headers: Vec<String>,
     /// Response headers to remove before the response leaves (the login service's report).
     pub remove_response_headers: Vec<String>,
+    /// Response headers to set before the response leaves (an outdated SDK's flag).
+    pub response_headers: Vec<(String, String)>,
     /// Set the verified identity headers for the upstream now: what
     /// [`Stream::identity_headers`] lends (borrowed, not copied into the step).
     pub set_identity: bool,
@@ -176,6 +179,7 @@ impl Step {
             action,
             remove_headers: Vec::new(),
             remove_response_headers: Vec::new(),
+            response_headers: Vec::new(),
             set_identity: false,
             response_body: None,
             audit: None,
@@ -197,6 +201,7 @@ impl Step {
         self.remove_headers.extend(next.remove_headers);
         self.remove_response_headers
             .extend(next.remove_response_headers);
+        self.response_headers.extend(next.response_headers);
         self.set_identity |= next.set_identity;
         if next.response_body.is_some() {
             self.response_body = next.response_body;
@@ -445,6 +450,17 @@ impl Stream {
             bytes_out: facts.bytes_out.unwrap_or(0),
             duration_ms: facts.duration_ms,
             shadow,
+            anomalies: self
+                .ctx
+                .anomalies
+                .iter()
+                .map(|a| (metrics::label(&a.rule).into_owned(), a.action))
+                .collect(),
+            sdk: self
+                .ctx
+                .sdk
+                .as_ref()
+                .map(|f| (f.status.as_str(), f.action.as_str())),
         }
     }
 
@@ -1243,7 +1259,14 @@ impl Stream {
                 .response_header(":status")
                 .and_then(|s| s.trim().parse().ok());
         }
-        let step = self.ev_response_headers(end_of_stream, env);
+        let mut step = self.ev_response_headers(end_of_stream, env);
+        // A call let through on an outdated SDK says so on its answer (sdk.rs).
+        if let (Some(flag), false) = (&self.ctx.sdk, matches!(step.action, Action::Refuse { .. })) {
+            if flag.action == sdk::SdkAction::Flag && !self.traffic.own_reply {
+                step.response_headers
+                    .push((sdk::FLAG_HEADER.to_string(), flag.header()));
+            }
+        }
         self.out(step, env)
     }
 

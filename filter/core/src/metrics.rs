@@ -28,6 +28,8 @@ pub const REQUEST_BYTES: &str = "apisec.request_bytes_total";
 pub const RESPONSE_BYTES: &str = "apisec.response_bytes_total";
 pub const DURATION: &str = "apisec.request_duration_ms";
 pub const SHADOW_CALLS: &str = "apisec.shadow_calls_total";
+pub const ANOMALIES: &str = "apisec.anomalies_total";
+pub const SDK_OUTDATED: &str = "apisec.sdk_outdated_total";
 pub const POLICY_INFO: &str = "apisec.policy_info";
 pub const BANS_ACTIVE: &str = "apisec.bans_active";
 pub const REPLAY_LIVE: &str = "apisec.replay_store_live";
@@ -49,6 +51,10 @@ pub struct Sample {
     pub duration_ms: Option<u64>,
     /// The path matched no API of the inventory (a shadow API call).
     pub shadow: bool,
+    /// Anomaly rules matched: rule id and action (alert, block).
+    pub anomalies: Vec<(String, &'static str)>,
+    /// An SDK not acceptable: why (below_minimum, ...) and the action (refuse, flag).
+    pub sdk: Option<(&'static str, &'static str)>,
 }
 
 /// A label value as it may sit in a stat name: `;` and `=` delimit labels, and Envoy's
@@ -113,6 +119,26 @@ impl Sample {
         named(&mut s, "api", &self.api);
         s
     }
+    /// `apisec.anomalies_total;app=..;rule=..;action=..`, one per rule matched.
+    pub fn anomalies(&self) -> impl Iterator<Item = String> + '_ {
+        self.anomalies.iter().map(|(rule, action)| {
+            let mut s = String::from(ANOMALIES);
+            named(&mut s, "app", &self.app);
+            named(&mut s, "rule", rule);
+            named(&mut s, "action", action);
+            s
+        })
+    }
+    /// `apisec.sdk_outdated_total;app=..;status=..;action=..`
+    pub fn sdk_outdated(&self) -> Option<String> {
+        self.sdk.map(|(status, action)| {
+            let mut s = String::from(SDK_OUTDATED);
+            named(&mut s, "app", &self.app);
+            named(&mut s, "status", status);
+            named(&mut s, "action", action);
+            s
+        })
+    }
     /// `apisec.shadow_calls_total;app=..`
     pub fn shadow(&self) -> String {
         let mut s = String::from(SHADOW_CALLS);
@@ -146,11 +172,14 @@ pub struct ReplayFill {
 }
 
 /// The key whose owner measures the store's gauges this round: one worker of the replica
-/// reads the store every `GAUGE_SECONDS`, not every worker.
+/// starts a pass every `GAUGE_SECONDS`, not every worker.
 const GAUGE_TURN_KEY: &str = "apisec/metrics/gauges-at";
 pub const GAUGE_SECONDS: u64 = 10;
+/// Store keys one tick reads at most: a pass over a large store is spread over ticks, so that
+/// no tick holds its worker (and the requests queued on it) for long.
+pub const GAUGE_KEYS_PER_TICK: u32 = 128;
 
-/// Whether this worker measures the gauges now: it is due, and this worker claimed the round.
+/// Whether this worker starts a pass now: it is due, and this worker claimed the round.
 pub fn gauge_turn(store: &dyn SharedStore, now: u64) -> bool {
     let last = match store.get(GAUGE_TURN_KEY) {
         Ok(Some((v, cas))) => Some((
@@ -171,26 +200,64 @@ pub fn gauge_turn(store: &dyn SharedStore, now: u64) -> bool {
     }
 }
 
-/// The gauges of the local state store (Envoy shared data): active bans by subject and the
-/// replay store's fill. With the `cluster` backend the state is in the cluster store, whose
-/// own exporter reports it; these read nothing then.
-pub fn store_gauges(policy: &Policy, store: &dyn SharedStore, now: u64) -> Vec<(String, u64)> {
-    if !matches!(policy.state, StateBackend::Local) {
-        return Vec::new();
-    }
-    let mut out = Vec::new();
-    if let Some(bans) = &policy.bans {
-        if let Ok((apps, ips)) = bans.active(store, policy.app_ids(), now) {
-            out.push((format!("{BANS_ACTIVE};subject=app"), apps));
-            out.push((format!("{BANS_ACTIVE};subject=ip"), ips));
+/// One pass over the local state store (Envoy shared data) for its gauges: active bans by
+/// subject and the replay store's fill, `GAUGE_KEYS_PER_TICK` keys a tick. With the `cluster`
+/// backend the state is in the cluster store, whose own exporter reports it; there is no pass.
+#[derive(Debug, Clone, Default)]
+pub struct GaugePass {
+    /// The next key: replay slots first, then ban source slots, then the apps' ban keys.
+    next: u32,
+    replay: ReplayFill,
+    ban_sources: u64,
+}
+
+impl GaugePass {
+    /// Reads the next keys. Some(gauges) when the pass is complete; None while it goes on.
+    /// A store that cannot answer ends the pass with nothing published.
+    pub fn step(
+        &mut self,
+        policy: &Policy,
+        store: &dyn SharedStore,
+        now: u64,
+    ) -> Option<Vec<(String, u64)>> {
+        if !matches!(policy.state, StateBackend::Local) {
+            return Some(Vec::new());
         }
+        let replay_slots = policy.replay.slots;
+        let ban_slots = policy.bans.as_ref().map_or(0, |b| b.ip_slots());
+        let end = self.next.saturating_add(GAUGE_KEYS_PER_TICK);
+        if self.next < replay_slots {
+            let range = self.next..end.min(replay_slots);
+            self.next = range.end;
+            if replay::fill(store, &policy.replay, now, range, &mut self.replay).is_err() {
+                return Some(Vec::new());
+            }
+            return None;
+        }
+        let sources_end = replay_slots.saturating_add(ban_slots);
+        if let (Some(bans), true) = (&policy.bans, self.next < sources_end) {
+            let range = self.next - replay_slots..end.min(sources_end) - replay_slots;
+            self.next = end.min(sources_end);
+            match bans.active_sources(store, range, now) {
+                Ok(n) => self.ban_sources = self.ban_sources.saturating_add(n),
+                Err(_) => return Some(Vec::new()),
+            }
+            return None;
+        }
+        let mut out = vec![
+            (REPLAY_LIVE.into(), self.replay.live),
+            (REPLAY_CAPACITY.into(), self.replay.capacity),
+            (REPLAY_FULLEST.into(), self.replay.fullest_pct),
+        ];
+        if let Some(bans) = &policy.bans {
+            let Ok(apps) = bans.active_apps(store, policy.app_ids(), now) else {
+                return Some(Vec::new());
+            };
+            out.push((format!("{BANS_ACTIVE};subject=app"), apps));
+            out.push((format!("{BANS_ACTIVE};subject=ip"), self.ban_sources));
+        }
+        Some(out)
     }
-    if let Ok(f) = replay::fill(store, &policy.replay, now) {
-        out.push((REPLAY_LIVE.into(), f.live));
-        out.push((REPLAY_CAPACITY.into(), f.capacity));
-        out.push((REPLAY_FULLEST.into(), f.fullest_pct));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -208,6 +275,8 @@ mod tests {
             bytes_out: 20,
             duration_ms: Some(3),
             shadow: false,
+            anomalies: vec![("night".into(), "alert")],
+            sdk: Some(("known_bad", "flag")),
         }
     }
 
@@ -223,6 +292,71 @@ mod tests {
             "apisec.request_duration_ms;app=broker-a;api=orders.place"
         );
         assert_eq!(s.shadow(), "apisec.shadow_calls_total;app=broker-a");
+        assert_eq!(
+            s.anomalies().collect::<Vec<_>>(),
+            ["apisec.anomalies_total;app=broker-a;rule=night;action=alert"]
+        );
+        assert_eq!(
+            s.sdk_outdated().unwrap(),
+            "apisec.sdk_outdated_total;app=broker-a;status=known_bad;action=flag"
+        );
+    }
+
+    /// MON-2, MON-4: a pass over the local store is spread over ticks, and its gauges count
+    /// the live nonces and the bans in force.
+    #[test]
+    fn a_gauge_pass_reads_the_store_a_few_keys_a_tick() {
+        use crate::bans::Subject;
+        use crate::store::{self, MemoryStore};
+        let doc = serde_json::json!({
+            "version": 1,
+            "gateway": {"replay": {"slots": 300, "entries_per_slot": 8}},
+            "apis": [{"id": "quote", "method": "GET", "path": "/q", "level": "S0", "service_object": "toC",
+                      "access": "read", "user_auth": false, "personal_info": false, "function": "market_data"}],
+            "apps": [{"id": "app-a"}],
+            "bans": {"threshold": 1, "window_seconds": 60, "ban_seconds": 600, "ip_slots": 100}
+        });
+        let secrets = std::collections::HashMap::<String, String>::new();
+        let policy = Policy::from_json(&doc.to_string(), &secrets).unwrap();
+        let db = MemoryStore::default();
+        let meta = store::open(&db, [1; 16], 100, 300).unwrap();
+        replay::init_slots(&db, &policy.replay, &meta).unwrap();
+        for n in 0..3 {
+            replay::check(
+                &db,
+                &meta,
+                &policy.replay,
+                300,
+                "app-a",
+                &format!("n{n}"),
+                200,
+                200,
+                true,
+            )
+            .unwrap();
+        }
+        let bans = policy.bans.as_ref().unwrap();
+        bans.record_refusal(&db, Subject::App("app-a"), 200)
+            .unwrap();
+        bans.record_refusal(&db, Subject::Ip("192.0.2.1".parse().unwrap()), 200)
+            .unwrap();
+        assert_eq!(policy.app_ids().collect::<Vec<_>>(), ["app-a"]);
+        assert_eq!(bans.active_apps(&db, policy.app_ids(), 201).unwrap(), 1);
+        let mut pass = GaugePass::default();
+        let mut ticks = 1;
+        let gauges = loop {
+            if let Some(g) = pass.step(&policy, &db, 201) {
+                break g;
+            }
+            ticks += 1;
+        };
+        // 300 replay slots at 128 keys a tick, 100 source slots, then the apps
+        assert_eq!(ticks, 5);
+        let get = |n: &str| gauges.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        assert_eq!(get(REPLAY_LIVE), Some(3));
+        assert_eq!(get(REPLAY_CAPACITY), Some(2400));
+        assert_eq!(get("apisec.bans_active;subject=app"), Some(1));
+        assert_eq!(get("apisec.bans_active;subject=ip"), Some(1));
     }
 
     #[test]

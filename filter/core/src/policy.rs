@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{self, Grant, RawGrant};
+use crate::anomaly::{Anomalies, RawAnomalies};
 use crate::apps;
 pub use crate::apps::{
     Algorithm, App, CertBinding, Credential, KeyMaterial, RawApp, RawCertificate, RawCredential,
@@ -67,6 +68,9 @@ pub struct RawPolicy {
     /// The audit chain (LOG-1): its key's environment variable, the checkpoint period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<RawAudit>,
+    /// Anomaly rules (MON-3, MON-7, MON-9): working hours, usual source ranges; alert or block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomalies: Option<RawAnomalies>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -203,6 +207,7 @@ pub struct Policy {
     pub routes: Vec<Route>,
     pub sessions: Option<Sessions>,
     pub audit: AuditSettings,
+    pub anomalies: Anomalies,
 }
 
 /// The minimum every signature covers (DESIGN.md "Wire protocol").
@@ -296,7 +301,20 @@ impl RawPolicy {
             ));
         }
 
+        let anomalies = self
+            .anomalies
+            .as_ref()
+            .map(|a| {
+                a.compile(
+                    |id| apis.iter().any(|x| x.id == id),
+                    |id| apps.contains_key(id),
+                )
+            })
+            .transpose()?
+            .unwrap_or_default();
+
         Ok(Policy {
+            anomalies,
             mode: g.mode,
             report_only_s3: g.report_only_s3,
             routes,
@@ -629,7 +647,7 @@ mod tests {
             matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32)
         );
         assert!(
-            matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der } if spki_der.len() == 91)
+            matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der, .. } if spki_der.len() == 91)
         );
     }
 

@@ -202,19 +202,19 @@ pub fn check(
     ))
 }
 
-/// How full the replay store is (a gauge for MON-2): live nonces in every slot, the capacity,
-/// and the fill of the fullest slot in percent. Reads every slot once.
+/// Adds the fill of replay slots `slots` to `acc` (a gauge for MON-2): live nonces, and the
+/// fullest slot in percent. A pass over the whole store is spread over several calls, so that
+/// no call holds a worker long (metrics.rs).
 pub fn fill(
     store: &dyn SharedStore,
     settings: &ReplaySettings,
     now: u64,
-) -> Result<crate::metrics::ReplayFill, StoreError> {
+    slots: std::ops::Range<u32>,
+    acc: &mut crate::metrics::ReplayFill,
+) -> Result<(), StoreError> {
     let per_slot = u64::from(settings.entries_per_slot.max(1));
-    let mut out = crate::metrics::ReplayFill {
-        capacity: u64::from(settings.slots).saturating_mul(per_slot),
-        ..Default::default()
-    };
-    for slot in 0..settings.slots {
+    acc.capacity = u64::from(settings.slots).saturating_mul(per_slot);
+    for slot in slots {
         let Some((value, _)) = store.get(&slot_key(slot))? else {
             continue;
         };
@@ -224,10 +224,10 @@ pub fn fill(
             .chunks_exact(ENTRY)
             .filter(|e| u64_at(e, 24) > now)
             .count() as u64;
-        out.live = out.live.saturating_add(live);
-        out.fullest_pct = out.fullest_pct.max(live.saturating_mul(100) / per_slot);
+        acc.live = acc.live.saturating_add(live);
+        acc.fullest_pct = acc.fullest_pct.max(live.saturating_mul(100) / per_slot);
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,13 +258,16 @@ mod tests {
         for n in 0..5 {
             rec(&store, &meta, &s, "a", &format!("n{n}"), 200, 200).unwrap();
         }
-        let f = fill(&store, &s, 200).unwrap();
+        let mut f = crate::metrics::ReplayFill::default();
+        fill(&store, &s, 200, 0..1, &mut f).unwrap();
+        fill(&store, &s, 200, 1..2, &mut f).unwrap();
         assert_eq!((f.live, f.capacity), (5, 8));
         assert!(
             f.fullest_pct >= 75,
             "five nonces in two slots of four: one holds three or more"
         );
-        let later = fill(&store, &s, 200 + 601).unwrap();
+        let mut later = crate::metrics::ReplayFill::default();
+        fill(&store, &s, 200 + 601, 0..2, &mut later).unwrap();
         assert_eq!(
             (later.live, later.fullest_pct),
             (0, 0),

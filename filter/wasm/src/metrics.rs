@@ -107,6 +107,12 @@ impl Metrics {
         if s.shadow {
             self.later(s.shadow(), 1);
         }
+        for name in s.anomalies() {
+            self.later(name, 1);
+        }
+        if let Some(name) = s.sdk_outdated() {
+            self.later(name, 1);
+        }
         if let Some(ms) = s.duration_ms {
             if let Some(id) = self.series(s.per_api(series::DURATION), MetricType::Histogram) {
                 let _ = hostcalls::record_metric(id, ms);

@@ -65,6 +65,8 @@ pub struct ApisecRoot {
     opening: Option<u32>,
     /// Ticks since the audit chain's head was last written to Envoy's log.
     since_checkpoint: u64,
+    /// This worker's pass over the state store for the gauges, while one goes on.
+    gauges: Option<metrics::GaugePass>,
 }
 
 impl ApisecRoot {
@@ -223,8 +225,14 @@ impl RootContext for ApisecRoot {
         if let Some(m) = &self.metrics {
             m.flush();
             if let (Some(config), Some(now)) = (&self.config, now_secs()) {
-                if metrics::gauge_turn(&EnvoyStore, now) {
-                    m.gauges(metrics::store_gauges(&config.policy, &EnvoyStore, now));
+                if self.gauges.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
+                    self.gauges = Some(metrics::GaugePass::default());
+                }
+                if let Some(pass) = &mut self.gauges {
+                    if let Some(values) = pass.step(&config.policy, &EnvoyStore, now) {
+                        m.gauges(values);
+                        self.gauges = None;
+                    }
                 }
             }
         }

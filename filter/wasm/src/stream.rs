@@ -108,6 +108,9 @@ impl ApisecHttp {
         for name in &step.remove_response_headers {
             let _ = hostcalls::remove_map_value(MapType::HttpResponseHeaders, name);
         }
+        for (name, value) in &step.response_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
+        }
         if step.set_identity {
             for (name, value) in self.stream.identity_headers() {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
