@@ -163,7 +163,10 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     # An older build may not know every field of this one (app_entries_per_slot came later).
     old_policy = json.loads(json.dumps(policy))
     old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
-    pass  # TEMP A/B: old_policy.pop("audit", None)
+    # The audit chain came with issue 13; a "before" build from after it keeps the chain, so that
+    # the comparison is like for like (BENCH_BEFORE_HAS_AUDIT=1).
+    if not os.environ.get("BENCH_BEFORE_HAS_AUDIT"):
+        old_policy.pop("audit", None)
     before = {"name": "apisec_before", "typed_config": gw.wasm_filter_config(json.dumps(old_policy), layout)}
     before["typed_config"]["config"]["vm_config"].update(
         vm_id="apisec.before", code={"local": {"filename": str(Path(BEFORE_WASM).resolve())}})
