@@ -168,10 +168,7 @@ pub(crate) fn load_policy(file: &str) -> Result<RawPolicy, String> {
 /// Lowercase hex SHA-256.
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    apisec_core::crypto::hex(&sha2::Sha256::digest(data))
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds.
