@@ -200,6 +200,12 @@ pub fn gauge_turn(store: &dyn SharedStore, now: u64) -> bool {
     }
 }
 
+/// Keeps the round of a pass that is still going: other workers do not start a second pass
+/// beside it, and take over `GAUGE_SECONDS` after it stopped moving (its worker stopped).
+pub fn gauge_hold(store: &dyn SharedStore, now: u64) {
+    let _ = store.set(GAUGE_TURN_KEY, &now.to_le_bytes(), None);
+}
+
 /// One pass over the local state store (Envoy shared data) for its gauges: active bans by
 /// subject and the replay store's fill, `GAUGE_KEYS_PER_TICK` keys a tick. With the `cluster`
 /// backend the state is in the cluster store, whose own exporter reports it; there is no pass.
@@ -342,6 +348,17 @@ mod tests {
             .unwrap();
         assert_eq!(policy.app_ids().collect::<Vec<_>>(), ["app-a"]);
         assert_eq!(bans.active_apps(&db, policy.app_ids(), 201).unwrap(), 1);
+        assert!(gauge_turn(&db, 201), "the first worker claims the round");
+        assert!(!gauge_turn(&db, 202), "a second worker does not");
+        gauge_hold(&db, 215);
+        assert!(
+            !gauge_turn(&db, 220),
+            "the pass goes on: no second one beside it"
+        );
+        assert!(
+            gauge_turn(&db, 225),
+            "a pass that stopped moving is taken over"
+        );
         let mut pass = GaugePass::default();
         let mut ticks = 1;
         let gauges = loop {

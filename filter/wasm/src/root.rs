@@ -232,6 +232,8 @@ impl RootContext for ApisecRoot {
                     if let Some(values) = pass.step(&config.policy, &EnvoyStore, now) {
                         m.gauges(values);
                         self.gauges = None;
+                    } else {
+                        metrics::gauge_hold(&EnvoyStore, now);
                     }
                 }
             }
