@@ -11,7 +11,7 @@ use crate::fields;
 use crate::inventory::{resolve_apis, Api, SecurityLevel};
 pub use crate::inventory::{ApiGroup, ApiSet, ApiState, RawApiGroup};
 use crate::lists::normal_user;
-use crate::store::{create_if_absent, SharedStore, StoreError};
+use crate::store::{create_if_absent, u64_at, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,10 +383,7 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &str, max: u64) -> Resu
             create_if_absent(store, &key, &0u64.to_le_bytes()).map_err(host)?;
             continue;
         };
-        let used = v
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_le_bytes);
+        let used = u64_at(&v, 0);
         if used >= max {
             return Err(Deny::new(
                 DenyReason::GrantExhausted,
@@ -409,10 +406,7 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &str, max: u64) -> Resu
 /// How many times a grant has been used (for operators and tests).
 pub fn grant_uses(store: &dyn SharedStore, grant_id: &str) -> u64 {
     match store.get(&uses_key(grant_id)) {
-        Ok(Some((v, _))) => v
-            .get(..8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map_or(0, u64::from_le_bytes),
+        Ok(Some((v, _))) => u64_at(&v, 0),
         _ => 0,
     }
 }

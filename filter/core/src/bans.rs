@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::store::{create_if_absent, SharedStore, StoreError};
+use crate::store::{create_if_absent, u64_at, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,12 +149,6 @@ struct Record {
     count: u32,
     banned_at: u64,
     banned_until: u64,
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_le_bytes)
 }
 
 impl Record {

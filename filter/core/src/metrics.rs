@@ -17,7 +17,7 @@ use std::borrow::Cow;
 use crate::cluster::StateBackend;
 use crate::policy::Policy;
 use crate::replay;
-use crate::store::{create_if_absent, SharedStore};
+use crate::store::{create_if_absent, u64_at, SharedStore};
 
 /// The label names, in the order they appear in stat names (and `stats_tags`).
 pub const LABELS: [&str; 5] = ["app", "api", "level", "decision", "code"];
@@ -182,12 +182,7 @@ pub const GAUGE_KEYS_PER_TICK: u32 = 128;
 /// Whether this worker starts a pass now: it is due, and this worker claimed the round.
 pub fn gauge_turn(store: &dyn SharedStore, now: u64) -> bool {
     let last = match store.get(GAUGE_TURN_KEY) {
-        Ok(Some((v, cas))) => Some((
-            v.get(..8)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_le_bytes),
-            cas,
-        )),
+        Ok(Some((v, cas))) => Some((u64_at(&v, 0), cas)),
         Ok(None) => None,
         Err(_) => return false,
     };

@@ -15,7 +15,7 @@
 //! - A full slot refuses (fail closed) rather than forget a live nonce.
 
 use crate::error::{ConfigError, Deny, DenyReason};
-use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
+use crate::store::{create_if_absent, u64_at, SharedStore, StoreError, StoreMeta};
 
 /// The replay store's layout and lifetimes, from the policy's `gateway.replay` and
 /// `gateway.nonce_lifetime_seconds`.
@@ -57,12 +57,6 @@ fn place(meta: &StoreMeta, slots: u32, app: &str, nonce: &str) -> Place {
         tag: word(&h, 8),
         app: word(&a, 0),
     }
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    b.get(at..at + 8)
-        .and_then(|s| <[u8; 8]>::try_from(s).ok())
-        .map_or(0, u64::from_le_bytes)
 }
 
 /// The horizon a fresh slot starts with: requests created before the store started are

@@ -41,6 +41,14 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
 }
 
+/// The little-endian u64 at byte `at` of a stored value; 0 where the value is too short (a
+/// counter or time that was never written).
+pub fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map_or(0, u64::from_le_bytes)
+}
+
 /// A key whose only purpose is to own a CAS token that no other key can hold.
 const TOKEN_KEY: &str = "apisec/cas-token";
 
