@@ -186,15 +186,7 @@ fn ip_key(slot: u64) -> String {
 impl BanSettings {
     /// The source a refusal counts against: an IPv4 address, or an IPv6 address's prefix.
     pub fn source(&self, ip: IpAddr) -> String {
-        match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => {
-                let bits = u32::from(self.ipv6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-                format!("{net}/{bits}")
-            }
-        }
+        crate::ip::source(ip, self.ipv6_prefix)
     }
 
     /// How a subject is named in the audit record and the log.
@@ -339,8 +331,55 @@ impl BanSettings {
         subject: Subject<'_>,
         now: u64,
     ) -> Result<bool, StoreError> {
-        let (key, fp) = self.locate(subject);
         let lift = self.lifted_at(subject);
+        self.update(store, subject, now, |mut r| {
+            if r.banned_until > now && r.banned_at >= lift {
+                return None; // already banned; refusals while banned do not extend it
+            }
+            let voided = r.banned_until > 0 && r.banned_at < lift;
+            if voided || now >= r.window_start.saturating_add(self.window_seconds) {
+                r = Record {
+                    fp: r.fp,
+                    window_start: now,
+                    ..Default::default()
+                };
+            }
+            r.count = r.count.saturating_add(1);
+            let started = r.count >= self.threshold;
+            if started {
+                r = banned(r.fp, now, self.ban_seconds);
+            }
+            Some((r, started))
+        })
+    }
+
+    /// Bans the subject for `seconds` from now unless a ban is in force on it already (an
+    /// anomaly rule that blocks the source of signature failures, anomaly.rs); true when this
+    /// started one.
+    pub fn impose(
+        &self,
+        store: &dyn SharedStore,
+        subject: Subject<'_>,
+        now: u64,
+        seconds: u64,
+    ) -> Result<bool, StoreError> {
+        let lift = self.lifted_at(subject);
+        self.update(store, subject, now, |r| {
+            (r.banned_until <= now || r.banned_at < lift)
+                .then(|| (banned(r.fp, now, seconds), true))
+        })
+    }
+
+    /// Changes the subject's record as `change` says (None: leave it, answer false), in its slot,
+    /// by compare-and-swap.
+    fn update(
+        &self,
+        store: &dyn SharedStore,
+        subject: Subject<'_>,
+        now: u64,
+        change: impl Fn(Record) -> Option<(Record, bool)>,
+    ) -> Result<bool, StoreError> {
+        let (key, fp) = self.locate(subject);
         for _ in 0..16 {
             let (value, cas) = match store.get(&key)? {
                 Some((v, cas)) => (v, Some(cas)),
@@ -351,29 +390,13 @@ impl BanSettings {
             };
             let mut records: Vec<Record> = value.chunks_exact(ENTRY).map(Record::decode).collect();
             let pos = records.iter().position(|r| r.fp == fp);
-            let mut r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record {
+            let r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record {
                 fp,
                 ..Default::default()
             });
-            if r.banned_until > now && r.banned_at >= lift {
-                return Ok(false); // already banned; refusals while banned do not extend it
-            }
-            let voided = r.banned_until > 0 && r.banned_at < lift;
-            if voided || now >= r.window_start.saturating_add(self.window_seconds) {
-                r = Record {
-                    fp,
-                    window_start: now,
-                    ..Default::default()
-                };
-            }
-            r.count = r.count.saturating_add(1);
-            let started = r.count >= self.threshold;
-            if started {
-                r.banned_at = now;
-                r.banned_until = now.saturating_add(self.ban_seconds);
-                r.count = 0;
-                r.window_start = now;
-            }
+            let Some((r, answer)) = change(r) else {
+                return Ok(false);
+            };
             match pos {
                 Some(p) => {
                     if let Some(slot) = records.get_mut(p) {
@@ -409,10 +432,21 @@ impl BanSettings {
                 x.encode(&mut out);
             }
             if store.set(&key, &out, cas)? {
-                return Ok(started);
+                return Ok(answer);
             }
         }
         Err(StoreError::Contention)
+    }
+}
+
+/// A record banned from `now` for `seconds`, its counter reset.
+fn banned(fp: [u8; 8], now: u64, seconds: u64) -> Record {
+    Record {
+        fp,
+        window_start: now,
+        count: 0,
+        banned_at: now,
+        banned_until: now.saturating_add(seconds),
     }
 }
 
@@ -540,6 +574,35 @@ mod tests {
             s.describe(ip("2001:db8:1:2::1")),
             "source 2001:db8:1:2::/64"
         );
+    }
+
+    #[test]
+    fn an_imposed_ban_holds_and_does_not_extend_a_live_one() {
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        let ip = Subject::Ip("192.0.2.9".parse().unwrap());
+        assert!(s.impose(&store, ip, 100, 50).unwrap());
+        assert_eq!(
+            s.check(&store, ip, 149).unwrap_err().reason,
+            DenyReason::Banned
+        );
+        assert!(
+            !s.impose(&store, ip, 120, 500).unwrap(),
+            "a live ban is not extended"
+        );
+        s.check(&store, ip, 150).unwrap();
+        s.check(&store, Subject::Ip("192.0.2.10".parse().unwrap()), 120)
+            .unwrap();
+    }
+
+    /// An IPv4-mapped IPv6 source is its IPv4 address, not the one /64 every mapped address
+    /// shares.
+    #[test]
+    fn mapped_ipv4_sources_are_their_own() {
+        let s = settings(vec![]);
+        let a: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert_eq!(s.source(a), "192.0.2.1");
+        assert_ne!(s.source("::ffff:192.0.2.2".parse().unwrap()), s.source(a));
     }
 
     #[test]

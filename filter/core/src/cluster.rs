@@ -12,7 +12,8 @@
 //! Keys (all under `key_prefix`): `horizon` (requests created at or before it are refused: the
 //! store's epoch, moved on when it lost its data or a wider skew window came in), `skew` (the
 //! widest window any replica used), `nonce:<hash>`, `grant:<id>`, `count:<subject>`,
-//! `ban:<subject>`. Nonces, counters and bans expire by Redis TTL; grant uses do not.
+//! `ban:<subject>`, and the anomaly counters `vol:`, `src:`, `kf:`. Nonces, counters and bans
+//! expire by Redis TTL; grant uses do not.
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -191,10 +192,15 @@ impl RawState {
 
 /// The script every batch runs: ARGV = prefix, now, skew, lifetime, then the operations
 /// (`B subject lift`, `N key app created record share`, `G grant max`, `R subject window
-/// threshold ban_seconds`, and the session operations `S`, `SL`, `SC`, `SE`, `SR`, `SA` whose
-/// words [`encode`] writes), in order, stopping at the first refusal. A batch that passes
-/// answers `ok` followed by what it found: `ban <subject>`, `session <app ip mac user factors
-/// created last_seen>`, `evicted`, `nothing`.
+/// threshold ban_seconds`, the session operations `S`, `SL`, `SC`, `SE`, `SR`, `SA` and the
+/// counted anomaly rules' `V`, `VB`, `NS`, `KF`, whose words [`encode`] writes), in order,
+/// stopping at the first refusal. A batch that passes answers `ok` followed by what it found:
+/// `ban <subject> <seconds> <rule or empty>`, `session <app ip mac user factors created
+/// last_seen>`, `evicted`, `nothing`, `anomaly <rule>`.
+///
+/// Counted anomaly rules (anomaly.rs): a hash `vol:<rule>:<app>:<window>` of calls `c` and
+/// response bytes `b`; a hash `src:<rule>:<app>` of sources and when each last called (its TTL
+/// the forget time); a counter `kf:<rule>:<app>:<sha1 of key id>:<window>`.
 ///
 /// Sessions: a hash `session:<key>` per session (the key is a hash of its ID; the ID is never
 /// sent), with a TTL a minute past the moment it would end; a sorted set `sessions` by last
@@ -331,6 +337,8 @@ while i <= #ARGV do
       redis.call('DEL', ck)
       table.insert(out, 'ban')
       table.insert(out, s)
+      table.insert(out, ARGV[i + 4])
+      table.insert(out, '')
     end
     i = i + 5
   elseif op == 'S' or op == 'SL' or op == 'SE' then
@@ -393,6 +401,100 @@ while i <= #ARGV do
     redis.call('SET', p .. 'session-end:' .. ARGV[i + 1] .. ':' .. redis.sha1hex(ARGV[i + 2]), seq,
       'EX', tonumber(ARGV[i + 3]) + 120)
     i = i + 4
+  elseif op == 'V' then
+    -- V rule app bucket window max_calls max_bytes block: a call toward a bulk-pull rule
+    local vk = p .. 'vol:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. ARGV[i + 3]
+    local v = redis.call('HMGET', vk, 'c', 'b')
+    local calls = tonumber(v[1]) or 0
+    local bytes = tonumber(v[2]) or 0
+    local over = calls >= tonumber(ARGV[i + 5]) or bytes > tonumber(ARGV[i + 6])
+    if over and ARGV[i + 7] == '1' then
+      return {'blocked', ARGV[i + 1], tostring(calls), tostring(bytes)}
+    end
+    redis.call('HINCRBY', vk, 'c', 1)
+    redis.call('EXPIRE', vk, tonumber(ARGV[i + 4]) + 60)
+    if over then
+      table.insert(out, 'anomaly')
+      table.insert(out, ARGV[i + 1])
+    end
+    i = i + 8
+  elseif op == 'VB' then
+    -- VB rule app bucket window bytes: a response's bytes, added to its window
+    local vk = p .. 'vol:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. ARGV[i + 3]
+    redis.call('HINCRBY', vk, 'b', ARGV[i + 5])
+    redis.call('EXPIRE', vk, tonumber(ARGV[i + 4]) + 60)
+    i = i + 6
+  elseif op == 'NS' then
+    -- NS rule app source learning max forget block: the source of an app's call
+    local sk = p .. 'src:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2]
+    local forget = tonumber(ARGV[i + 6])
+    local max = tonumber(ARGV[i + 5])
+    local last = tonumber(redis.call('HGET', sk, ARGV[i + 3]))
+    if last and now - last < forget then
+      if now - last >= 3600 then
+        redis.call('HSET', sk, ARGV[i + 3], now)
+        redis.call('EXPIRE', sk, forget)
+      end
+    else
+      local learning = ARGV[i + 4] == '1'
+      if ARGV[i + 7] == '1' and not learning then
+        return {'blocked', ARGV[i + 1]}
+      end
+      if redis.call('HLEN', sk) >= max then
+        local all = redis.call('HGETALL', sk)
+        local oldest, at = nil, nil
+        for j = 1, #all, 2 do
+          local t = tonumber(all[j + 1]) or 0
+          if now - t >= forget then
+            redis.call('HDEL', sk, all[j])
+          elseif not at or t < at then
+            oldest, at = all[j], t
+          end
+        end
+        if oldest and redis.call('HLEN', sk) >= max then
+          redis.call('HDEL', sk, oldest)
+        end
+      end
+      redis.call('HSET', sk, ARGV[i + 3], now)
+      redis.call('EXPIRE', sk, forget)
+      if not learning then
+        table.insert(out, 'anomaly')
+        table.insert(out, ARGV[i + 1])
+      end
+    end
+    i = i + 8
+  elseif op == 'KF' then
+    -- KF rule app keyid bucket window threshold ban_subject ban_seconds lift: a signature that
+    -- did not verify under a valid key id; from the threshold on, the failing source is banned
+    -- when the rule blocks (ban_subject is empty otherwise)
+    local kk = p .. 'kf:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. redis.sha1hex(ARGV[i + 3]) .. ':' .. ARGV[i + 4]
+    local n = redis.call('INCR', kk)
+    if n == 1 then
+      redis.call('EXPIRE', kk, tonumber(ARGV[i + 5]) + 60)
+    end
+    if n >= tonumber(ARGV[i + 6]) then
+      table.insert(out, 'anomaly')
+      table.insert(out, ARGV[i + 1])
+      local s = ARGV[i + 7]
+      if s ~= '' then
+        local bk = p .. 'ban:' .. s
+        local v = redis.call('GET', bk)
+        local live = false
+        if v then
+          local at, untl = string.match(v, '^(%d+) (%d+)$')
+          live = at ~= nil and tonumber(untl) > now and tonumber(at) >= tonumber(ARGV[i + 9])
+        end
+        if not live then
+          local ban = tonumber(ARGV[i + 8])
+          redis.call('SET', bk, now .. ' ' .. (now + ban), 'EX', ban)
+          table.insert(out, 'ban')
+          table.insert(out, s)
+          table.insert(out, tostring(ban))
+          table.insert(out, ARGV[i + 1])
+        end
+      end
+    end
+    i = i + 10
   else
     return redis.error_reply('apisec: unknown state operation')
   end
@@ -526,7 +628,7 @@ fn session_op(body: &mut Vec<u8>, s: &Sessions, op: &Op) {
             word(body, name);
             word(body, &s.max_lifetime_seconds.to_string());
         }
-        Op::Ban(_) | Op::Nonce { .. } | Op::GrantUse { .. } | Op::Refusal(_) => {}
+        _ => {}
     }
 }
 
@@ -597,6 +699,78 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &threshold.to_string());
                 word(&mut body, &ban.to_string());
             }
+            Op::Calls {
+                watch,
+                bucket,
+                window,
+                max_calls,
+                max_bytes,
+            } => {
+                word(&mut body, "V");
+                word(&mut body, &watch.rule);
+                word(&mut body, &watch.app);
+                word(&mut body, &bucket.to_string());
+                word(&mut body, &window.to_string());
+                word(&mut body, &max_calls.to_string());
+                word(&mut body, &max_bytes.to_string());
+                word(&mut body, flag(watch.block));
+            }
+            Op::Bytes {
+                watch,
+                bucket,
+                window,
+                bytes,
+            } => {
+                word(&mut body, "VB");
+                word(&mut body, &watch.rule);
+                word(&mut body, &watch.app);
+                word(&mut body, &bucket.to_string());
+                word(&mut body, &window.to_string());
+                word(&mut body, &bytes.to_string());
+            }
+            Op::Source {
+                watch,
+                source,
+                learning,
+                max,
+                forget,
+            } => {
+                word(&mut body, "NS");
+                word(&mut body, &watch.rule);
+                word(&mut body, &watch.app);
+                word(&mut body, source);
+                word(&mut body, flag(*learning));
+                word(&mut body, &max.to_string());
+                word(&mut body, &forget.to_string());
+                word(&mut body, flag(watch.block));
+            }
+            Op::KeyFailure {
+                watch,
+                keyid,
+                bucket,
+                window,
+                threshold,
+                ban,
+            } => {
+                word(&mut body, "KF");
+                word(&mut body, &watch.rule);
+                word(&mut body, &watch.app);
+                word(&mut body, keyid);
+                word(&mut body, &bucket.to_string());
+                word(&mut body, &window.to_string());
+                word(&mut body, &threshold.to_string());
+                let (subject, seconds, lift) = match ban {
+                    Some((s, secs)) => (
+                        subject_name(p, s),
+                        *secs,
+                        p.bans.map_or(0, |b| b.lifted_at(s.as_subject())),
+                    ),
+                    None => (String::new(), 0, 0),
+                };
+                word(&mut body, &subject);
+                word(&mut body, &seconds.to_string());
+                word(&mut body, &lift.to_string());
+            }
             Op::SessionUse(_)
             | Op::SessionRead(_)
             | Op::SessionLogin { .. }
@@ -658,14 +832,8 @@ fn nonce_of(batch: &Batch) -> Option<(&str, &str, bool)> {
 /// Reads the callout's answer: `status` is its `:status` (None: the host gave none, as for a
 /// callout that failed or timed out), `body` what came with it.
 /// `full`: the batch went with the script's text, so a store that still lacks it is broken.
-pub fn decode(
-    p: &Params<'_>,
-    batch: &Batch,
-    full: bool,
-    status: Option<&str>,
-    body: &[u8],
-) -> Decoded {
-    match read(p, batch, status, body) {
+pub fn decode(batch: &Batch, full: bool, status: Option<&str>, body: &[u8]) -> Decoded {
+    match read(batch, status, body) {
         Decoded::LoadScript if full => {
             Decoded::Answer(failed("the store lacks the script it was sent"))
         }
@@ -673,7 +841,7 @@ pub fn decode(
     }
 }
 
-fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
     if status != Some("200") {
         return unavailable(format!(
             "state store answered {} ({} bytes)",
@@ -699,7 +867,7 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
             let first = msg.split_whitespace().next().unwrap_or("error");
             unavailable(format!("state store error: {first}"))
         }
-        (_, Some("ok")) => match found(p, batch, reply) {
+        (_, Some("ok")) => match found(batch, reply) {
             Some(answer) => Decoded::Answer(answer),
             None => unavailable("state store answer has an unexpected shape"),
         },
@@ -707,6 +875,25 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
             Some(m) => Decoded::Answer(Answer::refused(m.deny())),
             None => unavailable("state store answer has an unexpected shape"),
         },
+        (_, Some("blocked")) => {
+            let Some(watch) = text(1).and_then(|r| batch.watch(r)) else {
+                return unavailable("state store answer has an unexpected shape");
+            };
+            let detail = match batch.ops.iter().find(|o| o.watch() == Some(watch)) {
+                Some(Op::Source { source, .. }) => {
+                    format!("{} never called from {source} before", watch.app)
+                }
+                _ => format!(
+                    "{} made {} calls and received {} response bytes in this window (cluster store)",
+                    watch.app,
+                    text(2).unwrap_or("?"),
+                    text(3).unwrap_or("?")
+                ),
+            };
+            let mut answer = Answer::refused(watch.refusal(&detail));
+            answer.anomalies.push(watch.anomaly());
+            Decoded::Answer(answer)
+        }
         (_, Some("banned")) => Decoded::Answer(Answer::refused(Deny::new(
             DenyReason::Banned,
             format!(
@@ -764,15 +951,26 @@ fn read(p: &Params<'_>, batch: &Batch, status: Option<&str>, body: &[u8]) -> Dec
 
 /// What a batch that passed found (`ok` and its findings), as an answer; None for a shape the
 /// script does not give.
-fn found(p: &Params<'_>, batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
+fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
     let mut answer = Answer::default();
     let mut words = reply.iter().skip(1).map(|v| v.as_str());
     while let Some(w) = words.next() {
         match w? {
             "ban" => {
                 let subject = words.next()??;
-                let secs = p.bans.map_or(0, |b| b.ban_seconds);
-                answer.ban_started = Some(format!("{} banned for {secs} s", describe(subject)));
+                let secs: u64 = words.next()??.parse().ok()?;
+                let rule = words.next()??;
+                let why = if rule.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (rule {rule})")
+                };
+                answer.ban_started =
+                    Some(format!("{} banned for {secs} s{why}", describe(subject)));
+            }
+            "anomaly" => {
+                let watch = batch.watch(words.next()??)?;
+                answer.anomalies.push(watch.anomaly());
             }
             "session" => {
                 let mut f = || words.next().flatten().map(str::to_string);
@@ -814,6 +1012,7 @@ pub fn failed(detail: &str) -> Answer {
 #[allow(clippy::unwrap_used, clippy::panic)] // test code
 mod tests {
     use super::*;
+    use crate::state::Watch;
 
     #[test]
     fn words_cannot_break_the_command() {
@@ -860,22 +1059,15 @@ mod tests {
     fn anything_but_the_scripts_answer_is_state_unavailable() {
         let b = nonce_batch(false);
         let un = Some(DenyReason::StateUnavailable);
-        assert_eq!(reason(decode(&P, &b, false, None, b"")), un);
+        assert_eq!(reason(decode(&b, false, None, b"")), un);
         assert_eq!(
-            reason(decode(
-                &P,
-                &b,
-                false,
-                Some("504"),
-                b"upstream request timeout"
-            )),
+            reason(decode(&b, false, Some("504"), b"upstream request timeout")),
             un
         );
-        assert_eq!(reason(decode(&P, &b, false, Some("403"), b"")), un);
-        assert_eq!(reason(decode(&P, &b, false, Some("200"), b"not json")), un);
+        assert_eq!(reason(decode(&b, false, Some("403"), b"")), un);
+        assert_eq!(reason(decode(&b, false, Some("200"), b"not json")), un);
         assert_eq!(
             reason(decode(
-                &P,
                 &b,
                 false,
                 Some("200"),
@@ -884,18 +1076,11 @@ mod tests {
             un
         );
         assert_eq!(
-            reason(decode(
-                &P,
-                &b,
-                false,
-                Some("200"),
-                br#"{"EVALSHA":["maybe"]}"#
-            )),
+            reason(decode(&b, false, Some("200"), br#"{"EVALSHA":["maybe"]}"#)),
             un
         );
         assert_eq!(
             reason(decode(
-                &P,
                 &b,
                 false,
                 Some("200"),
@@ -904,16 +1089,15 @@ mod tests {
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, false, Some("200"), br#"{"GET":["ok"]}"#)),
+            reason(decode(&b, false, Some("200"), br#"{"GET":["ok"]}"#)),
             un
         );
         assert_eq!(
-            reason(decode(&P, &b, false, Some("200"), br#"{"EVALSHA":["ok"]}"#)),
+            reason(decode(&b, false, Some("200"), br#"{"EVALSHA":["ok"]}"#)),
             None
         );
         assert_eq!(
             decode(
-                &P,
                 &b,
                 false,
                 Some("200"),
@@ -928,12 +1112,11 @@ mod tests {
         let ok = Some("200");
         let b = nonce_batch(false);
         assert_eq!(
-            reason(decode(&P, &b, false, ok, br#"{"EVALSHA":["replayed"]}"#)),
+            reason(decode(&b, false, ok, br#"{"EVALSHA":["replayed"]}"#)),
             Some(DenyReason::NonceReplayed)
         );
         assert_eq!(
             reason(decode(
-                &P,
                 &nonce_batch(true),
                 false,
                 ok,
@@ -942,32 +1125,19 @@ mod tests {
             Some(DenyReason::IdempotencyKeyReplayed)
         );
         assert_eq!(
-            reason(decode(
-                &P,
-                &b,
-                false,
-                ok,
-                br#"{"EVALSHA":["too_old","999"]}"#
-            )),
+            reason(decode(&b, false, ok, br#"{"EVALSHA":["too_old","999"]}"#)),
             Some(DenyReason::CreatedTooOld)
         );
         assert_eq!(
-            reason(decode(&P, &b, false, ok, br#"{"EVALSHA":["full","3"]}"#)),
+            reason(decode(&b, false, ok, br#"{"EVALSHA":["full","3"]}"#)),
             Some(DenyReason::ReplayStoreFull)
         );
         assert_eq!(
-            reason(decode(
-                &P,
-                &b,
-                false,
-                ok,
-                br#"{"EVALSHA":["exhausted","1"]}"#
-            )),
+            reason(decode(&b, false, ok, br#"{"EVALSHA":["exhausted","1"]}"#)),
             Some(DenyReason::GrantExhausted)
         );
         assert_eq!(
             reason(decode(
-                &P,
                 &b,
                 false,
                 ok,
@@ -975,11 +1145,100 @@ mod tests {
             )),
             Some(DenyReason::Banned)
         );
-        match decode(&P, &b, false, ok, br#"{"EVALSHA":["ok","ban","app/a"]}"#) {
+        match decode(
+            &b,
+            false,
+            ok,
+            br#"{"EVALSHA":["ok","ban","app/a","600",""]}"#,
+        ) {
             Decoded::Answer(a) => {
-                assert_eq!(a.ban_started.as_deref(), Some("app a banned for 0 s"))
+                assert_eq!(a.ban_started.as_deref(), Some("app a banned for 600 s"))
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn watched(rule: &str, kind: &'static str, block: bool) -> Watch {
+        Watch {
+            rule: rule.into(),
+            app: "a".into(),
+            kind,
+            block,
+        }
+    }
+
+    /// The counted anomaly rules' words, and what their answers mean (MON-3, MON-7, ATK-2).
+    #[test]
+    fn anomaly_operations_and_their_answers() {
+        use crate::anomaly::{BULK_PULL, NEW_SOURCE, SIGNATURE_FAILURES};
+        let b = Batch {
+            ops: vec![
+                Op::Calls {
+                    watch: watched("bulk", BULK_PULL, true),
+                    bucket: 7,
+                    window: 60,
+                    max_calls: 10,
+                    max_bytes: u64::MAX,
+                },
+                Op::Source {
+                    watch: watched("src", NEW_SOURCE, false),
+                    source: "2001:db8::/64".into(),
+                    learning: false,
+                    max: 64,
+                    forget: 86400,
+                },
+                Op::KeyFailure {
+                    watch: watched("imp", SIGNATURE_FAILURES, true),
+                    keyid: "k 1".into(),
+                    bucket: 3,
+                    window: 300,
+                    threshold: 5,
+                    ban: Some((BanSubject::Ip("192.0.2.9".parse().unwrap()), 900)),
+                },
+            ],
+            now: 1000,
+        };
+        let call = encode(&P, &settings(), &b, false);
+        let text = String::from_utf8(call.body).unwrap();
+        assert!(
+            text.ends_with(
+                "/V/bulk/a/7/60/10/18446744073709551615/1/NS/src/a/2001%3Adb8%3A%3A%2F64/0/64/86400/0\
+                 /KF/imp/a/k%201/3/300/5/ip%2F192%2E0%2E2%2E9/900/0"
+            ),
+            "{text}"
+        );
+        let ok = Some("200");
+        match decode(&b, false, ok, br#"{"EVALSHA":["ok","anomaly","src","anomaly","imp","ban","ip/192.0.2.9","900","imp"]}"#) {
+            Decoded::Answer(a) => {
+                assert_eq!(a.anomalies.len(), 2);
+                assert_eq!((a.anomalies[0].kind, a.anomalies[0].action), (NEW_SOURCE, "alert"));
+                assert_eq!((a.anomalies[1].kind, a.anomalies[1].action), (SIGNATURE_FAILURES, "block"));
+                assert_eq!(
+                    a.ban_started.as_deref(),
+                    Some("source 192.0.2.9 banned for 900 s (rule imp)")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match decode(&b, false, ok, br#"{"EVALSHA":["blocked","bulk","10","0"]}"#) {
+            Decoded::Answer(a) => {
+                let d = a.refused.unwrap();
+                assert_eq!(d.reason, DenyReason::AnomalyBlocked);
+                assert!(d.detail.contains("made 10 calls"), "{}", d.detail);
+                assert_eq!(a.anomalies[0].rule, "bulk");
+            }
+            other => panic!("{other:?}"),
+        }
+        // a rule the batch did not ask about is not the script's answer: fail closed
+        for body in [
+            &br#"{"EVALSHA":["blocked","other"]}"#[..],
+            br#"{"EVALSHA":["ok","anomaly","other"]}"#,
+            br#"{"EVALSHA":["ok","ban","ip/192.0.2.9","x",""]}"#,
+        ] {
+            assert_eq!(
+                reason(decode(&b, false, ok, body)),
+                Some(DenyReason::StateUnavailable)
+            );
         }
     }
 
@@ -1119,18 +1378,13 @@ mod tests {
 
     #[test]
     fn session_answers_are_read_back() {
-        let s = sessions();
-        let p = Params {
-            sessions: Some(&s),
-            ..P
-        };
         let ok = Some("200");
         let b = Batch {
             ops: vec![Op::SessionUse(session_call("id", "app"))],
             now: 1000,
         };
         let body = br#"{"EVALSHA":["ok","session","app","192.0.2.1","aa:bb:cc:dd:ee:ff","u-1","2","990","1000"]}"#;
-        match decode(&p, &b, false, ok, body) {
+        match decode(&b, false, ok, body) {
             Decoded::Answer(a) => {
                 let got = a.session.unwrap();
                 assert_eq!(got.user.as_deref(), Some("u-1"));
@@ -1141,17 +1395,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let anonymous = br#"{"EVALSHA":["ok","session","app","192.0.2.1","aa:bb:cc:dd:ee:ff","","0","990","1000"]}"#;
-        match decode(&p, &b, false, ok, anonymous) {
+        match decode(&b, false, ok, anonymous) {
             Decoded::Answer(a) => assert_eq!(a.session.unwrap().user, None),
             other => panic!("{other:?}"),
         }
-        match decode(
-            &p,
-            &b,
-            false,
-            ok,
-            br#"{"EVALSHA":["ok","evicted","nothing"]}"#,
-        ) {
+        match decode(&b, false, ok, br#"{"EVALSHA":["ok","evicted","nothing"]}"#) {
             Decoded::Answer(a) => assert!(a.evicted && a.nothing_to_end && a.refused.is_none()),
             other => panic!("{other:?}"),
         }
@@ -1171,7 +1419,7 @@ mod tests {
                 Misuse::EndedByOperator,
             ),
         ] {
-            match decode(&p, &b, false, ok, body) {
+            match decode(&b, false, ok, body) {
                 Decoded::Answer(a) => assert_eq!(a.refused, Some(misuse.deny())),
                 other => panic!("{other:?}"),
             }
@@ -1186,7 +1434,7 @@ mod tests {
             br#"{"EVALSHA":["ok",1]}"#,
         ] {
             assert_eq!(
-                reason(decode(&p, &b, false, ok, body)),
+                reason(decode(&b, false, ok, body)),
                 Some(DenyReason::StateUnavailable),
                 "{}",
                 String::from_utf8_lossy(body)

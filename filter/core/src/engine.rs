@@ -533,6 +533,7 @@ pub fn session_call(ctx: &RequestContext) -> Option<SessionCall> {
 /// needs a nonce has one.
 pub fn final_ops(
     policy: &Policy,
+    client_ip: Option<std::net::IpAddr>,
     ip_ban: Option<std::net::IpAddr>,
     ctx: &RequestContext,
     now: u64,
@@ -540,6 +541,13 @@ pub fn final_ops(
     let mut ops = ban_ops(policy, ip_ban, ctx);
     if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
         ops.extend(nonce_op(ctx, now, true));
+    }
+    // Counted anomaly rules see only callers that proved to be their app; after the nonce, so
+    // a replayed copy from elsewhere is refused before it counts or teaches a source.
+    if let (Some(app), Some(api), Some(_)) = (&ctx.app, &ctx.api, ctx.auth) {
+        if policy.anomalies.counted() {
+            ops.extend(policy.anomalies.call_ops(app, api, client_ip, now));
+        }
     }
     let logout = policy
         .sessions
@@ -1077,14 +1085,26 @@ pub fn refusal_ops(
     client_ip: Option<std::net::IpAddr>,
     ip_ban: Option<std::net::IpAddr>,
     reason: DenyReason,
+    now: u64,
 ) -> Vec<Op> {
     // a store that cannot answer is not asked again about the same request
     let unavailable = matches!(
         reason,
         DenyReason::StateUnavailable | DenyReason::HostUnavailable
     );
-    if policy.bans.is_none() || reason == DenyReason::Banned || unavailable {
+    if reason == DenyReason::Banned || unavailable {
         return Vec::new();
+    }
+    // A signature that does not verify under a valid key id of the app (ATK-2): counted per
+    // key by the anomaly rules, whose block bans the failing source, never the key.
+    let failures = match (&ctx.app, &ctx.keyid) {
+        (Some(app), Some(keyid)) if reason == DenyReason::SignatureInvalid => {
+            policy.anomalies.failure_ops(app, keyid, client_ip, now)
+        }
+        _ => Vec::new(),
+    };
+    if policy.bans.is_none() {
+        return failures;
     }
     let mut ops = ban_ops(policy, ip_ban, ctx);
     if reason.counts_toward_ban() {
@@ -1100,6 +1120,7 @@ pub fn refusal_ops(
         };
         ops.extend(subject.map(Op::Refusal));
     }
+    ops.extend(failures); // after the refusal counter: a ban it starts is not started twice
     ops
 }
 

@@ -63,6 +63,23 @@ impl Cidr {
     }
 }
 
+/// A source as the gateway counts it: an IPv4 address (a mapped IPv6 one too), or an IPv6
+/// address's `/v6_prefix` network (one host holds a whole /64).
+pub fn source(ip: IpAddr, v6_prefix: u8) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+                format!("{net}/{bits}")
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -171,6 +171,11 @@ pub struct Step {
     /// State operations to run before the machine can go on (the action is then `Pause`):
     /// the host runs them and calls [`Stream::on_state`] with the answer.
     pub state: Option<Batch>,
+    /// State operations that need no answer, from a stream that ended (a response's bytes,
+    /// counted toward bulk-pull rules): on the cluster backend the host sends them from its
+    /// root context, since no request is left to wait for them. The local backend has run
+    /// them already.
+    pub tally: Option<Batch>,
 }
 
 impl Step {
@@ -187,6 +192,7 @@ impl Step {
             counts: Vec::new(),
             log: None,
             state: None,
+            tally: None,
         }
     }
     fn ask(batch: Batch) -> Step {
@@ -217,6 +223,9 @@ impl Step {
             self.log = next.log;
         }
         self.state = next.state;
+        if next.tally.is_some() {
+            self.tally = next.tally;
+        }
         self
     }
     fn proceed() -> Step {
@@ -486,6 +495,7 @@ impl Stream {
             self.req.conn.client_ip,
             self.ip_ban(),
             deny.reason,
+            self.now,
         );
         if ops.is_empty() {
             return self.refused(deny, respond, Answer::default());
@@ -623,7 +633,9 @@ impl Stream {
     }
 
     /// The answer to the state batch the last step asked for.
-    fn ev_state(&mut self, answer: Answer, env: &Env<'_>) -> Step {
+    fn ev_state(&mut self, mut answer: Answer, env: &Env<'_>) -> Step {
+        // counted anomaly rules that matched: in the record and the metric, whatever follows
+        self.ctx.anomalies.append(&mut answer.anomalies);
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::Nothing => Step::proceed(),
             Waiting::Refusal { deny, respond } => self.refused(deny, respond, answer),
@@ -926,7 +938,13 @@ impl Stream {
         {
             return self.refuse(d, env);
         }
-        let mut ops = engine::final_ops(&policy, self.ip_ban(), &self.ctx, self.now);
+        let mut ops = engine::final_ops(
+            &policy,
+            self.req.conn.client_ip,
+            self.ip_ban(),
+            &self.ctx,
+            self.now,
+        );
         if let Some(Served::Create(_)) = self.served {
             match self.create_op(body, env) {
                 Ok(op) => ops.push(op),
@@ -1319,6 +1337,9 @@ impl Stream {
                     .then(|| env.host.response_details())
                     .flatten(),
             };
+            if let (Decided::Allowed, true, false) = (&decided, forwarded, self.reported) {
+                step.tally = self.tally(t.response.total, env);
+            }
             let body = self.record_with(decided.outcome(), &facts);
             step.sample = Some(self.sample(decided.outcome(), &facts));
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
@@ -1327,6 +1348,26 @@ impl Stream {
             });
         }
         step
+    }
+
+    /// A let-through call's response bytes, for the bulk-pull rules that count them: run now
+    /// on the local store; handed to the host for the cluster store.
+    fn tally(&self, bytes: u64, env: &Env<'_>) -> Option<Batch> {
+        let policy = &self.config.policy;
+        let (Some(app), Some(api), Some(_)) = (&self.ctx.app, &self.ctx.api, self.ctx.auth) else {
+            return None;
+        };
+        let now = env.host.now().unwrap_or(self.now);
+        let ops = policy.anomalies.bytes_ops(app, api, bytes, now);
+        if ops.is_empty() {
+            return None;
+        }
+        let batch = Batch { ops, now };
+        if policy.state != StateBackend::Local {
+            return Some(batch);
+        }
+        let _ = local::run_local(policy, env.store, &self.config.meta, &batch);
+        None
     }
 
     fn ended(&mut self, env: &Env<'_>) -> Step {

@@ -2,6 +2,7 @@
 //! Envoy's shared data of this gateway, synchronously (one Envoy; every worker shares it).
 
 use crate::access;
+use crate::anomaly;
 use crate::error::{Deny, DenyReason};
 use crate::policy::Policy;
 use crate::replay;
@@ -85,6 +86,9 @@ pub fn run_local(
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
                 sessions::remove(store, meta, cfg, &c.id).map(|_| ())
             }),
+            Op::Calls { .. } | Op::Bytes { .. } | Op::Source { .. } | Op::KeyFailure { .. } => {
+                anomaly::run_local(store, policy.bans.as_ref(), op, now, &mut answer)
+            }
             Op::SessionRevoke(scope) => match (&policy.sessions, scope) {
                 (None, _) => Err(no_sessions()),
                 (Some(cfg), Scope::Session(id)) => sessions::remove(store, meta, cfg, id)

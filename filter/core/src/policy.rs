@@ -308,6 +308,7 @@ impl RawPolicy {
                 a.compile(
                     |id| apis.iter().any(|x| x.id == id),
                     |id| apps.contains_key(id),
+                    bans.as_ref(),
                 )
             })
             .transpose()?

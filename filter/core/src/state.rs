@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 
+use crate::anomaly::Anomaly;
 use crate::bans::Subject;
 use crate::error::{Deny, DenyReason};
 use crate::sessions::{Scope, Session};
@@ -68,6 +69,85 @@ pub enum Op {
     SessionEnd(SessionCall),
     /// An operator ends one session, every session of an app, or of a user (SES-4, OPS-6).
     SessionRevoke(Scope),
+    /// A call of an app counted toward a bulk-pull rule (MON-3) in the window `bucket` (of
+    /// `window` seconds): over `max_calls` calls, or `max_bytes` response bytes already
+    /// counted, it is an anomaly (refused when the rule blocks, and then not counted).
+    Calls {
+        watch: Watch,
+        bucket: u64,
+        window: u64,
+        max_calls: u64,
+        max_bytes: u64,
+    },
+    /// The response bytes of a call that ended, added to its window (never refuses).
+    Bytes {
+        watch: Watch,
+        bucket: u64,
+        window: u64,
+        bytes: u64,
+    },
+    /// The source of an authenticated call of an app (MON-7): one never seen for the app (or
+    /// forgotten after `forget` seconds) is an anomaly, unless the rule is still `learning`;
+    /// remembered unless refused; at most `max` sources per app.
+    Source {
+        watch: Watch,
+        source: String,
+        learning: bool,
+        max: u32,
+        forget: u64,
+    },
+    /// A signature that did not verify under a valid key id of an app (ATK-2), counted per key
+    /// in the window `bucket`: from the `threshold`th on, an anomaly; a blocking rule bans the
+    /// failing source (`ban`: who, for how long), never the key (never refuses).
+    KeyFailure {
+        watch: Watch,
+        keyid: String,
+        bucket: u64,
+        window: u64,
+        threshold: u32,
+        ban: Option<(BanSubject, u64)>,
+    },
+}
+
+/// The counted anomaly rule an operation serves (anomaly.rs), and for which app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    pub rule: String,
+    pub app: String,
+    pub kind: &'static str,
+    pub block: bool,
+}
+
+impl Watch {
+    /// The rule matched: for the audit record and the metric.
+    pub fn anomaly(&self) -> Anomaly {
+        Anomaly {
+            rule: self.rule.clone(),
+            kind: self.kind,
+            action: if self.block { "block" } else { "alert" },
+        }
+    }
+
+    /// The refusal of a blocking rule that matched.
+    pub fn refusal(&self, detail: &str) -> Deny {
+        Deny::new(
+            DenyReason::AnomalyBlocked,
+            format!("{} rule {} matched: {detail}", self.kind, self.rule),
+        )
+    }
+}
+
+impl Op {
+    /// The counted anomaly rule this operation serves, if any.
+    pub fn watch(&self) -> Option<&Watch> {
+        match self {
+            Op::Calls { watch, .. }
+            | Op::Bytes { watch, .. }
+            | Op::Source { watch, .. }
+            | Op::KeyFailure { watch, .. } => Some(watch),
+            _ => None,
+        }
+    }
 }
 
 /// What a call presents of its session.
@@ -91,6 +171,14 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The operation of the batch that serves anomaly rule `rule`.
+    pub fn watch(&self, rule: &str) -> Option<&Watch> {
+        self.ops
+            .iter()
+            .filter_map(Op::watch)
+            .find(|w| w.rule == rule)
+    }
 }
 
 /// What a batch came to.
@@ -108,6 +196,8 @@ pub struct Answer {
     pub evicted: bool,
     /// A `SessionRevoke` of one session found none.
     pub nothing_to_end: bool,
+    /// Counted anomaly rules the batch found matched (with a refusal: the one that blocked).
+    pub anomalies: Vec<Anomaly>,
 }
 
 impl Answer {

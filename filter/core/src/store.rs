@@ -49,6 +49,32 @@ pub fn u64_at(b: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
+/// Reads `key` (empty when it was never written), lets `change` decide what to write (None:
+/// nothing) and what to answer, and writes it by compare-and-swap, from the start again when
+/// another worker wrote first.
+pub fn update<R>(
+    store: &dyn SharedStore,
+    key: &str,
+    mut change: impl FnMut(&[u8]) -> (Option<Vec<u8>>, R),
+) -> Result<R, StoreError> {
+    for _ in 0..16 {
+        let Some((value, cas)) = store.get(key)? else {
+            create_if_absent(store, key, &[])?;
+            continue;
+        };
+        let (write, answer) = change(&value);
+        match write {
+            None => return Ok(answer),
+            Some(v) => {
+                if store.set(key, &v, Some(cas))? {
+                    return Ok(answer);
+                }
+            }
+        }
+    }
+    Err(StoreError::Contention)
+}
+
 /// A key whose only purpose is to own a CAS token that no other key can hold.
 const TOKEN_KEY: &str = "apisec/cas-token";
 

@@ -94,7 +94,7 @@ fn held(
     let api = begin(p0, req).map_err(|d| d.reason)?;
     check_headers(p0, api, req, true, t0, &host, &mut ctx).map_err(|d| d.reason)?;
     check_body(p1, req, &mut ctx, body, &host, t1).map_err(|d| d.reason)?;
-    let ops = engine::final_ops(p1, req.conn.client_ip, &ctx, t1);
+    let ops = engine::final_ops(p1, req.conn.client_ip, req.conn.client_ip, &ctx, t1);
     let answer = local::run_local(p1, s, &meta, &Batch { ops, now: t1 });
     match answer.refused {
         Some(d) => Err(d.reason),
@@ -243,7 +243,7 @@ fn refusals_count_against_the_app_only_once_it_is_authenticated() {
         ..Default::default()
     };
     let count = |ctx: &RequestContext, ip, reason| {
-        let ops = engine::refusal_ops(&p, ctx, ip, ip, reason);
+        let ops = engine::refusal_ops(&p, ctx, ip, ip, reason, 0);
         local::run_local(&p, &s, &store::meta(&s).unwrap(), &Batch { ops, now: NOW }).ban_started
     };
     // unauthenticated: twice against the source, which is then banned; the app is not

@@ -9,7 +9,7 @@ use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::metrics;
 use apisec_core::replay;
-use apisec_core::state::Batch;
+use apisec_core::state::{Batch, Op};
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
@@ -30,6 +30,8 @@ thread_local! {
     static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Bytes of request bodies this worker holds for verification right now.
     pub static HELD: Cell<u64> = const { Cell::new(0) };
+    /// Response byte counts of ended streams not yet sent to the cluster store (anomaly.rs).
+    pub static TALLY: RefCell<Vec<Op>> = const { RefCell::new(Vec::new()) };
     /// This worker's audit chain (LOG-1): one per VM, kept across policy reloads; named by 64
     /// random bits when the VM starts.
     pub static CHAIN: RefCell<Chain> = RefCell::new(Chain::new(&chain_name()));
@@ -67,6 +69,11 @@ pub struct ApisecRoot {
     since_checkpoint: u64,
     /// This worker's pass over the state store for the gauges, while one goes on.
     gauges: Option<metrics::GaugePass>,
+    /// The byte counts in flight to the cluster store: the callout's token and what it carries
+    /// (put back in the queue if the store does not take them).
+    tallying: Option<(u32, Batch, bool)>,
+    /// The cluster store lacked the script: the next byte counts go with its text.
+    tally_full: bool,
 }
 
 impl ApisecRoot {
@@ -86,6 +93,41 @@ impl ApisecRoot {
         if let Some(line) = CHAIN.with(|c| c.borrow_mut().checkpoint(now)) {
             log(LogLevel::Info, &line);
         }
+    }
+
+    /// Sends the byte counts ended streams left for the cluster store, one callout at a time.
+    fn flush_tally(&mut self) {
+        if self.tallying.is_some() {
+            return;
+        }
+        let Some(config) = &self.config else { return };
+        let StateBackend::Cluster(settings) = &config.policy.state else {
+            TALLY.with(|t| t.borrow_mut().clear());
+            return;
+        };
+        let Some(now) = now_secs() else { return };
+        let ops = TALLY.with(|t| std::mem::take(&mut *t.borrow_mut()));
+        if ops.is_empty() {
+            return;
+        }
+        let batch = Batch { ops, now };
+        let full = std::mem::take(&mut self.tally_full);
+        let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, full);
+        match send_call(&call) {
+            Ok(token) => self.tallying = Some((token, batch, full)),
+            Err(e) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("apisec: response byte counts not sent to the cluster store: {e:?}"),
+                );
+                self.requeue(batch, now);
+            }
+        }
+    }
+
+    /// Byte counts the store did not take, back in the queue for the next tick.
+    fn requeue(&mut self, batch: Batch, now: u64) {
+        let _ = TALLY.with(|t| apisec_core::anomaly::pend(&mut t.borrow_mut(), batch.ops, now));
     }
 
     fn open_cluster(&mut self) {
@@ -125,20 +167,39 @@ fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
 
 impl Context for ApisecRoot {
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        if let Some((sent, batch, full)) = self.tallying.take() {
+            if sent == token {
+                let (status, body) = call_answer(body_size);
+                let now = now_secs().unwrap_or(batch.now);
+                match cluster::decode(&batch, full, status.as_deref(), &body) {
+                    Decoded::Answer(a) if a.refused.is_none() => {}
+                    Decoded::LoadScript => {
+                        self.tally_full = true;
+                        self.requeue(batch, now);
+                    }
+                    Decoded::Answer(a) => {
+                        let why = a.refused.map(|d| d.detail).unwrap_or_default();
+                        log(
+                            LogLevel::Warn,
+                            &format!("apisec: response byte counts not taken by the cluster store ({why}); kept for the next try"),
+                        );
+                        self.requeue(batch, now);
+                    }
+                }
+                return;
+            }
+            self.tallying = Some((sent, batch, full));
+        }
         if self.opening != Some(token) {
             return;
         }
         self.opening = None;
         let (status, body) = call_answer(body_size);
-        let Some(config) = &self.config else { return };
+        if self.config.is_none() {
+            return;
+        }
         let batch = Batch::default();
-        match cluster::decode(
-            &config.policy.cluster_params(),
-            &batch,
-            true,
-            status.as_deref(),
-            &body,
-        ) {
+        match cluster::decode(&batch, true, status.as_deref(), &body) {
             Decoded::Answer(a) if a.refused.is_none() => {
                 self.cluster_opened = true;
                 log(LogLevel::Info, "apisec: cluster state store answered");
@@ -239,6 +300,7 @@ impl RootContext for ApisecRoot {
             }
         }
         self.open_cluster();
+        self.flush_tally();
         self.checkpoint(false);
     }
 

@@ -12,7 +12,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
-use crate::root::{CHAIN, HELD};
+use crate::root::{CHAIN, HELD, TALLY};
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
@@ -40,13 +40,7 @@ impl Context for ApisecHttp {
             return;
         }
         let (status, body) = call_answer(body_size);
-        let decoded = cluster::decode(
-            &self.stream.config().policy.cluster_params(),
-            &batch,
-            full,
-            status.as_deref(),
-            &body,
-        );
+        let decoded = cluster::decode(&batch, full, status.as_deref(), &body);
         let action = match decoded {
             Decoded::LoadScript => self.dispatch(batch, true),
             Decoded::Answer(answer) => self.event(|s, env| s.on_state(answer, env)),
@@ -138,6 +132,13 @@ impl ApisecHttp {
                 "content-length",
                 Some(&len),
             );
+        }
+        if let Some(batch) = step.tally.take() {
+            let lost = TALLY
+                .with(|t| apisec_core::anomaly::pend(&mut t.borrow_mut(), batch.ops, batch.now));
+            if lost > 0 {
+                log(LogLevel::Warn, &format!("apisec: {lost} response byte counts dropped: the queue for the cluster store is full"));
+            }
         }
         if let Some(batch) = step.state.take() {
             return self.dispatch(batch, false);
