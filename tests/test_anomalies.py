@@ -1,4 +1,4 @@
-"""Anomaly rules and SDK versions (issue 13; MON-3, MON-7, MON-9) against a real Envoy: each rule
+"""Anomaly rules and SDK versions (issue 13; MON-3, MON-9; SDK versions MON-7, ATK-2) against a real Envoy: each rule
 in alert mode (the call goes on, the audit record names the rule, the metric counts it) and in
 block mode (403 anomaly_blocked, audit record, nothing upstream), with a call the rule leaves
 alone; SDK versions below the minimum, known bad or missing refused (`sdk_outdated`) or flagged
@@ -104,7 +104,7 @@ def test_working_hours_alert_and_block(agw, secret):  # MON-3, MON-9
     assert metric(agw, anomalies, app="demo-partner", rule="research-hours", action="block") == 1
 
 
-def test_usual_sources_alert_and_block(agw, secret):  # MON-7
+def test_usual_sources_alert_and_block(agw, secret):  # MON-3
     c = Client(agw, secret)
     # from its usual range: nothing
     rec = allowed_record(agw, get(c, QUOTE, "demo-partner", source="127.0.0.1"))

@@ -1,4 +1,4 @@
-"""Monitoring (issue 13; MON-1, MON-2, MON-4, MON-8, LVL-3, ATK-2) against a real Envoy and a real
+"""Monitoring (issue 13; MON-1, MON-2, MON-4, MON-8, LVL-3) against a real Envoy and a real
 Prometheus (Debian's `prometheus`): the filter's metrics labelled by app, API, level, decision and
 refusal code as Prometheus reads them; shadow-API calls with the App_ID they claim; an unknown
 App_ID as one label value; the policy version; bans and replay-store gauges; the backend
@@ -150,7 +150,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
     body = b'{"symbol":"600000","side":"buy","qty":100}'
     order = c.send(c.sign("POST", "/api/v1/orders", body=body, keyid="demo-partner-p256"))
     assert order.status_code == 200, order.text
-    # Refused: a valid key id with a wrong signature (the request changed after signing), ATK-2.
+    # Refused: a valid key id with a wrong signature (the request changed after signing), MON-4.
     forged = c.sign("GET", "/api/v1/info/research/r-5")
     forged["url"] = forged["url"].replace("r-5", "r-6")
     r = c.send(forged)

@@ -110,6 +110,13 @@ anomalies:
     - {id: h, timezone: "+08:00", days: [mon], from: "09:00", to: "15:00", apis: [a], apps: [app], action: alert}
   usual_sources:
     - {id: s, app: app, ranges: [10.1.0.0/16], action: block}
+  bulk_pulls:
+    - {id: b, apps: [app], apis: [a], window_seconds: 60, max_calls: 10, max_response_bytes: 1000, action: alert}
+  new_sources:
+    - {id: n, apps: [app], learn_until: "2027-01-01T00:00:00+08:00", approved: [10.2.0.0/16], max_sources: 8,
+       forget_days: 30, action: block}
+  signature_failures:
+    - {id: f, apps: [app], threshold: 5, window_seconds: 300, ban_seconds: 600, action: block}
 """ % ("ab" * 32)
 
 

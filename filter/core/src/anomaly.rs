@@ -1,4 +1,4 @@
-//! Anomaly rules (MON-3, MON-7, MON-9, ATK-2). Decided from the request alone: access outside
+//! Anomaly rules (MON-3, MON-4, MON-6, MON-9). Decided from the request alone: access outside
 //! the working hours of an API or an app, in an explicit time zone; access from outside an
 //! app's usual source ranges. Counted in the state store (local or cluster, so they hold across
 //! workers and replicas): bulk pulls (calls or response bytes per app per window above a
@@ -104,7 +104,7 @@ fn default_forget_days() -> u32 {
 }
 
 /// Signatures that do not verify under a valid key id of an app, `threshold` within a window
-/// (fixed, aligned to the epoch): someone holds the key id and not the key (ATK-2). `block`
+/// (fixed, aligned to the epoch): someone holds the key id and not the key (MON-4). `block`
 /// bans every source that fails under that key from then on in the window, for `ban_seconds`
 /// (default: `bans.ban_seconds`); never the key itself, which would let anyone lock the partner
 /// out.
@@ -1189,7 +1189,7 @@ mod tests {
         );
     }
 
-    /// MON-7: a source never seen for the app is an anomaly once (alert), refused (block)
+    /// MON-3: a source never seen for the app is an anomaly once (alert), refused (block)
     /// unless approved; learned silently before `learn_until`; the oldest forgotten past the
     /// bound; forgotten after `forget_days`.
     #[test]
@@ -1251,7 +1251,7 @@ mod tests {
         );
     }
 
-    /// ATK-2: failures under one key from many sources, each under the ban threshold of its
+    /// MON-4: failures under one key from many sources, each under the ban threshold of its
     /// own, reach the rule's threshold; from then on a blocking rule bans each failing source;
     /// the key and other sources stay usable.
     #[test]

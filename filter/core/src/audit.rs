@@ -76,7 +76,7 @@ pub struct AuditRecord<'a> {
     /// The caller's SDK when it is not acceptable: the version it sent, why, and the action.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sdk: Option<SdkRecord<'a>>,
-    /// Anomaly rules the call matched (MON-3, MON-7, MON-9).
+    /// Anomaly rules the call matched (MON-3, MON-4, MON-9).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub anomalies: &'a [Anomaly],
 }

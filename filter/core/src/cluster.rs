@@ -1167,7 +1167,7 @@ mod tests {
         }
     }
 
-    /// The counted anomaly rules' words, and what their answers mean (MON-3, MON-7, ATK-2).
+    /// The counted anomaly rules' words, and what their answers mean (MON-3, MON-4).
     #[test]
     fn anomaly_operations_and_their_answers() {
         use crate::anomaly::{BULK_PULL, NEW_SOURCE, SIGNATURE_FAILURES};

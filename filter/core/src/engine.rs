@@ -1095,7 +1095,7 @@ pub fn refusal_ops(
     if reason == DenyReason::Banned || unavailable {
         return Vec::new();
     }
-    // A signature that does not verify under a valid key id of the app (ATK-2): counted per
+    // A signature that does not verify under a valid key id of the app (MON-4): counted per
     // key by the anomaly rules, whose block bans the failing source, never the key.
     let failures = match (&ctx.app, &ctx.keyid) {
         (Some(app), Some(keyid)) if reason == DenyReason::SignatureInvalid => {

@@ -136,8 +136,8 @@ deny_reasons! {
     /// The caller's SDK (`x-sdk-version`) is below its app's minimum, a known-bad version,
     /// missing or not a version, and the app's `sdk.action` is `refuse`.
     SdkOutdated => ("sdk_outdated", 403),
-    /// An anomaly rule in block mode matched: outside working hours, or from outside the app's
-    /// usual source ranges (MON-3, MON-7, MON-9).
+    /// An anomaly rule in block mode matched: outside working hours, outside the app's usual
+    /// source ranges, a bulk pull, a source the app never called from (MON-3, MON-9).
     AnomalyBlocked => ("anomaly_blocked", 403),
     /// The request came through an Envoy route the policy does not name, or the route does not
     /// serve this API (per-route policy).

@@ -68,7 +68,8 @@ pub struct RawPolicy {
     /// The audit chain (LOG-1): its key's environment variable, the checkpoint period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<RawAudit>,
-    /// Anomaly rules (MON-3, MON-7, MON-9): working hours, usual source ranges; alert or block.
+    /// Anomaly rules (MON-3, MON-4, MON-9): working hours, usual source ranges, bulk pulls, new
+    /// sources, signature failures under a valid key id; alert or block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomalies: Option<RawAnomalies>,
 }

@@ -86,7 +86,7 @@ pub enum Op {
         window: u64,
         bytes: u64,
     },
-    /// The source of an authenticated call of an app (MON-7): one never seen for the app (or
+    /// The source of an authenticated call of an app (MON-3): one never seen for the app (or
     /// forgotten after `forget` seconds) is an anomaly, unless the rule is still `learning`;
     /// remembered unless refused; at most `max` sources per app.
     Source {
@@ -96,7 +96,7 @@ pub enum Op {
         max: u32,
         forget: u64,
     },
-    /// A signature that did not verify under a valid key id of an app (ATK-2), counted per key
+    /// A signature that did not verify under a valid key id of an app (MON-4), counted per key
     /// in the window `bucket`: from the `threshold`th on, an anomaly; a blocking rule bans the
     /// failing source (`ban`: who, for how long), never the key (never refuses).
     KeyFailure {
