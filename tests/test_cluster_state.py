@@ -95,6 +95,19 @@ def pair(tmp_path, secret):
         p.stop()
 
 
+def gauge(g, key: str, want: float, timeout: float = 30.0) -> float:
+    """A gauge of the replica's Prometheus output once it reads `want` (one worker per replica
+    reads the store for the gauges every 10 s), or what it read last."""
+    from test_monitoring import prometheus_series
+
+    deadline = time.time() + timeout
+    while True:
+        got = prometheus_series(g.admin("/stats/prometheus")).get(key)
+        if got == want or time.time() > deadline:
+            return got
+        time.sleep(1)
+
+
 def refused_unsent(g, resp, status: int, code: str, before: int) -> dict:
     assert resp.status_code == status, resp.text
     assert resp.json()["error"] == code
@@ -168,6 +181,10 @@ def test_ban_started_on_one_replica_refuses_on_the_other(pair):  # PERM-4, MON-6
     assert "127.0.0.7" in rec["audit"]["detail"]
     # another source is not affected
     assert p.send(p.b, p.sign(), source="127.0.0.8").status_code == 200
+    # the ban is in force on every replica, and each one's gauge reads it from the store (MON-4)
+    for g in (p.a, p.b):
+        assert gauge(g, 'apisec_bans_active{subject="ip"}', 1) == 1
+        assert gauge(g, 'apisec_bans_active{subject="app"}', 0) == 0
 
 
 def test_restart_of_both_replicas_keeps_the_nonce(pair):  # ATK-1
@@ -349,3 +366,10 @@ def test_one_partner_cannot_fill_the_shared_store(pair):  # ATK-1, MON-5 (issue 
     other = p.sign(app="other-partner", keyid="other-partner-hmac")
     assert p.send(p.a, other).status_code == 200
     assert p.send(p.b, other).json()["error"] == "nonce_replayed"
+    # the gauges read the shares from the store, on both replicas: 4 nonces held, the fullest
+    # share (demo-partner's) full, capacity the shares of every app
+    apps = len(doc["apps"])
+    for g in (p.a, p.b):
+        assert gauge(g, "apisec_replay_store_live{}", 4) == 4
+        assert gauge(g, "apisec_replay_slot_fullest_ratio_pct{}", 100) == 100
+        assert gauge(g, "apisec_replay_store_capacity{}", 3 * apps) == 3 * apps

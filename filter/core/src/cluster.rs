@@ -222,6 +222,15 @@ if not h then
   redis.call('SET', hk, h)
 end
 local zk = p .. 'sessions'
+-- source bans in force, by when each ends (for the gauge: source bans have no fixed key set)
+local bz = p .. 'bans-ip'
+local function banned_ip(subject, untl)
+  if string.sub(subject, 1, 3) == 'ip/' then
+    redis.call('ZREMRANGEBYSCORE', bz, '-inf', now)
+    redis.call('ZADD', bz, untl, subject)
+    redis.call('EXPIRE', bz, 2592000)
+  end
+end
 local function mark(kind, name)
   return tonumber(redis.call('GET', p .. 'session-end:' .. kind .. ':' .. redis.sha1hex(name))) or 0
 end
@@ -334,6 +343,7 @@ while i <= #ARGV do
     if n >= tonumber(ARGV[i + 3]) then
       local ban = tonumber(ARGV[i + 4])
       redis.call('SET', p .. 'ban:' .. s, now .. ' ' .. (now + ban), 'EX', ban)
+      banned_ip(s, now + ban)
       redis.call('DEL', ck)
       table.insert(out, 'ban')
       table.insert(out, s)
@@ -487,6 +497,7 @@ while i <= #ARGV do
         if not live then
           local ban = tonumber(ARGV[i + 8])
           redis.call('SET', bk, now .. ' ' .. (now + ban), 'EX', ban)
+          banned_ip(s, now + ban)
           table.insert(out, 'ban')
           table.insert(out, s)
           table.insert(out, tostring(ban))
@@ -495,6 +506,28 @@ while i <= #ARGV do
       end
     end
     i = i + 10
+  elseif op == 'GA' then
+    -- GA n (app lift)*n: the gauges, read only: bans in force on the apps and on sources,
+    -- and the nonces the apps hold in their shares (and the fullest share)
+    local n = tonumber(ARGV[i + 1])
+    local b = math.floor(now / life)
+    local apps, held, fullest = 0, 0, 0
+    for j = 0, n - 1 do
+      local app = ARGV[i + 2 + 2 * j]
+      local v = redis.call('GET', p .. 'ban:app/' .. app)
+      if v then
+        local at, untl = string.match(v, '^(%d+) (%d+)$')
+        if at and tonumber(untl) > now and tonumber(at) >= tonumber(ARGV[i + 3 + 2 * j]) then
+          apps = apps + 1
+        end
+      end
+      local qk = p .. 'share:' .. app .. ':'
+      local h = (tonumber(redis.call('GET', qk .. b)) or 0) + (tonumber(redis.call('GET', qk .. (b - 1))) or 0)
+      held = held + h
+      fullest = math.max(fullest, h)
+    end
+    local ips = redis.call('ZCOUNT', bz, '(' .. now, '+inf')
+    return {'gauges', tostring(apps), tostring(ips), tostring(held), tostring(fullest)}
   else
     return redis.error_reply('apisec: unknown state operation')
   end
@@ -646,9 +679,8 @@ fn word(out: &mut Vec<u8>, w: &str) {
     }
 }
 
-/// The callout that runs `batch` (`full`: the script's text, for a Redis that does not hold it
-/// yet; else its SHA-1).
-pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: bool) -> Call {
+/// The script's command and the words every run starts with.
+fn command(p: &Params<'_>, settings: &ClusterSettings, now: u64, full: bool) -> Vec<u8> {
     let mut body = Vec::with_capacity(if full { SCRIPT.len() * 2 } else { 256 });
     if full {
         body.extend_from_slice(b"EVAL");
@@ -659,9 +691,102 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
     }
     word(&mut body, "0");
     word(&mut body, &settings.key_prefix);
-    word(&mut body, &batch.now.to_string());
+    word(&mut body, &now.to_string());
     word(&mut body, &p.skew.to_string());
     word(&mut body, &p.lifetime.to_string());
+    body
+}
+
+/// The callout that carries `body` to the store.
+fn call(settings: &ClusterSettings, body: Vec<u8>) -> Call {
+    let mut headers = vec![
+        (":method", "POST".to_string()),
+        (":path", "/".to_string()),
+        (":authority", settings.authority.clone()),
+        ("content-type", "text/plain".to_string()),
+    ];
+    if let Some(a) = &settings.authorization {
+        headers.push(("authorization", a.clone()));
+    }
+    Call {
+        cluster: settings.envoy_cluster.clone(),
+        headers,
+        body,
+        timeout_ms: settings.timeout_ms,
+    }
+}
+
+/// What the cluster store holds, for the gauges (MON-4, ATK-1): bans in force on the policy's
+/// apps and on sources, the nonces the apps recorded in their shares, and the fullest share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    pub apps_banned: u64,
+    pub sources_banned: u64,
+    pub nonces: u64,
+    pub fullest_share: u64,
+}
+
+/// The callout that reads the gauges (read only; one worker per replica, every
+/// `metrics::GAUGE_SECONDS`).
+pub fn encode_gauges<'a>(
+    p: &Params<'_>,
+    settings: &ClusterSettings,
+    apps: impl Iterator<Item = &'a str>,
+    now: u64,
+    full: bool,
+) -> Call {
+    let mut body = command(p, settings, now, full);
+    let apps: Vec<&str> = apps.collect();
+    word(&mut body, "GA");
+    word(&mut body, &apps.len().to_string());
+    for app in apps {
+        word(&mut body, app);
+        let lift = p
+            .bans
+            .map_or(0, |b| b.lifted_at(crate::bans::Subject::App(app)));
+        word(&mut body, &lift.to_string());
+    }
+    call(settings, body)
+}
+
+/// The gauges' answer: the counts, the store lacking the script, or why there are none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GaugeAnswer {
+    Counts(StoreCounts),
+    LoadScript,
+    Failed(String),
+}
+
+pub fn decode_gauges(full: bool, status: Option<&str>, body: &[u8]) -> GaugeAnswer {
+    let reply = match reply(status, body) {
+        Ok(r) => r,
+        Err(e) => return GaugeAnswer::Failed(e),
+    };
+    let text = |i: usize| reply.get(i).and_then(|v| v.as_str());
+    let number = |i: usize| text(i).and_then(|t| t.parse::<u64>().ok());
+    match (reply.first(), text(0)) {
+        (Some(serde_json::Value::Bool(false)), _)
+            if !full && text(1).is_some_and(|m| m.starts_with("NOSCRIPT")) =>
+        {
+            GaugeAnswer::LoadScript
+        }
+        (_, Some("gauges")) => match (number(1), number(2), number(3), number(4)) {
+            (Some(a), Some(s), Some(n), Some(f)) => GaugeAnswer::Counts(StoreCounts {
+                apps_banned: a,
+                sources_banned: s,
+                nonces: n,
+                fullest_share: f,
+            }),
+            _ => GaugeAnswer::Failed("state store answer has an unexpected shape".into()),
+        },
+        _ => GaugeAnswer::Failed("state store answer has an unexpected shape".into()),
+    }
+}
+
+/// The callout that runs `batch` (`full`: the script's text, for a Redis that does not hold it
+/// yet; else its SHA-1).
+pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: bool) -> Call {
+    let mut body = command(p, settings, batch.now, full);
     for op in &batch.ops {
         match op {
             Op::Ban(s) => {
@@ -784,21 +909,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
             },
         }
     }
-    let mut headers = vec![
-        (":method", "POST".to_string()),
-        (":path", "/".to_string()),
-        (":authority", settings.authority.clone()),
-        ("content-type", "text/plain".to_string()),
-    ];
-    if let Some(a) = &settings.authorization {
-        headers.push(("authorization", a.clone()));
-    }
-    Call {
-        cluster: settings.envoy_cluster.clone(),
-        headers,
-        body,
-        timeout_ms: settings.timeout_ms,
-    }
+    call(settings, body)
 }
 
 /// What the store's answer means for the batch.
@@ -841,22 +952,32 @@ pub fn decode(batch: &Batch, full: bool, status: Option<&str>, body: &[u8]) -> D
     }
 }
 
-fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+/// The script's reply, from the callout's status and body (webdis: `{"EVALSHA": [...]}`).
+fn reply(status: Option<&str>, body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
     if status != Some("200") {
-        return unavailable(format!(
+        return Err(format!(
             "state store answered {} ({} bytes)",
             status.unwrap_or("nothing"),
             body.len()
         ));
     }
-    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice::<serde_json::Value>(body)
     else {
-        return unavailable("state store answer is not a JSON object");
+        return Err("state store answer is not a JSON object".into());
     };
-    let reply = match (map.len(), map.get("EVALSHA").or_else(|| map.get("EVAL"))) {
-        (1, Some(serde_json::Value::Array(r))) => r,
-        _ => return unavailable("state store answer has an unexpected shape"),
+    let one = map.len() == 1;
+    match map.remove("EVALSHA").or_else(|| map.remove("EVAL")) {
+        Some(serde_json::Value::Array(r)) if one => Ok(r),
+        _ => Err("state store answer has an unexpected shape".into()),
+    }
+}
+
+fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+    let reply = match reply(status, body) {
+        Ok(r) => r,
+        Err(e) => return unavailable(e),
     };
+    let reply = &reply;
     let text = |i: usize| reply.get(i).and_then(|v| v.as_str());
     match (reply.first(), text(0)) {
         (Some(serde_json::Value::Bool(false)), _) => {
@@ -1156,6 +1277,54 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The gauges' read (MON-4, ATK-1): the apps with their lift times, and the answer read
+    /// back; anything else is no gauges, never made-up ones.
+    #[test]
+    fn gauges_are_asked_and_read() {
+        let call = encode_gauges(&P, &settings(), ["a", "b c"].into_iter(), 1000, false);
+        let text = String::from_utf8(call.body).unwrap();
+        assert!(text.ends_with("/GA/2/a/0/b%20c/0"), "{text}");
+        assert_eq!(
+            decode_gauges(
+                false,
+                Some("200"),
+                br#"{"EVALSHA":["gauges","1","2","30","20"]}"#
+            ),
+            GaugeAnswer::Counts(StoreCounts {
+                apps_banned: 1,
+                sources_banned: 2,
+                nonces: 30,
+                fullest_share: 20
+            })
+        );
+        assert_eq!(
+            decode_gauges(
+                false,
+                Some("200"),
+                br#"{"EVALSHA":[false,"NOSCRIPT No matching script"]}"#
+            ),
+            GaugeAnswer::LoadScript
+        );
+        for (status, body) in [
+            (
+                Some("200"),
+                &br#"{"EVALSHA":["gauges","1","x","30","20"]}"#[..],
+            ),
+            (Some("200"), br#"{"EVALSHA":["ok"]}"#),
+            (Some("503"), b""),
+            (None, b""),
+        ] {
+            assert!(matches!(
+                decode_gauges(false, status, body),
+                GaugeAnswer::Failed(_)
+            ));
+        }
+        assert!(matches!(
+            decode_gauges(true, Some("200"), br#"{"EVAL":[false,"NOSCRIPT x"]}"#),
+            GaugeAnswer::Failed(_)
+        ));
     }
 
     fn watched(rule: &str, kind: &'static str, block: bool) -> Watch {

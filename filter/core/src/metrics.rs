@@ -201,9 +201,37 @@ pub fn gauge_hold(store: &dyn SharedStore, now: u64) {
     let _ = store.set(GAUGE_TURN_KEY, &now.to_le_bytes(), None);
 }
 
+/// The gauges from the cluster store's counts (cluster.rs `GA`): bans in force by subject,
+/// and the replay store's fill as the cluster backend bounds it, by app share: live is the
+/// nonces the apps recorded in their shares, capacity the shares' sum, and the fullest "slot"
+/// the fullest app share (a full share refuses `replay_store_full`).
+pub fn cluster_gauges(policy: &Policy, counts: &crate::cluster::StoreCounts) -> Vec<(String, u64)> {
+    let StateBackend::Cluster(settings) = &policy.state else {
+        return Vec::new();
+    };
+    let share = settings.app_share.max(1);
+    let mut out = vec![
+        (REPLAY_LIVE.into(), counts.nonces),
+        (
+            REPLAY_CAPACITY.into(),
+            share.saturating_mul(policy.app_ids().count() as u64),
+        ),
+        (
+            REPLAY_FULLEST.into(),
+            counts.fullest_share.saturating_mul(100) / share,
+        ),
+    ];
+    if policy.bans.is_some() {
+        out.push((format!("{BANS_ACTIVE};subject=app"), counts.apps_banned));
+        out.push((format!("{BANS_ACTIVE};subject=ip"), counts.sources_banned));
+    }
+    out
+}
+
 /// One pass over the local state store (Envoy shared data) for its gauges: active bans by
 /// subject and the replay store's fill, `GAUGE_KEYS_PER_TICK` keys a tick. With the `cluster`
-/// backend the state is in the cluster store, whose own exporter reports it; there is no pass.
+/// backend the state is in the cluster store, read in one callout instead
+/// ([`cluster_gauges`]); there is no pass.
 #[derive(Debug, Clone, Default)]
 pub struct GaugePass {
     /// The next key: replay slots first, then ban source slots, then the apps' ban keys.

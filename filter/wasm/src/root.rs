@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use apisec_core::audit_chain::Chain;
-use apisec_core::cluster::{self, Decoded, StateBackend};
+use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::metrics;
 use apisec_core::replay;
@@ -74,6 +74,10 @@ pub struct ApisecRoot {
     tallying: Option<(u32, Batch, bool)>,
     /// The cluster store lacked the script: the next byte counts go with its text.
     tally_full: bool,
+    /// The gauges' callout to the cluster store in flight: its token and whether the script's
+    /// text went with it; the next goes with the text when the store lacked it.
+    gauging: Option<(u32, bool)>,
+    gauge_full: bool,
 }
 
 impl ApisecRoot {
@@ -167,6 +171,25 @@ fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
 
 impl Context for ApisecRoot {
     fn on_http_call_response(&mut self, token: u32, _: usize, body_size: usize, _: usize) {
+        if let Some((sent, full)) = self.gauging {
+            if sent == token {
+                self.gauging = None;
+                let (status, body) = call_answer(body_size);
+                match cluster::decode_gauges(full, status.as_deref(), &body) {
+                    GaugeAnswer::Counts(counts) => {
+                        if let (Some(m), Some(config)) = (&self.metrics, &self.config) {
+                            m.gauges(metrics::cluster_gauges(&config.policy, &counts));
+                        }
+                    }
+                    GaugeAnswer::LoadScript => self.gauge_full = true,
+                    GaugeAnswer::Failed(why) => log(
+                        LogLevel::Warn,
+                        &format!("apisec: gauges not read from the cluster store: {why}"),
+                    ),
+                }
+                return;
+            }
+        }
         if let Some((sent, batch, full)) = self.tallying.take() {
             if sent == token {
                 let (status, body) = call_answer(body_size);
@@ -286,7 +309,21 @@ impl RootContext for ApisecRoot {
         if let Some(m) = &self.metrics {
             m.flush();
             if let (Some(config), Some(now)) = (&self.config, now_secs()) {
-                if self.gauges.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
+                if let StateBackend::Cluster(settings) = &config.policy.state {
+                    if self.gauging.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
+                        let full = std::mem::take(&mut self.gauge_full);
+                        let call = cluster::encode_gauges(
+                            &config.policy.cluster_params(),
+                            settings,
+                            config.policy.app_ids(),
+                            now,
+                            full,
+                        );
+                        if let Ok(token) = send_call(&call) {
+                            self.gauging = Some((token, full));
+                        }
+                    }
+                } else if self.gauges.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
                     self.gauges = Some(metrics::GaugePass::default());
                 }
                 if let Some(pass) = &mut self.gauges {
