@@ -146,7 +146,17 @@ pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
             out.push(entry);
         }
     }
-    for key in ["opted_out_users", "bans", "gateway"] {
+    // every other section whole (bans and their lifts, anomaly rules and the sources they
+    // approve, sessions, audit, state, gateway settings, ...): none holds a secret, only the
+    // names of the environment variables that do
+    let itemized = ["apis", "apps", "grants", "lists", "api_groups"];
+    let keys: BTreeSet<&String> = [old, new]
+        .iter()
+        .filter_map(|d| d.as_object())
+        .flat_map(|m| m.keys())
+        .filter(|k| !itemized.contains(&k.as_str()))
+        .collect();
+    for key in keys {
         if old.get(key) != new.get(key) {
             out.push(json!({"section": key, "change": "changed", "before": old.get(key), "after": new.get(key)}));
         }
@@ -478,6 +488,23 @@ mod tests {
         assert!(
             !text.contains("NEW") && !text.contains("OLD"),
             "no key material: {text}"
+        );
+    }
+
+    /// LOG-5: a change to any other section is logged whole, as an operator admitting a source
+    /// to a new-sources rule (MON-3); an unchanged one is not.
+    #[test]
+    fn other_sections_are_logged_when_they_change() {
+        let rule = |approved: Value| {
+            json!({"anomalies": {"new_sources": [{"id": "n", "approved": approved, "action": "block"}]},
+                   "gateway": {"mode": "enforce"}})
+        };
+        let items = changes(Some(&rule(json!([]))), &rule(json!(["203.0.113.7/32"])));
+        assert_eq!(items.len(), 1, "{items:?}");
+        assert_eq!(items[0]["section"], "anomalies");
+        assert_eq!(
+            items[0]["after"]["new_sources"][0]["approved"],
+            json!(["203.0.113.7/32"])
         );
     }
 }
