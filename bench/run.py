@@ -156,12 +156,25 @@ def bench_policy(pub_pem: str) -> dict:
     }
 
 
+# BENCH_AFTER_ANOMALIES=1: the "after" variants run the counted anomaly rules (a bulk-pull rule
+# counting calls and response bytes, and a new-sources rule) that the "before" policy lacks; with
+# BENCH_BEFORE_WASM set to the same build, the difference is what the rules cost per request.
+AFTER_ANOMALIES = {
+    "bulk_pulls": [{"id": "bench-volume", "window_seconds": 3600, "max_calls": 10**12,
+                    "max_response_bytes": 10**15, "action": "block"}],
+    "new_sources": [{"id": "bench-sources", "learn_until": "2099-01-01T00:00:00Z", "action": "block"}],
+}
+
+
 def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> gw.Layout:
     layout = gw.Layout(build=build, wasm=WASM, certs=build / "certs", admin_port=ports["admin"], concurrency=1)
+    plain = policy
+    if os.environ.get("BENCH_AFTER_ANOMALIES"):
+        policy = {**policy, "anomalies": AFTER_ANOMALIES}
     gw.write_ecds(json.dumps(policy), layout)
     hs, es = jwts
     # An older build may not know every field of this one (app_entries_per_slot came later).
-    old_policy = json.loads(json.dumps(policy))
+    old_policy = json.loads(json.dumps(plain))
     old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
     # The audit chain came with issue 13; a "before" build from after it keeps the chain, so that
     # the comparison is like for like (BENCH_BEFORE_HAS_AUDIT=1).
