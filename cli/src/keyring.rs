@@ -21,7 +21,12 @@ pub fn parse(name: &str, text: &str) -> Result<Vec<KeyringEntry>, String> {
 
 /// Appends the policy's public keys that the keyring does not hold yet; returns how many.
 pub fn remember(path: &Path, policy: &Value, ts: &str) -> Result<usize, String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // every key ever applied is one line: the whole file is what "already known" means
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
     let known = parse(&path.display().to_string(), &text)?;
     let new: Vec<KeyringEntry> = evidence::policy_keys(policy)
         .into_iter()

@@ -71,15 +71,49 @@ pub fn operator(declared: &str) -> Value {
     })
 }
 
+/// The last non-empty line of the file at `path`, read from its end (the log only grows; a
+/// run reads what it continues, not the whole history). None for a file that does not exist
+/// yet; an error for one that cannot be read, so a chain is never restarted beside it.
+pub fn last_line(path: &Path) -> Result<Option<String>, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    };
+    let len = f.seek(SeekFrom::End(0)).map_err(err)?;
+    let mut tail: Vec<u8> = Vec::new();
+    let mut at = len;
+    while at > 0 {
+        let step = at.min(64 * 1024);
+        at -= step;
+        let mut chunk = vec![0u8; step as usize];
+        f.seek(SeekFrom::Start(at)).map_err(err)?;
+        f.read_exact(&mut chunk).map_err(err)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        let text = String::from_utf8_lossy(&tail);
+        let trimmed = text.trim_end();
+        // a whole line: one that starts after a newline, or at the start of the file
+        if let Some(line) = trimmed.rfind('\n').and_then(|pos| trimmed.get(pos + 1..)) {
+            return Ok(Some(line.to_string()));
+        }
+        if at == 0 && !trimmed.is_empty() {
+            return Ok(Some(trimmed.to_string()));
+        }
+    }
+    Ok(None)
+}
+
 /// Appends `record` to the log at `path`, sealed into the file's chain when `key` is given.
 /// Returns whether it was sealed.
 pub fn append(path: &Path, key: Option<&ChainKey>, record: &Value) -> Result<bool, String> {
     let text = record.to_string();
     let line = match key {
         Some(key) => {
-            let existing = std::fs::read_to_string(path).unwrap_or_default();
-            let last = existing.lines().rev().find(|l| !l.trim().is_empty());
-            let mut chain = last.and_then(Chain::resume).unwrap_or_else(|| {
+            let last = last_line(path)?;
+            let mut chain = last.as_deref().and_then(Chain::resume).unwrap_or_else(|| {
                 let mut name = [0u8; 8];
                 OsRng.fill_bytes(&mut name);
                 Chain::new(&name)
@@ -97,4 +131,30 @@ pub fn append(path: &Path, key: Option<&ChainKey>, record: &Value) -> Result<boo
     f.sync_all()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(key.is_some())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test code
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_line_is_read_from_the_end() {
+        let dir = std::env::temp_dir().join(format!("apisec-opslog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ops.log");
+        assert_eq!(last_line(&path).unwrap(), None, "no file yet");
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(last_line(&path).unwrap(), None);
+        std::fs::write(&path, "only").unwrap();
+        assert_eq!(last_line(&path).unwrap().as_deref(), Some("only"));
+        // a long history: the last line spans the 64 KiB chunk boundary
+        let long = "y".repeat(100_000);
+        let text = format!("{}\nsecond\n{long}\n\n", "x".repeat(200_000));
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(last_line(&path).unwrap().as_deref(), Some(long.as_str()));
+        std::fs::remove_dir_all(&dir).unwrap();
+        // a path that cannot be read as a file is an error, not an empty log
+        assert!(last_line(&std::env::temp_dir()).is_err());
+    }
 }

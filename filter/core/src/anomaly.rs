@@ -509,8 +509,7 @@ impl RawAnomalies {
 
 impl Hours {
     fn applies(&self, app: &str, api: &str) -> bool {
-        (self.apis.is_empty() || self.apis.iter().any(|a| a == api))
-            && (self.apps.is_empty() || self.apps.iter().any(|a| a == app))
+        within(&self.apis, api) && within(&self.apps, app)
     }
 
     /// Whether `now` (unix seconds) falls inside the working window.
@@ -538,8 +537,9 @@ pub const BULK_PULL: &str = "bulk_pull";
 pub const NEW_SOURCE: &str = "new_source";
 pub const SIGNATURE_FAILURES: &str = "signature_failures";
 
-fn applies(apps: &[String], app: &str) -> bool {
-    apps.is_empty() || apps.iter().any(|a| a == app)
+/// Whether a rule's list of apps or APIs takes `id`: an empty list takes every one.
+fn within(list: &[String], id: &str) -> bool {
+    list.is_empty() || list.iter().any(|a| a == id)
 }
 
 fn watch(rule: &str, app: &str, kind: &'static str, action: RuleAction) -> Watch {
@@ -547,7 +547,7 @@ fn watch(rule: &str, app: &str, kind: &'static str, action: RuleAction) -> Watch
         rule: rule.to_string(),
         app: app.to_string(),
         kind,
-        block: action == RuleAction::Block,
+        action,
     }
 }
 
@@ -566,7 +566,7 @@ impl Anomalies {
     pub fn call_ops(&self, app: &str, api: &str, ip: Option<IpAddr>, now: u64) -> Vec<Op> {
         let mut ops = Vec::new();
         for b in &self.bulk {
-            if applies(&b.apps, app) && (b.apis.is_empty() || b.apis.iter().any(|a| a == api)) {
+            if within(&b.apps, app) && within(&b.apis, api) {
                 ops.push(Op::Calls {
                     watch: watch(&b.id, app, BULK_PULL, b.action),
                     bucket: now / b.window,
@@ -578,7 +578,7 @@ impl Anomalies {
         }
         for n in &self.new_sources {
             let approved = ip.is_some_and(|ip| n.approved.iter().any(|c| c.contains(ip)));
-            if applies(&n.apps, app) && !approved {
+            if within(&n.apps, app) && !approved {
                 ops.push(Op::Source {
                     watch: watch(&n.id, app, NEW_SOURCE, n.action),
                     // no address from the host: one unknown source, never a known one
@@ -600,8 +600,7 @@ impl Anomalies {
         }
         self.bulk
             .iter()
-            .filter(|b| b.max_bytes.is_some() && applies(&b.apps, app))
-            .filter(|b| b.apis.is_empty() || b.apis.iter().any(|a| a == api))
+            .filter(|b| b.max_bytes.is_some() && within(&b.apps, app) && within(&b.apis, api))
             .map(|b| Op::Bytes {
                 watch: watch(&b.id, app, BULK_PULL, b.action),
                 bucket: now / b.window,
@@ -615,7 +614,7 @@ impl Anomalies {
     pub fn failure_ops(&self, app: &str, keyid: &str, ip: Option<IpAddr>, now: u64) -> Vec<Op> {
         self.key_failures
             .iter()
-            .filter(|k| applies(&k.apps, app))
+            .filter(|k| within(&k.apps, app))
             .map(|k| Op::KeyFailure {
                 watch: watch(&k.id, app, SIGNATURE_FAILURES, k.action),
                 keyid: keyid.to_string(),
@@ -768,14 +767,14 @@ pub fn run_local(
                 let over = (calls >= *max_calls || bytes > *max_bytes).then(|| {
                     format!("{} made {calls} calls and received {bytes} response bytes in this {window} s window", watch.app)
                 });
-                if over.is_some() && watch.block {
+                if over.is_some() && watch.blocks() {
                     return (None, over);
                 }
                 (Some(encode3(bucket, calls.saturating_add(1), bytes)), over)
             })
             .map_err(host)?;
             match over {
-                Some(detail) if watch.block => {
+                Some(detail) if watch.blocks() => {
                     answer.anomalies.push(watch.anomaly());
                     Err(watch.refusal(&detail))
                 }
@@ -842,7 +841,7 @@ pub fn run_local(
                         }
                     }
                     None => {
-                        if watch.block && !learning {
+                        if watch.blocks() && !learning {
                             return (None, true);
                         }
                         seen.retain(|(f, last)| live(*last) && *f != fp);
@@ -872,7 +871,7 @@ pub fn run_local(
             .map_err(host)?;
             if new && !learning {
                 answer.anomalies.push(watch.anomaly());
-                if watch.block {
+                if watch.blocks() {
                     return Err(
                         watch.refusal(&format!("{} never called from {source} before", watch.app))
                     );

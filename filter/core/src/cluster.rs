@@ -838,7 +838,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, &window.to_string());
                 word(&mut body, &max_calls.to_string());
                 word(&mut body, &max_bytes.to_string());
-                word(&mut body, flag(watch.block));
+                word(&mut body, flag(watch.blocks()));
             }
             Op::Bytes {
                 watch,
@@ -867,7 +867,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 word(&mut body, flag(*learning));
                 word(&mut body, &max.to_string());
                 word(&mut body, &forget.to_string());
-                word(&mut body, flag(watch.block));
+                word(&mut body, flag(watch.blocks()));
             }
             Op::KeyFailure {
                 watch,
@@ -1332,7 +1332,11 @@ mod tests {
             rule: rule.into(),
             app: "a".into(),
             kind,
-            block,
+            action: if block {
+                crate::anomaly::RuleAction::Block
+            } else {
+                crate::anomaly::RuleAction::Alert
+            },
         }
     }
 

@@ -1338,7 +1338,7 @@ impl Stream {
                     .flatten(),
             };
             if let (Decided::Allowed, true, false) = (&decided, forwarded, self.reported) {
-                step.tally = self.tally(t.response.total, env);
+                self.tally(t.response.total, env, &mut step);
             }
             let body = self.record_with(decided.outcome(), &facts);
             step.sample = Some(self.sample(decided.outcome(), &facts));
@@ -1351,23 +1351,27 @@ impl Stream {
     }
 
     /// A let-through call's response bytes, for the bulk-pull rules that count them: run now
-    /// on the local store; handed to the host for the cluster store.
-    fn tally(&self, bytes: u64, env: &Env<'_>) -> Option<Batch> {
+    /// on the local store (a count the store could not take goes to the host's log); handed
+    /// to the host for the cluster store.
+    fn tally(&self, bytes: u64, env: &Env<'_>, step: &mut Step) {
         let policy = &self.config.policy;
         let (Some(app), Some(api), Some(_)) = (&self.ctx.app, &self.ctx.api, self.ctx.auth) else {
-            return None;
+            return;
         };
         let now = env.host.now().unwrap_or(self.now);
         let ops = policy.anomalies.bytes_ops(app, api, bytes, now);
         if ops.is_empty() {
-            return None;
+            return;
         }
         let batch = Batch { ops, now };
         if policy.state != StateBackend::Local {
-            return Some(batch);
+            step.tally = Some(batch);
+            return;
         }
-        let _ = local::run_local(policy, env.store, &self.config.meta, &batch);
-        None
+        let answer = local::run_local(policy, env.store, &self.config.meta, &batch);
+        if let Some(note) = answer.note {
+            step.log = Some(format!("apisec: {note} (request {})", self.request_id));
+        }
     }
 
     fn ended(&mut self, env: &Env<'_>) -> Step {

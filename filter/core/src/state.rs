@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 
-use crate::anomaly::Anomaly;
+use crate::anomaly::{Anomaly, RuleAction};
 use crate::bans::Subject;
 use crate::error::{Deny, DenyReason};
 use crate::sessions::{Scope, Session};
@@ -115,16 +115,20 @@ pub struct Watch {
     pub rule: String,
     pub app: String,
     pub kind: &'static str,
-    pub block: bool,
+    pub action: RuleAction,
 }
 
 impl Watch {
+    pub fn blocks(&self) -> bool {
+        self.action == RuleAction::Block
+    }
+
     /// The rule matched: for the audit record and the metric.
     pub fn anomaly(&self) -> Anomaly {
         Anomaly {
             rule: self.rule.clone(),
             kind: self.kind,
-            action: if self.block { "block" } else { "alert" },
+            action: self.action.as_str(),
         }
     }
 
