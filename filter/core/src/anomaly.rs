@@ -916,10 +916,10 @@ pub fn run_local(
             if let (Some((subject, seconds)), Some(b)) = (ban, bans) {
                 match b.impose(store, subject.as_subject(), now, *seconds) {
                     Ok(true) => {
-                        answer.ban_started = Some(format!(
-                            "{} banned for {seconds} s (rule {})",
-                            b.describe(subject.as_subject()),
-                            watch.rule
+                        answer.ban_started = Some(crate::bans::started(
+                            &b.describe(subject.as_subject()),
+                            *seconds,
+                            Some(&watch.rule),
                         ))
                     }
                     Ok(false) => {}

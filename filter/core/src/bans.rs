@@ -313,11 +313,7 @@ impl BanSettings {
             if r.fp == fp && r.banned_until > now && r.banned_at >= lift {
                 return Err(Deny::new(
                     DenyReason::Banned,
-                    format!(
-                        "{} banned until {} after repeated refusals",
-                        self.describe(subject),
-                        r.banned_until
-                    ),
+                    format!("{} banned until {}", self.describe(subject), r.banned_until),
                 ));
             }
         }
@@ -436,6 +432,16 @@ impl BanSettings {
             }
         }
         Err(StoreError::Contention)
+    }
+}
+
+/// What the audit record and the log say of a ban a request started: whom (as
+/// [`BanSettings::describe`] names it), for how long, and the anomaly rule that started it, if
+/// one did (anomaly.rs).
+pub fn started(subject: &str, seconds: u64, rule: Option<&str>) -> String {
+    match rule {
+        Some(r) => format!("{subject} banned for {seconds} s (rule {r})"),
+        None => format!("{subject} banned for {seconds} s"),
     }
 }
 

@@ -1018,7 +1018,7 @@ fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
         (_, Some("banned")) => Decoded::Answer(Answer::refused(Deny::new(
             DenyReason::Banned,
             format!(
-                "{} banned until {} after repeated refusals",
+                "{} banned until {}",
                 describe(text(1).unwrap_or("?")),
                 text(2).unwrap_or("?")
             ),
@@ -1081,13 +1081,11 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                 let subject = words.next()??;
                 let secs: u64 = words.next()??.parse().ok()?;
                 let rule = words.next()??;
-                let why = if rule.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (rule {rule})")
-                };
-                answer.ban_started =
-                    Some(format!("{} banned for {secs} s{why}", describe(subject)));
+                answer.ban_started = Some(crate::bans::started(
+                    &describe(subject),
+                    secs,
+                    Some(rule).filter(|r| !r.is_empty()),
+                ));
             }
             "anomaly" => {
                 let watch = batch.watch(words.next()??)?;

@@ -176,7 +176,8 @@ deny_reasons! {
     FieldForbidden => ("field_forbidden", 403),
     /// Hidden response fields could not be removed, so the response is withheld (PERM-1).
     ResponseUnfilterable => ("response_unfilterable", 502),
-    /// Banned after repeated refusals (PERM-4, RL-3).
+    /// Banned after repeated refusals, or as the source of signature failures under a valid key id
+    /// (PERM-4, RL-3, MON-4).
     Banned => ("banned", 403),
     /// Envoy's rate limiter answered 429 for a request the filter had allowed (RL-3); recorded
     /// in the audit log and counted toward a ban. The caller sees Envoy's own 429.

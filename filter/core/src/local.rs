@@ -48,10 +48,10 @@ pub fn run_local(
                 if let Some(bans) = &policy.bans {
                     match bans.record_refusal(store, s.as_subject(), now) {
                         Ok(true) => {
-                            answer.ban_started = Some(format!(
-                                "{} banned for {} s",
-                                bans.describe(s.as_subject()),
-                                bans.ban_seconds
+                            answer.ban_started = Some(crate::bans::started(
+                                &bans.describe(s.as_subject()),
+                                bans.ban_seconds,
+                                None,
                             ))
                         }
                         Ok(false) => {}
