@@ -4,7 +4,6 @@
 //! One JSON object per line (`evidence::KeyringEntry`, with when it was first applied);
 //! lines are only ever appended.
 
-use std::io::Write as _;
 use std::path::Path;
 
 use apisec_core::evidence::{self, KeyringEntry};
@@ -39,19 +38,14 @@ pub fn remember(path: &Path, policy: &Value, ts: &str) -> Result<usize, String> 
     if new.is_empty() {
         return Ok(0);
     }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = Vec::with_capacity(new.len());
     for k in &new {
         let mut line = serde_json::to_value(k).map_err(|e| e.to_string())?;
         if let Some(o) = line.as_object_mut() {
             o.insert("first_applied".into(), json!(ts));
         }
-        writeln!(f, "{line}").map_err(|e| format!("{}: {e}", path.display()))?;
+        lines.push(line.to_string());
     }
-    f.sync_all()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    crate::opslog::append_lines(path, &lines)?;
     Ok(new.len())
 }

@@ -122,15 +122,23 @@ pub fn append(path: &Path, key: Option<&ChainKey>, record: &Value) -> Result<boo
         }
         None => text,
     };
+    append_lines(path, &[line])?;
+    Ok(key.is_some())
+}
+
+/// Appends `lines` to the file at `path` (created if missing) and syncs it to disk: the
+/// operations log and the keyring only ever grow.
+pub fn append_lines(path: &Path, lines: &[String]) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    writeln!(f, "{line}").map_err(|e| format!("{}: {e}", path.display()))?;
-    f.sync_all()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(key.is_some())
+        .map_err(err)?;
+    for line in lines {
+        writeln!(f, "{line}").map_err(err)?;
+    }
+    f.sync_all().map_err(err)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::fields;
 use crate::inventory::{resolve_apis, Api, SecurityLevel};
 pub use crate::inventory::{ApiGroup, ApiSet, ApiState, RawApiGroup};
 use crate::lists::normal_user;
-use crate::store::{create_if_absent, u64_at, SharedStore, StoreError};
+use crate::store::{u64_at, update, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,29 +378,19 @@ pub fn consume_grant_use(store: &dyn SharedStore, grant: &str, max: u64) -> Resu
     let key = uses_key(grant);
     let host =
         |e: StoreError| Deny::new(DenyReason::HostUnavailable, format!("grant counter: {e}"));
-    for _ in 0..16 {
-        let Some((v, cas)) = store.get(&key).map_err(host)? else {
-            create_if_absent(store, &key, &0u64.to_le_bytes()).map_err(host)?;
-            continue;
-        };
-        let used = u64_at(&v, 0);
-        if used >= max {
-            return Err(Deny::new(
-                DenyReason::GrantExhausted,
-                format!("grant {grant} used {used} of {max} times"),
-            ));
-        }
-        if store
-            .set(&key, &(used + 1).to_le_bytes(), Some(cas))
-            .map_err(host)?
-        {
-            return Ok(());
-        }
+    let used = update(store, &key, |v| {
+        let used = u64_at(v, 0);
+        let write = (used < max).then(|| (used + 1).to_le_bytes().to_vec());
+        (write, used)
+    })
+    .map_err(host)?;
+    if used >= max {
+        return Err(Deny::new(
+            DenyReason::GrantExhausted,
+            format!("grant {grant} used {used} of {max} times"),
+        ));
     }
-    Err(Deny::new(
-        DenyReason::HostUnavailable,
-        "grant counter: too much contention",
-    ))
+    Ok(())
 }
 
 /// How many times a grant has been used (for operators and tests).

@@ -226,33 +226,25 @@ pub struct Anomaly {
     pub action: &'static str,
 }
 
+/// A rule's zone: a fixed offset (`+08:00`, at most 14 hours) or `UTC`; never a zone name
+/// (the rule names its offset, nothing is looked up).
 fn offset(field: &str, tz: &str) -> Result<i64, ConfigError> {
     if tz == "UTC" || tz == "Z" {
         return Ok(0);
     }
-    let bad = || {
-        ConfigError::new(
-            field,
-            format!("{tz:?} is not a UTC offset like +08:00, or UTC"),
-        )
-    };
-    let (sign, rest) = match tz.as_bytes().first() {
-        Some(b'+') => (1, tz.get(1..).ok_or_else(bad)?),
-        Some(b'-') => (-1, tz.get(1..).ok_or_else(bad)?),
-        _ => return Err(bad()),
-    };
-    let minutes = clock(rest).filter(|m| *m <= 14 * 60).ok_or_else(bad)?;
-    Ok(sign * i64::from(minutes) * 60)
+    timeutil::parse_offset(tz)
+        .filter(|o| o.abs() <= 14 * 3600)
+        .ok_or_else(|| {
+            ConfigError::new(
+                field,
+                format!("{tz:?} is not a UTC offset like +08:00, or UTC"),
+            )
+        })
 }
 
-/// Minutes after midnight of `HH:MM`.
+/// Minutes after midnight of `HH:MM`, before 24:00.
 fn clock(s: &str) -> Option<u32> {
-    let (h, m) = s.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
-        return None;
-    }
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60).then_some(h * 60 + m)
+    timeutil::parse_hhmm(s).filter(|m| *m < 24 * 60)
 }
 
 const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -514,20 +506,15 @@ impl Hours {
 
     /// Whether `now` (unix seconds) falls inside the working window.
     fn inside(&self, now: u64) -> bool {
-        let local = i64::try_from(now)
-            .unwrap_or(i64::MAX)
-            .saturating_add(self.offset_seconds);
-        let days = local.div_euclid(86_400);
-        let minute = u32::try_from(local.rem_euclid(86_400) / 60).unwrap_or(0);
-        // 1970-01-01 was a Thursday (weekday 3, Monday = 0)
-        let weekday = |d: i64| u8::try_from((d + 3).rem_euclid(7)).unwrap_or(0);
-        let working = |d: i64| self.days & (1 << weekday(d)) != 0;
+        let (weekday, minute) = timeutil::local_weekday_minute(now, self.offset_seconds);
+        let working = |day: u32| self.days & (1 << day) != 0;
         if self.from < self.to {
-            working(days) && self.from <= minute && minute < self.to
+            working(weekday) && self.from <= minute && minute < self.to
         } else if minute >= self.from {
-            working(days)
+            working(weekday)
         } else {
-            minute < self.to && working(days - 1) // after midnight: the night of the day before
+            // after midnight: the night of the day before
+            minute < self.to && working((weekday + 6) % 7)
         }
     }
 }
@@ -1039,6 +1026,9 @@ mod tests {
             ("+08", "09:00"),
             ("+08:00", "9:00"),
             ("+08:00", "24:00"),
+            ("Asia/Shanghai", "09:00"),
+            ("+14:30", "09:00"),
+            ("+08:00", "+9:00"),
         ] {
             let raw = RawAnomalies {
                 working_hours: vec![RawHours {

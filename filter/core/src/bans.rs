@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::store::{create_if_absent, u64_at, SharedStore, StoreError};
+use crate::store::{u64_at, update, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -376,14 +376,7 @@ impl BanSettings {
         change: impl Fn(Record) -> Option<(Record, bool)>,
     ) -> Result<bool, StoreError> {
         let (key, fp) = self.locate(subject);
-        for _ in 0..16 {
-            let (value, cas) = match store.get(&key)? {
-                Some((v, cas)) => (v, Some(cas)),
-                None => {
-                    create_if_absent(store, &key, &[])?;
-                    continue;
-                }
-            };
+        update(store, &key, |value| {
             let mut records: Vec<Record> = value.chunks_exact(ENTRY).map(Record::decode).collect();
             let pos = records.iter().position(|r| r.fp == fp);
             let r = pos.and_then(|p| records.get(p).copied()).unwrap_or(Record {
@@ -391,7 +384,7 @@ impl BanSettings {
                 ..Default::default()
             });
             let Some((r, answer)) = change(r) else {
-                return Ok(false);
+                return (None, false);
             };
             match pos {
                 Some(p) => {
@@ -427,11 +420,8 @@ impl BanSettings {
             for x in &records {
                 x.encode(&mut out);
             }
-            if store.set(&key, &out, cas)? {
-                return Ok(answer);
-            }
-        }
-        Err(StoreError::Contention)
+            (Some(out), answer)
+        })
     }
 }
 

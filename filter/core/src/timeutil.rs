@@ -15,7 +15,8 @@ pub fn zone_offset(name: &str) -> Option<i64> {
     fixed.or_else(|| parse_offset(name))
 }
 
-fn parse_offset(s: &str) -> Option<i64> {
+/// Seconds east of UTC for `+HH:MM` / `-HH:MM` (hours up to 14).
+pub fn parse_offset(s: &str) -> Option<i64> {
     let (sign, rest) = match s.as_bytes().first()? {
         b'+' => (1, s.get(1..)?),
         b'-' => (-1, s.get(1..)?),
