@@ -297,8 +297,11 @@ class Gateway:
     """A running Envoy (and the demo upstream) for one layout."""
 
     def __init__(self, layout: Layout, env: dict[str, str] | None = None, upstream: bool = True,
-                 upstream_cert: str = "backend"):
+                 upstream_cert: str = "backend", memory_limit: int | None = None):
         self.layout = layout
+        # An address-space limit (bytes) for Envoy, as `ulimit -v` sets it: the guard's test
+        # starts Envoy where a worker's Wasm VM cannot be created.
+        self.memory_limit = memory_limit
         # With TLS to the backend: the certificate (in layout.certs) the demo upstream serves.
         self.upstream_cert = upstream_cert
         self.env = {**os.environ, **(env or {})}
@@ -333,9 +336,15 @@ class Gateway:
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=open(self.envoy_log, "w"),
+            preexec_fn=self._limit if self.memory_limit else None,
         )
         self.wait_ready(timeout)
         return self
+
+    def _limit(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (self.memory_limit, self.memory_limit))
 
     def admin(self, path: str) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.layout.admin_port}{path}", timeout=5) as r:

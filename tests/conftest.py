@@ -183,7 +183,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
                   state_port: int | None = None, certs: Path | None = None,
                   env: dict | None = None, state_tls_ca: Path | None = None,
                   backend_tls: bool = False, upstream_cert: str = "backend",
-                  bootstrap_hook=None) -> gw.Gateway:
+                  bootstrap_hook=None, memory_limit: int | None = None) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     if with_tls and certs is None:
         certs = tmp / "certs"
@@ -203,7 +203,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
     env = {AUDIT_KEY_VAR: AUDIT_KEY, **(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)
-    g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert)
+    g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert, memory_limit=memory_limit)
     try:
         g.start()
     except Exception:

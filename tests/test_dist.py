@@ -214,3 +214,23 @@ def test_manifest_check_refuses_a_broken_policy(tmp_path):
     broken["grants"] = [{"id": "g", "app": "nobody", "apis": ["info.research"]}]
     out = loads_in_envoy(tmp_path, broken, policy_env(plugin["spec"]["pluginConfig"]))
     assert out.returncode != 0 and "Unable to create Wasm plugin apisec" in out.stderr
+
+
+def test_kubernetes_manifests_carry_the_guard():  # LVL-1, ATK-1
+    """Issue 21 item 0: the Istio and Envoy Gateway deployments ship the native guard after the
+    apisec Wasm filter, the same RBAC entry as envoy/gateway.yaml."""
+    guard = gw.gateway_filter("apisec-guard")
+    (istio,) = manifest_docs(ROOT / "deploy/istio/apisec-guard.yaml")
+    assert istio["kind"] == "EnvoyFilter"
+    (patch,) = istio["spec"]["configPatches"]
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    assert patch["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patch["patch"]["value"] == guard
+    (plugin,) = manifest_docs(ROOT / "deploy/istio/wasmplugin.yaml")
+    assert istio["spec"]["workloadSelector"]["labels"] == plugin["spec"]["selector"]["matchLabels"]
+    (eg,) = manifest_docs(ROOT / "deploy/envoy-gateway/apisec-guard.yaml")
+    assert eg["kind"] == "EnvoyPatchPolicy"
+    (op,) = eg["spec"]["jsonPatches"]
+    assert op["operation"]["value"] == guard
+    (policy,) = manifest_docs(ROOT / "deploy/envoy-gateway/envoy-extension-policy.yaml")
+    assert eg["spec"]["targetRef"]["name"] == policy["spec"]["targetRefs"][0]["name"]

@@ -44,13 +44,32 @@ def with_inline_filter(typed_config: dict) -> dict:
     """envoy/gateway.yaml's plain listener alone, with the apisec filter configured inline."""
     doc = gw.load_yaml(gw.GATEWAY_YAML)
     lst = doc["static_resources"]["listeners"][0]
-    gw._hcm(lst)["http_filters"] = [{"name": "apisec", "typed_config": typed_config}, gw.ROUTER]
+    gw._hcm(lst)["http_filters"] = [{"name": "apisec", "typed_config": typed_config},
+                                    gw.gateway_filter("apisec-guard"), gw.ROUTER]
     doc["static_resources"]["listeners"] = [lst]
     return doc
 
 
 def test_every_checked_in_yaml_file_is_listed():
     assert sorted(p.name for p in (ROOT / "envoy").glob("*.yaml")) == sorted(FILES)
+
+
+@pytest.mark.parametrize("name", ["gateway.yaml", "gateway-upstream-tls.yaml"])
+def test_every_listener_guards_the_filter(name):  # LVL-1, ATK-1
+    """Issue 21 item 0: in every HTTP connection manager of the shipped gateways, apisec is
+    followed at once by the guard (RBAC on wasm.apisec_passed), and the guard's refusal is 503
+    apisec_unavailable."""
+    doc = gw.load_yaml(ROOT / "envoy" / name)
+    guard = gw.gateway_filter("apisec-guard")
+    assert guard["typed_config"]["rules"]["action"] == "ALLOW"
+    for lst in doc["static_resources"]["listeners"]:
+        hcm = gw._hcm(lst)
+        names = [f["name"] for f in hcm["http_filters"]]
+        assert names[names.index("apisec") + 1] == "apisec-guard", (lst["name"], names)
+        assert hcm["http_filters"][names.index("apisec-guard")] == guard
+        mapper = hcm["local_reply_config"]["mappers"][0]
+        assert mapper["status_code"] == 503
+        assert mapper["body_format_override"]["json_format"]["error"] == "apisec_unavailable"
 
 
 @pytest.mark.parametrize("name", ["gateway.yaml", "gateway-upstream-tls.yaml"])
@@ -62,7 +81,8 @@ def test_complete_gateway_validates(workdir, name):
 
 def test_filter_entry_and_ecds_resource_validate_with_the_wasm(workdir):
     entry = gw.load_yaml(gw.FILTER_YAML)
-    assert len(entry) == 1 and entry[0]["name"] == "apisec"
+    assert [e["name"] for e in entry] == ["apisec", "apisec-guard"]
+    assert entry[1] == gw.gateway_filter("apisec-guard")
     ecds = gw.load_yaml(gw.ECDS_YAML)["resources"][0]
     # One filter configuration, two ways of delivering it.
     assert entry[0]["typed_config"] == ecds["typed_config"]

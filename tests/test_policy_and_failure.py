@@ -148,6 +148,48 @@ def test_crashed_filter_fails_closed(tmp_path):
         g.stop()
 
 
+def test_a_worker_without_a_wasm_vm_refuses_everything(tmp_path):  # LVL-1, ATK-1
+    """Issue 21 item 0: Envoy under `ulimit -v 24 GiB` creates the main thread's VM (the policy
+    loads) but not the worker's; Envoy then runs that worker's streams as if the filter were
+    absent, FAIL_CLOSED or not. The guard after apisec (RBAC on the filter state only apisec
+    sets) refuses them: 503 apisec_unavailable, Envoy's own audit line, nothing upstream, the
+    guard's counter up, and the readiness path answers 503 on that worker."""
+    g = start_gateway(tmp_path, base_policy(), secret=new_secret(), with_tls=False, concurrency=1,
+                      memory_limit=24 * 1024 ** 3)
+    try:
+        # the situation of the report: the worker has no VM, /ready still says LIVE
+        wait_for(lambda: "Failed to create new Wasm instance" in g.envoy_log.read_text(), what="the worker's VM failure")
+        assert g.admin("/ready").strip() == "LIVE"
+        client = Client(g, "")
+        before = g.stat("cluster.backend.upstream_rq_total")
+        r = client.session.post(client.http + "/api/v1/orders", data=b'{"symbol":"600000"}',
+                                headers={"content-type": "application/json"}, timeout=10)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"] == "apisec_unavailable"
+        rid = r.json()["request_id"]
+        assert client.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"}).status_code == 503
+        assert g.stat("cluster.backend.upstream_rq_total") == before, "the upstream received a request"
+        rec = read_audit(g, rid)
+        assert rec["source"] == "envoy" and rec["status"] == 503
+        assert rec["details"].startswith("rbac_access_denied")
+        assert g.stat("http.http.rbac.denied") >= 2
+        ready = client.get("/apisec/v1/ready")
+        assert ready.status_code == 503 and ready.json()["error"] == "apisec_unavailable"
+    finally:
+        g.stop()
+
+
+def test_readiness_path_answers_from_a_worker_running_apisec(own):  # LVL-1
+    g, client = own
+    before = g.stat("cluster.backend.upstream_rq_total")
+    r = client.get("/apisec/v1/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True}
+    assert g.stat("cluster.backend.upstream_rq_total") == before
+    # the guard lets what apisec allowed through: S0 reaches the backend
+    assert quote_status(client) == 200
+    assert g.stat("http.http.rbac.denied") == 0
+
+
 def test_replay_store_full_refuses_instead_of_forgetting(tmp_path):
     """A tiny replay store (2 slots x 8 entries): once it is full of live nonces, new requests are
     refused with 503 replay_store_full; nothing is evicted early, so no replay can slip through."""

@@ -132,6 +132,10 @@ pub enum Action {
     Answer { status: u32, body: String },
 }
 
+/// The readiness path every listener answers from inside the filter (`GET`, no credentials):
+/// 200 from a worker whose apisec VM runs; the guard's 503 from one without.
+pub const READY_PATH: &str = "/apisec/v1/ready";
+
 /// A counter to add to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Count {
@@ -159,6 +163,11 @@ pub struct Step {
     /// Set the verified identity headers for the upstream now: what
     /// [`Stream::identity_headers`] lends (borrowed, not copied into the step).
     pub set_identity: bool,
+    /// The request goes upstream now (allowed, or let through in report mode): the host marks
+    /// it for the guard after this filter (filter state `apisec_passed`, read by the RBAC
+    /// filter every shipped Envoy configuration puts after apisec), which refuses a request no
+    /// apisec code marked: one a worker without a Wasm VM let pass (LVL-1, ATK-1).
+    pub passed: bool,
     /// A response body to put in place of the one received (its length goes with it).
     pub response_body: Option<Vec<u8>>,
     /// The request's audit record, to publish now: set once, when the stream ends.
@@ -186,6 +195,7 @@ impl Step {
             remove_response_headers: Vec::new(),
             response_headers: Vec::new(),
             set_identity: false,
+            passed: false,
             response_body: None,
             audit: None,
             sample: None,
@@ -209,6 +219,7 @@ impl Step {
             .extend(next.remove_response_headers);
         self.response_headers.extend(next.response_headers);
         self.set_identity |= next.set_identity;
+        self.passed |= next.passed;
         if next.response_body.is_some() {
             self.response_body = next.response_body;
         }
@@ -521,6 +532,7 @@ impl Stream {
         self.reported = true;
         self.release(env);
         let mut step = Step::proceed();
+        step.passed = true;
         self.decide(Outcome::Reported(&deny));
         step.counts.push(Count::Reported(deny.reason));
         step
@@ -712,6 +724,7 @@ impl Stream {
         self.phase = Phase::Forwarded;
         self.release(env);
         step.set_identity = true;
+        step.passed = true;
         self.decide(Outcome::Allowed);
         step.action = Action::Continue;
         step
@@ -782,6 +795,15 @@ impl Stream {
             return self.refuse(Deny::new(DenyReason::HostUnavailable, "no clock"), env);
         };
         self.now = now;
+        if self.req.method == "GET" && self.req.path_and_query == READY_PATH {
+            // Answered only by a worker that runs apisec: on one without a VM the request
+            // reaches the guard after the filter, which refuses it (503), so a readiness probe
+            // on this path fails there (LVL-1). Not an API call: no audit record.
+            return Step::go(Action::Answer {
+                status: 200,
+                body: "{\"ready\":true}".into(),
+            });
+        }
         self.read_route(env);
         if let Some(step) = self.operator(end_of_stream, env) {
             return step;

@@ -16,6 +16,9 @@ use crate::root::{CHAIN, HELD, TALLY};
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
+/// Filter-state key the guard after apisec requires (`wasm.apisec_passed`): only apisec code
+/// sets it, so a request that passed a worker without a VM is refused there.
+const PASSED_PROPERTY: &str = "apisec_passed";
 
 pub struct ApisecHttp {
     pub stream: Stream,
@@ -109,6 +112,9 @@ impl ApisecHttp {
             for (name, value) in self.stream.identity_headers() {
                 let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
             }
+        }
+        if step.passed {
+            let _ = hostcalls::set_property(vec![PASSED_PROPERTY], Some(b"1"));
         }
         if let Some(line) = &step.log {
             log(LogLevel::Warn, line);
