@@ -524,6 +524,9 @@ pub const BULK_PULL: &str = "bulk_pull";
 pub const NEW_SOURCE: &str = "new_source";
 pub const SIGNATURE_FAILURES: &str = "signature_failures";
 
+/// How many failing sources one signature-failure rule tracks per app, key and window.
+const FAILING_SOURCES: usize = 64;
+
 /// Whether a rule's list of apps or APIs takes `id`: an empty list takes every one.
 fn within(list: &[String], id: &str) -> bool {
     list.is_empty() || list.iter().any(|a| a == id)
@@ -878,18 +881,54 @@ pub fn run_local(
                 "apisec/anomaly/keyfail/{}/{}/{keyid}",
                 watch.rule, watch.app
             );
+            // Beside the count over all sources (the anomaly), each failing source's own count
+            // in a bounded table: only a source's own failures ban it. Key ids are public, so a
+            // stranger's failures under a partner's key id must not ban the partner's address.
+            let fp = match (ban, bans) {
+                (Some((subject, _)), Some(b)) => Some(b.fingerprint(subject.as_subject())),
+                _ => None,
+            };
             let counted = update(store, &key, |v| {
-                let n = if v.len() >= 16 && u64_at(v, 0) == *bucket {
-                    u64_at(v, 8)
+                let same = v.len() >= 16 && u64_at(v, 0) == *bucket;
+                let n = if same { u64_at(v, 8) } else { 0 }.saturating_add(1);
+                let mut sources: Vec<([u8; 8], u64)> = if same {
+                    v.get(16..)
+                        .unwrap_or_default()
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let mut f = [0u8; 8];
+                            f.copy_from_slice(c.get(..8).unwrap_or(&[0u8; 8]));
+                            (f, u64_at(c, 8))
+                        })
+                        .collect()
                 } else {
-                    0
+                    Vec::new()
+                };
+                let mut from = 0;
+                if let Some(fp) = fp {
+                    if let Some(e) = sources.iter_mut().find(|e| e.0 == fp) {
+                        e.1 = e.1.saturating_add(1);
+                        from = e.1;
+                    } else {
+                        if sources.len() >= FAILING_SOURCES {
+                            // the source with the fewest failures makes room
+                            if let Some(i) = (0..sources.len()).min_by_key(|&i| sources.get(i).map(|e| e.1)) {
+                                sources.remove(i);
+                            }
+                        }
+                        sources.push((fp, 1));
+                        from = 1;
+                    }
                 }
-                .saturating_add(1);
                 let mut out = bucket.to_le_bytes().to_vec();
                 out.extend_from_slice(&n.to_le_bytes());
-                (Some(out), n)
+                for (f, c) in &sources {
+                    out.extend_from_slice(f);
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+                (Some(out), (n, from))
             });
-            let n = match counted {
+            let (n, from) = match counted {
                 Ok(n) => n,
                 Err(e) => {
                     answer.note = Some(format!("signature failure not counted: {e}"));
@@ -900,6 +939,9 @@ pub fn run_local(
                 return Ok(());
             }
             answer.anomalies.push(watch.anomaly());
+            if from < u64::from(*threshold) {
+                return Ok(());
+            }
             if let (Some((subject, seconds)), Some(b)) = (ban, bans) {
                 match b.impose(store, subject.as_subject(), now, *seconds) {
                     Ok(true) => {
@@ -1276,24 +1318,27 @@ mod tests {
         };
         assert!(fail("a", 1, T).anomalies.is_empty());
         assert!(fail("a", 2, T + 1).anomalies.is_empty());
+        // Issue 21 item 2: strangers' failures under the partner's public key id, then one
+        // genuine failure of the partner: an anomaly for the key, but no source banned, least
+        // of all the partner's.
         let third = fail("a", 3, T + 2);
         assert_eq!(third.anomalies[0].kind, SIGNATURE_FAILURES);
-        assert_eq!(
-            third.ban_started.as_deref(),
-            Some("source 192.0.2.3 banned for 900 s (rule imp)")
-        );
+        assert!(third.ban_started.is_none(), "{:?}", third.ban_started);
         let sub = |n: u8| crate::bans::Subject::Ip(IpAddr::from([192, 0, 2, n]));
-        assert!(bans.check(&store, sub(3), T + 3).is_err());
-        assert!(
-            bans.check(&store, sub(1), T + 3).is_ok(),
-            "earlier sources were under the threshold"
+        assert!(bans.check(&store, sub(3), T + 3).is_ok());
+        // a source whose own failures reach the threshold is banned, and only it
+        assert!(fail("a", 9, T + 3).ban_started.is_none());
+        assert!(fail("a", 9, T + 4).ban_started.is_none());
+        assert_eq!(
+            fail("a", 9, T + 5).ban_started.as_deref(),
+            Some("source 192.0.2.9 banned for 900 s (rule imp)")
         );
+        assert!(bans.check(&store, sub(9), T + 6).is_err());
+        for n in [1, 2, 3] {
+            assert!(bans.check(&store, sub(n), T + 6).is_ok(), "source {n}");
+        }
         assert!(
-            fail("a", 4, T + 4).ban_started.is_some(),
-            "every later failing source"
-        );
-        assert!(
-            bans.check(&store, sub(3), T + 2 + 900).is_ok(),
+            bans.check(&store, sub(9), T + 5 + 900).is_ok(),
             "the ban ends"
         );
         // alert: recorded, nobody banned

@@ -197,6 +197,11 @@ impl BanSettings {
         }
     }
 
+    /// A subject's fingerprint (the IPv6 prefix for a source), as its ban record keeps it.
+    pub fn fingerprint(&self, subject: Subject<'_>) -> [u8; 8] {
+        self.locate(subject).1
+    }
+
     fn locate(&self, subject: Subject<'_>) -> (String, [u8; 8]) {
         let mut h = Sha256::new();
         match subject {

@@ -475,18 +475,29 @@ while i <= #ARGV do
     i = i + 8
   elseif op == 'KF' then
     -- KF rule app keyid bucket window threshold ban_subject ban_seconds lift: a signature that
-    -- did not verify under a valid key id; from the threshold on, the failing source is banned
-    -- when the rule blocks (ban_subject is empty otherwise)
+    -- did not verify under a valid key id; from the threshold on (all sources), an anomaly; a
+    -- blocking rule bans the source once its own failures reach the threshold (ban_subject is
+    -- empty otherwise)
     local kk = p .. 'kf:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. redis.sha1hex(ARGV[i + 3]) .. ':' .. ARGV[i + 4]
     local n = redis.call('INCR', kk)
     if n == 1 then
       redis.call('EXPIRE', kk, tonumber(ARGV[i + 5]) + 60)
     end
+    local s = ARGV[i + 7]
+    local from = 0
+    if s ~= '' then
+      -- the same failures from this source alone: only they ban it (key ids are public; a
+      -- stranger's failures must not ban the partner's own address)
+      local sk = kk .. ':' .. redis.sha1hex(s)
+      from = redis.call('INCR', sk)
+      if from == 1 then
+        redis.call('EXPIRE', sk, tonumber(ARGV[i + 5]) + 60)
+      end
+    end
     if n >= tonumber(ARGV[i + 6]) then
       table.insert(out, 'anomaly')
       table.insert(out, ARGV[i + 1])
-      local s = ARGV[i + 7]
-      if s ~= '' then
+      if s ~= '' and from >= tonumber(ARGV[i + 6]) then
         local bk = p .. 'ban:' .. s
         local v = redis.call('GET', bk)
         local live = false

@@ -1095,14 +1095,26 @@ pub fn refusal_ops(
     if reason == DenyReason::Banned || unavailable {
         return Vec::new();
     }
+    // An onboarding app's client is expected to fail while it is being written: its refusals
+    // never ban (the source is often a host many apps share); they are still audited, counted,
+    // and counted per key for the alert below.
+    let onboarding = ctx
+        .app
+        .as_deref()
+        .and_then(|a| policy.app(a))
+        .is_some_and(|a| a.onboarding);
     // A signature that does not verify under a valid key id of the app (MON-4): counted per
     // key by the anomaly rules, whose block bans the failing source, never the key.
     let failures = match (&ctx.app, &ctx.keyid) {
         (Some(app), Some(keyid)) if reason == DenyReason::SignatureInvalid => {
-            policy.anomalies.failure_ops(app, keyid, client_ip, now)
+            let ip = client_ip.filter(|_| !onboarding);
+            policy.anomalies.failure_ops(app, keyid, ip, now)
         }
         _ => Vec::new(),
     };
+    if onboarding && ctx.auth.is_none() {
+        return failures;
+    }
     if policy.bans.is_none() {
         return failures;
     }
