@@ -225,6 +225,15 @@ def test_personal_data_is_masked_wherever_it_is_logged(agw, secret):  # LOG-4
     rec = read_audit(agw, r.json()["request_id"])["audit"]
     assert rec["path"] == "/api/v1/lookup/110***********1234", rec
     assert rec["query"] == "mobile=138****8000&card=622************0128&account_id=880***3456&page=2", rec
+    # Issue 21 item 8: the same numbers written with separators (in clear on 91ff9c0).
+    r = c.get("/api/v1/lookup/6222-0212-3456-7894?m=138-0013-8000&n=%2B86-138-0013-8000"
+              "&c=6222+0212+3456+7894&d=6222%200212%203456%207894&e=138%2D0013%2D8000",
+              headers={"x-app-id": "demo-partner"})
+    assert r.json()["error"] == "unknown_api", r.text
+    rec = read_audit(agw, r.json()["request_id"])["audit"]
+    assert rec["path"] == "/api/v1/lookup/622*-****-****-7894", rec
+    assert rec["query"] == ("m=138-****-8000&n=%2B86-138-****-8000&c=622*+****+****+7894"
+                            "&d=622*%20****%20****%207894&e=138-****-8000"), rec  # Envoy decoded %2D
     # An account field named by the policy, in the path of the API whose template names it.
     r = c.session.get(f"{c.mtls}/api/v1/accounts/8800123456/balance", headers={"x-app-id": "demo-partner"},
                       cert=(str(agw.layout.certs / "client-demo-partner.pem"),

@@ -9,6 +9,9 @@
 //! - mobile: 11 digits `1[3-9]…`, also after `86` or `+86`;
 //! - bank card: 16 to 19 digits that pass the Luhn check.
 //!
+//! A separator between two digits (space, `-`, `+`, `%20`, `%2D`, `%2B`) joins them into one run:
+//! `6222-0212-3456-7894` and `+86 138 0013 8000` are masked as the plain numbers are.
+//!
 //! Over-masking (an 18-digit order number) costs a log reader a little; under-masking would put
 //! personal data in the log, so the rules lean that way.
 
@@ -111,6 +114,20 @@ fn luhn(digits: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// The length of a separator that may stand inside a written number at `i` (space, `-`, `+`,
+/// or their URL encodings `%20`, `%2D`, `%2B`), if one does.
+fn separator(b: &[u8], i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b' ' | b'-' | b'+' => Some(1),
+        b'%' => {
+            let code = b.get(i + 1..i + 3)?;
+            (code == b"20" || code.eq_ignore_ascii_case(b"2d") || code.eq_ignore_ascii_case(b"2b"))
+                .then_some(3)
+        }
+        _ => None,
+    }
+}
+
 /// The part of a digit run (start, end within it) that is personal data, if any.
 fn personal(run: &[u8], next: Option<u8>) -> Option<(usize, usize)> {
     let n = run.len();
@@ -139,11 +156,7 @@ impl Masking {
     pub fn hide(&self, value: &str) -> String {
         let chars: Vec<char> = value.chars().collect();
         let n = chars.len();
-        let (head, tail) = if self.keep_head + self.keep_tail < n {
-            (self.keep_head, self.keep_tail)
-        } else {
-            (self.keep_head.min(n / 4), self.keep_tail.min(n / 4))
-        };
+        let (head, tail) = self.ends(n);
         chars
             .iter()
             .enumerate()
@@ -151,32 +164,63 @@ impl Masking {
             .collect()
     }
 
-    /// `text` with the ID card, mobile and bank card numbers in it masked.
+    /// `text` with the ID card, mobile and bank card numbers in it masked. A number may be
+    /// written with separators inside it (`6222-0212-3456-7894`, `138 0013 8000`,
+    /// `+86-138-0013-8000`, `%20` or `%2D` in a URL): one separator between two digits joins
+    /// them into one run before the checks, and the digits are masked where they stand.
     pub fn text<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let b = text.as_bytes();
         let mut out: Option<String> = None;
         let mut done = 0; // bytes of `text` already in `out`
         let mut i = 0;
+        let mut digits: Vec<u8> = Vec::new();
+        let mut at: Vec<usize> = Vec::new(); // the byte offset of each digit of the run
         while i < b.len() {
             if !b.get(i).is_some_and(u8::is_ascii_digit) {
                 i += 1;
                 continue;
             }
-            let start = i;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
-            }
-            let run = b.get(start..i).unwrap_or(&[]);
-            if let Some((from, to)) = personal(run, b.get(i).copied()) {
-                let (from, to) = (start + from, (start + to).min(b.len()));
-                if let (Some(before), Some(number)) = (text.get(done..from), text.get(from..to)) {
-                    let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
-                    o.push_str(before);
-                    o.push_str(&self.hide(number));
-                    done = to;
+            digits.clear();
+            at.clear();
+            loop {
+                while let Some(d) = b.get(i).copied().filter(u8::is_ascii_digit) {
+                    digits.push(d);
+                    at.push(i);
+                    i += 1;
                 }
-                i = i.max(to);
+                match separator(b, i) {
+                    Some(len) if b.get(i + len).is_some_and(u8::is_ascii_digit) => i += len,
+                    _ => break,
+                }
             }
+            let Some((from, to)) = personal(&digits, b.get(i).copied()) else {
+                continue;
+            };
+            let (Some(&first), Some(&last)) = (at.get(from), at.get(to.min(at.len()).saturating_sub(1)))
+            else {
+                continue;
+            };
+            // an ID card's X after the run belongs to the number
+            let end = if to > at.len() { i + 1 } else { last + 1 };
+            let Some(before) = text.get(done..first) else {
+                continue;
+            };
+            let n = to - from;
+            let (head, tail) = self.ends(n);
+            let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+            o.push_str(before);
+            let mut k = 0; // digits of the number so far
+            for (j, c) in text.get(first..end).unwrap_or("").char_indices() {
+                let digit = at.get(from + k) == Some(&(first + j)) || (to > at.len() && first + j == i);
+                if digit {
+                    o.push(if k < head || k + tail >= n { c } else { '*' });
+                    k += 1;
+                } else {
+                    o.push(c);
+                }
+            }
+            done = end;
+            i = i.max(end);
         }
         match out {
             None => Cow::Borrowed(text),
@@ -184,6 +228,15 @@ impl Masking {
                 o.push_str(text.get(done..).unwrap_or(""));
                 Cow::Owned(o)
             }
+        }
+    }
+
+    /// How many characters `hide` keeps at the start and the end of a value of `n` characters.
+    fn ends(&self, n: usize) -> (usize, usize) {
+        if self.keep_head + self.keep_tail < n {
+            (self.keep_head, self.keep_tail)
+        } else {
+            (self.keep_head.min(n / 4), self.keep_tail.min(n / 4))
         }
     }
 
@@ -277,6 +330,30 @@ mod tests {
             "02150001234",
             "23800138000",
         ] {
+            assert!(matches!(m.text(keep), Cow::Borrowed(_)), "{keep}");
+        }
+    }
+
+    /// Issue 21 item 8: numbers written with separators, as people and forms write them.
+    #[test]
+    fn numbers_with_separators_are_masked() {
+        let m = m();
+        for (written, masked) in [
+            ("6222-0212-3456-7894", "622*-****-****-7894"),
+            ("6222+0212+3456+7894", "622*+****+****+7894"),
+            ("6222 0212 3456 7894", "622* **** **** 7894"),
+            ("6222%200212%203456%207894", "622*%20****%20****%207894"),
+            ("6222%2D0212%2d3456%2D7894", "622*%2D****%2d****%2D7894"),
+            ("138-0013-8000", "138-****-8000"),
+            ("+86-138-0013-8000", "+86-138-****-8000"),
+            ("+86 138 0013 8000", "+86 138 **** 8000"),
+            ("q=138%2D0013%2D8000&p=1", "q=138%2D****%2D8000&p=1"),
+            ("110101-19900307-123X", "110***-********-123X"),
+        ] {
+            assert_eq!(m.text(written), masked, "{written}");
+        }
+        // separators alone do not make personal data of short numbers
+        for keep in ["2026-11-30", "qty=100 200", "1-2-3", "600000-600001"] {
             assert!(matches!(m.text(keep), Cow::Borrowed(_)), "{keep}");
         }
     }
