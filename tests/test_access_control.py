@@ -380,3 +380,27 @@ def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MO
         assert client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner"}).status_code == 200
     finally:
         g.stop()
+
+
+def test_a_limiters_429_is_audited_and_counted_without_bans(tmp_path):  # RL-3, LOG-1
+    """Issue 21 item 10: with no `bans` section, Envoy's 429 after apisec was recorded
+    `decision: allow` and counted as allowed on 91ff9c0. It is a refusal, `rate_limited`."""
+    doc = base_policy()
+    assert "bans" not in doc
+    secret = new_secret()
+    g = start_gateway(tmp_path, doc, secret=secret, rate_limits={"demo-partner": (2, 60)})
+    try:
+        client = Client(g, secret)
+        allowed_before = flushed_stat(g, "wasmcustom.apisec.allowed")
+        responses = [research(client, "demo-partner") for _ in range(4)]
+        assert [r.status_code for r in responses] == [200, 200, 429, 429]
+        assert g.stat("wasmcustom.apisec.denied.rate_limited") == 2
+        assert flushed_stat(g, "wasmcustom.apisec.allowed") == allowed_before + 2
+        time.sleep(1.5)
+        limited = [x for x in audit_lines(g) if x.get("status") == 429]
+        assert len(limited) == 2
+        for rec in limited:
+            assert rec["audit"]["decision"] == "deny" and rec["audit"]["code"] == "rate_limited", rec
+            assert rec["audit"]["app"] == "demo-partner"
+    finally:
+        g.stop()

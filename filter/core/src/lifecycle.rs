@@ -1095,7 +1095,7 @@ impl Stream {
         self.refuse(deny, env)
     }
 
-    /// The response headers. Only bans (a limiter's 429) and field hiding look at the response;
+    /// The response headers. Only a limiter's 429 and field hiding look at the response;
     /// otherwise the host is asked nothing.
     fn ev_response_headers(&mut self, end_of_stream: bool, env: &Env<'_>) -> Step {
         if let Some(step) = self.login_report(env) {
@@ -1104,17 +1104,14 @@ impl Stream {
         if self.phase != Phase::Forwarded {
             return Step::proceed();
         }
-        let policy = self.policy();
-        let hides = self.hidden_fields(&policy).is_some();
-        if self.config.policy.bans.is_none() && !hides {
-            return Step::proceed();
-        }
-        if self.traffic.status == Some(429) {
-            // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3); the
-            // caller gets the limiter's own answer.
+        if self.traffic.status == Some(429) && !self.reported {
+            // Envoy's rate limiter refused what we allowed: audit it and count it (RL-3), with
+            // or without bans; the caller gets the limiter's own answer.
             let d = Deny::new(DenyReason::RateLimited, "rate limit answered 429");
             return self.refusal(d, false, env);
         }
+        let policy = self.policy();
+        let hides = self.hidden_fields(&policy).is_some();
         if !hides {
             return Step::proceed();
         }
