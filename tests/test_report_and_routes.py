@@ -128,6 +128,35 @@ def test_report_mode_for_one_api(tmp_path, secret):
         g.stop()
 
 
+def test_report_mode_hides_what_any_grant_hides_and_drops_unverified_users(tmp_path, secret):  # PERM-1, LOG-4
+    """Issue 21 item 3: an S2 personal_info API in report mode, called over plain HTTP with no
+    credential by an unknown App_ID naming a user. On 91ff9c0 the caller got id_number, mobile,
+    MOBILE and owner.mobile, and the backend got the client's x-user-id. Now the response hides
+    what any grant of the API hides, and the unverified user header is dropped."""
+    policy = base_policy()
+    next(a for a in policy["apis"] if a["id"] == "account.positions")["mode"] = "report"
+    g = start_gateway(tmp_path, policy, secret=secret, concurrency=1, with_tls=False)
+    try:
+        s = requests.Session()
+        s.trust_env = False
+        r = s.get(f"http://127.0.0.1:{g.layout.http_port}/api/v1/accounts/8800123/positions",
+                  headers={"x-app-id": "nobody", "x-user-id": "u-victim"}, timeout=10)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        for hidden in ("id_number", "mobile", "MOBILE"):
+            assert hidden not in body, body
+        # owner.mobile is not hidden by the example's grant (top-level paths), for a granted
+        # caller either: report mode shows no more than a grant does
+        assert body["owner"]["name"] == "Zhang San"
+        assert body["balance"] == "102400.50", "every other field passes"
+        assert "x-user-id" not in body["headers"], "the backend got the unverified user"
+        assert not any(k.startswith("x-apisec-") for k in body["headers"])
+        rec = read_audit(g, body["headers"]["x-request-id"])["audit"]
+        assert rec["decision"] == "report"
+    finally:
+        g.stop()
+
+
 def test_report_mode_on_an_s3_api_without_the_flag_is_refused_by_apply(tmp_path, secret):
     policy = base_policy()
     next(a for a in policy["apis"] if a["id"] == "trade.order.place")["mode"] = "report"

@@ -286,6 +286,23 @@ pub fn compile_grant(
     })
 }
 
+/// The response fields any grant of `api` hides (their union): what a call that selected no
+/// grant (report mode) must not see.
+pub fn hidden_by_any_grant(apis: &[Api], grants: &[Grant], api: &str) -> Vec<Vec<String>> {
+    let Some(index) = apis.iter().position(|a| a.id == api) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for g in grants.iter().filter(|g| g.apis.contains(index)) {
+        for f in &g.hide_response_fields {
+            if !out.contains(f) {
+                out.push(f.clone());
+            }
+        }
+    }
+    out
+}
+
 impl Grant {
     fn covers(&self, app: &str, api_index: usize, user: Option<&str>) -> bool {
         self.app == app

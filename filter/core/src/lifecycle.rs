@@ -12,9 +12,11 @@
 //! (the local store at once, or a callout to the cluster store) and resumes the machine with
 //! the [`Answer`] through [`Stream::on_state`]. Events that arrive meanwhile wait for it.
 
+use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use crate::access;
 use crate::audit::{self, AuditInput, Decided, LogFacts, Outcome, Traffic};
 use crate::audit_chain::Chain;
 use crate::cluster::StateBackend;
@@ -533,6 +535,9 @@ impl Stream {
         self.release(env);
         let mut step = Step::proceed();
         step.passed = true;
+        // nothing was verified: the user a client names does not reach the backend as if it
+        // had been (issue 21 item 3)
+        step.remove_headers.push(engine::USER_HEADER.to_string());
         self.decide(Outcome::Reported(&deny));
         step.counts.push(Count::Reported(deny.reason));
         step
@@ -782,7 +787,7 @@ impl Stream {
             }
             _ => self.headers(end_of_stream, env),
         };
-        step.remove_headers = removed;
+        step.remove_headers.extend(removed);
         step
     }
 
@@ -1083,10 +1088,18 @@ impl Stream {
     }
 
     /// The response fields the selected grant hides, if any (in `policy`, the stream's own).
-    fn hidden_fields<'p>(&self, policy: &'p Policy) -> Option<&'p [Vec<String>]> {
+    fn hidden_fields<'p>(&self, policy: &'p Policy) -> Option<Cow<'p, [Vec<String>]>> {
+        if self.reported {
+            // Report mode selected no grant (nothing was verified): hide what any grant of
+            // this API hides, so an unverified caller never sees more than a granted one
+            // (issue 21 item 3, PERM-1).
+            let api = self.ctx.api.as_deref()?;
+            let hidden = access::hidden_by_any_grant(policy.apis(), &policy.grants, api);
+            return (!hidden.is_empty()).then_some(Cow::Owned(hidden));
+        }
         let grant = self.ctx.grant_index.and_then(|i| policy.grants.get(i))?;
         let hidden = grant.hide_response_fields.as_slice();
-        (!hidden.is_empty()).then_some(hidden)
+        (!hidden.is_empty()).then_some(Cow::Borrowed(hidden))
     }
 
     /// The response cannot be released as it is: replace it with a refusal (its headers are
@@ -1202,7 +1215,7 @@ impl Stream {
         };
         let policy = self.policy();
         let hidden = self.hidden_fields(&policy).unwrap_or_default();
-        match fields::filter_response(hidden, &body) {
+        match fields::filter_response(&hidden, &body) {
             Ok(filtered) => {
                 self.phase = Phase::Forwarded;
                 let mut step = Step::proceed();
