@@ -291,6 +291,40 @@ def test_override_headers_are_stripped_by_default(gateway, client):  # LVL-1, ID
                    400, "override_not_allowed", before)
 
 
+FORWARDING = [("X-Forwarded-Prefix", "/admin"), ("X-Forwarded-Path", "/api/v1/accounts/9/balance"),
+              ("X-Forwarded-Host", "internal.example"), ("X-Forwarded-Uri", "/api/v1/orders"),
+              ("Forwarded", "for=10.0.0.1;host=internal.example;proto=https"), ("X-Forwarded-Port", "8443"),
+              ("X-Original-Host", "internal.example")]
+
+
+def test_forwarding_headers_from_the_client_never_reach_the_backend(gateway, client):  # ATK-1, PERM-2
+    """Issue 21 item 5: on 91ff9c0 these passed to the backend, which may build its URL from them."""
+    seen = client.get("/api/v1/market/quotes/1", headers={"x-app-id": "demo-partner", **dict(FORWARDING)}).json()["headers"]
+    assert not {k.lower() for k, _ in FORWARDING} & set(seen), seen
+
+
+def test_method_override_in_a_form_body_is_refused(gateway, client):  # ATK-1, PERM-2
+    """Issue 21 item 5: `_method=DELETE` in a URL-encoded or multipart body, signed, at S3 and
+    at S0 (a GET with a form body), reached the backend on 91ff9c0."""
+    form = [("content-type", "application/x-www-form-urlencoded")]
+    for body in (b"symbol=600000&_method=DELETE", b"symbol=600000&%5Fmethod=delete", b"_METHOD=DELETE"):
+        before = upstream_count(gateway)
+        signed = order(client, body, extra=["--header", "content-type: application/x-www-form-urlencoded"])
+        audit = refused_unsent(gateway, client.send(signed), 400, "override_not_allowed", before)
+        assert "_method" in audit["detail"]
+    multipart = (b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n')
+    before = upstream_count(gateway)
+    signed = order(client, multipart, extra=["--header", "content-type: multipart/form-data; boundary=b"])
+    refused_unsent(gateway, client.send(signed), 400, "override_not_allowed", before)
+    before = upstream_count(gateway)
+    r = client.raw("GET", client.http + "/api/v1/market/quotes/1", [("x-app-id", "demo-partner")] + form,
+                   b"_method=DELETE")
+    refused_unsent(gateway, r, 400, "override_not_allowed", before)
+    # a form body without it is not refused for that
+    r = client.raw("GET", client.http + "/api/v1/market/quotes/1", [("x-app-id", "demo-partner")] + form, b"a=1")
+    assert r.status_code == 200, r.text
+
+
 def test_override_headers_refused_when_the_policy_says_so(own):  # LVL-1
     doc = base_policy()
     doc["gateway"]["override_headers"] = "refuse"

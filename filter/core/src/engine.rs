@@ -43,6 +43,16 @@ pub const OVERRIDE_HEADERS: &[&str] = &[
     "x-original-uri",
     "x-rewrite-url",
     "x-override-url",
+    // forwarding headers a backend or framework builds its idea of the URL from (issue 21
+    // item 5); Envoy itself rewrites x-forwarded-for and x-forwarded-proto
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-forwarded-host",
+    "x-forwarded-uri",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-original-host",
+    "forwarded",
 ];
 /// The query or form parameter some frameworks read as the method; it cannot be stripped
 /// without changing the signed request, so it is refused.
@@ -599,6 +609,42 @@ fn check_overrides(policy: &Policy, req: &Request) -> Result<(), Deny> {
     Ok(())
 }
 
+/// Whether a request's body is a form (URL-encoded or multipart), which some frameworks read
+/// `_method` from: such a body is held and looked at, at every level.
+pub fn has_form_body(req: &Request) -> bool {
+    req.header_values("content-type").any(|ct| {
+        let media = ct.split(';').next().unwrap_or("").trim();
+        media.eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            || media.eq_ignore_ascii_case("multipart/form-data")
+    })
+}
+
+/// `_method` in a form body (issue 21 item 5, ATK-1): Rails, Laravel and Express's
+/// method-override read it from URL-encoded and multipart bodies as well as the query. It is
+/// part of the signed body, so it cannot be stripped: refused.
+fn check_form_override(req: &Request, body: &[u8]) -> Result<(), Deny> {
+    if body.is_empty() || !has_form_body(req) {
+        return Ok(());
+    }
+    let urlencoded = body.split(|&b| b == b'&' || b == b';').any(|pair| {
+        let key = pair.split(|&b| b == b'=').next().unwrap_or(pair);
+        fields::fold(String::from_utf8_lossy(&fields::form_decode(key)).trim())
+            == METHOD_OVERRIDE_PARAM
+    });
+    // a multipart part named _method, in any case and quoting
+    let lower = body.to_ascii_lowercase();
+    let multipart = [&b"name=\"_method\""[..], b"name=_method", b"name='_method'"]
+        .iter()
+        .any(|needle| lower.windows(needle.len()).any(|w| w == *needle));
+    if urlencoded || multipart {
+        return Err(Deny::new(
+            DenyReason::OverrideNotAllowed,
+            "a _method form field overrides the method",
+        ));
+    }
+    Ok(())
+}
+
 /// ID-2, ID-3, DATA-2..DATA-4: S1 and above need TLS, then the app's client certificate or its
 /// signature; S2 and S3 accept only a certificate or a key pair; S3 always needs the signature
 /// (evidence). A certificate bound to another app is refused outright.
@@ -1000,6 +1046,7 @@ pub fn check_body(
         }
         ctx.started = started;
     }
+    check_form_override(req, body)?;
     let level = ctx.level.unwrap_or(SecurityLevel::S3);
     if level == SecurityLevel::S0 {
         return Ok(());

@@ -888,8 +888,11 @@ impl Stream {
         }
         let ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
         self.ip_checked = false; // a ban may start while the body comes: asked again then
-        if self.ctx.level == Some(SecurityLevel::S0) && self.served.is_none() {
-            // nothing in the body to verify at S0
+        if self.ctx.level == Some(SecurityLevel::S0)
+            && self.served.is_none()
+            && !engine::has_form_body(&self.req)
+        {
+            // nothing in the body to verify at S0 (a form body may carry _method: held)
             if ops.is_empty() {
                 return self.allow(Step::proceed(), env);
             }
