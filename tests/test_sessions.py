@@ -325,6 +325,40 @@ def test_one_factor_is_not_enough_at_s2_and_s3(sgw, secret):  # ID-4
     assert r.status_code == 200 and r.json()["headers"]["x-apisec-user"] == "u-bob", r.text
 
 
+def test_the_session_id_is_not_in_the_audit_log_and_evidence_still_verifies(sgw, secret, tmp_path):  # LOG-4, SES-1, DATA-4
+    """Issue 21 item 6: an S3 record's evidence held the raw x-session-id (a bearer secret) in
+    its signature base on 91ff9c0. Now the base has `[sealed]` there, the ID is encrypted under
+    the audit key, and `apisec audit verify --evidence --key-env` still re-verifies the
+    signature; without the key it says it cannot."""
+    import os
+
+    from conftest import AUDIT_KEY, AUDIT_KEY_VAR
+
+    c = Client(sgw, secret)
+    sid = new_session(c)
+    assert login(c, sid, "user=u-carol; factors=2").status_code == 200
+    r = order(c, sid)
+    assert r.status_code == 200, r.text
+    rec = read_audit(sgw, r.json()["headers"]["x-request-id"])["audit"]
+    ev = rec["evidence"]
+    assert '"x-session-id": [sealed]' in ev["signature_base"] and ev["session_sealed"]
+    time.sleep(1.5)
+    assert sid not in sgw.layout.audit_log.read_text(), "the session ID is in the audit log"
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(session_policy(idle=60, lifetime=600)))
+    args = [str(CLI), "audit", "verify", str(sgw.layout.audit_log), "--evidence", "--policy", str(policy),
+            "--format", "json"]
+    env = {**os.environ, AUDIT_KEY_VAR: AUDIT_KEY}
+    out = subprocess.run(args + ["--key-env", AUDIT_KEY_VAR], capture_output=True, text=True, timeout=60, env=env)
+    rep = json.loads(out.stdout)
+    assert not [f for f in rep["findings"] if f["kind"].startswith("evidence")], rep["findings"]
+    assert rep["evidence_verified"] == rep["evidence_checked"] >= 1
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    rep = json.loads(out.stdout)
+    assert out.returncode == 1
+    assert any(f["kind"] == "evidence_invalid" and "--key-env" in f["detail"] for f in rep["findings"]), rep
+
+
 def test_user_bound_apis_need_a_logged_in_session(sgw, secret):  # ID-4
     c = Client(sgw, secret)
     sid = new_session(c)

@@ -88,7 +88,7 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
             let doc = serde_json::to_value(&raw).map_err(|e| e.to_string())?;
             ring.extend(evidence::policy_keys(&doc));
         }
-        evidence::verify_logs(&logs, &ring, &mut verdict);
+        evidence::verify_logs(&logs, &ring, &keys, &mut verdict);
     }
     match format {
         "json" => println!(

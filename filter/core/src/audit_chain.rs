@@ -98,6 +98,16 @@ impl ChainKey {
         Ok(ChainKey { keyed, id })
     }
 
+    /// HMAC-SHA256 under this key over the parts in order: a keyed function for other uses
+    /// of the audit key (the evidence's sealed session ID), each with its own first part.
+    pub fn prf(&self, parts: &[&[u8]]) -> [u8; 32] {
+        let mut m = self.keyed.clone();
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
     fn mac(&self, prev: &[u8; 32], content: &[u8]) -> [u8; 32] {
         let mut m = self.keyed.clone();
         m.update(prev);

@@ -12,6 +12,7 @@ use crate::access;
 use crate::anomaly;
 use crate::crypto::{self, EcdsaVerifier};
 use crate::error::{Deny, DenyReason};
+use crate::evidence;
 use crate::fields;
 use crate::lists;
 use crate::message::{signature_base, Method, Request};
@@ -120,6 +121,10 @@ pub struct Evidence {
     /// the key by it, also after the key was rotated out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_sha256: Option<String>,
+    /// The session ID the signature covers, sealed under the audit key (evidence.rs); the
+    /// logged base has `[sealed]` in its place.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_sealed: Option<String>,
 }
 
 /// What is known about a request so far; filled as the checks go, so that a refusal's audit
@@ -932,14 +937,22 @@ fn verify_signature(
         ));
     }
     if api.level == SecurityLevel::S3 {
+        let base_sha256 =
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes()));
+        // the session ID the signature covers stays out of the log (issue 21 item 6)
+        let (base, session_sealed) =
+            match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {
+                Some((logged, sealed)) => (logged, sealed),
+                None => (base, None),
+            };
         ctx.evidence = Some(Evidence {
             keyid: keyid.clone(),
             alg: cred.alg.as_str(),
             signature_input: sig_input.to_string(),
             signature: sig.to_string(),
-            signature_base_sha256: base64::engine::general_purpose::STANDARD
-                .encode(sha2::Sha256::digest(base.as_bytes())),
+            signature_base_sha256: base_sha256,
             signature_base: base,
+            session_sealed,
             content_digest: digest.map(str::to_string),
             key_sha256: match &cred.key {
                 KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),

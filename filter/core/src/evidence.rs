@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::audit_chain::{Finding, Place, Verdict};
+use crate::audit_chain::{ChainKey, Finding, Place, Verdict};
 use crate::crypto::{hex, EcdsaVerifier, SoftwareVerifier};
 use crate::sf::{self, BareItem, Member};
 
@@ -37,6 +37,102 @@ pub fn spki_from_pem(pem: &str) -> Option<Vec<u8>> {
     key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
 }
 
+/// How the session ID's line of a signature base begins (RFC 9421 `"name": value`).
+const SESSION_LINE: &str = "\"x-session-id\": ";
+/// What stands in the logged signature base in place of a session ID.
+pub const SEALED: &str = "[sealed]";
+/// What stands there when the policy has no audit key to seal it with.
+pub const REDACTED: &str = "[redacted]";
+
+/// The keystream that hides a session ID in one record's evidence: HMAC-SHA256 under the audit
+/// key, in counter mode, over the SHA-256 of the original base (unique per signed request: the
+/// base holds its nonce).
+fn session_stream(key: &ChainKey, base_sha256: &str, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut i: u32 = 0;
+    while out.len() < len {
+        let block = key.prf(&[
+            b"apisec-evidence-session\0",
+            base_sha256.as_bytes(),
+            &i.to_be_bytes(),
+        ]);
+        out.extend_from_slice(&block);
+        i = i.saturating_add(1);
+    }
+    out.truncate(len);
+    out
+}
+
+/// The session ID is a bearer secret (SES-1, LOG-4) and must not be in the log, though the
+/// signature covers it. The logged base has `[sealed]` in its place, and the evidence carries
+/// the ID encrypted under the audit key (`session_sealed`, base64), which
+/// `apisec audit verify --evidence --key-env VAR` opens to re-verify the signature. Without an
+/// audit key the ID is `[redacted]` and the evidence cannot be re-verified. Returns the base to
+/// log and the sealed ID, or None when the base covers no session ID.
+pub fn seal_session(
+    key: Option<&ChainKey>,
+    base: &str,
+    base_sha256: &str,
+) -> Option<(String, Option<String>)> {
+    let mut sid = None;
+    let lines: Vec<String> = base
+        .split('\n')
+        .map(|l| match l.strip_prefix(SESSION_LINE) {
+            Some(v) if sid.is_none() => {
+                sid = Some(v.to_string());
+                format!("{SESSION_LINE}{}", if key.is_some() { SEALED } else { REDACTED })
+            }
+            _ => l.to_string(),
+        })
+        .collect();
+    let sid = sid?;
+    let sealed = key.map(|k| {
+        let stream = session_stream(k, base_sha256, sid.len());
+        let bytes: Vec<u8> = sid.bytes().zip(stream).map(|(a, b)| a ^ b).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    });
+    Some((lines.join("\n"), sealed))
+}
+
+/// The original signature base of evidence whose session ID was sealed, opened with whichever
+/// of `keys` sealed it (the one under which the base hashes to `signature_base_sha256`).
+fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failure> {
+    let Some(sealed) = &e.session_sealed else {
+        if e.signature_base.contains(&format!("{SESSION_LINE}{REDACTED}")) {
+            return Err(invalid(
+                "the session ID was redacted (no audit key): the signature cannot be re-verified",
+            ));
+        }
+        return Ok(e.signature_base.clone());
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(sealed)
+        .map_err(|_| invalid("session_sealed is not base64"))?;
+    let placeholder = format!("{SESSION_LINE}{SEALED}");
+    if keys.is_empty() {
+        return Err(invalid(
+            "the session ID is sealed: give the audit key (--key-env) to re-verify",
+        ));
+    }
+    for k in keys {
+        let stream = session_stream(k, &e.signature_base_sha256, bytes.len());
+        let sid: Vec<u8> = bytes.iter().zip(stream).map(|(a, b)| a ^ b).collect();
+        let Ok(sid) = String::from_utf8(sid) else {
+            continue;
+        };
+        let base = e
+            .signature_base
+            .replacen(&placeholder, &format!("{SESSION_LINE}{sid}"), 1);
+        let hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
+        if hash == e.signature_base_sha256 {
+            return Ok(base);
+        }
+    }
+    Err(invalid(
+        "the sealed session ID opens under none of the keys given",
+    ))
+}
+
 /// The evidence of one record, as the audit record carries it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct StoredEvidence {
@@ -50,6 +146,8 @@ pub struct StoredEvidence {
     pub content_digest: Option<String>,
     #[serde(default)]
     pub key_sha256: Option<String>,
+    #[serde(default)]
+    pub session_sealed: Option<String>,
 }
 
 /// Why a piece of evidence does not hold.
@@ -72,6 +170,7 @@ fn invalid(s: impl Into<String>) -> Failure {
 pub fn check<'k>(
     e: &StoredEvidence,
     keyring: &'k [KeyringEntry],
+    keys: &[ChainKey],
 ) -> Result<&'k KeyringEntry, Failure> {
     if e.alg != "ecdsa-p256-sha256" {
         return Err(invalid(format!(
@@ -79,6 +178,11 @@ pub fn check<'k>(
             e.alg
         )));
     }
+    let opened = unseal_session(e, keys)?;
+    let e = &StoredEvidence {
+        signature_base: opened,
+        ..e.clone()
+    };
     let hash = base64::engine::general_purpose::STANDARD
         .encode(Sha256::digest(e.signature_base.as_bytes()));
     if hash != e.signature_base_sha256 {
@@ -148,7 +252,12 @@ pub fn check<'k>(
 
 /// Re-checks the S3 evidence of every record in the logs (`files`: name and text) against the
 /// keyring, adding what it finds to `verdict` (its line, and why).
-pub fn verify_logs(files: &[(String, String)], keyring: &[KeyringEntry], verdict: &mut Verdict) {
+pub fn verify_logs(
+    files: &[(String, String)],
+    keyring: &[KeyringEntry],
+    keys: &[ChainKey],
+    verdict: &mut Verdict,
+) {
     let (mut checked, mut verified) = (0usize, 0usize);
     for (file, text) in files {
         for (i, line) in text.lines().enumerate() {
@@ -168,7 +277,7 @@ pub fn verify_logs(files: &[(String, String)], keyring: &[KeyringEntry], verdict
                 Ok(e) if rec.get("keyid").and_then(|k| k.as_str()) != Some(e.keyid.as_str()) => {
                     Failure::Invalid("the record's keyid is not the evidence's".into())
                 }
-                Ok(e) => match check(&e, keyring) {
+                Ok(e) => match check(&e, keyring, keys) {
                     Ok(_) => {
                         verified += 1;
                         continue;
@@ -269,6 +378,7 @@ mod tests {
             signature_base: base,
             content_digest: Some(body_digest.into()),
             key_sha256: Some(entry.key_sha256.clone()),
+            session_sealed: None,
         }
     }
 
@@ -277,8 +387,8 @@ mod tests {
         let (sk, entry) = key(3);
         let (_, other) = key(4);
         let e = evidence(&sk, &entry, "sha-256=:AAAA:");
-        assert_eq!(check(&e, &[other.clone(), entry.clone()]).unwrap(), &entry);
-        assert!(matches!(check(&e, &[other]), Err(Failure::UnknownKey(_))));
+        assert_eq!(check(&e, &[other.clone(), entry.clone()], &[]).unwrap(), &entry);
+        assert!(matches!(check(&e, &[other], &[]), Err(Failure::UnknownKey(_))));
         // the order changed after the fact: the base, its hash and the digest rewritten to agree
         let mut forged = e.clone();
         forged.signature_base = forged.signature_base.replace("AAAA", "BBBB");
@@ -286,20 +396,60 @@ mod tests {
         forged.signature_base_sha256 = base64::engine::general_purpose::STANDARD
             .encode(Sha256::digest(forged.signature_base.as_bytes()));
         assert!(
-            matches!(check(&forged, std::slice::from_ref(&entry)), Err(Failure::Invalid(m)) if m.contains("does not verify"))
+            matches!(check(&forged, std::slice::from_ref(&entry), &[]), Err(Failure::Invalid(m)) if m.contains("does not verify"))
         );
         // inconsistent evidence is refused before any key is tried
         let mut lying = e.clone();
         lying.content_digest = Some("sha-256=:CCCC:".into());
         assert!(matches!(
-            check(&lying, std::slice::from_ref(&entry)),
+            check(&lying, std::slice::from_ref(&entry), &[]),
             Err(Failure::Invalid(_))
         ));
         let mut rehashed = e;
         rehashed.signature_base.push(' ');
         assert!(matches!(
-            check(&rehashed, &[entry]),
+            check(&rehashed, &[entry], &[]),
             Err(Failure::Invalid(_))
         ));
+    }
+
+    /// Issue 21 item 6: a session ID the signature covers is sealed under the audit key in the
+    /// log, and the evidence still re-verifies with that key, and only with it.
+    #[test]
+    fn a_covered_session_id_is_sealed_and_the_evidence_still_verifies() {
+        let (sk, entry) = key(5);
+        let sid = "s-3f9a0c7e1b2d4a6f8e0c1b3d5f7a9c2e";
+        let params = "(\"@method\" \"x-session-id\");created=1700000000;keyid=\"k1\"";
+        let base = format!("\"@method\": POST\n\"x-session-id\": {sid}\n\"@signature-params\": {params}");
+        let sig: Signature = sk.sign(base.as_bytes());
+        let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
+        let audit_key = ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])).unwrap();
+        let other_key = ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32])).unwrap();
+        let (logged, sealed) = seal_session(Some(&audit_key), &base, &sha).unwrap();
+        assert!(!logged.contains(sid) && logged.contains("\"x-session-id\": [sealed]"));
+        let sealed = sealed.unwrap();
+        assert!(!sealed.contains(sid));
+        let e = StoredEvidence {
+            keyid: "k1".into(),
+            alg: "ecdsa-p256-sha256".into(),
+            signature_input: format!("sig1={params}"),
+            signature: format!("sig1=:{}:", base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())),
+            signature_base_sha256: sha.clone(),
+            signature_base: logged,
+            content_digest: None,
+            key_sha256: Some(entry.key_sha256.clone()),
+            session_sealed: Some(sealed),
+        };
+        let ring = std::slice::from_ref(&entry);
+        assert_eq!(check(&e, ring, &[other_key.clone(), audit_key.clone()]).unwrap(), &entry);
+        assert!(matches!(check(&e, ring, &[]), Err(Failure::Invalid(m)) if m.contains("--key-env")));
+        assert!(matches!(check(&e, ring, &[other_key]), Err(Failure::Invalid(m)) if m.contains("none of the keys")));
+        // without an audit key: redacted, and said to be unverifiable
+        let (redacted, none) = seal_session(None, &base, &sha).unwrap();
+        assert!(none.is_none() && !redacted.contains(sid) && redacted.contains("[redacted]"));
+        let e = StoredEvidence { signature_base: redacted, session_sealed: None, ..e };
+        assert!(matches!(check(&e, ring, &[audit_key.clone()]), Err(Failure::Invalid(m)) if m.contains("redacted")));
+        // a base without a session ID is left as it is
+        assert!(seal_session(Some(&audit_key), "\"@method\": GET", &sha).is_none());
     }
 }
