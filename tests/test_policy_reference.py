@@ -101,6 +101,9 @@ sessions:
   operators: ["spiffe://x/op"]
   login_apis: [a]
   login_header: x-apisec-login
+  max_per_app: 32
+  establish_per_minute: 100
+  establish_per_source_per_minute: 10
 audit:
   chain_key_env: K
   checkpoint_seconds: 10

@@ -266,7 +266,9 @@ def test_sessions_survive_a_policy_reload(sgw, secret):
 
 
 def test_a_full_store_evicts_the_session_idle_longest(tmp_path, secret):
-    g = start_gateway(tmp_path, session_policy(idle=60, lifetime=120, entries=2), secret=secret, concurrency=1)
+    doc = session_policy(idle=60, lifetime=120, entries=2)
+    doc["sessions"]["max_per_app"] = 2  # this test's one app may fill the store
+    g = start_gateway(tmp_path, doc, secret=secret, concurrency=1)
     try:
         c = Client(g, secret)
         first, second = new_session(c), new_session(c)
@@ -538,7 +540,9 @@ def test_cluster_eviction_idle_timeout_and_lifetime(tmp_path, secret):  # SES-2
     """At most 2 sessions (slots x entries_per_slot), idle timeout 3 s, absolute lifetime 7 s."""
     from test_cluster_state import Pair
 
-    p = Pair(tmp_path, secret, session_policy(idle=3, lifetime=7, entries=2))
+    doc = session_policy(idle=3, lifetime=7, entries=2)
+    doc["sessions"]["max_per_app"] = 2  # this test's one app may fill the store
+    p = Pair(tmp_path, secret, doc)
     try:
         a, b = Replica(p, p.a, secret), Replica(p, p.b, secret)
         # The store holds at most two sessions: a third evicts the one idle longest.
@@ -567,3 +571,54 @@ def test_cluster_eviction_idle_timeout_and_lifetime(tmp_path, secret):  # SES-2
         assert "absolute lifetime" in rec["detail"], rec
     finally:
         p.stop()
+
+
+def flood_policy() -> dict:
+    doc = session_policy(idle=60, lifetime=600, entries=16)
+    doc["sessions"].update({"max_per_app": 4, "establish_per_source_per_minute": 45})
+    return doc
+
+
+@pytest.mark.parametrize("backend", ["local", "cluster"])
+def test_one_partner_cannot_evict_another_partners_sessions(tmp_path, secret, backend):  # SES-1, SES-4, MON-5
+    """Issue 21 item 1: on 91ff9c0, 40 establishes by a second app evicted demo-partner's
+    logged-in two-factor session (one Envoy, and across two replicas). Now an app past its cap
+    (`max_per_app`) evicts only its own sessions, counted per app in
+    apisec_sessions_evicted_total, and establishes are bounded per app and source."""
+    from test_anomalies import metric
+
+    if backend == "local":
+        g = start_gateway(tmp_path, flood_policy(), secret=secret, concurrency=2)
+        victim_side, flood_side, gateways, stop = Client(g, secret), Client(g, secret), [g], g.stop
+    else:
+        from test_cluster_state import Pair
+
+        p = Pair(tmp_path, secret, flood_policy())
+        victim_side, flood_side, gateways, stop = Replica(p, p.a, secret), Replica(p, p.b, secret), [p.a, p.b], p.stop
+    try:
+        sid = new_session(victim_side)
+        assert login(victim_side, sid, "user=u-victim; factors=2").status_code == 200
+        if time.time() % 60 > 35:  # the establishes below fall in one of the gateway's minutes
+            time.sleep(60.5 - time.time() % 60)
+        codes = [establish(flood_side, app="partner-b").status_code for _ in range(40)]
+        assert codes == [201] * 40, codes
+        # the victim's session is intact
+        ok = call(victim_side, sid, path="/api/v1/users/news")
+        assert ok.status_code == 200 and ok.json()["headers"]["x-apisec-user"] == "u-victim", \
+            (ok.text, read_audit(gateways[0], ok.json().get("request_id", "")) if ok.status_code != 200 else "")
+        evicted = sum(metric(g, "apisec_sessions_evicted_total", app="partner-b") for g in gateways)
+        assert evicted == 36, evicted
+        assert sum(metric(g, "apisec_sessions_evicted_total", app="demo-partner") for g in gateways) == 0
+        # past its bound per source, an app's establishes are refused (429, audited, nothing upstream)
+        g0 = gateways[-1]
+        before = upstream(g0)
+        for _ in range(6):  # the 46th this minute from this source
+            r = establish(flood_side, app="partner-b")
+        assert r.status_code == 429 and r.json()["error"] == "session_rate_limited", r.text
+        rec = read_audit(g0, r.json()["request_id"])["audit"]
+        assert rec["decision"] == "deny" and rec["app"] == "partner-b"
+        assert upstream(g0) == before
+        # another app is not affected by it
+        assert establish(victim_side).status_code == 201
+    finally:
+        stop()

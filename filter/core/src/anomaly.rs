@@ -888,46 +888,7 @@ pub fn run_local(
                 (Some((subject, _)), Some(b)) => Some(b.fingerprint(subject.as_subject())),
                 _ => None,
             };
-            let counted = update(store, &key, |v| {
-                let same = v.len() >= 16 && u64_at(v, 0) == *bucket;
-                let n = if same { u64_at(v, 8) } else { 0 }.saturating_add(1);
-                let mut sources: Vec<([u8; 8], u64)> = if same {
-                    v.get(16..)
-                        .unwrap_or_default()
-                        .chunks_exact(16)
-                        .map(|c| {
-                            let mut f = [0u8; 8];
-                            f.copy_from_slice(c.get(..8).unwrap_or(&[0u8; 8]));
-                            (f, u64_at(c, 8))
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let mut from = 0;
-                if let Some(fp) = fp {
-                    if let Some(e) = sources.iter_mut().find(|e| e.0 == fp) {
-                        e.1 = e.1.saturating_add(1);
-                        from = e.1;
-                    } else {
-                        if sources.len() >= FAILING_SOURCES {
-                            // the source with the fewest failures makes room
-                            if let Some(i) = (0..sources.len()).min_by_key(|&i| sources.get(i).map(|e| e.1)) {
-                                sources.remove(i);
-                            }
-                        }
-                        sources.push((fp, 1));
-                        from = 1;
-                    }
-                }
-                let mut out = bucket.to_le_bytes().to_vec();
-                out.extend_from_slice(&n.to_le_bytes());
-                for (f, c) in &sources {
-                    out.extend_from_slice(f);
-                    out.extend_from_slice(&c.to_le_bytes());
-                }
-                (Some(out), (n, from))
-            });
+            let counted = crate::store::count_in_window(store, &key, *bucket, fp, FAILING_SOURCES);
             let (n, from) = match counted {
                 Ok(n) => n,
                 Err(e) => {

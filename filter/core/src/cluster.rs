@@ -272,6 +272,9 @@ local function session(i, refresh)
     s[7] = tostring(now)
     redis.call('HSET', sk, 'last_seen', now)
     redis.call('ZADD', zk, now, ARGV[i + 1])
+    local ak = p .. 'sessions-app:' .. redis.sha1hex(s[1])
+    redis.call('ZADD', ak, now, ARGV[i + 1])
+    redis.call('EXPIRE', ak, idle + 60)
     redis.call('EXPIRE', sk, math.max(math.min(idle, created + slife - now), 0) + 60)
   end
   return s, nil
@@ -372,34 +375,74 @@ while i <= #ARGV do
     else
       redis.call('DEL', p .. 'session:' .. ARGV[i + 1])
       redis.call('ZREM', zk, ARGV[i + 1])
+      redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(s[1]), ARGV[i + 1])
       i = i + 8
     end
   elseif op == 'SC' then
-    -- SC key app ip mac user factors idle bound
+    -- SC key app ip mac user factors idle bound max_per_app per_minute per_source_per_minute:
+    -- establishes are bounded per app and per app and source in fixed minutes; an app past
+    -- its cap, or a store at its bound, evicts the app's own session idle longest, never
+    -- another app's (a store full of others' sessions refuses)
+    local app = ARGV[i + 2]
     local sk = p .. 'session:' .. ARGV[i + 1]
     local idle = tonumber(ARGV[i + 7])
     local bound = tonumber(ARGV[i + 8])
+    local cap = tonumber(ARGV[i + 9])
+    local rk = p .. 'sess-rate:' .. redis.sha1hex(app) .. ':' .. math.floor(now / 60)
+    local rs = rk .. ':' .. redis.sha1hex(ARGV[i + 3])
+    local by_app = redis.call('INCR', rk)
+    if by_app == 1 then
+      redis.call('EXPIRE', rk, 120)
+    end
+    local by_source = redis.call('INCR', rs)
+    if by_source == 1 then
+      redis.call('EXPIRE', rs, 120)
+    end
+    if by_app > tonumber(ARGV[i + 10]) then
+      return {'session_rate', 'app', tostring(by_app)}
+    end
+    if by_source > tonumber(ARGV[i + 11]) then
+      return {'session_rate', 'source', tostring(by_source)}
+    end
+    local ak = p .. 'sessions-app:' .. redis.sha1hex(app)
     redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - idle))
+    redis.call('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - idle))
     redis.call('DEL', sk)
     redis.call('ZREM', zk, ARGV[i + 1])
-    local n = 0
-    while redis.call('ZCARD', zk) >= bound and n < 64 do
-      local oldest = redis.call('ZPOPMIN', zk)
-      if oldest[1] and redis.call('DEL', p .. 'session:' .. oldest[1]) == 1 then
-        if out[#out] ~= 'evicted' then
-          table.insert(out, 'evicted')
-        end
+    redis.call('ZREM', ak, ARGV[i + 1])
+    local function evict_own()
+      local oldest = redis.call('ZPOPMIN', ak)
+      if not oldest[1] then
+        return false
       end
+      redis.call('ZREM', zk, oldest[1])
+      if redis.call('DEL', p .. 'session:' .. oldest[1]) == 1 and out[#out] ~= 'evicted' then
+        table.insert(out, 'evicted')
+      end
+      return true
+    end
+    local n = 0
+    while redis.call('ZCARD', ak) >= cap and n < 64 do
+      evict_own()
       n = n + 1
     end
+    if redis.call('ZCARD', zk) >= bound and not evict_own() then
+      return {'session_full'}
+    end
     local seq = redis.call('INCR', p .. 'session-seq')
-    redis.call('HSET', sk, 'app', ARGV[i + 2], 'ip', ARGV[i + 3], 'mac', ARGV[i + 4], 'user', ARGV[i + 5],
+    redis.call('HSET', sk, 'app', app, 'ip', ARGV[i + 3], 'mac', ARGV[i + 4], 'user', ARGV[i + 5],
       'factors', ARGV[i + 6], 'created', now, 'last_seen', now, 'seq', seq)
     redis.call('EXPIRE', sk, idle + 60)
     redis.call('ZADD', zk, now, ARGV[i + 1])
-    i = i + 9
+    redis.call('ZADD', ak, now, ARGV[i + 1])
+    redis.call('EXPIRE', ak, idle + 60)
+    i = i + 12
   elseif op == 'SR' then
     -- SR key: an operator ends one session
+    local owner = redis.call('HGET', p .. 'session:' .. ARGV[i + 1], 'app')
+    if owner then
+      redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(owner), ARGV[i + 1])
+    end
     if redis.call('DEL', p .. 'session:' .. ARGV[i + 1]) == 0 then
       table.insert(out, 'nothing')
     end
@@ -654,6 +697,9 @@ fn session_op(body: &mut Vec<u8>, s: &Sessions, op: &Op) {
             word(body, &s.idle_timeout_seconds.to_string());
             let bound = u64::from(s.slots) * u64::from(s.entries_per_slot);
             word(body, &bound.to_string());
+            word(body, &s.max_per_app.to_string());
+            word(body, &s.establish_per_minute.to_string());
+            word(body, &s.establish_per_source_per_minute.to_string());
         }
         Op::SessionRevoke(Scope::Session(id)) => {
             word(body, "SR");
@@ -1060,6 +1106,22 @@ fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
                 ),
             )))
         }
+        (_, Some("session_rate")) => Decoded::Answer(Answer::refused(Deny::new(
+            DenyReason::SessionRateLimited,
+            format!(
+                "{} establishes this minute by the {} (cluster store)",
+                text(2).unwrap_or("?"),
+                if text(1) == Some("source") {
+                    "app from this source"
+                } else {
+                    "app"
+                }
+            ),
+        ))),
+        (_, Some("session_full")) => Decoded::Answer(Answer::refused(Deny::new(
+            DenyReason::SessionStoreFull,
+            "the session store is at its bound with other apps' live sessions (cluster store)",
+        ))),
         (_, Some("exhausted")) => {
             let grant = batch
                 .ops
@@ -1437,6 +1499,9 @@ mod tests {
             operators: Vec::new(),
             login_apis: Vec::new(),
             login_header: "x-apisec-login".into(),
+            max_per_app: 2,
+            establish_per_minute: 5,
+            establish_per_source_per_minute: 3,
         }
     }
 
@@ -1539,11 +1604,12 @@ mod tests {
                 session: created,
             }],
         );
-        assert_eq!(w.len(), 9);
+        assert_eq!(w.len(), 12);
         assert_eq!(
             (w[0].as_str(), w[1].as_str(), w[5].as_str(), w[8].as_str()),
             ("SC", key.as_str(), "", "32")
         );
+        assert_eq!(&w[9..], ["2", "5", "3"]);
         let w = words_of(
             &p,
             vec![Op::SessionRevoke(Scope::Session("secret-id".into()))],

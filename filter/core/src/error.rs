@@ -122,6 +122,12 @@ deny_reasons! {
     SessionExpired => ("session_expired", 401),
     /// The session request's body is not what the endpoint takes (caller code, MAC).
     SessionRequestInvalid => ("session_request_invalid", 400),
+    /// Too many sessions established by this app, or by this app from this source, this minute
+    /// (`sessions.establish_per_minute`, `establish_per_source_per_minute`).
+    SessionRateLimited => ("session_rate_limited", 429),
+    /// No room for a new session: its place in the store is full of other apps' live sessions
+    /// (never evicted for it).
+    SessionStoreFull => ("session_store_full", 503),
     /// A user-bound API (`user_auth`) called on a session no user has logged in on (ID-4).
     UserLoginRequired => ("user_login_required", 401),
     /// A user-bound S2/S3 API called on a session whose user logged in with one factor (ID-4).

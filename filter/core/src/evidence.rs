@@ -80,7 +80,10 @@ pub fn seal_session(
         .map(|l| match l.strip_prefix(SESSION_LINE) {
             Some(v) if sid.is_none() => {
                 sid = Some(v.to_string());
-                format!("{SESSION_LINE}{}", if key.is_some() { SEALED } else { REDACTED })
+                format!(
+                    "{SESSION_LINE}{}",
+                    if key.is_some() { SEALED } else { REDACTED }
+                )
             }
             _ => l.to_string(),
         })
@@ -98,7 +101,9 @@ pub fn seal_session(
 /// of `keys` sealed it (the one under which the base hashes to `signature_base_sha256`).
 fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failure> {
     let Some(sealed) = &e.session_sealed else {
-        if e.signature_base.contains(&format!("{SESSION_LINE}{REDACTED}")) {
+        if e.signature_base
+            .contains(&format!("{SESSION_LINE}{REDACTED}"))
+        {
             return Err(invalid(
                 "the session ID was redacted (no audit key): the signature cannot be re-verified",
             ));
@@ -123,7 +128,8 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
         let base = e
             .signature_base
             .replacen(&placeholder, &format!("{SESSION_LINE}{sid}"), 1);
-        let hash = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
+        let hash =
+            base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
         if hash == e.signature_base_sha256 {
             return Ok(base);
         }
@@ -387,8 +393,14 @@ mod tests {
         let (sk, entry) = key(3);
         let (_, other) = key(4);
         let e = evidence(&sk, &entry, "sha-256=:AAAA:");
-        assert_eq!(check(&e, &[other.clone(), entry.clone()], &[]).unwrap(), &entry);
-        assert!(matches!(check(&e, &[other], &[]), Err(Failure::UnknownKey(_))));
+        assert_eq!(
+            check(&e, &[other.clone(), entry.clone()], &[]).unwrap(),
+            &entry
+        );
+        assert!(matches!(
+            check(&e, &[other], &[]),
+            Err(Failure::UnknownKey(_))
+        ));
         // the order changed after the fact: the base, its hash and the digest rewritten to agree
         let mut forged = e.clone();
         forged.signature_base = forged.signature_base.replace("AAAA", "BBBB");
@@ -420,11 +432,16 @@ mod tests {
         let (sk, entry) = key(5);
         let sid = "s-3f9a0c7e1b2d4a6f8e0c1b3d5f7a9c2e";
         let params = "(\"@method\" \"x-session-id\");created=1700000000;keyid=\"k1\"";
-        let base = format!("\"@method\": POST\n\"x-session-id\": {sid}\n\"@signature-params\": {params}");
+        let base =
+            format!("\"@method\": POST\n\"x-session-id\": {sid}\n\"@signature-params\": {params}");
         let sig: Signature = sk.sign(base.as_bytes());
         let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
-        let audit_key = ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32])).unwrap();
-        let other_key = ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32])).unwrap();
+        let audit_key =
+            ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
+                .unwrap();
+        let other_key =
+            ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
+                .unwrap();
         let (logged, sealed) = seal_session(Some(&audit_key), &base, &sha).unwrap();
         assert!(!logged.contains(sid) && logged.contains("\"x-session-id\": [sealed]"));
         let sealed = sealed.unwrap();
@@ -433,7 +450,10 @@ mod tests {
             keyid: "k1".into(),
             alg: "ecdsa-p256-sha256".into(),
             signature_input: format!("sig1={params}"),
-            signature: format!("sig1=:{}:", base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())),
+            signature: format!(
+                "sig1=:{}:",
+                base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
+            ),
             signature_base_sha256: sha.clone(),
             signature_base: logged,
             content_digest: None,
@@ -441,14 +461,27 @@ mod tests {
             session_sealed: Some(sealed),
         };
         let ring = std::slice::from_ref(&entry);
-        assert_eq!(check(&e, ring, &[other_key.clone(), audit_key.clone()]).unwrap(), &entry);
-        assert!(matches!(check(&e, ring, &[]), Err(Failure::Invalid(m)) if m.contains("--key-env")));
-        assert!(matches!(check(&e, ring, &[other_key]), Err(Failure::Invalid(m)) if m.contains("none of the keys")));
+        assert_eq!(
+            check(&e, ring, &[other_key.clone(), audit_key.clone()]).unwrap(),
+            &entry
+        );
+        assert!(
+            matches!(check(&e, ring, &[]), Err(Failure::Invalid(m)) if m.contains("--key-env"))
+        );
+        assert!(
+            matches!(check(&e, ring, &[other_key]), Err(Failure::Invalid(m)) if m.contains("none of the keys"))
+        );
         // without an audit key: redacted, and said to be unverifiable
         let (redacted, none) = seal_session(None, &base, &sha).unwrap();
         assert!(none.is_none() && !redacted.contains(sid) && redacted.contains("[redacted]"));
-        let e = StoredEvidence { signature_base: redacted, session_sealed: None, ..e };
-        assert!(matches!(check(&e, ring, &[audit_key.clone()]), Err(Failure::Invalid(m)) if m.contains("redacted")));
+        let e = StoredEvidence {
+            signature_base: redacted,
+            session_sealed: None,
+            ..e
+        };
+        assert!(
+            matches!(check(&e, ring, std::slice::from_ref(&audit_key)), Err(Failure::Invalid(m)) if m.contains("redacted"))
+        );
         // a base without a session ID is left as it is
         assert!(seal_session(Some(&audit_key), "\"@method\": GET", &sha).is_none());
     }

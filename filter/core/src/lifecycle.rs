@@ -314,6 +314,8 @@ pub struct Stream {
     ip_checked: bool,
     /// A refusal was reported instead of enforced (report mode): the request went on unverified.
     reported: bool,
+    /// Establishing the session evicted one of the app's own (counted per app when it ends).
+    evicted: bool,
     /// What the gateway answers itself instead of forwarding: a session endpoint or the
     /// operator path.
     served: Option<Served>,
@@ -352,6 +354,7 @@ impl Stream {
             trailers: false,
             ip_checked: false,
             reported: false,
+            evicted: false,
             served: None,
             decided: None,
             traffic: Traffic::default(),
@@ -483,6 +486,7 @@ impl Stream {
                 .sdk
                 .as_ref()
                 .map(|f| (f.status.as_str(), f.action.as_str())),
+            session_evicted: self.evicted,
         }
     }
 
@@ -1024,6 +1028,7 @@ impl Stream {
         let mut step = Step::proceed();
         if answer.evicted {
             step.counts.push(Count::SessionEvicted);
+            self.evicted = true;
         }
         let served = self.served.take();
         let Some(served) = served else {

@@ -72,27 +72,37 @@ pub fn run_local(
                 factors,
             } => session_check(policy, store, meta, call, now, false).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-                match sessions::set_user(store, meta, cfg, &call.id, user, *factors)? {
+                match sessions::set_user(store, meta, cfg, &call.app, &call.id, user, *factors)? {
                     true => Ok(()),
                     false => Err(Deny::new(DenyReason::SessionInvalid, "the session is gone")),
                 }
             }),
             Op::SessionCreate { id, session } => match &policy.sessions {
-                Some(cfg) => sessions::create(store, meta, cfg, id, session.clone(), now)
+                Some(cfg) => sessions::admit_establish(store, cfg, &session.app, &session.ip, now)
+                    .and_then(|()| sessions::create(store, meta, cfg, id, session.clone(), now))
                     .map(|c| answer.evicted = c.evicted),
                 None => Err(no_sessions()),
             },
             Op::SessionEnd(c) => session_check(policy, store, meta, c, now, true).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-                sessions::remove(store, meta, cfg, &c.id).map(|_| ())
+                sessions::remove(store, meta, cfg, &c.app, &c.id).map(|_| ())
             }),
             Op::Calls { .. } | Op::Bytes { .. } | Op::Source { .. } | Op::KeyFailure { .. } => {
                 anomaly::run_local(store, policy.bans.as_ref(), op, now, &mut answer)
             }
             Op::SessionRevoke(scope) => match (&policy.sessions, scope) {
                 (None, _) => Err(no_sessions()),
-                (Some(cfg), Scope::Session(id)) => sessions::remove(store, meta, cfg, id)
-                    .map(|gone| answer.nothing_to_end = gone.is_none()),
+                (Some(cfg), Scope::Session(id)) => {
+                    // the operator names the ID only: its app's slots, for each registered app
+                    let mut found = Ok(false);
+                    for app in policy.app_ids() {
+                        found = sessions::remove(store, meta, cfg, app, id).map(|s| s.is_some());
+                        if !matches!(found, Ok(false)) {
+                            break;
+                        }
+                    }
+                    found.map(|f| answer.nothing_to_end = !f)
+                }
                 (Some(_), Scope::App(a)) => sessions::end_all(store, meta, "app", a, now),
                 (Some(_), Scope::User(u)) => sessions::end_all(store, meta, "user", u, now),
             },

@@ -196,7 +196,8 @@ impl Masking {
             let Some((from, to)) = personal(&digits, b.get(i).copied()) else {
                 continue;
             };
-            let (Some(&first), Some(&last)) = (at.get(from), at.get(to.min(at.len()).saturating_sub(1)))
+            let (Some(&first), Some(&last)) =
+                (at.get(from), at.get(to.min(at.len()).saturating_sub(1)))
             else {
                 continue;
             };
@@ -211,7 +212,8 @@ impl Masking {
             o.push_str(before);
             let mut k = 0; // digits of the number so far
             for (j, c) in text.get(first..end).unwrap_or("").char_indices() {
-                let digit = at.get(from + k) == Some(&(first + j)) || (to > at.len() && first + j == i);
+                let digit =
+                    at.get(from + k) == Some(&(first + j)) || (to > at.len() && first + j == i);
                 if digit {
                     o.push(if k < head || k + tail >= n { c } else { '*' });
                     k += 1;

@@ -30,6 +30,7 @@ pub const DURATION: &str = "apisec.request_duration_ms";
 pub const SHADOW_CALLS: &str = "apisec.shadow_calls_total";
 pub const ANOMALIES: &str = "apisec.anomalies_total";
 pub const SDK_OUTDATED: &str = "apisec.sdk_outdated_total";
+pub const SESSIONS_EVICTED: &str = "apisec.sessions_evicted_total";
 pub const POLICY_INFO: &str = "apisec.policy_info";
 pub const BANS_ACTIVE: &str = "apisec.bans_active";
 pub const REPLAY_LIVE: &str = "apisec.replay_store_live";
@@ -55,6 +56,8 @@ pub struct Sample {
     pub anomalies: Vec<(String, &'static str)>,
     /// An SDK not acceptable: why (below_minimum, ...) and the action (refuse, flag).
     pub sdk: Option<(&'static str, &'static str)>,
+    /// Establishing this session evicted one of the app's own (its cap, or a full store).
+    pub session_evicted: bool,
 }
 
 /// A label value as it may sit in a stat name: `;` and `=` delimit labels, and Envoy's
@@ -90,6 +93,15 @@ pub fn app_label(policy: &Policy, claimed: Option<&str>) -> String {
             None => "unknown".into(),
         },
     }
+}
+
+/// `apisec.sessions_evicted_total;app=..` for an app label; defined at zero for every
+/// registered app when a policy loads, so the series (and its alert) exist before the first
+/// eviction.
+pub fn sessions_evicted(app_label: &str) -> String {
+    let mut s = String::from(SESSIONS_EVICTED);
+    named(&mut s, "app", app_label);
+    s
 }
 
 fn named(out: &mut String, name: &str, value: &str) {
@@ -128,6 +140,11 @@ impl Sample {
             named(&mut s, "action", action);
             s
         })
+    }
+    /// `apisec.sessions_evicted_total;app=..` (MON-5): the app whose session was evicted (its
+    /// own, for an establish of its own).
+    pub fn sessions_evicted(&self) -> Option<String> {
+        self.session_evicted.then(|| sessions_evicted(&self.app))
     }
     /// `apisec.sdk_outdated_total;app=..;status=..;action=..`
     pub fn sdk_outdated(&self) -> Option<String> {
@@ -306,6 +323,7 @@ mod tests {
             shadow: false,
             anomalies: vec![("night".into(), "alert")],
             sdk: Some(("known_bad", "flag")),
+            session_evicted: true,
         }
     }
 
@@ -324,6 +342,10 @@ mod tests {
         assert_eq!(
             s.anomalies().collect::<Vec<_>>(),
             ["apisec.anomalies_total;app=broker-a;rule=night;action=alert"]
+        );
+        assert_eq!(
+            s.sessions_evicted().unwrap(),
+            "apisec.sessions_evicted_total;app=broker-a"
         );
         assert_eq!(
             s.sdk_outdated().unwrap(),

@@ -61,6 +61,23 @@ pub struct RawSessions {
     pub login_apis: Vec<String>,
     #[serde(default = "default_login_header")]
     pub login_header: String,
+    /// Live sessions one app may hold (SES-1, MON-5): past it, establishing evicts the app's own
+    /// session idle longest, never another app's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_app: Option<u32>,
+    /// Establishes the gateway answers per app, and per app and source address, in a minute
+    /// (fixed windows): past either, `429 session_rate_limited`.
+    #[serde(default = "default_establish_per_app")]
+    pub establish_per_minute: u32,
+    #[serde(default = "default_establish_per_source")]
+    pub establish_per_source_per_minute: u32,
+}
+
+fn default_establish_per_app() -> u32 {
+    600
+}
+fn default_establish_per_source() -> u32 {
+    60
 }
 
 fn default_login_header() -> String {
@@ -94,6 +111,19 @@ pub struct Sessions {
     pub operators: Vec<String>,
     pub login_apis: Vec<usize>,
     pub login_header: String,
+    pub max_per_app: u32,
+    pub establish_per_minute: u32,
+    pub establish_per_source_per_minute: u32,
+}
+
+impl Sessions {
+    /// How many slots one app's sessions spread over on the local backend, and how many of the
+    /// app's sessions one of them holds: together at least `max_per_app`.
+    fn app_slots(&self) -> (u32, u32) {
+        let per = self.entries_per_slot.max(1);
+        let k = self.max_per_app.div_ceil(per).clamp(1, self.slots.max(1));
+        (k, self.max_per_app.div_ceil(k).min(per))
+    }
 }
 
 impl RawSessions {
@@ -164,7 +194,35 @@ impl RawSessions {
                 "a lowercase header name",
             ));
         }
+        let bound = u64::from(self.slots) * u64::from(self.entries_per_slot);
+        // by default one app may hold half the store: never all of it
+        let max_per_app = self
+            .max_per_app
+            .unwrap_or(u32::try_from((bound / 2).max(1)).unwrap_or(u32::MAX));
+        if max_per_app == 0 || u64::from(max_per_app) > bound {
+            return Err(ConfigError::new(
+                "sessions.max_per_app",
+                format!("must be 1..{bound} (slots x entries_per_slot)"),
+            ));
+        }
+        for (f, v) in [
+            ("establish_per_minute", self.establish_per_minute),
+            (
+                "establish_per_source_per_minute",
+                self.establish_per_source_per_minute,
+            ),
+        ] {
+            if !(1..=1_000_000).contains(&v) {
+                return Err(ConfigError::new(
+                    format!("sessions.{f}"),
+                    "must be 1..1000000",
+                ));
+            }
+        }
         Ok(Sessions {
+            max_per_app,
+            establish_per_minute: self.establish_per_minute,
+            establish_per_source_per_minute: self.establish_per_source_per_minute,
             login_apis,
             login_header: h.clone(),
             create_api,
@@ -415,11 +473,20 @@ fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
     )
 }
 
-fn place(meta: &StoreMeta, slots: u32, id: &str) -> (u32, String) {
+/// Where a session of `app` lives: one of the app's own slots (keyed hashes of the app), picked
+/// by the ID. A full slot then evicts only sessions of the app that fills it (SES-1: one
+/// partner cannot push out another's end users); the tag is a keyed hash of the ID.
+fn place(meta: &StoreMeta, settings: &Sessions, app: &str, id: &str) -> (u32, String) {
+    let word = |h: &[u8; 32]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
+        u64::from_le_bytes(w)
+    };
     let h = meta.keyed(b"session", &[id.as_bytes()]);
-    let mut w = [0u8; 8];
-    w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
-    let slot = (u64::from_le_bytes(w) % u64::from(slots.max(1))) as u32;
+    let (k, _) = settings.app_slots();
+    let j = word(&h) % u64::from(k);
+    let a = meta.keyed(b"session-app", &[app.as_bytes(), &j.to_le_bytes()]);
+    let slot = (word(&a) % u64::from(settings.slots.max(1))) as u32;
     let tag = hex(h.get(8..24).unwrap_or(&[]));
     (slot, tag)
 }
@@ -488,10 +555,11 @@ fn update<T>(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     settings: &Sessions,
+    app: &str,
     id: &str,
     mut edit: impl FnMut(&mut Vec<Session>, &str) -> Result<Edit<T>, Deny>,
 ) -> Result<T, Deny> {
-    let (slot, tag) = place(meta, settings.slots, id);
+    let (slot, tag) = place(meta, settings, app, id);
     let key = slot_key(slot);
     for _ in 0..MAX_CAS_RETRIES {
         let (mut all, cas) = read_slot(store, &key)?;
@@ -520,13 +588,31 @@ pub fn create(
     session: Session,
     now: u64,
 ) -> Result<Created, Deny> {
-    update(store, meta, settings, id, |all, tag| {
+    let (_, per_slot) = settings.app_slots();
+    let app = session.app.clone();
+    update(store, meta, settings, &app, id, |all, tag| {
         all.retain(|s| live(s, settings, now) && s.tag != tag);
         let mut evicted = false;
-        if all.len() >= settings.entries_per_slot as usize {
-            if let Some((i, _)) = all.iter().enumerate().min_by_key(|(_, s)| s.last_seen) {
-                all.remove(i);
-                evicted = true;
+        let own = all.iter().filter(|s| s.app == app).count();
+        if own >= per_slot as usize || all.len() >= settings.entries_per_slot as usize {
+            // only the establishing app's own session idle longest makes room
+            let oldest = all
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.app == app)
+                .min_by_key(|(_, s)| s.last_seen)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    all.remove(i);
+                    evicted = true;
+                }
+                None => {
+                    return Err(Deny::new(
+                        DenyReason::SessionStoreFull,
+                        "the session slot is full of other apps' live sessions",
+                    ))
+                }
             }
         }
         all.push(Session {
@@ -570,7 +656,7 @@ fn check(
     now: u64,
     refresh: bool,
 ) -> Result<Session, Deny> {
-    update(store, meta, settings, p.id, |all, tag| {
+    update(store, meta, settings, p.app, p.id, |all, tag| {
         let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
             return Err(Misuse::Unknown.deny());
         };
@@ -605,20 +691,63 @@ fn check(
     })
 }
 
-/// Removes one session (logout by its holder, or an operator's end of one session). Returns
-/// the removed session, None if there was none.
+/// Removes one session of `app` (logout by its holder, or an operator's end of one session,
+/// tried for each registered app). Returns the removed session, None if there was none.
 pub fn remove(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     settings: &Sessions,
+    app: &str,
     id: &str,
 ) -> Result<Option<Session>, Deny> {
-    update(store, meta, settings, id, |all, tag| {
-        Ok(match all.iter().position(|s| s.tag == tag) {
-            Some(i) => Edit::Write(Some(all.remove(i))),
-            None => Edit::Keep(None),
-        })
+    update(store, meta, settings, app, id, |all, tag| {
+        Ok(
+            match all.iter().position(|s| s.tag == tag && s.app == app) {
+                Some(i) => Edit::Write(Some(all.remove(i))),
+                None => Edit::Keep(None),
+            },
+        )
     })
+}
+
+/// Counts an establish of `app` from `source` at `now` (fixed one-minute windows) and refuses
+/// it past `establish_per_minute` for the app or `establish_per_source_per_minute` for the app
+/// and that source (the 64 busiest sources of the app are tracked).
+pub fn admit_establish(
+    store: &dyn SharedStore,
+    settings: &Sessions,
+    app: &str,
+    source: &str,
+    now: u64,
+) -> Result<(), Deny> {
+    let fp = {
+        let h = sha2::Sha256::digest(source.as_bytes());
+        let mut f = [0u8; 8];
+        f.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
+        f
+    };
+    let key = format!("apisec/session-rate/{app}");
+    let (total, from) =
+        crate::store::count_in_window(store, &key, now / 60, Some(fp), 64).map_err(unavailable)?;
+    if total > u64::from(settings.establish_per_minute) {
+        return Err(Deny::new(
+            DenyReason::SessionRateLimited,
+            format!(
+                "app {app}: {total} establishes this minute, at most {}",
+                settings.establish_per_minute
+            ),
+        ));
+    }
+    if from > u64::from(settings.establish_per_source_per_minute) {
+        return Err(Deny::new(
+            DenyReason::SessionRateLimited,
+            format!(
+                "app {app} from {source}: {from} establishes this minute, at most {}",
+                settings.establish_per_source_per_minute
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// An operator ends every session of an app or of a user created up to `now`, at once, by a
@@ -656,11 +785,12 @@ pub fn set_user(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     settings: &Sessions,
+    app: &str,
     id: &str,
     user: &str,
     factors: u8,
 ) -> Result<bool, Deny> {
-    update(store, meta, settings, id, |all, tag| {
+    update(store, meta, settings, app, id, |all, tag| {
         Ok(match all.iter_mut().find(|s| s.tag == tag) {
             Some(s) => {
                 s.user = Some(user.to_string());
@@ -691,6 +821,9 @@ mod tests {
             operators: Vec::new(),
             login_apis: Vec::new(),
             login_header: "x-apisec-login".into(),
+            max_per_app: 2,
+            establish_per_minute: 5,
+            establish_per_source_per_minute: 3,
         }
     }
 
@@ -787,9 +920,9 @@ mod tests {
             1000,
         )
         .unwrap();
-        assert!(remove(&s, &meta, &cfg, "a1").unwrap().is_some());
+        assert!(remove(&s, &meta, &cfg, "app", "a1").unwrap().is_some());
         assert!(touch(&s, &meta, &cfg, &call("a1", "app"), 1001).is_err());
-        assert!(remove(&s, &meta, &cfg, "a1").unwrap().is_none());
+        assert!(remove(&s, &meta, &cfg, "app", "a1").unwrap().is_none());
         // Every session of an app, at once; a session created later is not affected.
         create(&s, &meta, &cfg, "a2", session("app", None, 1000), 1000).unwrap();
         end_all(&s, &meta, "app", "app", 1010).unwrap();
@@ -800,7 +933,7 @@ mod tests {
         create(&s, &meta, &cfg, "a3", session("app", None, 1020), 1020).unwrap();
         touch(&s, &meta, &cfg, &call("a3", "app"), 1021).unwrap();
         // Every session of a user.
-        set_user(&s, &meta, &cfg, "a3", "u9", 2).unwrap();
+        set_user(&s, &meta, &cfg, "app", "a3", "u9", 2).unwrap();
         end_all(&s, &meta, "user", "u9", 1030).unwrap();
         assert!(touch(&s, &meta, &cfg, &call("a3", "app"), 1031).is_err());
     }
@@ -827,6 +960,58 @@ mod tests {
         assert!(touch(&s, &meta, &cfg, &call("x2", "app"), 1004).is_err());
         touch(&s, &meta, &cfg, &call("x1", "app"), 1004).unwrap();
         touch(&s, &meta, &cfg, &call("x3", "app"), 1004).unwrap();
+    }
+
+    /// Issue 21 item 1 (SES-1, MON-5): another app's establishes never evict a session; an app
+    /// past its cap evicts its own; a slot full of others' sessions refuses.
+    #[test]
+    fn one_app_cannot_evict_another_apps_sessions() {
+        let (s, meta, mut cfg) = setup();
+        cfg.entries_per_slot = 3;
+        cfg.max_per_app = 2;
+        create(
+            &s,
+            &meta,
+            &cfg,
+            "v1",
+            session("victim", Some("u1"), 1000),
+            1000,
+        )
+        .unwrap();
+        for (i, t) in (0..4).zip(1001..) {
+            let c = create(
+                &s,
+                &meta,
+                &cfg,
+                &format!("m{i}"),
+                session("mallory", None, t),
+                t,
+            );
+            // the first two fit; later ones evict mallory's own
+            assert_eq!(c.unwrap().evicted, i >= 2, "{i}");
+        }
+        touch(&s, &meta, &cfg, &call("v1", "victim"), 1010).unwrap();
+        // a slot full of others' live sessions refuses instead of evicting them
+        cfg.max_per_app = 3;
+        create(&s, &meta, &cfg, "m9", session("mallory", None, 1011), 1011).unwrap();
+        let full =
+            create(&s, &meta, &cfg, "n1", session("newcomer", None, 1012), 1012).unwrap_err();
+        assert_eq!(full.reason, DenyReason::SessionStoreFull);
+        touch(&s, &meta, &cfg, &call("v1", "victim"), 1013).unwrap();
+    }
+
+    #[test]
+    fn establishes_are_bounded_per_app_and_per_source() {
+        let (s, _, cfg) = setup();
+        for t in 0..3 {
+            admit_establish(&s, &cfg, "a", "192.0.2.1", 6000 + t).unwrap();
+        }
+        let e = admit_establish(&s, &cfg, "a", "192.0.2.1", 6003).unwrap_err();
+        assert_eq!(e.reason, DenyReason::SessionRateLimited);
+        admit_establish(&s, &cfg, "a", "192.0.2.2", 6004).unwrap(); // the app's 5th
+        assert!(admit_establish(&s, &cfg, "a", "192.0.2.3", 6005).is_err()); // its 6th
+        admit_establish(&s, &cfg, "b", "192.0.2.1", 6006).unwrap(); // another app
+        admit_establish(&s, &cfg, "a", "192.0.2.1", 6060).unwrap(); // the next minute
     }
 
     #[test]

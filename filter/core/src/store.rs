@@ -52,6 +52,59 @@ pub fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Reads `key` (empty when it was never written), lets `change` decide what to write (None:
 /// nothing) and what to answer, and writes it by compare-and-swap, from the start again when
 /// another worker wrote first.
+/// A count in a fixed window (`bucket`), with a bounded table of per-member counts beside it:
+/// the value is `bucket | total | (member fingerprint | count)*`, at most `max_members`
+/// members (the one with the fewest counts makes room). Adds one to the total and, when
+/// `member` is given, to its count; returns both after the addition.
+pub fn count_in_window(
+    store: &dyn SharedStore,
+    key: &str,
+    bucket: u64,
+    member: Option<[u8; 8]>,
+    max_members: usize,
+) -> Result<(u64, u64), StoreError> {
+    update(store, key, |v| {
+        let same = v.len() >= 16 && u64_at(v, 0) == bucket;
+        let total = if same { u64_at(v, 8) } else { 0 }.saturating_add(1);
+        let mut members: Vec<([u8; 8], u64)> = if same {
+            v.get(16..)
+                .unwrap_or_default()
+                .chunks_exact(16)
+                .map(|c| {
+                    let mut f = [0u8; 8];
+                    f.copy_from_slice(c.get(..8).unwrap_or(&[0u8; 8]));
+                    (f, u64_at(c, 8))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut mine = 0;
+        if let Some(fp) = member {
+            if let Some(e) = members.iter_mut().find(|e| e.0 == fp) {
+                e.1 = e.1.saturating_add(1);
+                mine = e.1;
+            } else {
+                if members.len() >= max_members {
+                    if let Some(i) = (0..members.len()).min_by_key(|&i| members.get(i).map(|e| e.1))
+                    {
+                        members.remove(i);
+                    }
+                }
+                members.push((fp, 1));
+                mine = 1;
+            }
+        }
+        let mut out = bucket.to_le_bytes().to_vec();
+        out.extend_from_slice(&total.to_le_bytes());
+        for (f, c) in &members {
+            out.extend_from_slice(f);
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        (Some(out), (total, mine))
+    })
+}
+
 pub fn update<R>(
     store: &dyn SharedStore,
     key: &str,

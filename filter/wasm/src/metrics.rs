@@ -35,9 +35,12 @@ pub struct Metrics {
     defined: RefCell<HashMap<String, u32>>,
     /// Counter increments not yet added to Envoy's stats, by series.
     pending: RefCell<HashMap<u32, u64>>,
-    /// The policy version gauge now set to 1.
-    policy_version: Cell<Option<u32>>,
     dropped: Option<u32>,
+}
+
+thread_local! {
+    /// The policy version series this VM set to 1 last (its stat name).
+    static POLICY_VERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The most labelled series one VM defines. The policy bounds the label values (apps, APIs,
@@ -67,7 +70,6 @@ impl Metrics {
                 .collect(),
             defined: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
-            policy_version: Cell::new(None),
             dropped: def("apisec.metrics_series_dropped"),
         }
     }
@@ -113,6 +115,9 @@ impl Metrics {
         if let Some(name) = s.sdk_outdated() {
             self.later(name, 1);
         }
+        if let Some(name) = s.sessions_evicted() {
+            self.later(name, 1);
+        }
         if let Some(ms) = s.duration_ms {
             if let Some(id) = self.series(s.per_api(series::DURATION), MetricType::Histogram) {
                 let _ = hostcalls::record_metric(id, ms);
@@ -121,15 +126,25 @@ impl Metrics {
     }
 
     /// The loaded policy's version (`apisec_policy_info{version} 1`; the one before goes to 0).
-    pub fn policy_loaded(&self, policy_text: &[u8]) {
-        let id = self.series(series::policy_info(policy_text), MetricType::Gauge);
-        if let Some(old) = self.policy_version.replace(id) {
-            if Some(old) != id {
-                let _ = hostcalls::record_metric(old, 0);
+    /// The version in force is remembered per VM, not per root context: Envoy gives a new
+    /// policy (an ECDS update) a new root context in the same VM, whose own memory would not
+    /// know the old version, which would then stay at 1 beside the new one (issue 21 item 9).
+    /// Also defines every registered app's eviction counter at zero.
+    pub fn policy_loaded(&self, policy_text: &[u8], policy: &apisec_core::policy::Policy) {
+        let name = series::policy_info(policy_text);
+        let id = self.series(name.clone(), MetricType::Gauge);
+        let old = POLICY_VERSION.with(|v| v.replace(Some(name.clone())));
+        if let Some(old) = old.filter(|o| *o != name) {
+            if let Some(old_id) = self.series(old, MetricType::Gauge) {
+                let _ = hostcalls::record_metric(old_id, 0);
             }
         }
         if let Some(id) = id {
             let _ = hostcalls::record_metric(id, 1);
+        }
+        for app in policy.app_ids() {
+            let name = apisec_core::metrics::sessions_evicted(&apisec_core::metrics::label(app));
+            let _ = self.series(name, MetricType::Counter);
         }
     }
 

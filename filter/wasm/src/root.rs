@@ -292,8 +292,8 @@ impl RootContext for ApisecRoot {
             self.metrics = Some(Rc::new(Metrics::define()));
             let _ = hostcalls::set_tick_period(METRICS_FLUSH);
         }
-        if let Some(m) = &self.metrics {
-            m.policy_loaded(text.as_bytes());
+        if let (Some(m), Some(c)) = (&self.metrics, &self.config) {
+            m.policy_loaded(text.as_bytes(), &c.policy);
         }
         self.cluster_opened = false;
         self.open_cluster();
