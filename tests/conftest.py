@@ -178,6 +178,21 @@ def flushed_stat(gateway: gw.Gateway, name: str) -> int:
     return gateway.stat(name)
 
 
+def decided(gateway: gw.Gateway, decision: str, code: str) -> int:
+    """Requests counted in apisec_requests_total with this decision and code, over every app and
+    API (the labelled counter; the per-code unlabelled ones are opt-in), once flushed."""
+    time.sleep(METRICS_FLUSH_SECONDS + 0.5)
+    want = {f'decision="{decision}"', f'code="{code}"'}
+    total = 0.0
+    for line in gateway.admin("/stats/prometheus").splitlines():
+        if line.startswith("apisec_requests_total{"):
+            key, _, value = line.rpartition(" ")
+            labels = set(key[key.index("{") + 1:-1].split(","))
+            if want <= labels:
+                total += float(value)
+    return int(total)
+
+
 def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: int = 2,
                   wasm: Path = WASM, with_tls: bool = True, rate_limits: dict | None = None,
                   state_port: int | None = None, certs: Path | None = None,

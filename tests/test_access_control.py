@@ -12,7 +12,7 @@ import time
 import warnings
 
 import pytest
-from conftest import SECRET_VAR, Client, audit_lines, base_policy, flushed_stat, gw, new_secret, read_audit, start_gateway
+from conftest import SECRET_VAR, Client, audit_lines, base_policy, decided, flushed_stat, gw, new_secret, read_audit, start_gateway
 from test_levels_and_signatures import assert_refused
 from test_policy_and_failure import ecds_stats, wait_for
 
@@ -351,11 +351,11 @@ def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MO
 
         # 2. Envoy's rate limiter answers 429 to the authenticated app; those count too (RL-3)
         allowed_before = flushed_stat(g, "wasmcustom.apisec.allowed")
-        limited_before = g.stat("wasmcustom.apisec.denied.rate_limited")
+        limited_before = decided(g, "deny", "rate_limited")
         codes = [research(client, "t-limited-rate").status_code for _ in range(5)]
         assert codes[:2] == [200, 200] and codes[2:] == [429, 429, 429], codes
         # each request counted once, by its outcome: the 429s are denials, not also allowed
-        assert g.stat("wasmcustom.apisec.denied.rate_limited") == limited_before + 3
+        assert decided(g, "deny", "rate_limited") == limited_before + 3
         assert flushed_stat(g, "wasmcustom.apisec.allowed") == allowed_before + 2
         audit = assert_refused(g, research(client, "t-limited-rate"), 403, "banned")
         assert audit["app"] == "t-limited-rate"
@@ -394,7 +394,7 @@ def test_a_limiters_429_is_audited_and_counted_without_bans(tmp_path):  # RL-3, 
         allowed_before = flushed_stat(g, "wasmcustom.apisec.allowed")
         responses = [research(client, "demo-partner") for _ in range(4)]
         assert [r.status_code for r in responses] == [200, 200, 429, 429]
-        assert g.stat("wasmcustom.apisec.denied.rate_limited") == 2
+        assert decided(g, "deny", "rate_limited") == 2
         assert flushed_stat(g, "wasmcustom.apisec.allowed") == allowed_before + 2
         time.sleep(1.5)
         limited = [x for x in audit_lines(g) if x.get("status") == 429]

@@ -260,3 +260,30 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         assert "ApisecBackendUnhealthy" not in active
     finally:
         prom.stop()
+
+
+def test_one_policy_version_in_force_after_a_reload(tmp_path, secret):  # MON-2
+    """Issue 21 item 9: on 91ff9c0 one Envoy exported apisec_policy_info at 1 for the old and
+    the new version after one `apisec policy apply`, so ApisecPolicyVersionsDiffer paged. Now the
+    old version goes to 0 in every VM (main thread and both workers), and the page stays quiet."""
+    g = start_gateway(tmp_path, base_policy(), secret=secret, concurrency=2)
+    try:
+        def in_force() -> dict[str, float]:
+            series = prometheus_series(g.admin("/stats/prometheus"))
+            return {k: v for k, v in series.items() if k.startswith("apisec_policy_info{") and v == 1}
+
+        first = in_force()
+        assert len(first) == 1, first
+        changed = base_policy()
+        changed["gateway"]["max_body_bytes"] = 32 * 1024
+        record = gw.apply_policy(json.dumps(changed), g.layout, actor="test", source="reload")
+        assert record["outcome"] == "applied"
+        # traffic on both workers after the reload
+        c = Client(g, secret)
+        for _ in range(6):
+            assert c.get("/api/v1/market/quotes/600000", headers={"x-app-id": "demo-partner"}).status_code == 200
+        time.sleep(1.5)
+        second = in_force()
+        assert len(second) == 1 and second != first, (first, second)
+    finally:
+        g.stop()

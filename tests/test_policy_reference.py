@@ -30,6 +30,7 @@ gateway:
   override_headers: refuse
   mode: report
   report_only_s3: true
+  per_code_counters: true
 apis:
   - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
      personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading,

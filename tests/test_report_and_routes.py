@@ -2,7 +2,7 @@
 route name the filter reads is the `name` of the route in the route configuration (issue 11).
 Every refused case checks status, code, audit record and that the upstream got nothing; every
 reported case checks that the upstream got the request without a verified identity, the
-audit record says `report` with the code, and the `apisec.reported.<code>` counter."""
+audit record says `report` with the code, and apisec_requests_total{decision="report"} counts it."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import json
 import pytest
 import requests
 
-from conftest import base_policy, flushed_stat, gw, read_audit, start_gateway
+from conftest import base_policy, decided, gw, read_audit, start_gateway
 
 VHOSTS = {"partners.example.com": "partners", "shadow.example.com": "shadow", "other.example.com": "unlisted"}
 
@@ -79,7 +79,7 @@ def test_report_route_lets_a_would_be_refusal_through_and_records_it(routed):
     refused = call(g, "partners.example.com", "/api/v1/market/quotes/600000", "nobody")
     assert refused.status_code == 401 and refused.json()["error"] == "unknown_app"
     assert upstream(g) == before
-    reported_before = g.stat("wasmcustom.apisec.reported.unknown_app")
+    reported_before = decided(g, "report", "unknown_app")
     r = call(g, "shadow.example.com", "/api/v1/market/quotes/600000", "nobody")
     assert r.status_code == 200
     echoed = r.json()
@@ -89,7 +89,7 @@ def test_report_route_lets_a_would_be_refusal_through_and_records_it(routed):
     rec = read_audit(g, echoed["headers"]["x-request-id"])["audit"]
     # The record names the refusal it would have been; its status is what the client got.
     assert rec["decision"] == "report" and rec["code"] == "unknown_app" and rec["status"] == 200
-    assert flushed_stat(g, "wasmcustom.apisec.reported.unknown_app") == reported_before + 1
+    assert decided(g, "report", "unknown_app") == reported_before + 1
 
 
 def test_report_route_never_reports_a_routing_override(routed):

@@ -108,6 +108,11 @@ pub struct RawGateway {
     /// Allows report mode (policy, API or route) to cover S3 APIs. Shown by `apisec compliance`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub report_only_s3: bool,
+    /// Also export the unlabelled per-code counters `apisec.denied.<code>` and
+    /// `apisec.reported.<code>` (one series per refusal code, from before the labelled
+    /// `apisec_requests_total`). Off by default (MON-2).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub per_code_counters: bool,
 }
 
 /// The industries of table A.1.
@@ -154,6 +159,7 @@ impl Default for RawGateway {
             override_headers: OverrideMode::Strip,
             mode: Mode::Enforce,
             report_only_s3: false,
+            per_code_counters: false,
         }
     }
 }
@@ -196,6 +202,7 @@ pub struct Policy {
     pub max_body_seconds: u64,
     pub max_held_body_bytes: u64,
     pub override_headers: OverrideMode,
+    pub per_code_counters: bool,
     apis: Vec<Api>,
     apps: HashMap<String, App>,
     pub grants: Vec<Grant>,
@@ -349,6 +356,7 @@ impl RawPolicy {
             max_body_seconds: g.max_body_seconds,
             max_held_body_bytes: g.max_held_body_bytes,
             override_headers: g.override_headers,
+            per_code_counters: g.per_code_counters,
             max_body_bytes: g.max_body_bytes,
             max_signature_header_bytes: g.max_signature_header_bytes,
             required_components: required,

@@ -49,7 +49,9 @@ thread_local! {
 const MAX_SERIES: usize = 20_000;
 
 impl Metrics {
-    pub fn define() -> Self {
+    /// The fixed counters; the per-code ones only when the policy asks for them
+    /// (`gateway.per_code_counters`).
+    pub fn define(per_code: bool) -> Self {
         let def = |name: &str| hostcalls::define_metric(MetricType::Counter, name).ok();
         Metrics {
             allowed: def("apisec.allowed"),
@@ -59,13 +61,14 @@ impl Metrics {
             abandoned: def("apisec.abandoned"),
             by_reason: DenyReason::ALL
                 .iter()
+                .filter(|_| per_code)
                 .filter_map(|r| def(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
             reported: def("apisec.reported"),
             sessions_evicted: def("apisec.sessions_evicted"),
             reported_by_reason: DenyReason::ALL
                 .iter()
-                .filter(|r| apisec_core::report::reportable(**r))
+                .filter(|r| per_code && apisec_core::report::reportable(**r))
                 .filter_map(|r| def(&format!("apisec.reported.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
             defined: RefCell::new(HashMap::new()),

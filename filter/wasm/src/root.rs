@@ -289,7 +289,11 @@ impl RootContext for ApisecRoot {
         CURRENT.with(|c| *c.borrow_mut() = Some(config.clone()));
         self.config = Some(config);
         if self.metrics.is_none() {
-            self.metrics = Some(Rc::new(Metrics::define()));
+            let per_code = self
+                .config
+                .as_ref()
+                .is_some_and(|c| c.policy.per_code_counters);
+            self.metrics = Some(Rc::new(Metrics::define(per_code)));
             let _ = hostcalls::set_tick_period(METRICS_FLUSH);
         }
         if let (Some(m), Some(c)) = (&self.metrics, &self.config) {
