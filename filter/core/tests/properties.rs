@@ -124,7 +124,7 @@ proptest! {
 
     #[test]
     fn hiding_keeps_every_byte_outside_hidden_members(
-        keys in proptest::collection::vec("[a-zA-Z_]{1,8}", 1..8),
+        keys in proptest::collection::vec("[a-zA-Z][a-zA-Z_]{0,7}", 1..8),
         nums in proptest::collection::vec("-?[1-9][0-9]{0,30}(\\.[0-9]{1,25})?", 1..8),
         ws in "[ \n]{0,2}",
         hide in 0usize..8,
@@ -135,8 +135,8 @@ proptest! {
         let paths = vec![fields::parse_path(&target).unwrap()];
         let out = fields::filter_response(&paths, body.as_bytes()).unwrap().expect("the key is present");
         let text = String::from_utf8(out).unwrap();
-        // what remains is exactly the members whose key differs (in case-folded form), byte for byte
-        let kept: Vec<&String> = keys.iter().zip(members.iter()).filter(|(k, _)| fields::fold(k) != fields::fold(&target)).map(|(_, m)| m).collect();
+        // what remains is exactly the members whose key differs (in normal form), byte for byte
+        let kept: Vec<&String> = keys.iter().zip(members.iter()).filter(|(k, _)| fields::normal_name(k) != fields::normal_name(&target)).map(|(_, m)| m).collect();
         for m in &kept {
             prop_assert!(text.contains(m.as_str()), "{m} lost from {text}");
         }
