@@ -146,8 +146,11 @@ def audit_lines(gateway: gw.Gateway) -> list[dict]:
     record's fields}: a filter record is the line itself; Envoy's own record (a request the filter
     never saw) is marked "source": "envoy"."""
     out = []
-    if gateway.layout.audit_log.exists():
-        for line in gateway.layout.audit_log.read_text().splitlines():
+    envoy_records = gateway.layout.build / "envoy-access.log"  # Envoy's own, a file of their own
+    for path in (gateway.layout.audit_log, envoy_records):
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
             try:
                 rec = json.loads(line)
             except ValueError:

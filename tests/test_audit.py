@@ -31,12 +31,12 @@ def agw(tmp_path_factory, secret):
     g.stop()
 
 
-def verify(g, *files, key: str = AUDIT_KEY, checkpoints: bool = True) -> tuple[int, dict]:
-    args = [str(CLI), "audit", "verify", *map(str, files), "--key-env", AUDIT_KEY_VAR, "--format", "json"]
+def verify(g, *files, key: str = AUDIT_KEY, checkpoints: bool = True, extra=()) -> tuple[int, dict]:
+    args = [str(CLI), "audit", "verify", *map(str, files), "--key-env", AUDIT_KEY_VAR, "--format", "json", *extra]
     if checkpoints:
         args += ["--checkpoints", str(g.envoy_log)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ, AUDIT_KEY_VAR: key})
-    assert out.returncode in (0, 1), out.stderr
+    assert out.returncode in (0, 1, 3), out.stderr
     return out.returncode, json.loads(out.stdout)
 
 
@@ -170,8 +170,22 @@ def test_two_workers_chains_verify_and_every_tampering_is_found(agw, secret, tmp
     rc, rep = verify(agw, write(tmp_path, "truncated.log", t))
     assert rc == 1 and {f["kind"] for f in rep["findings"]} == {"truncated"}, rep
     assert all(f["file"] == str(agw.envoy_log) for f in rep["findings"])
-    rc, _ = verify(agw, write(tmp_path, "truncated.log", t), checkpoints=False)
-    assert rc == 0, "without Envoy's log a cut tail cannot be seen (the trust model says so)"
+    # Without Envoy's log a cut tail cannot be seen: never "intact" (issue 21 item 7: exit 0 on
+    # 91ff9c0), unless the operator says so on purpose
+    rc, rep = verify(agw, write(tmp_path, "truncated.log", t), checkpoints=False)
+    assert rc == 3 and rep["findings"] == [] and "checkpoints" in rep["unverified"], rep
+    rc, _ = verify(agw, write(tmp_path, "truncated.log", t), checkpoints=False, extra=["--no-checkpoints"])
+    assert rc == 0
+
+    # Issue 21 item 7: a forged line shaped like Envoy's own record passed as intact on 91ff9c0
+    forged = '{"source":"envoy","status":200,"client":"10.0.0.9","request_id":"forged","upstream":"127.0.0.1:1"}'
+    f = lines[:mid] + [forged] + lines[mid:]
+    rc, rep = verify(agw, write(tmp_path, "forged.log", f))
+    assert rc == 1 and first(rep) == ("unchained", mid + 1), rep
+    rc, rep = verify(agw, write(tmp_path, "forged.log", f), extra=["--allow-unchained"])
+    assert rc == 0 and rep["unchained"] == 1
+    # the gateway's own audit log holds chained records only; Envoy's records are elsewhere
+    assert all('"source":"envoy"' not in line for line in agw.layout.audit_log.read_text().splitlines())
 
     # Another key: nothing verifies.
     rc, rep = verify(agw, agw.layout.audit_log, key=new_secret())

@@ -7,8 +7,8 @@
 use apisec_core::audit_chain::{self, ChainKey};
 use apisec_core::evidence;
 
-pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... [--checkpoints ENVOY_LOG]...
-              [--evidence [--keyring FILE]... [--policy FILE]...] [--format text|json]
+pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... (--checkpoints ENVOY_LOG... | --no-checkpoints)
+              [--allow-unchained] [--evidence [--keyring FILE]... [--policy FILE]...] [--format text|json]
                                           check audit or operations logs' chains (LOG-1, LOG-5): the
                                           first modified, deleted, inserted or reordered record with
                                           its line, and a tail cut off after a checkpoint in Envoy's
@@ -16,10 +16,16 @@ pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... [--chec
                                           one per key in use. --evidence re-verifies every S3
                                           record's signature (DATA-4) against the public keys of the
                                           keyring (kept by policy apply, retired keys included) and
-                                          of the policies given";
+                                          of the policies given. Strict by default: a line
+                                          without a chain MAC is a finding (--allow-unchained
+                                          counts them, for logs from before Envoy's own records
+                                          had a file of their own), and without checkpoints
+                                          the logs are not called intact (exit 3; state
+                                          --no-checkpoints to check the chains alone).
+                                          Exit 0 intact, 1 a finding, 2 usage, 3 unverified";
 
-/// Runs the command; Ok(true) when the logs are intact.
-pub fn run(args: &[&str]) -> Result<bool, String> {
+/// Runs the command; Ok(the exit status): 0 intact, 1 a finding, 3 clean but unverified.
+pub fn run(args: &[&str]) -> Result<u8, String> {
     let Some((&"verify", rest)) = args.split_first() else {
         return Err(format!("unknown audit command\n{USAGE}"));
     };
@@ -30,6 +36,8 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
     let mut evidence = false;
     let mut keyrings = Vec::new();
     let mut policies = Vec::new();
+    let mut allow_unchained = false;
+    let mut no_checkpoints = false;
     let mut it = rest.iter();
     while let Some(&a) = it.next() {
         let mut value = || {
@@ -42,6 +50,8 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
             "--checkpoints" => checkpoints.push(value()?),
             "--format" => format = value()?,
             "--evidence" => evidence = true,
+            "--allow-unchained" => allow_unchained = true,
+            "--no-checkpoints" => no_checkpoints = true,
             "--keyring" => keyrings.push(value()?),
             "--policy" => policies.push(value()?),
             s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
@@ -76,8 +86,16 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
     let mut verdict = if keys.is_empty() {
         audit_chain::Verdict::default()
     } else {
-        audit_chain::verify(&logs, &keys, &read(&checkpoints)?)
+        audit_chain::verify(&logs, &keys, &read(&checkpoints)?, allow_unchained)
     };
+    if !keys.is_empty() && checkpoints.is_empty() && !no_checkpoints {
+        verdict.unverified = Some(
+            "no --checkpoints: a tail cut off the logs cannot be seen (give Envoy's log, kept \
+             where whoever can edit the audit log cannot, or --no-checkpoints to check the \
+             chains alone)"
+                .into(),
+        );
+    }
     if evidence {
         let mut ring = Vec::new();
         for (name, text) in read(&keyrings)? {
@@ -102,8 +120,8 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
             );
             if keys.is_empty() {
                 println!("no --key-env given: the chains were not checked");
-            } else if checkpoints.is_empty() {
-                println!("no --checkpoints given: a tail cut off the logs cannot be seen");
+            } else if checkpoints.is_empty() && no_checkpoints {
+                println!("--no-checkpoints: a tail cut off the logs cannot be seen");
             }
             if let (Some(c), Some(v)) = (verdict.evidence_checked, verdict.evidence_verified) {
                 println!(
@@ -124,16 +142,17 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
                     }
                 );
             }
-            println!(
-                "{}",
-                if verdict.intact() {
-                    "intact"
-                } else {
-                    "NOT intact"
-                }
-            );
+            match (&verdict.unverified, verdict.intact()) {
+                (_, false) => println!("NOT intact"),
+                (Some(why), true) => println!("NOT verified complete: {why}"),
+                (None, true) => println!("intact"),
+            }
         }
         f => return Err(format!("unknown --format {f}")),
     }
-    Ok(verdict.intact())
+    Ok(match (verdict.intact(), verdict.unverified.is_some()) {
+        (false, _) => 1,
+        (true, true) => 3,
+        (true, false) => 0,
+    })
 }

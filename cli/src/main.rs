@@ -91,8 +91,8 @@ fn main() -> ExitCode {
             Err(e) => Err(e),
         },
         ["audit", rest @ ..] => match audit::run(rest) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(1),
+            Ok(0) => Ok(()),
+            Ok(status) => return ExitCode::from(status),
             Err(e) => Err(e),
         },
         ["verify", rest @ ..] => match verify::run(rest) {

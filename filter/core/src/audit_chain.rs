@@ -309,8 +309,9 @@ pub struct Verdict {
     /// Chained records read.
     pub records: usize,
     pub chains: usize,
-    /// Lines that are not chained records: Envoy's own records of requests that never reached
-    /// the filter (`"source":"envoy"`), counted, not checked.
+    /// Lines shaped like Envoy's own records (`"source":"envoy"`), which carry no MAC. The
+    /// shipped configuration writes those to a log of their own (`envoy-access.log`), so in
+    /// an audit log they are findings (`unchained`) unless the check allows them.
     pub unchained: usize,
     pub checkpoints: usize,
     /// With `--evidence`: S3 records whose evidence was checked, and how many verified.
@@ -319,6 +320,10 @@ pub struct Verdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub evidence_verified: Option<usize>,
     pub findings: Vec<Finding>,
+    /// Why an otherwise clean check cannot be called intact (no checkpoints to see a cut
+    /// tail by): the verifier's exit status is then 3, not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unverified: Option<String>,
 }
 
 impl Verdict {
@@ -418,6 +423,7 @@ pub fn verify(
     files: &[(String, String)],
     keys: &[ChainKey],
     envoy_logs: &[(String, String)],
+    allow_unchained: bool,
 ) -> Verdict {
     let mut v = Verdict::default();
     let mut chains: BTreeMap<String, Vec<Sealed>> = BTreeMap::new();
@@ -435,7 +441,22 @@ pub fn verify(
                     v.records += 1;
                     chains.entry(s.chain.clone()).or_default().push(s);
                 }
-                Line::Unchained => v.unchained += 1,
+                Line::Unchained => {
+                    v.unchained += 1;
+                    if !allow_unchained {
+                        // anyone who can write the log can add such a line: nothing vouches
+                        // for it (issue 21 item 7)
+                        v.findings.push(Finding {
+                            at,
+                            kind: "unchained",
+                            chain: String::new(),
+                            seq: None,
+                            detail: "a line without a chain MAC (Envoy's own records go to \
+                                     their own log; here it may have been inserted)"
+                                .into(),
+                        });
+                    }
+                }
                 Line::Unreadable(why) => v.findings.push(Finding {
                     at,
                     kind: "unreadable",
@@ -630,6 +651,7 @@ mod tests {
             &[("audit.log".into(), lines.join("\n"))],
             &[key()],
             &[("envoy.log".into(), envoy.into())],
+            false,
         )
     }
 
@@ -727,14 +749,18 @@ mod tests {
         lines.push(line);
         let v = check(&lines, "");
         assert_eq!(kinds(&v), [("unknown_key", 9)]);
-        let v = verify(&[("a".into(), lines.join("\n"))], &[key(), k2.clone()], &[]);
+        let v = verify(&[("a".into(), lines.join("\n"))], &[key(), k2.clone()], &[], false);
         assert!(v.intact(), "{:?}", v.findings);
         // Envoy's own records are counted, not checked; a wrong key finds every record.
         let with_envoy = format!(
             "{}\n{{\"source\":\"envoy\",\"status\":400}}",
             lines.join("\n")
         );
-        let v = verify(&[("a".into(), with_envoy)], &[key(), k2], &[]);
+        // Issue 21 item 7: a line shaped like Envoy's own record is a finding by default (anyone
+        // can insert one); counted only when the check allows it (older logs).
+        let v = verify(&[("a".into(), with_envoy.clone())], &[key(), k2.clone()], &[], false);
+        assert_eq!(kinds(&v), [("unchained", 10)]);
+        let v = verify(&[("a".into(), with_envoy)], &[key(), k2], &[], true);
         assert!(v.intact() && v.unchained == 1);
     }
 
