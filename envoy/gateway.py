@@ -126,6 +126,12 @@ class Layout:
         return self.build / "ecds"
 
     @property
+    def ops_log(self) -> Path:
+        """The one operations log: where `apisec policy apply --ecds build/ecds/apisec.yaml`
+        writes it by default (beside the ECDS file), for `make run`, the tests and an operator."""
+        return self.ecds_dir / "operations.log"
+
+    @property
     def audit_log(self) -> Path:
         return self.build / "audit.log"
 
@@ -193,7 +199,7 @@ def apply_policy(policy_json: str, layout: Layout, actor: str, source: str, wait
     with os.fdopen(fd, "w") as f:
         f.write(policy_json)
     args = [str(apisec_cli()), "policy", "apply", tmp, "--ecds", str(layout.ecds_dir / ECDS_FILE),
-            "--actor", actor, "--source", source, "--ops-log", str(layout.build / "operations.log")]
+            "--actor", actor, "--source", source, "--envoy-log", str(layout.build / "envoy.log")]
     if wait:
         args += ["--admin", f"127.0.0.1:{layout.admin_port}"]
     env_file = layout.build / "demo.env"
@@ -205,7 +211,7 @@ def apply_policy(policy_json: str, layout: Layout, actor: str, source: str, wait
         os.unlink(tmp)
     if out.returncode != 0:
         raise PolicyRejected(out.stderr.strip() or out.stdout.strip())
-    return json.loads((layout.build / "operations.log").read_text().splitlines()[-1])
+    return json.loads(layout.ops_log.read_text().splitlines()[-1])
 
 
 class PolicyRejected(RuntimeError):
@@ -515,7 +521,7 @@ def main() -> int:
             print(e, file=sys.stderr)
             return 1
         print(f"applied {args.policy}: Envoy loaded it; {len(record['changes'])} change(s) logged to "
-              f"{layout.build / 'operations.log'}")
+              f"{layout.ops_log}")
         return 0
 
     env = read_env_file(build / "demo.env")

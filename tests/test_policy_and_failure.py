@@ -98,7 +98,7 @@ def test_level_change_takes_effect_without_restart_and_replay_state_survives(own
     gw.apply_policy(json.dumps(raised), g.layout, actor="bob", source="test")
     wait_for(lambda: ecds_stats(g)["update_success"] > before, what="the new policy to load")
     # LVL-4: the change is logged with who, when, before and after
-    last = json.loads((g.layout.build / "operations.log").read_text().splitlines()[-1])
+    last = json.loads(g.layout.ops_log.read_text().splitlines()[-1])
     quote = next(c for c in last["changes"] if c.get("id") == "market.quote")
     assert last["actor"] == "bob" and quote["fields"]["level"] == {"before": "S0", "after": "S1"}
     assert g.envoy.pid == pid and g.envoy.poll() is None, "no restart"
@@ -225,7 +225,7 @@ def test_policy_apply_reports_what_envoy_did(tmp_path, monkeypatch):  # LVL-4, L
     monkeypatch.setenv("APISEC_OPS_KEY", ops_key)
     g = start_gateway(tmp_path, base_policy(), secret=new_secret())
     try:
-        ops = g.layout.build / "operations.log"
+        ops = g.layout.ops_log
         ecds = g.layout.ecds_dir / gw.ECDS_FILE
         doc = base_policy()
         doc["opted_out_users"] = ["u-9"]
@@ -243,7 +243,8 @@ def test_policy_apply_reports_what_envoy_did(tmp_path, monkeypatch):  # LVL-4, L
             gw.apply_policy(json.dumps(bad), g.layout, actor="carol", source="test")
         last = json.loads(ops.read_text().splitlines()[-1])
         assert last["outcome"] == "rejected" and last["ecds_restored"] and last["rejected_by"] == "envoy"
-        assert "policy refused" in last["reason"]
+        # Envoy's own reason, read from its log (issue 21 item 12), not a pointer to it
+        assert "replay" in last["reason"] and "its log says why" not in last["reason"], last["reason"]
         assert ecds.read_text() == good_file, "a restart must not load the refused policy"
         assert json.loads((g.layout.ecds_dir / "applied-policy.json").read_text())["opted_out_users"] == ["u-9"]
         before = ecds.read_text()
@@ -258,6 +259,23 @@ def test_policy_apply_reports_what_envoy_did(tmp_path, monkeypatch):  # LVL-4, L
         last = json.loads(lines[-1])
         assert (last["outcome"], last["rejected_by"], last["actor"]) == ("rejected", "apisec", "carol")
         assert "level" in last["reason"] and "changes" not in last
+        # Issue 21 item 12: without the key, nothing is applied and no unsealed line joins the
+        # sealed log (on 91ff9c0 it was written, and the log verified NOT intact for good)
+        monkeypatch.delenv("APISEC_OPS_KEY")
+        other = json.loads(json.dumps(doc))
+        other["opted_out_users"] = ["u-9", "u-10"]
+        with pytest.raises(gw.PolicyRejected, match="sealed"):
+            gw.apply_policy(json.dumps(other), g.layout, actor="carol", source="test")
+        assert ops.read_text().splitlines() == lines and ecds.read_text() == before
+        monkeypatch.setenv("APISEC_OPS_KEY", ops_key)
+        with pytest.raises(gw.PolicyRejected, match="actor"):
+            gw.apply_policy(json.dumps(other), g.layout, actor="", source="test")
+        # --dry-run shows the changes and writes nothing
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        out = subprocess.run([str(CLI), "policy", "apply", str(tmp_path / "other.json"), "--ecds", str(ecds),
+                              "--dry-run"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "opted_out_users" in out.stdout and "dry run" in out.stdout, out
+        assert ops.read_text().splitlines() == lines and ecds.read_text() == before
         # LOG-5: the operations log is one chain across the three runs, checked like the audit log
         verify = [str(CLI), "audit", "verify", str(ops), "--key-env", "APISEC_OPS_KEY", "--format", "json",
                   "--no-checkpoints"]

@@ -19,6 +19,10 @@ pub struct Args {
     pub policy: String,
     pub ecds: PathBuf,
     pub actor: String,
+    /// Envoy's log, to read the reason of a refusal from (`apisec: policy refused: ...`).
+    pub envoy_log: Option<PathBuf>,
+    /// Validate and show the changes; write nothing.
+    pub dry_run: bool,
     pub source: Option<String>,
     pub ops_log: Option<PathBuf>,
     pub admin: Option<String>,
@@ -29,7 +33,8 @@ pub struct Args {
 }
 
 /// Parses `policy apply FILE --ecds PATH [--actor NAME] [--source TEXT] [--ops-log PATH]
-/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR] [--keyring PATH]`.
+/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR] [--keyring PATH]
+/// [--envoy-log PATH] [--dry-run]`.
 pub fn parse(rest: &[&str]) -> Result<Args, String> {
     let mut it = rest.iter();
     let policy = it
@@ -47,8 +52,14 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
         env_file: None,
         ops_key_env: crate::opslog::DEFAULT_KEY_ENV.into(),
         keyring: None,
+        envoy_log: None,
+        dry_run: false,
     };
     while let Some(flag) = it.next() {
+        if *flag == "--dry-run" {
+            args.dry_run = true;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match *flag {
             "--ecds" => args.ecds = PathBuf::from(value),
@@ -63,8 +74,12 @@ pub fn parse(rest: &[&str]) -> Result<Args, String> {
             "--env-file" => args.env_file = Some(PathBuf::from(value)),
             "--ops-key-env" => args.ops_key_env = value.to_string(),
             "--keyring" => args.keyring = Some(PathBuf::from(value)),
+            "--envoy-log" => args.envoy_log = Some(PathBuf::from(value)),
             other => return Err(format!("unknown option {other}")),
         }
+    }
+    if args.actor.trim().is_empty() {
+        return Err("policy apply needs an actor: --actor NAME (or USER set), never empty".into());
     }
     if args.ecds.as_os_str().is_empty() {
         return Err("policy apply needs --ecds PATH (the ECDS file Envoy watches)".into());
@@ -322,6 +337,9 @@ pub fn apply(args: &Args) -> Result<(), String> {
         .ops_log
         .clone()
         .unwrap_or_else(|| args.ecds.with_file_name("operations.log"));
+    if !args.dry_run {
+        crate::opslog::check_writable(&ops_log, ops_key.as_ref(), &args.ops_key_env)?;
+    }
     #[allow(clippy::disallowed_methods)] // the operator's clock, for the version and the log
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -342,6 +360,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
     };
     let prepared = match prepare(args, env_pairs) {
         Ok(p) => p,
+        Err(reason) if args.dry_run => return Err(format!("{reason} (dry run: nothing recorded)")),
         Err(reason) => {
             // Refused before Envoy saw it: recorded as rejected, with the reason (LOG-5).
             let sha = std::fs::read(&args.policy)
@@ -364,6 +383,20 @@ pub fn apply(args: &Args) -> Result<(), String> {
         ecds_text,
         mut ecds,
     } = prepared;
+    // What changes, shown before anything is written (and, with --dry-run, instead).
+    let applied = args.ecds.with_file_name("applied-policy.json");
+    let old: Option<Value> = std::fs::read_to_string(&applied)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let items = changes(old.as_ref(), &new);
+    print_changes(&items);
+    if args.dry_run {
+        println!(
+            "{}: valid; dry run: nothing written or recorded",
+            args.policy
+        );
+        return Ok(());
+    }
     ecds.as_object_mut()
         .ok_or("the ECDS file is not a JSON object")?
         .insert("version_info".into(), json!(now.as_nanos().to_string()));
@@ -401,11 +434,6 @@ pub fn apply(args: &Args) -> Result<(), String> {
     if restored {
         write_atomically(&args.ecds, &ecds_text)?;
     }
-    let applied = args.ecds.with_file_name("applied-policy.json");
-    let old: Option<Value> = std::fs::read_to_string(&applied)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok());
-    let items = changes(old.as_ref(), &new);
     let mut keys_added = 0;
     if outcome == "applied" || outcome == "written" {
         std::fs::write(&applied, &policy_json)
@@ -418,9 +446,14 @@ pub fn apply(args: &Args) -> Result<(), String> {
             .unwrap_or_else(|| args.ecds.with_file_name("public-keys.jsonl"));
         keys_added = crate::keyring::remember(&keyring, &new, &crate::rfc3339_utc(now.as_secs()))?;
     }
+    let envoy_reason = (outcome == "rejected")
+        .then(|| args.envoy_log.as_deref().and_then(envoy_refusal))
+        .flatten();
     let reason = match outcome {
-        "rejected" => Some("Envoy refused it; its log says why (apisec: policy refused: ...)"),
-        "unconfirmed" => Some("Envoy did not report the new version in time"),
+        "rejected" => Some(envoy_reason.clone().unwrap_or_else(|| {
+            "Envoy refused it; its log says why (apisec: policy refused: ...)".into()
+        })),
+        "unconfirmed" => Some("Envoy did not report the new version in time".to_string()),
         _ => None,
     };
     let sealed = record(
@@ -444,23 +477,70 @@ pub fn apply(args: &Args) -> Result<(), String> {
     let n = items.len();
     match outcome {
         "applied" => {
-            println!("{}: applied; Envoy loaded it; {n} change(s) logged to {}", args.policy, ops_log.display());
+            println!(
+                "{}: applied; Envoy loaded it; {n} change(s) logged to {}",
+                args.policy,
+                ops_log.display()
+            );
             Ok(())
         }
         "written" => {
-            println!("{}: written to {}; {n} change(s) logged", args.policy, args.ecds.display());
+            println!(
+                "{}: written to {}; {n} change(s) logged",
+                args.policy,
+                args.ecds.display()
+            );
             Ok(())
         }
-        "rejected" => Err(format!(
-            "{}: Envoy rejected it (see its log: apisec: policy refused: ...); the last good policy stays, in Envoy and in the ECDS file",
-            args.policy
-        )),
+        "rejected" => {
+            Err(format!(
+            "{}: Envoy rejected it: {}; the last good policy stays, in Envoy and in the ECDS file",
+            args.policy,
+            envoy_reason.as_deref().unwrap_or("see its log (apisec: policy refused: ...)")
+        ))
+        }
         _ => Err(format!(
             "{}: Envoy did not report the new version within {} s",
             args.policy,
             args.timeout.as_secs()
         )),
     }
+}
+
+/// The change list, one line each, as the operator sees it before the policy is written.
+fn print_changes(items: &[Value]) {
+    if items.is_empty() {
+        println!("no change to apis, apps, grants, lists or groups");
+    }
+    for c in items {
+        let s = |k: &str| c.get(k).and_then(Value::as_str).unwrap_or("");
+        let fields: Vec<&str> = c
+            .get("fields")
+            .and_then(Value::as_object)
+            .map(|f| f.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let how = if fields.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", fields.join(", "))
+        };
+        let section = if s("section").is_empty() {
+            s("changed")
+        } else {
+            s("section")
+        };
+        println!("  {:<8} {section} {}{how}", s("change"), s("id"));
+    }
+}
+
+/// The last reason Envoy's log gives for refusing a policy (`apisec: policy refused: ...`).
+fn envoy_refusal(log: &std::path::Path) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    text.lines().rev().find_map(|l| {
+        l.split_once("apisec: policy refused: ")
+            .map(|(_, r)| r.trim().to_string())
+    })
 }
 
 #[cfg(test)]

@@ -31,13 +31,17 @@ const USAGE: &str = "usage:
                                           secrets, one per line (Envoy's host_env_keys)
   apisec policy apply FILE --ecds PATH [--admin HOST:PORT] [--actor NAME] [--source TEXT]
               [--ops-log PATH] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR]
-              [--keyring PATH]
+              [--keyring PATH] [--envoy-log PATH] [--dry-run]
                                           validate (secrets too, where set here or in --env-file),
-                                          write into Envoy's ECDS file atomically, wait until Envoy
-                                          loads or rejects it (--admin), log the outcome, who, and
-                                          every change to the operations log, chained under
-                                          APISEC_OPS_KEY (LVL-4, BWL-3, LOG-5); keep the policy's
-                                          public keys in the keyring (DATA-4)
+                                          print the changes, write into Envoy's ECDS file
+                                          atomically, wait until Envoy loads or rejects it
+                                          (--admin; with --envoy-log, print Envoy's reason), log
+                                          the outcome, who, and every change to the operations
+                                          log, chained under APISEC_OPS_KEY (LVL-4, BWL-3,
+                                          LOG-5); keep the policy's public keys in the keyring
+                                          (DATA-4). Refused: an empty actor, and an unsealed line
+                                          into a sealed log (no key). --dry-run: validate and
+                                          print the changes only
   apisec grants list FILE [--app APP]     list grants (all, or one caller's) with their validity (OPS-3)
   apisec grants revoke FILE --app APP [--grant ID]
                                           print the policy without that caller's grants (or one

@@ -749,7 +749,12 @@ mod tests {
         lines.push(line);
         let v = check(&lines, "");
         assert_eq!(kinds(&v), [("unknown_key", 9)]);
-        let v = verify(&[("a".into(), lines.join("\n"))], &[key(), k2.clone()], &[], false);
+        let v = verify(
+            &[("a".into(), lines.join("\n"))],
+            &[key(), k2.clone()],
+            &[],
+            false,
+        );
         assert!(v.intact(), "{:?}", v.findings);
         // Envoy's own records are counted, not checked; a wrong key finds every record.
         let with_envoy = format!(
@@ -758,7 +763,12 @@ mod tests {
         );
         // Issue 21 item 7: a line shaped like Envoy's own record is a finding by default (anyone
         // can insert one); counted only when the check allows it (older logs).
-        let v = verify(&[("a".into(), with_envoy.clone())], &[key(), k2.clone()], &[], false);
+        let v = verify(
+            &[("a".into(), with_envoy.clone())],
+            &[key(), k2.clone()],
+            &[],
+            false,
+        );
         assert_eq!(kinds(&v), [("unchained", 10)]);
         let v = verify(&[("a".into(), with_envoy)], &[key(), k2], &[], true);
         assert!(v.intact() && v.unchained == 1);
