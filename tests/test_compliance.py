@@ -22,8 +22,37 @@ def apisec(*args: str) -> subprocess.CompletedProcess:
 
 def compliance(policy, *extra: str) -> tuple[int, dict]:
     out = apisec("compliance", str(policy), "--format", "json", *extra)
-    assert out.returncode in (0, 1), out.stderr
+    assert out.returncode in (0, 1, 3), out.stderr
     return out.returncode, json.loads(out.stdout)
+
+
+def test_unknown_is_never_compliant_and_the_report_says_what_it_is_about(tmp_path):  # LVL-5, MON-2
+    """Issue 21 item 11: without --deployment, 91ff9c0 printed "compliant" and exited 0 although
+    the TLS, audit and backend-TLS cells were `?`."""
+    import hashlib
+
+    policy = ROOT / "policies/securities.yaml"
+    rc, rep = compliance(policy)
+    assert rc == 3 and rep["verdict"] == "unverified" and rep["compliant"] is False
+    unknown = sum(c["status"] == "unchecked" for a in rep["apis"] for c in a["checks"])
+    assert rep["unverified"] == unknown > 0
+    about = rep["about"]
+    assert about["policy_sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
+    assert {"DATA-1", "DATA-2", "LOG-1", "SES-4", "LVL-5"} <= set(about["scope"]) and "RL-1" not in about["scope"]
+    assert about["tool_version"] and about["generated_at"].endswith("Z") and about["deployment_files"] == []
+    text = apisec("compliance", str(policy))
+    assert text.returncode == 3 and "NOT verified" in text.stdout and "\ncompliant" not in text.stdout
+    # with the deployment, every cell is judged, and the files are named with their hashes
+    rc, rep = compliance(policy, "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    assert rep["unverified"] == 0 and rep["verdict"] in ("compliant", "not_compliant")
+    assert [f for f, _ in rep["about"]["deployment_files"]] == [UPSTREAM_TLS, ECDS]
+    assert dict(rep["about"]["deployment_files"])[ECDS] == hashlib.sha256((ROOT / "envoy/apisec-ecds.yaml").read_bytes()).hexdigest()
+    # for auditors: Markdown and CSV
+    md = apisec("compliance", str(policy), "--deployment", UPSTREAM_TLS, "--ecds", ECDS, "--format", "markdown")
+    assert md.returncode == rc and md.stdout.startswith("# apisec compliance report") and "| trade.order.place | S3 |" in md.stdout
+    rows = list(csv.DictReader(io.StringIO(apisec("compliance", str(policy), "--format", "csv").stdout)))
+    assert {"api", "level", "control", "ids", "status", "note"} == set(rows[0])
+    assert any(r["api"] == "account.balance" and r["control"] == "backend_tls" and r["status"] == "?" for r in rows)
 
 
 def cells(report: dict) -> dict:

@@ -5,11 +5,14 @@
 use apisec_core::compliance::{assess, AnnexA, Deployment, Report, Status, CONTROLS};
 use serde_yaml::Value;
 
-pub const USAGE: &str = "  apisec compliance POLICY [--deployment ENVOY_YAML] [--ecds FILE] [--format table|json]
+pub const USAGE: &str = "  apisec compliance POLICY [--deployment ENVOY_YAML] [--ecds FILE] [--format table|json|markdown|csv]
                                           per API: what the standard requires at its level and whether
                                           the policy and the deployment provide it (requirement IDs),
-                                          and the Annex A classification; exit 1 if a requirement is
-                                          not met (the report for auditors)";
+                                          and the Annex A classification, with its scope, the
+                                          files' SHA-256, the time and the tool version; exit 0
+                                          compliant, 1 a requirement not met, 3 none unmet but some
+                                          not judged (no --deployment): unknown is never compliant
+                                          (the report for auditors)";
 
 /// Table A.1, built in (policies/annex-a/table-a1.yaml).
 pub const ANNEX_A: &str = include_str!("../../policies/annex-a/table-a1.yaml");
@@ -174,17 +177,127 @@ fn print_table(r: &Report) {
         }
         println!("{tag} policy {} ({}): {}", c.control, c.ids, c.note);
     }
+    print_about(r, "");
+    println!("{}", verdict_line(r, unmet));
+}
+
+fn verdict_line(r: &Report, unmet: usize) -> String {
+    match r.verdict {
+        "compliant" => "compliant: every required control is provided".to_string(),
+        "unverified" => format!(
+            "NOT verified: {} required control(s) not judged (give --deployment); none found unmet",
+            r.unverified
+        ),
+        _ => format!("NOT compliant: {unmet} required control(s) not provided"),
+    }
+}
+
+fn print_about(r: &Report, prefix: &str) {
+    let Some(a) = &r.about else { return };
     println!(
-        "{}",
-        if r.compliant {
-            "compliant: every required control is provided".to_string()
-        } else {
-            format!("NOT compliant: {unmet} required control(s) not provided")
-        }
+        "{prefix}scope: {} (other clauses of the standard are not judged here)",
+        a.scope.join(" ")
+    );
+    println!(
+        "{prefix}policy: {} sha256 {}",
+        a.policy_file, a.policy_sha256
+    );
+    for (f, h) in &a.deployment_files {
+        println!("{prefix}deployment file: {f} sha256 {h}");
+    }
+    println!(
+        "{prefix}generated: {} by apisec {}",
+        a.generated_at, a.tool_version
     );
 }
 
-pub fn run(args: &[&str]) -> Result<bool, String> {
+fn unmet_count(r: &Report) -> usize {
+    r.apis
+        .iter()
+        .flat_map(|a| &a.checks)
+        .chain(&r.findings)
+        .filter(|c| c.status == Status::NotMet)
+        .count()
+}
+
+/// One row per API and control, for a spreadsheet: api, level, control, ids, status, note.
+fn print_csv(r: &Report) {
+    let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    println!("api,level,control,ids,status,note");
+    for a in &r.apis {
+        for c in &a.checks {
+            println!(
+                "{},{},{},{},{},{}",
+                q(&a.id),
+                a.level,
+                c.control,
+                q(c.ids),
+                c.status.cell(),
+                q(&c.note)
+            );
+        }
+    }
+    for c in &r.findings {
+        println!(
+            "{},,{},{},{},{}",
+            q("(policy)"),
+            c.control,
+            q(c.ids),
+            c.status.cell(),
+            q(&c.note)
+        );
+    }
+}
+
+/// The report as Markdown: the header facts, one table of every API's cells, the findings.
+fn print_markdown(r: &Report) {
+    println!("# apisec compliance report\n");
+    print_about(r, "- ");
+    println!("- industry: {}", r.industry.as_deref().unwrap_or("(none)"));
+    println!("- **verdict: {}**\n", verdict_line(r, unmet_count(r)));
+    print!("| api | level |");
+    for (c, ids) in CONTROLS {
+        print!(" {c} ({ids}) |");
+    }
+    println!();
+    println!("|---|---|{}", "---|".repeat(CONTROLS.len()));
+    for a in &r.apis {
+        print!("| {} | {} |", a.id, a.level);
+        for c in &a.checks {
+            print!(" {} |", c.status.cell());
+        }
+        println!();
+    }
+    println!("\n| where | control | ids | status | note |\n|---|---|---|---|---|");
+    for a in &r.apis {
+        for c in a
+            .checks
+            .iter()
+            .filter(|c| c.status != Status::Met && c.status != Status::NotRequired)
+        {
+            println!(
+                "| {} | {} | {} | {} | {} |",
+                a.id,
+                c.control,
+                c.ids,
+                c.status.cell(),
+                c.note.replace('|', "\\|")
+            );
+        }
+    }
+    for c in &r.findings {
+        println!(
+            "| policy | {} | {} | {} | {} |",
+            c.control,
+            c.ids,
+            c.status.cell(),
+            c.note.replace('|', "\\|")
+        );
+    }
+}
+
+/// Runs the command; Ok(the exit status): 0 compliant, 1 not, 3 not judged in full.
+pub fn run(args: &[&str]) -> Result<u8, String> {
     let [policy_file, rest @ ..] = args else {
         return Err(format!("usage:\n{USAGE}"));
     };
@@ -207,14 +320,46 @@ pub fn run(args: &[&str]) -> Result<bool, String> {
         .as_deref()
         .map(|p| read_deployment(p, ecds.as_deref()))
         .transpose()?;
-    let report = assess(&raw, &policy, &annex_a()?, d.as_ref());
+    let mut report = assess(&raw, &policy, &annex_a()?, d.as_ref());
+    let hash = |f: &str| -> Result<String, String> {
+        std::fs::read(f)
+            .map(|b| crate::sha256_hex(&b))
+            .map_err(|e| format!("{f}: {e}"))
+    };
+    let mut files = Vec::new();
+    for f in deployment.iter().chain(ecds.iter()) {
+        files.push((f.clone(), hash(f)?));
+    }
+    #[allow(clippy::disallowed_methods)] // the report's own time, for the auditor
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    report.about = Some(apisec_core::compliance::About {
+        scope: apisec_core::compliance::scope(),
+        policy_file: policy_file.to_string(),
+        policy_sha256: hash(policy_file)?,
+        deployment_files: files,
+        generated_at: crate::rfc3339_utc(now),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    });
     match format.as_str() {
         "json" => println!(
             "{}",
             serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?
         ),
         "table" => print_table(&report),
-        f => return Err(format!("unknown --format {f} (table or json)")),
+        "markdown" => print_markdown(&report),
+        "csv" => print_csv(&report),
+        f => {
+            return Err(format!(
+                "unknown --format {f} (table, json, markdown or csv)"
+            ))
+        }
     }
-    Ok(report.compliant)
+    Ok(match report.verdict {
+        "compliant" => 0,
+        "unverified" => 3,
+        _ => 1,
+    })
 }

@@ -90,8 +90,8 @@ fn main() -> ExitCode {
         ["inventory", rest @ ..] => inventory::run(rest),
         ["sessions", rest @ ..] => sessions::run(rest),
         ["compliance", rest @ ..] => match compliance::run(rest) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::from(1),
+            Ok(0) => Ok(()),
+            Ok(status) => return ExitCode::from(status),
             Err(e) => Err(e),
         },
         ["audit", rest @ ..] => match audit::run(rest) {

@@ -106,8 +106,53 @@ pub struct Report {
     pub apis: Vec<ApiReport>,
     /// Findings about the policy or deployment as a whole.
     pub findings: Vec<Check>,
-    /// True when no required control is unmet.
+    /// True when no required control is unmet and none is left unverified.
     pub compliant: bool,
+    /// Required controls the report could not judge (`?`: the deployment was not given):
+    /// unknown is never compliant (issue 21 item 11).
+    pub unverified: usize,
+    /// `compliant`, `not_compliant` (a required control unmet) or `unverified` (none unmet,
+    /// some not judged).
+    pub verdict: &'static str,
+    /// What the report judges and about what: filled by the command that makes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub about: Option<About>,
+}
+
+/// What a report is about, for an auditor to tie it to the files and the time it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct About {
+    /// The clauses this report judges (the columns and the policy-wide findings); others of
+    /// the standard are not judged here.
+    pub scope: Vec<String>,
+    pub policy_file: String,
+    pub policy_sha256: String,
+    /// Each deployment file read, with its SHA-256.
+    pub deployment_files: Vec<(String, String)>,
+    pub generated_at: String,
+    pub tool_version: String,
+}
+
+/// The clauses `assess` judges: every column's IDs and the policy-wide findings'.
+pub fn scope() -> Vec<String> {
+    let mut ids: Vec<String> = CONTROLS
+        .iter()
+        .flat_map(|(_, ids)| ids.split(' '))
+        .chain(["LVL-1", "ID-2", "SES-1", "LOG-1"])
+        .flat_map(|id| {
+            // a range such as SES-1..4
+            match id.split_once("..").and_then(|(head, to)| {
+                let (name, from) = head.rsplit_once('-')?;
+                Some((name, from.parse::<u32>().ok()?, to.parse::<u32>().ok()?))
+            }) {
+                Some((name, from, to)) => (from..=to).map(|n| format!("{name}-{n}")).collect(),
+                None => vec![id.to_string()],
+            }
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// The columns, in order: control name and requirement IDs.
@@ -417,16 +462,22 @@ pub fn assess(
             ));
         }
     }
-    let compliant = !apis
-        .iter()
-        .flat_map(|a| &a.checks)
-        .chain(&findings)
-        .any(|c| c.status == Status::NotMet);
+    let all = || apis.iter().flat_map(|a| &a.checks).chain(&findings);
+    let unmet = all().any(|c| c.status == Status::NotMet);
+    let unverified = all().filter(|c| c.status == Status::Unchecked).count();
+    let verdict = match (unmet, unverified) {
+        (true, _) => "not_compliant",
+        (false, 0) => "compliant",
+        (false, _) => "unverified",
+    };
     Report {
         industry,
         deployment: deployment.cloned(),
         apis,
         findings,
-        compliant,
+        compliant: verdict == "compliant",
+        unverified,
+        verdict,
+        about: None,
     }
 }
