@@ -94,8 +94,22 @@ dist: build $(VENV)/.installed
 	@echo "       apisec-filter-$(VERSION).oci.tar manifest $$(cat dist/apisec-filter-$(VERSION).oci.digest)"
 
 # --- run the demo gateway ---------------------------------------------------------------
+# Ports and the build directory as make variables: a second demo beside a running one, e.g.
+#   make run HTTP_PORT=20000 HTTPS_PORT=20443 MTLS_PORT=20444 OPERATOR_PORT=20445 ADMIN_PORT=19901 \
+#            UPSTREAM_PORT=28080 BUILD=build-2
+# A port in use, or a build directory a running demo holds, is refused before anything is
+# written (the running gateway's logs are left alone), naming what holds it.
+HTTP_PORT ?= 10000
+HTTPS_PORT ?= 10443
+MTLS_PORT ?= 10444
+OPERATOR_PORT ?= 10445
+ADMIN_PORT ?= 9901
+UPSTREAM_PORT ?= 18080
+BUILD ?= build
 run: setup build demo-assets
-	$(PY) envoy/gateway.py run --policy $(POLICY)
+	$(PY) envoy/gateway.py run --policy $(POLICY) --build $(BUILD) --http-port $(HTTP_PORT) \
+		--https-port $(HTTPS_PORT) --mtls-port $(MTLS_PORT) --operator-port $(OPERATOR_PORT) \
+		--admin-port $(ADMIN_PORT) --upstream-port $(UPSTREAM_PORT)
 
 # Two gateway instances sharing the cluster state store (README "Cluster state").
 run-cluster: setup build demo-assets

@@ -326,7 +326,7 @@ class Gateway:
             self.upstream = subprocess.Popen(
                 cmd,
                 stdout=subprocess.DEVNULL,
-                stderr=open(self.layout.build / "upstream.log", "w"),
+                stderr=open(self.layout.build / "upstream.log", "a"),
             )
         self.envoy = subprocess.Popen(
             [
@@ -341,7 +341,8 @@ class Gateway:
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=open(self.envoy_log, "w"),
+            # appended, never truncated: it holds the audit chain's checkpoints
+            stderr=open(self.envoy_log, "a"),
             preexec_fn=self._limit if self.memory_limit else None,
         )
         self.wait_ready(timeout)
@@ -366,6 +367,10 @@ class Gateway:
                     if self.with_upstream:
                         with socket.create_connection(("127.0.0.1", self.layout.upstream_port), timeout=1):
                             pass
+                    # the admin port that answered is this Envoy's, not another one's
+                    time.sleep(0.2)
+                    if self.envoy is not None and self.envoy.poll() is not None:
+                        raise RuntimeError(f"envoy exited with {self.envoy.returncode}:\n{self.log_tail()}")
                     return
             except OSError:
                 pass
@@ -495,6 +500,8 @@ def main() -> int:
     run.add_argument("--policy", default=str(ROOT / "policies/securities.yaml"))
     run.add_argument("--build", default=str(ROOT / "build"))
     run.add_argument("--wasm", default=str(ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"))
+    for name, default in DEMO_PORTS.items():
+        run.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     runc = sub.add_parser("run-cluster", help="start the cluster state store and two gateway instances sharing it")
     runc.add_argument("--policy", default=str(ROOT / "policies/securities.yaml"))
     runc.add_argument("--build", default=str(ROOT / "build"))
@@ -507,7 +514,10 @@ def main() -> int:
     args = ap.parse_args()
 
     build = Path(args.build).resolve()
-    layout = Layout(build=build, wasm=Path(args.wasm).resolve(), certs=build / "certs")
+    ports = {k: getattr(args, k) for k in DEMO_PORTS} if args.cmd == "run" else {}
+    # a second demo in another build directory shares the first one's certificates and secrets
+    assets = build if (build / "certs").exists() else ROOT / "build"
+    layout = Layout(build=build, wasm=Path(args.wasm).resolve(), certs=assets / "certs", **ports)
     try:
         policy_json = policy_to_json(Path(args.policy))
     except ValueError as e:
@@ -524,13 +534,25 @@ def main() -> int:
               f"{layout.ops_log}")
         return 0
 
-    env = read_env_file(build / "demo.env")
+    env = read_env_file(assets / "demo.env")
     missing = [k for k in secret_env_names(policy_json) if k not in env and k not in os.environ]
     if missing:
         print(f"policy needs these secrets in the environment: {', '.join(missing)}", file=sys.stderr)
         return 2
     if args.cmd == "run-cluster":
         return run_cluster(policy_json, layout, env)
+    # Before anything is written: another run's files, logs and ports are left alone.
+    busy = busy_ports(layout)
+    if busy:
+        for port, holder in busy:
+            print(f"port {port} is in use by {holder}", file=sys.stderr)
+        print("another gateway (or program) holds the demo's ports; stop it, or choose others, e.g. "
+              "make run HTTP_PORT=20000 HTTPS_PORT=20443 MTLS_PORT=20444 OPERATOR_PORT=20445 "
+              "ADMIN_PORT=19901 UPSTREAM_PORT=28080 BUILD=build-2", file=sys.stderr)
+        return 1
+    lock = claim(layout.build)
+    if lock is None:
+        return 1
     render(policy_json, layout)
     gw = Gateway(layout, env=env)
     try:
@@ -541,6 +563,66 @@ def main() -> int:
         return 1
     print(example_commands(layout, {**os.environ, **env}), flush=True)
     return serve([gw])
+
+
+# `make run`'s ports (make variables HTTP_PORT, HTTPS_PORT, ... pass others).
+DEMO_PORTS = {"http_port": 10000, "https_port": 10443, "mtls_port": 10444, "operator_port": 10445,
+              "admin_port": 9901, "upstream_port": 18080}
+
+
+def port_holder(port: int) -> str:
+    """Who listens on a loopback TCP port, from /proc (the process and its pid), if it can tell."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f[9])
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            for fd in (pid_dir / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    cmd = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {pid_dir.name} ({cmd[:120]})"
+        except OSError:
+            continue
+    return "another process"
+
+
+def busy_ports(layout: Layout) -> list[tuple[int, str]]:
+    """The layout's ports something already listens on, each with who holds it."""
+    busy = []
+    for port in (layout.http_port, layout.https_port, layout.mtls_port, layout.operator_port,
+                 layout.admin_port, layout.upstream_port):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append((port, port_holder(port)))
+    return busy
+
+
+def claim(build: Path):
+    """One run per build directory: a lock file naming the running pid. Returns the lock's path,
+    or None (after saying who holds it) when a live run has it."""
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / ".run.pid"
+    try:
+        other = int(lock.read_text().strip())
+    except (OSError, ValueError):
+        other = None
+    if other and other != os.getpid() and Path(f"/proc/{other}").exists():
+        print(f"{build} is in use by a running gateway (pid {other}); its logs are left alone", file=sys.stderr)
+        return None
+    lock.write_text(str(os.getpid()))
+    return lock
 
 
 def serve(gateways: list[Gateway], store: state_store.StateStore | None = None) -> int:
@@ -560,10 +642,12 @@ def serve(gateways: list[Gateway], store: state_store.StateStore | None = None) 
             g.stop()
         if store is not None:
             store.stop()
+    failed = False
     for g in gateways:
         if g.envoy is not None and g.envoy.returncode not in (0, -signal.SIGTERM, None):
-            print(g.log_tail(), file=sys.stderr)
-    return 0
+            print(f"envoy exited with {g.envoy.returncode}:\n{g.log_tail()}", file=sys.stderr)
+            failed = True
+    return 1 if failed or not stop["now"] else 0
 
 
 # `make run-cluster`: documented ports (README "Cluster state").
