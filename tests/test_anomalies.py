@@ -1,4 +1,4 @@
-"""Anomaly rules and SDK versions (issue 13; MON-3, MON-9; SDK versions MON-7, ATK-2) against a real Envoy: each rule
+"""Anomaly rules and SDK versions (issue 13; MON-3; SDK versions MON-7, ATK-2) against a real Envoy: each rule
 in alert mode (the call goes on, the audit record names the rule, the metric counts it) and in
 block mode (403 anomaly_blocked, audit record, nothing upstream), with a call the rule leaves
 alone; SDK versions below the minimum, known bad or missing refused (`sdk_outdated`) or flagged
@@ -85,7 +85,7 @@ def metric(g, name: str, **labels: str) -> float:
     return 0
 
 
-def test_working_hours_alert_and_block(agw, secret):  # MON-3, MON-9
+def test_working_hours_alert_and_block(agw, secret):  # MON-3
     c = Client(agw, secret)
     # inside its window: no anomaly, although the rule blocks
     rec = allowed_record(agw, get(c, QUOTE, "demo-partner"))
@@ -122,7 +122,7 @@ def test_usual_sources_alert_and_block(agw, secret):  # MON-3
     assert metric(agw, "apisec_anomalies_total", app="demo-desk", rule="desk-sources", action="block") == 1
 
 
-def test_sdk_versions_refused_or_flagged(agw, secret):
+def test_sdk_versions_refused_or_flagged(agw, secret):  # MON-7, ATK-2
     c = Client(agw, secret)
     ok = get(c, QUOTE, "demo-partner", sdk=("x-sdk-version", "2.10.1"))
     assert ok.status_code == 200 and "x-apisec-sdk" not in ok.headers

@@ -245,7 +245,7 @@ def test_abandoned_request_leaves_an_audit_record(gateway, client):  # LOG-1, MO
     assert audit["app"] == "demo-partner" and audit["api"] == "trade.order.place"
 
 
-def test_held_bodies_are_bounded_per_worker(own):  # ATK-1
+def test_held_bodies_are_bounded_per_worker(own):  # fail closed under memory pressure (no clause ID)
     doc = base_policy()
     doc["gateway"]["max_held_body_bytes"] = doc["gateway"]["max_body_bytes"]  # room for one body
     g, client = own(doc, concurrency=1)
@@ -264,7 +264,7 @@ def test_held_bodies_are_bounded_per_worker(own):  # ATK-1
 
 # ------------------------------------------------------------------ hole 8: bounded signature work
 
-def test_signature_work_is_bounded(gateway, client):  # ATK-1, MON-5
+def test_signature_work_is_bounded(gateway, client):  # MON-5
     before = upstream_count(gateway)
     params = "&".join(f"p{i}={'v' * 150}" for i in range(280))
     covers = []

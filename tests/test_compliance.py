@@ -178,7 +178,7 @@ def test_report_mode_onboarding_and_fail_open_are_visible(tmp_path):
     assert {f["control"]: f["status"] for f in rep["findings"]}["fail_closed"] == "not_met"
 
 
-def test_inventory_lists_every_api():
+def test_inventory_lists_every_api():  # LVL-2
     out = apisec("inventory", str(ROOT / "policies/futures.yaml"), "--format", "csv")
     assert out.returncode == 0, out.stderr
     rows = list(csv.DictReader(io.StringIO(out.stdout)))

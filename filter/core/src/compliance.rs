@@ -1,8 +1,9 @@
 //! The compliance report (`apisec compliance`): per API, what the standard requires at its level
 //! (the controls table of `spec/REQUIREMENTS.md`) and whether the policy and the deployment
 //! provide it, naming the requirement IDs, plus the Annex A classification (LVL-5). It is what
-//! a firm hands its auditors: it states what the gateway enforces, and it says "no" where it
-//! does not (report mode, no TLS to the backend, sessions and two factors not yet built).
+//! a firm hands its auditors: it states what the gateway enforces, says "no" where it does not
+//! (report mode, no TLS to the backend, no sessions with a two-factor login), and "?" where it
+//! cannot tell without the deployment; unknown is never compliant.
 
 use std::collections::BTreeMap;
 
