@@ -103,3 +103,52 @@ def test_example_with_a_wrong_secret_is_refused(lang, gateway):
     record = read_audit(gateway, answer["request_id"])
     assert record["audit"]["code"] == "signature_invalid" and record["audit"]["app"] == "demo-partner"
     assert gateway.stat("cluster.backend.upstream_rq_total") == before
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, secret):
+    """The gateway as `make run` ships it: policies/securities.yaml unchanged, sessions included."""
+    from conftest import gw, start_gateway
+
+    policy = json.loads(gw.policy_to_json(ROOT / "policies/securities.yaml"))
+    g = start_gateway(tmp_path_factory.mktemp("gw-shipped"), policy, secret=secret, concurrency=1)
+    yield g
+    g.stop()
+
+
+MAC = "AA-BB-CC-DD-EE-01"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_kit_walks_the_shipped_demo_session_login_and_s3_order(lang, shipped, secret):  # SES-1, ID-4, DATA-4
+    """Issue 21 item 14: on 91ff9c0 the kits' S3 example got 401 session_required on `make run`
+    (their tests passed only on a policy without sessions). Each kit establishes a session,
+    logs the user in, and places an S3 order with the session, device-MAC and SDK-version
+    headers covered by its signature, against the policy exactly as shipped."""
+    https = f"https://127.0.0.1:{shipped.layout.https_port}"
+    hmac_args = ["--keyid", "demo-partner-hmac", "--secret-b64", secret]
+    status, created = send(lang, shipped, "--url", f"{https}/apisec/v1/sessions", "--method", "POST",
+                           "--data", json.dumps({"caller_code": "demo-partner", "mac": MAC}), *hmac_args)
+    assert status == 201, created
+    sid = created["session_id"]
+    on_session = ["--session", sid, "--mac", MAC, "--sdk", "2.4.0"]
+    p256 = ["--keyid", "demo-partner-p256", "--key", str(DEMO_KEY)]
+    status, login = send(lang, shipped, "--url", f"{https}/api/v1/users/login", "--method", "POST",
+                         *on_session, *p256)
+    assert status == 200 and login["path"] == "/api/v1/users/login", login
+    body = '{"symbol":"600000","side":"buy","qty":100}'
+    status, echoed = send(lang, shipped, "--url", f"{https}/api/v1/orders", "--method", "POST", "--data", body,
+                          *on_session, *p256)
+    assert status == 200, echoed
+    assert echoed["headers"]["x-apisec-user"] == "u-demo" and echoed["headers"]["x-apisec-level"] == "S3"
+    assert echoed["headers"]["x-sdk-version"] == "2.4.0"
+    audit = read_audit(shipped, echoed["headers"]["x-request-id"])["audit"]
+    covered = audit["evidence"]["signature_input"]
+    for name in ("x-session-id", "x-device-mac", "x-sdk-version", "content-digest"):
+        assert f'"{name}"' in covered, covered
+    # without the session the same order is refused, as the shipped policy says
+    before = shipped.stat("cluster.backend.upstream_rq_total")
+    status, refused = send(lang, shipped, "--url", f"{https}/api/v1/orders", "--method", "POST", "--data", body, *p256)
+    assert status == 401 and refused["error"] == "session_required", refused
+    assert read_audit(shipped, refused["request_id"])["audit"]["code"] == "session_required"
+    assert shipped.stat("cluster.backend.upstream_rq_total") == before

@@ -7,6 +7,11 @@
 //	    -data '{"symbol":"600000","side":"buy","qty":100}' -app APP_ID -keyid KEY_ID -key app.key.pem
 //	go run apisec_sign.go vectors ../../vectors/signing.json   # check against the test vectors
 //
+// Sessions (SES-1) and user-bound APIs (ID-4): establish by POSTing
+// {"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"} to /apisec/v1/sessions, then add
+// -session SESSION_ID -mac AA-BB-CC-DD-EE-01 (and -sdk VERSION) to every later call:
+// x-session-id, x-device-mac and x-sdk-version are sent and covered by the signature.
+//
 // What the gateway expects: x-app-id; with a body, content-type and content-digest
 // (sha-256=:<base64>:); covered components "@method" "@authority" "@path" "@query" "x-app-id"
 // (+ "content-digest"), in this order; parameters created, nonce, keyid, alg.
@@ -52,13 +57,17 @@ func authority(u *url.URL) string {
 
 // signatureParts returns the headers to send before the signature, the Signature-Input value
 // and the signature base, exactly as the gateway rebuilds them.
-func signatureParts(method, rawURL, app string, body []byte, keyid, alg string, created int64, nonce string) ([]header, string, string, error) {
+// extra: more headers to send and cover (the session, the device MAC, the SDK version).
+func signatureParts(method, rawURL, app string, body []byte, keyid, alg string, created int64, nonce string, extra []header) ([]header, string, string, error) {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, "", "", err
 	}
-	headers := []header{{"x-app-id", app}}
+	headers := append([]header{{"x-app-id", app}}, extra...)
 	components := []string{"@method", "@authority", "@path", "@query", "x-app-id"}
+	for _, h := range extra {
+		components = append(components, h.name)
+	}
 	if len(body) > 0 {
 		headers = append(headers, header{"content-type", "application/json"}, header{"content-digest", contentDigest(body)})
 		components = append(components, "content-digest")
@@ -131,8 +140,17 @@ func send(args []string) error {
 	secret := fs.String("secret-b64", "", "")
 	keyFile := fs.String("key", "", "")
 	ca := fs.String("ca", "", "")
+	session := fs.String("session", "", "")
+	mac := fs.String("mac", "", "")
+	sdk := fs.String("sdk", "", "")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	var extra []header
+	for _, h := range []header{{"x-session-id", *session}, {"x-device-mac", *mac}, {"x-sdk-version", *sdk}} {
+		if h.value != "" {
+			extra = append(extra, h)
+		}
 	}
 	body := []byte(*data)
 	if *method == "" {
@@ -153,7 +171,7 @@ func send(args []string) error {
 	if _, err := rand.Read(nb); err != nil {
 		return err
 	}
-	headers, input, base, err := signatureParts(*method, *target, *app, body, *keyid, alg, time.Now().Unix(), base64.RawURLEncoding.EncodeToString(nb))
+	headers, input, base, err := signatureParts(*method, *target, *app, body, *keyid, alg, time.Now().Unix(), base64.RawURLEncoding.EncodeToString(nb), extra)
 	if err != nil {
 		return err
 	}
@@ -228,7 +246,7 @@ func vectors(path string) error {
 				return err
 			}
 		}
-		headers, input, base, err := signatureParts(c.Request.Method, c.Request.URL, doc.AppID, []byte(c.Request.Body), c.Params.Keyid, c.Params.Alg, c.Params.Created, c.Params.Nonce)
+		headers, input, base, err := signatureParts(c.Request.Method, c.Request.URL, doc.AppID, []byte(c.Request.Body), c.Params.Keyid, c.Params.Alg, c.Params.Created, c.Params.Nonce, nil)
 		if err != nil {
 			return err
 		}

@@ -7,6 +7,11 @@
 //       --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID --key app.key.pem
 //   java ApisecSign.java vectors ../../vectors/signing.json   # check against the test vectors
 //
+// Sessions (SES-1) and user-bound APIs (ID-4): establish by POSTing
+// {"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"} to /apisec/v1/sessions, then add
+// --session SESSION_ID --mac AA-BB-CC-DD-EE-01 (and --sdk VERSION) to every later call:
+// x-session-id, x-device-mac and x-sdk-version are sent and covered by the signature.
+//
 // What the gateway expects: x-app-id; with a body, content-type and content-digest
 // (sha-256=:<base64>:); covered components "@method" "@authority" "@path" "@query" "x-app-id"
 // (+ "content-digest"), in this order; parameters created, nonce, keyid, alg.
@@ -59,12 +64,15 @@ public class ApisecSign {
         return dflt ? host : host + ":" + port;
     }
 
+    // extra: more headers to send and cover (the session, the device MAC, the SDK version).
     static Parts signatureParts(String method, String url, String app, byte[] body, String keyid, String alg,
-                                long created, String nonce) throws Exception {
+                                long created, String nonce, Map<String, String> extra) throws Exception {
         URI u = URI.create(url);
         LinkedHashMap<String, String> headers = new LinkedHashMap<>();
         headers.put("x-app-id", app);
+        headers.putAll(extra);
         List<String> components = new ArrayList<>(List.of("@method", "@authority", "@path", "@query", "x-app-id"));
+        components.addAll(extra.keySet());
         if (body.length > 0) {
             headers.put("content-type", "application/json");
             headers.put("content-digest", contentDigest(body));
@@ -115,8 +123,15 @@ public class ApisecSign {
         byte[] nb = new byte[18];
         new SecureRandom().nextBytes(nb);
         String nonce = Base64.getUrlEncoder().withoutPadding().encodeToString(nb);
+        LinkedHashMap<String, String> extra = new LinkedHashMap<>();
+        String[][] optional = {{"session", "x-session-id"}, {"mac", "x-device-mac"}, {"sdk", "x-sdk-version"}};
+        for (String[] o : optional) {
+            if (a.containsKey(o[0])) {
+                extra.put(o[1], a.get(o[0]));
+            }
+        }
         Parts p = signatureParts(method, a.get("url"), a.get("app"), body, a.get("keyid"), alg,
-                                 System.currentTimeMillis() / 1000, nonce);
+                                 System.currentTimeMillis() / 1000, nonce, extra);
         String keyPem = a.containsKey("key") ? Files.readString(Path.of(a.get("key"))) : null;
         String sig = signBase(p.base(), alg, a.get("secret-b64"), keyPem);
         HttpClient.Builder cb = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(10)).version(HttpClient.Version.HTTP_1_1);
@@ -195,7 +210,7 @@ public class ApisecSign {
             String alg = field(params, "alg");
             Parts p = signatureParts(field(request, "method"), field(request, "url"), app,
                 field(request, "body").getBytes(StandardCharsets.UTF_8), field(params, "keyid"), alg,
-                Long.parseLong(field(params, "created")), field(params, "nonce"));
+                Long.parseLong(field(params, "created")), field(params, "nonce"), new LinkedHashMap<>());
             String sig = signBase(p.base(), alg, secret, keyPem);
             System.out.println("{\"name\":" + jsonString(field(c, "name"))
                 + ",\"content-digest\":" + jsonString(p.headers().get("content-digest"))

@@ -8,6 +8,11 @@
 //       --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID --key app.key.pem
 //   node apisec_sign.js vectors ../../vectors/signing.json   # check against the test vectors
 //
+// Sessions (SES-1) and user-bound APIs (ID-4): establish by POSTing
+// {"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"} to /apisec/v1/sessions, then add
+// --session SESSION_ID --mac AA-BB-CC-DD-EE-01 (and --sdk VERSION) to every later call:
+// x-session-id, x-device-mac and x-sdk-version are sent and covered by the signature.
+//
 // What the gateway expects: x-app-id; with a body, content-type and content-digest
 // (sha-256=:<base64>:); covered components "@method" "@authority" "@path" "@query" "x-app-id"
 // (+ "content-digest"), in this order; parameters created, nonce, keyid, alg.
@@ -30,10 +35,10 @@ function authority(u) {
 
 // The headers to send before the signature, the Signature-Input value and the signature base,
 // exactly as the gateway rebuilds them.
-function signatureParts(method, url, app, body, keyid, alg, created, nonce) {
+function signatureParts(method, url, app, body, keyid, alg, created, nonce, extra = []) {
   const u = new URL(url);
-  const headers = [['x-app-id', app]];
-  const components = ['@method', '@authority', '@path', '@query', 'x-app-id'];
+  const headers = [['x-app-id', app], ...extra];
+  const components = ['@method', '@authority', '@path', '@query', 'x-app-id', ...extra.map(([k]) => k)];
   if (body.length > 0) {
     headers.push(['content-type', 'application/json'], ['content-digest', contentDigest(body)]);
     components.push('content-digest');
@@ -64,7 +69,9 @@ function send(a) {
   const method = a.method || (body.length ? 'POST' : 'GET');
   const alg = a.key ? 'ecdsa-p256-sha256' : 'hmac-sha256';
   const nonce = crypto.randomBytes(18).toString('base64url');
-  const p = signatureParts(method, a.url, a.app, body, a.keyid, alg, Math.floor(Date.now() / 1000), nonce);
+  const extra = [['session', 'x-session-id'], ['mac', 'x-device-mac'], ['sdk', 'x-sdk-version']]
+    .filter(([k]) => a[k] !== undefined).map(([k, h]) => [h, a[k]]);
+  const p = signatureParts(method, a.url, a.app, body, a.keyid, alg, Math.floor(Date.now() / 1000), nonce, extra);
   const sig = signBase(p.base, alg, a['secret-b64'], a.key ? fs.readFileSync(a.key, 'utf8') : null);
   const headers = Object.fromEntries([...p.headers, ['signature-input', p.signatureInput], ['signature', sig]]);
   if (body.length) headers['content-length'] = String(body.length);
@@ -107,6 +114,6 @@ if (argv.length === 2 && argv[0] === 'vectors') {
   for (let i = 1; i < argv.length; i += 2) a[argv[i].replace(/^--/, '')] = argv[i + 1];
   send(a);
 } else {
-  console.error('usage: node apisec_sign.js (send --url URL --app APP --keyid KEYID (--secret-b64 S | --key PEM) [--method M] [--data BODY] [--ca CA] | vectors FILE)');
+  console.error('usage: node apisec_sign.js (send --url URL --app APP --keyid KEYID (--secret-b64 S | --key PEM) [--method M] [--data BODY] [--ca CA] [--session ID --mac MAC] [--sdk VERSION] | vectors FILE)');
   process.exitCode = 2;
 }

@@ -9,6 +9,12 @@ ECDSA P-256). RFC 9421 HTTP Message Signatures with an RFC 9530 Content-Digest.
         --key app.key.pem [--ca ca.pem]
     python apisec_sign.py vectors ../../vectors/signing.json   # check against the test vectors
 
+Sessions (the gateway's own endpoint, SES-1) and user-bound APIs (ID-4): establish with
+    python apisec_sign.py send --url https://gw.example.com/apisec/v1/sessions --method POST \
+        --data '{"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"}' --app APP_ID --keyid KEY_ID ...
+then add --session SESSION_ID --mac AA-BB-CC-DD-EE-01 (and --sdk VERSION) to every later call:
+x-session-id, x-device-mac and x-sdk-version are sent and covered by the signature.
+
 What the gateway expects (README "Wire protocol for callers"):
   - x-app-id: the App_ID; with a body, content-type and content-digest: sha-256=:<base64>:
   - covered components, in this order: "@method" "@authority" "@path" "@query" "x-app-id",
@@ -39,12 +45,13 @@ def authority(u) -> str:
     return f"{host}:{u.port}" if u.port and u.port != default else host
 
 
-def signature_parts(method, url, app, body, keyid, alg, created, nonce):
+def signature_parts(method, url, app, body, keyid, alg, created, nonce, extra=()):
     """The headers to send (before the signature), the Signature-Input value and the signature
-    base, exactly as the gateway rebuilds them."""
+    base, exactly as the gateway rebuilds them. `extra`: more (name, value) headers to send and
+    cover (the session, the device MAC, the SDK version)."""
     u = urlsplit(url)
-    headers = [("x-app-id", app)]
-    components = ["@method", "@authority", "@path", "@query", "x-app-id"]
+    headers = [("x-app-id", app), *extra]
+    components = ["@method", "@authority", "@path", "@query", "x-app-id", *(name for name, _ in extra)]
     if body:
         headers += [("content-type", "application/json"), ("content-digest", content_digest(body))]
         components.append("content-digest")
@@ -80,8 +87,10 @@ def send(args: dict) -> int:
     method = args.get("method") or ("POST" if body else "GET")
     alg = "ecdsa-p256-sha256" if "key" in args else "hmac-sha256"
     nonce = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
+    extra = [(h, args[k]) for k, h in (("session", "x-session-id"), ("mac", "x-device-mac"),
+                                       ("sdk", "x-sdk-version")) if k in args]
     headers, sig_input, base = signature_parts(method, args["url"], args["app"], body, args["keyid"], alg,
-                                               int(time.time()), nonce)
+                                               int(time.time()), nonce, extra)
     key_pem = Path(args["key"]).read_bytes() if "key" in args else None
     signature = sign_base(base, alg, args.get("secret-b64"), key_pem)
     headers += [("signature-input", sig_input), ("signature", signature)]
