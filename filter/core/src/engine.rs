@@ -598,11 +598,9 @@ fn check_overrides(policy: &Policy, req: &Request) -> Result<(), Deny> {
         }
     }
     let overrides_method = req.query().is_some_and(|q| {
-        q.split(['&', ';']).any(|pair| {
-            let key = pair.split('=').next().unwrap_or(pair);
-            fields::fold(&String::from_utf8_lossy(&fields::form_decode(
-                key.as_bytes(),
-            ))) == METHOD_OVERRIDE_PARAM
+        fields::form_keys(q.as_bytes()).any(|key| {
+            fields::fold(&String::from_utf8_lossy(&fields::form_decode(key)))
+                == METHOD_OVERRIDE_PARAM
         })
     });
     if overrides_method {
@@ -631,8 +629,7 @@ fn check_form_override(req: &Request, body: &[u8]) -> Result<(), Deny> {
     if body.is_empty() || !has_form_body(req) {
         return Ok(());
     }
-    let urlencoded = body.split(|&b| b == b'&' || b == b';').any(|pair| {
-        let key = pair.split(|&b| b == b'=').next().unwrap_or(pair);
+    let urlencoded = fields::form_keys(body).any(|key| {
         fields::fold(String::from_utf8_lossy(&fields::form_decode(key)).trim())
             == METHOD_OVERRIDE_PARAM
     });
