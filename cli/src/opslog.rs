@@ -110,17 +110,22 @@ pub fn last_line(path: &Path) -> Result<Option<String>, String> {
 /// into a sealed (chained) log, which would then verify "NOT intact" for good (issue 21 item
 /// 12). Checked before anything is applied, so that a change is never made unrecorded.
 pub fn check_writable(path: &Path, key: Option<&ChainKey>, key_env: &str) -> Result<(), String> {
-    if key.is_none() {
-        if let Some(last) = last_line(path)? {
-            if Chain::resume(&last).is_some() {
-                return Err(format!(
-                    "{} is a sealed (chained) operations log and {key_env} is not set: an \
-                     unsealed line would break its chain for good. Set {key_env} (or pass \
-                     --env-file with it); nothing was changed",
-                    path.display()
-                ));
-            }
-        }
+    unsealed_refused(path, key, last_line(path)?.as_deref(), key_env)
+}
+
+fn unsealed_refused(
+    path: &Path,
+    key: Option<&ChainKey>,
+    last: Option<&str>,
+    key_env: &str,
+) -> Result<(), String> {
+    if key.is_none() && last.and_then(Chain::resume).is_some() {
+        return Err(format!(
+            "{} is a sealed (chained) operations log and {key_env} is not set: an unsealed \
+             line would break its chain for good. Set {key_env} (or pass --env-file with it); \
+             nothing was changed",
+            path.display()
+        ));
     }
     Ok(())
 }
@@ -128,11 +133,11 @@ pub fn check_writable(path: &Path, key: Option<&ChainKey>, key_env: &str) -> Res
 /// Appends `record` to the log at `path`, sealed into the file's chain when `key` is given.
 /// Returns whether it was sealed.
 pub fn append(path: &Path, key: Option<&ChainKey>, record: &Value) -> Result<bool, String> {
-    check_writable(path, key, DEFAULT_KEY_ENV)?;
+    let last = last_line(path)?;
+    unsealed_refused(path, key, last.as_deref(), DEFAULT_KEY_ENV)?;
     let text = record.to_string();
     let line = match key {
         Some(key) => {
-            let last = last_line(path)?;
             let mut chain = last.as_deref().and_then(Chain::resume).unwrap_or_else(|| {
                 let mut name = [0u8; 8];
                 OsRng.fill_bytes(&mut name);
