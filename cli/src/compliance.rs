@@ -159,10 +159,8 @@ fn print_table(r: &Report) {
             .join(", ")
     );
     println!("yes: provided  NO: required, not provided  -: not required at this level  should: recommended, not provided  ?: depends on the deployment (not given)  n/a: not classified by table A.1");
-    let mut unmet = 0;
     for a in &r.apis {
         for c in a.checks.iter().filter(|c| c.status == Status::NotMet) {
-            unmet += 1;
             println!("NO  {} {} ({}): {}", a.id, c.control, c.ids, c.note);
         }
     }
@@ -172,16 +170,15 @@ fn print_table(r: &Report) {
         } else {
             "!  "
         };
-        if c.status == Status::NotMet {
-            unmet += 1;
-        }
         println!("{tag} policy {} ({}): {}", c.control, c.ids, c.note);
     }
     print_about(r, "");
-    println!("{}", verdict_line(r, unmet));
+    println!("{}", verdict_line(r));
 }
 
-fn verdict_line(r: &Report, unmet: usize) -> String {
+/// The report's last line: its verdict, with the count behind it.
+fn verdict_line(r: &Report) -> String {
+    let unmet = unmet_count(r);
     match r.verdict {
         "compliant" => "compliant: every required control is provided".to_string(),
         "unverified" => format!(
@@ -254,7 +251,7 @@ fn print_markdown(r: &Report) {
     println!("# apisec compliance report\n");
     print_about(r, "- ");
     println!("- industry: {}", r.industry.as_deref().unwrap_or("(none)"));
-    println!("- **verdict: {}**\n", verdict_line(r, unmet_count(r)));
+    println!("- **verdict: {}**\n", verdict_line(r));
     print!("| api | level |");
     for (c, ids) in CONTROLS {
         print!(" {c} ({ids}) |");
