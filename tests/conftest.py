@@ -181,18 +181,25 @@ def flushed_stat(gateway: gw.Gateway, name: str) -> int:
     return gateway.stat(name)
 
 
+def prometheus_series(text: str) -> dict[str, float]:
+    """`name{labels} value` lines of Envoy's /stats/prometheus, by `name{labels}`."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
 def decided(gateway: gw.Gateway, decision: str, code: str) -> int:
     """Requests counted in apisec_requests_total with this decision and code, over every app and
     API (the labelled counter; the per-code unlabelled ones are opt-in), once flushed."""
     time.sleep(METRICS_FLUSH_SECONDS + 0.5)
     want = {f'decision="{decision}"', f'code="{code}"'}
     total = 0.0
-    for line in gateway.admin("/stats/prometheus").splitlines():
-        if line.startswith("apisec_requests_total{"):
-            key, _, value = line.rpartition(" ")
-            labels = set(key[key.index("{") + 1:-1].split(","))
-            if want <= labels:
-                total += float(value)
+    for key, value in prometheus_series(gateway.admin("/stats/prometheus")).items():
+        if key.startswith("apisec_requests_total{") and want <= set(key[key.index("{") + 1:-1].split(",")):
+            total += value
     return int(total)
 
 

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from conftest import Client, base_policy, read_audit, start_gateway
+from conftest import Client, base_policy, prometheus_series, read_audit, start_gateway
 from test_levels_and_signatures import assert_refused
-from test_monitoring import prometheus_series
 
 QUOTE = "/api/v1/market/quotes/600000"  # S0
 ANNOUNCEMENTS = "/api/v1/info/announcements"  # S0

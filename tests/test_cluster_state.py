@@ -98,7 +98,7 @@ def pair(tmp_path, secret):
 def gauge(g, key: str, want: float, timeout: float = 30.0) -> float:
     """A gauge of the replica's Prometheus output once it reads `want` (one worker per replica
     reads the store for the gauges every 10 s), or what it read last."""
-    from test_monitoring import prometheus_series
+    from conftest import prometheus_series
 
     deadline = time.time() + timeout
     while True:

@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, Client, base_policy, gw, read_audit, start_gateway
+from conftest import ROOT, Client, base_policy, gw, prometheus_series, read_audit, start_gateway
 
 MONITORING = ROOT / "monitoring"
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, signed
@@ -38,16 +38,6 @@ def test_alert_rules_pass_promtool():  # MON-2: the rules parse, and their unit 
         out = subprocess.run([promtool, *args], cwd=MONITORING, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, f"promtool {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
         assert "SUCCESS" in out.stdout + out.stderr
-
-
-def prometheus_series(text: str) -> dict[str, float]:
-    """`name{labels} value` lines of Envoy's /stats/prometheus, by `name{labels}`."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 class Prometheus:
