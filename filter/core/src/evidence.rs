@@ -365,11 +365,8 @@ mod tests {
         (sk, entry)
     }
 
-    fn evidence(sk: &SigningKey, entry: &KeyringEntry, body_digest: &str) -> StoredEvidence {
-        let params = "(\"@method\" \"@path\" \"content-digest\");created=1700000000;keyid=\"k1\"";
-        let base = format!(
-            "\"@method\": POST\n\"@path\": /api/v1/orders\n\"content-digest\": {body_digest}\n\"@signature-params\": {params}"
-        );
+    /// Evidence of `base` (its last line the parameters `params`) signed by `sk`, as logged.
+    fn signed(sk: &SigningKey, entry: &KeyringEntry, params: &str, base: String) -> StoredEvidence {
         let sig: Signature = sk.sign(base.as_bytes());
         StoredEvidence {
             keyid: "k1".into(),
@@ -382,9 +379,20 @@ mod tests {
             signature_base_sha256: base64::engine::general_purpose::STANDARD
                 .encode(Sha256::digest(base.as_bytes())),
             signature_base: base,
-            content_digest: Some(body_digest.into()),
+            content_digest: None,
             key_sha256: Some(entry.key_sha256.clone()),
             session_sealed: None,
+        }
+    }
+
+    fn evidence(sk: &SigningKey, entry: &KeyringEntry, body_digest: &str) -> StoredEvidence {
+        let params = "(\"@method\" \"@path\" \"content-digest\");created=1700000000;keyid=\"k1\"";
+        let base = format!(
+            "\"@method\": POST\n\"@path\": /api/v1/orders\n\"content-digest\": {body_digest}\n\"@signature-params\": {params}"
+        );
+        StoredEvidence {
+            content_digest: Some(body_digest.into()),
+            ..signed(sk, entry, params, base)
         }
     }
 
@@ -434,8 +442,8 @@ mod tests {
         let params = "(\"@method\" \"x-session-id\");created=1700000000;keyid=\"k1\"";
         let base =
             format!("\"@method\": POST\n\"x-session-id\": {sid}\n\"@signature-params\": {params}");
-        let sig: Signature = sk.sign(base.as_bytes());
-        let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
+        let original = signed(&sk, &entry, params, base.clone());
+        let sha = original.signature_base_sha256.clone();
         let audit_key =
             ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
                 .unwrap();
@@ -447,18 +455,9 @@ mod tests {
         let sealed = sealed.unwrap();
         assert!(!sealed.contains(sid));
         let e = StoredEvidence {
-            keyid: "k1".into(),
-            alg: "ecdsa-p256-sha256".into(),
-            signature_input: format!("sig1={params}"),
-            signature: format!(
-                "sig1=:{}:",
-                base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
-            ),
-            signature_base_sha256: sha.clone(),
             signature_base: logged,
-            content_digest: None,
-            key_sha256: Some(entry.key_sha256.clone()),
             session_sealed: Some(sealed),
+            ..original
         };
         let ring = std::slice::from_ref(&entry);
         assert_eq!(
