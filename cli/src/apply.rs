@@ -524,12 +524,8 @@ fn print_changes(items: &[Value]) {
         } else {
             format!(" ({})", fields.join(", "))
         };
-        let section = if s("section").is_empty() {
-            s("changed")
-        } else {
-            s("section")
-        };
-        println!("  {:<8} {section} {}{how}", s("change"), s("id"));
+        // every change item names its section (`changes` writes one into each)
+        println!("  {:<8} {} {}{how}", s("change"), s("section"), s("id"));
     }
 }
 
