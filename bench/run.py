@@ -314,7 +314,7 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) -> dict[str, list[float]]:
+def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) -> tuple[dict[str, list[float]], list[float]]:
     """Envoy's instructions per request for each variant, counted by callgrind (valgrind) in a
     second Envoy process with the same configuration. Wall-clock throughput on this shared host
     moves by a third between runs; instruction counts repeat to within about 1 %, so they are
@@ -352,34 +352,52 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
         res = subprocess.run(pinned(0, cmd), capture_output=True, text=True, check=True).stdout
         return int(re.search(r"(\d+) requests in", res).group(1)), bool(re.search(r"Non-2xx|Socket errors", res))
 
+    def window(run) -> tuple[int, float]:
+        """Instructions Envoy ran while `run` ran, and the seconds it took."""
+        before = set(out_dir.glob("cg.out*"))
+        control("-z")
+        control("-i", "on")
+        t0 = time.monotonic()
+        out = run()
+        elapsed = time.monotonic() - t0
+        control("-i", "off")
+        control("-d")
+        deadline = time.time() + 30
+        while not (set(out_dir.glob("cg.out*")) - before) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        ir = 0
+        for f in set(out_dir.glob("cg.out*")) - before:
+            for line in f.read_text(errors="replace").splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    ir = max(ir, int(line.split()[1]))
+        return ir, elapsed, out
+
     counts: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    idle: list[float] = []
     try:
         g.wait_ready(300)
         for r in range(IR_ROUNDS):
+            # What Envoy runs with no request at all (timers, stats flushes, the filter's ticks,
+            # V8's own threads), per second: charged to nobody. Without this, a variant that
+            # serves fewer requests in the window under callgrind is charged more of it per
+            # request (~35M instructions per 6 s here: tens of thousands per request).
+            idle_ir, idle_s, _ = window(lambda: time.sleep(IR_SECONDS))
+            idle_rate = idle_ir / idle_s
+            idle.append(idle_rate)
+            print(f"instructions {r + 1} idle       {idle_rate:12,.0f} per second", flush=True)
             for v in VARIANTS:
                 load(v, 2 * r, 2)  # warm-up (V8 tiers up, connections open): not counted
-                before = set(out_dir.glob("cg.out*"))
-                control("-z")
-                control("-i", "on")
-                n, bad = load(v, 2 * r + 1, IR_SECONDS)
-                control("-i", "off")
-                control("-d")
-                deadline = time.time() + 30
-                while not (set(out_dir.glob("cg.out*")) - before) and time.time() < deadline:
-                    time.sleep(0.2)
-                time.sleep(0.5)
-                ir = 0
-                for f in set(out_dir.glob("cg.out*")) - before:
-                    for line in f.read_text(errors="replace").splitlines():
-                        if line.startswith(("summary:", "totals:")):
-                            ir = max(ir, int(line.split()[1]))
+                ir, elapsed, (n, bad) = window(lambda: load(v, 2 * r + 1, IR_SECONDS))
                 if bad or not n or not ir:
                     raise SystemExit(f"instruction count for {v} is invalid: {n} requests, bad={bad}, Ir={ir}")
-                counts[v].append(ir / n)
-                print(f"instructions {r + 1} {v:10s} {ir / n:12,.0f} per request ({n} requests)", flush=True)
+                net = max(ir - idle_rate * elapsed, 0.0)
+                counts[v].append(net / n)
+                print(f"instructions {r + 1} {v:10s} {net / n:12,.0f} per request ({n} requests; "
+                      f"{ir / n:,.0f} with the idle work)", flush=True)
     finally:
         g.stop()
-    return counts
+    return counts, idle
 
 
 def main() -> int:
@@ -560,7 +578,7 @@ def main() -> int:
     def requests_for(v: str, r: int) -> tuple[str, list[str], Path | None]:
         return wrk_request(v, ir_files.get((v, r)))
 
-    instructions = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else {}
+    instructions, idle_rates = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else ({}, [])
     ir_med = {v: statistics.median(x) for v, x in instructions.items() if x}
 
     results = {
@@ -579,6 +597,8 @@ def main() -> int:
         "envoy_cpu_us_per_request": {v: statistics.median(cpu_us[v]) for v in VARIANTS},
         "instructions_per_request": ir_med,
         "instruction_runs": instructions,
+        # What Envoy ran per second with no load, subtracted from each window before dividing.
+        "instruction_idle_per_second": idle_rates,
         # Baseline instructions over the variant's: the throughput a CPU-bound worker would keep.
         "instruction_ratio_to_baseline": {v: ir_med[base_of[v]] / ir_med[v] for v in ir_med if base_of[v] in ir_med},
         "invalid_runs": invalid,
