@@ -80,6 +80,22 @@ pub fn source(ip: IpAddr, v6_prefix: u8) -> String {
     }
 }
 
+/// The same source as bytes, without formatting it: the IPv4 address (16 bytes, mapped form)
+/// with 32, or the IPv6 network with its prefix length.
+pub fn source_net(ip: IpAddr, v6_prefix: u8) -> ([u8; 16], u8) {
+    match ip {
+        IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 32),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => (v4.to_ipv6_mapped().octets(), 32),
+            None => {
+                let bits = u32::from(v6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                ((u128::from(v6) & mask).to_be_bytes(), bits as u8)
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! the lifecycle asks for, each behind the core trait it serves. Nothing here decides.
 
 use std::cell::Cell;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use apisec_core::cluster::Call;
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
@@ -83,12 +83,29 @@ impl EcdsaVerifier for EnvoyVerifier {
     }
 }
 
-/// The request facts the lifecycle asks for, read from Envoy only when asked.
-pub struct EnvoyFacts;
+/// The request facts the lifecycle asks for, read from Envoy only when asked. One is made per
+/// callback: the clock is read once in it (a host call), however often the lifecycle asks.
+#[derive(Default)]
+pub struct EnvoyFacts {
+    clock: Cell<Option<Option<Duration>>>,
+}
+
+impl EnvoyFacts {
+    fn clock(&self) -> Option<Duration> {
+        if let Some(t) = self.clock.get() {
+            return t;
+        }
+        let t = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+        self.clock.set(Some(t));
+        t
+    }
+}
 
 impl HostFacts for EnvoyFacts {
     fn now(&self) -> Option<u64> {
-        now_secs()
+        self.clock().map(|d| d.as_secs())
     }
 
     /// Each property is a host call: ask only what the previous answer makes relevant. A peer
@@ -142,10 +159,7 @@ impl HostFacts for EnvoyFacts {
     }
 
     fn now_ms(&self) -> Option<u64> {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map(|d| d.as_millis() as u64)
+        self.clock().map(|d| d.as_millis() as u64)
     }
 
     fn upstream_address(&self) -> Option<String> {

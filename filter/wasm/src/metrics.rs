@@ -14,6 +14,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use apisec_core::lifecycle::Count;
 use apisec_core::metrics::{self as series, Sample};
@@ -33,8 +34,11 @@ pub struct Metrics {
     sessions_evicted: Option<u32>,
     /// Labelled series defined so far, by stat name (bounded: see `MAX_SERIES`).
     defined: RefCell<HashMap<String, u32>>,
-    /// Counter increments not yet added to Envoy's stats, by series.
+    /// Counter increments not yet added to Envoy's stats, by series (the rarer series).
     pending: RefCell<HashMap<u32, u64>>,
+    /// The series every request adds to, by app and API: found by the labels a request
+    /// carries, so that a request formats no stat name once its series exist.
+    per_api: RefCell<HashMap<u64, Vec<ApiSeries>, BuildHasherDefault<Prehashed>>>,
     dropped: Option<u32>,
 }
 
@@ -47,6 +51,61 @@ thread_local! {
 /// codes); this bounds what a policy with very many of them can cost Envoy's stats. Samples
 /// for series past the bound are counted in `apisec.metrics_series_dropped`.
 const MAX_SERIES: usize = 20_000;
+
+/// One app and API's request series: bytes, latency, and the request counter per outcome,
+/// with the increments not yet added to Envoy's stats beside their ids.
+struct ApiSeries {
+    app: String,
+    api: String,
+    bytes_in: Option<u32>,
+    bytes_out: Option<u32>,
+    duration: Option<u32>,
+    pending_in: u64,
+    pending_out: u64,
+    /// By level, decision and code (closed sets: a handful per API).
+    requests: Vec<Outcome>,
+}
+
+struct Outcome {
+    level: &'static str,
+    decision: &'static str,
+    code: &'static str,
+    id: Option<u32>,
+    pending: u64,
+}
+
+/// FNV-1a over the app and API labels: the key of their series (labels are a few dozen bytes;
+/// hashing them with the map's default SipHash cost more than the lookup saves). A collision
+/// only shares a bucket: entries are told apart by their labels.
+fn key_of(app: &str, api: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app.bytes().chain([0xff]).chain(api.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The hasher of a map whose keys are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+fn add(v: &mut u64, n: u64) {
+    *v = v.saturating_add(n);
+}
 
 impl Metrics {
     /// The fixed counters; the per-code ones only when the policy asks for them
@@ -73,6 +132,7 @@ impl Metrics {
                 .collect(),
             defined: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
+            per_api: RefCell::new(HashMap::default()),
             dropped: def("apisec.metrics_series_dropped"),
         }
     }
@@ -106,9 +166,61 @@ impl Metrics {
     /// What one request adds: counted now, reaching Envoy with the next flush; its latency
     /// goes to the histogram at once.
     pub fn sample(&self, s: &Sample) {
-        self.later(s.requests(), 1);
-        self.later(s.per_api(series::REQUEST_BYTES), s.bytes_in);
-        self.later(s.per_api(series::RESPONSE_BYTES), s.bytes_out);
+        let duration = {
+            let mut per_api = self.per_api.borrow_mut();
+            let bucket = per_api.entry(key_of(&s.app, &s.api)).or_default();
+            let found = bucket.iter().position(|a| a.app == s.app && a.api == s.api);
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    bucket.push(ApiSeries {
+                        app: s.app.clone(),
+                        api: s.api.clone(),
+                        bytes_in: self
+                            .series(s.per_api(series::REQUEST_BYTES), MetricType::Counter),
+                        bytes_out: self
+                            .series(s.per_api(series::RESPONSE_BYTES), MetricType::Counter),
+                        duration: self.series(s.per_api(series::DURATION), MetricType::Histogram),
+                        pending_in: 0,
+                        pending_out: 0,
+                        requests: Vec::new(),
+                    });
+                    bucket.len() - 1
+                }
+            };
+            let Some(api) = bucket.get_mut(i) else {
+                return;
+            };
+            add(&mut api.pending_in, s.bytes_in);
+            add(&mut api.pending_out, s.bytes_out);
+            let found = api
+                .requests
+                .iter()
+                .position(|o| o.level == s.level && o.decision == s.decision && o.code == s.code);
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    api.requests.push(Outcome {
+                        level: s.level,
+                        decision: s.decision,
+                        code: s.code,
+                        id: self.series(s.requests(), MetricType::Counter),
+                        pending: 0,
+                    });
+                    api.requests.len() - 1
+                }
+            };
+            if let Some(o) = api.requests.get_mut(i) {
+                add(&mut o.pending, 1);
+                if o.id.is_none() {
+                    Self::bump(self.dropped);
+                }
+            }
+            api.duration
+        };
+        if let (Some(id), Some(ms)) = (duration, s.duration_ms) {
+            let _ = hostcalls::record_metric(id, ms);
+        }
         if s.shadow {
             self.later(s.shadow(), 1);
         }
@@ -120,11 +232,6 @@ impl Metrics {
         }
         if let Some(name) = s.sessions_evicted() {
             self.later(name, 1);
-        }
-        if let Some(ms) = s.duration_ms {
-            if let Some(id) = self.series(s.per_api(series::DURATION), MetricType::Histogram) {
-                let _ = hostcalls::record_metric(id, ms);
-            }
         }
     }
 
@@ -159,6 +266,11 @@ impl Metrics {
             }
         }
     }
+    fn increment(id: Option<u32>, n: u64) {
+        if let (Some(id), true) = (id, n > 0) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
     fn bump(id: Option<u32>) {
         if let Some(id) = id {
             let _ = hostcalls::increment_metric(id, 1);
@@ -175,7 +287,14 @@ impl Metrics {
             let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
         for (id, n) in self.pending.borrow_mut().drain() {
-            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+            Self::increment(Some(id), n);
+        }
+        for api in self.per_api.borrow_mut().values_mut().flatten() {
+            Self::increment(api.bytes_in, std::mem::take(&mut api.pending_in));
+            Self::increment(api.bytes_out, std::mem::take(&mut api.pending_out));
+            for o in &mut api.requests {
+                Self::increment(o.id, std::mem::take(&mut o.pending));
+            }
         }
     }
     fn banned(&self) {

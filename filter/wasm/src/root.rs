@@ -274,6 +274,9 @@ impl RootContext for ApisecRoot {
                 return false;
             }
         };
+        if let Some(bans) = policy.bans.as_mut() {
+            bans.keyed(meta.salt);
+        }
         policy.generation = GENERATION.with(|g| {
             g.set(g.get() + 1);
             g.get()

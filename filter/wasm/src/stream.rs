@@ -62,12 +62,13 @@ impl ApisecHttp {
     /// Runs one lifecycle event with the host's adapters lent to it, then carries out its step.
     fn event(&mut self, f: impl FnOnce(&mut Stream, &Env<'_>) -> Step) -> Action {
         let verifier = self.verifier.clone();
+        let facts = EnvoyFacts::default();
         let step = HELD.with(|held| {
             CHAIN.with(|chain| {
                 let env = Env {
                     store: &EnvoyStore,
                     verifier: verifier.as_ref(),
-                    host: &EnvoyFacts,
+                    host: &facts,
                     held,
                     chain: Some(chain),
                 };
