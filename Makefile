@@ -9,7 +9,7 @@ WASM := target/wasm32-wasip1/release/apisec_filter.wasm
 CLI := target/release/apisec
 CARGO ?= cargo
 
-.PHONY: all setup build run run-cluster test unit lint fmt e2e bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist
+.PHONY: all setup build run run-cluster test unit lint fmt e2e quick bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist
 
 all: build
 
@@ -121,15 +121,29 @@ fmt:
 
 lint: .rustup-done
 	$(CARGO) fmt --all -- --check
+	python3 tools/module_loops.py filter/core/src filter/wasm/src cli/src
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --locked -p apisec-core -p apisec-filter --target wasm32-wasip1 -- -D warnings
 
 unit:
 	$(CARGO) test --locked --workspace
 
+# One part of the end-to-end suite while working: `make e2e T=sessions` (a pytest -k
+# expression: file, class or test names), `make e2e M="not slow"` (markers: slow, cluster).
+# Without them, the whole suite (what `make test` and CI run).
+T ?=
+M ?=
 e2e: setup build
 	$(CARGO) build --release --locked -p apisec-crash-fixture --target wasm32-wasip1
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(CARGO) build --release --locked -p apisec-core --example state_tables
+	$(PY) -m pytest tests -q -p no:cacheprovider $(if $(T),-k "$(T)") $(if $(M),-m "$(M)")
+
+# The fast inner loop: formatting, clippy and the unit and core tests (no Envoy, no wasm).
+quick: .rustup-done
+	$(CARGO) fmt --all -- --check
+	python3 tools/module_loops.py filter/core/src filter/wasm/src cli/src
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) test --locked --workspace
 
 test: setup build lint unit fuzz-smoke dist e2e
 

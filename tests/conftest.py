@@ -267,3 +267,9 @@ def pytest_runtest_makereport(item, call):
             g = item.funcargs.get(name)
             if isinstance(g, gw.Gateway):
                 rep.sections.append((f"envoy log ({name})", g.log_tail(120)))
+
+
+def pytest_configure(config):
+    """The markers `make e2e M=...` selects by (README "Developing")."""
+    config.addinivalue_line("markers", "slow: long runs (the soak test); `make e2e M='not slow'` leaves them out")
+    config.addinivalue_line("markers", "cluster: tests on the cluster backend (Redis through webdis)")

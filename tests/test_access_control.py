@@ -13,8 +13,7 @@ import warnings
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, decided, flushed_stat, gw, new_secret, read_audit, start_gateway
-from test_levels_and_signatures import assert_refused
-from test_policy_and_failure import ecds_stats, wait_for
+from helpers import assert_refused, ecds_stats, wait_for
 
 
 def hmac_app(app_id: str, **extra) -> dict:

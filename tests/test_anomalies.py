@@ -6,12 +6,11 @@ on the answer (`x-apisec-sdk`), and counted."""
 from __future__ import annotations
 
 import datetime
-import time
 
 import pytest
 
-from conftest import Client, base_policy, prometheus_series, read_audit, start_gateway
-from test_levels_and_signatures import assert_refused
+from conftest import Client, base_policy, read_audit, start_gateway
+from helpers import assert_refused, metric
 
 QUOTE = "/api/v1/market/quotes/600000"  # S0
 ANNOUNCEMENTS = "/api/v1/info/announcements"  # S0
@@ -71,17 +70,6 @@ def allowed_record(g, r) -> dict:
     rec = read_audit(g, r.json()["headers"]["x-request-id"])
     assert rec["upstream"] is not None and rec["audit"]["decision"] == "allow"
     return rec["audit"]
-
-
-def metric(g, name: str, **labels: str) -> float:
-    """A series of Envoy's Prometheus output by its name and labels, in any order."""
-    time.sleep(1.5)  # counts reach Envoy once a second
-    want = {f'{k}="{v}"' for k, v in labels.items()}
-    for key, value in prometheus_series(g.admin("/stats/prometheus")).items():
-        base, _, rest = key.partition("{")
-        if base == name and set(filter(None, rest.rstrip("}").split(","))) == want:
-            return value
-    return 0
 
 
 def test_working_hours_alert_and_block(agw, secret):  # MON-3

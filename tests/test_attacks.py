@@ -13,14 +13,9 @@ import urllib.parse
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
-from test_levels_and_signatures import assert_refused
-from test_policy_and_failure import ecds_stats, wait_for
+from helpers import assert_refused, ecds_stats, upstream_count, wait_for
 
 ORDER = {"symbol": "600000", "side": "buy", "qty": 100, "price": "10.01"}
-
-
-def upstream_count(g) -> int:
-    return g.stat("cluster.backend.upstream_rq_total")
 
 
 def order(client: Client, body: dict | bytes | None = None, path: str = "/api/v1/orders", extra=None) -> dict:

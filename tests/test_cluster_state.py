@@ -12,73 +12,10 @@ import pytest
 
 import gateway as gw
 import state_store
-from conftest import Client, base_policy, read_audit, start_gateway
+from conftest import base_policy, read_audit, start_gateway
+from helpers import CREDENTIALS_VAR, PUBLIC, Pair, upstream_count
 
-# Both replicas serve one public name, as behind a load balancer: requests are signed for it.
-PUBLIC = "gw.example.test"
-RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
-CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
-
-
-def upstream_count(g) -> int:
-    return g.stat("cluster.backend.upstream_rq_total")
-
-
-class Pair:
-    """One store and two gateways sharing it."""
-
-    def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500,
-                 credentials: str | None = None, env: dict | None = None, app_share: int | None = None):
-        self.tmp = tmp
-        self.secret = secret
-        self.env = env or {}
-        self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port(), credentials).start()
-        self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms,
-                                                     credentials_env=CREDENTIALS_VAR if credentials else None,
-                                                     app_share=app_share)
-        self.certs = tmp / "certs"
-        import certs as certs_mod
-
-        certs_mod.generate(self.certs)
-        self.a = self.b = None
-        try:
-            self.a = self.start("a")
-            self.b = self.start("b")
-        except Exception:
-            self.stop()  # never leave a store (or an Envoy) running behind a failed start
-            raise
-
-    def start(self, name: str):
-        return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,
-                             state_port=self.store.http_port, certs=self.certs, env=self.env)
-
-    def restart(self) -> None:
-        for g in (self.a, self.b):
-            g.stop()
-        for g in (self.a, self.b):
-            g.start()
-
-    def stop(self) -> None:
-        for g in (self.a, self.b):
-            if g is not None:
-                g.stop()
-        self.store.stop()
-
-    def client(self, g) -> Client:
-        return Client(g, self.secret)
-
-    def sign(self, path: str = RESEARCH, body: bytes | None = None, method: str = "GET",
-             app: str = "demo-partner", keyid: str | None = None) -> dict:
-        keyid = keyid or ("demo-partner-p256" if body else "demo-partner-hmac")
-        return self.client(self.a).sign(method, path, body=body, keyid=keyid, app=app, base=f"https://{PUBLIC}")
-
-    def send(self, g, signed: dict, source: str | None = None):
-        headers = list(signed["headers"].items()) + [("host", PUBLIC)]
-        path = signed["url"].split(PUBLIC, 1)[1]
-        c = self.client(g)
-        return c.raw(signed["method"], f"https://127.0.0.1:{g.layout.https_port}{path}", headers, signed["body"],
-                     source=source)
-
+pytestmark = pytest.mark.cluster
 
 @pytest.fixture
 def pair(tmp_path, secret):

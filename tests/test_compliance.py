@@ -10,6 +10,7 @@ import subprocess
 import yaml
 
 from conftest import CLI, ROOT
+from helpers import session_policy
 
 GATEWAY = str(ROOT / "envoy/gateway.yaml")
 UPSTREAM_TLS = str(ROOT / "envoy/gateway-upstream-tls.yaml")
@@ -229,9 +230,7 @@ def test_inventory_import_drafts_entries_a_person_must_complete(tmp_path):
 
 
 def test_sessions_with_a_login_api_meet_the_two_factor_requirement(tmp_path):  # ID-4
-    import test_sessions
-
-    doc = test_sessions.session_policy(idle=60, lifetime=600)
+    doc = session_policy(idle=60, lifetime=600)
     rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
     c = cells(rep)
     assert c["user.profile"]["user_2fa"]["status"] == "met" and "user.login" in c["user.profile"]["user_2fa"]["note"]

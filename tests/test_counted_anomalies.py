@@ -14,9 +14,7 @@ import time
 import pytest
 
 from conftest import Client, base_policy, read_audit, start_gateway
-from test_anomalies import metric
-from test_cluster_state import Pair, upstream_count
-from test_levels_and_signatures import assert_refused
+from helpers import Pair, assert_refused, metric, upstream_count
 
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, licensed_info
 # Apps of this test besides the demo partner, each with its own HMAC credential (the demo

@@ -8,19 +8,7 @@ import time
 
 import pytest
 from conftest import decided, flushed_stat, read_audit
-
-
-def assert_refused(gateway, resp, status: int, code: str) -> dict:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["error"] == code, body
-    assert set(body) == {"error", "request_id"}, "the caller gets the code only, no detail"
-    rec = read_audit(gateway, body["request_id"])
-    assert rec["status"] == status
-    assert rec["upstream"] is None, "a refused request must not reach the upstream"
-    audit = rec["audit"]
-    assert audit["decision"] == "deny" and audit["code"] == code, audit
-    return audit
+from helpers import assert_refused
 
 
 def assert_allowed(gateway, resp, api: str, level: str) -> dict:

@@ -8,29 +8,10 @@ import json
 import os
 import pwd
 import subprocess
-import time
 
 import pytest
 from conftest import CLI, ROOT, Client, base_policy, gw, new_secret, read_audit, start_gateway
-from test_levels_and_signatures import assert_refused
-
-
-def ecds_stats(g: gw.Gateway) -> dict[str, int]:
-    out = {}
-    for line in g.admin("/stats?filter=extension_config_discovery.http_filter.apisec").splitlines():
-        k, _, v = line.partition(": ")
-        if v.strip().isdigit():
-            out[k.rsplit(".", 1)[-1]] = int(v)
-    return out
-
-
-def wait_for(pred, timeout=15.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+from helpers import assert_refused, ecds_stats, wait_for
 
 
 def push_raw(g: gw.Gateway, policy_text: str) -> None:

@@ -14,46 +14,11 @@ import time
 import pytest
 import requests
 
-from conftest import CLI, SECRET_VAR, Client, base_policy, flushed_stat, gw, read_audit, start_gateway
+from conftest import CLI, Client, flushed_stat, gw, read_audit, start_gateway
+from helpers import PUBLIC, Pair, metric, session_policy
 
 MAC = "AA-BB-CC-DD-EE-01"
 NORMAL_MAC = "aa:bb:cc:dd:ee:01"
-
-
-def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
-    doc = base_policy()
-    common = {"level": "S1", "service_object": "toB", "user_auth": False, "personal_info": False}
-    doc["apis"] += [
-        {"id": "session.create", "method": "POST", "path": "/apisec/v1/sessions", "access": "write",
-         "function": "session", **common},
-        {"id": "session.logout", "method": "DELETE", "path": "/apisec/v1/sessions", "access": "write",
-         "function": "session", **common},
-        {"id": "info.watchlist", "method": "GET", "path": "/api/v1/watchlist", "access": "read",
-         "function": "watchlist", "session": "required", **common},
-    ]
-    doc["apis"] += [
-        {"id": "user.login", "method": "POST", "path": "/api/v1/users/login", "access": "write",
-         "function": "session", "session": "required", **common},
-        {"id": "user.news", "method": "GET", "path": "/api/v1/users/news", "access": "read",
-         "function": "user_news", **{**common, "user_auth": True}},
-        {"id": "user.profile", "method": "GET", "path": "/api/v1/users/profile", "access": "read",
-         "function": "user_profile", **{**common, "level": "S2", "user_auth": True, "personal_info": True}},
-    ]
-    doc["opted_out_users"] = ["u-closed"]
-    doc["apps"].append({"id": "partner-b", "credentials": [
-        {"id": "partner-b-hmac", "alg": "hmac-sha256", "secret_env": SECRET_VAR}]})
-    doc["grants"] += [
-        {"id": "sessions-a", "app": "demo-partner", "apis": ["session.*", "info.watchlist", "user.*"]},
-        {"id": "sessions-b", "app": "partner-b", "apis": ["session.*", "info.watchlist"]},
-    ]
-    doc["sessions"] = {
-        "create_api": "session.create", "logout_api": "session.logout",
-        "idle_timeout_seconds": idle, "max_lifetime_seconds": lifetime,
-        "slots": 1, "entries_per_slot": entries,
-        "operator_route": "apisec-operator", "operators": ["spiffe://apisec.demo/operator/alice"],
-        "login_apis": ["user.login"],
-    }
-    return doc
 
 
 @pytest.fixture(scope="module")
@@ -415,7 +380,6 @@ class Replica:
         self.client = Client(g, secret)
 
     def sign(self, method: str, path: str, **kw) -> dict:
-        from test_cluster_state import PUBLIC
 
         return self.client.sign(method, path, base=f"https://{PUBLIC}", **kw)
 
@@ -425,7 +389,6 @@ class Replica:
 
 @pytest.fixture(scope="module")
 def cluster_pair(tmp_path_factory, secret):
-    from test_cluster_state import Pair
 
     p = Pair(tmp_path_factory.mktemp("sessions-cluster"), secret, session_policy(idle=60, lifetime=600, entries=64))
     yield p
@@ -538,7 +501,6 @@ def test_cluster_sessions_survive_restarts_and_fail_closed_without_the_store(clu
 
 def test_cluster_eviction_idle_timeout_and_lifetime(tmp_path, secret):  # SES-2
     """At most 2 sessions (slots x entries_per_slot), idle timeout 3 s, absolute lifetime 7 s."""
-    from test_cluster_state import Pair
 
     doc = session_policy(idle=3, lifetime=7, entries=2)
     doc["sessions"]["max_per_app"] = 2  # this test's one app may fill the store
@@ -585,14 +547,12 @@ def test_one_partner_cannot_evict_another_partners_sessions(tmp_path, secret, ba
     logged-in two-factor session (one Envoy, and across two replicas). Now an app past its cap
     (`max_per_app`) evicts only its own sessions, counted per app in
     apisec_sessions_evicted_total, and establishes are bounded per app and source."""
-    from test_anomalies import metric
 
     if backend == "local":
         g = start_gateway(tmp_path, flood_policy(), secret=secret, concurrency=2)
         victim_side, flood_side, gateways, stop = Client(g, secret), Client(g, secret), [g], g.stop
     else:
-        from test_cluster_state import Pair
-
+    
         p = Pair(tmp_path, secret, flood_policy())
         victim_side, flood_side, gateways, stop = Replica(p, p.a, secret), Replica(p, p.b, secret), [p.a, p.b], p.stop
     try:

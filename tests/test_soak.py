@@ -14,7 +14,11 @@ import random
 import threading
 import time
 
+import pytest
+
 from conftest import base_policy, new_secret, start_gateway
+
+pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "20"))
 CLIENTS = 4

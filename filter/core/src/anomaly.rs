@@ -19,25 +19,10 @@ use sha2::{Digest, Sha256};
 use crate::bans::BanSettings;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::state::{BanSubject, Op, Watch};
+pub use crate::state::anomalies::{Anomaly, RuleAction, Watch};
+use crate::state::{BanSubject, Op};
 use crate::store::{u64_at, update, SharedStore};
 use crate::timeutil;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RuleAction {
-    Alert,
-    Block,
-}
-
-impl RuleAction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RuleAction::Alert => "alert",
-            RuleAction::Block => "block",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -216,14 +201,6 @@ pub struct Anomalies {
     bulk: Vec<Bulk>,
     new_sources: Vec<NewSources>,
     key_failures: Vec<KeyFailures>,
-}
-
-/// A rule that matched a request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Anomaly {
-    pub rule: String,
-    pub kind: &'static str,
-    pub action: &'static str,
 }
 
 /// A rule's zone: a fixed offset (`+08:00`, at most 14 hours) or `UTC`; never a zone name

@@ -175,7 +175,7 @@ fn valid_env_name(s: &str) -> bool {
 }
 
 fn decode_p256_pem(field: &str, pem: &str) -> Result<Vec<u8>, ConfigError> {
-    crate::evidence::spki_from_pem(pem).ok_or_else(|| {
+    crate::crypto::spki_from_pem(pem).ok_or_else(|| {
         ConfigError::new(
             field,
             "not a P-256 public key in PEM SubjectPublicKeyInfo form",
@@ -255,7 +255,7 @@ fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError>
     };
     let spki_der = decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?;
     Ok(KeyMaterial::P256 {
-        sha256: crate::evidence::key_fingerprint(&spki_der),
+        sha256: crate::crypto::key_fingerprint(&spki_der),
         spki_der,
     })
 }

@@ -25,6 +25,7 @@ use crate::bans::BanSettings;
 use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::sessions::{Misuse, Scope, Session, Sessions};
+use crate::state::script::{self, script, script_sha, word, Layout, Words};
 use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op, SessionCall};
 
 /// `state:` in the policy.
@@ -190,410 +191,6 @@ impl RawState {
     }
 }
 
-/// The script every batch runs: ARGV = prefix, now, skew, lifetime, then the operations
-/// (`B subject lift`, `N key app created record share`, `G grant max`, `R subject window
-/// threshold ban_seconds`, the session operations `S`, `SL`, `SC`, `SE`, `SR`, `SA` and the
-/// counted anomaly rules' `V`, `VB`, `NS`, `KF`, whose words [`encode`] writes), in order,
-/// stopping at the first refusal. A batch that passes answers `ok` followed by what it found:
-/// `ban <subject> <seconds> <rule or empty>`, `session <app ip mac user factors created
-/// last_seen>`, `evicted`, `nothing`, `anomaly <rule>`.
-///
-/// Counted anomaly rules (anomaly.rs): a hash `vol:<rule>:<app>:<window>` of calls `c` and
-/// response bytes `b`; a hash `src:<rule>:<app>` of sources and when each last called (its TTL
-/// the forget time); a counter `kf:<rule>:<app>:<sha1 of key id>:<window>`.
-///
-/// Sessions: a hash `session:<key>` per session (the key is a hash of its ID; the ID is never
-/// sent), with a TTL a minute past the moment it would end; a sorted set `sessions` by last
-/// use, for the bound (`slots` x `entries_per_slot`) and for evicting the one idle longest;
-/// `session-seq`, a counter that numbers sessions in the order they are created; and the end
-/// marks `session-end:app:<sha1>` and `session-end:user:<sha1>`, holding the number of the
-/// last session created before an operator ended every session of that app or user. Ordering
-/// by that number, not by time, makes an operator's end exact: a session created in the same
-/// second, just after it, lives.
-pub const SCRIPT: &str = r#"-- apisec: one request's state operations, atomically
-local p = ARGV[1]
-local now = tonumber(ARGV[2])
-local skew = tonumber(ARGV[3])
-local life = tonumber(ARGV[4])
-local hk = p .. 'horizon'
-local h = tonumber(redis.call('GET', hk))
-if not h then
-  h = now - 1
-  redis.call('SET', hk, h)
-end
-local zk = p .. 'sessions'
--- source bans in force, by when each ends (for the gauge: source bans have no fixed key set)
-local bz = p .. 'bans-ip'
-local function banned_ip(subject, untl)
-  if string.sub(subject, 1, 3) == 'ip/' then
-    redis.call('ZREMRANGEBYSCORE', bz, '-inf', now)
-    redis.call('ZADD', bz, untl, subject)
-    redis.call('EXPIRE', bz, 2592000)
-  end
-end
-local function mark(kind, name)
-  return tonumber(redis.call('GET', p .. 'session-end:' .. kind .. ':' .. redis.sha1hex(name))) or 0
-end
--- a presented session (words: key app ip mac ip_unbound idle lifetime): the session's fields
--- or a refusal; refreshed when `refresh`
-local function session(i, refresh)
-  local sk = p .. 'session:' .. ARGV[i + 1]
-  local idle = tonumber(ARGV[i + 6])
-  local slife = tonumber(ARGV[i + 7])
-  local s = redis.call('HMGET', sk, 'app', 'ip', 'mac', 'user', 'factors', 'created', 'last_seen', 'seq')
-  if not s[1] or not s[6] or not s[7] or not s[8] then
-    return nil, {'session', 'unknown'}
-  end
-  local created = tonumber(s[6])
-  local last = tonumber(s[7])
-  if now - created > slife then
-    return nil, {'session', 'lifetime'}
-  end
-  if now - last > idle then
-    return nil, {'session', 'idle', tostring(now - last)}
-  end
-  if s[1] ~= ARGV[i + 2] then
-    return nil, {'session', 'app'}
-  end
-  if s[2] ~= ARGV[i + 3] and ARGV[i + 5] ~= '1' then
-    return nil, {'session', 'ip'}
-  end
-  if s[3] ~= ARGV[i + 4] then
-    return nil, {'session', 'mac'}
-  end
-  local ended = mark('app', s[1])
-  if s[4] and s[4] ~= '' then
-    ended = math.max(ended, mark('user', s[4]))
-  end
-  if tonumber(s[8]) <= ended then
-    return nil, {'session', 'operator'}
-  end
-  if refresh then
-    s[7] = tostring(now)
-    redis.call('HSET', sk, 'last_seen', now)
-    redis.call('ZADD', zk, now, ARGV[i + 1])
-    local ak = p .. 'sessions-app:' .. redis.sha1hex(s[1])
-    redis.call('ZADD', ak, now, ARGV[i + 1])
-    redis.call('EXPIRE', ak, idle + 60)
-    redis.call('EXPIRE', sk, math.max(math.min(idle, created + slife - now), 0) + 60)
-  end
-  return s, nil
-end
-local i = 5
-local out = {'ok'}
-while i <= #ARGV do
-  local op = ARGV[i]
-  if op == 'B' then
-    local v = redis.call('GET', p .. 'ban:' .. ARGV[i + 1])
-    if v then
-      local at, untl = string.match(v, '^(%d+) (%d+)$')
-      if at and tonumber(untl) > now and tonumber(at) >= tonumber(ARGV[i + 2]) then
-        return {'banned', ARGV[i + 1], untl}
-      end
-    end
-    i = i + 3
-  elseif op == 'N' then
-    local created = tonumber(ARGV[i + 3])
-    local sk = tonumber(redis.call('GET', p .. 'skew')) or 0
-    if skew > sk then
-      redis.call('SET', p .. 'skew', skew)
-      if sk > 0 and now - sk > h then
-        h = now - sk
-        redis.call('SET', hk, h)
-      end
-      sk = skew
-    end
-    if created <= h then
-      return {'too_old', tostring(h)}
-    end
-    local nk = p .. 'nonce:' .. ARGV[i + 1]
-    if redis.call('EXISTS', nk) == 1 then
-      return {'replayed'}
-    end
-    if ARGV[i + 4] == '1' then
-      -- a nonce lives at most `life` seconds, so an app's live nonces were all recorded in
-      -- this lifetime-long bucket or the one before
-      local b = math.floor(now / life)
-      local qk = p .. 'share:' .. ARGV[i + 2] .. ':'
-      local held = (tonumber(redis.call('GET', qk .. b)) or 0)
-        + (tonumber(redis.call('GET', qk .. (b - 1))) or 0)
-      if held >= tonumber(ARGV[i + 5]) then
-        return {'full', tostring(held)}
-      end
-      local ttl = math.max(created + sk, now + life) - now
-      if ttl < 1 then ttl = 1 end
-      redis.call('SET', nk, created, 'EX', ttl)
-      if redis.call('INCR', qk .. b) == 1 then
-        redis.call('EXPIRE', qk .. b, 2 * life + 1)
-      end
-    end
-    i = i + 6
-  elseif op == 'G' then
-    local gk = p .. 'grant:' .. ARGV[i + 1]
-    local used = tonumber(redis.call('GET', gk)) or 0
-    if used >= tonumber(ARGV[i + 2]) then
-      return {'exhausted', tostring(used)}
-    end
-    redis.call('INCR', gk)
-    i = i + 3
-  elseif op == 'R' then
-    local s = ARGV[i + 1]
-    local ck = p .. 'count:' .. s
-    local n = redis.call('INCR', ck)
-    if n == 1 then
-      redis.call('EXPIRE', ck, tonumber(ARGV[i + 2]))
-    end
-    if n >= tonumber(ARGV[i + 3]) then
-      local ban = tonumber(ARGV[i + 4])
-      redis.call('SET', p .. 'ban:' .. s, now .. ' ' .. (now + ban), 'EX', ban)
-      banned_ip(s, now + ban)
-      redis.call('DEL', ck)
-      table.insert(out, 'ban')
-      table.insert(out, s)
-      table.insert(out, ARGV[i + 4])
-      table.insert(out, '')
-    end
-    i = i + 5
-  elseif op == 'S' or op == 'SL' or op == 'SE' then
-    -- use (refresh), read (S with refresh 0), login, logout:
-    -- S key app ip mac ip_unbound idle lifetime refresh
-    -- SL key app ip mac ip_unbound idle lifetime user factors
-    -- SE key app ip mac ip_unbound idle lifetime
-    local s, refusal = session(i, op == 'S' and ARGV[i + 8] == '1')
-    if refusal then
-      return refusal
-    end
-    if op == 'S' then
-      table.insert(out, 'session')
-      for f = 1, 7 do
-        table.insert(out, s[f] or '')
-      end
-      i = i + 9
-    elseif op == 'SL' then
-      redis.call('HSET', p .. 'session:' .. ARGV[i + 1], 'user', ARGV[i + 8], 'factors', ARGV[i + 9])
-      i = i + 10
-    else
-      redis.call('DEL', p .. 'session:' .. ARGV[i + 1])
-      redis.call('ZREM', zk, ARGV[i + 1])
-      redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(s[1]), ARGV[i + 1])
-      i = i + 8
-    end
-  elseif op == 'SC' then
-    -- SC key app ip mac user factors idle bound max_per_app per_minute per_source_per_minute:
-    -- establishes are bounded per app and per app and source in fixed minutes; an app past
-    -- its cap, or a store at its bound, evicts the app's own session idle longest, never
-    -- another app's (a store full of others' sessions refuses)
-    local app = ARGV[i + 2]
-    local sk = p .. 'session:' .. ARGV[i + 1]
-    local idle = tonumber(ARGV[i + 7])
-    local bound = tonumber(ARGV[i + 8])
-    local cap = tonumber(ARGV[i + 9])
-    local rk = p .. 'sess-rate:' .. redis.sha1hex(app) .. ':' .. math.floor(now / 60)
-    local rs = rk .. ':' .. redis.sha1hex(ARGV[i + 3])
-    local by_app = redis.call('INCR', rk)
-    if by_app == 1 then
-      redis.call('EXPIRE', rk, 120)
-    end
-    local by_source = redis.call('INCR', rs)
-    if by_source == 1 then
-      redis.call('EXPIRE', rs, 120)
-    end
-    if by_app > tonumber(ARGV[i + 10]) then
-      return {'session_rate', 'app', tostring(by_app)}
-    end
-    if by_source > tonumber(ARGV[i + 11]) then
-      return {'session_rate', 'source', tostring(by_source)}
-    end
-    local ak = p .. 'sessions-app:' .. redis.sha1hex(app)
-    redis.call('ZREMRANGEBYSCORE', zk, '-inf', '(' .. (now - idle))
-    redis.call('ZREMRANGEBYSCORE', ak, '-inf', '(' .. (now - idle))
-    redis.call('DEL', sk)
-    redis.call('ZREM', zk, ARGV[i + 1])
-    redis.call('ZREM', ak, ARGV[i + 1])
-    local function evict_own()
-      local oldest = redis.call('ZPOPMIN', ak)
-      if not oldest[1] then
-        return false
-      end
-      redis.call('ZREM', zk, oldest[1])
-      if redis.call('DEL', p .. 'session:' .. oldest[1]) == 1 and out[#out] ~= 'evicted' then
-        table.insert(out, 'evicted')
-      end
-      return true
-    end
-    local n = 0
-    while redis.call('ZCARD', ak) >= cap and n < 64 do
-      evict_own()
-      n = n + 1
-    end
-    if redis.call('ZCARD', zk) >= bound and not evict_own() then
-      return {'session_full'}
-    end
-    local seq = redis.call('INCR', p .. 'session-seq')
-    redis.call('HSET', sk, 'app', app, 'ip', ARGV[i + 3], 'mac', ARGV[i + 4], 'user', ARGV[i + 5],
-      'factors', ARGV[i + 6], 'created', now, 'last_seen', now, 'seq', seq)
-    redis.call('EXPIRE', sk, idle + 60)
-    redis.call('ZADD', zk, now, ARGV[i + 1])
-    redis.call('ZADD', ak, now, ARGV[i + 1])
-    redis.call('EXPIRE', ak, idle + 60)
-    i = i + 12
-  elseif op == 'SR' then
-    -- SR key: an operator ends one session
-    local owner = redis.call('HGET', p .. 'session:' .. ARGV[i + 1], 'app')
-    if owner then
-      redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(owner), ARGV[i + 1])
-    end
-    if redis.call('DEL', p .. 'session:' .. ARGV[i + 1]) == 0 then
-      table.insert(out, 'nothing')
-    end
-    redis.call('ZREM', zk, ARGV[i + 1])
-    i = i + 2
-  elseif op == 'SA' then
-    -- SA kind name lifetime: an operator ends every session of an app or a user created so far
-    local seq = tonumber(redis.call('GET', p .. 'session-seq')) or 0
-    redis.call('SET', p .. 'session-end:' .. ARGV[i + 1] .. ':' .. redis.sha1hex(ARGV[i + 2]), seq,
-      'EX', tonumber(ARGV[i + 3]) + 120)
-    i = i + 4
-  elseif op == 'V' then
-    -- V rule app bucket window max_calls max_bytes block: a call toward a bulk-pull rule
-    local vk = p .. 'vol:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. ARGV[i + 3]
-    local v = redis.call('HMGET', vk, 'c', 'b')
-    local calls = tonumber(v[1]) or 0
-    local bytes = tonumber(v[2]) or 0
-    local over = calls >= tonumber(ARGV[i + 5]) or bytes > tonumber(ARGV[i + 6])
-    if over and ARGV[i + 7] == '1' then
-      return {'blocked', ARGV[i + 1], tostring(calls), tostring(bytes)}
-    end
-    redis.call('HINCRBY', vk, 'c', 1)
-    redis.call('EXPIRE', vk, tonumber(ARGV[i + 4]) + 60)
-    if over then
-      table.insert(out, 'anomaly')
-      table.insert(out, ARGV[i + 1])
-    end
-    i = i + 8
-  elseif op == 'VB' then
-    -- VB rule app bucket window bytes: a response's bytes, added to its window
-    local vk = p .. 'vol:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. ARGV[i + 3]
-    redis.call('HINCRBY', vk, 'b', ARGV[i + 5])
-    redis.call('EXPIRE', vk, tonumber(ARGV[i + 4]) + 60)
-    i = i + 6
-  elseif op == 'NS' then
-    -- NS rule app source learning max forget block: the source of an app's call
-    local sk = p .. 'src:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2]
-    local forget = tonumber(ARGV[i + 6])
-    local max = tonumber(ARGV[i + 5])
-    local last = tonumber(redis.call('HGET', sk, ARGV[i + 3]))
-    if last and now - last < forget then
-      if now - last >= 3600 then
-        redis.call('HSET', sk, ARGV[i + 3], now)
-        redis.call('EXPIRE', sk, forget)
-      end
-    else
-      local learning = ARGV[i + 4] == '1'
-      if ARGV[i + 7] == '1' and not learning then
-        return {'blocked', ARGV[i + 1]}
-      end
-      if redis.call('HLEN', sk) >= max then
-        local all = redis.call('HGETALL', sk)
-        local oldest, at = nil, nil
-        for j = 1, #all, 2 do
-          local t = tonumber(all[j + 1]) or 0
-          if now - t >= forget then
-            redis.call('HDEL', sk, all[j])
-          elseif not at or t < at then
-            oldest, at = all[j], t
-          end
-        end
-        if oldest and redis.call('HLEN', sk) >= max then
-          redis.call('HDEL', sk, oldest)
-        end
-      end
-      redis.call('HSET', sk, ARGV[i + 3], now)
-      redis.call('EXPIRE', sk, forget)
-      if not learning then
-        table.insert(out, 'anomaly')
-        table.insert(out, ARGV[i + 1])
-      end
-    end
-    i = i + 8
-  elseif op == 'KF' then
-    -- KF rule app keyid bucket window threshold ban_subject ban_seconds lift: a signature that
-    -- did not verify under a valid key id; from the threshold on (all sources), an anomaly; a
-    -- blocking rule bans the source once its own failures reach the threshold (ban_subject is
-    -- empty otherwise)
-    local kk = p .. 'kf:' .. ARGV[i + 1] .. ':' .. ARGV[i + 2] .. ':' .. redis.sha1hex(ARGV[i + 3]) .. ':' .. ARGV[i + 4]
-    local n = redis.call('INCR', kk)
-    if n == 1 then
-      redis.call('EXPIRE', kk, tonumber(ARGV[i + 5]) + 60)
-    end
-    local s = ARGV[i + 7]
-    local from = 0
-    if s ~= '' then
-      -- the same failures from this source alone: only they ban it (key ids are public; a
-      -- stranger's failures must not ban the partner's own address)
-      local sk = kk .. ':' .. redis.sha1hex(s)
-      from = redis.call('INCR', sk)
-      if from == 1 then
-        redis.call('EXPIRE', sk, tonumber(ARGV[i + 5]) + 60)
-      end
-    end
-    if n >= tonumber(ARGV[i + 6]) then
-      table.insert(out, 'anomaly')
-      table.insert(out, ARGV[i + 1])
-      if s ~= '' and from >= tonumber(ARGV[i + 6]) then
-        local bk = p .. 'ban:' .. s
-        local v = redis.call('GET', bk)
-        local live = false
-        if v then
-          local at, untl = string.match(v, '^(%d+) (%d+)$')
-          live = at ~= nil and tonumber(untl) > now and tonumber(at) >= tonumber(ARGV[i + 9])
-        end
-        if not live then
-          local ban = tonumber(ARGV[i + 8])
-          redis.call('SET', bk, now .. ' ' .. (now + ban), 'EX', ban)
-          banned_ip(s, now + ban)
-          table.insert(out, 'ban')
-          table.insert(out, s)
-          table.insert(out, tostring(ban))
-          table.insert(out, ARGV[i + 1])
-        end
-      end
-    end
-    i = i + 10
-  elseif op == 'GA' then
-    -- GA n (app lift)*n: the gauges, read only: bans in force on the apps and on sources,
-    -- and the nonces the apps hold in their shares (and the fullest share)
-    local n = tonumber(ARGV[i + 1])
-    local b = math.floor(now / life)
-    local apps, held, fullest = 0, 0, 0
-    for j = 0, n - 1 do
-      local app = ARGV[i + 2 + 2 * j]
-      local v = redis.call('GET', p .. 'ban:app/' .. app)
-      if v then
-        local at, untl = string.match(v, '^(%d+) (%d+)$')
-        if at and tonumber(untl) > now and tonumber(at) >= tonumber(ARGV[i + 3 + 2 * j]) then
-          apps = apps + 1
-        end
-      end
-      local qk = p .. 'share:' .. app .. ':'
-      local h = (tonumber(redis.call('GET', qk .. b)) or 0) + (tonumber(redis.call('GET', qk .. (b - 1))) or 0)
-      held = held + h
-      fullest = math.max(fullest, h)
-    end
-    local ips = redis.call('ZCOUNT', bz, '(' .. now, '+inf')
-    return {'gauges', tostring(apps), tostring(ips), tostring(held), tostring(fullest)}
-  else
-    return redis.error_reply('apisec: unknown state operation')
-  end
-end
-return out
-"#;
-
-/// Hex SHA-1 of [`SCRIPT`], as Redis names a loaded script.
-pub fn script_sha() -> String {
-    hex(&sha1::Sha1::digest(SCRIPT.as_bytes()))
-}
-
 /// What of the policy the store's operations need.
 #[derive(Debug, Clone, Copy)]
 pub struct Params<'a> {
@@ -658,93 +255,84 @@ fn flag(b: bool) -> &'static str {
 }
 
 /// The words every check of a presented session starts with.
-fn session_words(body: &mut Vec<u8>, op: &str, s: &Sessions, c: &SessionCall) {
-    word(body, op);
-    word(body, &session_key(&c.id));
-    word(body, &c.app);
-    word(body, &c.ip);
-    word(body, &c.mac);
-    word(body, flag(s.ip_unbound_apps.contains(&c.app)));
-    word(body, &s.idle_timeout_seconds.to_string());
-    word(body, &s.max_lifetime_seconds.to_string());
+fn session_words<'b>(
+    body: &'b mut Vec<u8>,
+    layout: &'static Layout,
+    s: &Sessions,
+    c: &SessionCall,
+) -> Words<'b> {
+    Words::op(body, layout)
+        .put("key", &session_key(&c.id))
+        .put("app", &c.app)
+        .put("ip", &c.ip)
+        .put("mac", &c.mac)
+        .put("ip_unbound", flag(s.ip_unbound_apps.contains(&c.app)))
+        .put("idle", &s.idle_timeout_seconds.to_string())
+        .put("lifetime", &s.max_lifetime_seconds.to_string())
 }
 
 /// A session operation's words.
 fn session_op(body: &mut Vec<u8>, s: &Sessions, op: &Op) {
     match op {
-        Op::SessionUse(c) | Op::SessionRead(c) => {
-            session_words(body, "S", s, c);
-            word(body, flag(matches!(op, Op::SessionUse(_))));
-        }
+        Op::SessionUse(c) | Op::SessionRead(c) => session_words(body, &script::SESSION_USE, s, c)
+            .put("refresh", flag(matches!(op, Op::SessionUse(_))))
+            .end(),
         Op::SessionLogin {
             call,
             user,
             factors,
-        } => {
-            session_words(body, "SL", s, call);
-            word(body, user);
-            word(body, &factors.to_string());
-        }
-        Op::SessionEnd(c) => session_words(body, "SE", s, c),
+        } => session_words(body, &script::SESSION_LOGIN, s, call)
+            .put("user", user)
+            .put("factors", &factors.to_string())
+            .end(),
+        Op::SessionEnd(c) => session_words(body, &script::SESSION_END, s, c).end(),
         Op::SessionCreate { id, session } => {
-            word(body, "SC");
-            word(body, &session_key(id));
-            word(body, &session.app);
-            word(body, &session.ip);
-            word(body, &session.mac);
-            word(body, session.user.as_deref().unwrap_or(""));
-            word(body, &session.factors.to_string());
-            word(body, &s.idle_timeout_seconds.to_string());
             let bound = u64::from(s.slots) * u64::from(s.entries_per_slot);
-            word(body, &bound.to_string());
-            word(body, &s.max_per_app.to_string());
-            word(body, &s.establish_per_minute.to_string());
-            word(body, &s.establish_per_source_per_minute.to_string());
+            Words::op(body, &script::SESSION_CREATE)
+                .put("key", &session_key(id))
+                .put("app", &session.app)
+                .put("ip", &session.ip)
+                .put("mac", &session.mac)
+                .put("user", session.user.as_deref().unwrap_or(""))
+                .put("factors", &session.factors.to_string())
+                .put("idle", &s.idle_timeout_seconds.to_string())
+                .put("bound", &bound.to_string())
+                .put("max_per_app", &s.max_per_app.to_string())
+                .put("per_minute", &s.establish_per_minute.to_string())
+                .put(
+                    "per_source_per_minute",
+                    &s.establish_per_source_per_minute.to_string(),
+                )
+                .end();
         }
-        Op::SessionRevoke(Scope::Session(id)) => {
-            word(body, "SR");
-            word(body, &session_key(id));
-        }
+        Op::SessionRevoke(Scope::Session(id)) => Words::op(body, &script::SESSION_REVOKE)
+            .put("key", &session_key(id))
+            .end(),
         Op::SessionRevoke(Scope::App(name)) | Op::SessionRevoke(Scope::User(name)) => {
-            word(body, "SA");
-            word(
-                body,
-                if matches!(op, Op::SessionRevoke(Scope::App(_))) {
-                    "app"
-                } else {
-                    "user"
-                },
-            );
-            word(body, name);
-            word(body, &s.max_lifetime_seconds.to_string());
+            let kind = if matches!(op, Op::SessionRevoke(Scope::App(_))) {
+                "app"
+            } else {
+                "user"
+            };
+            Words::op(body, &script::SESSIONS_END_ALL)
+                .put("kind", kind)
+                .put("name", name)
+                .put("lifetime", &s.max_lifetime_seconds.to_string())
+                .end();
         }
         _ => {}
     }
 }
 
-/// webdis reads a command as `/`-separated, percent-decoded words; `+` would decode to a
-/// space, and a final `.ext` would pick an output format, so everything but letters, digits,
-/// `-` and `_` is encoded, and the command never ends with a caller's bytes.
-fn word(out: &mut Vec<u8>, w: &str) {
-    out.push(b'/');
-    for &b in w.as_bytes() {
-        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
-            out.push(b);
-        } else {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        }
-    }
-}
-
 /// The script's command and the words every run starts with.
 fn command(p: &Params<'_>, settings: &ClusterSettings, now: u64, full: bool) -> Vec<u8> {
-    let mut body = Vec::with_capacity(if full { SCRIPT.len() * 2 } else { 256 });
+    let mut body = Vec::with_capacity(if full { script().len() * 2 } else { 256 });
     if full {
         body.extend_from_slice(b"EVAL");
-        word(&mut body, SCRIPT);
+        word(&mut body, script());
     } else {
         body.extend_from_slice(b"EVALSHA");
-        word(&mut body, &script_sha());
+        word(&mut body, script_sha());
     }
     word(&mut body, "0");
     word(&mut body, &settings.key_prefix);
@@ -794,15 +382,14 @@ pub fn encode_gauges<'a>(
 ) -> Call {
     let mut body = command(p, settings, now, full);
     let apps: Vec<&str> = apps.collect();
-    word(&mut body, "GA");
-    word(&mut body, &apps.len().to_string());
+    let mut words = Words::op(&mut body, &script::GAUGES).put("n", &apps.len().to_string());
     for app in apps {
-        word(&mut body, app);
         let lift = p
             .bans
             .map_or(0, |b| b.lifted_at(crate::bans::Subject::App(app)));
-        word(&mut body, &lift.to_string());
+        words = words.extra(app).extra(&lift.to_string());
     }
+    words.end();
     call(settings, body)
 }
 
@@ -848,9 +435,10 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
         match op {
             Op::Ban(s) => {
                 let lift = p.bans.map_or(0, |b| b.lifted_at(s.as_subject()));
-                word(&mut body, "B");
-                word(&mut body, &subject_name(p, s));
-                word(&mut body, &lift.to_string());
+                Words::op(&mut body, &script::BAN)
+                    .put("subject", &subject_name(p, s))
+                    .put("lift", &lift.to_string())
+                    .end();
             }
             Op::Nonce {
                 app,
@@ -858,28 +446,27 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 created,
                 record,
                 ..
-            } => {
-                word(&mut body, "N");
-                word(&mut body, &nonce_key(app, nonce));
-                word(&mut body, app);
-                word(&mut body, &created.to_string());
-                word(&mut body, flag(*record));
-                word(&mut body, &settings.app_share.to_string());
-            }
-            Op::GrantUse { grant, max } => {
-                word(&mut body, "G");
-                word(&mut body, grant);
-                word(&mut body, &max.to_string());
-            }
+            } => Words::op(&mut body, &script::NONCE)
+                .put("key", &nonce_key(app, nonce))
+                .put("app", app)
+                .put("created", &created.to_string())
+                .put("record", flag(*record))
+                .put("share", &settings.app_share.to_string())
+                .end(),
+            Op::GrantUse { grant, max } => Words::op(&mut body, &script::GRANT_USE)
+                .put("grant", grant)
+                .put("max", &max.to_string())
+                .end(),
             Op::Refusal(s) => {
                 let (window, threshold, ban) = p.bans.map_or((1, u32::MAX, 1), |b| {
                     (b.window_seconds, b.threshold, b.ban_seconds)
                 });
-                word(&mut body, "R");
-                word(&mut body, &subject_name(p, s));
-                word(&mut body, &window.to_string());
-                word(&mut body, &threshold.to_string());
-                word(&mut body, &ban.to_string());
+                Words::op(&mut body, &script::REFUSAL)
+                    .put("subject", &subject_name(p, s))
+                    .put("window", &window.to_string())
+                    .put("threshold", &threshold.to_string())
+                    .put("ban", &ban.to_string())
+                    .end();
             }
             Op::Calls {
                 watch,
@@ -887,45 +474,42 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 window,
                 max_calls,
                 max_bytes,
-            } => {
-                word(&mut body, "V");
-                word(&mut body, &watch.rule);
-                word(&mut body, &watch.app);
-                word(&mut body, &bucket.to_string());
-                word(&mut body, &window.to_string());
-                word(&mut body, &max_calls.to_string());
-                word(&mut body, &max_bytes.to_string());
-                word(&mut body, flag(watch.blocks()));
-            }
+            } => Words::op(&mut body, &script::CALLS)
+                .put("rule", &watch.rule)
+                .put("app", &watch.app)
+                .put("bucket", &bucket.to_string())
+                .put("window", &window.to_string())
+                .put("max_calls", &max_calls.to_string())
+                .put("max_bytes", &max_bytes.to_string())
+                .put("block", flag(watch.blocks()))
+                .end(),
             Op::Bytes {
                 watch,
                 bucket,
                 window,
                 bytes,
-            } => {
-                word(&mut body, "VB");
-                word(&mut body, &watch.rule);
-                word(&mut body, &watch.app);
-                word(&mut body, &bucket.to_string());
-                word(&mut body, &window.to_string());
-                word(&mut body, &bytes.to_string());
-            }
+            } => Words::op(&mut body, &script::BYTES)
+                .put("rule", &watch.rule)
+                .put("app", &watch.app)
+                .put("bucket", &bucket.to_string())
+                .put("window", &window.to_string())
+                .put("bytes", &bytes.to_string())
+                .end(),
             Op::Source {
                 watch,
                 source,
                 learning,
                 max,
                 forget,
-            } => {
-                word(&mut body, "NS");
-                word(&mut body, &watch.rule);
-                word(&mut body, &watch.app);
-                word(&mut body, source);
-                word(&mut body, flag(*learning));
-                word(&mut body, &max.to_string());
-                word(&mut body, &forget.to_string());
-                word(&mut body, flag(watch.blocks()));
-            }
+            } => Words::op(&mut body, &script::SOURCE)
+                .put("rule", &watch.rule)
+                .put("app", &watch.app)
+                .put("source", source)
+                .put("learning", flag(*learning))
+                .put("max", &max.to_string())
+                .put("forget", &forget.to_string())
+                .put("block", flag(watch.blocks()))
+                .end(),
             Op::KeyFailure {
                 watch,
                 keyid,
@@ -934,13 +518,6 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 threshold,
                 ban,
             } => {
-                word(&mut body, "KF");
-                word(&mut body, &watch.rule);
-                word(&mut body, &watch.app);
-                word(&mut body, keyid);
-                word(&mut body, &bucket.to_string());
-                word(&mut body, &window.to_string());
-                word(&mut body, &threshold.to_string());
                 let (subject, seconds, lift) = match ban {
                     Some((s, secs)) => (
                         subject_name(p, s),
@@ -949,9 +526,17 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                     ),
                     None => (String::new(), 0, 0),
                 };
-                word(&mut body, &subject);
-                word(&mut body, &seconds.to_string());
-                word(&mut body, &lift.to_string());
+                Words::op(&mut body, &script::KEY_FAILURE)
+                    .put("rule", &watch.rule)
+                    .put("app", &watch.app)
+                    .put("keyid", keyid)
+                    .put("bucket", &bucket.to_string())
+                    .put("window", &window.to_string())
+                    .put("threshold", &threshold.to_string())
+                    .put("ban_subject", &subject)
+                    .put("ban_seconds", &seconds.to_string())
+                    .put("lift", &lift.to_string())
+                    .end();
             }
             Op::SessionUse(_)
             | Op::SessionRead(_)
@@ -962,7 +547,7 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
                 Some(s) => session_op(&mut body, s, op),
                 // The lifecycle asks for sessions only under a policy that has them; should
                 // one come anyway, the script does not know this word and fails the batch.
-                None => word(&mut body, "no-sessions"),
+                None => word(&mut body, script::MISMATCH),
             },
         }
     }
@@ -1621,7 +1206,7 @@ mod tests {
         assert_eq!(w, ["SA", "app", "app", "600"]);
         // Without sessions in the policy, a word the script refuses: the batch fails.
         let w = words_of(&P, vec![Op::SessionRevoke(Scope::App("app".into()))]);
-        assert_eq!(w, ["no-sessions"]);
+        assert_eq!(w, [script::MISMATCH]);
     }
 
     #[test]

@@ -58,6 +58,18 @@ pub fn content_digest_sha256(body: &[u8]) -> String {
     )
 }
 
+/// The fingerprint of a public key, as the evidence and the keyring name it.
+pub fn key_fingerprint(spki_der: &[u8]) -> String {
+    hex(&Sha256::digest(spki_der))
+}
+
+/// A P-256 public key from PEM, as DER SubjectPublicKeyInfo.
+pub fn spki_from_pem(pem: &str) -> Option<Vec<u8>> {
+    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let key = p256::PublicKey::from_public_key_pem(pem.trim()).ok()?;
+    key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+}
+
 /// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
 pub fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

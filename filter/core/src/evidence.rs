@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::audit_chain::{ChainKey, Finding, Place, Verdict};
-use crate::crypto::{hex, EcdsaVerifier, SoftwareVerifier};
+pub use crate::crypto::{key_fingerprint, spki_from_pem};
+use crate::crypto::{EcdsaVerifier, SoftwareVerifier};
 use crate::sf::{self, BareItem, Member};
 
 /// A public key the gateway accepted signatures under, kept for re-verification.
@@ -23,18 +24,6 @@ pub struct KeyringEntry {
     /// Lowercase hex SHA-256 of the key's DER SubjectPublicKeyInfo: what the evidence names.
     pub key_sha256: String,
     pub public_key_pem: String,
-}
-
-/// The fingerprint of a public key, as the evidence and the keyring name it.
-pub fn key_fingerprint(spki_der: &[u8]) -> String {
-    hex(&Sha256::digest(spki_der))
-}
-
-/// A P-256 public key from PEM, as DER SubjectPublicKeyInfo.
-pub fn spki_from_pem(pem: &str) -> Option<Vec<u8>> {
-    use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
-    let key = p256::PublicKey::from_public_key_pem(pem.trim()).ok()?;
-    key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
 }
 
 /// How the session ID's line of a signature base begins (RFC 9421 `"name": value`).

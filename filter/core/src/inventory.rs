@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, DenyReason};
 use crate::message::Method;
-use crate::report::Mode;
+use crate::mode::Mode;
 
 /// Security level of an API (clause 6). Controls escalate with the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -26,6 +26,7 @@ pub mod local;
 pub mod masking;
 pub mod message;
 pub mod metrics;
+pub mod mode;
 pub mod openapi;
 pub mod policy;
 pub mod replay;
@@ -36,6 +37,7 @@ pub mod sessions;
 pub mod sf;
 pub mod signer;
 pub mod state;
+pub mod state_tables;
 pub mod store;
 pub mod timeutil;
 

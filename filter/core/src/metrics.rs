@@ -179,14 +179,7 @@ pub fn policy_info(policy_text: &[u8]) -> String {
     s
 }
 
-/// The fill of the replay store (ATK-1, MON-2): live nonces, capacity, and how full the
-/// fullest slot is in percent (a full slot refuses `replay_store_full`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReplayFill {
-    pub live: u64,
-    pub capacity: u64,
-    pub fullest_pct: u64,
-}
+pub use crate::replay::ReplayFill;
 
 /// The key whose owner measures the store's gauges this round: one worker of the replica
 /// starts a pass every `GAUGE_SECONDS`, not every worker.

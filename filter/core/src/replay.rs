@@ -204,7 +204,7 @@ pub fn fill(
     settings: &ReplaySettings,
     now: u64,
     slots: std::ops::Range<u32>,
-    acc: &mut crate::metrics::ReplayFill,
+    acc: &mut ReplayFill,
 ) -> Result<(), StoreError> {
     let per_slot = u64::from(settings.entries_per_slot.max(1));
     acc.capacity = u64::from(settings.slots).saturating_mul(per_slot);
@@ -222,6 +222,15 @@ pub fn fill(
         acc.fullest_pct = acc.fullest_pct.max(live.saturating_mul(100) / per_slot);
     }
     Ok(())
+}
+
+/// The fill of the replay store (ATK-1, MON-2): live nonces, capacity, and how full the
+/// fullest slot is in percent (a full slot refuses `replay_store_full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayFill {
+    pub live: u64,
+    pub capacity: u64,
+    pub fullest_pct: u64,
 }
 
 #[cfg(test)]
@@ -252,7 +261,7 @@ mod tests {
         for n in 0..5 {
             rec(&store, &meta, &s, "a", &format!("n{n}"), 200, 200).unwrap();
         }
-        let mut f = crate::metrics::ReplayFill::default();
+        let mut f = ReplayFill::default();
         fill(&store, &s, 200, 0..1, &mut f).unwrap();
         fill(&store, &s, 200, 1..2, &mut f).unwrap();
         assert_eq!((f.live, f.capacity), (5, 8));
@@ -260,7 +269,7 @@ mod tests {
             f.fullest_pct >= 75,
             "five nonces in two slots of four: one holds three or more"
         );
-        let mut later = crate::metrics::ReplayFill::default();
+        let mut later = ReplayFill::default();
         fill(&store, &s, 200 + 601, 0..2, &mut later).unwrap();
         assert_eq!(
             (later.live, later.fullest_pct),

@@ -11,8 +11,6 @@
 //! gateway answers itself, plus what is not a decision of this filter (a limiter's 429, an
 //! abandoned request).
 
-use serde::{Deserialize, Serialize};
-
 use crate::engine;
 use crate::error::DenyReason;
 use crate::inventory::{Api, SecurityLevel};
@@ -20,23 +18,7 @@ use crate::message::Request;
 use crate::policy::Policy;
 use crate::routes::{self, Route};
 
-/// Whether refusals are enforced or only reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Enforce,
-    Report,
-}
-
-impl Mode {
-    pub fn is_report(self) -> bool {
-        self == Mode::Report
-    }
-    pub fn is_enforce(&self) -> bool {
-        *self == Mode::Enforce
-    }
-}
+pub use crate::mode::Mode;
 
 /// Refusals that report mode can turn into "would refuse".
 pub fn reportable(reason: DenyReason) -> bool {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::inventory::{self, Api, ApiGroup, ApiSet};
-use crate::report::Mode;
+use crate::mode::Mode;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -151,7 +151,7 @@ impl HostFacts for EnvoyFacts {
     }
 
     fn current_config(&self) -> Option<Config> {
-        crate::root::current()
+        crate::worker::current()
     }
 
     fn random(&self, buf: &mut [u8]) -> bool {

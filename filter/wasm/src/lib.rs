@@ -6,11 +6,14 @@
 //! - `metrics`: the counters.
 //! - `root`: policy loading, the state store, one lifecycle per stream.
 //! - `stream`: callbacks to lifecycle events, steps to host calls.
+//! - `worker`: what one worker's VM keeps across streams (policy in force, held bodies, audit
+//!   chain, byte counts for the cluster store).
 
 mod host;
 mod metrics;
 mod root;
 mod stream;
+mod worker;
 
 #[allow(unsafe_code)] // the SDK's entry point is a #[no_mangle] export
 mod entry {

@@ -1,15 +1,14 @@
 //! The root context: loads a policy (refusing a bad one so Envoy keeps the last good one),
 //! opens the state store, keeps the counters, and makes one lifecycle per stream.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::rc::Rc;
 
-use apisec_core::audit_chain::Chain;
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::metrics;
 use apisec_core::replay;
-use apisec_core::state::{Batch, Op};
+use apisec_core::state::Batch;
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
@@ -19,41 +18,10 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 use crate::host::{call_answer, log, now_secs, send_call, EnvSecrets, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
 use crate::stream::ApisecHttp;
+use crate::worker::{CHAIN, CURRENT, GENERATION, TALLY};
 
 /// How often the allowed-request counter reaches Envoy's stats.
 const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
-
-thread_local! {
-    /// The policy most recently loaded in this VM (one VM per worker): a stream whose body
-    /// completes after a reload is decided under it, not under the one its headers saw.
-    static CURRENT: RefCell<Option<Config>> = const { RefCell::new(None) };
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// Bytes of request bodies this worker holds for verification right now.
-    pub static HELD: Cell<u64> = const { Cell::new(0) };
-    /// Response byte counts of ended streams not yet sent to the cluster store (anomaly.rs).
-    pub static TALLY: RefCell<Vec<Op>> = const { RefCell::new(Vec::new()) };
-    /// This worker's audit chain (LOG-1): one per VM, kept across policy reloads; named by 64
-    /// random bits when the VM starts.
-    pub static CHAIN: RefCell<Chain> = RefCell::new(Chain::new(&chain_name()));
-}
-
-fn chain_name() -> [u8; 8] {
-    let mut b = [0u8; 8];
-    if getrandom::getrandom(&mut b).is_err() {
-        // No random source: the clock's nanoseconds still tell workers and restarts apart.
-        let ns = hostcalls::get_current_time()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos() as u64);
-        b = ns.to_le_bytes();
-    }
-    b
-}
-
-/// The policy in force in this VM now.
-pub fn current() -> Option<Config> {
-    CURRENT.with(|c| c.borrow().clone())
-}
 
 #[derive(Default)]
 pub struct ApisecRoot {

@@ -12,7 +12,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
-use crate::root::{CHAIN, HELD, TALLY};
+use crate::worker::{CHAIN, HELD, TALLY};
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";

@@ -113,7 +113,6 @@ pub enum Op {
     },
 }
 
-
 impl Op {
     /// The counted anomaly rule this operation serves, if any.
     pub fn watch(&self) -> Option<&Watch> {

@@ -1,0 +1,154 @@
+"""Helpers more than one test module uses (the tests import them from here, never from one
+another): refusal checks, waiting, Envoy's stats, the cluster pair of gateways on one store,
+and the sessions policy."""
+
+from __future__ import annotations
+
+import time
+
+import gateway as gw
+import state_store
+from conftest import SECRET_VAR, Client, base_policy, prometheus_series, read_audit, start_gateway
+
+# Both replicas serve one public name, as behind a load balancer: requests are signed for it.
+PUBLIC = "gw.example.test"
+RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
+CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
+
+
+def assert_refused(gateway, resp, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == code, body
+    assert set(body) == {"error", "request_id"}, "the caller gets the code only, no detail"
+    rec = read_audit(gateway, body["request_id"])
+    assert rec["status"] == status
+    assert rec["upstream"] is None, "a refused request must not reach the upstream"
+    audit = rec["audit"]
+    assert audit["decision"] == "deny" and audit["code"] == code, audit
+    return audit
+
+
+def ecds_stats(g: gw.Gateway) -> dict[str, int]:
+    out = {}
+    for line in g.admin("/stats?filter=extension_config_discovery.http_filter.apisec").splitlines():
+        k, _, v = line.partition(": ")
+        if v.strip().isdigit():
+            out[k.rsplit(".", 1)[-1]] = int(v)
+    return out
+
+
+def wait_for(pred, timeout=15.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric(g, name: str, **labels: str) -> float:
+    """A series of Envoy's Prometheus output by its name and labels, in any order."""
+    time.sleep(1.5)  # counts reach Envoy once a second
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for key, value in prometheus_series(g.admin("/stats/prometheus")).items():
+        base, _, rest = key.partition("{")
+        if base == name and set(filter(None, rest.rstrip("}").split(","))) == want:
+            return value
+    return 0
+
+
+def upstream_count(g) -> int:
+    return g.stat("cluster.backend.upstream_rq_total")
+
+
+class Pair:
+    """One store and two gateways sharing it."""
+
+    def __init__(self, tmp, secret, policy: dict | None = None, timeout_ms: int = 500,
+                 credentials: str | None = None, env: dict | None = None, app_share: int | None = None):
+        self.tmp = tmp
+        self.secret = secret
+        self.env = env or {}
+        self.store = state_store.StateStore(tmp / "store", gw.free_port(), gw.free_port(), credentials).start()
+        self.policy = state_store.with_cluster_state(policy or base_policy(), timeout_ms=timeout_ms,
+                                                     credentials_env=CREDENTIALS_VAR if credentials else None,
+                                                     app_share=app_share)
+        self.certs = tmp / "certs"
+        import certs as certs_mod
+
+        certs_mod.generate(self.certs)
+        self.a = self.b = None
+        try:
+            self.a = self.start("a")
+            self.b = self.start("b")
+        except Exception:
+            self.stop()  # never leave a store (or an Envoy) running behind a failed start
+            raise
+
+    def start(self, name: str):
+        return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,
+                             state_port=self.store.http_port, certs=self.certs, env=self.env)
+
+    def restart(self) -> None:
+        for g in (self.a, self.b):
+            g.stop()
+        for g in (self.a, self.b):
+            g.start()
+
+    def stop(self) -> None:
+        for g in (self.a, self.b):
+            if g is not None:
+                g.stop()
+        self.store.stop()
+
+    def client(self, g) -> Client:
+        return Client(g, self.secret)
+
+    def sign(self, path: str = RESEARCH, body: bytes | None = None, method: str = "GET",
+             app: str = "demo-partner", keyid: str | None = None) -> dict:
+        keyid = keyid or ("demo-partner-p256" if body else "demo-partner-hmac")
+        return self.client(self.a).sign(method, path, body=body, keyid=keyid, app=app, base=f"https://{PUBLIC}")
+
+    def send(self, g, signed: dict, source: str | None = None):
+        headers = list(signed["headers"].items()) + [("host", PUBLIC)]
+        path = signed["url"].split(PUBLIC, 1)[1]
+        c = self.client(g)
+        return c.raw(signed["method"], f"https://127.0.0.1:{g.layout.https_port}{path}", headers, signed["body"],
+                     source=source)
+
+
+def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
+    doc = base_policy()
+    common = {"level": "S1", "service_object": "toB", "user_auth": False, "personal_info": False}
+    doc["apis"] += [
+        {"id": "session.create", "method": "POST", "path": "/apisec/v1/sessions", "access": "write",
+         "function": "session", **common},
+        {"id": "session.logout", "method": "DELETE", "path": "/apisec/v1/sessions", "access": "write",
+         "function": "session", **common},
+        {"id": "info.watchlist", "method": "GET", "path": "/api/v1/watchlist", "access": "read",
+         "function": "watchlist", "session": "required", **common},
+    ]
+    doc["apis"] += [
+        {"id": "user.login", "method": "POST", "path": "/api/v1/users/login", "access": "write",
+         "function": "session", "session": "required", **common},
+        {"id": "user.news", "method": "GET", "path": "/api/v1/users/news", "access": "read",
+         "function": "user_news", **{**common, "user_auth": True}},
+        {"id": "user.profile", "method": "GET", "path": "/api/v1/users/profile", "access": "read",
+         "function": "user_profile", **{**common, "level": "S2", "user_auth": True, "personal_info": True}},
+    ]
+    doc["opted_out_users"] = ["u-closed"]
+    doc["apps"].append({"id": "partner-b", "credentials": [
+        {"id": "partner-b-hmac", "alg": "hmac-sha256", "secret_env": SECRET_VAR}]})
+    doc["grants"] += [
+        {"id": "sessions-a", "app": "demo-partner", "apis": ["session.*", "info.watchlist", "user.*"]},
+        {"id": "sessions-b", "app": "partner-b", "apis": ["session.*", "info.watchlist"]},
+    ]
+    doc["sessions"] = {
+        "create_api": "session.create", "logout_api": "session.logout",
+        "idle_timeout_seconds": idle, "max_lifetime_seconds": lifetime,
+        "slots": 1, "entries_per_slot": entries,
+        "operator_route": "apisec-operator", "operators": ["spiffe://apisec.demo/operator/alice"],
+        "login_apis": ["user.login"],
+    }
+    return doc
