@@ -53,7 +53,11 @@ VARIANTS = [v for v in ALL_VARIANTS if not _picked or v in _picked or v in ("bar
 # that this host's drift between runs cannot blur.
 BEFORE_WASM = os.environ.get("BENCH_BEFORE_WASM", "")
 if BEFORE_WASM:
-    VARIANTS = [w for v in VARIANTS for w in ((v, f"{v}_before") if v in ("s0", "s1", "s3") else (v,))]
+    VARIANTS = [w for v in VARIANTS
+                for w in ((v, f"{v}_before") if v in ("s0", "s1", "s3", "s1_cluster", "s3_cluster") else (v,))]
+# BENCH_BEFORE_HAS_GUARD=1: the "before" build marks what it lets through, so its variants run
+# with the guard after it, as this build's do (a build from before issue 21 marks nothing).
+BEFORE_HAS_GUARD = bool(os.environ.get("BENCH_BEFORE_HAS_GUARD"))
 
 # S3 (place an order) is a POST with a JSON body; its baseline and its native peer get the very
 # same POST requests, so that the body's own cost is not charged to the filter.
@@ -189,16 +193,27 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         # a long callout timeout: under callgrind Envoy runs ~50 times slower than the store
         json.dumps(state_store.with_cluster_state(policy, timeout_ms=5000)), layout)}
     cluster["typed_config"]["config"]["vm_config"].update(vm_id="apisec.cluster")
+    # its own key prefix: the two builds' nonces must not share one app's quota in the store
+    old_cluster = state_store.with_cluster_state(old_policy, timeout_ms=5000)
+    old_cluster["state"]["cluster"]["key_prefix"] = "apisec-before:"
+    cluster_before = {"name": "apisec_cluster_before", "typed_config": gw.wasm_filter_config(
+        json.dumps(old_cluster), layout)}
+    if BEFORE_WASM:
+        cluster_before["typed_config"]["config"]["vm_config"].update(
+            vm_id="apisec.cluster.before", code={"local": {"filename": str(Path(BEFORE_WASM).resolve())}})
     # The shipped configuration puts the guard after apisec (envoy/gateway.yaml): the variants
     # of this build run with it, so its cost is counted. A "before" build from before the guard
     # sets no mark for it, so its variants run without it.
     guard = gw.gateway_filter("apisec-guard")
+    before_guard = [guard] if BEFORE_HAS_GUARD else []
     filters = {
         "s1_cluster": [cluster, guard, gw.ROUTER],
         "s3_cluster": [cluster, guard, gw.ROUTER],
-        "s0_before": [before, gw.ROUTER],
-        "s1_before": [before, gw.ROUTER],
-        "s3_before": [before, gw.ROUTER],
+        "s1_cluster_before": [cluster_before, *before_guard, gw.ROUTER],
+        "s3_cluster_before": [cluster_before, *before_guard, gw.ROUTER],
+        "s0_before": [before, *before_guard, gw.ROUTER],
+        "s1_before": [before, *before_guard, gw.ROUTER],
+        "s3_before": [before, *before_guard, gw.ROUTER],
         "bare": [gw.ROUTER],
         "bare_post": [gw.ROUTER],
         "floor": [floor_filter(), gw.ROUTER],
@@ -520,7 +535,7 @@ def main() -> int:
         # A quarter of the baseline's capacity; the cluster variants, whose capacity here is far
         # below it (Envoy, the load generator, Redis and webdis share 2 cores), at a quarter of
         # their own, so that their latency is the round trip's and not a queue's.
-        rates = {v: max(100, int(med[v if v.endswith("_cluster") else base_of[v]] / 4)) for v in VARIANTS}
+        rates = {v: max(100, int(med[v if "_cluster" in v else base_of[v]] / 4)) for v in VARIANTS}
         # Several short runs per variant, interleaved, and the median of each percentile: on this
         # host one stall of the shared core would otherwise decide a single run's p99.
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -638,7 +653,7 @@ def markdown(r: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in r["median_rps"]:
         base = r["baseline"][v]
-        names.setdefault(v, names.get(kind(v), v) + " (before)")
+        names.setdefault(v, names.get(v.removesuffix("_before"), v) + " (before)")
         lt = r["latency"].get(v)
         base_p99 = (r["latency"].get(base) or {}).get("p99_us") or 1
         ir = r.get("instructions_per_request", {}).get(v)

@@ -17,16 +17,13 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use sha1::Digest as _;
-use sha2::Sha256;
 
 use crate::apps::SecretSource;
-use crate::bans::BanSettings;
-use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
-use crate::sessions::{Misuse, Scope, Session, Sessions};
-use crate::state::script::{self, script, script_sha, word, Layout, Words};
-use crate::state::{replay_refusal, Answer, BanSubject, Batch, Op, SessionCall};
+use crate::sessions::Session;
+use crate::state::script::{self, script, script_sha, word, Words};
+pub use crate::state::Params;
+use crate::state::{self, Answer, Batch, Op};
 
 /// `state:` in the policy.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -191,15 +188,6 @@ impl RawState {
     }
 }
 
-/// What of the policy the store's operations need.
-#[derive(Debug, Clone, Copy)]
-pub struct Params<'a> {
-    pub skew: u64,
-    pub lifetime: u64,
-    pub bans: Option<&'a BanSettings>,
-    pub sessions: Option<&'a Sessions>,
-}
-
 /// One HTTP callout for the host to dispatch, as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
@@ -207,121 +195,6 @@ pub struct Call {
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
     pub timeout_ms: u64,
-}
-
-fn subject_name(p: &Params<'_>, s: &BanSubject) -> String {
-    match (s, p.bans) {
-        (BanSubject::App(a), _) => format!("app/{a}"),
-        (BanSubject::Ip(ip), Some(b)) => format!("ip/{}", b.source(*ip)),
-        (BanSubject::Ip(ip), None) => format!("ip/{ip}"),
-    }
-}
-
-/// A subject as the audit record names it (`app a`, `source 192.0.2.1`), from its key.
-fn describe(subject: &str) -> String {
-    match subject.split_once('/') {
-        Some(("ip", s)) => format!("source {s}"),
-        Some((kind, s)) => format!("{kind} {s}"),
-        None => subject.to_string(),
-    }
-}
-
-/// The key of an (app, nonce) pair: a hash, so a caller's bytes never become key syntax.
-fn nonce_key(app: &str, nonce: &str) -> String {
-    let mut h = Sha256::new();
-    for part in [app, nonce] {
-        h.update((part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
-    }
-    let digest = h.finalize();
-    hex(digest.get(..16).unwrap_or(&digest))
-}
-
-/// The store's key of a session: a hash of its ID (a bearer secret, never sent to the store).
-fn session_key(id: &str) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"apisec-session\0")
-        .chain_update(id.as_bytes())
-        .finalize();
-    hex(digest.get(..16).unwrap_or(&digest))
-}
-
-fn flag(b: bool) -> &'static str {
-    if b {
-        "1"
-    } else {
-        "0"
-    }
-}
-
-/// The words every check of a presented session starts with.
-fn session_words<'b>(
-    body: &'b mut Vec<u8>,
-    layout: &'static Layout,
-    s: &Sessions,
-    c: &SessionCall,
-) -> Words<'b> {
-    Words::op(body, layout)
-        .put("key", &session_key(&c.id))
-        .put("app", &c.app)
-        .put("ip", &c.ip)
-        .put("mac", &c.mac)
-        .put("ip_unbound", flag(s.ip_unbound_apps.contains(&c.app)))
-        .put("idle", &s.idle_timeout_seconds.to_string())
-        .put("lifetime", &s.max_lifetime_seconds.to_string())
-}
-
-/// A session operation's words.
-fn session_op(body: &mut Vec<u8>, s: &Sessions, op: &Op) {
-    match op {
-        Op::SessionUse(c) | Op::SessionRead(c) => session_words(body, &script::SESSION_USE, s, c)
-            .put("refresh", flag(matches!(op, Op::SessionUse(_))))
-            .end(),
-        Op::SessionLogin {
-            call,
-            user,
-            factors,
-        } => session_words(body, &script::SESSION_LOGIN, s, call)
-            .put("user", user)
-            .put("factors", &factors.to_string())
-            .end(),
-        Op::SessionEnd(c) => session_words(body, &script::SESSION_END, s, c).end(),
-        Op::SessionCreate { id, session } => {
-            let bound = u64::from(s.slots) * u64::from(s.entries_per_slot);
-            Words::op(body, &script::SESSION_CREATE)
-                .put("key", &session_key(id))
-                .put("app", &session.app)
-                .put("ip", &session.ip)
-                .put("mac", &session.mac)
-                .put("user", session.user.as_deref().unwrap_or(""))
-                .put("factors", &session.factors.to_string())
-                .put("idle", &s.idle_timeout_seconds.to_string())
-                .put("bound", &bound.to_string())
-                .put("max_per_app", &s.max_per_app.to_string())
-                .put("per_minute", &s.establish_per_minute.to_string())
-                .put(
-                    "per_source_per_minute",
-                    &s.establish_per_source_per_minute.to_string(),
-                )
-                .end();
-        }
-        Op::SessionRevoke(Scope::Session(id)) => Words::op(body, &script::SESSION_REVOKE)
-            .put("key", &session_key(id))
-            .end(),
-        Op::SessionRevoke(Scope::App(name)) | Op::SessionRevoke(Scope::User(name)) => {
-            let kind = if matches!(op, Op::SessionRevoke(Scope::App(_))) {
-                "app"
-            } else {
-                "user"
-            };
-            Words::op(body, &script::SESSIONS_END_ALL)
-                .put("kind", kind)
-                .put("name", name)
-                .put("lifetime", &s.max_lifetime_seconds.to_string())
-                .end();
-        }
-        _ => {}
-    }
 }
 
 /// The script's command and the words every run starts with.
@@ -432,123 +305,14 @@ pub fn decode_gauges(full: bool, status: Option<&str>, body: &[u8]) -> GaugeAnsw
 pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: bool) -> Call {
     let mut body = command(p, settings, batch.now, full);
     for op in &batch.ops {
-        match op {
-            Op::Ban(s) => {
-                let lift = p.bans.map_or(0, |b| b.lifted_at(s.as_subject()));
-                Words::op(&mut body, &script::BAN)
-                    .put("subject", &subject_name(p, s))
-                    .put("lift", &lift.to_string())
-                    .end();
-            }
-            Op::Nonce {
-                app,
-                nonce,
-                created,
-                record,
-                ..
-            } => Words::op(&mut body, &script::NONCE)
-                .put("key", &nonce_key(app, nonce))
-                .put("app", app)
-                .put("created", &created.to_string())
-                .put("record", flag(*record))
-                .put("share", &settings.app_share.to_string())
-                .end(),
-            Op::GrantUse { grant, max } => Words::op(&mut body, &script::GRANT_USE)
-                .put("grant", grant)
-                .put("max", &max.to_string())
-                .end(),
-            Op::Refusal(s) => {
-                let (window, threshold, ban) = p.bans.map_or((1, u32::MAX, 1), |b| {
-                    (b.window_seconds, b.threshold, b.ban_seconds)
-                });
-                Words::op(&mut body, &script::REFUSAL)
-                    .put("subject", &subject_name(p, s))
-                    .put("window", &window.to_string())
-                    .put("threshold", &threshold.to_string())
-                    .put("ban", &ban.to_string())
-                    .end();
-            }
-            Op::Calls {
-                watch,
-                bucket,
-                window,
-                max_calls,
-                max_bytes,
-            } => Words::op(&mut body, &script::CALLS)
-                .put("rule", &watch.rule)
-                .put("app", &watch.app)
-                .put("bucket", &bucket.to_string())
-                .put("window", &window.to_string())
-                .put("max_calls", &max_calls.to_string())
-                .put("max_bytes", &max_bytes.to_string())
-                .put("block", flag(watch.blocks()))
-                .end(),
-            Op::Bytes {
-                watch,
-                bucket,
-                window,
-                bytes,
-            } => Words::op(&mut body, &script::BYTES)
-                .put("rule", &watch.rule)
-                .put("app", &watch.app)
-                .put("bucket", &bucket.to_string())
-                .put("window", &window.to_string())
-                .put("bytes", &bytes.to_string())
-                .end(),
-            Op::Source {
-                watch,
-                source,
-                learning,
-                max,
-                forget,
-            } => Words::op(&mut body, &script::SOURCE)
-                .put("rule", &watch.rule)
-                .put("app", &watch.app)
-                .put("source", source)
-                .put("learning", flag(*learning))
-                .put("max", &max.to_string())
-                .put("forget", &forget.to_string())
-                .put("block", flag(watch.blocks()))
-                .end(),
-            Op::KeyFailure {
-                watch,
-                keyid,
-                bucket,
-                window,
-                threshold,
-                ban,
-            } => {
-                let (subject, seconds, lift) = match ban {
-                    Some((s, secs)) => (
-                        subject_name(p, s),
-                        *secs,
-                        p.bans.map_or(0, |b| b.lifted_at(s.as_subject())),
-                    ),
-                    None => (String::new(), 0, 0),
-                };
-                Words::op(&mut body, &script::KEY_FAILURE)
-                    .put("rule", &watch.rule)
-                    .put("app", &watch.app)
-                    .put("keyid", keyid)
-                    .put("bucket", &bucket.to_string())
-                    .put("window", &window.to_string())
-                    .put("threshold", &threshold.to_string())
-                    .put("ban_subject", &subject)
-                    .put("ban_seconds", &seconds.to_string())
-                    .put("lift", &lift.to_string())
-                    .end();
-            }
-            Op::SessionUse(_)
-            | Op::SessionRead(_)
-            | Op::SessionLogin { .. }
-            | Op::SessionCreate { .. }
-            | Op::SessionEnd(_)
-            | Op::SessionRevoke(_) => match p.sessions {
-                Some(s) => session_op(&mut body, s, op),
-                // The lifecycle asks for sessions only under a policy that has them; should
-                // one come anyway, the script does not know this word and fails the batch.
-                None => word(&mut body, script::MISMATCH),
-            },
+        // each operation belongs to one stored concern, which writes its words
+        let written = state::bans::encode(&mut body, p, op)
+            || state::nonces::encode(&mut body, settings.app_share, op)
+            || state::grants::encode(&mut body, op)
+            || state::sessions::encode(&mut body, p, op)
+            || state::anomalies::encode(&mut body, p, op);
+        if !written {
+            word(&mut body, script::MISMATCH);
         }
     }
     call(settings, body)
@@ -567,19 +331,6 @@ fn unavailable(detail: impl Into<String>) -> Decoded {
         DenyReason::StateUnavailable,
         detail.into(),
     )))
-}
-
-/// The batch's nonce operation: its app, nonce and whether it is an Idempotency-Key.
-fn nonce_of(batch: &Batch) -> Option<(&str, &str, bool)> {
-    batch.ops.iter().find_map(|op| match op {
-        Op::Nonce {
-            app,
-            nonce,
-            idempotency,
-            ..
-        } => Some((app.as_str(), nonce.as_str(), *idempotency)),
-        _ => None,
-    })
 }
 
 /// Reads the callout's answer: `status` is its `:status` (None: the host gave none, as for a
@@ -634,95 +385,17 @@ fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
             Some(answer) => Decoded::Answer(answer),
             None => unavailable("state store answer has an unexpected shape"),
         },
-        (_, Some("session")) => match text(1).and_then(|w| Misuse::from_word(w, text(2))) {
-            Some(m) => Decoded::Answer(Answer::refused(m.deny())),
-            None => unavailable("state store answer has an unexpected shape"),
-        },
-        (_, Some("blocked")) => {
-            let Some(watch) = text(1).and_then(|r| batch.watch(r)) else {
-                return unavailable("state store answer has an unexpected shape");
-            };
-            let detail = match batch.ops.iter().find(|o| o.watch() == Some(watch)) {
-                Some(Op::Source { source, .. }) => {
-                    format!("{} never called from {source} before", watch.app)
-                }
-                _ => format!(
-                    "{} made {} calls and received {} response bytes in this window (cluster store)",
-                    watch.app,
-                    text(2).unwrap_or("?"),
-                    text(3).unwrap_or("?")
-                ),
-            };
-            let mut answer = Answer::refused(watch.refusal(&detail));
-            answer.anomalies.push(watch.anomaly());
-            Decoded::Answer(answer)
-        }
-        (_, Some("banned")) => Decoded::Answer(Answer::refused(Deny::new(
-            DenyReason::Banned,
-            format!(
-                "{} banned until {}",
-                describe(text(1).unwrap_or("?")),
-                text(2).unwrap_or("?")
-            ),
-        ))),
-        (_, Some("replayed")) => {
-            let (_, nonce, idempotency) = nonce_of(batch).unwrap_or(("?", "?", false));
-            let d = Deny::new(
-                DenyReason::NonceReplayed,
-                format!("nonce {nonce:?} already used (cluster store)"),
-            );
-            Decoded::Answer(Answer::refused(replay_refusal(d, idempotency)))
-        }
-        (_, Some("too_old")) => Decoded::Answer(Answer::refused(Deny::new(
-            DenyReason::CreatedTooOld,
-            format!(
-                "created is not after {}: the cluster store cannot vouch for requests created \
-                 before its epoch",
-                text(1).unwrap_or("?")
-            ),
-        ))),
-        (_, Some("full")) => {
-            let (app, _, _) = nonce_of(batch).unwrap_or(("?", "?", false));
-            Decoded::Answer(Answer::refused(Deny::new(
-                DenyReason::ReplayStoreFull,
-                format!(
-                    "{app} holds its share ({}) of the cluster replay store",
-                    text(1).unwrap_or("?")
-                ),
-            )))
-        }
-        (_, Some("session_rate")) => Decoded::Answer(Answer::refused(Deny::new(
-            DenyReason::SessionRateLimited,
-            format!(
-                "{} establishes this minute by the {} (cluster store)",
-                text(2).unwrap_or("?"),
-                if text(1) == Some("source") {
-                    "app from this source"
-                } else {
-                    "app"
-                }
-            ),
-        ))),
-        (_, Some("session_full")) => Decoded::Answer(Answer::refused(Deny::new(
-            DenyReason::SessionStoreFull,
-            "the session store is at its bound with other apps' live sessions (cluster store)",
-        ))),
-        (_, Some("exhausted")) => {
-            let grant = batch
-                .ops
-                .iter()
-                .find_map(|op| match op {
-                    Op::GrantUse { grant, max } => Some(format!(
-                        "grant {grant} used {} of {max} times",
-                        text(1).unwrap_or("?")
-                    )),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "grant exhausted".into());
-            Decoded::Answer(Answer::refused(Deny::new(
-                DenyReason::GrantExhausted,
-                grant,
-            )))
+        (_, Some(first)) => {
+            // a refusal, in the words of the concern whose operation refused
+            let refused = state::bans::refusal(first, &text)
+                .or_else(|| state::nonces::refusal(batch, first, &text))
+                .or_else(|| state::grants::refusal(batch, first, &text))
+                .or_else(|| state::sessions::refusal(first, &text))
+                .or_else(|| state::anomalies::refusal(batch, first, &text));
+            match refused {
+                Some(answer) => Decoded::Answer(answer),
+                None => unavailable("state store answer has an unexpected shape"),
+            }
         }
         _ => unavailable("state store answer has an unexpected shape"),
     }
@@ -740,7 +413,7 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                 let secs: u64 = words.next()??.parse().ok()?;
                 let rule = words.next()??;
                 answer.ban_started = Some(crate::bans::started(
-                    &describe(subject),
+                    &state::bans::describe(subject),
                     secs,
                     Some(rule).filter(|r| !r.is_empty()),
                 ));
@@ -755,7 +428,7 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                 let factors = f()?.parse().ok()?;
                 let (created, last_seen) = (f()?.parse().ok()?, f()?.parse().ok()?);
                 let tag = batch.ops.iter().find_map(|op| match op {
-                    Op::SessionUse(c) | Op::SessionRead(c) => Some(session_key(&c.id)),
+                    Op::SessionUse(c) | Op::SessionRead(c) => Some(state::sessions::key(&c.id)),
                     _ => None,
                 })?;
                 answer.session = Some(Box::new(Session {
@@ -789,7 +462,9 @@ pub fn failed(detail: &str) -> Answer {
 #[allow(clippy::unwrap_used, clippy::panic)] // test code
 mod tests {
     use super::*;
-    use crate::state::Watch;
+    use crate::sessions::{Misuse, Scope, Sessions};
+    use crate::state::sessions::key as session_key;
+    use crate::state::{BanSubject, SessionCall, Watch};
 
     #[test]
     fn words_cannot_break_the_command() {

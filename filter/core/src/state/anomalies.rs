@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::bans::subject_name;
+use super::script::{self, flag, Words};
+use super::{Answer, Batch, Op, Params};
 use crate::error::{Deny, DenyReason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -60,4 +63,109 @@ impl Watch {
             format!("{} rule {} matched: {detail}", self.kind, self.rule),
         )
     }
+}
+
+/// Writes a counted anomaly rule's words (`V`, `VB`, `NS`, `KF`); false for another concern's
+/// operation.
+pub fn encode(body: &mut Vec<u8>, p: &Params<'_>, op: &Op) -> bool {
+    match op {
+        Op::Calls {
+            watch,
+            bucket,
+            window,
+            max_calls,
+            max_bytes,
+        } => Words::op(body, &script::CALLS)
+            .put("rule", &watch.rule)
+            .put("app", &watch.app)
+            .put("bucket", &bucket.to_string())
+            .put("window", &window.to_string())
+            .put("max_calls", &max_calls.to_string())
+            .put("max_bytes", &max_bytes.to_string())
+            .put("block", flag(watch.blocks()))
+            .end(),
+        Op::Bytes {
+            watch,
+            bucket,
+            window,
+            bytes,
+        } => Words::op(body, &script::BYTES)
+            .put("rule", &watch.rule)
+            .put("app", &watch.app)
+            .put("bucket", &bucket.to_string())
+            .put("window", &window.to_string())
+            .put("bytes", &bytes.to_string())
+            .end(),
+        Op::Source {
+            watch,
+            source,
+            learning,
+            max,
+            forget,
+        } => Words::op(body, &script::SOURCE)
+            .put("rule", &watch.rule)
+            .put("app", &watch.app)
+            .put("source", source)
+            .put("learning", flag(*learning))
+            .put("max", &max.to_string())
+            .put("forget", &forget.to_string())
+            .put("block", flag(watch.blocks()))
+            .end(),
+        Op::KeyFailure {
+            watch,
+            keyid,
+            bucket,
+            window,
+            threshold,
+            ban,
+        } => {
+            let (subject, seconds, lift) = match ban {
+                Some((s, secs)) => (
+                    subject_name(p, s),
+                    *secs,
+                    p.bans.map_or(0, |b| b.lifted_at(s.as_subject())),
+                ),
+                None => (String::new(), 0, 0),
+            };
+            Words::op(body, &script::KEY_FAILURE)
+                .put("rule", &watch.rule)
+                .put("app", &watch.app)
+                .put("keyid", keyid)
+                .put("bucket", &bucket.to_string())
+                .put("window", &window.to_string())
+                .put("threshold", &threshold.to_string())
+                .put("ban_subject", &subject)
+                .put("ban_seconds", &seconds.to_string())
+                .put("lift", &lift.to_string())
+                .end();
+        }
+        _ => return false,
+    }
+    true
+}
+
+/// `blocked <rule> [calls bytes]`: a blocking rule refused the batch.
+pub fn refusal<'r>(
+    batch: &Batch,
+    first: &str,
+    text: &impl Fn(usize) -> Option<&'r str>,
+) -> Option<Answer> {
+    if first != "blocked" {
+        return None;
+    }
+    let watch = batch.watch(text(1)?)?;
+    let detail = match batch.ops.iter().find(|o| o.watch() == Some(watch)) {
+        Some(Op::Source { source, .. }) => {
+            format!("{} never called from {source} before", watch.app)
+        }
+        _ => format!(
+            "{} made {} calls and received {} response bytes in this window (cluster store)",
+            watch.app,
+            text(2).unwrap_or("?"),
+            text(3).unwrap_or("?")
+        ),
+    };
+    let mut answer = Answer::refused(watch.refusal(&detail));
+    answer.anomalies.push(watch.anomaly());
+    Some(answer)
 }

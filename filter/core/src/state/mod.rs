@@ -9,15 +9,20 @@
 //!   by an HTTP callout the request pauses for.
 
 pub mod anomalies;
+pub mod bans;
+pub mod grants;
+pub mod nonces;
 pub mod script;
+pub mod sessions;
 
 pub use anomalies::{Anomaly, Watch};
 
 use std::net::IpAddr;
 
+use crate::bans::BanSettings;
 use crate::bans::Subject;
 use crate::error::{Deny, DenyReason};
-use crate::sessions::{Scope, Session};
+use crate::sessions::{Scope, Session, Sessions};
 
 /// Who a ban or a refusal counter is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,4 +198,13 @@ pub fn replay_refusal(d: Deny, idempotency: bool) -> Deny {
     } else {
         d
     }
+}
+
+/// What of the policy the store's operations need.
+#[derive(Debug, Clone, Copy)]
+pub struct Params<'a> {
+    pub skew: u64,
+    pub lifetime: u64,
+    pub bans: Option<&'a BanSettings>,
+    pub sessions: Option<&'a Sessions>,
 }

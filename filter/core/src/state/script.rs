@@ -200,6 +200,15 @@ pub fn word(out: &mut Vec<u8>, w: &str) {
     }
 }
 
+/// A yes/no word.
+pub fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
 /// The code word that ends a batch whose words did not follow their layout: the script knows
 /// no such operation and fails the batch (the request is refused `state_unavailable`).
 pub const MISMATCH: &str = "layout-mismatch";

@@ -1,0 +1,96 @@
+//! Nonces on the cluster store (ATK-1; the local store is `crate::replay`): the words of `N`,
+//! the key of an (app, nonce) pair, and what `replayed`, `too_old` and `full` replies mean. Its
+//! script is `nonces.lua` beside this.
+
+use sha2::{Digest, Sha256};
+
+use super::script::{self, Words};
+use super::{replay_refusal, Answer, Batch, Op};
+use crate::crypto::hex;
+use crate::error::{Deny, DenyReason};
+
+/// The key of an (app, nonce) pair: a hash, so a caller's bytes never become key syntax.
+pub fn key(app: &str, nonce: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [app, nonce] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let digest = h.finalize();
+    hex(digest.get(..16).unwrap_or(&digest))
+}
+
+/// Writes a nonce's words (`share`: the nonces one app may record per lifetime); false for
+/// another concern's operation.
+pub fn encode(body: &mut Vec<u8>, share: u64, op: &Op) -> bool {
+    let Op::Nonce {
+        app,
+        nonce,
+        created,
+        record,
+        ..
+    } = op
+    else {
+        return false;
+    };
+    Words::op(body, &script::NONCE)
+        .put("key", &key(app, nonce))
+        .put("app", app)
+        .put("created", &created.to_string())
+        .put("record", script::flag(*record))
+        .put("share", &share.to_string())
+        .end();
+    true
+}
+
+/// The batch's nonce operation: its app, nonce and whether it is an Idempotency-Key.
+fn nonce_of(batch: &Batch) -> (&str, &str, bool) {
+    batch
+        .ops
+        .iter()
+        .find_map(|op| match op {
+            Op::Nonce {
+                app,
+                nonce,
+                idempotency,
+                ..
+            } => Some((app.as_str(), nonce.as_str(), *idempotency)),
+            _ => None,
+        })
+        .unwrap_or(("?", "?", false))
+}
+
+/// `replayed`, `too_old <horizon>`, `full <held>`: the nonce refused the batch.
+pub fn refusal<'r>(
+    batch: &Batch,
+    first: &str,
+    text: &impl Fn(usize) -> Option<&'r str>,
+) -> Option<Answer> {
+    let (app, nonce, idempotency) = nonce_of(batch);
+    let deny = match first {
+        "replayed" => replay_refusal(
+            Deny::new(
+                DenyReason::NonceReplayed,
+                format!("nonce {nonce:?} already used (cluster store)"),
+            ),
+            idempotency,
+        ),
+        "too_old" => Deny::new(
+            DenyReason::CreatedTooOld,
+            format!(
+                "created is not after {}: the cluster store cannot vouch for requests created \
+                 before its epoch",
+                text(1).unwrap_or("?")
+            ),
+        ),
+        "full" => Deny::new(
+            DenyReason::ReplayStoreFull,
+            format!(
+                "{app} holds its share ({}) of the cluster replay store",
+                text(1).unwrap_or("?")
+            ),
+        ),
+        _ => return None,
+    };
+    Some(Answer::refused(deny))
+}
