@@ -1,0 +1,379 @@
+//! Who the caller is (ID-1..ID-3): its app's credential, its RFC 9421 signature and the
+//! signature's parameters (freshness, nonce, covered components; DATA-3, DATA-4, ATK-1).
+
+use super::*;
+
+pub(super) fn single_member<'a>(
+    header: &str,
+    dict: &'a [(String, Member)],
+) -> Result<(&'a str, &'a Member), Deny> {
+    match dict {
+        [(label, m)] => Ok((label.as_str(), m)),
+        _ => Err(Deny::new(
+            DenyReason::SignatureAmbiguous,
+            format!(
+                "{header} carries {} signatures; exactly one is verified",
+                dict.len()
+            ),
+        )),
+    }
+}
+
+/// Is `component` covered, directly or by an equivalent that includes it?
+pub(crate) fn covers(covered: &[&str], component: &str) -> bool {
+    if covered.contains(&component) {
+        return true;
+    }
+    match component {
+        "@path" | "@query" => {
+            covered.contains(&"@target-uri") || covered.contains(&"@request-target")
+        }
+        "@authority" => covered.contains(&"@target-uri"),
+        _ => false,
+    }
+}
+
+/// ID-2, ID-3, DATA-2..DATA-4: S1 and above need TLS, then the app's client certificate or its
+/// signature; S2 and S3 accept only a certificate or a key pair; S3 always needs the signature
+/// (evidence). A certificate bound to another app is refused outright.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn authenticate(
+    policy: &Policy,
+    req: &Request,
+    app: &App,
+    api: &Api,
+    has_body: bool,
+    now: u64,
+    verifier: &dyn EcdsaVerifier,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
+    if !req.conn.tls {
+        return Err(Deny::new(
+            DenyReason::TlsRequired,
+            format!("{} APIs are served over TLS only", api.level.as_str()),
+        ));
+    }
+    let (cert_sha, cert_uri) = (
+        req.conn.peer_cert_sha256.as_deref(),
+        req.conn.peer_uri_san.as_deref(),
+    );
+    let cert_ok = app
+        .certificates
+        .iter()
+        .any(|b| b.matches(cert_sha, cert_uri));
+    if (cert_sha.is_some() || cert_uri.is_some()) && !cert_ok {
+        return Err(Deny::new(
+            DenyReason::CertificateMismatch,
+            format!("the client certificate is not bound to app {}", app.id),
+        ));
+    }
+    let sig_input = req.unique_header("signature-input")?;
+    let sig = req.unique_header("signature")?;
+    match (sig_input, sig) {
+        (Some(input), Some(sig)) => {
+            let user_covered = verify_signature(
+                policy, req, app, api, has_body, now, verifier, input, sig, ctx,
+            )?;
+            ctx.auth = Some(if cert_ok {
+                AuthKind::CertificateAndSignature
+            } else {
+                AuthKind::Signature
+            });
+            let user = req.unique_header(USER_HEADER)?;
+            if user.is_some() && !user_covered {
+                return Err(Deny::new(
+                    DenyReason::ComponentNotCovered,
+                    "x-user-id counts only when the signature covers it",
+                ));
+            }
+            ctx.user = user.map(str::to_string);
+            Ok(())
+        }
+        _ if cert_ok && api.level < SecurityLevel::S3 => {
+            // The whole channel is the app's: its user claim is as authentic as the request.
+            ctx.auth = Some(AuthKind::Certificate);
+            ctx.user = req.unique_header(USER_HEADER)?.map(str::to_string);
+            // A write has no signature nonce; its Idempotency-Key is checked like one, so a
+            // duplicated write is not executed twice (issue 8, hole 13; ATK-1).
+            if !Method::parse(&req.method).is_some_and(Method::is_safe) {
+                let key = req.unique_header(IDEMPOTENCY_HEADER)?.ok_or_else(|| {
+                    Deny::new(
+                        DenyReason::IdempotencyKeyMissing,
+                        "a certificate-only write needs an Idempotency-Key",
+                    )
+                })?;
+                if key.is_empty()
+                    || key.len() > MAX_NONCE_LEN
+                    || !key.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(Deny::new(
+                        DenyReason::IdempotencyKeyMissing,
+                        "Idempotency-Key is empty, longer than 128 or not printable",
+                    ));
+                }
+                ctx.nonce = Some(format!("\0idempotency\0{key}"));
+                ctx.idempotency = true;
+                ctx.created = Some(now);
+            }
+            Ok(())
+        }
+        _ => Err(Deny::new(
+            DenyReason::SignatureMissing,
+            if cert_ok {
+                "S3 requires a signature even with a client certificate (DATA-4)".to_string()
+            } else {
+                format!(
+                    "{} requires an RFC 9421 signature or the app's client certificate",
+                    api.level.as_str()
+                )
+            },
+        )),
+    }
+}
+
+/// Verifies the one RFC 9421 signature; returns whether it covers `x-user-id`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn verify_signature(
+    policy: &Policy,
+    req: &Request,
+    app: &App,
+    api: &Api,
+    has_body: bool,
+    now: u64,
+    verifier: &dyn EcdsaVerifier,
+    sig_input: &str,
+    sig: &str,
+    ctx: &mut RequestContext,
+) -> Result<bool, Deny> {
+    let digest_owned = ctx.content_digest.clone();
+    let digest = digest_owned.as_deref();
+    if sig_input.len() + sig.len() > policy.max_signature_header_bytes as usize {
+        return Err(Deny::new(
+            DenyReason::HeaderTooLarge,
+            "signature headers too large",
+        ));
+    }
+    let malformed = |what: &str, e: sf::SfError| {
+        Deny::new(DenyReason::SignatureMalformed, format!("{what}: {e}"))
+    };
+    let inputs = sf::parse_dictionary(sig_input).map_err(|e| malformed("signature-input", e))?;
+    let sigs = sf::parse_dictionary(sig).map_err(|e| malformed("signature", e))?;
+    let (label, input_member) = single_member("signature-input", &inputs)?;
+    let (sig_label, sig_member) = single_member("signature", &sigs)?;
+    if label != sig_label {
+        return Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "signature and signature-input labels differ",
+        ));
+    }
+    let Member::InnerList(input) = input_member else {
+        return Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "signature-input member is not an inner list",
+        ));
+    };
+    let signature_bytes = match sig_member {
+        Member::Item(sf::Item {
+            bare: BareItem::ByteSeq(b),
+            ..
+        }) => b,
+        _ => {
+            return Err(Deny::new(
+                DenyReason::SignatureMalformed,
+                "signature member is not a byte sequence",
+            ))
+        }
+    };
+
+    check_params(policy, input, now, ctx)?;
+    let keyid = ctx.keyid.clone().unwrap_or_default();
+    let cred = app.credential(&keyid).ok_or_else(|| {
+        Deny::new(
+            DenyReason::UnknownKey,
+            format!("keyid {keyid:?} is not a credential of {}", app.id),
+        )
+    })?;
+    if let Some(BareItem::String(alg)) = sf::param(&input.params, "alg") {
+        if alg != cred.alg.as_str() {
+            return Err(Deny::new(
+                DenyReason::AlgMismatch,
+                format!(
+                    "alg {alg:?} but credential {keyid} is {}",
+                    cred.alg.as_str()
+                ),
+            ));
+        }
+    }
+    if !cred.alg.allowed_for(api.level) {
+        return Err(Deny::new(
+            DenyReason::CredentialNotAllowed,
+            format!(
+                "{} credentials cannot call {} APIs",
+                cred.alg.as_str(),
+                api.level.as_str()
+            ),
+        ));
+    }
+
+    if input.items.len() > policy.max_covered_components {
+        return Err(Deny::new(
+            DenyReason::SignatureTooComplex,
+            format!(
+                "{} covered components, at most {}",
+                input.items.len(),
+                policy.max_covered_components
+            ),
+        ));
+    }
+    let covered: Vec<&str> = input
+        .items
+        .iter()
+        .filter_map(|i| match &i.bare {
+            BareItem::String(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
+    // A call presenting a session signs it: the session headers it sends must be covered
+    // (their absence is `session_required`, decided after authentication).
+    let session_headers: Vec<&str> = if presents_session(policy, api) {
+        [sessions::SESSION_HEADER, sessions::MAC_HEADER]
+            .into_iter()
+            .filter(|h| req.header_values(h).next().is_some())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for required in policy
+        .required_components
+        .iter()
+        .map(String::as_str)
+        .chain(session_headers.iter().copied())
+    {
+        if !covers(&covered, required) {
+            return Err(Deny::new(
+                DenyReason::ComponentNotCovered,
+                format!("{required} is not covered"),
+            ));
+        }
+    }
+    if has_body && digest.is_none() {
+        return Err(Deny::new(
+            DenyReason::DigestMissing,
+            "a request with a body needs content-digest",
+        ));
+    }
+    if digest.is_some() && !covered.contains(&"content-digest") {
+        return Err(Deny::new(
+            DenyReason::ComponentNotCovered,
+            "content-digest is not covered",
+        ));
+    }
+
+    let base = signature_base(req, input, policy.max_signature_base_bytes)?;
+    let ok = match &cred.key {
+        KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
+        KeyMaterial::P256 { spki_der, .. } => verifier
+            .verify_p256_sha256(spki_der, base.as_bytes(), signature_bytes)
+            .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
+    };
+    if !ok {
+        if app.onboarding {
+            ctx.onboarding_base = Some(base);
+        }
+        return Err(Deny::new(
+            DenyReason::SignatureInvalid,
+            format!("signature {label} by {keyid} does not verify"),
+        ));
+    }
+    if api.level == SecurityLevel::S3 {
+        let base_sha256 =
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes()));
+        // the session ID the signature covers stays out of the log (issue 21 item 6)
+        let (base, session_sealed) =
+            match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {
+                Some((logged, sealed)) => (logged, sealed),
+                None => (base, None),
+            };
+        ctx.evidence = Some(Evidence {
+            keyid: keyid.clone(),
+            alg: cred.alg.as_str(),
+            signature_input: sig_input.to_string(),
+            signature: sig.to_string(),
+            signature_base_sha256: base_sha256,
+            signature_base: base,
+            session_sealed,
+            content_digest: digest.map(str::to_string),
+            key_sha256: match &cred.key {
+                KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),
+                KeyMaterial::Hmac(_) => None,
+            },
+        });
+    }
+    Ok(covered.contains(&USER_HEADER))
+}
+
+pub(super) fn check_params(
+    policy: &Policy,
+    input: &InnerList,
+    now: u64,
+    ctx: &mut RequestContext,
+) -> Result<(), Deny> {
+    let bad = |what: &str| Deny::new(DenyReason::SignatureMalformed, what.to_string());
+    let created = match sf::param(&input.params, "created") {
+        None => {
+            return Err(Deny::new(
+                DenyReason::CreatedMissing,
+                "no created parameter",
+            ))
+        }
+        Some(BareItem::Integer(c)) if *c >= 0 => *c as u64,
+        Some(_) => return Err(bad("created is not a non-negative integer")),
+    };
+    ctx.created = Some(created);
+    let skew = policy.clock_skew_seconds;
+    if created.saturating_add(skew) < now {
+        return Err(Deny::new(
+            DenyReason::CreatedTooOld,
+            format!("created {created}, now {now}, skew {skew}"),
+        ));
+    }
+    if created > now.saturating_add(skew) {
+        return Err(Deny::new(
+            DenyReason::CreatedInFuture,
+            format!("created {created}, now {now}, skew {skew}"),
+        ));
+    }
+    match sf::param(&input.params, "expires") {
+        None => {}
+        Some(BareItem::Integer(e)) if *e < 0 || (*e as u64) <= now => {
+            return Err(Deny::new(
+                DenyReason::SignatureExpired,
+                format!("expires {e}, now {now}"),
+            ));
+        }
+        Some(BareItem::Integer(e)) => ctx.expires = Some(*e as u64),
+        Some(_) => return Err(bad("expires is not an integer")),
+    }
+    match sf::param(&input.params, "nonce") {
+        Some(BareItem::String(n)) if !n.is_empty() && n.len() <= MAX_NONCE_LEN => {
+            ctx.nonce = Some(n.clone())
+        }
+        Some(BareItem::String(_)) => {
+            return Err(Deny::new(
+                DenyReason::NonceMissing,
+                "nonce empty or longer than 128",
+            ))
+        }
+        None => return Err(Deny::new(DenyReason::NonceMissing, "no nonce parameter")),
+        Some(_) => return Err(bad("nonce is not a string")),
+    }
+    match sf::param(&input.params, "keyid") {
+        Some(BareItem::String(k)) => ctx.keyid = Some(k.clone()),
+        None => return Err(Deny::new(DenyReason::UnknownKey, "no keyid parameter")),
+        Some(_) => return Err(bad("keyid is not a string")),
+    }
+    match sf::param(&input.params, "alg") {
+        None | Some(BareItem::String(_)) => Ok(()),
+        Some(_) => Err(bad("alg is not a string")),
+    }
+}
