@@ -74,7 +74,7 @@ demo-assets: build/certs/ca.pem build/demo.env
 	@# ... and the operations log's chain key (LOG-5)
 	@grep -q '^APISEC_OPS_KEY=' build/demo.env || echo "APISEC_OPS_KEY=$$($(CLI) keygen hmac)" >> build/demo.env
 
-# --- release artifacts (README "Deploy") ----------------------------------------------------
+# --- release artifacts (docs/operators.md "Deploy") ----------------------------------------------------
 # dist/: the .wasm with its SHA-256, and the OCI image of it (compat variant, as Istio and Envoy
 # Gateway pull it) as an oci-archive tarball, built without a container engine; the same .wasm
 # gives the same manifest digest.
@@ -111,7 +111,7 @@ run: setup build demo-assets
 		--https-port $(HTTPS_PORT) --mtls-port $(MTLS_PORT) --operator-port $(OPERATOR_PORT) \
 		--admin-port $(ADMIN_PORT) --upstream-port $(UPSTREAM_PORT)
 
-# Two gateway instances sharing the cluster state store (README "Cluster state").
+# Two gateway instances sharing the cluster state store (docs/operators.md "State: local or cluster").
 run-cluster: setup build demo-assets
 	$(PY) envoy/gateway.py run-cluster --policy $(POLICY)
 
@@ -178,7 +178,7 @@ fuzz-smoke: fuzz-build
 fuzz: FUZZ_SECONDS = 600
 fuzz: fuzz-smoke
 
-# --- soak (see README: a 10-minute record) -----------------------------------------------------
+# --- soak (docs/developers.md: a 10-minute record) -----------------------------------------------------
 SOAK_SECONDS ?= 600
 soak: setup build
 	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest tests/test_soak.py -q -s -p no:cacheprovider

@@ -650,7 +650,7 @@ def serve(gateways: list[Gateway], store: state_store.StateStore | None = None) 
     return 1 if failed or not stop["now"] else 0
 
 
-# `make run-cluster`: documented ports (README "Cluster state").
+# `make run-cluster`: documented ports (docs/operators.md "State: local or cluster").
 CLUSTER_REDIS_PORT = 16379
 CLUSTER_WEBDIS_PORT = 17379
 

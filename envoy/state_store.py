@@ -1,7 +1,7 @@
 """The cluster state store for demos and tests: a real Redis (append-only file, fsync on every
 write, so recorded nonces and grant uses survive a restart) behind a real webdis HTTP bridge,
 both from Debian's packages, on loopback ports of our choosing. Production runs its own Redis;
-README "Cluster state" says how to size and deploy it."""
+docs/operators.md "State: local or cluster" says how to size and deploy it."""
 from __future__ import annotations
 
 import json

@@ -270,6 +270,6 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_configure(config):
-    """The markers `make e2e M=...` selects by (README "Developing")."""
+    """The markers `make e2e M=...` selects by (docs/developers.md "Tests")."""
     config.addinivalue_line("markers", "slow: long runs (the soak test); `make e2e M='not slow'` leaves them out")
     config.addinivalue_line("markers", "cluster: tests on the cluster backend (Redis through webdis)")

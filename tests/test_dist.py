@@ -92,7 +92,7 @@ def skopeo(*args: str) -> subprocess.CompletedProcess:
 def test_push_pull_back_and_envoy_runs_the_pulled_module(registry, tmp_path, secret):
     digest = (DIST / f"apisec-filter-{VERSION}.oci.digest").read_text().strip()
     ref = f"docker://{registry}/apisec/apisec-filter"
-    # Push as documented in the README.
+    # Push as documented in docs/operators.md "Deploy".
     out = skopeo("copy", "--dest-tls-verify=false", f"oci-archive:{ARCHIVE}:{VERSION}", f"{ref}:{VERSION}")
     assert out.returncode == 0, out.stderr
     # The registry serves the very manifest built here: the digest a WasmPlugin pins.

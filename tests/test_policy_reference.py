@@ -1,6 +1,6 @@
-"""README's policy field reference covers every field: a policy that sets every field the
+"""The policy field reference (docs/policy.md) covers every field: a policy that sets every field the
 schema has (the schema refuses unknown fields, so none is invented here) is validated by the
-core and printed back; every field path it contains must be in the README's table, and a field
+core and printed back; every field path it contains must be in its table, and a field
 the core prints that this policy does not set (a new field with a default) fails the test."""
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def paths(doc, prefix=""):
 
 
 def readme_fields() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs/policy.md").read_text()
     section = text.split("### Field reference", 1)[1].split("\n### ", 1)[0]
     rows = [line.replace("\\|", "/") for line in section.splitlines() if line.startswith("| `")]
     return "\n".join(row.split("|")[1] for row in rows)
@@ -186,4 +186,4 @@ def test_every_policy_field_is_in_the_readme_reference(tmp_path):
     assert given_all == paths(yaml.safe_load(EVERY_FIELD))
     leaves = {p for p in given_all if not any(q.startswith(p + ".") or q.startswith(p + "[]") for q in given_all)}
     missing = sorted(p for p in leaves if not documented(p, table))
-    assert missing == [], f"README field reference lacks: {missing}"
+    assert missing == [], f"docs/policy.md field reference lacks: {missing}"

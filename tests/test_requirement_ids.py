@@ -1,4 +1,4 @@
-"""README's list of requirement IDs with an end-to-end test is the tests' own tags (issue 21
+"""The auditors' list of requirement IDs (docs/auditors.md) with an end-to-end test is the tests' own tags (issue 21
 item 15): every ID an e2e test names on its `def` line is listed, nothing else is, and every
 ID is one of ../shared/spec/REQUIREMENTS.md. Like the refusal-code table, a claim that cannot
 drift from what is tested."""
@@ -25,8 +25,8 @@ def tagged_ids() -> dict[str, list[str]]:
     return tagged
 
 
-def readme_ids() -> tuple[set[str], set[str]]:
-    text = (ROOT / "README.md").read_text()
+def listed_ids() -> tuple[set[str], set[str]]:
+    text = (ROOT / "docs/auditors.md").read_text()
     start = text.index("Requirement IDs with an end-to-end test")
     end = text.find("\n\n", start)
     para = text[start:] if end < 0 else text[start:end]
@@ -34,11 +34,11 @@ def readme_ids() -> tuple[set[str], set[str]]:
     return set(ID.findall(covered)), set(ID.findall(missing))
 
 
-def test_readme_lists_exactly_the_ids_the_tests_assert():
+def test_auditors_doc_lists_exactly_the_ids_the_tests_assert():
     spec = spec_ids()
     tagged = tagged_ids()
     assert set(tagged) <= spec, f"tests name IDs the standard does not have: {set(tagged) - spec}"
-    covered, missing = readme_ids()
-    assert covered == set(tagged), (f"README lists untested IDs {covered - set(tagged)}; "
+    covered, missing = listed_ids()
+    assert covered == set(tagged), (f"docs/auditors.md lists untested IDs {covered - set(tagged)}; "
                                     f"tested but not listed: {set(tagged) - covered}")
-    assert missing == spec - set(tagged), f"README's 'not yet' is off by {missing ^ (spec - set(tagged))}"
+    assert missing == spec - set(tagged), f"docs/auditors.md's 'not yet' is off by {missing ^ (spec - set(tagged))}"

@@ -15,7 +15,7 @@ Sessions (the gateway's own endpoint, SES-1) and user-bound APIs (ID-4): establi
 then add --session SESSION_ID --mac AA-BB-CC-DD-EE-01 (and --sdk VERSION) to every later call:
 x-session-id, x-device-mac and x-sdk-version are sent and covered by the signature.
 
-What the gateway expects (README "Wire protocol for callers"):
+What the gateway expects (docs/partners.md "Wire protocol for callers"):
   - x-app-id: the App_ID; with a body, content-type and content-digest: sha-256=:<base64>:
   - covered components, in this order: "@method" "@authority" "@path" "@query" "x-app-id",
     and "content-digest" when there is a body;

@@ -34,7 +34,7 @@ impl std::error::Error for ConfigError {}
 macro_rules! deny_reasons {
     ($( $(#[$doc:meta])* $variant:ident => ($code:literal, $status:literal) ),* $(,)?) => {
         /// Why a request was refused. The code is stable: callers, audit records, metrics and
-        /// the README's table all use it.
+        /// the refusal table (docs/partners.md) all use it.
         #[non_exhaustive]
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum DenyReason {

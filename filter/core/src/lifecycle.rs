@@ -1,4 +1,4 @@
-//! The life of one request through the gateway, as one state machine (DESIGN.md "One request,
+//! The life of one request through the gateway, as one state machine (docs/design.md "One request,
 //! one state machine in core"). The host calls one method per event (request headers, request
 //! body, request trailers, response headers, response body, log) and carries out the [`Step`]
 //! it gets back: continue, pause, refuse, headers to set or remove, a response body to put in

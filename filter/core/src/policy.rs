@@ -218,7 +218,7 @@ pub struct Policy {
     pub anomalies: Anomalies,
 }
 
-/// The minimum every signature covers (DESIGN.md "Wire protocol").
+/// The minimum every signature covers (docs/design.md "Wire protocol").
 pub const BASE_REQUIRED_COMPONENTS: &[&str] =
     &["@method", "@authority", "@path", "@query", "x-app-id"];
 

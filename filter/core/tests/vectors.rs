@@ -1,4 +1,4 @@
-//! The published signing test vectors (`vectors/signing.json`, README "Partner kit"): for a fixed
+//! The published signing test vectors (`vectors/signing.json`, docs/partners.md "Partner kit"): for a fixed
 //! key, request and parameters, the exact Content-Digest, Signature-Input, signature base and
 //! signature the gateway expects, for HMAC-SHA256 and ECDSA P-256 (ID-2, DATA-3, DATA-4).
 //!

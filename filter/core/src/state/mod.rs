@@ -1,4 +1,4 @@
-//! State operations (DESIGN.md "State: local or cluster"): everything a request reads or
+//! State operations (docs/design.md "State: local or cluster"): everything a request reads or
 //! writes that outlives it, as a typed batch the request's state machine yields and resumes on.
 //! A batch runs in order and stops at the first operation that refuses, so what runs after a
 //! refusal is never written (a banned caller's nonce is not spent, a replayed request uses no
