@@ -12,7 +12,10 @@ fn readme_documents_every_refusal_code_with_its_status() {
     .unwrap();
     for r in DenyReason::ALL {
         let row = format!("| {} | `{}` |", r.status(), r.code());
-        assert!(readme.contains(&row), "docs/partners.md lacks the row {row}");
+        assert!(
+            readme.contains(&row),
+            "docs/partners.md lacks the row {row}"
+        );
     }
     let rows = readme
         .lines()
