@@ -131,6 +131,10 @@ fn field_paths(field: &str, paths: &[String]) -> Result<Vec<Vec<String>>, Config
         .collect()
 }
 
+/// One grant, checked field by field (its APIs and groups, validity, windows, use limits, field
+/// rules, the approval of an S3 grant), each error naming its field. Longer than most
+/// functions: it is one straight list of field checks in the order the reference documents
+/// them, and splitting it would scatter that order.
 pub fn compile_grant(
     field: &str,
     g: &RawGrant,

@@ -262,7 +262,8 @@ fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError>
 
 /// Apps and their credentials (ID-1..ID-3, OPS-2), compiled from the policy's `apps`; secrets
 /// are resolved when a source is given (the filter), only their shape is checked without one
-/// (the CLI).
+/// (the CLI). Longer than most functions: one straight list of each app's and each
+/// credential's field checks, in the order the reference documents them.
 pub fn compile(
     raw_apps: &[RawApp],
     secrets: Option<&dyn SecretSource>,

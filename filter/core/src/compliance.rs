@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::SecurityLevel;
-use crate::policy::{Policy, RawPolicy};
+use crate::policy::{Api, Policy, RawApi, RawPolicy};
 
 /// Table A.1 of the standard as data (`policies/annex-a/table-a1.yaml`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,200 +202,252 @@ pub fn assess(
     annex: &AnnexA,
     deployment: Option<&Deployment>,
 ) -> Report {
-    use SecurityLevel::{S0, S1, S2, S3};
     let industry = raw.industry.as_ref().map(|i| i.as_str().to_string());
     let table = industry.as_deref().and_then(|i| annex.industries.get(i));
     let mut apis = Vec::new();
     for (raw_api, api) in raw.apis.iter().zip(policy.apis()) {
-        let level = api.level;
-        let grants: Vec<_> = policy
+        apis.push(ApiReport {
+            id: api.id.clone(),
+            level: api.level.as_str(),
+            function: api.function.clone(),
+            user_auth: raw_api.user_auth,
+            checks: api_checks(raw, raw_api, policy, api, table, deployment),
+        });
+    }
+    let findings = findings(raw, policy, deployment);
+    let all = || apis.iter().flat_map(|a| &a.checks).chain(&findings);
+    let unmet = all().any(|c| c.status == Status::NotMet);
+    let unverified = all().filter(|c| c.status == Status::Unchecked).count();
+    let verdict = match (unmet, unverified) {
+        (true, _) => "not_compliant",
+        (false, 0) => "compliant",
+        (false, _) => "unverified",
+    };
+    Report {
+        industry,
+        deployment: deployment.cloned(),
+        apis,
+        findings,
+        compliant: verdict == "compliant",
+        unverified,
+        verdict,
+        about: None,
+    }
+}
+
+/// One API's row of the report: each requirement of its level, met or not. Longer than most
+/// functions: one check per column of the report, in the column order the report prints.
+fn api_checks(
+    raw: &RawPolicy,
+    raw_api: &RawApi,
+    policy: &Policy,
+    api: &Api,
+    table: Option<&AnnexIndustry>,
+    deployment: Option<&Deployment>,
+) -> Vec<Check> {
+    use SecurityLevel::{S0, S1, S2, S3};
+    let level = api.level;
+    let grants: Vec<_> = policy
+        .grants
+        .iter()
+        .filter(|g| g.apis.contains(api.index))
+        .collect();
+    let mut checks = Vec::new();
+
+    checks.push(annex_check(raw_api, api, policy, table));
+    // Identity and authentication, as the filter enforces them per level.
+    checks.push(check(
+        1,
+        Status::Met,
+        match level {
+            S0 => "App_ID (x-app-id) of a registered app",
+            S1 => "App_ID with an RFC 9421 signature (HMAC or P-256) or a bound client certificate",
+            S2 | S3 => "App_ID with a P-256 signature or a bound client certificate (HMAC refused)",
+        },
+    ));
+    // TLS: the filter refuses S1+ over plain HTTP; the deployment must offer a TLS listener.
+    checks.push(if level == S0 {
+        check(2, Status::NotRequired, "")
+    } else {
+        let (s, n) = deployed(
+            deployment,
+            |d| d.tls_listener,
+            "refused without TLS (tls_required); TLS listener present",
+            "no TLS listener in the deployment",
+        );
+        check(2, s, n)
+    });
+    // Grants.
+    checks.push(if level == S0 {
+        check(3, Status::NotRequired, "")
+    } else {
+        check(
+            3,
+            Status::Met,
+            format!(
+                "explicit grant required; {} grant(s): {}",
+                grants.len(),
+                grants
+                    .iter()
+                    .map(|g| g.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    });
+    // Approval record for S3 grants (the policy is refused without one).
+    checks.push(if level == S3 {
+        let tickets: Vec<String> = raw
             .grants
             .iter()
-            .filter(|g| g.apis.contains(api.index))
+            .filter(|g| grants.iter().any(|x| x.id == g.id))
+            .filter_map(|g| {
+                g.approval
+                    .as_ref()
+                    .map(|a| format!("{}: {} {}", g.id, a.ticket, a.date))
+            })
             .collect();
-        let mut checks = Vec::new();
+        check(
+            4,
+            Status::Met,
+            format!(
+                "every S3 grant carries one (enforced at load): {}",
+                tickets.join("; ")
+            ),
+        )
+    } else {
+        check(4, Status::NotRequired, "")
+    });
+    // Integrity of the request.
+    checks.push(match level {
+        S0 => check(5, Status::NotRequired, ""),
+        S1 | S3 => check(5, Status::Met, "RFC 9421 signature over method, authority, path, query, App_ID and Content-Digest of the body"),
+        S2 => check(5, Status::Met, "RFC 9421 signature, or a certificate-only call over mutual TLS (channel integrity, Idempotency-Key for writes)"),
+    });
+    checks.push(if level == S3 {
+        check(
+            6,
+            Status::Met,
+            "P-256 signature required; signature, input and base kept in the audit record",
+        )
+    } else {
+        check(6, Status::NotRequired, "")
+    });
+    checks.push(if level == S0 {
+        check(7, Status::ShouldNotProvided, "S0 carries no nonce")
+    } else {
+        check(7, Status::Met, "created within the skew window and nonce once per app (Idempotency-Key for certificate-only writes)")
+    });
+    checks.push(match (&policy.sessions, raw_api.user_auth && level >= S2) {
+        (_, false) => check(8, Status::NotRequired, ""),
+        (Some(s), true) if !s.login_apis.is_empty() => check(8, Status::Met, format!(
+            "a live session bound to app, IP and MAC, whose user logged in with two factors as reported by {}",
+            s.login_apis.iter().filter_map(|i| policy.apis().get(*i)).map(|a| a.id.as_str()).collect::<Vec<_>>().join(", "))),
+        (Some(_), true) => check(8, Status::NotMet, "the policy has sessions but no login_apis: no user can log in"),
+        (None, true) => check(8, Status::NotMet, "the policy has no sessions: x-user-id is asserted by the signing app, with no evidence of a two-factor login"),
+    });
+    let (s, n) = deployed(
+        deployment,
+        |d| d.audit_log,
+        "one JSON record per request in the access log",
+        "the access log does not carry the apisec audit record",
+    );
+    checks.push(check(9, s, n));
+    checks.push(if level >= S2 {
+        let (s, n) = deployed(
+            deployment,
+            |d| d.backend_tls,
+            "TLS from the gateway to the backend",
+            "plain HTTP from the gateway to the backend (use envoy/gateway-upstream-tls.yaml)",
+        );
+        check(10, s, n)
+    } else {
+        check(10, Status::NotRequired, "")
+    });
+    let report_mode =
+        api.mode.is_report() || (policy.mode.is_report() && (level != S3 || policy.report_only_s3));
+    checks.push(if report_mode {
+        check(
+            11,
+            Status::NotMet,
+            "report mode: refusals are recorded, not enforced",
+        )
+    } else {
+        check(11, Status::Met, "enforced")
+    });
+    checks
+}
 
-        // Annex A (LVL-5): the row this API implements, and its level.
-        let key = raw_api.annex_a.as_deref().unwrap_or(&api.function);
-        let own_endpoint = policy
-            .sessions
-            .as_ref()
-            .is_some_and(|s| s.create_api == api.index || s.logout_api == api.index);
-        checks.push(match table {
-            _ if own_endpoint => check(
+/// Annex A (LVL-5): the row of table A.1 the API implements, and whether its level is at
+/// least the row's.
+fn annex_check(
+    raw_api: &RawApi,
+    api: &Api,
+    policy: &Policy,
+    table: Option<&AnnexIndustry>,
+) -> Check {
+    let level = api.level;
+    // Annex A (LVL-5): the row this API implements, and its level.
+    let key = raw_api.annex_a.as_deref().unwrap_or(&api.function);
+    let own_endpoint = policy
+        .sessions
+        .as_ref()
+        .is_some_and(|s| s.create_api == api.index || s.logout_api == api.index);
+    match table {
+        _ if own_endpoint => check(
+            0,
+            Status::Met,
+            "the gateway's own session endpoint (SES-1, SES-3), answered by the gateway: \
+             not a business interface of table A.1",
+        ),
+        None => check(
+            0,
+            Status::Unclassified,
+            "the policy names no industry (industry: securities | futures | funds)",
+        ),
+        Some(t) => match t.rows.iter().find(|r| r.key == key) {
+            Some(r) if r.level > level => check(
+                0,
+                Status::NotMet,
+                format!(
+                    "table A.1 ({} {}) places '{}' ({}) at {}; the policy gives {}",
+                    t.name,
+                    r.category,
+                    r.key,
+                    r.modules,
+                    r.level.as_str(),
+                    level.as_str()
+                ),
+            ),
+            Some(r) => check(
                 0,
                 Status::Met,
-                "the gateway's own session endpoint (SES-1, SES-3), answered by the gateway: \
-                 not a business interface of table A.1",
+                format!(
+                    "{} {} {} ({}): {}",
+                    t.name,
+                    r.level.as_str(),
+                    r.category,
+                    r.key,
+                    r.modules
+                ),
+            ),
+            None if raw_api.annex_a.is_some() => check(
+                0,
+                Status::NotMet,
+                format!("annex_a '{key}' is not a row of table A.1 for {}", t.name),
             ),
             None => check(
                 0,
                 Status::Unclassified,
-                "the policy names no industry (industry: securities | futures | funds)",
+                format!("function '{key}' is not a row key of table A.1; set annex_a"),
             ),
-            Some(t) => match t.rows.iter().find(|r| r.key == key) {
-                Some(r) if r.level > level => check(
-                    0,
-                    Status::NotMet,
-                    format!(
-                        "table A.1 ({} {}) places '{}' ({}) at {}; the policy gives {}",
-                        t.name,
-                        r.category,
-                        r.key,
-                        r.modules,
-                        r.level.as_str(),
-                        level.as_str()
-                    ),
-                ),
-                Some(r) => check(
-                    0,
-                    Status::Met,
-                    format!(
-                        "{} {} {} ({}): {}",
-                        t.name,
-                        r.level.as_str(),
-                        r.category,
-                        r.key,
-                        r.modules
-                    ),
-                ),
-                None if raw_api.annex_a.is_some() => check(
-                    0,
-                    Status::NotMet,
-                    format!("annex_a '{key}' is not a row of table A.1 for {}", t.name),
-                ),
-                None => check(
-                    0,
-                    Status::Unclassified,
-                    format!("function '{key}' is not a row key of table A.1; set annex_a"),
-                ),
-            },
-        });
-        // Identity and authentication, as the filter enforces them per level.
-        checks.push(check(1, Status::Met, match level {
-            S0 => "App_ID (x-app-id) of a registered app",
-            S1 => "App_ID with an RFC 9421 signature (HMAC or P-256) or a bound client certificate",
-            S2 | S3 => "App_ID with a P-256 signature or a bound client certificate (HMAC refused)",
-        }));
-        // TLS: the filter refuses S1+ over plain HTTP; the deployment must offer a TLS listener.
-        checks.push(if level == S0 {
-            check(2, Status::NotRequired, "")
-        } else {
-            let (s, n) = deployed(
-                deployment,
-                |d| d.tls_listener,
-                "refused without TLS (tls_required); TLS listener present",
-                "no TLS listener in the deployment",
-            );
-            check(2, s, n)
-        });
-        // Grants.
-        checks.push(if level == S0 {
-            check(3, Status::NotRequired, "")
-        } else {
-            check(
-                3,
-                Status::Met,
-                format!(
-                    "explicit grant required; {} grant(s): {}",
-                    grants.len(),
-                    grants
-                        .iter()
-                        .map(|g| g.id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        });
-        // Approval record for S3 grants (the policy is refused without one).
-        checks.push(if level == S3 {
-            let tickets: Vec<String> = raw
-                .grants
-                .iter()
-                .filter(|g| grants.iter().any(|x| x.id == g.id))
-                .filter_map(|g| {
-                    g.approval
-                        .as_ref()
-                        .map(|a| format!("{}: {} {}", g.id, a.ticket, a.date))
-                })
-                .collect();
-            check(
-                4,
-                Status::Met,
-                format!(
-                    "every S3 grant carries one (enforced at load): {}",
-                    tickets.join("; ")
-                ),
-            )
-        } else {
-            check(4, Status::NotRequired, "")
-        });
-        // Integrity of the request.
-        checks.push(match level {
-            S0 => check(5, Status::NotRequired, ""),
-            S1 | S3 => check(5, Status::Met, "RFC 9421 signature over method, authority, path, query, App_ID and Content-Digest of the body"),
-            S2 => check(5, Status::Met, "RFC 9421 signature, or a certificate-only call over mutual TLS (channel integrity, Idempotency-Key for writes)"),
-        });
-        checks.push(if level == S3 {
-            check(
-                6,
-                Status::Met,
-                "P-256 signature required; signature, input and base kept in the audit record",
-            )
-        } else {
-            check(6, Status::NotRequired, "")
-        });
-        checks.push(if level == S0 {
-            check(7, Status::ShouldNotProvided, "S0 carries no nonce")
-        } else {
-            check(7, Status::Met, "created within the skew window and nonce once per app (Idempotency-Key for certificate-only writes)")
-        });
-        checks.push(match (&policy.sessions, raw_api.user_auth && level >= S2) {
-            (_, false) => check(8, Status::NotRequired, ""),
-            (Some(s), true) if !s.login_apis.is_empty() => check(8, Status::Met, format!(
-                "a live session bound to app, IP and MAC, whose user logged in with two factors as reported by {}",
-                s.login_apis.iter().filter_map(|i| policy.apis().get(*i)).map(|a| a.id.as_str()).collect::<Vec<_>>().join(", "))),
-            (Some(_), true) => check(8, Status::NotMet, "the policy has sessions but no login_apis: no user can log in"),
-            (None, true) => check(8, Status::NotMet, "the policy has no sessions: x-user-id is asserted by the signing app, with no evidence of a two-factor login"),
-        });
-        let (s, n) = deployed(
-            deployment,
-            |d| d.audit_log,
-            "one JSON record per request in the access log",
-            "the access log does not carry the apisec audit record",
-        );
-        checks.push(check(9, s, n));
-        checks.push(if level >= S2 {
-            let (s, n) = deployed(
-                deployment,
-                |d| d.backend_tls,
-                "TLS from the gateway to the backend",
-                "plain HTTP from the gateway to the backend (use envoy/gateway-upstream-tls.yaml)",
-            );
-            check(10, s, n)
-        } else {
-            check(10, Status::NotRequired, "")
-        });
-        let report_mode = api.mode.is_report()
-            || (policy.mode.is_report() && (level != S3 || policy.report_only_s3));
-        checks.push(if report_mode {
-            check(
-                11,
-                Status::NotMet,
-                "report mode: refusals are recorded, not enforced",
-            )
-        } else {
-            check(11, Status::Met, "enforced")
-        });
-        apis.push(ApiReport {
-            id: api.id.clone(),
-            level: level.as_str(),
-            function: api.function.clone(),
-            user_auth: raw_api.user_auth,
-            checks,
-        });
+        },
     }
+}
 
+/// What concerns the whole policy or deployment rather than one API: report mode, unbound
+/// sessions, an unchained audit log, onboarding apps, a filter that fails open.
+fn findings(raw: &RawPolicy, policy: &Policy, deployment: Option<&Deployment>) -> Vec<Check> {
     let mut findings = Vec::new();
     let finding = |control: &'static str, ids: &'static str, status: Status, note: String| Check {
         control,
@@ -463,22 +515,5 @@ pub fn assess(
             ));
         }
     }
-    let all = || apis.iter().flat_map(|a| &a.checks).chain(&findings);
-    let unmet = all().any(|c| c.status == Status::NotMet);
-    let unverified = all().filter(|c| c.status == Status::Unchecked).count();
-    let verdict = match (unmet, unverified) {
-        (true, _) => "not_compliant",
-        (false, 0) => "compliant",
-        (false, _) => "unverified",
-    };
-    Report {
-        industry,
-        deployment: deployment.cloned(),
-        apis,
-        findings,
-        compliant: verdict == "compliant",
-        unverified,
-        verdict,
-        about: None,
-    }
+    findings
 }

@@ -158,8 +158,45 @@ pub(super) fn verify_signature(
     };
     let inputs = sf::parse_dictionary(sig_input).map_err(|e| malformed("signature-input", e))?;
     let sigs = sf::parse_dictionary(sig).map_err(|e| malformed("signature", e))?;
-    let (label, input_member) = single_member("signature-input", &inputs)?;
-    let (sig_label, sig_member) = single_member("signature", &sigs)?;
+    let (label, input, signature_bytes) = the_signature(&inputs, &sigs)?;
+
+    check_params(policy, input, now, ctx)?;
+    let keyid = ctx.keyid.clone().unwrap_or_default();
+    let cred = credential(app, api, input, &keyid)?;
+    let covered = coverage(policy, req, api, input, has_body, digest)?;
+
+    let base = signature_base(req, input, policy.max_signature_base_bytes)?;
+    let ok = match &cred.key {
+        KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
+        KeyMaterial::P256 { spki_der, .. } => verifier
+            .verify_p256_sha256(spki_der, base.as_bytes(), signature_bytes)
+            .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
+    };
+    if !ok {
+        if app.onboarding {
+            ctx.onboarding_base = Some(base);
+        }
+        return Err(Deny::new(
+            DenyReason::SignatureInvalid,
+            format!("signature {label} by {keyid} does not verify"),
+        ));
+    }
+    if api.level == SecurityLevel::S3 {
+        ctx.evidence = Some(evidence_of(
+            policy, cred, &keyid, sig_input, sig, base, digest,
+        ));
+    }
+    Ok(covered.contains(&USER_HEADER))
+}
+
+/// The one signature a request carries: its label, its covered components with their
+/// parameters, and its bytes.
+fn the_signature<'d>(
+    inputs: &'d [(String, Member)],
+    sigs: &'d [(String, Member)],
+) -> Result<(&'d str, &'d InnerList, &'d [u8]), Deny> {
+    let (label, input_member) = single_member("signature-input", inputs)?;
+    let (sig_label, sig_member) = single_member("signature", sigs)?;
     if label != sig_label {
         return Err(Deny::new(
             DenyReason::SignatureMalformed,
@@ -172,22 +209,27 @@ pub(super) fn verify_signature(
             "signature-input member is not an inner list",
         ));
     };
-    let signature_bytes = match sig_member {
+    match sig_member {
         Member::Item(sf::Item {
             bare: BareItem::ByteSeq(b),
             ..
-        }) => b,
-        _ => {
-            return Err(Deny::new(
-                DenyReason::SignatureMalformed,
-                "signature member is not a byte sequence",
-            ))
-        }
-    };
+        }) => Ok((label, input, b)),
+        _ => Err(Deny::new(
+            DenyReason::SignatureMalformed,
+            "signature member is not a byte sequence",
+        )),
+    }
+}
 
-    check_params(policy, input, now, ctx)?;
-    let keyid = ctx.keyid.clone().unwrap_or_default();
-    let cred = app.credential(&keyid).ok_or_else(|| {
+/// The app's credential named by `keyid`, of the algorithm the signature says (if it says
+/// one) and strong enough for the API's level (ID-3).
+fn credential<'a>(
+    app: &'a App,
+    api: &Api,
+    input: &InnerList,
+    keyid: &str,
+) -> Result<&'a crate::apps::Credential, Deny> {
+    let cred = app.credential(keyid).ok_or_else(|| {
         Deny::new(
             DenyReason::UnknownKey,
             format!("keyid {keyid:?} is not a credential of {}", app.id),
@@ -214,7 +256,19 @@ pub(super) fn verify_signature(
             ),
         ));
     }
+    Ok(cred)
+}
 
+/// The covered components, checked: not too many, every one the policy requires, the session
+/// headers a call presents, and `content-digest` whenever there is a body or a digest (DATA-3).
+fn coverage<'i>(
+    policy: &Policy,
+    req: &Request,
+    api: &Api,
+    input: &'i InnerList,
+    has_body: bool,
+    digest: Option<&str>,
+) -> Result<Vec<&'i str>, Deny> {
     if input.items.len() > policy.max_covered_components {
         return Err(Deny::new(
             DenyReason::SignatureTooComplex,
@@ -268,48 +322,42 @@ pub(super) fn verify_signature(
             "content-digest is not covered",
         ));
     }
+    Ok(covered)
+}
 
-    let base = signature_base(req, input, policy.max_signature_base_bytes)?;
-    let ok = match &cred.key {
-        KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
-        KeyMaterial::P256 { spki_der, .. } => verifier
-            .verify_p256_sha256(spki_der, base.as_bytes(), signature_bytes)
-            .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
-    };
-    if !ok {
-        if app.onboarding {
-            ctx.onboarding_base = Some(base);
-        }
-        return Err(Deny::new(
-            DenyReason::SignatureInvalid,
-            format!("signature {label} by {keyid} does not verify"),
-        ));
+/// What an S3 request leaves in its audit record so that its signature can be verified again
+/// later (LOG-5): the headers, the base (with a session ID sealed) and the key's fingerprint.
+fn evidence_of(
+    policy: &Policy,
+    cred: &crate::apps::Credential,
+    keyid: &str,
+    sig_input: &str,
+    sig: &str,
+    base: String,
+    digest: Option<&str>,
+) -> Evidence {
+    let base_sha256 =
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes()));
+    // the session ID the signature covers stays out of the log (issue 21 item 6)
+    let (base, session_sealed) =
+        match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {
+            Some((logged, sealed)) => (logged, sealed),
+            None => (base, None),
+        };
+    Evidence {
+        keyid: keyid.to_string(),
+        alg: cred.alg.as_str(),
+        signature_input: sig_input.to_string(),
+        signature: sig.to_string(),
+        signature_base_sha256: base_sha256,
+        signature_base: base,
+        session_sealed,
+        content_digest: digest.map(str::to_string),
+        key_sha256: match &cred.key {
+            KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),
+            KeyMaterial::Hmac(_) => None,
+        },
     }
-    if api.level == SecurityLevel::S3 {
-        let base_sha256 =
-            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes()));
-        // the session ID the signature covers stays out of the log (issue 21 item 6)
-        let (base, session_sealed) =
-            match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {
-                Some((logged, sealed)) => (logged, sealed),
-                None => (base, None),
-            };
-        ctx.evidence = Some(Evidence {
-            keyid: keyid.clone(),
-            alg: cred.alg.as_str(),
-            signature_input: sig_input.to_string(),
-            signature: sig.to_string(),
-            signature_base_sha256: base_sha256,
-            signature_base: base,
-            session_sealed,
-            content_digest: digest.map(str::to_string),
-            key_sha256: match &cred.key {
-                KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),
-                KeyMaterial::Hmac(_) => None,
-            },
-        });
-    }
-    Ok(covered.contains(&USER_HEADER))
 }
 
 pub(super) fn check_params(

@@ -1,0 +1,349 @@
+//! Sessions on the local backend (Envoy's shared data of this gateway): placed in slots, the
+//! app's own share of them first, bounded, evicted idle-longest within the app, ended by an
+//! operator's mark.
+
+use super::*;
+
+pub(super) fn slot_key(slot: u32) -> String {
+    format!("apisec/session/{slot}")
+}
+
+pub(super) fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
+    let h = meta.keyed(b"session-mark", &[kind.as_bytes(), name.as_bytes()]);
+    format!(
+        "apisec/session-end/{kind}/{}",
+        hex(h.get(..12).unwrap_or(&h))
+    )
+}
+
+/// Where a session of `app` lives: one of the app's own slots (keyed hashes of the app), picked
+/// by the ID. A full slot then evicts only sessions of the app that fills it (SES-1: one
+/// partner cannot push out another's end users); the tag is a keyed hash of the ID.
+pub(super) fn place(meta: &StoreMeta, settings: &Sessions, app: &str, id: &str) -> (u32, String) {
+    let word = |h: &[u8; 32]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
+        u64::from_le_bytes(w)
+    };
+    let h = meta.keyed(b"session", &[id.as_bytes()]);
+    let (k, _) = settings.app_slots();
+    let j = word(&h) % u64::from(k);
+    let a = meta.keyed(b"session-app", &[app.as_bytes(), &j.to_le_bytes()]);
+    let slot = (word(&a) % u64::from(settings.slots.max(1))) as u32;
+    let tag = hex(h.get(8..24).unwrap_or(&[]));
+    (slot, tag)
+}
+
+pub(super) fn unavailable(e: StoreError) -> Deny {
+    Deny::new(DenyReason::HostUnavailable, format!("session store: {e}"))
+}
+
+pub(super) fn read_slot(
+    store: &dyn SharedStore,
+    key: &str,
+) -> Result<(Vec<Session>, Option<u32>), Deny> {
+    match store.get(key).map_err(unavailable)? {
+        None => Ok((Vec::new(), None)),
+        Some((v, cas)) if v.is_empty() => Ok((Vec::new(), Some(cas))),
+        Some((v, cas)) => serde_json::from_slice(&v)
+            .map(|s| (s, Some(cas)))
+            .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("session slot: {e}"))),
+    }
+}
+
+/// Writes a slot with compare-and-swap; Ok(false) when another worker wrote first.
+pub(super) fn write_slot(
+    store: &dyn SharedStore,
+    key: &str,
+    sessions: &[Session],
+    cas: Option<u32>,
+) -> Result<bool, Deny> {
+    let text = serde_json::to_vec(sessions)
+        .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("session slot: {e}")))?;
+    match cas {
+        Some(c) => store.set(key, &text, Some(c)).map_err(unavailable),
+        None => create_if_absent(store, key, &text).map_err(unavailable),
+    }
+}
+
+/// The time an operator ended every session of this app or user, if ever.
+pub(super) fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
+    Ok(match store.get(key).map_err(unavailable)? {
+        Some((v, _)) => std::str::from_utf8(&v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX), // unreadable: treat every session as ended (fail closed)
+        None => 0,
+    })
+}
+
+pub(super) fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
+    now.saturating_sub(s.last_seen) <= settings.idle_timeout_seconds
+        && now.saturating_sub(s.created) <= settings.max_lifetime_seconds
+}
+
+/// Result of establishing a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    /// An older idle session had to make room (counted as an eviction).
+    pub evicted: bool,
+}
+
+/// What an edit of a slot came to: write the slot back, or leave it as it was.
+pub(super) enum Edit<T> {
+    Write(T),
+    Keep(T),
+}
+
+/// Reads the slot session `id` lands in, lets `edit` change it (given the session's tag), and
+/// writes it back with compare-and-swap; from the start again when another worker wrote first.
+pub(super) fn update<T>(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    app: &str,
+    id: &str,
+    mut edit: impl FnMut(&mut Vec<Session>, &str) -> Result<Edit<T>, Deny>,
+) -> Result<T, Deny> {
+    let (slot, tag) = place(meta, settings, app, id);
+    let key = slot_key(slot);
+    for _ in 0..MAX_CAS_RETRIES {
+        let (mut all, cas) = read_slot(store, &key)?;
+        match edit(&mut all, &tag)? {
+            Edit::Keep(out) => return Ok(out),
+            Edit::Write(out) => {
+                if write_slot(store, &key, &all, cas)? {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session slot kept changing",
+    ))
+}
+
+/// Records a new session. When its slot is full, expired sessions are dropped first, then
+/// the one idle longest is evicted.
+pub fn create(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    id: &str,
+    session: Session,
+    now: u64,
+) -> Result<Created, Deny> {
+    let (_, per_slot) = settings.app_slots();
+    let app = session.app.clone();
+    update(store, meta, settings, &app, id, |all, tag| {
+        all.retain(|s| live(s, settings, now) && s.tag != tag);
+        let mut evicted = false;
+        let own = all.iter().filter(|s| s.app == app).count();
+        if own >= per_slot as usize || all.len() >= settings.entries_per_slot as usize {
+            // only the establishing app's own session idle longest makes room
+            let oldest = all
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.app == app)
+                .min_by_key(|(_, s)| s.last_seen)
+                .map(|(i, _)| i);
+            match oldest {
+                Some(i) => {
+                    all.remove(i);
+                    evicted = true;
+                }
+                None => {
+                    return Err(Deny::new(
+                        DenyReason::SessionStoreFull,
+                        "the session slot is full of other apps' live sessions",
+                    ))
+                }
+            }
+        }
+        all.push(Session {
+            tag: tag.to_string(),
+            ..session.clone()
+        });
+        Ok(Edit::Write(Created { evicted }))
+    })
+}
+
+/// A call presenting a session: it must be live, of the same app, from the bound IP (unless
+/// the app is IP-unbound) and MAC, not ended by an operator; it is refreshed. Returns the
+/// session as it now is.
+pub fn touch(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+) -> Result<Session, Deny> {
+    check(store, meta, settings, p, now, true)
+}
+
+/// The session a call presents, checked like [`touch`] but not refreshed: read before the
+/// call is authorized, for the user it carries.
+pub fn read(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+) -> Result<Session, Deny> {
+    check(store, meta, settings, p, now, false)
+}
+
+pub(super) fn check(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    p: &Presented<'_>,
+    now: u64,
+    refresh: bool,
+) -> Result<Session, Deny> {
+    update(store, meta, settings, p.app, p.id, |all, tag| {
+        let Some(s) = all.iter_mut().find(|s| s.tag == tag) else {
+            return Err(Misuse::Unknown.deny());
+        };
+        if now.saturating_sub(s.created) > settings.max_lifetime_seconds {
+            return Err(Misuse::Lifetime.deny());
+        }
+        if now.saturating_sub(s.last_seen) > settings.idle_timeout_seconds {
+            return Err(Misuse::Idle(now.saturating_sub(s.last_seen)).deny());
+        }
+        if s.app != p.app {
+            return Err(Misuse::OtherApp.deny());
+        }
+        if s.ip != p.ip && !settings.ip_unbound_apps.contains(&s.app) {
+            return Err(Misuse::OtherIp.deny());
+        }
+        if s.mac != p.mac {
+            return Err(Misuse::OtherMac.deny());
+        }
+        let app_end = mark(store, &mark_key("app", &s.app, meta))?;
+        let user_end = match &s.user {
+            Some(u) => mark(store, &mark_key("user", u, meta))?,
+            None => 0,
+        };
+        if s.created <= app_end.max(user_end) {
+            return Err(Misuse::EndedByOperator.deny());
+        }
+        if !refresh {
+            return Ok(Edit::Keep(s.clone()));
+        }
+        s.last_seen = now;
+        Ok(Edit::Write(s.clone()))
+    })
+}
+
+/// Removes one session of `app` (logout by its holder, or an operator's end of one session,
+/// tried for each registered app). Returns the removed session, None if there was none.
+pub fn remove(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    app: &str,
+    id: &str,
+) -> Result<Option<Session>, Deny> {
+    update(store, meta, settings, app, id, |all, tag| {
+        Ok(
+            match all.iter().position(|s| s.tag == tag && s.app == app) {
+                Some(i) => Edit::Write(Some(all.remove(i))),
+                None => Edit::Keep(None),
+            },
+        )
+    })
+}
+
+/// Counts an establish of `app` from `source` at `now` (fixed one-minute windows) and refuses
+/// it past `establish_per_minute` for the app or `establish_per_source_per_minute` for the app
+/// and that source (the 64 busiest sources of the app are tracked).
+pub fn admit_establish(
+    store: &dyn SharedStore,
+    settings: &Sessions,
+    app: &str,
+    source: &str,
+    now: u64,
+) -> Result<(), Deny> {
+    let fp = {
+        let h = sha2::Sha256::digest(source.as_bytes());
+        let mut f = [0u8; 8];
+        f.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
+        f
+    };
+    let key = format!("apisec/session-rate/{app}");
+    let (total, from) =
+        crate::store::count_in_window(store, &key, now / 60, Some(fp), 64).map_err(unavailable)?;
+    if total > u64::from(settings.establish_per_minute) {
+        return Err(Deny::new(
+            DenyReason::SessionRateLimited,
+            format!(
+                "app {app}: {total} establishes this minute, at most {}",
+                settings.establish_per_minute
+            ),
+        ));
+    }
+    if from > u64::from(settings.establish_per_source_per_minute) {
+        return Err(Deny::new(
+            DenyReason::SessionRateLimited,
+            format!(
+                "app {app} from {source}: {from} establishes this minute, at most {}",
+                settings.establish_per_source_per_minute
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An operator ends every session of an app or of a user created up to `now`, at once, by a
+/// mark every later use checks. (One session: [`remove`].)
+pub fn end_all(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    kind: &str,
+    name: &str,
+    now: u64,
+) -> Result<(), Deny> {
+    let key = mark_key(kind, name, meta);
+    for _ in 0..MAX_CAS_RETRIES {
+        let cas = store.get(&key).map_err(unavailable)?.map(|(_, c)| c);
+        let text = now.to_string();
+        let done = match cas {
+            Some(c) => store
+                .set(&key, text.as_bytes(), Some(c))
+                .map_err(unavailable)?,
+            None => create_if_absent(store, &key, text.as_bytes()).map_err(unavailable)?,
+        };
+        if done {
+            return Ok(());
+        }
+    }
+    Err(Deny::new(
+        DenyReason::HostUnavailable,
+        "session mark kept changing",
+    ))
+}
+
+/// Binds the logged-in user and the number of factors to a session (ID-4). False when the
+/// session is gone.
+pub fn set_user(
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    settings: &Sessions,
+    app: &str,
+    id: &str,
+    user: &str,
+    factors: u8,
+) -> Result<bool, Deny> {
+    update(store, meta, settings, app, id, |all, tag| {
+        Ok(match all.iter_mut().find(|s| s.tag == tag) {
+            Some(s) => {
+                s.user = Some(user.to_string());
+                s.factors = factors;
+                Edit::Write(true)
+            }
+            None => Edit::Keep(false),
+        })
+    })
+}
