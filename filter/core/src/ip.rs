@@ -64,24 +64,19 @@ impl Cidr {
 }
 
 /// A source as the gateway counts it: an IPv4 address (a mapped IPv6 one too), or an IPv6
-/// address's `/v6_prefix` network (one host holds a whole /64).
+/// address's `/v6_prefix` network (one host holds a whole /64). The text of [`source_net`].
 pub fn source(ip: IpAddr, v6_prefix: u8) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let bits = u32::from(v6_prefix.min(128));
-                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
-                let net = std::net::Ipv6Addr::from(u128::from(v6) & mask);
-                format!("{net}/{bits}")
-            }
-        },
+    let (net, bits) = source_net(ip, v6_prefix);
+    let net = std::net::Ipv6Addr::from(net);
+    match net.to_ipv4_mapped() {
+        // only an IPv4 source is a mapped address with 32 bits (a masked IPv6 network never is)
+        Some(v4) if bits == 32 => v4.to_string(),
+        _ => format!("{net}/{bits}"),
     }
 }
 
-/// The same source as bytes, without formatting it: the IPv4 address (16 bytes, mapped form)
-/// with 32, or the IPv6 network with its prefix length.
+/// A source as bytes (the one place its prefix rule is written): the IPv4 address (16 bytes,
+/// mapped form) with 32, or the IPv6 network with its prefix length.
 pub fn source_net(ip: IpAddr, v6_prefix: u8) -> ([u8; 16], u8) {
     match ip {
         IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 32),
@@ -102,6 +97,17 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_is_named_by_its_address_or_its_v6_network() {
+        assert_eq!(source(ip("192.0.2.7"), 64), "192.0.2.7");
+        assert_eq!(source(ip("::ffff:192.0.2.7"), 64), "192.0.2.7");
+        assert_eq!(source(ip("2001:db8:1:2::77"), 64), "2001:db8:1:2::/64");
+        assert_eq!(source(ip("2001:db8:1:2::77"), 32), "2001:db8::/32");
+        assert_eq!(source(ip("2001:db8:1:2::77"), 128), "2001:db8:1:2::77/128");
+        assert_eq!(source(ip("2001:db8:1:2::77"), 0), "::/0");
+        assert_eq!(source(ip("::ffff:0:0:1"), 96), "::ffff:0:0:0/96");
     }
 
     #[test]
