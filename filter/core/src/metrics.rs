@@ -179,7 +179,7 @@ pub fn policy_info(policy_text: &[u8]) -> String {
     s
 }
 
-pub use crate::replay::ReplayFill;
+use crate::replay::ReplayFill;
 
 /// The key whose owner measures the store's gauges this round: one worker of the replica
 /// starts a pass every `GAUGE_SECONDS`, not every worker.

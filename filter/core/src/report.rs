@@ -18,8 +18,6 @@ use crate::message::Request;
 use crate::policy::Policy;
 use crate::routes::{self, Route};
 
-pub use crate::mode::Mode;
-
 /// Refusals that report mode can turn into "would refuse".
 pub fn reportable(reason: DenyReason) -> bool {
     !matches!(

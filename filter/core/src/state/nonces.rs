@@ -66,15 +66,17 @@ pub fn refusal<'r>(
     first: &str,
     text: &impl Fn(usize) -> Option<&'r str>,
 ) -> Option<Answer> {
-    let (app, nonce, idempotency) = nonce_of(batch);
     let deny = match first {
-        "replayed" => replay_refusal(
-            Deny::new(
-                DenyReason::NonceReplayed,
-                format!("nonce {nonce:?} already used (cluster store)"),
-            ),
-            idempotency,
-        ),
+        "replayed" => {
+            let (_, nonce, idempotency) = nonce_of(batch);
+            replay_refusal(
+                Deny::new(
+                    DenyReason::NonceReplayed,
+                    format!("nonce {nonce:?} already used (cluster store)"),
+                ),
+                idempotency,
+            )
+        }
         "too_old" => Deny::new(
             DenyReason::CreatedTooOld,
             format!(
@@ -83,13 +85,16 @@ pub fn refusal<'r>(
                 text(1).unwrap_or("?")
             ),
         ),
-        "full" => Deny::new(
-            DenyReason::ReplayStoreFull,
-            format!(
-                "{app} holds its share ({}) of the cluster replay store",
-                text(1).unwrap_or("?")
-            ),
-        ),
+        "full" => {
+            let (app, _, _) = nonce_of(batch);
+            Deny::new(
+                DenyReason::ReplayStoreFull,
+                format!(
+                    "{app} holds its share ({}) of the cluster replay store",
+                    text(1).unwrap_or("?")
+                ),
+            )
+        }
         _ => return None,
     };
     Some(Answer::refused(deny))
