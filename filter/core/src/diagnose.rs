@@ -13,8 +13,8 @@ use crate::error::Deny;
 use crate::lifecycle::{Action, Config, Env, HostError, HostFacts, Step, Stream, Transport};
 use crate::message::{signature_base, Request};
 use crate::policy::Policy;
-use crate::replay;
 use crate::sf::{self, BareItem, Member};
+use crate::state::nonces::local as replay;
 use crate::store::{self, MemoryStore, SharedStore};
 
 /// What the offline check found.

@@ -1,13 +1,12 @@
 //! The `local` state backend: a request's batch of state operations ([`crate::state`]) run on
 //! Envoy's shared data of this gateway, synchronously (one Envoy; every worker shares it).
 
-use crate::access;
-use crate::anomaly;
 use crate::error::{Deny, DenyReason};
 use crate::policy::Policy;
-use crate::replay;
-use crate::sessions::{self, Presented, Scope};
-use crate::state::{replay_refusal, Answer, Batch, Op, SessionCall};
+use crate::sessions::{Presented, Scope};
+use crate::state::nonces::local as replay;
+use crate::state::sessions as stored;
+use crate::state::{grants, replay_refusal, Answer, Batch, Op, SessionCall};
 use crate::store::{SharedStore, StoreMeta};
 
 /// Runs a batch on the local store (Envoy shared data), synchronously.
@@ -43,12 +42,12 @@ pub fn run_local(
                 *record,
             )
             .map_err(|d| replay_refusal(d, *idempotency)),
-            Op::GrantUse { grant, max } => access::consume_grant_use(store, grant, *max),
+            Op::GrantUse { grant, max } => grants::consume_grant_use(store, grant, *max),
             Op::Refusal(s) => {
                 if let Some(bans) = &policy.bans {
                     match bans.record_refusal(store, s.as_subject(), now) {
                         Ok(true) => {
-                            answer.ban_started = Some(crate::bans::started(
+                            answer.ban_started = Some(crate::state::bans::started(
                                 &bans.describe(s.as_subject()),
                                 bans.ban_seconds,
                                 None,
@@ -72,23 +71,29 @@ pub fn run_local(
                 factors,
             } => session_check(policy, store, meta, call, now, false).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-                match sessions::set_user(store, meta, cfg, &call.app, &call.id, user, *factors)? {
+                match stored::set_user(store, meta, cfg, &call.app, &call.id, user, *factors)? {
                     true => Ok(()),
                     false => Err(Deny::new(DenyReason::SessionInvalid, "the session is gone")),
                 }
             }),
             Op::SessionCreate { id, session } => match &policy.sessions {
-                Some(cfg) => sessions::admit_establish(store, cfg, &session.app, &session.ip, now)
-                    .and_then(|()| sessions::create(store, meta, cfg, id, session.clone(), now))
+                Some(cfg) => stored::admit_establish(store, cfg, &session.app, &session.ip, now)
+                    .and_then(|()| stored::create(store, meta, cfg, id, session.clone(), now))
                     .map(|c| answer.evicted = c.evicted),
                 None => Err(no_sessions()),
             },
             Op::SessionEnd(c) => session_check(policy, store, meta, c, now, true).and_then(|_| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-                sessions::remove(store, meta, cfg, &c.app, &c.id).map(|_| ())
+                stored::remove(store, meta, cfg, &c.app, &c.id).map(|_| ())
             }),
             Op::Calls { .. } | Op::Bytes { .. } | Op::Source { .. } | Op::KeyFailure { .. } => {
-                anomaly::run_local(store, policy.bans.as_ref(), op, now, &mut answer)
+                crate::state::anomalies::run_local(
+                    store,
+                    policy.bans.as_ref(),
+                    op,
+                    now,
+                    &mut answer,
+                )
             }
             Op::SessionRevoke(scope) => match (&policy.sessions, scope) {
                 (None, _) => Err(no_sessions()),
@@ -96,15 +101,15 @@ pub fn run_local(
                     // the operator names the ID only: its app's slots, for each registered app
                     let mut found = Ok(false);
                     for app in policy.app_ids() {
-                        found = sessions::remove(store, meta, cfg, app, id).map(|s| s.is_some());
+                        found = stored::remove(store, meta, cfg, app, id).map(|s| s.is_some());
                         if !matches!(found, Ok(false)) {
                             break;
                         }
                     }
                     found.map(|f| answer.nothing_to_end = !f)
                 }
-                (Some(_), Scope::App(a)) => sessions::end_all(store, meta, "app", a, now),
-                (Some(_), Scope::User(u)) => sessions::end_all(store, meta, "user", u, now),
+                (Some(_), Scope::App(a)) => stored::end_all(store, meta, "app", a, now),
+                (Some(_), Scope::User(u)) => stored::end_all(store, meta, "user", u, now),
             },
         };
         if let Err(d) = result {
@@ -127,7 +132,7 @@ fn session_check(
     c: &SessionCall,
     now: u64,
     refresh: bool,
-) -> Result<sessions::Session, Deny> {
+) -> Result<crate::sessions::Session, Deny> {
     let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
     let p = Presented {
         id: &c.id,
@@ -136,8 +141,8 @@ fn session_check(
         mac: &c.mac,
     };
     if refresh {
-        sessions::touch(store, meta, cfg, &p, now)
+        stored::touch(store, meta, cfg, &p, now)
     } else {
-        sessions::read(store, meta, cfg, &p, now)
+        stored::read(store, meta, cfg, &p, now)
     }
 }

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 
 use crate::cluster::StateBackend;
 use crate::policy::Policy;
-use crate::replay;
+use crate::state::nonces::local as replay;
 use crate::store::{create_if_absent, u64_at, SharedStore};
 
 /// The label names, in the order they appear in stat names (and `stats_tags`).
@@ -179,7 +179,7 @@ pub fn policy_info(policy_text: &[u8]) -> String {
     s
 }
 
-use crate::replay::ReplayFill;
+use crate::state::nonces::local::ReplayFill;
 
 /// The key whose owner measures the store's gauges this round: one worker of the replica
 /// starts a pass every `GAUGE_SECONDS`, not every worker.
@@ -350,7 +350,7 @@ mod tests {
     /// the live nonces and the bans in force.
     #[test]
     fn a_gauge_pass_reads_the_store_a_few_keys_a_tick() {
-        use crate::bans::Subject;
+        use crate::state::bans::Subject;
         use crate::store::{self, MemoryStore};
         let doc = serde_json::json!({
             "version": 1,

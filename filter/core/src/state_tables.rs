@@ -273,7 +273,7 @@ mod tests {
             let mem = MemoryStore::default();
             let start = 1_800_000_000;
             let meta = store::open(&mem, [9; 16], start - 1, policy.replay.slots).unwrap();
-            crate::replay::init_slots(&mem, &policy.replay, &meta).unwrap();
+            crate::state::nonces::local::init_slots(&mem, &policy.replay, &meta).unwrap();
             for (n, step) in table.steps.iter().enumerate() {
                 let b = batch(step, start).unwrap();
                 let answer = crate::local::run_local(&policy, &mem, &meta, &b);

@@ -460,10 +460,10 @@ fn bans_through_the_engine() {
     let s = fresh_store(&p);
     let bans = p.bans.as_ref().unwrap();
     let ip = "203.0.113.9".parse().unwrap();
-    bans.record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW)
+    bans.record_refusal(&s, apisec_core::state::bans::Subject::Ip(ip), NOW)
         .unwrap();
     assert!(bans
-        .record_refusal(&s, apisec_core::bans::Subject::Ip(ip), NOW)
+        .record_refusal(&s, apisec_core::state::bans::Subject::Ip(ip), NOW)
         .unwrap());
     // a banned IP is refused before anything else, whatever app it claims
     assert_eq!(

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::metrics;
-use apisec_core::replay;
+use apisec_core::state::nonces::local as replay;
 use apisec_core::state::Batch;
 use apisec_core::store::{self, StoreMeta};
 use apisec_core::Policy;

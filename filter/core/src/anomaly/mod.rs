@@ -14,22 +14,18 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::bans::BanSettings;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
 pub use crate::state::anomalies::{Anomaly, RuleAction, Watch};
+use crate::state::bans::BanSettings;
 use crate::state::{BanSubject, Op};
-use crate::store::{u64_at, update, SharedStore};
 use crate::timeutil;
 
 mod compile;
-mod local;
+
 #[cfg(test)]
 mod tests;
-
-pub use local::run_local;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -234,9 +230,6 @@ impl Hours {
 pub const BULK_PULL: &str = "bulk_pull";
 pub const NEW_SOURCE: &str = "new_source";
 pub const SIGNATURE_FAILURES: &str = "signature_failures";
-
-/// How many failing sources one signature-failure rule tracks per app, key and window.
-const FAILING_SOURCES: usize = 64;
 
 /// Whether a rule's list of apps or APIs takes `id`: an empty list takes every one.
 fn within(list: &[String], id: &str) -> bool {

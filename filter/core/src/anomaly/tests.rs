@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)] // test code
 
 use super::*;
+use crate::state::anomalies::run_local;
 use crate::state::Answer;
 use crate::store::MemoryStore;
 
@@ -318,7 +319,7 @@ fn new_sources_learn_alert_block_and_forget() {
 /// the key and other sources stay usable.
 #[test]
 fn signature_failures_ban_the_source_not_the_key() {
-    let bans = crate::bans::RawBans {
+    let bans = crate::state::bans::RawBans {
         threshold: 100,
         window_seconds: 60,
         ban_seconds: 600,
@@ -355,7 +356,7 @@ fn signature_failures_ban_the_source_not_the_key() {
     let third = fail("a", 3, T + 2);
     assert_eq!(third.anomalies[0].kind, SIGNATURE_FAILURES);
     assert!(third.ban_started.is_none(), "{:?}", third.ban_started);
-    let sub = |n: u8| crate::bans::Subject::Ip(IpAddr::from([192, 0, 2, n]));
+    let sub = |n: u8| crate::state::bans::Subject::Ip(IpAddr::from([192, 0, 2, n]));
     assert!(bans.check(&store, sub(3), T + 3).is_ok());
     // a source whose own failures reach the threshold is banned, and only it
     assert!(fail("a", 9, T + 3).ban_started.is_none());

@@ -259,7 +259,7 @@ pub fn encode_gauges<'a>(
     for app in apps {
         let lift = p
             .bans
-            .map_or(0, |b| b.lifted_at(crate::bans::Subject::App(app)));
+            .map_or(0, |b| b.lifted_at(crate::state::bans::Subject::App(app)));
         words = words.extra(app).extra(&lift.to_string());
     }
     words.end();
@@ -412,7 +412,7 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                 let subject = words.next()??;
                 let secs: u64 = words.next()??.parse().ok()?;
                 let rule = words.next()??;
-                answer.ban_started = Some(crate::bans::started(
+                answer.ban_started = Some(crate::state::bans::started(
                     &state::bans::describe(subject),
                     secs,
                     Some(rule).filter(|r| !r.is_empty()),

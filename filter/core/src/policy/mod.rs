@@ -16,7 +16,6 @@ pub use crate::apps::{
     SecretSource,
 };
 use crate::audit_chain::{AuditSettings, RawAudit};
-use crate::bans::{BanSettings, RawBans};
 use crate::cluster::{self, RawState, StateBackend};
 use crate::error::ConfigError;
 use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
@@ -24,9 +23,10 @@ pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::lists::{self, List, RawList};
 pub use crate::message::Method;
 pub use crate::mode::Mode;
-pub use crate::replay::ReplaySettings;
 use crate::routes::{self, RawRoute, Route};
 use crate::sessions::{RawSessions, Sessions};
+use crate::state::bans::{BanSettings, RawBans};
+pub use crate::state::nonces::local::ReplaySettings;
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -6,10 +6,8 @@
 //! it; it ends when idle longer than its timeout, at its absolute lifetime, at logout, or when
 //! an operator ends it (one session, every session of an app, every session of a user).
 //!
-//! This module owns the settings, the wire format of the endpoint, and the session store's
-//! rules on Envoy shared data (the `local` backend): a fixed number of slots under a keyed hash,
-//! a bounded number of sessions per slot (the oldest idle one evicted when full), and
-//! revocation marks per app and per user that end every session created before them.
+//! This module owns the settings, the session record and the wire format of the endpoint. The
+//! stored sessions, on either backend, are `crate::state::sessions`.
 
 use std::collections::HashSet;
 
@@ -20,14 +18,11 @@ use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::inventory::Api;
 use crate::message::Method;
-use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
 
 /// The header a call carries its session ID in.
 pub const SESSION_HEADER: &str = "x-session-id";
 /// The header a call carries the device MAC in.
 pub const MAC_HEADER: &str = "x-device-mac";
-
-const MAX_CAS_RETRIES: usize = 16;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -119,7 +114,7 @@ pub struct Sessions {
 impl Sessions {
     /// How many slots one app's sessions spread over on the local backend, and how many of the
     /// app's sessions one of them holds: together at least `max_per_app`.
-    fn app_slots(&self) -> (u32, u32) {
+    pub(crate) fn app_slots(&self) -> (u32, u32) {
         let per = self.entries_per_slot.max(1);
         let k = self.max_per_app.div_ceil(per).clamp(1, self.slots.max(1));
         (k, self.max_per_app.div_ceil(k).min(per))
@@ -460,10 +455,6 @@ pub struct Presented<'a> {
     pub ip: &'a str,
     pub mac: &'a str,
 }
-
-mod local;
-
-pub use local::{admit_establish, create, end_all, read, remove, set_user, touch, Created};
 
 #[cfg(test)]
 mod tests;

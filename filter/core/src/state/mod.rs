@@ -19,10 +19,10 @@ pub use anomalies::{Anomaly, Watch};
 
 use std::net::IpAddr;
 
-use crate::bans::BanSettings;
-use crate::bans::Subject;
 use crate::error::{Deny, DenyReason};
 use crate::sessions::{Scope, Session, Sessions};
+use crate::state::bans::BanSettings;
+use crate::state::bans::Subject;
 
 /// Who a ban or a refusal counter is about.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -140,11 +140,11 @@ pub const LAYOUTS: [&Layout; 15] = [
 /// gauges use its helpers).
 const PARTS: [&str; 8] = [
     include_str!("prelude.lua"),
-    include_str!("bans.lua"),
-    include_str!("nonces.lua"),
-    include_str!("grants.lua"),
-    include_str!("sessions.lua"),
-    include_str!("anomalies.lua"),
+    include_str!("bans/bans.lua"),
+    include_str!("nonces/nonces.lua"),
+    include_str!("grants/grants.lua"),
+    include_str!("sessions/sessions.lua"),
+    include_str!("anomalies/anomalies.lua"),
     include_str!("gauges.lua"),
     include_str!("run.lua"),
 ];

@@ -15,7 +15,7 @@ use apisec_core::diagnose;
 use apisec_core::engine::RequestContext;
 use apisec_core::lifecycle::{Action, Config};
 use apisec_core::message::Request;
-use apisec_core::replay::init_slots;
+use apisec_core::state::nonces::local::init_slots;
 use apisec_core::store::{self, MemoryStore};
 use apisec_core::{DenyReason, Policy};
 

@@ -1,7 +1,18 @@
-//! Sessions on the cluster store (SES-1..SES-5; the rule and the local store are
-//! `crate::sessions`): the words of `S`, `SL`, `SE`, `SC`, `SR` and `SA`, the store's key of a
-//! session, and what `session`, `session_rate` and `session_full` replies mean. Its script is
-//! `sessions.lua` beside this.
+//! Stored sessions (SES-1..SES-5), one stored concern on both backends (the settings, the
+//! session record and the endpoint's wire format are `crate::sessions`):
+//! - `local.rs`: the session store on Envoy's shared data (`local` backend);
+//! - this file: the words of `S`, `SL`, `SE`, `SC`, `SR` and `SA` on the cluster store, the
+//!   store's key of a session there, and what `session`, `session_rate` and `session_full`
+//!   replies mean;
+//! - `sessions.lua`: the cluster script's part (joined by `state/script.rs`);
+//! - `state/tables/sessions.json`: the behaviour both backends must show (`state_tables.rs`).
+
+pub mod local;
+
+pub use local::{admit_establish, create, end_all, read, remove, set_user, touch, Created};
+
+#[cfg(test)]
+mod tests;
 
 use sha2::{Digest, Sha256};
 

@@ -1,6 +1,14 @@
-//! The anomaly rules' stored concern (anomaly.rs holds the rules): which rule an operation
-//! serves and what it does when it matches, and what a match leaves in the audit record. Its
-//! cluster script is `anomalies.lua` beside this file.
+//! The anomaly rules' counters (MON-5, MON-8, ATK-4), one stored concern on both backends
+//! (the policy's rules and their compilation are `crate::anomaly`):
+//! - this file: which rule an operation serves, what it does when it matches, what a match
+//!   leaves in the audit record, and its words on the cluster store;
+//! - `local.rs`: the counters on Envoy's shared data (`local` backend);
+//! - `anomalies.lua`: the cluster script's part (joined by `state/script.rs`);
+//! - `state/tables/anomalies.json`: the behaviour both backends must show (`state_tables.rs`).
+
+pub mod local;
+
+pub use local::run_local;
 
 use serde::{Deserialize, Serialize};
 

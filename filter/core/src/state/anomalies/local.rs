@@ -1,11 +1,19 @@
 //! The counted rules on the local backend (Envoy's shared data of this gateway).
 
-use super::*;
+use sha2::{Digest, Sha256};
+
+use super::Watch;
+use crate::error::{Deny, DenyReason};
+use crate::state::bans::BanSettings;
+use crate::state::{BanSubject, Op};
+use crate::store::{u64_at, update, SharedStore};
 
 /// How long a known source's last call may be stale before it is written again (a source
 /// calling all day costs one write an hour, not one per call).
 const SEEN_REFRESH_SECONDS: u64 = 3600;
 const SEEN_ENTRY: usize = 16; // fp 8 | last seen 8
+/// How many failing sources one signature-failure rule tracks per app, key and window.
+const FAILING_SOURCES: usize = 64;
 
 fn fingerprint(s: &str) -> [u8; 8] {
     let d = Sha256::new()
@@ -280,7 +288,7 @@ fn count_key_failure(
     if let (Some((subject, seconds)), Some(b)) = (ban, bans) {
         match b.impose(store, subject.as_subject(), now, *seconds) {
             Ok(true) => {
-                answer.ban_started = Some(crate::bans::started(
+                answer.ban_started = Some(crate::state::bans::started(
                     &b.describe(subject.as_subject()),
                     *seconds,
                     Some(&watch.rule),

@@ -1,6 +1,13 @@
-//! Nonces on the cluster store (ATK-1; the local store is `crate::replay`): the words of `N`,
-//! the key of an (app, nonce) pair, and what `replayed`, `too_old` and `full` replies mean. Its
-//! script is `nonces.lua` beside this.
+//! Nonces (ATK-1), one stored concern on both backends:
+//! - `local.rs`: the replay store's layout and its rule on Envoy's shared data (`local`);
+//! - this file: the words of `N` on the cluster store, the key of an (app, nonce) pair there,
+//!   and what `replayed`, `too_old` and `full` replies mean;
+//! - `nonces.lua`: the cluster script's part (joined by `state/script.rs`);
+//! - `state/tables/nonces.json`: the behaviour both backends must show (`state_tables.rs`).
+
+pub mod local;
+
+pub use local::{ReplayFill, ReplaySettings};
 
 use sha2::{Digest, Sha256};
 

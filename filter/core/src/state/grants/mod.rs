@@ -1,5 +1,13 @@
-//! Grant uses on the cluster store (PERM-5; the local store is `crate::access`): the words of
-//! `G` and what an `exhausted` reply means. Its script is `grants.lua` beside this.
+//! Grant uses (PERM-5), one stored concern on both backends (grants themselves are
+//! `crate::access`):
+//! - `local.rs`: the use counter on Envoy's shared data (`local` backend);
+//! - this file: the words of `G` on the cluster store and what an `exhausted` reply means;
+//! - `grants.lua`: the cluster script's part (joined by `state/script.rs`);
+//! - `state/tables/grants.json`: the behaviour both backends must show (`state_tables.rs`).
+
+pub mod local;
+
+pub use local::{consume_grant_use, grant_uses};
 
 use super::script::{self, Words};
 use super::{Answer, Batch, Op};

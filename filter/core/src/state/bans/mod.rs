@@ -1,6 +1,13 @@
-//! Bans and refusal counters on the cluster store (the rule and its local store are
-//! `crate::bans`): the words of `B` (a ban check) and `R` (one refusal counted), what a `banned`
-//! reply means, and how a subject is named in the store. Its script is `bans.lua` beside this.
+//! Refusal counters and bans (PERM-4, RL-3, MON-6), one stored concern on both backends:
+//! - `local.rs`: the settings, the rule and its store on Envoy's shared data (`local` backend);
+//! - this file: the words of `B` (a ban check) and `R` (one refusal counted) on the cluster
+//!   store, what a `banned` reply means, and how a subject is named there;
+//! - `bans.lua`: the cluster script's part (joined by `state/script.rs`);
+//! - `state/tables/bans.json`: the behaviour both backends must show (`state_tables.rs`).
+
+pub mod local;
+
+pub use local::{started, BanSettings, RawBans, RawLift, Subject};
 
 use super::script::{self, Words};
 use super::{Answer, BanSubject, Op, Params};

@@ -2,13 +2,20 @@
 //! app's own share of them first, bounded, evicted idle-longest within the app, ended by an
 //! operator's mark.
 
-use super::*;
+use sha2::Digest as _;
 
-pub(super) fn slot_key(slot: u32) -> String {
+use crate::crypto::hex;
+use crate::error::{Deny, DenyReason};
+use crate::sessions::*;
+use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
+
+const MAX_CAS_RETRIES: usize = 16;
+
+pub(crate) fn slot_key(slot: u32) -> String {
     format!("apisec/session/{slot}")
 }
 
-pub(super) fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
+pub(crate) fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
     let h = meta.keyed(b"session-mark", &[kind.as_bytes(), name.as_bytes()]);
     format!(
         "apisec/session-end/{kind}/{}",
@@ -19,7 +26,7 @@ pub(super) fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
 /// Where a session of `app` lives: one of the app's own slots (keyed hashes of the app), picked
 /// by the ID. A full slot then evicts only sessions of the app that fills it (SES-1: one
 /// partner cannot push out another's end users); the tag is a keyed hash of the ID.
-pub(super) fn place(meta: &StoreMeta, settings: &Sessions, app: &str, id: &str) -> (u32, String) {
+pub(crate) fn place(meta: &StoreMeta, settings: &Sessions, app: &str, id: &str) -> (u32, String) {
     let word = |h: &[u8; 32]| {
         let mut w = [0u8; 8];
         w.copy_from_slice(h.get(..8).unwrap_or(&[0; 8]));
@@ -34,11 +41,11 @@ pub(super) fn place(meta: &StoreMeta, settings: &Sessions, app: &str, id: &str) 
     (slot, tag)
 }
 
-pub(super) fn unavailable(e: StoreError) -> Deny {
+pub(crate) fn unavailable(e: StoreError) -> Deny {
     Deny::new(DenyReason::HostUnavailable, format!("session store: {e}"))
 }
 
-pub(super) fn read_slot(
+pub(crate) fn read_slot(
     store: &dyn SharedStore,
     key: &str,
 ) -> Result<(Vec<Session>, Option<u32>), Deny> {
@@ -52,7 +59,7 @@ pub(super) fn read_slot(
 }
 
 /// Writes a slot with compare-and-swap; Ok(false) when another worker wrote first.
-pub(super) fn write_slot(
+pub(crate) fn write_slot(
     store: &dyn SharedStore,
     key: &str,
     sessions: &[Session],
@@ -67,7 +74,7 @@ pub(super) fn write_slot(
 }
 
 /// The time an operator ended every session of this app or user, if ever.
-pub(super) fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
+pub(crate) fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
     Ok(match store.get(key).map_err(unavailable)? {
         Some((v, _)) => std::str::from_utf8(&v)
             .ok()
@@ -77,7 +84,7 @@ pub(super) fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
     })
 }
 
-pub(super) fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
+pub(crate) fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
     now.saturating_sub(s.last_seen) <= settings.idle_timeout_seconds
         && now.saturating_sub(s.created) <= settings.max_lifetime_seconds
 }
@@ -90,14 +97,14 @@ pub struct Created {
 }
 
 /// What an edit of a slot came to: write the slot back, or leave it as it was.
-pub(super) enum Edit<T> {
+pub(crate) enum Edit<T> {
     Write(T),
     Keep(T),
 }
 
 /// Reads the slot session `id` lands in, lets `edit` change it (given the session's tag), and
 /// writes it back with compare-and-swap; from the start again when another worker wrote first.
-pub(super) fn update<T>(
+pub(crate) fn update<T>(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     settings: &Sessions,
@@ -194,7 +201,7 @@ pub fn read(
     check(store, meta, settings, p, now, false)
 }
 
-pub(super) fn check(
+pub(crate) fn check(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     settings: &Sessions,
