@@ -12,6 +12,7 @@ use crate::anomaly::Anomaly;
 use crate::engine::{Evidence, RequestContext};
 use crate::error::Deny;
 use crate::masking::Masking;
+use crate::state::rate_limits::RateHit;
 
 /// Fields that do not apply to a request (no user, no grant at S0, ...) are left out.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +80,9 @@ pub struct AuditRecord<'a> {
     /// Anomaly rules the call matched (MON-3, MON-4, MON-9).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub anomalies: &'a [Anomaly],
+    /// Rate-limit rules the call went over: rule, window, action (RL-1, RL-2, OPS-4).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub rate_limits: &'a [RateHit],
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -269,6 +273,7 @@ pub fn record(
             action: f.action.as_str(),
         }),
         anomalies: &ctx.anomalies,
+        rate_limits: &ctx.rate_limits,
     };
     serde_json::to_string(&rec).unwrap_or_else(|_| {
         format!(

@@ -185,8 +185,9 @@ deny_reasons! {
     /// Banned after repeated refusals, or as the source of signature failures under a valid key id
     /// (PERM-4, RL-3, MON-4).
     Banned => ("banned", 403),
-    /// Envoy's rate limiter answered 429 for a request the filter had allowed (RL-3); recorded
-    /// in the audit log and counted toward a ban. The caller sees Envoy's own 429.
+    /// A rate limit of the policy (`rate_limits`, RL-1, RL-2, OPS-4) refused the call, with
+    /// `Retry-After` until its window admits again; or Envoy's rate limiter answered 429 for a
+    /// request the filter had allowed (RL-3), and the caller sees Envoy's own 429.
     RateLimited => ("rate_limited", 429),
     /// A restricted API's body whose content type the gateway cannot check (PERM-1).
     ContentTypeUnsupported => ("content_type_unsupported", 415),
@@ -236,6 +237,9 @@ impl fmt::Display for DenyReason {
 pub struct Deny {
     pub reason: DenyReason,
     pub detail: String,
+    /// Seconds the caller should wait (`Retry-After`), when this refusal knows better than its
+    /// reason's default (a rate limit: until its window admits again).
+    pub retry_after: Option<u32>,
 }
 
 impl Deny {
@@ -243,7 +247,13 @@ impl Deny {
         Self {
             reason,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    /// The `Retry-After` seconds the caller is told: this refusal's own, else its reason's.
+    pub fn retry_after(&self) -> Option<u32> {
+        self.retry_after.or(self.reason.retry_after_seconds())
     }
 }
 
@@ -252,6 +262,7 @@ impl From<DenyReason> for Deny {
         Self {
             reason,
             detail: String::new(),
+            retry_after: None,
         }
     }
 }

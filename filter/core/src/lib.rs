@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod mode;
 pub mod openapi;
 pub mod policy;
+pub mod rate_limits;
 pub mod report;
 pub mod routes;
 pub mod sdk;

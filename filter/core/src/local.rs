@@ -6,7 +6,7 @@ use crate::policy::Policy;
 use crate::sessions::{Presented, Scope};
 use crate::state::nonces::local as replay;
 use crate::state::sessions as stored;
-use crate::state::{grants, replay_refusal, Answer, Batch, Op, SessionCall};
+use crate::state::{grants, rate_limits, replay_refusal, Answer, Batch, Op, SessionCall};
 use crate::store::{SharedStore, StoreMeta};
 
 /// Runs a batch on the local store (Envoy shared data), synchronously.
@@ -43,6 +43,14 @@ pub fn run_local(
             )
             .map_err(|d| replay_refusal(d, *idempotency)),
             Op::GrantUse { grant, max } => grants::consume_grant_use(store, grant, *max),
+            Op::RateLimit(counters) => rate_limits::local::run(
+                store,
+                meta,
+                &policy.rate_limits.store,
+                counters,
+                now.saturating_mul(1000),
+                &mut answer,
+            ),
             Op::Refusal(s) => {
                 if let Some(bans) = &policy.bans {
                     match bans.record_refusal(store, s.as_subject(), now) {

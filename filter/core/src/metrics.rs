@@ -29,6 +29,7 @@ pub const RESPONSE_BYTES: &str = "apisec.response_bytes_total";
 pub const DURATION: &str = "apisec.request_duration_ms";
 pub const SHADOW_CALLS: &str = "apisec.shadow_calls_total";
 pub const ANOMALIES: &str = "apisec.anomalies_total";
+pub const RATE_LIMITED: &str = "apisec.rate_limited_total";
 pub const SDK_OUTDATED: &str = "apisec.sdk_outdated_total";
 pub const SESSIONS_EVICTED: &str = "apisec.sessions_evicted_total";
 pub const POLICY_INFO: &str = "apisec.policy_info";
@@ -54,6 +55,8 @@ pub struct Sample {
     pub shadow: bool,
     /// Anomaly rules matched: rule id and action (alert, block).
     pub anomalies: Vec<(String, &'static str)>,
+    /// Rate-limit rules the call went over: rule id and action (refuse, alert).
+    pub rate_limits: Vec<(String, &'static str)>,
     /// An SDK not acceptable: why (below_minimum, ...) and the action (refuse, flag).
     pub sdk: Option<(&'static str, &'static str)>,
     /// Establishing this session evicted one of the app's own (its cap, or a full store).
@@ -135,6 +138,17 @@ impl Sample {
     pub fn anomalies(&self) -> impl Iterator<Item = String> + '_ {
         self.anomalies.iter().map(|(rule, action)| {
             let mut s = String::from(ANOMALIES);
+            named(&mut s, "app", &self.app);
+            named(&mut s, "rule", rule);
+            named(&mut s, "action", action);
+            s
+        })
+    }
+    /// `apisec.rate_limited_total;app=..;rule=..;action=..`, one per rule the call went over
+    /// (RL-1, RL-2, OPS-4).
+    pub fn rate_limited(&self) -> impl Iterator<Item = String> + '_ {
+        self.rate_limits.iter().map(|(rule, action)| {
+            let mut s = String::from(RATE_LIMITED);
             named(&mut s, "app", &self.app);
             named(&mut s, "rule", rule);
             named(&mut s, "action", action);
@@ -315,6 +329,7 @@ mod tests {
             duration_ms: Some(3),
             shadow: false,
             anomalies: vec![("night".into(), "alert")],
+            rate_limits: vec![],
             sdk: Some(("known_bad", "flag")),
             session_evicted: true,
         }

@@ -16,16 +16,23 @@ use serde::Deserialize;
 use crate::policy::Policy;
 use crate::sessions::{Scope, Session};
 use crate::state::anomalies::{RuleAction, Watch};
+use crate::state::rate_limits::{Counter, Span, Window};
 use crate::state::{Answer, BanSubject, Batch, Op, SessionCall};
 
 /// The tables, by concern.
-pub const TABLES: [(&str, &str); 5] = [
+pub const TABLES: [(&str, &str); 6] = [
     ("grants", include_str!("state/tables/grants.json")),
     ("nonces", include_str!("state/tables/nonces.json")),
     ("bans", include_str!("state/tables/bans.json")),
     ("sessions", include_str!("state/tables/sessions.json")),
     ("anomalies", include_str!("state/tables/anomalies.json")),
+    ("rate_limits", include_str!("state/tables/rate_limits.json")),
 ];
+
+/// Where a table's rate-limit windows are placed in time: a fixed instant (a whole day, so
+/// every window begins at the table's start), plus the step's `at` and `ms`. The counters read
+/// no other clock, so both backends see the same windows wherever the table runs.
+const RATE_EPOCH_MS: u64 = 20_000 * 86_400_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,6 +104,32 @@ pub enum TableOp {
         max_calls: u64,
         block: bool,
     },
+    /// One rate-limit counter (rule and key), with the windows named, `ms` after the step's
+    /// second; several in one op are one call counted toward each.
+    Rate {
+        counters: Vec<TableCounter>,
+        #[serde(default)]
+        ms: u64,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableCounter {
+    pub rule: String,
+    pub key: String,
+    #[serde(default = "yes")]
+    pub refuse: bool,
+    #[serde(default)]
+    pub per_second: Option<u64>,
+    #[serde(default)]
+    pub per_minute: Option<u64>,
+    #[serde(default)]
+    pub quota_day: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a batch answers, as far as both backends must agree.
@@ -113,6 +146,12 @@ pub struct Expect {
     /// Anomaly rules matched.
     #[serde(default)]
     pub anomalies: Vec<String>,
+    /// Rate-limit rules gone over, as `rule:action`.
+    #[serde(default)]
+    pub rate_limits: Vec<String>,
+    /// The refusal's `Retry-After` seconds.
+    #[serde(default)]
+    pub retry_after: Option<u32>,
 }
 
 const MAC: &str = "aa:bb:cc:dd:ee:01";
@@ -226,9 +265,37 @@ pub fn batch(step: &Step, start: u64) -> Result<Batch, String> {
                 max_calls: *max_calls,
                 max_bytes: u64::MAX / 2,
             },
+            TableOp::Rate { counters, ms } => {
+                let now_ms = RATE_EPOCH_MS + step.at * 1000 + ms;
+                Op::RateLimit(counters.iter().map(|c| rate_counter(c, now_ms)).collect())
+            }
         });
     }
     Ok(Batch { ops, now })
+}
+
+fn rate_counter(c: &TableCounter, now_ms: u64) -> Counter {
+    let mut windows = Vec::new();
+    for (span, limit) in [(Span::Second, c.per_second), (Span::Minute, c.per_minute)] {
+        if let Some(l) = limit {
+            windows.push(Window::sliding(span, l, now_ms));
+        }
+    }
+    if let Some(limit) = c.quota_day {
+        windows.push(Window {
+            span: Span::QuotaDay,
+            limit,
+            bucket: now_ms / 86_400_000,
+            at: 86_400_000 - now_ms % 86_400_000,
+        });
+    }
+    Counter {
+        rule: c.rule.clone(),
+        key: c.key.clone(),
+        refuse: c.refuse,
+        ban: false,
+        windows,
+    }
 }
 
 /// What an answer says, in a table's terms.
@@ -238,6 +305,12 @@ pub fn outcome(answer: &Answer) -> Expect {
         ban_started: answer.ban_started.is_some(),
         evicted: answer.evicted,
         anomalies: answer.anomalies.iter().map(|a| a.rule.clone()).collect(),
+        rate_limits: answer
+            .rate_limits
+            .iter()
+            .map(|h| format!("{}:{}", h.rule, h.action))
+            .collect(),
+        retry_after: answer.refused.as_ref().and_then(|d| d.retry_after),
     }
 }
 

@@ -119,9 +119,66 @@ pub fn local_weekday_minute(now: u64, offset: i64) -> (u32, u32) {
     (weekday, minute)
 }
 
+/// The calendar day (days since the epoch) and month (`year * 12 + month - 1`) of a unix time
+/// in a fixed-offset zone, and the unix times at which that day and that month end: the
+/// periods of a contract's quota (RL-1).
+pub fn local_day_month(now: u64, offset: i64) -> (u64, u64, u64, u64) {
+    let t = now as i64 + offset;
+    let days = t.div_euclid(86400);
+    let day_end = (days + 1) * 86400 - offset;
+    let (y, m) = civil_year_month(days);
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let month_end = days_from_civil(ny, nm, 1) * 86400 - offset;
+    let month = y * 12 + m - 1;
+    (
+        days.max(0) as u64,
+        month.max(0) as u64,
+        day_end.max(0) as u64,
+        month_end.max(0) as u64,
+    )
+}
+
+/// Year and month (1-12) of a day since the epoch (the inverse of `days_from_civil`).
+fn civil_year_month(days: i64) -> (i64, i64) {
+    let z = days + 719468;
+    let era = if z >= 0 { z } else { z - 146096 } / 146097;
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quota_periods_follow_the_local_calendar() {
+        let cst = 8 * 3600;
+        // 2026-01-31T23:59:59+08:00: still January 31st in Shanghai
+        let t = parse_rfc3339("2026-01-31T23:59:59+08:00").unwrap();
+        let (day, month, day_end, month_end) = local_day_month(t, cst);
+        assert_eq!(day as i64, days_from_civil(2026, 1, 31));
+        assert_eq!(month, 2026 * 12);
+        assert_eq!(day_end, t + 1);
+        assert_eq!(month_end, t + 1);
+        // a second later: February 1st, a new day and a new month
+        let (day2, month2, _, month_end2) = local_day_month(t + 1, cst);
+        assert_eq!(day2, day + 1);
+        assert_eq!(month2, month + 1);
+        assert_eq!(
+            month_end2,
+            parse_rfc3339("2026-03-01T00:00:00+08:00").unwrap()
+        );
+        // December rolls into the next year
+        let dec = parse_rfc3339("2026-12-15T12:00:00Z").unwrap();
+        let (_, m, _, end) = local_day_month(dec, 0);
+        assert_eq!(m, 2026 * 12 + 11);
+        assert_eq!(end, parse_rfc3339("2027-01-01T00:00:00Z").unwrap());
+    }
 
     #[test]
     fn rfc3339() {

@@ -94,7 +94,14 @@ fn held(
     let api = begin(p0, req).map_err(|d| d.reason)?;
     check_headers(p0, api, req, true, t0, &host, &mut ctx).map_err(|d| d.reason)?;
     check_body(p1, req, &mut ctx, body, &host, t1).map_err(|d| d.reason)?;
-    let ops = engine::final_ops(p1, req.conn.client_ip, req.conn.client_ip, &ctx, t1);
+    let ops = engine::final_ops(
+        p1,
+        req.conn.client_ip,
+        req.conn.client_ip,
+        &ctx,
+        t1,
+        t1 * 1000,
+    );
     let answer = local::run_local(p1, s, &meta, &Batch { ops, now: t1 });
     match answer.refused {
         Some(d) => Err(d.reason),

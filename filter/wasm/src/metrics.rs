@@ -227,6 +227,9 @@ impl Metrics {
         for name in s.anomalies() {
             self.later(name, 1);
         }
+        for name in s.rate_limited() {
+            self.later(name, 1);
+        }
         if let Some(name) = s.sdk_outdated() {
             self.later(name, 1);
         }

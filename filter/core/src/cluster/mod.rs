@@ -310,7 +310,8 @@ pub fn encode(p: &Params<'_>, settings: &ClusterSettings, batch: &Batch, full: b
             || state::nonces::encode(&mut body, settings.app_share, op)
             || state::grants::encode(&mut body, op)
             || state::sessions::encode(&mut body, p, op)
-            || state::anomalies::encode(&mut body, p, op);
+            || state::anomalies::encode(&mut body, p, op)
+            || state::rate_limits::encode(&mut body, op);
         if !written {
             word(&mut body, script::MISMATCH);
         }
@@ -391,7 +392,8 @@ fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
                 .or_else(|| state::nonces::refusal(batch, first, &text))
                 .or_else(|| state::grants::refusal(batch, first, &text))
                 .or_else(|| state::sessions::refusal(first, &text))
-                .or_else(|| state::anomalies::refusal(batch, first, &text));
+                .or_else(|| state::anomalies::refusal(batch, first, &text))
+                .or_else(|| state::rate_limits::refusal(batch, first, &text));
             match refused {
                 Some(answer) => Decoded::Answer(answer),
                 None => unavailable("state store answer has an unexpected shape"),
@@ -441,6 +443,10 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                     created,
                     last_seen,
                 }));
+            }
+            "rate_alert" => {
+                let (rule, pos) = (words.next()??, words.next()??);
+                state::rate_limits::alert(batch, &mut answer, rule, pos)?;
             }
             "evicted" => answer.evicted = true,
             "nothing" => answer.nothing_to_end = true,

@@ -101,6 +101,8 @@ pub struct Evidence {
 pub struct RequestContext {
     pub app: Option<String>,
     pub api: Option<String>,
+    /// The API's place in the inventory of the policy that matched it.
+    pub api_index: Option<usize>,
     /// The verified end user (x-user-id), if any.
     pub user: Option<String>,
     /// How the caller authenticated (None: not authenticated, as at S0).
@@ -145,6 +147,8 @@ pub struct RequestContext {
     pub sdk: Option<sdk::SdkFlag>,
     /// Anomaly rules the call matched (anomaly.rs): recorded, counted, and refused if one blocks.
     pub anomalies: Vec<anomaly::Anomaly>,
+    /// Rate-limit rules the call went over (rate_limits.rs): recorded and counted.
+    pub rate_limits: Vec<crate::state::rate_limits::RateHit>,
 }
 
 /// The client address as the gateway saw it: what a session is bound to.
@@ -211,6 +215,7 @@ pub fn check_headers(
     ctx.started = now;
     ctx.generation = policy.generation;
     ctx.api = Some(api.id.clone());
+    ctx.api_index = Some(api.index);
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
     if let Some(reason) = api.state.refusal() {

@@ -63,20 +63,52 @@ pub fn early_ops(
     ops
 }
 
+/// The rate-limit counters a call counts toward (RL-1, RL-2, OPS-4), from what the gateway
+/// verified of it only: the app once the caller proved to be it, the user the signature
+/// covered or the session carries, the API from the inventory, the source Envoy saw.
+pub fn rate_op(
+    policy: &Policy,
+    client_ip: Option<std::net::IpAddr>,
+    ctx: &RequestContext,
+    now_ms: u64,
+) -> Option<Op> {
+    if policy.rate_limits.is_empty() {
+        return None;
+    }
+    let apis = policy.apis();
+    let api = ctx.api.as_deref().and_then(|id| {
+        ctx.api_index
+            .and_then(|i| apis.get(i))
+            .filter(|a| a.id == id)
+            .or_else(|| apis.iter().find(|a| a.id == id))
+    });
+    let call = crate::rate_limits::Call {
+        app: ctx.app.as_deref().filter(|_| ctx.auth.is_some()),
+        api,
+        user: ctx.user.as_deref(),
+        source: client_ip,
+    };
+    let counters = policy.rate_limits.counters(&call, now_ms);
+    (!counters.is_empty()).then_some(Op::RateLimit(counters))
+}
+
 /// What a request that passed every check spends, in one batch: bans first, then its nonce
-/// (checked and recorded), then a use of its grant. `check_body` made sure a request that
-/// needs a nonce has one.
+/// (checked and recorded), then its rate limits, then a use of its grant. `check_body` made
+/// sure a request that needs a nonce has one.
 pub fn final_ops(
     policy: &Policy,
     client_ip: Option<std::net::IpAddr>,
     ip_ban: Option<std::net::IpAddr>,
     ctx: &RequestContext,
     now: u64,
+    now_ms: u64,
 ) -> Vec<Op> {
     let mut ops = ban_ops(policy, ip_ban, ctx);
     if ctx.level.is_some_and(|l| l > SecurityLevel::S0) {
         ops.extend(nonce_op(ctx, now, true));
     }
+    // After the nonce: a replayed copy is refused before it uses up the caller's limit.
+    ops.extend(rate_op(policy, client_ip, ctx, now_ms));
     // Counted anomaly rules see only callers that proved to be their app; after the nonce, so
     // a replayed copy from elsewhere is refused before it counts or teaches a source.
     if let (Some(app), Some(api), Some(_)) = (&ctx.app, &ctx.api, ctx.auth) {
@@ -151,8 +183,15 @@ pub fn refusal_ops(
     if policy.bans.is_none() {
         return failures;
     }
+    // A refusal by one of the policy's rate limits counts only where its rule says so (RL-4).
+    let rate_rule =
+        reason == DenyReason::RateLimited && ctx.rate_limits.iter().any(|h| h.action == "refuse");
+    let rate_counts = ctx
+        .rate_limits
+        .iter()
+        .any(|h| h.action == "refuse" && h.ban);
     let mut ops = ban_ops(policy, ip_ban, ctx);
-    if reason.counts_toward_ban() {
+    if reason.counts_toward_ban() && (!rate_rule || rate_counts) {
         // A replayed request proves only that someone holds a copy of it.
         let replay = matches!(
             reason,

@@ -71,6 +71,12 @@ impl Stream {
                 .iter()
                 .map(|a| (metrics::label(&a.rule).into_owned(), a.action))
                 .collect(),
+            rate_limits: self
+                .ctx
+                .rate_limits
+                .iter()
+                .map(|h| (metrics::label(&h.rule).into_owned(), h.action))
+                .collect(),
             sdk: self
                 .ctx
                 .sdk

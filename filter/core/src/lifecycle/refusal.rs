@@ -76,7 +76,7 @@ impl Stream {
             Step::go(Action::Refuse {
                 status: deny.reason.status(),
                 body: audit::refusal_body(&deny, &self.request_id, &self.ctx),
-                retry_after: deny.reason.retry_after_seconds(),
+                retry_after: deny.retry_after(),
             })
         } else {
             Step::proceed()
@@ -97,6 +97,7 @@ impl Stream {
     pub(super) fn ev_state(&mut self, mut answer: Answer, env: &Env<'_>) -> Step {
         // counted anomaly rules that matched: in the record and the metric, whatever follows
         self.ctx.anomalies.append(&mut answer.anomalies);
+        self.ctx.rate_limits.append(&mut answer.rate_limits);
         match std::mem::replace(&mut self.waiting, Waiting::Nothing) {
             Waiting::Nothing => Step::proceed(),
             Waiting::Refusal { deny, respond } => self.refused(deny, respond, answer),

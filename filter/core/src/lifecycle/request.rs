@@ -239,13 +239,21 @@ impl Stream {
         if end_of_stream {
             return self.finish(&[], env);
         }
-        let ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
+        let mut ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
         self.ip_checked = false; // a ban may start while the body comes: asked again then
         if self.ctx.level == Some(SecurityLevel::S0)
             && self.served.is_none()
             && !engine::has_form_body(&self.req)
         {
-            // nothing in the body to verify at S0 (a form body may carry _method: held)
+            // nothing in the body to verify at S0 (a form body may carry _method: held): this
+            // batch is the last, so the call counts toward its rate limits here
+            let now_ms = env.host.now_ms().unwrap_or(now.saturating_mul(1000));
+            ops.extend(engine::rate_op(
+                &policy,
+                self.req.conn.client_ip,
+                &self.ctx,
+                now_ms,
+            ));
             if ops.is_empty() {
                 return self.allow(Step::proceed(), env);
             }
@@ -326,12 +334,14 @@ impl Stream {
         {
             return self.refuse(d, env);
         }
+        let now_ms = env.host.now_ms().unwrap_or(self.now.saturating_mul(1000));
         let mut ops = engine::final_ops(
             &policy,
             self.req.conn.client_ip,
             self.ip_ban(),
             &self.ctx,
             self.now,
+            now_ms,
         );
         if let Some(Served::Create(_)) = self.served {
             match self.create_op(body, env) {

@@ -23,6 +23,7 @@ pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::lists::{self, List, RawList};
 pub use crate::message::Method;
 pub use crate::mode::Mode;
+use crate::rate_limits::{self, RateLimits, RawRateLimit, RawRateStore};
 use crate::routes::{self, RawRoute, Route};
 use crate::sessions::{RawSessions, Sessions};
 use crate::state::bans::{BanSettings, RawBans};
@@ -72,6 +73,10 @@ pub struct RawPolicy {
     /// sources, signature failures under a valid key id; alert or block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anomalies: Option<RawAnomalies>,
+    /// Rate limits and quotas (RL-1, RL-2, RL-4, OPS-4): windows per second, minute, hour and
+    /// day, calendar quotas, by app, API, function, user and source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rate_limits: Vec<RawRateLimit>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -82,6 +87,8 @@ pub struct RawGateway {
     /// How long an accepted nonce is remembered; at least twice the skew.
     pub nonce_lifetime_seconds: u64,
     pub replay: RawReplay,
+    /// The local backend's rate-limit counters: keys and counters per key.
+    pub rate_limit_store: RawRateStore,
     pub max_body_bytes: u64,
     pub max_signature_header_bytes: u64,
     /// Components every signature must cover, beyond the built-in minimum.
@@ -148,6 +155,7 @@ impl Default for RawGateway {
             clock_skew_seconds: 300,
             nonce_lifetime_seconds: 900,
             replay: RawReplay::default(),
+            rate_limit_store: RawRateStore::default(),
             max_body_bytes: 1024 * 1024,
             max_signature_header_bytes: 8192,
             required_components: Vec::new(),
@@ -216,6 +224,7 @@ pub struct Policy {
     pub sessions: Option<Sessions>,
     pub audit: AuditSettings,
     pub anomalies: Anomalies,
+    pub rate_limits: RateLimits,
 }
 
 /// The minimum every signature covers (docs/design.md "Wire protocol").
@@ -322,8 +331,17 @@ impl RawPolicy {
             .transpose()?
             .unwrap_or_default();
 
+        let rate_limits = rate_limits::compile(
+            &self.rate_limits,
+            &g.rate_limit_store,
+            &apis,
+            &groups,
+            &|id| apps.contains_key(id),
+        )?;
+
         Ok(Policy {
             anomalies,
+            rate_limits,
             mode: g.mode,
             report_only_s3: g.report_only_s3,
             routes,

@@ -12,6 +12,7 @@ pub mod anomalies;
 pub mod bans;
 pub mod grants;
 pub mod nonces;
+pub mod rate_limits;
 pub mod script;
 pub mod sessions;
 
@@ -116,6 +117,9 @@ pub enum Op {
         threshold: u32,
         ban: Option<(BanSubject, u64)>,
     },
+    /// A call counted toward the rate-limit counters that apply to it (RL-1, RL-2, OPS-4):
+    /// refused if one that refuses is over a window, else counted toward all of them.
+    RateLimit(Vec<rate_limits::Counter>),
 }
 
 impl Op {
@@ -179,6 +183,8 @@ pub struct Answer {
     pub nothing_to_end: bool,
     /// Counted anomaly rules the batch found matched (with a refusal: the one that blocked).
     pub anomalies: Vec<Anomaly>,
+    /// Rate-limit rules the call went over (with a refusal: the one that refused).
+    pub rate_limits: Vec<rate_limits::RateHit>,
 }
 
 impl Answer {

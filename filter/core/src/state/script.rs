@@ -112,13 +112,25 @@ pub const KEY_FAILURE: Layout = Layout {
         "lift",
     ],
 };
+/// One window of a rate-limit counter, checked (RL-1, RL-2): `ms` 0 for a calendar quota.
+pub const RATE_CHECK: Layout = Layout {
+    code: "RC",
+    words: &[
+        "key", "rule", "pos", "ms", "bucket", "before", "at", "limit", "ttl", "refuse",
+    ],
+};
+/// Counts every window the batch's `RC`s checked (reached only if none refused).
+pub const RATE_COUNT: Layout = Layout {
+    code: "RI",
+    words: &[],
+};
 /// The gauges: `n`, then `n` pairs of app and lift time (the one operation of variable length).
 pub const GAUGES: Layout = Layout {
     code: "GA",
     words: &["n"],
 };
 
-pub const LAYOUTS: [&Layout; 15] = [
+pub const LAYOUTS: [&Layout; 17] = [
     &BAN,
     &REFUSAL,
     &NONCE,
@@ -133,18 +145,21 @@ pub const LAYOUTS: [&Layout; 15] = [
     &BYTES,
     &SOURCE,
     &KEY_FAILURE,
+    &RATE_CHECK,
+    &RATE_COUNT,
     &GAUGES,
 ];
 
 /// Each concern's Lua, in the order the script needs them (bans first: anomalies and the
 /// gauges use its helpers).
-const PARTS: [&str; 8] = [
+const PARTS: [&str; 9] = [
     include_str!("prelude.lua"),
     include_str!("bans/bans.lua"),
     include_str!("nonces/nonces.lua"),
     include_str!("grants/grants.lua"),
     include_str!("sessions/sessions.lua"),
     include_str!("anomalies/anomalies.lua"),
+    include_str!("rate_limits/rate_limits.lua"),
     include_str!("gauges.lua"),
     include_str!("run.lua"),
 ];
