@@ -38,6 +38,17 @@ def ecds_stats(g: gw.Gateway) -> dict[str, int]:
     return out
 
 
+def reload(g, doc: dict) -> bool:
+    """Pushes a policy through ECDS; True if Envoy took it, False if the filter refused it."""
+    import json
+
+    before = ecds_stats(g)
+    gw.write_ecds(json.dumps(doc), g.layout)
+    wait_for(lambda: ecds_stats(g)["update_success"] > before["update_success"]
+             or ecds_stats(g)["update_rejected"] > before["update_rejected"], what="policy update")
+    return ecds_stats(g)["update_success"] > before["update_success"]
+
+
 def wait_for(pred, timeout=15.0, what="condition"):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
-from helpers import assert_refused, ecds_stats, upstream_count, wait_for
+from helpers import assert_refused, ecds_stats, reload, upstream_count, wait_for
 
 ORDER = {"symbol": "600000", "side": "buy", "qty": 100, "price": "10.01"}
 
@@ -21,17 +21,6 @@ ORDER = {"symbol": "600000", "side": "buy", "qty": 100, "price": "10.01"}
 def order(client: Client, body: dict | bytes | None = None, path: str = "/api/v1/orders", extra=None) -> dict:
     raw = body if isinstance(body, bytes) else json.dumps(body or ORDER).encode()
     return client.sign("POST", path, body=raw, keyid="demo-partner-p256", extra=extra)
-
-
-def reload(g, doc: dict) -> bool:
-    """Pushes a policy through ECDS; True if Envoy took it, False if the filter refused it."""
-    from conftest import gw
-
-    before = ecds_stats(g)
-    gw.write_ecds(json.dumps(doc), g.layout)
-    wait_for(lambda: ecds_stats(g)["update_success"] > before["update_success"]
-             or ecds_stats(g)["update_rejected"] > before["update_rejected"], what="policy update")
-    return ecds_stats(g)["update_success"] > before["update_success"]
 
 
 def refused_unsent(g, resp, status: int, code: str, before: int) -> dict:
