@@ -125,6 +125,9 @@ def mgw(tmp_path_factory, secret):
     for app in doc["apps"]:
         if app["id"] == "demo-partner":
             app["sdk"] = {"minimum": "2.1.0", "action": "flag"}
+    # One announcement a minute per source: the second is refused rate_limited (RL-1).
+    doc["rate_limits"] = [{"id": "announcements", "by": ["source"], "apis": ["info.announcements"],
+                           "per_minute": 1}]
     g = start_gateway(tmp_path_factory.mktemp("gw-mon"), doc, secret=secret, concurrency=2)
     yield g
     g.stop()
@@ -135,6 +138,8 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
     # Allowed: S0 and S1, and an S3 order with a body (bytes in).
     assert c.get(QUOTE, headers={"x-app-id": "demo-partner"}).status_code == 200
     assert c.get("/api/v1/info/announcements", headers={"x-app-id": "demo-partner"}).status_code == 200
+    limited = c.get("/api/v1/info/announcements", headers={"x-app-id": "demo-partner"})
+    assert limited.status_code == 429 and limited.json()["error"] == "rate_limited"
     for _ in range(2):
         assert c.send(c.sign("GET", RESEARCH)).status_code == 200
     body = b'{"symbol":"600000","side":"buy","qty":100}'
@@ -168,6 +173,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
     assert not [k for k in series if "stranger" in k], "an unknown App_ID must not become a label value"
     assert series[deny % ("demo-partner", "none", "none", "unknown_api")] == 1
     assert series['apisec_shadow_calls_total{app="demo-partner"}'] == 1
+    assert series['apisec_rate_limited_total{app="demo-partner",rule="announcements",action="refuse"}'] == 1
     assert series['apisec_request_bytes_total{app="demo-partner",api="trade.order.place"}'] == len(body)
     assert series['apisec_response_bytes_total{app="demo-partner",api="trade.order.place"}'] == len(order.content)
     # Histograms reach the admin output when Envoy merges them (its stats flush, every 5 s).

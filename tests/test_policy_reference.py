@@ -19,6 +19,7 @@ gateway:
   clock_skew_seconds: 300
   nonce_lifetime_seconds: 900
   replay: {slots: 64, entries_per_slot: 16, app_entries_per_slot: 8}
+  rate_limit_store: {slots: 64, entries_per_slot: 8}
   max_body_bytes: 65536
   max_held_body_bytes: 1048576
   max_body_seconds: 30
@@ -121,6 +122,10 @@ anomalies:
        forget_days: 30, action: block}
   signature_failures:
     - {id: f, apps: [app], threshold: 5, window_seconds: 300, ban_seconds: 600, action: block}
+rate_limits:
+  - {id: rl, by: [app, api, function, user, source], apis: [a], functions: [trading], apps: [app], per_second: 5,
+     per_minute: 100, per_hour: 1000, per_day: 10000, quota: {per_day: 5000, per_month: 100000, timezone: UTC},
+     action: refuse, count_toward_ban: true, source_prefix_v4: 24, source_prefix_v6: 56}
 """ % ("ab" * 32)
 
 
