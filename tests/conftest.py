@@ -33,12 +33,14 @@ AUDIT_KEY = base64.b64encode(os.urandom(32)).decode()
 def base_policy() -> dict:
     """The shipped securities example (LVL-5), with a smaller body limit for the size tests,
     without automatic bans (the refusal tests would ban the demo app; bans have their own tests),
+    without its rate limits (the tests send bursts from one address; test_rate_limits.py),
     and without sessions: its user-bound account and trading APIs then take the user the signing
     app asserts (`x-user-id`), as the tests of every other control call them. Sessions and
     two-factor users have their own tests (test_sessions.py, which adds them back)."""
     doc = json.loads(gw.policy_to_json(ROOT / "policies/securities.yaml"))
     doc["gateway"]["max_body_bytes"] = 64 * 1024
     doc.pop("bans", None)
+    doc.pop("rate_limits", None)
     sessions = doc.pop("sessions")
     gone = {sessions["create_api"], sessions["logout_api"], *sessions["login_apis"]}
     doc["apis"] = [a for a in doc["apis"] if a["id"] not in gone]

@@ -39,7 +39,7 @@ def test_unknown_is_never_compliant_and_the_report_says_what_it_is_about(tmp_pat
     assert rep["unverified"] == unknown > 0
     about = rep["about"]
     assert about["policy_sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
-    assert {"DATA-1", "DATA-2", "LOG-1", "SES-4", "LVL-5"} <= set(about["scope"]) and "RL-1" not in about["scope"]
+    assert {"DATA-1", "DATA-2", "LOG-1", "SES-4", "LVL-5"} <= set(about["scope"]) and "DATA-5" not in about["scope"]
     assert about["tool_version"] and about["generated_at"].endswith("Z") and about["deployment_files"] == []
     text = apisec("compliance", str(policy))
     assert text.returncode == 3 and "NOT verified" in text.stdout and "\ncompliant" not in text.stdout
@@ -103,6 +103,7 @@ def test_securities_example_with_each_shipped_deployment(tmp_path):
     doc.pop("sessions")
     doc["apis"] = [a for a in doc["apis"] if a["id"] not in ("session.create", "session.logout", "user.login")]
     doc["grants"] = [g for g in doc["grants"] if g["id"] != "demo-partner-sessions"]
+    doc["rate_limits"] = [r for r in doc["rate_limits"] if r["id"] != "sessions-per-app"]
     rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
     unmet = {(a["id"], c["control"]) for a in rep["apis"] for c in a["checks"] if c["status"] == "not_met"}
     assert unmet == {(a, "user_2fa") for a in ["account.balance", "account.positions", "trade.order.query",
@@ -127,6 +128,7 @@ def test_a_compliant_policy_exits_zero(tmp_path):
     doc["api_groups"] = []
     doc["grants"] = [g for g in doc["grants"] if g["id"] == "demo-partner-info"]
     doc["lists"] = []
+    doc["rate_limits"] = [r for r in doc["rate_limits"] if r["id"] not in ("orders-per-user", "sessions-per-app")]
     rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
     assert rc == 0 and rep["compliant"] is True
 
@@ -239,3 +241,24 @@ def test_sessions_with_a_login_api_meet_the_two_factor_requirement(tmp_path):  #
     del doc["sessions"]["login_apis"]
     rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
     assert rc == 1 and cells(rep)["user.profile"]["user_2fa"]["status"] == "not_met"
+
+
+def test_rate_limits_are_reported_per_api(tmp_path):  # RL-1, RL-2, OPS-4
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    c = cells(rep)
+    assert c["trade.order.place"]["rate_limit"]["ids"] == "RL-1 RL-2 OPS-4"
+    assert c["trade.order.place"]["rate_limit"]["status"] == "met"
+    note = c["trade.order.place"]["rate_limit"]["note"]
+    assert "orders-per-user (second, minute by app+user)" in note and "per-source" in note
+    assert "orders-per-user" not in c["market.quote"]["rate_limit"]["note"]
+    # without limits, every API lacks them; an alerting rule alone is not a limit
+    doc = load("securities.yaml")
+    doc["rate_limits"] = [{"id": "watch", "by": ["app"], "apis": ["market.quote"], "per_minute": 10,
+                           "action": "alert"}]
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    c = cells(rep)
+    assert rc == 1 and rep["compliant"] is False
+    assert c["market.quote"]["rate_limit"]["status"] == "not_met"
+    assert "only alerting rules: watch" in c["market.quote"]["rate_limit"]["note"]
+    assert c["info.research"]["rate_limit"]["status"] == "not_met"
+    assert c["info.research"]["rate_limit"]["note"] == "no rate limit of the policy selects this API"

@@ -170,6 +170,7 @@ pub const CONTROLS: &[(&str, &str)] = &[
     ("audit", "LOG-1"),
     ("backend_tls", "DATA-2"),
     ("enforced", "LVL-1"),
+    ("rate_limit", "RL-1 RL-2 OPS-4"),
 ];
 
 fn check(i: usize, status: Status, note: impl Into<String>) -> Check {
@@ -375,7 +376,43 @@ fn api_checks(
     } else {
         check(11, Status::Met, "enforced")
     });
+    checks.push(rate_limit_check(policy, api));
     checks
+}
+
+/// RL-1, RL-2, OPS-4: the policy's rate limits that refuse calls of this API, with their
+/// windows and what they count by.
+fn rate_limit_check(policy: &Policy, api: &Api) -> Check {
+    let mut refusing = Vec::new();
+    let mut alerting = Vec::new();
+    for r in policy.rate_limits.covering(api) {
+        let windows: Vec<&str> = r.limits.iter().map(|(s, _)| s.name()).collect();
+        let by: Vec<String> = r
+            .by
+            .iter()
+            .map(|d| format!("{d:?}").to_lowercase())
+            .collect();
+        let by = if by.is_empty() {
+            "all calls".to_string()
+        } else {
+            by.join("+")
+        };
+        let text = format!("{} ({} by {by})", r.id, windows.join(", "));
+        if r.refuse {
+            refusing.push(text);
+        } else {
+            alerting.push(text);
+        }
+    }
+    match (refusing.is_empty(), alerting.is_empty()) {
+        (false, _) => check(12, Status::Met, refusing.join("; ")),
+        (true, false) => check(
+            12,
+            Status::NotMet,
+            format!("only alerting rules: {}", alerting.join("; ")),
+        ),
+        (true, true) => check(12, Status::NotMet, "no rate limit of the policy selects this API"),
+    }
 }
 
 /// Annex A (LVL-5): the row of table A.1 the API implements, and whether its level is at
