@@ -170,11 +170,21 @@ AFTER_ANOMALIES = {
 }
 
 
+# BENCH_AFTER_RATE_LIMITS=1: the "after" variants run a three-window rate limit on app+API
+# (issue 23; limits no bench traffic reaches, so every call is counted and none refused) that the
+# "before" policy lacks; with BENCH_BEFORE_WASM set to the same build, the difference is what
+# counting costs per request, on the local and the cluster backend.
+AFTER_RATE_LIMITS = [{"id": "bench-app-api", "by": ["app", "api"], "per_second": 10**7, "per_minute": 10**7,
+                      "per_hour": 10**7}]
+
+
 def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> gw.Layout:
     layout = gw.Layout(build=build, wasm=WASM, certs=build / "certs", admin_port=ports["admin"], concurrency=1)
     plain = policy
     if os.environ.get("BENCH_AFTER_ANOMALIES"):
         policy = {**policy, "anomalies": AFTER_ANOMALIES}
+    if os.environ.get("BENCH_AFTER_RATE_LIMITS"):
+        policy = {**policy, "rate_limits": AFTER_RATE_LIMITS}
     gw.write_ecds(json.dumps(policy), layout)
     hs, es = jwts
     # An older build may not know every field of this one (app_entries_per_slot came later).

@@ -387,11 +387,10 @@ fn rate_limit_check(policy: &Policy, api: &Api) -> Check {
     let mut alerting = Vec::new();
     for r in policy.rate_limits.covering(api) {
         let windows: Vec<&str> = r.limits.iter().map(|(s, _)| s.name()).collect();
-        let by: Vec<String> = r
-            .by
-            .iter()
-            .map(|d| format!("{d:?}").to_lowercase())
-            .collect();
+        let by: Vec<String> =
+            r.by.iter()
+                .map(|d| format!("{d:?}").to_lowercase())
+                .collect();
         let by = if by.is_empty() {
             "all calls".to_string()
         } else {
@@ -411,7 +410,11 @@ fn rate_limit_check(policy: &Policy, api: &Api) -> Check {
             Status::NotMet,
             format!("only alerting rules: {}", alerting.join("; ")),
         ),
-        (true, true) => check(12, Status::NotMet, "no rate limit of the policy selects this API"),
+        (true, true) => check(
+            12,
+            Status::NotMet,
+            "no rate limit of the policy selects this API",
+        ),
     }
 }
 

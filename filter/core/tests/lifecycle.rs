@@ -482,6 +482,69 @@ fn cluster_state_is_asked_for_and_the_request_waits_for_the_answer() {
     assert_eq!(s.on_log(&rig.env()).counts, vec![Count::Allowed]);
 }
 
+/// Issue 23 (RL-1, RL-2): a rate limit rides in the request's one final batch, after its nonce,
+/// on the cluster backend no extra round trip; the store's refusal is a 429 with Retry-After.
+#[test]
+fn a_rate_limit_rides_in_the_final_batch_and_its_refusal_says_when_to_retry() {
+    let mut rig = cluster_rig(false);
+    let mut raw: apisec_core::policy::RawPolicy = serde_json::from_value(serde_json::json!({
+        "version": 1,
+        "apis": [{"id": "order", "method": "POST", "path": "/orders", "level": "S1", "service_object": "toB",
+                  "access": "write", "user_auth": false, "personal_info": false, "function": "trading"}],
+        "apps": [{"id": "app-a", "credentials": [{"id": "k", "alg": "hmac-sha256", "secret_env": "S"}]}],
+        "grants": [{"id": "g", "app": "app-a", "apis": ["order"]}],
+        "rate_limits": [{"id": "orders", "by": ["app", "api"], "per_second": 5, "per_minute": 60, "per_hour": 600}]
+    }))
+    .unwrap();
+    raw.state = apisec_core::cluster::RawState {
+        backend: apisec_core::cluster::Backend::Cluster,
+        cluster: Some(apisec_core::cluster::RawCluster {
+            envoy_cluster: "apisec_state".into(),
+            authority: None,
+            timeout_ms: 500,
+            key_prefix: "apisec:".into(),
+            credentials_env: None,
+            app_share: 1000,
+        }),
+    };
+    let p = raw
+        .into_policy(&HashMap::from([("S".to_string(), SECRET_B64.to_string())]))
+        .unwrap();
+    rig.config.policy = Rc::new(p);
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", b"", "n1")),
+        Some("192.0.2.1:5000"),
+        true,
+        &rig.env(),
+    );
+    let batch = step.state.expect("the one batch of the request");
+    let [Op::Nonce { record: true, .. }, Op::RateLimit(counters)] = batch.ops.as_slice() else {
+        panic!("expected the nonce, then the rate limit: {:?}", batch.ops);
+    };
+    assert_eq!(counters.len(), 1);
+    assert_eq!(counters[0].windows.len(), 3);
+    // the store answers that the minute window is full: 429, Retry-After, the rule recorded
+    let c = &counters[0];
+    let w = &c.windows[1];
+    let mut answer = Answer::refused(c.refusal(w, 60, 0));
+    answer.rate_limits.push(c.hit(w));
+    let step = s.on_state(answer, &rig.env());
+    assert_eq!(refused(&step), Some((429, "rate_limited".into())));
+    let Action::Refuse { retry_after, .. } = &step.action else {
+        panic!("a refusal");
+    };
+    assert!(
+        retry_after.is_some_and(|r| r >= 1 && r <= 120),
+        "{retry_after:?}"
+    );
+    let record: serde_json::Value = serde_json::from_str(&s.record_so_far().unwrap()).unwrap();
+    assert_eq!(
+        record["rate_limits"],
+        serde_json::json!([{"rule": "orders", "window": "minute", "action": "refuse"}])
+    );
+}
+
 #[test]
 fn a_store_that_cannot_answer_refuses_503_and_is_not_asked_again() {
     let rig = cluster_rig(true);
