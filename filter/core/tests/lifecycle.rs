@@ -535,7 +535,7 @@ fn a_rate_limit_rides_in_the_final_batch_and_its_refusal_says_when_to_retry() {
         panic!("a refusal");
     };
     assert!(
-        retry_after.is_some_and(|r| r >= 1 && r <= 120),
+        retry_after.is_some_and(|r| (1..=120).contains(&r)),
         "{retry_after:?}"
     );
     let record: serde_json::Value = serde_json::from_str(&s.record_so_far().unwrap()).unwrap();
