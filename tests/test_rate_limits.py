@@ -9,12 +9,13 @@ that the call went on and that its record names the rule; `apisec_rate_limited_t
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import pytest
 
-from conftest import Client, base_policy, read_audit, start_gateway
-from helpers import Pair, assert_refused, metric, reload, session_policy, upstream_count
+from conftest import Client, base_policy, gw, read_audit, start_gateway
+from helpers import Pair, assert_refused, ecds_stats, metric, reload, session_policy, upstream_count, wait_for
 
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, licensed_info
 QUOTE = "/api/v1/market/quotes/600000"  # S0: an unverified App_ID, limited by source
@@ -41,6 +42,9 @@ def policy() -> dict:
         # a caller that keeps hitting its limit is banned (RL-4)
         {"id": "broker-strict", "by": ["app"], "apps": ["demo-broker"], "per_minute": 1,
          "count_toward_ban": True},
+        # per end user (the one the signature covers), over a business function
+        {"id": "fund-user", "by": ["user"], "apps": ["demo-fund"], "functions": ["licensed_info"],
+         "per_minute": 1},
         # a contract's daily quota
         {"id": "quota-daily", "by": ["app"], "apps": ["demo-quota"],
          "quota": {"per_day": 2, "timezone": "Asia/Shanghai"}},
@@ -206,7 +210,7 @@ def test_a_daily_quota(target):  # RL-1 (quotas)
     assert abs(int(r.headers["retry-after"]) - (midnight - now)) <= 5
 
 
-def test_a_reload_changes_a_limit(tmp_path, secret):  # RL-1, OPS-4
+def test_a_limit_changed_by_policy_apply_takes_effect_and_is_logged(tmp_path, secret):  # RL-1, OPS-4, LOG-5
     doc = policy()
     g = start_gateway(tmp_path / "gw", doc, secret=secret)
     try:
@@ -215,8 +219,15 @@ def test_a_reload_changes_a_limit(tmp_path, secret):  # RL-1, OPS-4
             assert c.raw("GET", c.https + QUOTE, APP, source="127.0.0.71").status_code == 200
         r = c.raw("GET", c.https + QUOTE, APP, source="127.0.0.71")
         assert r.status_code == 429
+        # `apisec policy apply`, as an operator would: no restart
         doc["rate_limits"][1]["per_minute"] = 5
-        assert reload(g, doc)
+        before = ecds_stats(g)["update_success"]
+        record = gw.apply_policy(json.dumps(doc), g.layout, actor="alice", source="test")
+        wait_for(lambda: ecds_stats(g)["update_success"] > before, what="reload")
+        assert record["outcome"] == "applied" and record["actor"] == "alice"
+        change = next(x for x in record["changes"] if x.get("section") == "rate_limits")
+        assert change["id"] == "quotes-per-source" and change["change"] == "changed"
+        assert change["fields"]["per_minute"] == {"before": 2, "after": 5}
         # the counts stay; the new limit admits three more
         for _ in range(3):
             assert c.raw("GET", c.https + QUOTE, APP, source="127.0.0.71").status_code == 200
@@ -224,32 +235,57 @@ def test_a_reload_changes_a_limit(tmp_path, secret):  # RL-1, OPS-4
         r = c.raw("GET", c.https + QUOTE, APP, source="127.0.0.71")
         assert_refused(g, r, 429, "rate_limited")
         assert upstream_count(g) == before
-        # a rule the filter refuses leaves the last good one in force
+        # a rule the core refuses is not applied; one pushed past the CLI is refused by the
+        # filter: the last good policy stays in force
         bad = policy()
         bad["rate_limits"][1]["per_minute"] = 0
+        with pytest.raises(gw.PolicyRejected, match="per_minute"):
+            gw.apply_policy(json.dumps(bad), g.layout, actor="alice", source="test")
         assert not reload(g, bad)
         assert c.raw("GET", c.https + QUOTE, APP, source="127.0.0.71").status_code == 429
     finally:
         g.stop()
 
 
-def test_session_establish_is_limited(tmp_path, secret):  # RL-1, SES-1
+def test_by_user_and_business_function(target):  # RL-2
+    t = target
+
+    def as_user(i: int, user: str):
+        return t.send(i, t.sign("demo-fund", extra=["--header", f"x-user-id: {user}", "--cover", "x-user-id"]))
+
+    assert as_user(0, "u-1").status_code == 200
+    limited(t, 1, as_user(1, "u-1"), "fund-user", "minute")
+    assert as_user(2, "u-2").status_code == 200
+    limited(t, 3, as_user(3, "u-2"), "fund-user", "minute")
+
+
+def test_the_gateways_own_session_endpoints_are_limited(tmp_path, secret):  # RL-1, SES-1, SES-3
     doc = session_policy(idle=60, lifetime=300)
-    doc["rate_limits"] = [{"id": "establish", "by": ["app"], "apis": ["session.create"], "per_minute": 1}]
+    doc["rate_limits"] = [{"id": "establish", "by": ["app"], "apis": ["session.create"], "per_minute": 2},
+                          {"id": "logout", "by": ["app"], "apis": ["session.logout"], "per_minute": 1}]
     g = start_gateway(tmp_path / "gw", doc, secret=secret)
     try:
         c = Client(g, secret)
         body = b'{"caller_code":"demo-partner","mac":"aa:bb:cc:dd:ee:01"}'
 
         def establish():
-            return c.send(c.sign("POST", "/apisec/v1/sessions", body=body, keyid="demo-partner-hmac"),
-                          source="127.0.0.81")
+            return c.send(c.sign("POST", "/apisec/v1/sessions", body=body, keyid="demo-partner-hmac"))
 
-        assert establish().status_code == 201
+        def logout(sid: str):
+            extra = ["--header", f"x-session-id: {sid}", "--header", "x-device-mac: aa:bb:cc:dd:ee:01",
+                     "--cover", "x-session-id", "--cover", "x-device-mac"]
+            return c.send(c.sign("DELETE", "/apisec/v1/sessions", keyid="demo-partner-hmac", extra=extra))
+
+        first, second = establish(), establish()
+        assert first.status_code == 201 and second.status_code == 201
         r = establish()
         audit = assert_refused(g, r, 429, "rate_limited")
         assert audit["rate_limits"] == [{"rule": "establish", "window": "minute", "action": "refuse"}]
         assert "retry-after" in r.headers
+        assert logout(first.json()["session_id"]).status_code == 200
+        r = logout(second.json()["session_id"])
+        audit = assert_refused(g, r, 429, "rate_limited")
+        assert audit["rate_limits"] == [{"rule": "logout", "window": "minute", "action": "refuse"}]
     finally:
         g.stop()
 

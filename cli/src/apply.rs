@@ -122,13 +122,16 @@ fn index(doc: &Value, section: &str) -> Vec<(String, Value)> {
         .unwrap_or_default()
 }
 
+/// The sections whose changes are logged item by item (by `id`).
+const ITEMIZED: [&str; 6] = ["apis", "apps", "grants", "lists", "api_groups", "rate_limits"];
+
 /// What an operator changed, item by item: levels, lifecycle, apps, keys (by id, never the key
-/// material), grants, lists, opt-outs, bans, gateway settings.
+/// material), grants, lists, rate limits, opt-outs, bans, gateway settings.
 pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
     let empty = json!({});
     let old = old.unwrap_or(&empty);
     let mut out = Vec::new();
-    for section in ["apis", "apps", "grants", "lists", "api_groups"] {
+    for section in ITEMIZED {
         let (before, after) = (index(old, section), index(new, section));
         let ids: BTreeSet<&String> = before.iter().chain(after.iter()).map(|(k, _)| k).collect();
         for id in ids {
@@ -164,12 +167,11 @@ pub fn changes(old: Option<&Value>, new: &Value) -> Vec<Value> {
     // every other section whole (bans and their lifts, anomaly rules and the sources they
     // approve, sessions, audit, state, gateway settings, ...): none holds a secret, only the
     // names of the environment variables that do
-    let itemized = ["apis", "apps", "grants", "lists", "api_groups"];
     let keys: BTreeSet<&String> = [old, new]
         .iter()
         .filter_map(|d| d.as_object())
         .flat_map(|m| m.keys())
-        .filter(|k| !itemized.contains(&k.as_str()))
+        .filter(|k| !ITEMIZED.contains(&k.as_str()))
         .collect();
     for key in keys {
         if old.get(key) != new.get(key) {
