@@ -9,7 +9,8 @@
 //! failures, a worker's held-body bound, body size, a response whose hidden fields cannot be
 //! removed), a routing override a backend might obey, anything at the session endpoints the
 //! gateway answers itself, plus what is not a decision of this filter (a limiter's 429, an
-//! abandoned request).
+//! abandoned request) and the policy's rate limits, which protect the backend (a new limit is
+//! tried with `action: alert`).
 
 use crate::engine;
 use crate::error::DenyReason;
