@@ -123,7 +123,14 @@ fn index(doc: &Value, section: &str) -> Vec<(String, Value)> {
 }
 
 /// The sections whose changes are logged item by item (by `id`).
-const ITEMIZED: [&str; 6] = ["apis", "apps", "grants", "lists", "api_groups", "rate_limits"];
+const ITEMIZED: [&str; 6] = [
+    "apis",
+    "apps",
+    "grants",
+    "lists",
+    "api_groups",
+    "rate_limits",
+];
 
 /// What an operator changed, item by item: levels, lifecycle, apps, keys (by id, never the key
 /// material), grants, lists, rate limits, opt-outs, bans, gateway settings.

@@ -186,6 +186,46 @@ pub struct Call<'a> {
 }
 
 impl RawRateLimit {
+    /// The rule's windows and limits, in `Span` order: at least one.
+    fn limits(&self, f: &str) -> Result<Vec<(Span, u64)>, ConfigError> {
+        let mut limits = Vec::new();
+        let windows = [
+            (Span::Second, self.per_second, "per_second"),
+            (Span::Minute, self.per_minute, "per_minute"),
+            (Span::Hour, self.per_hour, "per_hour"),
+            (Span::Day, self.per_day, "per_day"),
+            (
+                Span::QuotaDay,
+                self.quota.as_ref().and_then(|q| q.per_day),
+                "quota.per_day",
+            ),
+            (
+                Span::QuotaMonth,
+                self.quota.as_ref().and_then(|q| q.per_month),
+                "quota.per_month",
+            ),
+        ];
+        for (span, limit, name) in windows {
+            if let Some(n) = limit {
+                if !(1..=MAX_LIMIT).contains(&n) {
+                    return Err(ConfigError::new(
+                        format!("{f}.{name}"),
+                        format!("must be 1 to {MAX_LIMIT}"),
+                    ));
+                }
+                limits.push((span, n));
+            }
+        }
+        if limits.is_empty() {
+            return Err(ConfigError::new(
+                f,
+                "a rate limit needs at least one of per_second, per_minute, per_hour, per_day \
+                 or a quota",
+            ));
+        }
+        Ok(limits)
+    }
+
     fn compile(
         &self,
         f: &str,
@@ -234,38 +274,7 @@ impl RawRateLimit {
                 return Err(bad(&format!("apps[{i}]"), format!("unknown app {app:?}")));
             }
         }
-        let mut limits = Vec::new();
-        let windows = [
-            (Span::Second, self.per_second, "per_second"),
-            (Span::Minute, self.per_minute, "per_minute"),
-            (Span::Hour, self.per_hour, "per_hour"),
-            (Span::Day, self.per_day, "per_day"),
-            (
-                Span::QuotaDay,
-                self.quota.as_ref().and_then(|q| q.per_day),
-                "quota.per_day",
-            ),
-            (
-                Span::QuotaMonth,
-                self.quota.as_ref().and_then(|q| q.per_month),
-                "quota.per_month",
-            ),
-        ];
-        for (span, limit, name) in windows {
-            if let Some(n) = limit {
-                if !(1..=MAX_LIMIT).contains(&n) {
-                    return Err(bad(name, format!("must be 1 to {MAX_LIMIT}")));
-                }
-                limits.push((span, n));
-            }
-        }
-        if limits.is_empty() {
-            return Err(ConfigError::new(
-                f,
-                "a rate limit needs at least one of per_second, per_minute, per_hour, per_day \
-                 or a quota",
-            ));
-        }
+        let limits = self.limits(f)?;
         let quota_offset = match &self.quota {
             Some(q) => {
                 if q.per_day.is_none() && q.per_month.is_none() {
