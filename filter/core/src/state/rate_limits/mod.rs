@@ -10,10 +10,12 @@
 //! **Algorithm.** A per-second, -minute, -hour or -day limit is a sliding-window counter: the
 //! calls of the current fixed window plus the previous window's calls weighted by how much of
 //! it the sliding window still covers (`cur + prev * (W - elapsed) / W`, in milliseconds,
-//! rounded down). It never admits more than the limit within one fixed window, and it is exact
-//! when the previous window's calls were spread evenly; its worst case, every call of the
-//! previous window in its last instant, admits up to twice the limit within one window's
-//! length across the edge (a plain fixed window allows that within an instant). A quota is a
+//! rounded up, so that a call's place is not freed before its weight has gone). It never admits
+//! more than the limit within one fixed window, and when the previous window's calls were spread
+//! evenly it admits at most the limit in any window's length (at most one call fewer, from the
+//! rounding); its worst case, every call of the previous window in its last instant, admits up
+//! to twice the limit within one window's length across the edge (a plain fixed window allows
+//! that within an instant). A quota is a
 //! fixed calendar period (a day or a month in the rule's time zone), counted exactly.
 //!
 //! **Atomicity.** A call counts toward every counter that applies to it, or toward none: the
@@ -112,7 +114,7 @@ impl Window {
         match self.span.sliding_ms() {
             Some(ms) => {
                 let weight = ms.saturating_sub(self.at);
-                let carried = u128::from(prev) * u128::from(weight) / u128::from(ms);
+                let carried = (u128::from(prev) * u128::from(weight)).div_ceil(u128::from(ms));
                 cur.saturating_add(u64::try_from(carried).unwrap_or(u64::MAX))
             }
             None => cur,
@@ -130,21 +132,20 @@ impl Window {
             None => self.at,
             Some(ms) => {
                 let limit = self.limit.max(1);
+                // the first offset x into a fixed window where `held` calls of the window
+                // before leave room for one more besides `cur`: ceil(held * (W - x) / W) <=
+                // limit - cur - 1, that is x >= W - floor((limit - cur - 1) * W / held)
+                let first_x = |held: u64, cur: u64| {
+                    let room = u128::from(limit.saturating_sub(cur).saturating_sub(1))
+                        * u128::from(ms)
+                        / u128::from(held.max(1));
+                    u64::try_from(u128::from(ms).saturating_sub(room)).unwrap_or(ms)
+                };
                 if cur >= limit {
-                    // the next fixed window, then until the carried part of these calls
-                    // drops below the limit: cur * (W - x) / W < limit, x > W - limit*W/cur
-                    let carried = u128::from(limit - 1) * u128::from(ms) / u128::from(cur.max(1));
-                    let into_next = u64::try_from(u128::from(ms).saturating_sub(carried))
-                        .unwrap_or(ms)
-                        .saturating_add(1);
-                    ms.saturating_sub(self.at).saturating_add(into_next)
-                } else if prev == 0 {
-                    1
+                    // the next fixed window, then until these calls' weight leaves room
+                    ms.saturating_sub(self.at).saturating_add(first_x(cur, 0))
                 } else {
-                    // prev * (W - x) / W < limit - cur
-                    let room = u128::from(limit - cur) * u128::from(ms) / u128::from(prev);
-                    let x = u64::try_from(u128::from(ms).saturating_sub(room)).unwrap_or(ms);
-                    x.saturating_sub(self.at).saturating_add(1)
+                    first_x(prev, cur).saturating_sub(self.at)
                 }
             }
         };

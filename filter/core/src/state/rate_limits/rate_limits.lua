@@ -11,7 +11,7 @@ OPS.RC = function(a)
   local ms = tonumber(a.ms)
   if ms > 0 then
     prev = tonumber(redis.call('GET', k .. a.before)) or 0
-    holds = cur + math.floor(prev * (ms - tonumber(a.at)) / ms)
+    holds = cur + math.ceil(prev * (ms - tonumber(a.at)) / ms)
   end
   if holds >= tonumber(a.limit) then
     if a.refuse == '1' then

@@ -24,12 +24,18 @@ fn a_sliding_window_carries_the_previous_windows_calls_by_weight() {
     assert_eq!(w.holds(2, 8), 2 + 4);
     assert!(!w.over(2, 8));
     assert!(w.over(6, 8)); // 6 + 4 = 10: one more would pass the limit
-                           // the wait is until enough of the previous minute has slid out: 6 + 8*(60-x)/60 < 10
-                           // holds from x > 30 s, so a call 1 s from now is admitted
+                           // the wait is until enough of the previous minute has slid out: 6 + ceil(8*(60-x)/60) < 10
+                           // from x = 37.5 s, so 7.5 s from now, told as 8
     let wait = w.retry_after(6, 8);
-    assert_eq!(wait, 1);
-    let later = Window::sliding(Span::Minute, 10, 60_000 * 100 + 30_000 + 1_000);
+    assert_eq!(wait, 8);
+    let later = Window::sliding(Span::Minute, 10, 60_000 * 100 + 37_500);
     assert!(!later.over(6, 8));
+    let sooner = Window::sliding(Span::Minute, 10, 60_000 * 100 + 37_000);
+    assert!(sooner.over(6, 8));
+    // a call's place is not freed before its weight has gone: 3 calls just before the edge
+    // still fill a limit of 3 just after it
+    let edge = Window::sliding(Span::Minute, 3, 60_000 * 101 + 1);
+    assert!(edge.over(0, 3));
 }
 
 /// RL-1: a full current window waits for the next one, and there for its own calls to slide
@@ -39,11 +45,13 @@ fn a_full_window_says_how_long_until_it_admits_again() {
     let w = Window::sliding(Span::Second, 5, 1_000 * 7 + 200);
     assert!(w.over(5, 0));
     let wait = w.retry_after(5, 0);
-    // 0.8 s to the next second; there 5*(1-x) < 5 needs only x > 0.2 s: wait 2 s rounded up
-    assert_eq!(wait, 2);
+    // 0.8 s to the next second; there ceil(5*(1-x)) <= 4 from x = 0.2 s: 1 s in all
+    assert_eq!(wait, 1);
     let then = Window::sliding(Span::Second, 5, 1_000 * 7 + 200 + u64::from(wait) * 1000);
-    assert_eq!(then.bucket, 9);
-    assert!(!then.over(0, 0));
+    assert_eq!(then.bucket, 8);
+    assert!(!then.over(0, 5));
+    let before = Window::sliding(Span::Second, 5, 1_000 * 8 + 199);
+    assert!(before.over(0, 5));
     // a quota waits for its period to end
     let q = Window {
         span: Span::QuotaDay,
