@@ -185,6 +185,12 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         policy = {**policy, "anomalies": AFTER_ANOMALIES}
     if os.environ.get("BENCH_AFTER_RATE_LIMITS"):
         policy = {**policy, "rate_limits": AFTER_RATE_LIMITS}
+    # BENCH_AFTER_IDENTITY=app,user: the "after" variants send only these identity headers
+    # upstream (`gateway.identity_headers`); with BENCH_BEFORE_WASM set to the same build, the
+    # difference is what the others cost per request.
+    if os.environ.get("BENCH_AFTER_IDENTITY") is not None:
+        names = [n for n in os.environ["BENCH_AFTER_IDENTITY"].split(",") if n]
+        policy = {**policy, "gateway": {**policy["gateway"], "identity_headers": names}}
     gw.write_ecds(json.dumps(policy), layout)
     hs, es = jwts
     # An older build may not know every field of this one (app_entries_per_slot came later).

@@ -381,3 +381,35 @@ def test_metrics_count_decisions(gateway, client):
     # the unlabelled per-code counters are opt-in (gateway.per_code_counters): not defined here
     assert "apisec.denied.unknown_api" not in gateway.admin("/stats?filter=apisec.denied")
     assert flushed_stat(gateway, "wasmcustom.apisec.allowed") == allowed_before + 1
+
+
+def test_identity_headers_are_those_the_policy_names(tmp_path, secret):  # ID-1, ID-3
+    """`gateway.identity_headers` (issue 24): only the verified facts the backend needs go
+    upstream; a client-sent x-apisec-* header is removed whether or not its name is sent."""
+    from conftest import Client, base_policy, start_gateway
+
+    doc = base_policy()
+    doc["gateway"]["identity_headers"] = ["app", "user"]
+    g = start_gateway(tmp_path / "gw", doc, secret=secret)
+    try:
+        c = Client(g, secret)
+        spoof = [("x-apisec-level", "S3"), ("x-apisec-api", "trade.order.place"), ("x-apisec-function", "x")]
+        signed = c.sign("GET", "/api/v1/info/research/r-18",
+                        extra=["--header", "x-user-id: u-7", "--cover", "x-user-id"])
+        r = c.send(signed, headers_of(signed) + spoof)
+        assert r.status_code == 200, r.text
+        seen = r.json()["headers"]
+        assert seen["x-apisec-app"] == "demo-partner" and seen["x-apisec-user"] == "u-7"
+        for name in ("x-apisec-api", "x-apisec-level", "x-apisec-function"):
+            assert name not in seen, (name, seen)
+        # the record still has them all
+        audit = read_audit(g, seen["x-request-id"])["audit"]
+        assert (audit["api"], audit["level"]) == ("info.research", "S1")
+        # a name given twice is refused
+        bad = base_policy()
+        bad["gateway"]["identity_headers"] = ["app", "app"]
+        with pytest.raises(Exception, match="identity_headers"):
+            from conftest import gw
+            gw.apply_policy(json.dumps(bad), g.layout, actor="t", source="test")
+    finally:
+        g.stop()

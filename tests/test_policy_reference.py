@@ -32,6 +32,7 @@ gateway:
   mode: report
   report_only_s3: true
   per_code_counters: true
+  identity_headers: [app, api, user]
 apis:
   - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
      personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading,

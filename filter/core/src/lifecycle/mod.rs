@@ -27,7 +27,7 @@ use crate::fields;
 use crate::local;
 use crate::message::{self, Request};
 use crate::metrics::{self, Sample};
-use crate::policy::{Policy, SecurityLevel};
+use crate::policy::{IdentityHeader, Policy, SecurityLevel};
 use crate::report;
 use crate::sdk;
 use crate::sessions::{self, Scope};
@@ -386,18 +386,24 @@ impl Stream {
     }
 
     /// The verified identity for the upstream and for Envoy's rate-limit descriptors
-    /// (`x-apisec-app`, `-api`, `-level`, `-function`, `-user`), once a step says to set it.
+    /// (`x-apisec-app`, `-api`, `-level`, `-function`, `-user`, as far as
+    /// `gateway.identity_headers` names them), once a step says to set it.
     pub fn identity_headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
         let c = &self.ctx;
-        [
-            ("x-apisec-app", c.app.as_deref()),
-            ("x-apisec-api", c.api.as_deref()),
-            ("x-apisec-level", c.level.map(SecurityLevel::as_str)),
-            ("x-apisec-function", c.function.as_deref()),
-            ("x-apisec-user", c.user.as_deref()),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        self.config
+            .policy
+            .identity_headers
+            .iter()
+            .filter_map(move |h| {
+                let v = match h {
+                    IdentityHeader::App => c.app.as_deref(),
+                    IdentityHeader::Api => c.api.as_deref(),
+                    IdentityHeader::Level => c.level.map(SecurityLevel::as_str),
+                    IdentityHeader::Function => c.function.as_deref(),
+                    IdentityHeader::User => c.user.as_deref(),
+                };
+                v.map(|v| (h.header(), v))
+            })
     }
 
     /// Whether the machine waits for the answer to a state batch.

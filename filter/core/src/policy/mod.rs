@@ -120,6 +120,41 @@ pub struct RawGateway {
     /// `apisec_requests_total`). Off by default (MON-2).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub per_code_counters: bool,
+    /// The verified identity the gateway sends upstream (`x-apisec-<name>`): what the backend
+    /// and Envoy's rate limiter need. Each header costs every request a host call and Envoy's
+    /// work to carry it. A client-sent `x-apisec-*` header is removed whatever this says.
+    pub identity_headers: Vec<IdentityHeader>,
+}
+
+/// A verified fact the gateway may send upstream, as `x-apisec-<name>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdentityHeader {
+    App,
+    Api,
+    Level,
+    Function,
+    User,
+}
+
+impl IdentityHeader {
+    pub const ALL: [IdentityHeader; 5] = [
+        IdentityHeader::App,
+        IdentityHeader::Api,
+        IdentityHeader::Level,
+        IdentityHeader::Function,
+        IdentityHeader::User,
+    ];
+
+    pub fn header(self) -> &'static str {
+        match self {
+            IdentityHeader::App => "x-apisec-app",
+            IdentityHeader::Api => "x-apisec-api",
+            IdentityHeader::Level => "x-apisec-level",
+            IdentityHeader::Function => "x-apisec-function",
+            IdentityHeader::User => "x-apisec-user",
+        }
+    }
 }
 
 /// The industries of table A.1.
@@ -168,6 +203,7 @@ impl Default for RawGateway {
             mode: Mode::Enforce,
             report_only_s3: false,
             per_code_counters: false,
+            identity_headers: IdentityHeader::ALL.to_vec(),
         }
     }
 }
@@ -211,6 +247,7 @@ pub struct Policy {
     pub max_held_body_bytes: u64,
     pub override_headers: OverrideMode,
     pub per_code_counters: bool,
+    pub identity_headers: Vec<IdentityHeader>,
     apis: Vec<Api>,
     apps: HashMap<String, App>,
     pub grants: Vec<Grant>,
@@ -375,6 +412,7 @@ impl RawPolicy {
             max_held_body_bytes: g.max_held_body_bytes,
             override_headers: g.override_headers,
             per_code_counters: g.per_code_counters,
+            identity_headers: g.identity_headers.clone(),
             max_body_bytes: g.max_body_bytes,
             max_signature_header_bytes: g.max_signature_header_bytes,
             required_components: required,
@@ -434,6 +472,14 @@ impl RawPolicy {
                 "gateway.nonce_lifetime_seconds",
                 "must be at least twice clock_skew_seconds (a request is acceptable for that long) and at most 86400",
             ));
+        }
+        for (i, h) in g.identity_headers.iter().enumerate() {
+            if g.identity_headers.iter().take(i).any(|x| x == h) {
+                return Err(ConfigError::new(
+                    "gateway.identity_headers",
+                    format!("{h:?} is named twice"),
+                ));
+            }
         }
         if !(1..=65536).contains(&g.replay.slots) {
             return Err(ConfigError::new(
