@@ -33,6 +33,11 @@ impl Default for RateStore {
 const WINDOWS: usize = Span::ALL.len();
 const ENTRY: usize = 16 + WINDOWS * 24;
 
+/// Where a window's `bucket | count | count before` sit in an entry.
+fn offset(span: Span) -> usize {
+    16 + span.pos() * 24
+}
+
 fn slot_key(slot: u64) -> String {
     format!("apisec/rate/{slot}")
 }
@@ -48,7 +53,7 @@ fn place(meta: &StoreMeta, settings: &RateStore, key: &str) -> (String, [u8; 8])
 
 /// The counts of `w` now (this window or period, and the one before), from an entry.
 fn counts(entry: &[u8], w: &Window) -> (u64, u64) {
-    let at = 16 + w.span.pos() * 24;
+    let at = offset(w.span);
     let (bucket, cur, prev) = (
         u64_at(entry, at),
         u64_at(entry, at + 8),
@@ -104,7 +109,7 @@ fn check_and_count(
     }
     for w in &c.windows {
         let (cur, prev) = counts(&entry, w);
-        let at = 16 + w.span.pos() * 24;
+        let at = offset(w.span);
         put(&mut entry, at, w.bucket);
         put(&mut entry, at + 8, cur.saturating_add(1));
         put(&mut entry, at + 16, prev);
@@ -143,7 +148,7 @@ fn uncount(store: &dyn SharedStore, key: &str, tag: &[u8; 8], c: &Counter) {
             return (None, ());
         };
         for w in &c.windows {
-            let at = 16 + w.span.pos() * 24;
+            let at = offset(w.span);
             if u64_at(entry, at) == w.bucket {
                 let n = u64_at(entry, at + 8).saturating_sub(1);
                 put(entry, at + 8, n);

@@ -249,6 +249,19 @@ pub fn encode(body: &mut Vec<u8>, op: &Op) -> bool {
     true
 }
 
+/// The counter and window of the batch a reply names by rule and window position.
+fn named<'b>(batch: &'b Batch, rule: &str, pos: usize) -> Option<(&'b Counter, &'b Window)> {
+    batch.ops.iter().find_map(|op| match op {
+        Op::RateLimit(cs) => cs.iter().find(|c| c.rule == rule).and_then(|c| {
+            c.windows
+                .iter()
+                .find(|w| w.span.pos() == pos)
+                .map(|w| (c, w))
+        }),
+        _ => None,
+    })
+}
+
 /// `rate_limited <rule> <pos> <cur> <prev>`: a refusing counter is over in that window.
 pub fn refusal<'r>(
     batch: &Batch,
@@ -260,15 +273,7 @@ pub fn refusal<'r>(
     }
     let (rule, pos) = (text(1)?, text(2)?.parse::<usize>().ok()?);
     let (cur, prev) = (text(3)?.parse().ok()?, text(4)?.parse().ok()?);
-    let (c, w) = batch.ops.iter().find_map(|op| match op {
-        Op::RateLimit(cs) => cs.iter().find(|c| c.rule == rule).and_then(|c| {
-            c.windows
-                .iter()
-                .find(|w| w.span.pos() == pos)
-                .map(|w| (c, w))
-        }),
-        _ => None,
-    })?;
+    let (c, w) = named(batch, rule, pos)?;
     let mut answer = Answer::refused(c.refusal(w, cur, prev));
     answer.rate_limits.push(c.hit(w));
     Some(answer)
@@ -276,17 +281,8 @@ pub fn refusal<'r>(
 
 /// `rate_alert <rule> <pos>` in an accepted batch's findings.
 pub fn alert(batch: &Batch, answer: &mut Answer, rule: &str, pos: &str) -> Option<()> {
-    let pos: usize = pos.parse().ok()?;
-    let hit = batch.ops.iter().find_map(|op| match op {
-        Op::RateLimit(cs) => cs.iter().find(|c| c.rule == rule).and_then(|c| {
-            c.windows
-                .iter()
-                .find(|w| w.span.pos() == pos)
-                .map(|w| c.hit(w))
-        }),
-        _ => None,
-    })?;
-    note_alert(answer, hit);
+    let (c, w) = named(batch, rule, pos.parse().ok()?)?;
+    note_alert(answer, c.hit(w));
     Some(())
 }
 
