@@ -424,11 +424,9 @@ fn no_clock_fails_closed() {
     assert_eq!(refused(&step), Some((503, "host_unavailable".into())));
 }
 
-/// The cluster backend (issue 10): the machine asks the host to run state batches and waits.
-fn cluster_rig(bans: bool) -> Rig {
-    let mut rig = Rig::new(bans);
-    let mut p = (*rig.config.policy).clone();
-    p.state = apisec_core::cluster::RawState {
+/// The cluster store's settings the cluster tests run with.
+fn cluster_state() -> apisec_core::cluster::RawState {
+    apisec_core::cluster::RawState {
         backend: apisec_core::cluster::Backend::Cluster,
         cluster: Some(apisec_core::cluster::RawCluster {
             envoy_cluster: "apisec_state".into(),
@@ -439,8 +437,13 @@ fn cluster_rig(bans: bool) -> Rig {
             app_share: 1000,
         }),
     }
-    .compile(None)
-    .unwrap();
+}
+
+/// The cluster backend (issue 10): the machine asks the host to run state batches and waits.
+fn cluster_rig(bans: bool) -> Rig {
+    let mut rig = Rig::new(bans);
+    let mut p = (*rig.config.policy).clone();
+    p.state = cluster_state().compile(None).unwrap();
     rig.config.policy = Rc::new(p);
     rig
 }
@@ -496,17 +499,7 @@ fn a_rate_limit_rides_in_the_final_batch_and_its_refusal_says_when_to_retry() {
         "rate_limits": [{"id": "orders", "by": ["app", "api"], "per_second": 5, "per_minute": 60, "per_hour": 600}]
     }))
     .unwrap();
-    raw.state = apisec_core::cluster::RawState {
-        backend: apisec_core::cluster::Backend::Cluster,
-        cluster: Some(apisec_core::cluster::RawCluster {
-            envoy_cluster: "apisec_state".into(),
-            authority: None,
-            timeout_ms: 500,
-            key_prefix: "apisec:".into(),
-            credentials_env: None,
-            app_share: 1000,
-        }),
-    };
+    raw.state = cluster_state();
     let p = raw
         .into_policy(&HashMap::from([("S".to_string(), SECRET_B64.to_string())]))
         .unwrap();
