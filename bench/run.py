@@ -143,7 +143,10 @@ def bench_policy(pub_pem: str) -> dict:
                                    "personal_info": False, "function": f}
     return {
         "version": 1,
-        "gateway": {"replay": REPLAY, "nonce_lifetime_seconds": 3600, "clock_skew_seconds": 900},
+        # The bench's upstream reads no identity header; its route's rate-limit descriptor reads
+        # x-apisec-app (as the shipped gateway.yaml does): the only one named (issue 24).
+        "gateway": {"replay": REPLAY, "nonce_lifetime_seconds": 3600, "clock_skew_seconds": 900,
+                    "identity_headers": ["app"]},
         "apis": [api("bench.s0", "GET", "/bench/s0", "S0", "market_data"),
                  api("bench.s1", "GET", "/bench/s1", "S1", "licensed_info"),
                  api("bench.s3", "POST", "/bench/s3", "S3", "trading")],
@@ -196,6 +199,9 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     # An older build may not know every field of this one (app_entries_per_slot came later).
     old_policy = json.loads(json.dumps(plain))
     old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
+    # gateway.identity_headers came with issue 24 (878f8c3); an older build sends all of them.
+    if not os.environ.get("BENCH_BEFORE_HAS_IDENTITY"):
+        old_policy["gateway"].pop("identity_headers", None)
     # The audit chain came with issue 13; a "before" build from after it keeps the chain, so that
     # the comparison is like for like (BENCH_BEFORE_HAS_AUDIT=1).
     if not os.environ.get("BENCH_BEFORE_HAS_AUDIT"):
@@ -345,6 +351,42 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def wasm_entries(path: Path) -> list[tuple[int, int]]:
+    """Each call from Envoy's native code into JIT-compiled (Wasm) code in a callgrind dump, as
+    (instructions per call, calls), largest first: in a window with no request, the filter's
+    ticks, each call one stall of its worker (issue 24: none above 200k)."""
+    names: dict[str, str] = {}
+    fn_ob = call_ob = cfn = None
+    pending = None
+    calls: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("ob=", "cob=")):
+            m = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if not m:
+                continue
+            if m.group(2) is not None:
+                names[m.group(1)] = m.group(2)
+            if line.startswith("ob="):
+                fn_ob, call_ob = m.group(1), None
+            else:
+                call_ob = m.group(1)
+        elif line.startswith("fn="):
+            call_ob = None
+        elif line.startswith("cfn="):
+            m = re.match(r"cfn=\((\d+)\)", line)
+            cfn = m.group(1) if m else None
+        elif line.startswith("calls="):
+            pending = int(line.split("=")[1].split()[0])
+        elif pending is not None:
+            callee = call_ob or fn_ob
+            if cfn and names.get(callee) == "???" and names.get(fn_ob, "").endswith("/envoy"):
+                calls[cfn] = calls.get(cfn, 0) + pending
+                incl[cfn] = incl.get(cfn, 0) + int(line.split()[-1])
+            pending, call_ob = None, None
+    return sorted(((incl[k] // max(calls[k], 1), calls[k]) for k in incl), reverse=True)
+
+
 def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) -> tuple[dict[str, list[float]], list[float]]:
     """Envoy's instructions per request for each variant, counted by callgrind (valgrind) in a
     second Envoy process with the same configuration. Wall-clock throughput on this shared host
@@ -383,6 +425,8 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
         res = subprocess.run(pinned(0, cmd), capture_output=True, text=True, check=True).stdout
         return int(re.search(r"(\d+) requests in", res).group(1)), bool(re.search(r"Non-2xx|Socket errors", res))
 
+    last_dumps: list[Path] = []
+
     def window(run) -> tuple[int, float]:
         """Instructions Envoy ran while `run` ran, and the seconds it took."""
         before = set(out_dir.glob("cg.out*"))
@@ -398,6 +442,7 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
             time.sleep(0.2)
         time.sleep(0.5)
         ir = 0
+        last_dumps[:] = sorted(set(out_dir.glob("cg.out*")) - before)
         for f in set(out_dir.glob("cg.out*")) - before:
             for line in f.read_text(errors="replace").splitlines():
                 if line.startswith(("summary:", "totals:")):
@@ -406,6 +451,7 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
 
     counts: dict[str, list[float]] = {v: [] for v in VARIANTS}
     idle: list[float] = []
+    stalls: list[list[dict]] = []
     try:
         g.wait_ready(300)
         for r in range(IR_ROUNDS):
@@ -417,6 +463,10 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
             idle_rate = idle_ir / idle_s
             idle.append(idle_rate)
             print(f"instructions {r + 1} idle       {idle_rate:12,.0f} per second", flush=True)
+            entries = sorted((e for f in last_dumps for e in wasm_entries(f)), reverse=True)[:3]
+            stalls.append([{"instructions_per_call": i, "calls_per_second": round(c / idle_s, 1)} for i, c in entries])
+            print(f"instructions {r + 1} largest Wasm calls with no request: "
+                  + ", ".join(f"{i:,} ({c / idle_s:.1f}/s)" for i, c in entries), flush=True)
             for v in VARIANTS:
                 load(v, 2 * r, 2)  # warm-up (V8 tiers up, connections open): not counted
                 ir, elapsed, (n, bad) = window(lambda: load(v, 2 * r + 1, IR_SECONDS))
@@ -428,7 +478,7 @@ def count_instructions(layout: gw.Layout, env: dict, ports: dict, requests_for) 
                       f"{ir / n:,.0f} with the idle work)", flush=True)
     finally:
         g.stop()
-    return counts, idle
+    return counts, idle, stalls
 
 
 def main() -> int:
@@ -556,29 +606,41 @@ def main() -> int:
         # Several short runs per variant, interleaved, and the median of each percentile: on this
         # host one stall of the shared core would otherwise decide a single run's p99.
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+
+        def open_loop(v: str, rate: int, r: int, label: str) -> dict:
+            if v in POST_VARIANTS:
+                extra = ["--file", str(post_files[v]), "--cycle", "1"]
+            elif kind(v) in ("s1", "s3"):
+                f = signed_requests(v, int(rate * LAT_SECONDS * 1.02) + 10, f"{label}{r}")
+                extra = ["--file", str(f)]
+            else:
+                f = build / f"{v}-fixed.bin"
+                hdrs = GET_HEADERS[kind(v)](auth)
+                raw = (f"GET /bench/s0 HTTP/1.1\r\nhost: 127.0.0.1:{ports[v]}\r\n"
+                       + "".join(h + "\r\n" for h in hdrs) + "\r\n")
+                f.write_bytes(raw.encode() + b"\0")
+                extra = ["--file", str(f), "--cycle", "1"]
+            out = subprocess.run(pinned(0, [str(LOADGEN), "open", "--addr", f"127.0.0.1:{ports[v]}", "--ca", str(ca),
+                                            "--rate", str(rate), "--seconds", str(LAT_SECONDS), "--connections", "16",
+                                            *extra]),
+                                 capture_output=True, text=True, check=True).stdout
+            one = json.loads(out)
+            print(f"latency {r + 1} {label:10s} p50 {one['p50_us']} us  p99 {one['p99_us']} us  p99.9 {one['p999_us']} us"
+                  f"{'  INVALID' if one['non_200'] else ''}", flush=True)
+            return one
+
+        # S3 again at the utilisation the ES256 peer runs at (its rate over its capacity): tails
+        # compared at equal load, not only at a quarter of bare capacity (issue 24).
+        equal_util = ("s3" in VARIANTS and "jwt_es256" in VARIANTS and med.get("jwt_es256"))
+        if equal_util:
+            util = rates["jwt_es256"] / med["jwt_es256"]
+            rates["s3_at_es256_load"] = max(50, int(med["s3"] * util))
+            runs["s3_at_es256_load"] = []
         for r in range(LAT_ROUNDS if LAT_SECONDS > 0 else 0):
             for v in VARIANTS:
-                rate = rates[v]
-                if v in POST_VARIANTS:
-                    extra = ["--file", str(post_files[v]), "--cycle", "1"]
-                elif kind(v) in ("s1", "s3"):
-                    f = signed_requests(v, int(rate * LAT_SECONDS * 1.02) + 10, f"latency{r}")
-                    extra = ["--file", str(f)]
-                else:
-                    f = build / f"{v}-fixed.bin"
-                    hdrs = GET_HEADERS[kind(v)](auth)
-                    raw = (f"GET /bench/s0 HTTP/1.1\r\nhost: 127.0.0.1:{ports[v]}\r\n"
-                           + "".join(h + "\r\n" for h in hdrs) + "\r\n")
-                    f.write_bytes(raw.encode() + b"\0")
-                    extra = ["--file", str(f), "--cycle", "1"]
-                out = subprocess.run(pinned(0, [str(LOADGEN), "open", "--addr", f"127.0.0.1:{ports[v]}", "--ca", str(ca),
-                                                "--rate", str(rate), "--seconds", str(LAT_SECONDS), "--connections", "16",
-                                                *extra]),
-                                     capture_output=True, text=True, check=True).stdout
-                one = json.loads(out)
-                runs[v].append(one)
-                print(f"latency {r + 1} {v:10s} p50 {one['p50_us']} us  p99 {one['p99_us']} us  p99.9 {one['p999_us']} us"
-                      f"{'  INVALID' if one['non_200'] else ''}", flush=True)
+                runs[v].append(open_loop(v, rates[v], r, v))
+            if equal_util:
+                runs["s3_at_es256_load"].append(open_loop("s3", rates["s3_at_es256_load"], r, "s3_at_es256_load"))
         lat = {v: {"p50_us": int(statistics.median(x["p50_us"] for x in rs)),
                    "p99_us": int(statistics.median(x["p99_us"] for x in rs)),
                    "p999_us": int(statistics.median(x["p999_us"] for x in rs)),
@@ -610,7 +672,7 @@ def main() -> int:
     def requests_for(v: str, r: int) -> tuple[str, list[str], Path | None]:
         return wrk_request(v, ir_files.get((v, r)))
 
-    instructions, idle_rates = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else ({}, [])
+    instructions, idle_rates, stalls = count_instructions(layout, env, ports, requests_for) if IR_ROUNDS else ({}, [], [])
     ir_med = {v: statistics.median(x) for v, x in instructions.items() if x}
 
     results = {
@@ -631,6 +693,7 @@ def main() -> int:
         "instruction_runs": instructions,
         # What Envoy ran per second with no load, subtracted from each window before dividing.
         "instruction_idle_per_second": idle_rates,
+        "largest_wasm_calls_without_requests": stalls,
         # Baseline instructions over the variant's: the throughput a CPU-bound worker would keep.
         "instruction_ratio_to_baseline": {v: ir_med[base_of[v]] / ir_med[v] for v in ir_med if base_of[v] in ir_med},
         "invalid_runs": invalid,
@@ -697,6 +760,18 @@ def markdown(r: dict) -> str:
         lines.append(f"| {names[v]} | {r['median_rps'][v]:.0f} | {names[base]} | {r['ratio_to_baseline'][v]:.3f} | "
                      f"{r['extra_us_per_request'][v]:.1f} | {r['best_ratio_to_baseline'][v]:.3f} | "
                      f"{r['envoy_cpu_us_per_request'][v]:.1f} | {ir_cells} | {lat_cells} |")
+    stalls = r.get("largest_wasm_calls_without_requests") or []
+    if stalls and stalls[0]:
+        top = max(x["instructions_per_call"] for window in stalls for x in window)
+        lines += ["", f"Largest Wasm call with no request in flight (the filter's ticks; callgrind, idle windows): "
+                  f"{top:,} instructions."]
+    eq = r["latency"].get("s3_at_es256_load")
+    es = r["latency"].get("jwt_es256")
+    if eq and es:
+        lines += ["", f"S3 at the ES256 peer's utilisation ({r['method']['latency_rate']['s3_at_es256_load']} req/s, "
+                  f"the share of S3's capacity that {r['method']['latency_rate']['jwt_es256']} req/s is of ES256's): "
+                  f"p50 {eq['p50_us']} us, p99 {eq['p99_us']} us, p99.9 {eq['p999_us']} us; ES256 p99 {es['p99_us']} us; "
+                  f"S3 p99 / ES256 p99 = {eq['p99_us'] / max(es['p99_us'], 1):.2f}."]
     m = r["memory_kib"]
     lines += ["", f"Envoy RSS: idle {m['idle'] / 1024:.1f} MiB, after the throughput runs {m['after_throughput'] / 1024:.1f} MiB, "
               f"after a flood of {m['flood_requests']:,} unique nonces {m['after_flood'] / 1024:.1f} MiB "

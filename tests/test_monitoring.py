@@ -208,8 +208,9 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         assert got, "Prometheus never read the filter's labelled counter"
         labels = got[0]["metric"]
         assert (labels["level"], labels["code"], labels["job"]) == ("S1", "none", "apisec-gateway")
-        # One worker reads the store for the gauges, 128 keys a second (a pass over the default
-        # 1024 replay and 1024 source slots takes ~17 s): the ban shows, and the replay store.
+        # One worker reads the store for the gauges, 12 keys a tick, 10 ticks a second (a pass
+        # over the default 1024 replay and 1024 source slots takes ~17 s): the ban shows, and the
+        # replay store.
         deadline = time.time() + 60
         while time.time() < deadline and not prom.query('apisec_bans_active{subject="ip"} == 1'):
             time.sleep(1)

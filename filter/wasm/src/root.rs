@@ -20,8 +20,13 @@ use crate::metrics::Metrics;
 use crate::stream::ApisecHttp;
 use crate::worker::{CHAIN, CURRENT, GENERATION, TALLY};
 
-/// How often the allowed-request counter reaches Envoy's stats.
-const METRICS_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+/// The root context's tick: each one takes the next step of a gauge pass, so that a pass over
+/// a large store is many short calls (issue 24: one 128-key step was ~1.5M instructions in one
+/// call, and requests queued behind it on the worker).
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// Ticks per second: the once-a-second work (counters to Envoy's stats, starting a gauge pass,
+/// the cluster store's byte counts, the chain checkpoint) runs on every tenth.
+const TICKS_PER_SECOND: u64 = 10;
 
 #[derive(Default)]
 pub struct ApisecRoot {
@@ -46,6 +51,8 @@ pub struct ApisecRoot {
     /// text went with it; the next goes with the text when the store lacked it.
     gauging: Option<(u32, bool)>,
     gauge_full: bool,
+    /// Ticks since the VM started.
+    ticks: u64,
 }
 
 impl ApisecRoot {
@@ -265,7 +272,7 @@ impl RootContext for ApisecRoot {
                 .as_ref()
                 .is_some_and(|c| c.policy.per_code_counters);
             self.metrics = Some(Rc::new(Metrics::define(per_code)));
-            let _ = hostcalls::set_tick_period(METRICS_FLUSH);
+            let _ = hostcalls::set_tick_period(TICK);
         }
         if let (Some(m), Some(c)) = (&self.metrics, &self.config) {
             m.policy_loaded(text.as_bytes(), &c.policy);
@@ -281,11 +288,15 @@ impl RootContext for ApisecRoot {
     }
 
     fn on_tick(&mut self) {
-        if let Some(m) = &self.metrics {
-            m.flush();
-            if let (Some(config), Some(now)) = (&self.config, now_secs()) {
+        self.ticks = self.ticks.wrapping_add(1);
+        let second = self.ticks.is_multiple_of(TICKS_PER_SECOND);
+        if let (Some(m), Some(config)) = (&self.metrics, &self.config) {
+            if second {
+                m.flush();
+            }
+            if let Some(now) = now_secs() {
                 if let StateBackend::Cluster(settings) = &config.policy.state {
-                    if self.gauging.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
+                    if second && self.gauging.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
                         let full = std::mem::take(&mut self.gauge_full);
                         let call = cluster::encode_gauges(
                             &config.policy.cluster_params(),
@@ -298,22 +309,24 @@ impl RootContext for ApisecRoot {
                             self.gauging = Some((token, full));
                         }
                     }
-                } else if self.gauges.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
+                } else if second && self.gauges.is_none() && metrics::gauge_turn(&EnvoyStore, now) {
                     self.gauges = Some(metrics::GaugePass::default());
                 }
                 if let Some(pass) = &mut self.gauges {
                     if let Some(values) = pass.step(&config.policy, &EnvoyStore, now) {
                         m.gauges(values);
                         self.gauges = None;
-                    } else {
+                    } else if second {
                         metrics::gauge_hold(&EnvoyStore, now);
                     }
                 }
             }
         }
-        self.open_cluster();
-        self.flush_tally();
-        self.checkpoint(false);
+        if second {
+            self.open_cluster();
+            self.flush_tally();
+            self.checkpoint(false);
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

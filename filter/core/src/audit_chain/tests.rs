@@ -150,3 +150,61 @@ fn keys_are_checked_and_never_shown() {
     let k = key();
     assert_eq!(format!("{k:?}"), format!("ChainKey({})", k.id));
 }
+
+/// LOG-4: a record's mac is keyed BLAKE3 under a key derived from the chain key, over the
+/// previous mac and the record's bytes up to its own mac; the record names the key `b3:<id>`.
+#[test]
+fn a_record_is_sealed_with_keyed_blake3_under_a_derived_key() {
+    let (lines, _) = log(2);
+    let k = key();
+    let rec: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(rec["key"], format!("b3:{}", k.id));
+    let cut = lines[0].find(",\"mac\":").unwrap();
+    let content = format!("{}}}", &lines[0][..cut]);
+    let mac_key = blake3::derive_key("apisec audit chain mac 2026-12", &[7u8; 32]);
+    let mut h = blake3::Hasher::new_keyed(&mac_key);
+    h.update(&[0u8; 32]);
+    h.update(content.as_bytes());
+    assert_eq!(rec["mac"], hex(h.finalize().as_bytes()));
+    // the chain key is not the BLAKE3 key itself
+    assert_ne!(mac_key, [7u8; 32]);
+}
+
+/// Records sealed with HMAC-SHA256 before the chain moved to BLAKE3 still verify, and a change
+/// to one is still found.
+#[test]
+fn records_sealed_with_hmac_before_still_verify() {
+    let k = key();
+    let mut prev = [0u8; 32];
+    let mut lines = Vec::new();
+    for seq in 1..=3u64 {
+        let content = format!(
+            "{{\"ts\":{seq},\"chain\":\"0202020202020202-0\",\"seq\":{seq},\"key\":\"{}\"}}",
+            k.id
+        );
+        let mac = k.mac(MacKind::HmacSha256, &prev, content.as_bytes());
+        prev = mac;
+        lines.push(format!(
+            "{},\"mac\":\"{}\"}}",
+            content.strip_suffix('}').unwrap(),
+            hex(&mac)
+        ));
+    }
+    assert!(
+        check(&lines, "").intact(),
+        "{:?}",
+        check(&lines, "").findings
+    );
+    lines[1] = lines[1].replace("\"ts\":2", "\"ts\":7");
+    assert_eq!(kinds(&check(&lines, "")), vec![("modified", 2)]);
+}
+
+/// A BLAKE3 record relabelled as an HMAC one (its `key` field stripped of `b3:`) or the other
+/// way round no longer verifies: the label is under the mac.
+#[test]
+fn a_record_relabelled_to_the_other_mac_is_modified() {
+    let (mut lines, _) = log(3);
+    let k = key();
+    lines[1] = lines[1].replace(&format!("\"b3:{}\"", k.id), &format!("\"{}\"", k.id));
+    assert_eq!(kinds(&check(&lines, "")), vec![("modified", 2)]);
+}
