@@ -656,7 +656,8 @@ def main() -> int:
                            str(FLOOD), "--authority", f"127.0.0.1:{ports['s1']}", "--nonce-prefix", "flood", *hmac_args]),
                 capture_output=True, text=True, check=True).stdout)
         rss_after_flood = rss_kib(envoy.pid)
-        bound_mib = REPLAY["slots"] * REPLAY["entries_per_slot"] * 24 / 2**20
+        # filter/core/src/state/nonces/local.rs: an 8-byte horizon per slot, 32 bytes per entry
+        bound_mib = REPLAY["slots"] * (8 + REPLAY["entries_per_slot"] * 32) / 2**20
 
         # Requests for the instruction counts (their own unique nonces), signed before that Envoy
         # starts: dated 600 s ahead (inside the 900 s skew), since its fresh replay store refuses

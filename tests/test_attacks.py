@@ -210,6 +210,17 @@ def test_spent_nonce_is_refused_before_its_body(gateway, client):  # ATK-1
     refused_unsent(gateway, r, 401, "nonce_replayed", before)
 
 
+def test_a_body_refused_for_its_digest_has_spent_its_nonce(gateway, client):  # ATK-1, DATA-3
+    # The nonce is recorded with the headers (one trip to the store, issue 24): the same signed
+    # headers are a replay afterwards, even with the body they were signed for.
+    signed = order(client)
+    before = upstream_count(gateway)
+    tampered = {**signed, "body": signed["body"].replace(b"600000", b"600001")}
+    refused_unsent(gateway, client.send(tampered), 401, "digest_mismatch", before)
+    refused_unsent(gateway, client.send(signed), 401, "nonce_replayed", before)
+    assert client.send(order(client)).status_code == 200, "signed again, it passes"
+
+
 def test_abandoned_request_leaves_an_audit_record(gateway, client):  # LOG-1, MON-6
     abandoned = gateway.stat("wasmcustom.apisec.abandoned")
     before = upstream_count(gateway)

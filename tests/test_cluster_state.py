@@ -222,6 +222,27 @@ def test_signed_body_on_the_cluster_backend(pair):  # ATK-1, DATA-3
     assert p.send(p.a, signed).json()["error"] == "nonce_replayed"
 
 
+def test_a_signed_body_makes_one_trip_to_the_store_and_a_bad_one_spends_its_nonce(pair):  # ATK-1, DATA-3
+    p = pair()
+    body = b'{"symbol":"600000","side":"buy","qty":100}'
+    assert p.send(p.a, p.sign("/api/v1/orders", body=body, method="POST")).status_code == 200  # warm
+    callouts = "cluster.apisec_state.upstream_rq_total"
+    before = p.a.stat(callouts)
+    for _ in range(5):
+        r = p.send(p.a, p.sign("/api/v1/orders", body=body, method="POST"))
+        assert r.status_code == 200, r.text
+    made = p.a.stat(callouts) - before
+    # one callout per request (two before issue 24); at most one of the replica's gauge reads
+    # (one every 10 s) may fall in the window
+    assert 5 <= made <= 6, f"{made} callouts for 5 signed requests with a body"
+    # A body that fails its digest is refused, unsent, and has spent its nonce: the same signed
+    # headers with the right body are then a replay, on either replica.
+    signed = p.sign("/api/v1/orders", body=body, method="POST")
+    tampered = {**signed, "body": body.replace(b"100", b"900")}
+    refused_unsent(p.a, p.send(p.a, tampered), 401, "digest_mismatch", upstream_count(p.a))
+    refused_unsent(p.b, p.send(p.b, signed), 401, "nonce_replayed", upstream_count(p.b))
+
+
 def test_store_credentials(pair, tmp_path):  # fail closed without the right credentials
     p = pair(credentials="apisec-gw:s3cret-for-test", env={CREDENTIALS_VAR: "apisec-gw:s3cret-for-test"})
     signed = p.sign()

@@ -499,7 +499,7 @@ fn negative_table() {
 }
 
 #[test]
-fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
+fn replayed_request_refused_and_a_body_refusal_spends_the_nonce() {
     let p = policy();
     let store = fresh_store(&p);
     let c = signed(
@@ -510,7 +510,9 @@ fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
     run(&p, &store, &c).unwrap();
     assert_eq!(run(&p, &store, &c).err(), Some(DenyReason::NonceReplayed));
 
-    // a request refused for its body must not use up the nonce
+    // A signed request with a body spends its nonce with its headers (one trip to the store,
+    // issue 24): a body that fails its digest has spent it, and the same signed headers with the
+    // right body are a replay; the client signs again.
     let ec = SigningKey::P256(Box::new(p256_key()));
     let good = signed(
         request("POST", "/orders", b"{}"),
@@ -526,7 +528,13 @@ fn replayed_request_refused_and_refusal_does_not_spend_nonce() {
         Some(DenyReason::DigestMismatch)
     );
     bad.body = b"{}".to_vec();
-    run(&p, &store, &bad).unwrap();
+    assert_eq!(run(&p, &store, &bad).err(), Some(DenyReason::NonceReplayed));
+    let again = signed(
+        request("POST", "/orders", b"{}"),
+        &params("a-p256", "keep-2", true),
+        &ec,
+    );
+    run(&p, &store, &again).unwrap();
 }
 
 /// The host reads TLS and client-certificate facts only when `needs_transport` says the decision

@@ -29,6 +29,8 @@ struct FakeHost {
     response_headers: RefCell<HashMap<String, String>>,
     response_body: RefCell<Vec<u8>>,
     transport_asked: Cell<u32>,
+    /// The policy in force now, as the VM's root context last loaded it (None: never reloaded).
+    current: RefCell<Option<Config>>,
 }
 
 impl FakeHost {
@@ -42,6 +44,7 @@ impl FakeHost {
             )])),
             response_body: RefCell::new(Vec::new()),
             transport_asked: Cell::new(0),
+            current: RefCell::new(None),
         }
     }
 }
@@ -65,6 +68,9 @@ impl HostFacts for FakeHost {
     }
     fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(self.response_body.borrow()[..size].to_vec())
+    }
+    fn current_config(&self) -> Option<Config> {
+        self.current.borrow().clone()
     }
 }
 
@@ -448,8 +454,11 @@ fn cluster_rig(bans: bool) -> Rig {
     rig
 }
 
+/// Issue 24 (ATK-1): a signed request with a body makes one trip to the cluster store. The
+/// batch goes with its headers and records its nonce (a replay is refused before its body is
+/// held); the body is decided when it is complete, and no second batch follows.
 #[test]
-fn cluster_state_is_asked_for_and_the_request_waits_for_the_answer() {
+fn cluster_state_is_asked_once_for_a_body_and_the_request_waits_for_the_answer() {
     let rig = cluster_rig(false);
     let body = br#"{"qty":1}"#;
     *rig.host.request_body.borrow_mut() = body.to_vec();
@@ -460,29 +469,133 @@ fn cluster_state_is_asked_for_and_the_request_waits_for_the_answer() {
         false,
         &rig.env(),
     );
-    // the early read: is the nonce spent? (nothing written)
     let batch = step.state.clone().expect("a state batch");
     assert_eq!(step.action, Action::Pause);
     assert!(matches!(
         batch.ops.as_slice(),
-        [Op::Nonce { record: false, .. }]
+        [Op::Nonce { record: true, .. }]
     ));
     // the whole body arrives while the store is still answering: nothing goes on
     let step = s.on_request_body(body.len(), true, &rig.env());
     assert_eq!(step.action, Action::Pause);
     assert!(step.state.is_none());
-    // the answer: the body is decided, then the final batch records the nonce
+    // the answer: the body is decided, and the request goes on without another batch
     let step = s.on_state(Answer::default(), &rig.env());
-    let batch = step.state.clone().expect("the final batch");
-    assert!(matches!(
-        batch.ops.as_slice(),
-        [Op::Nonce { record: true, .. }]
-    ));
-    let step = s.on_state(Answer::default(), &rig.env());
+    assert!(step.state.is_none(), "one batch: {:?}", step.state);
     assert_eq!(step.action, Action::Continue);
     assert!(step.set_identity);
     assert!(s.identity_headers().any(|h| h == ("x-apisec-app", "app-a")));
     assert_eq!(s.on_log(&rig.env()).counts, vec![Count::Allowed]);
+}
+
+/// A body that fails its digest after the one batch is refused; its nonce is spent (the batch
+/// recorded it) and nothing goes upstream.
+#[test]
+fn a_body_that_fails_after_the_one_batch_is_refused() {
+    let rig = cluster_rig(false);
+    let body = br#"{"qty":1}"#;
+    *rig.host.request_body.borrow_mut() = br#"{"qty":9}"#.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", body, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    assert!(matches!(
+        step.state.expect("the batch").ops.as_slice(),
+        [Op::Nonce { record: true, .. }]
+    ));
+    assert_eq!(
+        s.on_state(Answer::default(), &rig.env()).action,
+        Action::Pause
+    );
+    let step = s.on_request_body(body.len(), true, &rig.env());
+    // the refusal's own batch (bans and its counter) runs, then the refusal
+    let step = match step.state {
+        Some(_) => s.on_state(Answer::default(), &rig.env()),
+        None => step,
+    };
+    assert_eq!(refused(&step), Some((401, "digest_mismatch".into())));
+}
+
+/// A grant that counts uses keeps two batches: a read before the body is held, and the nonce
+/// recorded with the use once the body passed, so only a request that passed every check
+/// spends a use.
+#[test]
+fn a_grant_that_counts_uses_spends_one_only_after_the_body() {
+    let mut rig = cluster_rig(false);
+    let mut p = (*rig.config.policy).clone();
+    for g in &mut p.grants {
+        g.max_uses = Some(5);
+    }
+    rig.config.policy = Rc::new(p);
+    let body = br#"{"qty":1}"#;
+    *rig.host.request_body.borrow_mut() = body.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", body, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    assert!(matches!(
+        step.state.expect("the early read").ops.as_slice(),
+        [Op::Nonce { record: false, .. }]
+    ));
+    assert_eq!(
+        s.on_state(Answer::default(), &rig.env()).action,
+        Action::Pause
+    );
+    let step = s.on_request_body(body.len(), true, &rig.env());
+    assert!(matches!(
+        step.state.expect("the final batch").ops.as_slice(),
+        [Op::Nonce { record: true, .. }, Op::GrantUse { max: 5, .. }]
+    ));
+    assert_eq!(
+        s.on_state(Answer::default(), &rig.env()).action,
+        Action::Continue
+    );
+}
+
+/// A policy reloaded while the body comes: the request is checked again under the new policy,
+/// and its bans and counts asked again under it, without its nonce (already spent by it).
+#[test]
+fn a_reload_during_the_body_asks_again_without_the_nonce() {
+    let rig = cluster_rig(true);
+    let body = br#"{"qty":1}"#;
+    *rig.host.request_body.borrow_mut() = body.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", body, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    assert!(matches!(
+        step.state.expect("the batch").ops.as_slice(),
+        [Op::Ban(_), Op::Ban(_), Op::Nonce { record: true, .. }]
+    ));
+    assert_eq!(
+        s.on_state(Answer::default(), &rig.env()).action,
+        Action::Pause
+    );
+    let mut reloaded = (*rig.config.policy).clone();
+    reloaded.generation += 1;
+    *rig.host.current.borrow_mut() = Some(Config {
+        policy: Rc::new(reloaded),
+        meta: rig.config.meta.clone(),
+    });
+    let step = s.on_request_body(body.len(), true, &rig.env());
+    let ops = step.state.expect("the bans asked again").ops;
+    assert!(
+        matches!(ops.as_slice(), [Op::Ban(_), Op::Ban(_)]),
+        "{ops:?}"
+    );
+    assert_eq!(
+        s.on_state(Answer::default(), &rig.env()).action,
+        Action::Continue
+    );
 }
 
 /// Issue 23 (RL-1, RL-2): a rate limit rides in the request's one final batch, after its nonce,

@@ -63,6 +63,18 @@ pub fn early_ops(
     ops
 }
 
+/// Whether a request with a body at S1 and above spends its nonce and counts in one batch sent
+/// with its headers, instead of a read then (`early_ops`) and the final batch once the body
+/// is in (issue 24: on the cluster backend one round trip instead of two). Its signature and
+/// every header check have passed; what the body can still fail (its digest, forbidden fields)
+/// then leaves its nonce spent and its call counted, as an attempt. Not with a grant that counts
+/// uses (`max_uses`): a use is spent only by a request that passed every check, in the final
+/// batch.
+pub fn spends_with_headers(policy: &Policy, ctx: &RequestContext) -> bool {
+    let grant = ctx.grant_index.and_then(|i| policy.grants.get(i));
+    ctx.level.is_some_and(|l| l > SecurityLevel::S0) && grant.is_none_or(|g| g.max_uses.is_none())
+}
+
 /// The rate-limit counters a call counts toward (RL-1, RL-2, OPS-4), from what the gateway
 /// verified of it only: the app once the caller proved to be it, the user the signature
 /// covered or the session carries, the API from the inventory, the source Envoy saw.

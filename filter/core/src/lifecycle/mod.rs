@@ -271,7 +271,8 @@ enum Waiting {
     Opening {
         end_of_stream: bool,
     },
-    /// Bans and the nonce, read before the body is held (or before an S0 request goes on).
+    /// Bans and the nonce, read before the body is held (or before an S0 request goes on); for
+    /// a request that spends with its headers, its whole final batch.
     Early {
         s0: bool,
     },
@@ -316,6 +317,10 @@ pub struct Stream {
     reported: bool,
     /// Establishing the session evicted one of the app's own (counted per app when it ends).
     evicted: bool,
+    /// A request with a body spent its nonce and counted in the one batch sent with its headers
+    /// (`engine::spends_with_headers`): the policy generation that batch was built under, and
+    /// the store's answer once it came (`None` while it runs).
+    spent: Option<(u64, Option<Answer>)>,
     /// What the gateway answers itself instead of forwarding: a session endpoint or the
     /// operator path.
     served: Option<Served>,
@@ -360,6 +365,7 @@ impl Stream {
             ip_checked: false,
             reported: false,
             evicted: false,
+            spent: None,
             served: None,
             decided: None,
             traffic: Traffic::default(),

@@ -159,6 +159,9 @@ impl Stream {
                 if s0 {
                     return self.accepted(answer, env);
                 }
+                if let Some((_, spent)) = &mut self.spent {
+                    *spent = Some(answer);
+                }
                 if std::mem::take(&mut self.trailers) {
                     return self.ev_request_trailers(env);
                 }

@@ -239,7 +239,27 @@ impl Stream {
         if end_of_stream {
             return self.finish(&[], env);
         }
-        let mut ops = engine::early_ops(&policy, self.ip_ban(), &self.ctx, now);
+        let spends = self.ctx.level != Some(SecurityLevel::S0)
+            && self.served.is_none()
+            && engine::spends_with_headers(&policy, &self.ctx);
+        let mut ops = if spends {
+            // One trip to the store for a request with a body (issue 24): its bans, its nonce
+            // recorded and its counts go now, before the body is held, so a replay is still
+            // refused before its body (ATK-1). The body's own checks come when it is complete;
+            // one that fails them has spent its nonce (the client signs again) and counted.
+            let now_ms = env.host.now_ms().unwrap_or(now.saturating_mul(1000));
+            self.spent = Some((policy.generation, None));
+            engine::final_ops(
+                &policy,
+                self.req.conn.client_ip,
+                self.ip_ban(),
+                &self.ctx,
+                now,
+                now_ms,
+            )
+        } else {
+            engine::early_ops(&policy, self.ip_ban(), &self.ctx, now)
+        };
         self.ip_checked = false; // a ban may start while the body comes: asked again then
         if self.ctx.level == Some(SecurityLevel::S0)
             && self.served.is_none()
@@ -269,6 +289,9 @@ impl Stream {
         }
         self.phase = Phase::HoldingBody;
         if ops.is_empty() {
+            if let Some((_, answer)) = &mut self.spent {
+                *answer = Some(Answer::default());
+            }
             return Step::pause();
         }
         self.ask(ops, Waiting::Early { s0: false })
@@ -351,6 +374,15 @@ impl Stream {
         }
         if let Some(id) = &self.ctx.session {
             self.ctx.session_fp = Some(sessions::fingerprint(id));
+        }
+        if let Some((generation, answer)) = self.spent.take() {
+            if generation == self.ctx.generation {
+                return self.accepted(answer.unwrap_or_default(), env);
+            }
+            // The policy was reloaded while the body came, and the request was checked again
+            // under the new one: its bans, counts and any grant use are asked again under it;
+            // its nonce is already spent, by this request.
+            ops.retain(|op| !matches!(op, Op::Nonce { .. }));
         }
         if ops.is_empty() {
             return self.accepted(Answer::default(), env);
