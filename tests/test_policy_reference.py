@@ -59,6 +59,15 @@ apps:
           MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAESacegqY3JPFFRsC3DSAeA24T6T+y
           hVlRlRYMZXrfgov2z5CXQwqdwQznQ+BPuQ3qBUcAYFr2cAan7w40gJ3L5g==
           -----END PUBLIC KEY-----
+      - id: k5
+        alg: sm2-sm3
+        sm2_id: ALICE123@YAHOO.COM
+        public_key_pem: |
+          -----BEGIN PUBLIC KEY-----
+          MFkwEwYHKoZIzj0CAQYIKoEcz1UBgi0DQgAEFOG7COsXihzSE1RSK+gsRL/ysYhp
+          RSDug0vyiyE3DhNlmT5bJ/i6ygR2lnrRr8j0qSEXVVGledAVmYtjB+Ylqg==
+          -----END PUBLIC KEY-----
+      - {id: k6, alg: hmac-sm3, secret_env: S}
       - {id: k3, certificate: {sha256: "%s"}}
       - {id: k4, certificate: {uri_san: "spiffe://x/app"}}
 grants:

@@ -14,7 +14,7 @@ mod verify;
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use apisec_core::crypto::content_digest_sha256;
+use apisec_core::crypto::{content_digest_sha256, content_digest_sm3};
 use apisec_core::message::Request;
 use apisec_core::policy::RawPolicy;
 use apisec_core::sessions::{MAC_HEADER, SESSION_HEADER};
@@ -24,6 +24,7 @@ use base64::Engine as _;
 const USAGE: &str = "usage:
   apisec keygen hmac                      print a new App_Secret (base64, 32 bytes)
   apisec keygen p256 --out PREFIX         write PREFIX.key.pem (private, PKCS#8) and PREFIX.pub.pem
+  apisec keygen sm2 --out PREFIX          the same for an SM2 key (DATA-5; OpenSSL 3 reads both)
   apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
                                           only if their environment variables are set
   apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
@@ -47,6 +48,8 @@ const USAGE: &str = "usage:
                                           print the policy without that caller's grants (or one
                                           grant), validated, as YAML (comments are not kept)
   apisec sign --app APP --keyid KEYID (--secret-env VAR | --secret B64 | --key PEMFILE)
+              [--alg hmac-sha256|hmac-sm3|ecdsa-p256-sha256|sm2-sm3] [--sm2-id ID]
+              [--digest sha-256|sm3]
               --url URL [--method M] [--data BODY | --data-file FILE] [--header 'name: value']...
               [--cover COMPONENT]... [--nonce N] [--created UNIX] [--expires UNIX] [--label L]
               [--session ID --mac MAC] [--format curl|json|headers]
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     {
         ["keygen", "hmac"] => keygen_hmac(),
         ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
+        ["keygen", "sm2", "--out", prefix] => keygen_sm2(prefix),
         ["policy", "check", file] => policy_check(file),
         ["policy", "json", file] => policy_json(file),
         ["policy", "env", file] => policy_env(file),
@@ -148,6 +152,23 @@ fn keygen_p256(prefix: &str) -> Result<(), String> {
     write_private(&priv_path, private.as_bytes())?;
     std::fs::write(format!("{prefix}.pub.pem"), public).map_err(|e| e.to_string())?;
     println!("wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy)");
+    Ok(())
+}
+
+fn keygen_sm2(prefix: &str) -> Result<(), String> {
+    use sm2::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let key = sm2::SecretKey::random(&mut rand_core::OsRng);
+    let private = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    let public = key
+        .public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| e.to_string())?;
+    let priv_path = format!("{prefix}.key.pem");
+    write_private(&priv_path, private.as_bytes())?;
+    std::fs::write(format!("{prefix}.pub.pem"), public).map_err(|e| e.to_string())?;
+    println!("wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy, alg sm2-sm3)");
     Ok(())
 }
 
@@ -375,6 +396,9 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         "format",
         "session",
         "mac",
+        "alg",
+        "sm2-id",
+        "digest",
     ];
     if let Some(k) = opts.keys().find(|k| !known.contains(k)) {
         return Err(format!("unknown option --{k}"));
@@ -397,22 +421,51 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         }
     });
 
-    let key = match (one("secret-env"), one("secret"), one("key")) {
-        (Some(var), None, None) => {
-            let v = std::env::var(&var)
-                .map_err(|_| format!("environment variable {var} is not set"))?;
-            SigningKey::Hmac(decode_b64(&v)?)
+    let alg = one("alg");
+    if one("sm2-id").is_some() && alg.as_deref() != Some("sm2-sm3") {
+        return Err("--sm2-id goes with --alg sm2-sm3".into());
+    }
+    let secret = match (one("secret-env"), one("secret")) {
+        (Some(var), None) => {
+            Some(decode_b64(&std::env::var(&var).map_err(|_| {
+                format!("environment variable {var} is not set")
+            })?)?)
         }
-        (None, Some(s), None) => SigningKey::Hmac(decode_b64(&s)?),
-        (None, None, Some(file)) => {
-            use p256::pkcs8::DecodePrivateKey;
-            let pem = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
-            let k = p256::ecdsa::SigningKey::from_pkcs8_pem(&pem)
-                .map_err(|e| format!("{file}: not a PKCS#8 P-256 key: {e}"))?;
-            SigningKey::P256(Box::new(k))
-        }
+        (None, Some(s)) => Some(decode_b64(&s)?),
+        (None, None) => None,
         _ => return Err("give exactly one of --secret-env, --secret, --key".into()),
     };
+    let key = match (secret, one("key"), alg.as_deref()) {
+        (Some(k), None, None | Some("hmac-sha256")) => SigningKey::Hmac(k),
+        (Some(k), None, Some("hmac-sm3")) => SigningKey::HmacSm3(k),
+        (None, Some(file), None | Some("ecdsa-p256-sha256")) => {
+            use p256::pkcs8::DecodePrivateKey;
+            let pem = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+            let k = p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).map_err(|e| {
+                format!("{file}: not a PKCS#8 P-256 key ({e}); an SM2 key needs --alg sm2-sm3")
+            })?;
+            SigningKey::P256(Box::new(k))
+        }
+        (None, Some(file), Some("sm2-sm3")) => {
+            let pem = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
+            let id = one("sm2-id").unwrap_or_else(|| apisec_core::apps::SM2_DEFAULT_ID.into());
+            if apisec_core::crypto::sign_sm2_sm3(&pem, &id, b"").is_none() {
+                return Err(format!("{file}: not a PKCS#8 SM2 private key"));
+            }
+            SigningKey::Sm2 { pkcs8_pem: pem, id }
+        }
+        (None, None, _) => return Err("give exactly one of --secret-env, --secret, --key".into()),
+        (Some(_), Some(_), _) => {
+            return Err("give exactly one of --secret-env, --secret, --key".into())
+        }
+        (_, _, Some(a)) => {
+            return Err(format!(
+                "--alg {a} does not go with that key (hmac-sha256 or hmac-sm3 with a secret, \
+                 ecdsa-p256-sha256 or sm2-sm3 with --key)"
+            ))
+        }
+    };
+    let national = matches!(key, SigningKey::HmacSm3(_) | SigningKey::Sm2 { .. });
 
     let mut headers: Vec<(String, String)> = vec![("x-app-id".into(), app)];
     for h in opts.get("header").into_iter().flatten() {
@@ -438,7 +491,14 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         if !headers.iter().any(|(k, _)| k == "content-type") {
             headers.push(("content-type".into(), "application/json".into()));
         }
-        headers.push(("content-digest".into(), content_digest_sha256(&body)));
+        // sm3 with the national algorithms (DATA-5), sha-256 otherwise, unless --digest says
+        let digest = match one("digest").as_deref() {
+            None if national => content_digest_sm3(&body),
+            None | Some("sha-256") => content_digest_sha256(&body),
+            Some("sm3") => content_digest_sm3(&body),
+            Some(d) => return Err(format!("--digest {d}: sha-256 or sm3")),
+        };
+        headers.push(("content-digest".into(), digest));
         components.push("content-digest".into());
     }
     for c in opts.get("cover").into_iter().flatten() {

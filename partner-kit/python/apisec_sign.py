@@ -34,8 +34,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 
-def content_digest(body: bytes) -> str:
-    return "sha-256=:" + base64.b64encode(hashlib.sha256(body).digest()).decode() + ":"
+def content_digest(body: bytes, alg: str = "sha-256") -> str:
+    """RFC 9530 Content-Digest: `sha-256`, or `sm3` (the national hash, GB/T 32905; hashlib
+    has it where Python's OpenSSL does, as OpenSSL 3 does)."""
+    h = hashlib.sha256(body) if alg == "sha-256" else hashlib.new("sm3", body)
+    return f"{alg}=:" + base64.b64encode(h.digest()).decode() + ":"
 
 
 def authority(u) -> str:
@@ -45,15 +48,17 @@ def authority(u) -> str:
     return f"{host}:{u.port}" if u.port and u.port != default else host
 
 
-def signature_parts(method, url, app, body, keyid, alg, created, nonce, extra=()):
+def signature_parts(method, url, app, body, keyid, alg, created, nonce, extra=(), digest=None):
     """The headers to send (before the signature), the Signature-Input value and the signature
     base, exactly as the gateway rebuilds them. `extra`: more (name, value) headers to send and
-    cover (the session, the device MAC, the SDK version)."""
+    cover (the session, the device MAC, the SDK version). `digest`: the Content-Digest
+    algorithm (`sm3` with the national algorithms, `sha-256` otherwise)."""
+    digest = digest or ("sm3" if alg in ("hmac-sm3", "sm2-sm3") else "sha-256")
     u = urlsplit(url)
     headers = [("x-app-id", app), *extra]
     components = ["@method", "@authority", "@path", "@query", "x-app-id", *(name for name, _ in extra)]
     if body:
-        headers += [("content-type", "application/json"), ("content-digest", content_digest(body))]
+        headers += [("content-type", "application/json"), ("content-digest", content_digest(body, digest))]
         components.append("content-digest")
     params = "(" + " ".join(f'"{c}"' for c in components) + ")"
     params += f';created={created};nonce="{nonce}";keyid="{keyid}";alg="{alg}"'
@@ -71,6 +76,11 @@ def signature_parts(method, url, app, body, keyid, alg, created, nonce, extra=()
 def sign_base(base: str, alg: str, secret_b64=None, key_pem=None) -> str:
     if alg == "hmac-sha256":
         raw = hmac.new(base64.b64decode(secret_b64), base.encode(), hashlib.sha256).digest()
+    elif alg == "hmac-sm3":
+        raw = hmac.new(base64.b64decode(secret_b64), base.encode(), "sm3").digest()
+    elif alg == "sm2-sm3":
+        raise ValueError("sm2-sm3: sign with OpenSSL 3 (`openssl pkeyutl -sign -rawin -digest sm3 "
+                         "-pkeyopt distid:ID`) and send r || s; docs/national.md")
     else:
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec

@@ -19,6 +19,12 @@ pub enum Algorithm {
     HmacSha256,
     #[serde(rename = "ecdsa-p256-sha256")]
     EcdsaP256Sha256,
+    /// HMAC over SM3 (GB/T 32905), the national counterpart of hmac-sha256 (DATA-5).
+    #[serde(rename = "hmac-sm3")]
+    HmacSm3,
+    /// SM2 signatures over SM3 with the signer's Z value (GB/T 32918, GM/T 0009; DATA-5).
+    #[serde(rename = "sm2-sm3")]
+    Sm2Sm3,
 }
 
 impl Algorithm {
@@ -26,15 +32,22 @@ impl Algorithm {
         match self {
             Algorithm::HmacSha256 => "hmac-sha256",
             Algorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+            Algorithm::HmacSm3 => "hmac-sm3",
+            Algorithm::Sm2Sm3 => "sm2-sm3",
         }
     }
 
     /// S2 and S3 demand a key pair (ID-3, DATA-4): a shared secret cannot prove who signed.
     pub fn allowed_for(self, level: SecurityLevel) -> bool {
         match self {
-            Algorithm::HmacSha256 => level <= SecurityLevel::S1,
-            Algorithm::EcdsaP256Sha256 => true,
+            Algorithm::HmacSha256 | Algorithm::HmacSm3 => level <= SecurityLevel::S1,
+            Algorithm::EcdsaP256Sha256 | Algorithm::Sm2Sm3 => true,
         }
+    }
+
+    /// One of the national algorithms (SM2, SM3; DATA-5).
+    pub fn national(self) -> bool {
+        matches!(self, Algorithm::HmacSm3 | Algorithm::Sm2Sm3)
     }
 }
 
@@ -78,10 +91,19 @@ pub struct RawCredential {
     /// HMAC: the environment variable holding the base64 App_Secret (never the secret itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
-    /// ECDSA: the app's public key, PEM SubjectPublicKeyInfo.
+    /// ECDSA and SM2: the app's public key, PEM SubjectPublicKeyInfo (for SM2 the
+    /// id-ecPublicKey algorithm with the SM2 curve, OID 1.2.156.10197.1.301, as OpenSSL 3 and
+    /// BouncyCastle write it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_pem: Option<String>,
+    /// SM2: the signer's distinguishing ID, hashed into its Z value (GM/T 0009); the standard's
+    /// default `1234567812345678` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm2_id: Option<String>,
 }
+
+/// The SM2 distinguishing ID when a credential names none (GM/T 0009-2012 section 10).
+pub const SM2_DEFAULT_ID: &str = "1234567812345678";
 
 /// How a client certificate is bound to an app: by the SHA-256 fingerprint of the DER
 /// certificate (hex), or by a URI SAN (for example a SPIFFE ID).
@@ -117,6 +139,22 @@ pub enum KeyMaterial {
         /// Its fingerprint (evidence.rs), named by S3 evidence (DATA-4).
         sha256: String,
     },
+    /// An SM2 public key, checked on the SM2 curve, with the signer's distinguishing ID.
+    Sm2 {
+        spki_der: Vec<u8>,
+        sha256: String,
+        id: String,
+    },
+}
+
+impl KeyMaterial {
+    /// The public key's fingerprint that S3 evidence names (DATA-4); none for a secret.
+    pub fn fingerprint(&self) -> Option<&str> {
+        match self {
+            KeyMaterial::P256 { sha256, .. } | KeyMaterial::Sm2 { sha256, .. } => Some(sha256),
+            KeyMaterial::Hmac(_) => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for KeyMaterial {
@@ -125,6 +163,7 @@ impl std::fmt::Debug for KeyMaterial {
         match self {
             KeyMaterial::Hmac(_) => f.write_str("Hmac(<redacted>)"),
             KeyMaterial::P256 { .. } => f.write_str("P256(<public key>)"),
+            KeyMaterial::Sm2 { .. } => f.write_str("Sm2(<public key>)"),
         }
     }
 }
@@ -193,13 +232,13 @@ fn hmac_key(
     if c.public_key_pem.is_some() {
         return Err(ConfigError::new(
             format!("{cfield}.public_key_pem"),
-            "an hmac-sha256 credential takes secret_env, not a public key",
+            "an HMAC credential takes secret_env, not a public key",
         ));
     }
     let Some(env) = &c.secret_env else {
         return Err(ConfigError::new(
             format!("{cfield}.secret_env"),
-            "an hmac-sha256 credential needs secret_env (the variable holding the base64 App_Secret)",
+            "an HMAC credential needs secret_env (the variable holding the base64 App_Secret)",
         ));
     };
     if !valid_env_name(env) {
@@ -237,6 +276,46 @@ fn hmac_key(
             Ok(KeyMaterial::Hmac(bytes))
         }
     }
+}
+
+/// An SM2 credential: an SM2 public key in PEM SubjectPublicKeyInfo form (a P-256 key, or
+/// any other curve, is refused: one algorithm's key never verifies the other's signature),
+/// with its distinguishing ID.
+fn sm2_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> {
+    if c.secret_env.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            "an sm2-sm3 credential takes public_key_pem, not a secret",
+        ));
+    }
+    let Some(pem) = &c.public_key_pem else {
+        return Err(ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            "an sm2-sm3 credential needs public_key_pem",
+        ));
+    };
+    let field = format!("{cfield}.public_key_pem");
+    let spki_der = crate::crypto::sm2_spki_from_pem(pem).ok_or_else(|| {
+        ConfigError::new(
+            &field,
+            "not an SM2 public key (PEM SubjectPublicKeyInfo with the SM2 curve 1.2.156.10197.1.301)",
+        )
+    })?;
+    let id = c
+        .sm2_id
+        .clone()
+        .unwrap_or_else(|| SM2_DEFAULT_ID.to_string());
+    if id.is_empty() || id.len() > 1024 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            format!("{cfield}.sm2_id"),
+            "1 to 1024 printable ASCII characters",
+        ));
+    }
+    Ok(KeyMaterial::Sm2 {
+        sha256: crate::crypto::key_fingerprint(&spki_der),
+        spki_der,
+        id,
+    })
 }
 
 /// A key-pair credential: a P-256 public key in PEM SubjectPublicKeyInfo form.
@@ -345,12 +424,19 @@ pub fn compile(
             let Some(alg) = c.alg else {
                 return Err(ConfigError::new(
                     format!("{cfield}.alg"),
-                    "a credential needs alg (hmac-sha256, ecdsa-p256-sha256) or certificate",
+                    "a credential needs alg (hmac-sha256, ecdsa-p256-sha256, hmac-sm3, sm2-sm3) or certificate",
                 ));
             };
+            if c.sm2_id.is_some() && alg != Algorithm::Sm2Sm3 {
+                return Err(ConfigError::new(
+                    format!("{cfield}.sm2_id"),
+                    "only an sm2-sm3 credential has a distinguishing ID",
+                ));
+            }
             let key = match alg {
-                Algorithm::HmacSha256 => hmac_key(&cfield, c, secrets)?,
+                Algorithm::HmacSha256 | Algorithm::HmacSm3 => hmac_key(&cfield, c, secrets)?,
                 Algorithm::EcdsaP256Sha256 => p256_key(&cfield, c)?,
+                Algorithm::Sm2Sm3 => sm2_key(&cfield, c)?,
             };
             credentials.push(Credential {
                 keyid: c.id.clone(),

@@ -1,6 +1,8 @@
 //! Cryptographic checks: RFC 9530 Content-Digest (DATA-3), HMAC-SHA256 in constant time
-//! (ID-2), ECDSA P-256 (ID-3, DATA-4) through a host verifier with a pure-Rust fallback, and
-//! the encoding of Envoy's `verify_signature` foreign-function arguments.
+//! (ID-2), ECDSA P-256 (ID-3, DATA-4) through a host verifier with a pure-Rust fallback, the
+//! encoding of Envoy's `verify_signature` foreign-function arguments, and the national
+//! algorithms (DATA-5): SM3 digests, HMAC-SM3 and SM2 signatures, in the VM (Envoy's
+//! BoringSSL has no SM2).
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256, Sha512};
@@ -30,6 +32,8 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
         let got: Vec<u8> = match alg.as_str() {
             "sha-256" => Sha256::digest(body).to_vec(),
             "sha-512" => Sha512::digest(body).to_vec(),
+            // not in the IANA registry; apisec's name for GB/T 32905 SM3 (DATA-5)
+            "sm3" => sm3::Sm3::digest(body).to_vec(),
             _ => continue,
         };
         if !constant_time_eq(&got, want) {
@@ -43,7 +47,7 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
     if checked == 0 {
         return Err(Deny::new(
             DenyReason::DigestUnsupported,
-            "no sha-256 or sha-512 member",
+            "no sha-256, sha-512 or sm3 member",
         ));
     }
     Ok(())
@@ -68,6 +72,72 @@ pub fn spki_from_pem(pem: &str) -> Option<Vec<u8>> {
     use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
     let key = p256::PublicKey::from_public_key_pem(pem.trim()).ok()?;
     key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+}
+
+/// `sm3=:<base64>:` for a body (DATA-5).
+pub fn content_digest_sm3(body: &[u8]) -> String {
+    use base64::Engine as _;
+    format!(
+        "sm3=:{}:",
+        base64::engine::general_purpose::STANDARD.encode(sm3::Sm3::digest(body))
+    )
+}
+
+/// An SM2 public key from PEM, as DER SubjectPublicKeyInfo; None unless it is a point on the
+/// SM2 curve (a P-256 key is not).
+pub fn sm2_spki_from_pem(pem: &str) -> Option<Vec<u8>> {
+    use sm2::pkcs8::{DecodePublicKey, EncodePublicKey};
+    let key = sm2::PublicKey::from_public_key_pem(pem.trim()).ok()?;
+    key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+}
+
+/// SM2 over SM3 with the signer's distinguishing ID (GB/T 32918.2, GM/T 0009): `sig_raw` is
+/// `r || s`, 32 bytes each, as RFC 9421 carries ECDSA signatures. False for anything that does
+/// not verify, including a key that is not on the SM2 curve and a signature of another length.
+pub fn verify_sm2_sm3(spki_der: &[u8], id: &str, msg: &[u8], sig_raw: &[u8]) -> bool {
+    use sm2::dsa::signature::Verifier as _;
+    use sm2::pkcs8::DecodePublicKey;
+    let Ok(key) = sm2::PublicKey::from_public_key_der(spki_der) else {
+        return false;
+    };
+    let Ok(vk) = sm2::dsa::VerifyingKey::new(id, key) else {
+        return false;
+    };
+    let Ok(sig) = sm2::dsa::Signature::from_slice(sig_raw) else {
+        return false;
+    };
+    vk.verify(msg, &sig).is_ok()
+}
+
+/// An SM2 signature `r || s` over `msg` with a PKCS#8 PEM private key (the CLI's `sign`).
+pub fn sign_sm2_sm3(pkcs8_pem: &str, id: &str, msg: &[u8]) -> Option<Vec<u8>> {
+    use sm2::dsa::signature::Signer as _;
+    use sm2::pkcs8::DecodePrivateKey;
+    let secret = sm2::SecretKey::from_pkcs8_pem(pkcs8_pem.trim()).ok()?;
+    let sk = sm2::dsa::SigningKey::new(id, &secret).ok()?;
+    let sig: sm2::dsa::Signature = sk.try_sign(msg).ok()?;
+    Some(sig.to_bytes().to_vec())
+}
+
+/// HMAC-SM3 check, in constant time (DATA-5).
+pub fn verify_hmac_sm3(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+    match Hmac::<sm3::Sm3>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(msg);
+            mac.verify_slice(sig).is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+pub fn sign_hmac_sm3(key: &[u8], msg: &[u8]) -> Vec<u8> {
+    match Hmac::<sm3::Sm3>::new_from_slice(key) {
+        Ok(mut mac) => {
+            mac.update(msg);
+            mac.finalize().into_bytes().to_vec()
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 /// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
@@ -497,5 +567,143 @@ mod tests {
         assert_eq!(envoy_verify_result(&[0x12, 0x09, b'x']), None);
         assert_eq!(envoy_verify_result(&[0x08]), None);
         assert_eq!(envoy_verify_result(&[0x99]), None);
+    }
+}
+
+/// The national algorithms (DATA-5), against values made by code no one here wrote: the SM3
+/// examples of GB/T 32905-2016 (appendix A), and an HMAC-SM3 and two SM2 signatures made by
+/// OpenSSL 3.0 (`openssl mac -digest SM3`, `openssl pkeyutl -sign -rawin -digest sm3
+/// -pkeyopt distid:...`, the DER signature rewritten as r || s).
+#[cfg(test)]
+mod national {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    const OPENSSL_SM2_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoEcz1UBgi0DQgAEFOG7COsXihzSE1RSK+gsRL/ysYhp
+RSDug0vyiyE3DhNlmT5bJ/i6ygR2lnrRr8j0qSEXVVGledAVmYtjB+Ylqg==
+-----END PUBLIC KEY-----";
+    const MSG: &[u8] = b"apisec sm2 interop";
+    const SIG_DEFAULT_ID: &str = "3fc74a17a8457019ef92bc142a2b3a4bf48bffcf23b93dc07f2df6d96eed0f541234f296822ae78d63f116ce7649bac541e030169d704942e385c16fb2d23458";
+    const SIG_ALICE: &str = "318a833f026068374661f0fc634229a62eb519df3da40ab71ba8d4c4c7e8e26054de0332ea31a1766cd73f58d7ef214b4bb5ff5c237febcc111c452766620cea";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn sm3_matches_the_standards_examples() {
+        assert_eq!(
+            hex(&sm3::Sm3::digest(b"abc")),
+            "66c7f0f462eeedd9d1f2d46bdc10e4e24167c4875cf2f7a2297da02b8f4ba8e0"
+        );
+        assert_eq!(
+            hex(&sm3::Sm3::digest(b"abcd".repeat(16))),
+            "debe9ff92275b8a138604889c18e5a4d6fdb70e5387e5765293dcba39c0c5732"
+        );
+    }
+
+    #[test]
+    fn an_sm3_content_digest_is_checked_against_the_body() {
+        let d = content_digest_sm3(b"{\"qty\":1}");
+        assert!(d.starts_with("sm3=:"));
+        assert!(verify_content_digest(&d, b"{\"qty\":1}").is_ok());
+        let e = verify_content_digest(&d, b"{\"qty\":2}").unwrap_err();
+        assert_eq!(e.reason, DenyReason::DigestMismatch);
+        // with sha-256 beside it, both must match
+        let both = format!("{}, {d}", content_digest_sha256(b"{\"qty\":1}"));
+        assert!(verify_content_digest(&both, b"{\"qty\":1}").is_ok());
+    }
+
+    #[test]
+    fn hmac_sm3_matches_openssl_and_compares_whole() {
+        let key: Vec<u8> = (0u8..32).collect();
+        let want = unhex("d0b679acf77340e5678b75f0317dc2fb36bb70ddcb8d21a865fa7158710469f0");
+        assert_eq!(sign_hmac_sm3(&key, b"apisec hmac-sm3"), want);
+        assert!(verify_hmac_sm3(&key, b"apisec hmac-sm3", &want));
+        assert!(!verify_hmac_sm3(&key, b"apisec hmac-sm4", &want));
+        assert!(!verify_hmac_sm3(&key, b"apisec hmac-sm3", &want[..31]));
+        // the same key and message under HMAC-SHA256 is another value: no confusion
+        assert!(!verify_hmac_sha256(&key, b"apisec hmac-sm3", &want));
+    }
+
+    #[test]
+    fn sm2_signatures_from_openssl_verify_with_their_id_only() {
+        let der = sm2_spki_from_pem(OPENSSL_SM2_PUB).unwrap();
+        assert!(verify_sm2_sm3(
+            &der,
+            "1234567812345678",
+            MSG,
+            &unhex(SIG_DEFAULT_ID)
+        ));
+        assert!(verify_sm2_sm3(
+            &der,
+            "ALICE123@YAHOO.COM",
+            MSG,
+            &unhex(SIG_ALICE)
+        ));
+        // another distinguishing ID, one byte of the message, one bit of the signature
+        assert!(!verify_sm2_sm3(
+            &der,
+            "ALICE123@YAHOO.COM",
+            MSG,
+            &unhex(SIG_DEFAULT_ID)
+        ));
+        assert!(!verify_sm2_sm3(
+            &der,
+            "1234567812345678",
+            b"apisec sm2 interoP",
+            &unhex(SIG_DEFAULT_ID)
+        ));
+        let mut sig = unhex(SIG_DEFAULT_ID);
+        sig[63] ^= 1;
+        assert!(!verify_sm2_sm3(&der, "1234567812345678", MSG, &sig));
+        assert!(!verify_sm2_sm3(&der, "1234567812345678", MSG, &sig[..63]));
+    }
+
+    #[test]
+    fn sm2_and_p256_keys_never_stand_for_each_other() {
+        // an SM2 key is not a P-256 key, nor the reverse
+        assert!(spki_from_pem(OPENSSL_SM2_PUB).is_none());
+        let p256_sk = p256::ecdsa::SigningKey::from_bytes(&[7u8; 32].into()).unwrap();
+        let p256_pem = {
+            use p256::pkcs8::{EncodePublicKey, LineEnding};
+            p256_sk
+                .verifying_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap()
+        };
+        assert!(sm2_spki_from_pem(&p256_pem).is_none());
+        // a P-256 key's DER handed to the SM2 check verifies nothing
+        let p256_der = spki_from_pem(&p256_pem).unwrap();
+        assert!(!verify_sm2_sm3(
+            &p256_der,
+            "1234567812345678",
+            MSG,
+            &unhex(SIG_DEFAULT_ID)
+        ));
+        // and an SM2 signature is not a P-256 one under the SM2 key's bytes
+        let der = sm2_spki_from_pem(OPENSSL_SM2_PUB).unwrap();
+        assert!(!SoftwareVerifier
+            .verify_p256_sha256(&der, MSG, &unhex(SIG_DEFAULT_ID))
+            .unwrap_or(false));
+    }
+
+    #[test]
+    fn sm2_signing_here_verifies_under_the_openssl_key() {
+        // OpenSSL's private key (PKCS#8) signs here; the gateway's verifier accepts it under
+        // OpenSSL's public key, and not under another ID
+        let pem = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqBHM9VAYItBG0wawIBAQQgJVlyU/LfOvZ32QKr
+rywBhN1NjfRmyHuaje3K5Ym3m7ahRANCAAQU4bsI6xeKHNITVFIr6CxEv/KxiGlF
+IO6DS/KLITcOE2WZPlsn+LrKBHaWetGvyPSpIRdVUaV50BWZi2MH5iWq
+-----END PRIVATE KEY-----";
+        let sig = sign_sm2_sm3(pem, "1234567812345678", MSG).unwrap();
+        let der = sm2_spki_from_pem(OPENSSL_SM2_PUB).unwrap();
+        assert!(verify_sm2_sm3(&der, "1234567812345678", MSG, &sig));
+        assert!(!verify_sm2_sm3(&der, "8765432187654321", MSG, &sig));
     }
 }

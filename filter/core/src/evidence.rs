@@ -24,6 +24,9 @@ pub struct KeyringEntry {
     /// Lowercase hex SHA-256 of the key's DER SubjectPublicKeyInfo: what the evidence names.
     pub key_sha256: String,
     pub public_key_pem: String,
+    /// For an SM2 key: the signer's distinguishing ID (the default one when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm2_id: Option<String>,
 }
 
 /// How the session ID's line of a signature base begins (RFC 9421 `"name": value`).
@@ -167,7 +170,7 @@ pub fn check<'k>(
     keyring: &'k [KeyringEntry],
     keys: &[ChainKey],
 ) -> Result<&'k KeyringEntry, Failure> {
-    if e.alg != "ecdsa-p256-sha256" {
+    if e.alg != "ecdsa-p256-sha256" && e.alg != crate::apps::Algorithm::Sm2Sm3.as_str() {
         return Err(invalid(format!(
             "algorithm {} cannot be re-verified by a third party",
             e.alg
@@ -225,17 +228,30 @@ pub fn check<'k>(
             e.key_sha256.as_deref().unwrap_or("no fingerprint")
         )));
     }
+    let sm2 = e.alg == crate::apps::Algorithm::Sm2Sm3.as_str();
     for k in candidates {
-        let Some(der) = spki_from_pem(&k.public_key_pem) else {
+        // the evidence's algorithm decides how the key is read: an SM2 key never verifies an
+        // ECDSA signature, nor the reverse (DATA-5)
+        let der = if sm2 {
+            crate::crypto::sm2_spki_from_pem(&k.public_key_pem)
+        } else {
+            spki_from_pem(&k.public_key_pem)
+        };
+        let Some(der) = der else {
             continue;
         };
         if key_fingerprint(&der) != k.key_sha256 {
             continue; // a keyring line whose fingerprint does not match its key is ignored
         }
-        if SoftwareVerifier
-            .verify_p256_sha256(&der, e.signature_base.as_bytes(), &sig)
-            .unwrap_or(false)
-        {
+        let ok = if sm2 {
+            let id = k.sm2_id.as_deref().unwrap_or(crate::apps::SM2_DEFAULT_ID);
+            crate::crypto::verify_sm2_sm3(&der, id, e.signature_base.as_bytes(), &sig)
+        } else {
+            SoftwareVerifier
+                .verify_p256_sha256(&der, e.signature_base.as_bytes(), &sig)
+                .unwrap_or(false)
+        };
+        if ok {
             return Ok(k);
         }
     }
@@ -322,12 +338,25 @@ pub fn policy_keys(policy: &serde_json::Value) -> Vec<KeyringEntry> {
             ) else {
                 continue;
             };
-            if let Some(der) = spki_from_pem(pem) {
+            let sm2 = c.get("alg").and_then(|a| a.as_str())
+                == Some(crate::apps::Algorithm::Sm2Sm3.as_str());
+            let der = if sm2 {
+                crate::crypto::sm2_spki_from_pem(pem)
+            } else {
+                spki_from_pem(pem)
+            };
+            if let Some(der) = der {
                 out.push(KeyringEntry {
                     app: app_id.to_string(),
                     keyid: keyid.to_string(),
                     key_sha256: key_fingerprint(&der),
                     public_key_pem: pem.to_string(),
+                    sm2_id: sm2.then(|| {
+                        c.get("sm2_id")
+                            .and_then(|i| i.as_str())
+                            .unwrap_or(crate::apps::SM2_DEFAULT_ID)
+                            .to_string()
+                    }),
                 });
             }
         }
@@ -350,6 +379,7 @@ mod tests {
             keyid: "k1".into(),
             key_sha256: key_fingerprint(der.as_bytes()),
             public_key_pem: pk.to_public_key_pem(LineEnding::LF).unwrap(),
+            sm2_id: None,
         };
         (sk, entry)
     }

@@ -11,6 +11,13 @@ use crate::sf::{self, BareItem, InnerList, Item};
 pub enum SigningKey {
     Hmac(Vec<u8>),
     P256(Box<p256::ecdsa::SigningKey>),
+    /// HMAC-SM3 (DATA-5).
+    HmacSm3(Vec<u8>),
+    /// SM2 over SM3 (DATA-5): the PKCS#8 PEM private key and the signer's distinguishing ID.
+    Sm2 {
+        pkcs8_pem: String,
+        id: String,
+    },
 }
 
 impl SigningKey {
@@ -18,6 +25,8 @@ impl SigningKey {
         match self {
             SigningKey::Hmac(_) => "hmac-sha256",
             SigningKey::P256(_) => "ecdsa-p256-sha256",
+            SigningKey::HmacSm3(_) => "hmac-sm3",
+            SigningKey::Sm2 { .. } => "sm2-sm3",
         }
     }
 }
@@ -73,6 +82,14 @@ pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, 
             let s: p256::ecdsa::Signature = k.sign(base.as_bytes());
             s.to_bytes().to_vec()
         }
+        SigningKey::HmacSm3(k) => crypto::sign_hmac_sm3(k, base.as_bytes()),
+        SigningKey::Sm2 { pkcs8_pem, id } => crypto::sign_sm2_sm3(pkcs8_pem, id, base.as_bytes())
+            .ok_or_else(|| {
+            Deny::new(
+                crate::error::DenyReason::SignatureMalformed,
+                "not a PKCS#8 SM2 private key",
+            )
+        })?,
     };
     Ok((
         format!("{}={}", p.label, sf::serialize_inner_list(&input)),

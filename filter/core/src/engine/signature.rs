@@ -166,8 +166,16 @@ pub(super) fn verify_signature(
     let covered = coverage(policy, req, api, input, has_body, digest)?;
 
     let base = signature_base(req, input, policy.max_signature_base_bytes)?;
+    // The credential's algorithm decides the check: one algorithm's key never verifies
+    // another's signature (the signature's own `alg`, if any, was matched to it above).
     let ok = match &cred.key {
+        KeyMaterial::Hmac(key) if cred.alg == crate::apps::Algorithm::HmacSm3 => {
+            crypto::verify_hmac_sm3(key, base.as_bytes(), signature_bytes)
+        }
         KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
+        KeyMaterial::Sm2 { spki_der, id, .. } => {
+            crypto::verify_sm2_sm3(spki_der, id, base.as_bytes(), signature_bytes)
+        }
         KeyMaterial::P256 { spki_der, .. } => verifier
             .verify_p256_sha256(spki_der, base.as_bytes(), signature_bytes)
             .map_err(|e| Deny::new(DenyReason::HostUnavailable, format!("ecdsa verifier: {e}")))?,
@@ -353,10 +361,7 @@ fn evidence_of(
         signature_base: base,
         session_sealed,
         content_digest: digest.map(str::to_string),
-        key_sha256: match &cred.key {
-            KeyMaterial::P256 { sha256, .. } => Some(sha256.clone()),
-            KeyMaterial::Hmac(_) => None,
-        },
+        key_sha256: cred.key.fingerprint().map(str::to_string),
     }
 }
 

@@ -1,0 +1,238 @@
+"""The national algorithms (issue 25, DATA-5) against a real Envoy loading the built filter:
+HMAC-SM3 at S1, SM2 over SM3 with an SM3 Content-Digest at S3, signatures made by OpenSSL 3
+(code no one here wrote) accepted and the CLI's verified by OpenSSL, and every refusal with its
+code, its audit record and nothing sent upstream."""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import gateway as gw
+from conftest import CLI, DEMO_KEY, ROOT, SECRET_VAR, Client, base_policy, new_secret, read_audit, start_gateway
+from helpers import RESEARCH, assert_refused, upstream_count
+
+ORDERS = "/api/v1/orders"
+ORDER = b'{"symbol":"600000","side":"buy","qty":100,"price":"10.01"}'
+ALICE = "ALICE123@YAHOO.COM"
+
+
+def kit():
+    spec = importlib.util.spec_from_file_location("apisec_sign", ROOT / "partner-kit/python/apisec_sign.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def openssl(*args: str, data: bytes | None = None) -> bytes:
+    return subprocess.run(["openssl", *args], input=data, capture_output=True, check=True).stdout
+
+
+def der_to_raw(der: bytes) -> bytes:
+    """An ASN.1 ECDSA-Sig-Value (what OpenSSL writes) as RFC 9421's r || s."""
+    assert der[0] == 0x30
+    i = 2 if der[1] < 0x80 else 3
+    out = b""
+    for _ in range(2):
+        assert der[i] == 2
+        n = der[i + 1]
+        out += der[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
+        i += 2 + n
+    return out
+
+
+def raw_to_der(raw: bytes) -> bytes:
+    def integer(b: bytes) -> bytes:
+        b = b.lstrip(b"\0") or b"\0"
+        if b[0] & 0x80:
+            b = b"\0" + b
+        return bytes([2, len(b)]) + b
+    body = integer(raw[:32]) + integer(raw[32:])
+    return bytes([0x30, len(body)]) + body
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sm2")
+    openssl("genpkey", "-algorithm", "SM2", "-out", str(d / "sm2.key.pem"))
+    openssl("pkey", "-in", str(d / "sm2.key.pem"), "-pubout", "-out", str(d / "sm2.pub.pem"))
+    return d
+
+
+def national_policy(keys) -> dict:
+    doc = base_policy()
+    app = next(a for a in doc["apps"] if a["id"] == "demo-partner")
+    pub = (keys / "sm2.pub.pem").read_text()
+    app["credentials"] += [
+        {"id": "demo-partner-hmac-sm3", "alg": "hmac-sm3", "secret_env": SECRET_VAR},
+        {"id": "demo-partner-sm2", "alg": "sm2-sm3", "public_key_pem": pub},
+        {"id": "demo-partner-sm2-alice", "alg": "sm2-sm3", "public_key_pem": pub, "sm2_id": ALICE},
+    ]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def ngw(tmp_path_factory, keys):
+    secret = new_secret()
+    g = start_gateway(tmp_path_factory.mktemp("national"), national_policy(keys), secret=secret)
+    yield g, Client(g, secret), secret
+    g.stop()
+
+
+def cli_sign(client: Client, method: str, path: str, keyid: str, *extra: str, body: bytes | None = None) -> dict:
+    args = [str(CLI), "sign", "--format", "json", "--app", "demo-partner", "--keyid", keyid,
+            "--url", client.https + path, "--method", method, *extra]
+    if body:
+        args += ["--data", body.decode()]
+    signed = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    signed["body"] = body or b""
+    return signed
+
+
+def openssl_signed(client: Client, keys, method: str, path: str, keyid: str, alg: str = "sm2-sm3",
+                   distid: str = "1234567812345678", body: bytes = b"") -> dict:
+    """A request built by the Python partner kit and signed by OpenSSL's SM2."""
+    k = kit()
+    nonce = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    headers, sig_input, base = k.signature_parts(method, client.https + path, "demo-partner", body, keyid, alg,
+                                                 int(time.time()), nonce)
+    (keys / "base.txt").write_bytes(base.encode())
+    der = openssl("pkeyutl", "-sign", "-rawin", "-digest", "sm3", "-inkey", str(keys / "sm2.key.pem"),
+                  "-pkeyopt", f"distid:{distid}", "-in", str(keys / "base.txt"))
+    sig = "sig1=:" + base64.b64encode(der_to_raw(der)).decode() + ":"
+    return {"method": method, "url": client.https + path, "body": body,
+            "headers": dict(headers + [("signature-input", sig_input), ("signature", sig)])}
+
+
+def test_hmac_sm3_at_s1_accepted_and_a_changed_byte_refused(ngw):  # DATA-5, ID-2
+    g, client, secret = ngw
+    signed = cli_sign(client, "GET", RESEARCH, "demo-partner-hmac-sm3", "--alg", "hmac-sm3", "--secret", secret)
+    assert 'alg="hmac-sm3"' in signed["headers"]["signature-input"]
+    r = client.send(signed)
+    assert r.status_code == 200, r.text
+    # the same request under the same secret, its MAC recomputed with HMAC-SHA256: refused
+    again = cli_sign(client, "GET", RESEARCH, "demo-partner-hmac-sm3", "--alg", "hmac-sm3", "--secret", secret)
+    mac = bytearray(base64.b64decode(again["headers"]["signature"].split(":")[1]))
+    mac[0] ^= 1
+    again["headers"]["signature"] = "sig1=:" + base64.b64encode(bytes(mac)).decode() + ":"
+    before = upstream_count(g)
+    audit = assert_refused(g, client.send(again), 401, "signature_invalid")
+    assert audit["keyid"] == "demo-partner-hmac-sm3"
+    assert upstream_count(g) == before
+    # an HMAC-SM3 secret cannot call S3 (a shared secret cannot prove who signed)
+    order = cli_sign(client, "POST", ORDERS, "demo-partner-hmac-sm3", "--alg", "hmac-sm3", "--secret", secret,
+                     body=ORDER)
+    assert_refused(g, client.send(order), 401, "credential_not_allowed")
+    assert upstream_count(g) == before
+
+
+def test_sm2_at_s3_with_an_sm3_digest_and_its_evidence(ngw, keys, tmp_path):  # DATA-5, DATA-3, DATA-4
+    g, client, _ = ngw
+    signed = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",
+                      "--key", str(keys / "sm2.key.pem"), body=ORDER)
+    assert signed["headers"]["content-digest"].startswith("sm3=:")
+    r = client.send(signed)
+    assert r.status_code == 200, r.text
+    rid = r.json()["headers"]["x-request-id"]
+    ev = read_audit(g, rid)["audit"]["evidence"]
+    der = openssl("pkey", "-pubin", "-in", str(keys / "sm2.pub.pem"), "-outform", "DER")
+    import hashlib
+    assert ev["alg"] == "sm2-sm3" and ev["key_sha256"] == hashlib.sha256(der).hexdigest()
+    assert ev["content_digest"].startswith("sm3=:")
+    # one byte of the body changed: its SM3 digest no longer matches, nothing goes upstream
+    before = upstream_count(g)
+    tampered = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",
+                        "--key", str(keys / "sm2.key.pem"), body=ORDER)
+    tampered["body"] = ORDER.replace(b"100", b"900")
+    assert_refused(g, client.send(tampered), 401, "digest_mismatch")
+    assert upstream_count(g) == before
+    # the S3 evidence re-verifies under the policy's SM2 keys, with their IDs (DATA-4)
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(national_policy(keys)))
+    time.sleep(1.2)  # Envoy flushes the audit log about once a second
+    out = subprocess.run([str(CLI), "audit", "verify", str(g.layout.audit_log), "--evidence", "--policy", str(policy),
+                          "--format", "json"], capture_output=True, text=True, timeout=60)
+    rep = json.loads(out.stdout)
+    assert rep["evidence_checked"] == rep["evidence_verified"] >= 1, json.dumps(rep["findings"])[:2000]
+
+
+def test_alg_confusion_is_refused_both_ways(ngw, keys):  # DATA-5, ID-3
+    g, client, _ = ngw
+    before = upstream_count(g)
+    k = kit()
+    now = int(time.time())
+    # a P-256 signature sent under the SM2 credential, saying sm2-sm3: it does not verify
+    headers, sig_input, base = k.signature_parts("POST", client.https + ORDERS, "demo-partner", ORDER,
+                                                 "demo-partner-sm2", "sm2-sm3", now, uuid.uuid4().hex)
+    p256 = k.sign_base(base, "ecdsa-p256-sha256", key_pem=DEMO_KEY.read_bytes())
+    forged = {"method": "POST", "url": client.https + ORDERS, "body": ORDER,
+              "headers": dict(headers + [("signature-input", sig_input), ("signature", p256)])}
+    assert_refused(g, client.send(forged), 401, "signature_invalid")
+    # the SM2 credential named, the signature saying ecdsa-p256-sha256: refused before any check
+    p256_signed = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--key", str(DEMO_KEY), body=ORDER)
+    assert 'alg="ecdsa-p256-sha256"' in p256_signed["headers"]["signature-input"]
+    assert_refused(g, client.send(p256_signed), 401, "alg_mismatch")
+    # an SM2 signature (OpenSSL) under the P-256 credential, saying ecdsa-p256-sha256
+    sm2_as_p256 = openssl_signed(client, keys, "POST", ORDERS, "demo-partner-p256", alg="ecdsa-p256-sha256",
+                                 body=ORDER)
+    assert_refused(g, client.send(sm2_as_p256), 401, "signature_invalid")
+    assert upstream_count(g) == before
+
+
+def test_a_p256_key_declared_as_sm2_is_refused_and_the_last_policy_stays(ngw, keys):  # DATA-5, OPS-1
+    g, client, _ = ngw
+    doc = national_policy(keys)
+    app = next(a for a in doc["apps"] if a["id"] == "demo-partner")
+    p256_pem = next(c for c in app["credentials"] if c["id"] == "demo-partner-p256")["public_key_pem"]
+    next(c for c in app["credentials"] if c["id"] == "demo-partner-sm2")["public_key_pem"] = p256_pem
+    with pytest.raises(gw.PolicyRejected) as e:
+        gw.apply_policy(json.dumps(doc), g.layout, actor="test", source="test")
+    assert "SM2" in str(e.value)
+    # and an SM2 key declared as P-256
+    doc = national_policy(keys)
+    app = next(a for a in doc["apps"] if a["id"] == "demo-partner")
+    next(c for c in app["credentials"] if c["id"] == "demo-partner-p256")["public_key_pem"] = (
+        keys / "sm2.pub.pem").read_text()
+    with pytest.raises(gw.PolicyRejected):
+        gw.apply_policy(json.dumps(doc), g.layout, actor="test", source="test")
+    # the SM2 credential still verifies: the last good policy is in force
+    r = client.send(openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2", body=ORDER))
+    assert r.status_code == 200, r.text
+
+
+def test_sm2_signatures_both_ways_with_openssl(ngw, keys):  # DATA-5
+    g, client, _ = ngw
+    # OpenSSL signs (default ID), the gateway verifies
+    r = client.send(openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2", body=ORDER))
+    assert r.status_code == 200, r.text
+    # with the ALICE ID under the credential that names it; not under the default-ID credential
+    r = client.send(openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2-alice", distid=ALICE, body=ORDER))
+    assert r.status_code == 200, r.text
+    before = upstream_count(g)
+    wrong_id = openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2", distid=ALICE, body=ORDER)
+    assert_refused(g, client.send(wrong_id), 401, "signature_invalid")
+    assert upstream_count(g) == before
+    # the CLI signs, OpenSSL verifies the very base the gateway rebuilds
+    signed = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",
+                      "--key", str(keys / "sm2.key.pem"), body=ORDER)
+    k = kit()
+    si = signed["headers"]["signature-input"]
+    created = int(si.split("created=")[1].split(";")[0])
+    nonce = si.split('nonce="')[1].split('"')[0]
+    _, sig_input, base = k.signature_parts("POST", client.https + ORDERS, "demo-partner", ORDER, "demo-partner-sm2",
+                                           "sm2-sm3", created, nonce)
+    assert sig_input == si
+    (keys / "cli-base.txt").write_bytes(base.encode())
+    raw = base64.b64decode(signed["headers"]["signature"].split(":")[1])
+    (keys / "cli-sig.der").write_bytes(raw_to_der(raw))
+    out = openssl("pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey", str(keys / "sm2.pub.pem"),
+                  "-pkeyopt", "distid:1234567812345678", "-in", str(keys / "cli-base.txt"),
+                  "-sigfile", str(keys / "cli-sig.der"))
+    assert b"Signature Verified Successfully" in out
+    r = client.send(signed)
+    assert r.status_code == 200, r.text
