@@ -39,7 +39,7 @@ def test_unknown_is_never_compliant_and_the_report_says_what_it_is_about(tmp_pat
     assert rep["unverified"] == unknown > 0
     about = rep["about"]
     assert about["policy_sha256"] == hashlib.sha256(policy.read_bytes()).hexdigest()
-    assert {"DATA-1", "DATA-2", "LOG-1", "SES-4", "LVL-5"} <= set(about["scope"]) and "DATA-5" not in about["scope"]
+    assert {"DATA-1", "DATA-2", "LOG-1", "SES-4", "LVL-5", "DATA-5"} <= set(about["scope"])
     assert about["tool_version"] and about["generated_at"].endswith("Z") and about["deployment_files"] == []
     text = apisec("compliance", str(policy))
     assert text.returncode == 3 and "NOT verified" in text.stdout and "\ncompliant" not in text.stdout
@@ -262,3 +262,34 @@ def test_rate_limits_are_reported_per_api(tmp_path):  # RL-1, RL-2, OPS-4
     assert "only alerting rules: watch" in c["market.quote"]["rate_limit"]["note"]
     assert c["info.research"]["rate_limit"]["status"] == "not_met"
     assert c["info.research"]["rate_limit"]["note"] == "no rate limit of the policy selects this API"
+
+
+def test_national_algorithms_are_reported_per_api(tmp_path):  # DATA-5
+    doc = load("securities.yaml")
+    # not asked for: not required
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    c = cells(rep)
+    assert c["trade.order.place"]["national"] == {**c["trade.order.place"]["national"], "ids": "DATA-5",
+                                                  "status": "not_required"}
+    # asked for, and no app granted the API has an SM credential: not met
+    next(a for a in doc["apis"] if a["id"] == "trade.order.place")["crypto"] = "national"
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    assert rc == 1 and cells(rep)["trade.order.place"]["national"]["status"] == "not_met"
+    # an hmac-sm3 credential cannot call S3: still not met; an sm2-sm3 one: met
+    app = next(a for a in doc["apps"] if a["id"] == "demo-partner")
+    app["credentials"].append({"id": "demo-partner-hmac-sm3", "alg": "hmac-sm3", "secret_env": "X"})
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    assert cells(rep)["trade.order.place"]["national"]["status"] == "not_met"
+    app["credentials"].append({"id": "demo-partner-sm2", "alg": "sm2-sm3", "public_key_pem": SM2_PUB})
+    rc, rep = compliance(write_policy(tmp_path, doc), "--deployment", UPSTREAM_TLS, "--ecds", ECDS)
+    c = cells(rep)
+    assert c["trade.order.place"]["national"]["status"] == "met"
+    assert "demo-partner" in c["trade.order.place"]["national"]["note"]
+    assert c["market.quote"]["national"]["status"] == "not_required"
+
+
+SM2_PUB = """-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoEcz1UBgi0DQgAEFOG7COsXihzSE1RSK+gsRL/ysYhp
+RSDug0vyiyE3DhNlmT5bJ/i6ygR2lnrRr8j0qSEXVVGledAVmYtjB+Ylqg==
+-----END PUBLIC KEY-----
+"""

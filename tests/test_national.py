@@ -236,3 +236,28 @@ def test_sm2_signatures_both_ways_with_openssl(ngw, keys):  # DATA-5
     assert b"Signature Verified Successfully" in out
     r = client.send(signed)
     assert r.status_code == 200, r.text
+
+
+def test_an_api_that_takes_national_algorithms_only(ngw, keys):  # DATA-5
+    g, client, _ = ngw
+    doc = national_policy(keys)
+    next(a for a in doc["apis"] if a["id"] == "trade.order.place")["crypto"] = "national"
+    gw.apply_policy(json.dumps(doc), g.layout, actor="test", source="test")
+    try:
+        before = upstream_count(g)
+        p256 = cli_sign(client, "POST", ORDERS, "demo-partner-p256", "--key", str(DEMO_KEY), body=ORDER)
+        assert_refused(g, client.send(p256), 401, "national_algorithm_required")
+        sha256_digest = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",
+                                 "--key", str(keys / "sm2.key.pem"), "--digest", "sha-256", body=ORDER)
+        assert sha256_digest["headers"]["content-digest"].startswith("sha-256=:")
+        assert_refused(g, client.send(sha256_digest), 401, "national_algorithm_required")
+        assert upstream_count(g) == before
+        sm = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",
+                      "--key", str(keys / "sm2.key.pem"), body=ORDER)
+        r = client.send(sm)
+        assert r.status_code == 200, r.text
+    finally:
+        gw.apply_policy(json.dumps(national_policy(keys)), g.layout, actor="test", source="test")
+    # the API takes P-256 again once the policy says so
+    assert client.send(cli_sign(client, "POST", ORDERS, "demo-partner-p256", "--key", str(DEMO_KEY),
+                                body=ORDER)).status_code == 200

@@ -33,10 +33,11 @@ gateway:
   report_only_s3: true
   per_code_counters: true
   identity_headers: [app, api, user]
+  national_levels: [S2]
 apis:
   - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
      personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading,
-     session: required}
+     session: required, crypto: national}
   - {id: sc, method: POST, path: /s, level: S0, service_object: toB, access: write, user_auth: false,
      personal_info: false, function: s}
   - {id: sl, method: DELETE, path: /s, level: S0, service_object: toB, access: write, user_auth: false,

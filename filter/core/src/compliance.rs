@@ -171,6 +171,7 @@ pub const CONTROLS: &[(&str, &str)] = &[
     ("backend_tls", "DATA-2"),
     ("enforced", "LVL-1"),
     ("rate_limit", "RL-1 RL-2 OPS-4"),
+    ("national", "DATA-5"),
 ];
 
 fn check(i: usize, status: Status, note: impl Into<String>) -> Check {
@@ -377,7 +378,45 @@ fn api_checks(
         check(11, Status::Met, "enforced")
     });
     checks.push(rate_limit_check(policy, api));
+    checks.push(national_check(policy, api, &grants));
     checks
+}
+
+/// DATA-5: whether the API takes the national algorithms only, and whether an app it is
+/// granted to can call it so (an `hmac-sm3` or `sm2-sm3` credential the level allows).
+fn national_check(policy: &Policy, api: &Api, grants: &[&crate::access::Grant]) -> Check {
+    if !api.national {
+        return check(
+            13,
+            Status::NotRequired,
+            "international algorithms accepted (crypto: national not set)",
+        );
+    }
+    let able: Vec<&str> = grants
+        .iter()
+        .filter_map(|g| policy.app(&g.app))
+        .filter(|app| {
+            app.credentials
+                .iter()
+                .any(|c| c.alg.national() && c.alg.allowed_for(api.level))
+        })
+        .map(|app| app.id.as_str())
+        .collect();
+    if able.is_empty() {
+        return check(
+            13,
+            Status::NotMet,
+            "national algorithms only, and no app granted this API has a national credential",
+        );
+    }
+    check(
+        13,
+        Status::Met,
+        format!(
+            "national algorithms only (SM2/SM3, sm3 digests); callers with a national credential: {}",
+            able.join(", ")
+        ),
+    )
 }
 
 /// RL-1, RL-2, OPS-4: the policy's rate limits that refuse calls of this API, with their

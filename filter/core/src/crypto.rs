@@ -53,6 +53,12 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
     Ok(())
 }
 
+/// Whether a Content-Digest header has a member for `alg` (its value is checked against the
+/// body by `verify_content_digest`).
+pub fn digest_has(header: &str, alg: &str) -> bool {
+    sf::parse_dictionary(header).is_ok_and(|d| d.iter().any(|(k, _)| k == alg))
+}
+
 /// `sha-256=:<base64>:` for a body; clients and the CLI use it.
 pub fn content_digest_sha256(body: &[u8]) -> String {
     use base64::Engine as _;

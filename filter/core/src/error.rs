@@ -96,6 +96,9 @@ deny_reasons! {
     AlgMismatch => ("alg_mismatch", 401),
     /// The credential's algorithm is not strong enough for the API's level (ID-3).
     CredentialNotAllowed => ("credential_not_allowed", 401),
+    /// The API takes the national algorithms only (DATA-5): an international signature, a
+    /// client certificate alone, or a Content-Digest without `sm3`.
+    NationalAlgorithmRequired => ("national_algorithm_required", 401),
     /// A component the policy requires is not covered by the signature.
     ComponentNotCovered => ("component_not_covered", 401),
     /// A covered component is absent from the request, or unsupported.

@@ -98,6 +98,25 @@ pub struct RawApi {
     /// `required`: calls carry a live session of the same app (sessions.rs, SES-1).
     #[serde(default, skip_serializing_if = "SessionUse::is_none")]
     pub session: SessionUse,
+    /// `national`: calls are signed with the national algorithms only (`hmac-sm3`,
+    /// `sm2-sm3`) and a body's Content-Digest carries `sm3` (DATA-5; docs/national.md).
+    #[serde(default, skip_serializing_if = "Crypto::is_any")]
+    pub crypto: Crypto,
+}
+
+/// Which algorithms an API accepts (DATA-5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Crypto {
+    #[default]
+    Any,
+    National,
+}
+
+impl Crypto {
+    pub fn is_any(&self) -> bool {
+        *self == Crypto::Any
+    }
 }
 
 /// Whether an API needs a session.
@@ -149,6 +168,9 @@ pub struct Api {
     pub state: ApiState,
     pub mode: Mode,
     pub session_required: bool,
+    /// Only the national algorithms (DATA-5): the API's own `crypto: national`, or its level
+    /// in `gateway.national_levels`.
+    pub national: bool,
     pub(crate) segments: Vec<Segment>,
 }
 
@@ -354,6 +376,7 @@ pub fn compile(
             state: a.state,
             mode: a.mode,
             session_required: a.session == SessionUse::Required,
+            national: a.crypto == Crypto::National,
             segments,
         });
     }

@@ -89,6 +89,11 @@ pub(super) fn authenticate(
             ctx.user = user.map(str::to_string);
             Ok(())
         }
+        _ if cert_ok && api.national => Err(Deny::new(
+            DenyReason::NationalAlgorithmRequired,
+            "a client certificate alone (TLS by Envoy's BoringSSL) is not a national algorithm: \
+             sign with hmac-sm3 or sm2-sm3",
+        )),
         _ if cert_ok && api.level < SecurityLevel::S3 => {
             // The whole channel is the app's: its user claim is as authentic as the request.
             ctx.auth = Some(AuthKind::Certificate);
@@ -164,6 +169,14 @@ pub(super) fn verify_signature(
     let keyid = ctx.keyid.clone().unwrap_or_default();
     let cred = credential(app, api, input, &keyid)?;
     let covered = coverage(policy, req, api, input, has_body, digest)?;
+    if let (true, Some(d)) = (api.national, digest) {
+        if !crypto::digest_has(d, "sm3") {
+            return Err(Deny::new(
+                DenyReason::NationalAlgorithmRequired,
+                "content-digest has no sm3 member",
+            ));
+        }
+    }
 
     let base = signature_base(req, input, policy.max_signature_base_bytes)?;
     // The credential's algorithm decides the check: one algorithm's key never verifies
@@ -253,6 +266,16 @@ fn credential<'a>(
                 ),
             ));
         }
+    }
+    if api.national && !cred.alg.national() {
+        return Err(Deny::new(
+            DenyReason::NationalAlgorithmRequired,
+            format!(
+                "API {} takes the national algorithms only; credential {keyid} is {}",
+                api.id,
+                cred.alg.as_str()
+            ),
+        ));
     }
     if !cred.alg.allowed_for(api.level) {
         return Err(Deny::new(

@@ -124,6 +124,10 @@ pub struct RawGateway {
     /// and Envoy's rate limiter need. Each header costs every request a host call and Envoy's
     /// work to carry it. A client-sent `x-apisec-*` header is removed whatever this says.
     pub identity_headers: Vec<IdentityHeader>,
+    /// Levels whose every API takes the national algorithms only (DATA-5), as an API's own
+    /// `crypto: national` does.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub national_levels: Vec<SecurityLevel>,
 }
 
 /// A verified fact the gateway may send upstream, as `x-apisec-<name>`.
@@ -204,6 +208,7 @@ impl Default for RawGateway {
             report_only_s3: false,
             per_code_counters: false,
             identity_headers: IdentityHeader::ALL.to_vec(),
+            national_levels: Vec::new(),
         }
     }
 }
@@ -332,7 +337,16 @@ impl RawPolicy {
         }
         let g = &self.gateway;
         let (app_entries, required) = self.compile_gateway()?;
-        let (apis, groups) = inventory::compile(&self.apis, &self.api_groups)?;
+        let (mut apis, groups) = inventory::compile(&self.apis, &self.api_groups)?;
+        if self.gateway.national_levels.contains(&SecurityLevel::S0) {
+            return Err(ConfigError::new(
+                "gateway.national_levels",
+                "S0 APIs are not signed: S1, S2 or S3",
+            ));
+        }
+        for a in &mut apis {
+            a.national |= self.gateway.national_levels.contains(&a.level);
+        }
         let apps = apps::compile(&self.apps, secrets)?;
         let grants = self.compile_grants(&apis, &groups, &apps)?;
         let lists = self.compile_lists(&apis, &groups)?;
