@@ -44,7 +44,8 @@ LOADGEN = ROOT / "target/release/apisec-loadgen"
 WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/apisec_bench_floor.wasm"
 OUT = ROOT / "bench/results"
-ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_cluster", "s3_cluster"]
+ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_sm3", "s3_sm2",
+                "s1_cluster", "s3_cluster"]
 # BENCH_VARIANTS=bare,s0 runs a subset (a quick A/B while working; baselines are always kept).
 _picked = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 VARIANTS = [v for v in ALL_VARIANTS if not _picked or v in _picked or v in ("bare", "bare_post")]
@@ -55,6 +56,10 @@ BEFORE_WASM = os.environ.get("BENCH_BEFORE_WASM", "")
 if BEFORE_WASM:
     VARIANTS = [w for v in VARIANTS
                 for w in ((v, f"{v}_before") if v in ("s0", "s1", "s3", "s1_cluster", "s3_cluster") else (v,))]
+# The national algorithms (issue 25): S1 signed with hmac-sm3, S3 with sm2-sm3 and an sm3
+# Content-Digest, the same requests and policy as s1 and s3 otherwise.
+NATIONAL = {"s1_sm3": ["--keyid", "bench-hmac-sm3", "--alg", "hmac-sm3"],
+            "s3_sm2": ["--keyid", "bench-sm2", "--alg", "sm2-sm3"]}
 # BENCH_BEFORE_HAS_GUARD=1: the "before" build marks what it lets through, so its variants run
 # with the guard after it, as this build's do (a build from before issue 21 marks nothing).
 BEFORE_HAS_GUARD = bool(os.environ.get("BENCH_BEFORE_HAS_GUARD"))
@@ -76,8 +81,9 @@ REPLAY = {"slots": 65536, "entries_per_slot": 32, "app_entries_per_slot": 32}  #
 
 
 def kind(v: str) -> str:
-    """The request shape a variant gets: `s1_before` and `s1_cluster` are sent what `s1` is sent."""
-    return v.removesuffix("_before").removesuffix("_cluster")
+    """The request shape a variant gets: `s1_before`, `s1_cluster` and `s1_sm3` are sent what
+    `s1` is sent (signed with their own keys)."""
+    return v.removesuffix("_before").removesuffix("_cluster").removesuffix("_sm3").removesuffix("_sm2")
 
 
 def b64url(b: bytes) -> str:
@@ -137,7 +143,7 @@ def floor_filter() -> dict:
     }
 
 
-def bench_policy(pub_pem: str) -> dict:
+def bench_policy(pub_pem: str, sm2_pem: str) -> dict:
     api = lambda i, m, p, lvl, f: {"id": i, "method": m, "path": p, "level": lvl, "service_object": "toB",  # noqa: E731
                                    "access": "read" if m == "GET" else "write", "user_auth": False,
                                    "personal_info": False, "function": f}
@@ -152,7 +158,11 @@ def bench_policy(pub_pem: str) -> dict:
                  api("bench.s3", "POST", "/bench/s3", "S3", "trading")],
         "apps": [{"id": "bench-app", "credentials": [
             {"id": "bench-hmac", "alg": "hmac-sha256", "secret_env": "APISEC_BENCH_SECRET"},
-            {"id": "bench-p256", "alg": "ecdsa-p256-sha256", "public_key_pem": pub_pem}]}],
+            {"id": "bench-p256", "alg": "ecdsa-p256-sha256", "public_key_pem": pub_pem},
+            # the national algorithms (issue 25; a "before" build from before them is given
+            # the policy without these two)
+            {"id": "bench-hmac-sm3", "alg": "hmac-sm3", "secret_env": "APISEC_BENCH_SECRET"},
+            {"id": "bench-sm2", "alg": "sm2-sm3", "public_key_pem": sm2_pem}]}],
         "grants": [{"id": "bench-s1", "app": "bench-app", "apis": ["bench.s1"], "not_after": "2099-01-01T00:00:00+08:00"},
                    {"id": "bench-s3", "app": "bench-app", "apis": ["bench.s3"],
                     "approval": {"approver": "bench", "ticket": "BENCH-1", "date": "2026-11-29"}}],
@@ -199,6 +209,10 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     # An older build may not know every field of this one (app_entries_per_slot came later).
     old_policy = json.loads(json.dumps(plain))
     old_policy["gateway"]["replay"].pop("app_entries_per_slot", None)
+    # The national algorithms came with issue 25: a build from before cannot read their credentials.
+    if not os.environ.get("BENCH_BEFORE_HAS_SM"):
+        for app in old_policy["apps"]:
+            app["credentials"] = [c for c in app["credentials"] if c.get("alg") not in ("hmac-sm3", "sm2-sm3")]
     # gateway.identity_headers came with issue 24 (878f8c3); an older build sends all of them.
     if not os.environ.get("BENCH_BEFORE_HAS_IDENTITY"):
         old_policy["gateway"].pop("identity_headers", None)
@@ -242,6 +256,8 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         "s0": [gw.apisec_filter(), guard, gw.ROUTER],
         "s1": [gw.apisec_filter(), guard, gw.ROUTER],
         "s3": [gw.apisec_filter(), guard, gw.ROUTER],
+        "s1_sm3": [gw.apisec_filter(), guard, gw.ROUTER],
+        "s3_sm2": [gw.apisec_filter(), guard, gw.ROUTER],
         "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
         "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
     }
@@ -495,11 +511,14 @@ def main() -> int:
     subprocess.run([str(ROOT / "target/release/apisec"), "keygen", "p256", "--out", str(build / "bench")],
                    check=True, capture_output=True)
     pub = (build / "bench.pub.pem").read_text()
+    subprocess.run([str(ROOT / "target/release/apisec"), "keygen", "sm2", "--out", str(build / "bench-sm2")],
+                   check=True, capture_output=True)
+    sm2_pub = (build / "bench-sm2.pub.pem").read_text()
     ports = {k: gw.free_port() for k in [*VARIANTS, "upstream", "admin", "redis", "webdis"]}
     store = state_store.StateStore(build / "state-store", ports["redis"], ports["webdis"]).start()
     atexit.register(store.stop)
     jwts = jwt_tokens()
-    layout = render(build, ports, bench_policy(pub), jwts)
+    layout = render(build, ports, bench_policy(pub, sm2_pub), jwts)
     env = {**os.environ, "APISEC_BENCH_SECRET": secret,
            "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode()}
     envoy = subprocess.Popen(
@@ -516,13 +535,18 @@ def main() -> int:
         url = {v: f"https://127.0.0.1:{ports[v]}" for v in VARIANTS}
         hmac_args = ["--app", "bench-app", "--keyid", "bench-hmac", "--secret-b64", secret]
         ec_args = ["--app", "bench-app", "--keyid", "bench-p256", "--key", str(build / "bench.key.pem")]
+        sm2_args = ["--app", "bench-app", "--key", str(build / "bench-sm2.key.pem")]
+        sm3_args = ["--app", "bench-app", "--secret-b64", secret]
         script = build / "presigned.lua"
         script.write_text(WRK_LUA)
 
         def signed_requests(v: str, count: int, name: str, created_offset: int = 0) -> Path:
             """`count` requests for a signed variant (S1: HMAC, S3: P-256), each with its own nonce."""
             f = build / f"{v}-{name}.bin"
-            presign([*(hmac_args if kind(v) == "s1" else ec_args), "--authority", f"127.0.0.1:{ports[v]}",
+            args = hmac_args if kind(v) == "s1" else ec_args
+            if v in NATIONAL:
+                args = [*(sm3_args if kind(v) == "s1" else sm2_args), *NATIONAL[v]]
+            presign([*args, "--authority", f"127.0.0.1:{ports[v]}",
                      "--created-offset", str(created_offset)], kind(v), count, f, f"{v}-{name}")
             return f
 
@@ -602,7 +626,8 @@ def main() -> int:
         # A quarter of the baseline's capacity; the cluster variants, whose capacity here is far
         # below it (Envoy, the load generator, Redis and webdis share 2 cores), at a quarter of
         # their own, so that their latency is the round trip's and not a queue's.
-        rates = {v: max(100, int(med[v if "_cluster" in v else base_of[v]] / 4)) for v in VARIANTS}
+        # The SM2 variant too: its verification in the VM caps it far below bare capacity.
+        rates = {v: max(100, int(med[v if ("_cluster" in v or v in NATIONAL) else base_of[v]] / 4)) for v in VARIANTS}
         # Several short runs per variant, interleaved, and the median of each percentile: on this
         # host one stall of the shared core would otherwise decide a single run's p99.
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -736,14 +761,16 @@ def denied_by_code(g) -> dict[str, int]:
 
 
 def markdown(r: dict) -> str:
-    names = {"bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
+    names = {"s1_sm3": "apisec S1 (HMAC-SM3)", "s3_sm2": "apisec S3 (SM2, POST)", "bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
              "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)",
              "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state"}
     lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
              f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
              f"a quarter of the baseline's capacity ({r['method']['latency_rate']['bare']} req/s GET, "
              f"{r['method']['latency_rate']['bare_post']} req/s POST; cluster-state variants at a quarter of their own: "
-             f"{', '.join(str(x) for v, x in r['method']['latency_rate'].items() if v.endswith('_cluster')) or '-'} req/s), "
+             f"{', '.join(str(x) for v, x in r['method']['latency_rate'].items() if v.endswith('_cluster')) or '-'} req/s; "
+             f"national variants at a quarter of their own: "
+             f"{', '.join(str(x) for v, x in r['method']['latency_rate'].items() if v in NATIONAL) or '-'} req/s), "
              f"{r['method'].get('latency_rounds', 1)} runs x "
              f"{r['method']['latency_seconds']} s per variant, medians.", "",
              "| variant | median req/s | baseline | ratio to baseline | extra us/req (1e6/v - 1e6/baseline) | best-round ratio | Envoy CPU us/req (measured) | instructions/req (callgrind) | instruction ratio | p50 us | p99 us | p99.9 us | p99 / baseline p99 |",

@@ -59,7 +59,17 @@ struct Signer {
 
 impl Signer {
     fn from_args(args: &[String]) -> Signer {
+        let alg = arg(args, "--alg");
         let key = match (arg(args, "--secret-b64"), arg(args, "--key")) {
+            (Some(s), None) if alg.as_deref() == Some("hmac-sm3") => SigningKey::HmacSm3(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s.trim())
+                    .unwrap(),
+            ),
+            (None, Some(f)) if alg.as_deref() == Some("sm2-sm3") => SigningKey::Sm2 {
+                pkcs8_pem: std::fs::read_to_string(f).unwrap(),
+                id: apisec_core::apps::SM2_DEFAULT_ID.into(),
+            },
             (Some(s), None) => SigningKey::Hmac(
                 base64::engine::general_purpose::STANDARD
                     .decode(s.trim())
@@ -102,7 +112,13 @@ impl Signer {
             .map(|s| s.to_string())
             .collect();
         if let Some(b) = body {
-            headers.push(("content-digest".into(), content_digest_sha256(b)));
+            let digest = match self.key {
+                SigningKey::HmacSm3(_) | SigningKey::Sm2 { .. } => {
+                    apisec_core::crypto::content_digest_sm3(b)
+                }
+                _ => content_digest_sha256(b),
+            };
+            headers.push(("content-digest".into(), digest));
             headers.push(("content-type".into(), "application/json".into()));
             components.push("content-digest".into());
         }
