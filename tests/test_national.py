@@ -159,6 +159,18 @@ def test_sm2_at_s3_with_an_sm3_digest_and_its_evidence(ngw, keys, tmp_path):  # 
                           "--format", "json"], capture_output=True, text=True, timeout=60)
     rep = json.loads(out.stdout)
     assert rep["evidence_checked"] == rep["evidence_verified"] >= 1, json.dumps(rep["findings"])[:2000]
+    # `apisec verify` decides an SM2-signed capture offline as the gateway does, and finds the
+    # changed body
+    from conftest import AUDIT_KEY, AUDIT_KEY_VAR
+    env_file = tmp_path / "national.env"
+    env_file.write_text(f"{SECRET_VAR}={ngw[2]}\n{AUDIT_KEY_VAR}={AUDIT_KEY}\n")
+    for capture, want in ((signed, 0), (tampered, 1)):
+        (tmp_path / "capture.json").write_text(json.dumps({**capture, "body": capture["body"].decode()}))
+        out = subprocess.run([str(CLI), "verify", str(policy), str(tmp_path / "capture.json"), "--env-file",
+                              str(env_file), "--now", str(int(time.time()))], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == want, out.stdout + out.stderr
+    assert "digest_mismatch" in out.stdout
 
 
 def test_alg_confusion_is_refused_both_ways(ngw, keys):  # DATA-5, ID-3
