@@ -148,11 +148,7 @@ fn keygen_p256(prefix: &str) -> Result<(), String> {
         .verifying_key()
         .to_public_key_pem(LineEnding::LF)
         .map_err(|e| e.to_string())?;
-    let priv_path = format!("{prefix}.key.pem");
-    write_private(&priv_path, private.as_bytes())?;
-    std::fs::write(format!("{prefix}.pub.pem"), public).map_err(|e| e.to_string())?;
-    println!("wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy)");
-    Ok(())
+    write_key_pair(prefix, private.as_bytes(), &public, "")
 }
 
 fn keygen_sm2(prefix: &str) -> Result<(), String> {
@@ -165,10 +161,17 @@ fn keygen_sm2(prefix: &str) -> Result<(), String> {
         .public_key()
         .to_public_key_pem(LineEnding::LF)
         .map_err(|e| e.to_string())?;
+    write_key_pair(prefix, private.as_bytes(), &public, ", alg sm2-sm3")
+}
+
+/// PREFIX.key.pem (private, mode 0600) and PREFIX.pub.pem; `alg` is said of the public one.
+fn write_key_pair(prefix: &str, private: &[u8], public: &str, alg: &str) -> Result<(), String> {
     let priv_path = format!("{prefix}.key.pem");
-    write_private(&priv_path, private.as_bytes())?;
+    write_private(&priv_path, private)?;
     std::fs::write(format!("{prefix}.pub.pem"), public).map_err(|e| e.to_string())?;
-    println!("wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy, alg sm2-sm3)");
+    println!(
+        "wrote {priv_path} (keep it with the app) and {prefix}.pub.pem (goes in the policy{alg})"
+    );
     Ok(())
 }
 
@@ -449,10 +452,9 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
         (None, Some(file), Some("sm2-sm3")) => {
             let pem = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"))?;
             let id = one("sm2-id").unwrap_or_else(|| apisec_core::apps::SM2_DEFAULT_ID.into());
-            if apisec_core::crypto::sign_sm2_sm3(&pem, &id, b"").is_none() {
-                return Err(format!("{file}: not a PKCS#8 SM2 private key"));
-            }
-            SigningKey::Sm2 { pkcs8_pem: pem, id }
+            let k = apisec_core::crypto::sm2_signing_key(&pem, &id)
+                .ok_or_else(|| format!("{file}: not a PKCS#8 SM2 private key"))?;
+            SigningKey::Sm2(Box::new(k))
         }
         (None, None, _) => return Err("give exactly one of --secret-env, --secret, --key".into()),
         (Some(_), Some(_), _) => {
@@ -465,7 +467,7 @@ fn sign_cmd(args: &[&str]) -> Result<(), String> {
             ))
         }
     };
-    let national = matches!(key, SigningKey::HmacSm3(_) | SigningKey::Sm2 { .. });
+    let national = matches!(key, SigningKey::HmacSm3(_) | SigningKey::Sm2(_));
 
     let mut headers: Vec<(String, String)> = vec![("x-app-id".into(), app)];
     for h in opts.get("header").into_iter().flatten() {

@@ -66,10 +66,13 @@ impl Signer {
                     .decode(s.trim())
                     .unwrap(),
             ),
-            (None, Some(f)) if alg.as_deref() == Some("sm2-sm3") => SigningKey::Sm2 {
-                pkcs8_pem: std::fs::read_to_string(f).unwrap(),
-                id: apisec_core::apps::SM2_DEFAULT_ID.into(),
-            },
+            (None, Some(f)) if alg.as_deref() == Some("sm2-sm3") => SigningKey::Sm2(Box::new(
+                apisec_core::crypto::sm2_signing_key(
+                    &std::fs::read_to_string(f).unwrap(),
+                    apisec_core::apps::SM2_DEFAULT_ID,
+                )
+                .unwrap(),
+            )),
             (Some(s), None) => SigningKey::Hmac(
                 base64::engine::general_purpose::STANDARD
                     .decode(s.trim())
@@ -113,7 +116,7 @@ impl Signer {
             .collect();
         if let Some(b) = body {
             let digest = match self.key {
-                SigningKey::HmacSm3(_) | SigningKey::Sm2 { .. } => {
+                SigningKey::HmacSm3(_) | SigningKey::Sm2(_) => {
                     apisec_core::crypto::content_digest_sm3(b)
                 }
                 _ => content_digest_sha256(b),

@@ -278,22 +278,34 @@ fn hmac_key(
     }
 }
 
+/// A key-pair credential's public key PEM: it has one, and no secret.
+fn public_key_pem<'c>(
+    cfield: &str,
+    c: &'c RawCredential,
+    alg: Algorithm,
+) -> Result<&'c str, ConfigError> {
+    if c.secret_env.is_some() {
+        return Err(ConfigError::new(
+            format!("{cfield}.secret_env"),
+            format!(
+                "an {} credential takes public_key_pem, not a secret",
+                alg.as_str()
+            ),
+        ));
+    }
+    c.public_key_pem.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            format!("{cfield}.public_key_pem"),
+            format!("an {} credential needs public_key_pem", alg.as_str()),
+        )
+    })
+}
+
 /// An SM2 credential: an SM2 public key in PEM SubjectPublicKeyInfo form (a P-256 key, or
 /// any other curve, is refused: one algorithm's key never verifies the other's signature),
 /// with its distinguishing ID.
 fn sm2_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> {
-    if c.secret_env.is_some() {
-        return Err(ConfigError::new(
-            format!("{cfield}.secret_env"),
-            "an sm2-sm3 credential takes public_key_pem, not a secret",
-        ));
-    }
-    let Some(pem) = &c.public_key_pem else {
-        return Err(ConfigError::new(
-            format!("{cfield}.public_key_pem"),
-            "an sm2-sm3 credential needs public_key_pem",
-        ));
-    };
+    let pem = public_key_pem(cfield, c, Algorithm::Sm2Sm3)?;
     let field = format!("{cfield}.public_key_pem");
     let spki_der = crate::crypto::sm2_spki_from_pem(pem).ok_or_else(|| {
         ConfigError::new(
@@ -320,18 +332,7 @@ fn sm2_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> 
 
 /// A key-pair credential: a P-256 public key in PEM SubjectPublicKeyInfo form.
 fn p256_key(cfield: &str, c: &RawCredential) -> Result<KeyMaterial, ConfigError> {
-    if c.secret_env.is_some() {
-        return Err(ConfigError::new(
-            format!("{cfield}.secret_env"),
-            "an ecdsa-p256-sha256 credential takes public_key_pem, not a secret",
-        ));
-    }
-    let Some(pem) = &c.public_key_pem else {
-        return Err(ConfigError::new(
-            format!("{cfield}.public_key_pem"),
-            "an ecdsa-p256-sha256 credential needs public_key_pem",
-        ));
-    };
+    let pem = public_key_pem(cfield, c, Algorithm::EcdsaP256Sha256)?;
     let spki_der = decode_p256_pem(&format!("{cfield}.public_key_pem"), pem)?;
     Ok(KeyMaterial::P256 {
         sha256: crate::crypto::key_fingerprint(&spki_der),

@@ -115,35 +115,28 @@ pub fn verify_sm2_sm3(spki_der: &[u8], id: &str, msg: &[u8], sig_raw: &[u8]) -> 
     vk.verify(msg, &sig).is_ok()
 }
 
-/// An SM2 signature `r || s` over `msg` with a PKCS#8 PEM private key (the CLI's `sign`).
-pub fn sign_sm2_sm3(pkcs8_pem: &str, id: &str, msg: &[u8]) -> Option<Vec<u8>> {
-    use sm2::dsa::signature::Signer as _;
+/// An SM2 signing key from a PKCS#8 PEM private key, with the signer's distinguishing ID (the
+/// CLI's `sign`, the bench's load generator); None unless it is an SM2 key.
+pub fn sm2_signing_key(pkcs8_pem: &str, id: &str) -> Option<sm2::dsa::SigningKey> {
     use sm2::pkcs8::DecodePrivateKey;
     let secret = sm2::SecretKey::from_pkcs8_pem(pkcs8_pem.trim()).ok()?;
-    let sk = sm2::dsa::SigningKey::new(id, &secret).ok()?;
-    let sig: sm2::dsa::Signature = sk.try_sign(msg).ok()?;
+    sm2::dsa::SigningKey::new(id, &secret).ok()
+}
+
+/// An SM2 signature `r || s` over `msg`.
+pub fn sign_sm2_sm3(key: &sm2::dsa::SigningKey, msg: &[u8]) -> Option<Vec<u8>> {
+    use sm2::dsa::signature::Signer as _;
+    let sig: sm2::dsa::Signature = key.try_sign(msg).ok()?;
     Some(sig.to_bytes().to_vec())
 }
 
 /// HMAC-SM3 check, in constant time (DATA-5).
 pub fn verify_hmac_sm3(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    match Hmac::<sm3::Sm3>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(msg);
-            mac.verify_slice(sig).is_ok()
-        }
-        Err(_) => false,
-    }
+    keyed::<Hmac<sm3::Sm3>>(key, msg).is_some_and(|m| m.verify_slice(sig).is_ok())
 }
 
 pub fn sign_hmac_sm3(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    match Hmac::<sm3::Sm3>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(msg);
-            mac.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
+    keyed::<Hmac<sm3::Sm3>>(key, msg).map_or_else(Vec::new, |m| m.finalize().into_bytes().to_vec())
 }
 
 /// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
@@ -167,25 +160,20 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// An HMAC (over SHA-256 or SM3) keyed and fed `msg`; None for a key it cannot take.
+fn keyed<M: Mac + hmac::digest::KeyInit>(key: &[u8], msg: &[u8]) -> Option<M> {
+    let mut m = <M as hmac::digest::KeyInit>::new_from_slice(key).ok()?;
+    m.update(msg);
+    Some(m)
+}
+
 /// HMAC-SHA256 check; `verify_slice` compares in constant time.
 pub fn verify_hmac_sha256(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(msg);
-            mac.verify_slice(sig).is_ok()
-        }
-        Err(_) => false,
-    }
+    keyed::<Hmac<Sha256>>(key, msg).is_some_and(|m| m.verify_slice(sig).is_ok())
 }
 
 pub fn sign_hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(msg);
-            mac.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
+    keyed::<Hmac<Sha256>>(key, msg).map_or_else(Vec::new, |m| m.finalize().into_bytes().to_vec())
 }
 
 /// Converts RFC 9421's raw `r || s` (64 bytes) into DER `ECDSA-Sig-Value`, which BoringSSL
@@ -707,7 +695,8 @@ MIGHAgEAMBMGByqGSM49AgEGCCqBHM9VAYItBG0wawIBAQQgJVlyU/LfOvZ32QKr
 rywBhN1NjfRmyHuaje3K5Ym3m7ahRANCAAQU4bsI6xeKHNITVFIr6CxEv/KxiGlF
 IO6DS/KLITcOE2WZPlsn+LrKBHaWetGvyPSpIRdVUaV50BWZi2MH5iWq
 -----END PRIVATE KEY-----";
-        let sig = sign_sm2_sm3(pem, "1234567812345678", MSG).unwrap();
+        let key = sm2_signing_key(pem, "1234567812345678").unwrap();
+        let sig = sign_sm2_sm3(&key, MSG).unwrap();
         let der = sm2_spki_from_pem(OPENSSL_SM2_PUB).unwrap();
         assert!(verify_sm2_sm3(&der, "1234567812345678", MSG, &sig));
         assert!(!verify_sm2_sm3(&der, "8765432187654321", MSG, &sig));

@@ -232,12 +232,7 @@ pub fn check<'k>(
     for k in candidates {
         // the evidence's algorithm decides how the key is read: an SM2 key never verifies an
         // ECDSA signature, nor the reverse (DATA-5)
-        let der = if sm2 {
-            crate::crypto::sm2_spki_from_pem(&k.public_key_pem)
-        } else {
-            spki_from_pem(&k.public_key_pem)
-        };
-        let Some(der) = der else {
+        let Some(der) = key_der(sm2, &k.public_key_pem) else {
             continue;
         };
         if key_fingerprint(&der) != k.key_sha256 {
@@ -259,6 +254,15 @@ pub fn check<'k>(
         "the signature does not verify under {}'s registered key",
         e.keyid
     )))
+}
+
+/// A public key's DER SubjectPublicKeyInfo, read as an SM2 key or as a P-256 one.
+fn key_der(sm2: bool, pem: &str) -> Option<Vec<u8>> {
+    if sm2 {
+        crate::crypto::sm2_spki_from_pem(pem)
+    } else {
+        spki_from_pem(pem)
+    }
 }
 
 /// Re-checks the S3 evidence of every record in the logs (`files`: name and text) against the
@@ -340,12 +344,7 @@ pub fn policy_keys(policy: &serde_json::Value) -> Vec<KeyringEntry> {
             };
             let sm2 = c.get("alg").and_then(|a| a.as_str())
                 == Some(crate::apps::Algorithm::Sm2Sm3.as_str());
-            let der = if sm2 {
-                crate::crypto::sm2_spki_from_pem(pem)
-            } else {
-                spki_from_pem(pem)
-            };
-            if let Some(der) = der {
+            if let Some(der) = key_der(sm2, pem) {
                 out.push(KeyringEntry {
                     app: app_id.to_string(),
                     keyid: keyid.to_string(),

@@ -13,11 +13,8 @@ pub enum SigningKey {
     P256(Box<p256::ecdsa::SigningKey>),
     /// HMAC-SM3 (DATA-5).
     HmacSm3(Vec<u8>),
-    /// SM2 over SM3 (DATA-5): the PKCS#8 PEM private key and the signer's distinguishing ID.
-    Sm2 {
-        pkcs8_pem: String,
-        id: String,
-    },
+    /// SM2 over SM3 (DATA-5), with the signer's distinguishing ID (`crypto::sm2_signing_key`).
+    Sm2(Box<sm2::dsa::SigningKey>),
 }
 
 impl SigningKey {
@@ -26,7 +23,7 @@ impl SigningKey {
             SigningKey::Hmac(_) => "hmac-sha256",
             SigningKey::P256(_) => "ecdsa-p256-sha256",
             SigningKey::HmacSm3(_) => "hmac-sm3",
-            SigningKey::Sm2 { .. } => "sm2-sm3",
+            SigningKey::Sm2(_) => "sm2-sm3",
         }
     }
 }
@@ -83,11 +80,10 @@ pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, 
             s.to_bytes().to_vec()
         }
         SigningKey::HmacSm3(k) => crypto::sign_hmac_sm3(k, base.as_bytes()),
-        SigningKey::Sm2 { pkcs8_pem, id } => crypto::sign_sm2_sm3(pkcs8_pem, id, base.as_bytes())
-            .ok_or_else(|| {
+        SigningKey::Sm2(k) => crypto::sign_sm2_sm3(k, base.as_bytes()).ok_or_else(|| {
             Deny::new(
                 crate::error::DenyReason::SignatureMalformed,
-                "not a PKCS#8 SM2 private key",
+                "the SM2 key did not sign",
             )
         })?,
     };

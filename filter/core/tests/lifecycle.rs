@@ -454,6 +454,20 @@ fn cluster_rig(bans: bool) -> Rig {
     rig
 }
 
+/// The headers of an order signed over `signed`, whose body arrives as `sent` (a different
+/// `sent` is a tampered body): the stream and the step its headers gave.
+fn order_headers(rig: &Rig, signed: &[u8], sent: &[u8]) -> (Stream, Step) {
+    *rig.host.request_body.borrow_mut() = sent.to_vec();
+    let mut s = Stream::new(rig.config.clone());
+    let step = s.on_request_headers(
+        Ok(signed_pairs("POST", "/orders", signed, "n1")),
+        Some("192.0.2.1:5000"),
+        false,
+        &rig.env(),
+    );
+    (s, step)
+}
+
 /// Issue 24 (ATK-1): a signed request with a body makes one trip to the cluster store. The
 /// batch goes with its headers and records its nonce (a replay is refused before its body is
 /// held); the body is decided when it is complete, and no second batch follows.
@@ -461,14 +475,7 @@ fn cluster_rig(bans: bool) -> Rig {
 fn cluster_state_is_asked_once_for_a_body_and_the_request_waits_for_the_answer() {
     let rig = cluster_rig(false);
     let body = br#"{"qty":1}"#;
-    *rig.host.request_body.borrow_mut() = body.to_vec();
-    let mut s = Stream::new(rig.config.clone());
-    let step = s.on_request_headers(
-        Ok(signed_pairs("POST", "/orders", body, "n1")),
-        Some("192.0.2.1:5000"),
-        false,
-        &rig.env(),
-    );
+    let (mut s, step) = order_headers(&rig, body, body);
     let batch = step.state.clone().expect("a state batch");
     assert_eq!(step.action, Action::Pause);
     assert!(matches!(
@@ -494,14 +501,7 @@ fn cluster_state_is_asked_once_for_a_body_and_the_request_waits_for_the_answer()
 fn a_body_that_fails_after_the_one_batch_is_refused() {
     let rig = cluster_rig(false);
     let body = br#"{"qty":1}"#;
-    *rig.host.request_body.borrow_mut() = br#"{"qty":9}"#.to_vec();
-    let mut s = Stream::new(rig.config.clone());
-    let step = s.on_request_headers(
-        Ok(signed_pairs("POST", "/orders", body, "n1")),
-        Some("192.0.2.1:5000"),
-        false,
-        &rig.env(),
-    );
+    let (mut s, step) = order_headers(&rig, body, br#"{"qty":9}"#);
     assert!(matches!(
         step.state.expect("the batch").ops.as_slice(),
         [Op::Nonce { record: true, .. }]
@@ -531,14 +531,7 @@ fn a_grant_that_counts_uses_spends_one_only_after_the_body() {
     }
     rig.config.policy = Rc::new(p);
     let body = br#"{"qty":1}"#;
-    *rig.host.request_body.borrow_mut() = body.to_vec();
-    let mut s = Stream::new(rig.config.clone());
-    let step = s.on_request_headers(
-        Ok(signed_pairs("POST", "/orders", body, "n1")),
-        Some("192.0.2.1:5000"),
-        false,
-        &rig.env(),
-    );
+    let (mut s, step) = order_headers(&rig, body, body);
     assert!(matches!(
         step.state.expect("the early read").ops.as_slice(),
         [Op::Nonce { record: false, .. }]
@@ -564,14 +557,7 @@ fn a_grant_that_counts_uses_spends_one_only_after_the_body() {
 fn a_reload_during_the_body_asks_again_without_the_nonce() {
     let rig = cluster_rig(true);
     let body = br#"{"qty":1}"#;
-    *rig.host.request_body.borrow_mut() = body.to_vec();
-    let mut s = Stream::new(rig.config.clone());
-    let step = s.on_request_headers(
-        Ok(signed_pairs("POST", "/orders", body, "n1")),
-        Some("192.0.2.1:5000"),
-        false,
-        &rig.env(),
-    );
+    let (mut s, step) = order_headers(&rig, body, body);
     assert!(matches!(
         step.state.expect("the batch").ops.as_slice(),
         [Op::Ban(_), Op::Ban(_), Op::Nonce { record: true, .. }]

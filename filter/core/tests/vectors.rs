@@ -16,42 +16,21 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use apisec_core::crypto::content_digest_sha256;
-use apisec_core::message::{signature_base, Connection, Request};
-use apisec_core::sf;
-use apisec_core::signer::{sign, SignParams, SigningKey};
-use apisec_core::{DenyReason, Policy};
+use apisec_core::signer::SigningKey;
+use apisec_core::Policy;
 use base64::Engine as _;
+use common::vectors::{root, Case, Vectors, APP, SECRET_B64};
 use serde_json::{json, Value};
 
-const APP: &str = "vector-app";
 const HMAC_KEYID: &str = "vector-hmac";
 const P256_KEYID: &str = "vector-p256";
-/// The App_Secret of the vectors (base64 of 32 bytes). Public test material.
-const SECRET_B64: &str = "dmVjdG9yLXNlY3JldC0wMTIzNDU2Nzg5YWJjZGVmMDE=";
-/// 2026-01-01T00:00:00Z.
-const CREATED: i64 = 1_767_225_600;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../vectors")
-}
 
 fn p256_key() -> p256::ecdsa::SigningKey {
     use p256::pkcs8::DecodePrivateKey;
     let pem = std::fs::read_to_string(root().join("vector-p256.key.pem")).unwrap();
     p256::ecdsa::SigningKey::from_pkcs8_pem(&pem).unwrap()
-}
-
-struct Case {
-    name: &'static str,
-    note: &'static str,
-    key: &'static str,
-    method: &'static str,
-    url: &'static str,
-    body: &'static str,
-    nonce: &'static str,
 }
 
 const CASES: &[Case] = &[
@@ -93,58 +72,11 @@ const CASES: &[Case] = &[
     },
 ];
 
-fn split_url(url: &str) -> (String, String, String) {
-    let (scheme, rest) = url.split_once("://").unwrap();
-    let slash = rest.find('/').unwrap();
-    (scheme.into(), rest[..slash].into(), rest[slash..].into())
-}
-
-fn request(c: &Case) -> Request {
-    let (scheme, authority, path_and_query) = split_url(c.url);
-    let mut headers = vec![("x-app-id".to_string(), APP.to_string())];
-    if !c.body.is_empty() {
-        headers.push(("content-type".into(), "application/json".into()));
-        headers.push((
-            "content-digest".into(),
-            content_digest_sha256(c.body.as_bytes()),
-        ));
-    }
-    Request {
-        conn: Connection {
-            client_ip: Some("198.51.100.7".parse().unwrap()),
-            tls: true,
-            ..Default::default()
-        },
-        method: c.method.into(),
-        scheme,
-        authority,
-        path_and_query,
-        headers,
-        route: None,
-    }
-}
-
-fn params(c: &Case) -> SignParams {
-    let mut components: Vec<String> = ["@method", "@authority", "@path", "@query", "x-app-id"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    if !c.body.is_empty() {
-        components.push("content-digest".into());
-    }
-    SignParams {
-        label: "sig1".into(),
-        components,
-        created: CREATED,
-        expires: None,
-        nonce: Some(c.nonce.into()),
-        keyid: if c.key == "hmac" {
-            HMAC_KEYID
-        } else {
-            P256_KEYID
-        }
-        .into(),
-        include_alg: true,
+fn keyid(c: &Case) -> &'static str {
+    if c.key == "hmac" {
+        HMAC_KEYID
+    } else {
+        P256_KEYID
     }
 }
 
@@ -159,35 +91,12 @@ fn key(c: &Case) -> SigningKey {
     }
 }
 
-/// The case as the gateway's code computes it.
-fn computed(c: &Case) -> Value {
-    let req = request(c);
-    let p = params(c);
-    let (input, signature) = sign(&req, &p, &key(c)).unwrap();
-    let inner = sf::parse_dictionary(&input).unwrap();
-    let list = match &inner[0].1 {
-        sf::Member::InnerList(l) => l.clone(),
-        sf::Member::Item(_) => panic!("signature-input member is not an inner list"),
-    };
-    let base = signature_base(&req, &list, usize::MAX).unwrap();
-    let headers: Vec<Value> = req.headers.iter().map(|(k, v)| json!([k, v])).collect();
-    json!({
-        "name": c.name,
-        "note": c.note,
-        "key": c.key,
-        "request": {"method": c.method, "url": c.url, "headers": headers, "body": c.body},
-        "params": {
-            "label": p.label, "components": p.components, "created": p.created, "nonce": c.nonce,
-            "keyid": p.keyid, "alg": key(c).alg(),
-        },
-        "expected": {
-            "content-digest": req.headers.iter().find(|(k, _)| k == "content-digest").map(|(_, v)| v.clone()),
-            "signature-input": input,
-            "signature_base": base,
-            "signature": signature,
-        },
-    })
-}
+const VECTORS: Vectors = Vectors {
+    cases: CASES,
+    digest: content_digest_sha256,
+    keyid,
+    key,
+};
 
 fn document() -> Value {
     let public_pem = std::fs::read_to_string(root().join("vector-p256.pub.pem")).unwrap();
@@ -207,23 +116,13 @@ fn document() -> Value {
             },
         },
         "app_id": APP,
-        "cases": CASES.iter().map(computed).collect::<Vec<_>>(),
+        "cases": VECTORS.cases_computed(),
     })
 }
 
 #[test]
 fn published_vectors_are_what_the_gateway_computes() {
-    let path = root().join("signing.json");
-    let doc = document();
-    let text = serde_json::to_string_pretty(&doc).unwrap() + "\n";
-    if std::env::var_os("APISEC_WRITE_VECTORS").is_some() {
-        std::fs::write(&path, &text).unwrap();
-    }
-    let published = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(
-        published, text,
-        "vectors/signing.json differs from what the gateway computes"
-    );
+    VECTORS.check_published("signing.json", &document());
 }
 
 fn policy() -> Policy {
@@ -260,26 +159,5 @@ fn policy() -> Policy {
 /// the same request with one byte of the signature base changed is refused.
 #[test]
 fn the_gateway_accepts_each_vector_and_refuses_it_changed() {
-    let policy = policy();
-    for c in CASES {
-        let mut req = request(c);
-        let (input, signature) = sign(&req, &params(c), &key(c)).unwrap();
-        req.headers.push(("signature-input".into(), input));
-        req.headers.push(("signature".into(), signature));
-        let store = common::fresh_store(&policy);
-        let now = CREATED as u64;
-        let ok = common::decide(&policy, &store, &req, c.body.as_bytes(), now);
-        assert!(ok.is_ok(), "{}: refused {:?}", c.name, ok.err());
-
-        // One byte of a covered component (the port in @authority) changed.
-        let mut changed = req.clone();
-        changed.authority = "api.example.com:8444".into();
-        let store = common::fresh_store(&policy);
-        assert_eq!(
-            common::decide(&policy, &store, &changed, c.body.as_bytes(), now).err(),
-            Some(DenyReason::SignatureInvalid),
-            "{}",
-            c.name
-        );
-    }
+    VECTORS.check_decided(&policy());
 }

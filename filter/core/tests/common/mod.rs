@@ -8,6 +8,8 @@
     clippy::panic
 )] // test helpers; each test crate uses what it needs
 
+pub mod vectors;
+
 use std::rc::Rc;
 
 use apisec_core::crypto::SoftwareVerifier;
