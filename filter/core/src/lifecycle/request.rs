@@ -239,9 +239,7 @@ impl Stream {
         if end_of_stream {
             return self.finish(&[], env);
         }
-        let spends = self.ctx.level != Some(SecurityLevel::S0)
-            && self.served.is_none()
-            && engine::spends_with_headers(&policy, &self.ctx);
+        let spends = self.served.is_none() && engine::spends_with_headers(&policy, &self.ctx);
         let mut ops = if spends {
             // One trip to the store for a request with a body (issue 24): its bans, its nonce
             // recorded and its counts go now, before the body is held, so a replay is still
@@ -357,6 +355,16 @@ impl Stream {
         {
             return self.refuse(d, env);
         }
+        // A request that spent its nonce and counted with its headers (`after_checks`) has no
+        // batch left to ask, unless the policy was reloaded while its body came.
+        let reloaded = match self.spent.take() {
+            Some((generation, answer)) if generation == self.ctx.generation => {
+                self.fingerprint_session();
+                return self.accepted(answer.unwrap_or_default(), env);
+            }
+            Some(_) => true,
+            None => false,
+        };
         let now_ms = env.host.now_ms().unwrap_or(self.now.saturating_mul(1000));
         let mut ops = engine::final_ops(
             &policy,
@@ -366,28 +374,29 @@ impl Stream {
             self.now,
             now_ms,
         );
+        if reloaded {
+            // The request was checked again under the new policy: its bans, counts and any
+            // grant use are asked again under it; its nonce is already spent, by this request.
+            ops.retain(|op| !matches!(op, Op::Nonce { .. }));
+        }
         if let Some(Served::Create(_)) = self.served {
             match self.create_op(body, env) {
                 Ok(op) => ops.push(op),
                 Err(d) => return self.refuse(d, env),
             }
         }
-        if let Some(id) = &self.ctx.session {
-            self.ctx.session_fp = Some(sessions::fingerprint(id));
-        }
-        if let Some((generation, answer)) = self.spent.take() {
-            if generation == self.ctx.generation {
-                return self.accepted(answer.unwrap_or_default(), env);
-            }
-            // The policy was reloaded while the body came, and the request was checked again
-            // under the new one: its bans, counts and any grant use are asked again under it;
-            // its nonce is already spent, by this request.
-            ops.retain(|op| !matches!(op, Op::Nonce { .. }));
-        }
+        self.fingerprint_session();
         if ops.is_empty() {
             return self.accepted(Answer::default(), env);
         }
         self.ask(ops, Waiting::Final)
+    }
+
+    /// The session the request presented, by fingerprint, for its record.
+    fn fingerprint_session(&mut self) {
+        if let Some(id) = &self.ctx.session {
+            self.ctx.session_fp = Some(sessions::fingerprint(id));
+        }
     }
 
     /// Establishing a session (SES-1): the body names the caller and its device; the ID comes
