@@ -39,10 +39,17 @@ $(VENV)/.installed: tests/requirements.txt
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-registry skopeo)
 	touch $@
 
-# The partner kit's signing examples run in `make test` (partner-kit/): a JDK, Go and Node.js.
-.kit-done:
-	command -v javac >/dev/null && command -v go >/dev/null && command -v node >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jdk-headless golang-go nodejs)
+# The partner kit's signing examples run in `make test` (partner-kit/): a JDK, Go and Node.js;
+# for the national algorithms (issue 25) BouncyCastle for Java and tjfoc/gmsm for Go from Debian,
+# and sm-crypto for Node from the npm registry, pinned by partner-kit/node/package-lock.json.
+.kit-done: partner-kit/node/package-lock.json
+	command -v javac >/dev/null && command -v go >/dev/null && command -v node >/dev/null && \
+		command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		default-jdk-headless golang-go nodejs npm)
+	test -f /usr/share/java/bcprov.jar && test -d /usr/share/gocode/src/github.com/tjfoc/gmsm || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libbcprov-java \
+		golang-github-tjfoc-gmsm-dev)
+	cd partner-kit/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 # Monitoring (issue 13): a real Prometheus scrapes the test gateway, and promtool runs the alert
@@ -193,4 +200,4 @@ bench: setup build
 	$(PY) bench/run.py
 
 clean:
-	rm -rf target build dist $(VENV) .rustup-done .store-done .registry-done .kit-done
+	rm -rf target build dist $(VENV) partner-kit/node/node_modules .rustup-done .store-done .registry-done .kit-done

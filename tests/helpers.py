@@ -4,16 +4,53 @@ and the sessions policy."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 
 import gateway as gw
 import state_store
-from conftest import SECRET_VAR, Client, base_policy, prometheus_series, read_audit, start_gateway
+from conftest import ROOT, SECRET_VAR, Client, base_policy, prometheus_series, read_audit, start_gateway
 
 # Both replicas serve one public name, as behind a load balancer: requests are signed for it.
 PUBLIC = "gw.example.test"
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
 CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
+
+
+KIT = ROOT / "partner-kit"
+KIT_LANGS = ("python", "go", "java", "node")
+
+
+def kit_run(lang: str, *args: str, national: bool = False) -> subprocess.CompletedProcess:
+    """Runs one partner-kit example as its README says. `national`: the way each runs with the SM
+    algorithms (Java with BouncyCastle on the class path, Go with national.go and Debian's gmsm;
+    Python and Node the same command, Node's sm-crypto installed by `make setup`)."""
+    env = {"HOME": str(ROOT / "build"), **os.environ, "GOCACHE": str(ROOT / "build/go-cache"),
+           "GOPATH": str(ROOT / "build/gopath")}
+    cmd = {
+        "python": [str(ROOT / ".venv/bin/python"), "apisec_sign.py"],
+        "go": ["go", "run", "apisec_sign.go"],
+        "java": ["java", "ApisecSign.java"],
+        "node": ["node", "apisec_sign.js"],
+    }[lang]
+    if national and lang == "go":
+        cmd = ["go", "run", "-tags", "national", "apisec_sign.go", "national.go"]
+        env.update(GO111MODULE="off", GOPATH="/usr/share/gocode")
+    if national and lang == "java":
+        cmd = ["java", "-cp", "/usr/share/java/bcprov.jar", "ApisecSign.java"]
+    return subprocess.run([*cmd, *args], cwd=KIT / lang, capture_output=True, text=True, timeout=180, env=env)
+
+
+def kit_send(lang: str, gateway, *args: str, national: bool = False) -> tuple[int, dict]:
+    """A kit's `send` to `gateway` as demo-partner: the status and the JSON answer."""
+    import json
+
+    out = kit_run(lang, "send", "--app", "demo-partner", "--ca", str(gateway.layout.certs / "ca.pem"), *args,
+                  national=national)
+    lines = out.stdout.splitlines()
+    assert lines, out.stderr
+    return int(lines[0]), json.loads("\n".join(lines[1:]) or "{}")
 
 
 def assert_refused(gateway, resp, status: int, code: str) -> dict:

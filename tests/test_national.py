@@ -12,10 +12,11 @@ import time
 import uuid
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
 import gateway as gw
 from conftest import CLI, DEMO_KEY, ROOT, SECRET_VAR, Client, base_policy, new_secret, read_audit, start_gateway
-from helpers import RESEARCH, assert_refused, upstream_count
+from helpers import KIT_LANGS, RESEARCH, assert_refused, kit_run, kit_send, upstream_count
 
 ORDERS = "/api/v1/orders"
 ORDER = b'{"symbol":"600000","side":"buy","qty":100,"price":"10.01"}'
@@ -35,25 +36,25 @@ def openssl(*args: str, data: bytes | None = None) -> bytes:
 
 def der_to_raw(der: bytes) -> bytes:
     """An ASN.1 ECDSA-Sig-Value (what OpenSSL writes) as RFC 9421's r || s."""
-    assert der[0] == 0x30
-    i = 2 if der[1] < 0x80 else 3
-    out = b""
-    for _ in range(2):
-        assert der[i] == 2
-        n = der[i + 1]
-        out += der[i + 2:i + 2 + n].lstrip(b"\0").rjust(32, b"\0")
-        i += 2 + n
-    return out
+    r, s = decode_dss_signature(der)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
 def raw_to_der(raw: bytes) -> bytes:
-    def integer(b: bytes) -> bytes:
-        b = b.lstrip(b"\0") or b"\0"
-        if b[0] & 0x80:
-            b = b"\0" + b
-        return bytes([2, len(b)]) + b
-    body = integer(raw[:32]) + integer(raw[32:])
-    return bytes([0x30, len(body)]) + body
+    return encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+
+
+def openssl_sm2_verifies(tmp_path, public_pem: str, base: str, signature_header: str, distid: str) -> bool:
+    """OpenSSL 3's verdict on an RFC 9421 SM2 signature (r || s) over `base` under `distid`."""
+    raw = base64.b64decode(signature_header.split("=:", 1)[1].rstrip(":"))
+    assert len(raw) == 64, "r || s, not DER"
+    (tmp_path / "pub.pem").write_text(public_pem)
+    (tmp_path / "base.txt").write_bytes(base.encode())
+    (tmp_path / "sig.der").write_bytes(raw_to_der(raw))
+    out = subprocess.run(["openssl", "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey",
+                          str(tmp_path / "pub.pem"), "-pkeyopt", f"distid:{distid}", "-in", str(tmp_path / "base.txt"),
+                          "-sigfile", str(tmp_path / "sig.der")], capture_output=True, text=True)
+    return "Signature Verified Successfully" in out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_alg_confusion_is_refused_both_ways(ngw, keys):  # DATA-5, ID-3
     # a P-256 signature sent under the SM2 credential, saying sm2-sm3: it does not verify
     headers, sig_input, base = k.signature_parts("POST", client.https + ORDERS, "demo-partner", ORDER,
                                                  "demo-partner-sm2", "sm2-sm3", now, uuid.uuid4().hex)
-    p256 = k.sign_base(base, "ecdsa-p256-sha256", key_pem=DEMO_KEY.read_bytes())
+    p256 = k.sign_base(base, "ecdsa-p256-sha256", key_file=DEMO_KEY)
     forged = {"method": "POST", "url": client.https + ORDERS, "body": ORDER,
               "headers": dict(headers + [("signature-input", sig_input), ("signature", p256)])}
     assert_refused(g, client.send(forged), 401, "signature_invalid")
@@ -275,36 +276,58 @@ def test_an_api_that_takes_national_algorithms_only(ngw, keys):  # DATA-5
                                 body=ORDER)).status_code == 200
 
 
-def test_published_national_vectors_reproduced_by_the_kit_and_openssl(tmp_path):  # DATA-5
+@pytest.mark.parametrize("lang", KIT_LANGS)
+def test_published_national_vectors_reproduced_by_each_kit_and_openssl(lang, tmp_path):  # DATA-5
     """vectors/national.json (written by the gateway's own code, filter/core/tests/national_vectors.rs):
-    the Python kit rebuilds every digest, Signature-Input and base byte for byte and the HMAC-SM3
-    signatures exactly; OpenSSL verifies each published SM2 signature under its distinguishing ID,
-    and not under another."""
+    each partner kit (Python through OpenSSL, Java through BouncyCastle, Go through tjfoc/gmsm,
+    Node through its OpenSSL and sm-crypto) rebuilds every digest, Signature-Input and base byte
+    for byte and the HMAC-SM3 signatures exactly; its SM2 signatures, and the published ones,
+    verify in OpenSSL under their distinguishing ID and not under another."""
     doc = json.loads((ROOT / "vectors/national.json").read_text())
-    k = kit()
-    for case in doc["cases"]:
-        p, req, exp = case["params"], case["request"], case["expected"]
-        key = doc["keys"][case["key"]]
-        headers, sig_input, base = k.signature_parts(req["method"], req["url"], doc["app_id"],
-                                                     req["body"].encode(), p["keyid"], p["alg"], p["created"],
-                                                     p["nonce"])
-        assert dict(headers).get("content-digest") == exp["content-digest"], case["name"]
-        assert (sig_input, base) == (exp["signature-input"], exp["signature_base"]), case["name"]
-        if p["alg"] == "hmac-sm3":
-            assert k.sign_base(base, "hmac-sm3", key["secret_b64"]) == exp["signature"], case["name"]
+    out = kit_run(lang, "vectors", str(ROOT / "vectors/national.json"), national=True)
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [g["name"] for g in got] == [c["name"] for c in doc["cases"]]
+    for g, case in zip(got, doc["cases"]):
+        exp, key = case["expected"], doc["keys"][case["key"]]
+        for field in ("content-digest", "signature-input", "signature_base"):
+            assert g[field] == exp[field], f"{lang} {case['name']} {field}"
+        if case["params"]["alg"] == "hmac-sm3":
+            assert g["signature"] == exp["signature"], f"{lang} {case['name']}"
             continue
-        pub = tmp_path / "pub.pem"
-        pub.write_text(key["public_key_pem"])
-        (tmp_path / "base.txt").write_bytes(base.encode())
-        raw = base64.b64decode(exp["signature"].split("=:", 1)[1].rstrip(":"))
-        assert len(raw) == 64, "r || s, not DER"
-        (tmp_path / "sig.der").write_bytes(raw_to_der(raw))
+        pub, other = key["public_key_pem"], "1234567812345678" if key["sm2_id"] != "1234567812345678" else ALICE
+        for sig in (g["signature"], exp["signature"]):  # SM2 draws a nonce: the kit's differs but verifies
+            assert openssl_sm2_verifies(tmp_path, pub, exp["signature_base"], sig, key["sm2_id"]), case["name"]
+            assert not openssl_sm2_verifies(tmp_path, pub, exp["signature_base"], sig, other), case["name"]
+        assert not openssl_sm2_verifies(tmp_path, pub, exp["signature_base"] + " ", g["signature"], key["sm2_id"])
 
-        def verifies(distid: str) -> bool:
-            out = subprocess.run(["openssl", "pkeyutl", "-verify", "-rawin", "-digest", "sm3", "-pubin", "-inkey",
-                                  str(pub), "-pkeyopt", f"distid:{distid}", "-in", str(tmp_path / "base.txt"),
-                                  "-sigfile", str(tmp_path / "sig.der")], capture_output=True, text=True)
-            return "Signature Verified Successfully" in out.stdout
-        assert verifies(key["sm2_id"]), case["name"]
-        other = "1234567812345678" if key["sm2_id"] != "1234567812345678" else ALICE
-        assert not verifies(other), case["name"]
+
+@pytest.mark.parametrize("lang", KIT_LANGS)
+def test_each_kit_signs_national_requests_the_gateway_accepts(lang, ngw, keys):  # DATA-5, ID-2, DATA-3
+    """Issue 25: each partner kit signs S1 with HMAC-SM3 and S3 with SM2 and an SM3
+    Content-Digest, under the default ID and under a registered one, and a real gateway accepts
+    them; the same kit's SM2 signature under an ID the credential does not name is refused."""
+    g, _, secret = ngw
+    https = f"https://127.0.0.1:{g.layout.https_port}"
+    status, echoed = kit_send(lang, g, "--url", f"{https}{RESEARCH}?lang=zh-CN", "--alg", "hmac-sm3",
+                              "--keyid", "demo-partner-hmac-sm3", "--secret-b64", secret, national=True)
+    assert status == 200, echoed
+    assert echoed["headers"]["x-apisec-level"] == "S1" and 'alg="hmac-sm3"' in echoed["headers"]["signature-input"]
+    sm2 = ["--alg", "sm2-sm3", "--key", str(keys / "sm2.key.pem")]
+    status, echoed = kit_send(lang, g, "--url", f"{https}{ORDERS}", "--method", "POST", "--data", ORDER.decode(),
+                              "--keyid", "demo-partner-sm2", *sm2, national=True)
+    assert status == 200, echoed
+    assert echoed["headers"]["x-apisec-level"] == "S3" and echoed["body_bytes"] == len(ORDER)
+    assert echoed["headers"]["content-digest"].startswith("sm3=:")
+    evidence = read_audit(g, echoed["headers"]["x-request-id"])["audit"]["evidence"]
+    assert evidence["alg"] == "sm2-sm3" and evidence["content_digest"].startswith("sm3=:")
+    status, echoed = kit_send(lang, g, "--url", f"{https}{ORDERS}", "--method", "POST", "--data", ORDER.decode(),
+                              "--keyid", "demo-partner-sm2-alice", "--sm2-id", ALICE, *sm2, national=True)
+    assert status == 200, echoed
+    before = upstream_count(g)
+    status, refused = kit_send(lang, g, "--url", f"{https}{ORDERS}", "--method", "POST", "--data", ORDER.decode(),
+                               "--keyid", "demo-partner-sm2", "--sm2-id", ALICE, *sm2, national=True)
+    assert status == 401 and refused["error"] == "signature_invalid", refused
+    audit = read_audit(g, refused["request_id"])["audit"]
+    assert audit["code"] == "signature_invalid" and audit["keyid"] == "demo-partner-sm2"
+    assert upstream_count(g) == before

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -16,23 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from conftest import DEMO_KEY, ROOT, read_audit
+from helpers import KIT_LANGS as LANGS
+from helpers import kit_run as run
+from helpers import kit_send as send
 
-KIT = ROOT / "partner-kit"
 VECTORS = json.loads((ROOT / "vectors/signing.json").read_text())
-LANGS = {
-    "python": (KIT / "python", [str(ROOT / ".venv/bin/python"), "apisec_sign.py"]),
-    "go": (KIT / "go", ["go", "run", "apisec_sign.go"]),
-    "java": (KIT / "java", ["java", "ApisecSign.java"]),
-    "node": (KIT / "node", ["node", "apisec_sign.js"]),
-}
-
-
-def run(lang: str, *args: str) -> subprocess.CompletedProcess:
-    cwd, cmd = LANGS[lang]
-    # Go needs a writable cache and GOPATH; Java and Node need nothing beyond the JDK and node.
-    env = {"HOME": str(ROOT / "build"), **os.environ, "GOCACHE": str(ROOT / "build/go-cache"),
-           "GOPATH": str(ROOT / "build/gopath")}
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
 
 
 def verify_p256(public_pem: str, base: str, signature_header: str) -> bool:
@@ -66,13 +52,6 @@ def test_example_reproduces_the_published_vectors(lang):
             assert verify_p256(public, g["signature_base"], g["signature"]), f"{lang} {case['name']}"
             assert verify_p256(public, exp["signature_base"], exp["signature"])
             assert not verify_p256(public, exp["signature_base"] + " ", g["signature"])
-
-
-def send(lang: str, gateway, *args: str) -> tuple[int, dict]:
-    out = run(lang, "send", "--app", "demo-partner", "--ca", str(gateway.layout.certs / "ca.pem"), *args)
-    lines = out.stdout.splitlines()
-    assert lines, out.stderr
-    return int(lines[0]), json.loads("\n".join(lines[1:]) or "{}")
 
 
 @pytest.mark.parametrize("lang", LANGS)

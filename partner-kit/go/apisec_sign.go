@@ -1,11 +1,23 @@
-// Signing a request for an apisec gateway, in Go (standard library only). RFC 9421 HTTP Message
-// Signatures with an RFC 9530 Content-Digest.
+// Signing a request for an apisec gateway, in Go (standard library only; the national
+// algorithms in national.go, with tjfoc/gmsm). RFC 9421 HTTP Message Signatures with an RFC 9530
+// Content-Digest.
 //
 //	go run apisec_sign.go send -url https://gw.example.com/api/v1/info/research/r-1 \
 //	    -app APP_ID -keyid KEY_ID -secret-b64 APP_SECRET [-ca ca.pem]
 //	go run apisec_sign.go send -url https://gw.example.com/api/v1/orders -method POST \
 //	    -data '{"symbol":"600000","side":"buy","qty":100}' -app APP_ID -keyid KEY_ID -key app.key.pem
 //	go run apisec_sign.go vectors ../../vectors/signing.json   # check against the test vectors
+//
+// National algorithms (DATA-5; the gateway's docs/national.md): -alg hmac-sm3 (with -secret-b64)
+// or -alg sm2-sm3 (with -key sm2.key.pem, and -sm2-id ID when your key was registered with an ID
+// other than the default 1234567812345678); a body then carries an sm3 Content-Digest. They come
+// from github.com/tjfoc/gmsm, built in with national.go:
+//
+//	go run -tags national apisec_sign.go national.go send ... -alg sm2-sm3 -key sm2.key.pem
+//	go run -tags national apisec_sign.go national.go vectors ../../vectors/national.json
+//
+// (Debian's golang-github-tjfoc-gmsm-dev: GO111MODULE=off GOPATH=/usr/share/gocode; in a module,
+// `go get github.com/tjfoc/gmsm`.)
 //
 // Sessions (SES-1) and user-bound APIs (ID-4): establish by POSTing
 // {"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"} to /apisec/v1/sessions, then add
@@ -41,9 +53,27 @@ import (
 
 type header struct{ name, value string }
 
-func contentDigest(body []byte) string {
+const sm2DefaultID = "1234567812345678" // GB/T 32918 / GM/T 0009's default distinguishing ID
+
+// national: SM3, HMAC-SM3 and SM2 over SM3, filled in by national.go when it is built in.
+var national struct {
+	sm3  func(data []byte) []byte
+	hmac func(secret, data []byte) []byte
+	sign func(keyPEM []byte, id string, data []byte) ([]byte, error)
+}
+
+var errNoNational = errors.New("the national algorithms need national.go: go run -tags national apisec_sign.go national.go ...")
+
+// contentDigest is the RFC 9530 Content-Digest: sha-256, or sm3 with the national algorithms.
+func contentDigest(body []byte, alg string) (string, error) {
+	if alg == "hmac-sm3" || alg == "sm2-sm3" {
+		if national.sm3 == nil {
+			return "", errNoNational
+		}
+		return "sm3=:" + base64.StdEncoding.EncodeToString(national.sm3(body)) + ":", nil
+	}
 	sum := sha256.Sum256(body)
-	return "sha-256=:" + base64.StdEncoding.EncodeToString(sum[:]) + ":"
+	return "sha-256=:" + base64.StdEncoding.EncodeToString(sum[:]) + ":", nil
 }
 
 // authority is host[:port] as the HTTP client sends it: the port only when not the default.
@@ -69,7 +99,11 @@ func signatureParts(method, rawURL, app string, body []byte, keyid, alg string, 
 		components = append(components, h.name)
 	}
 	if len(body) > 0 {
-		headers = append(headers, header{"content-type", "application/json"}, header{"content-digest", contentDigest(body)})
+		digest, err := contentDigest(body, alg)
+		if err != nil {
+			return nil, "", "", err
+		}
+		headers = append(headers, header{"content-type", "application/json"}, header{"content-digest", digest})
 		components = append(components, "content-digest")
 	}
 	quoted := make([]string, len(components))
@@ -95,16 +129,28 @@ func signatureParts(method, rawURL, app string, body []byte, keyid, alg string, 
 	return headers, "sig1=" + params, b.String(), nil
 }
 
-func signBase(base, alg, secretB64 string, keyPEM []byte) (string, error) {
+func signBase(base, alg, secretB64 string, keyPEM []byte, sm2ID string) (string, error) {
 	var raw []byte
-	if alg == "hmac-sha256" {
+	if (alg == "hmac-sm3" || alg == "sm2-sm3") && national.sign == nil {
+		return "", errNoNational
+	}
+	if alg == "hmac-sha256" || alg == "hmac-sm3" {
 		secret, err := base64.StdEncoding.DecodeString(secretB64)
 		if err != nil {
 			return "", err
 		}
-		mac := hmac.New(sha256.New, secret)
-		mac.Write([]byte(base))
-		raw = mac.Sum(nil)
+		if alg == "hmac-sm3" {
+			raw = national.hmac(secret, []byte(base))
+		} else {
+			mac := hmac.New(sha256.New, secret)
+			mac.Write([]byte(base))
+			raw = mac.Sum(nil)
+		}
+	} else if alg == "sm2-sm3" {
+		var err error
+		if raw, err = national.sign(keyPEM, sm2ID, []byte(base)); err != nil {
+			return "", err
+		}
 	} else {
 		block, _ := pem.Decode(keyPEM)
 		if block == nil {
@@ -139,6 +185,8 @@ func send(args []string) error {
 	keyid := fs.String("keyid", "", "")
 	secret := fs.String("secret-b64", "", "")
 	keyFile := fs.String("key", "", "")
+	algFlag := fs.String("alg", "", "")
+	sm2ID := fs.String("sm2-id", sm2DefaultID, "")
 	ca := fs.String("ca", "", "")
 	session := fs.String("session", "", "")
 	mac := fs.String("mac", "", "")
@@ -167,6 +215,9 @@ func send(args []string) error {
 			return err
 		}
 	}
+	if *algFlag != "" {
+		alg = *algFlag
+	}
 	nb := make([]byte, 18)
 	if _, err := rand.Read(nb); err != nil {
 		return err
@@ -175,7 +226,7 @@ func send(args []string) error {
 	if err != nil {
 		return err
 	}
-	sig, err := signBase(base, alg, *secret, keyPEM)
+	sig, err := signBase(base, alg, *secret, keyPEM, *sm2ID)
 	if err != nil {
 		return err
 	}
@@ -250,7 +301,7 @@ func vectors(path string) error {
 		if err != nil {
 			return err
 		}
-		sig, err := signBase(base, c.Params.Alg, key["secret_b64"], keyPEM)
+		sig, err := signBase(base, c.Params.Alg, key["secret_b64"], keyPEM, key["sm2_id"])
 		if err != nil {
 			return err
 		}
@@ -276,7 +327,7 @@ func main() {
 	case len(os.Args) > 1 && os.Args[1] == "send":
 		err = send(os.Args[2:])
 	default:
-		err = errors.New("usage: apisec_sign (send -url URL -app APP -keyid KEYID (-secret-b64 S | -key PEM) [-method M] [-data BODY] [-ca CA] | vectors FILE)")
+		err = errors.New("usage: apisec_sign (send -url URL -app APP -keyid KEYID (-secret-b64 S | -key PEM) [-alg hmac-sm3|sm2-sm3 [-sm2-id ID]] [-method M] [-data BODY] [-ca CA] | vectors FILE)")
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -1,11 +1,21 @@
-// Signing a request for an apisec gateway, in Java 11+ (JDK only). RFC 9421 HTTP Message
-// Signatures with an RFC 9530 Content-Digest.
+// Signing a request for an apisec gateway, in Java 11+ (JDK only; the national algorithms need
+// BouncyCastle's bcprov on the class path). RFC 9421 HTTP Message Signatures with an RFC 9530
+// Content-Digest.
 //
 //   java ApisecSign.java send --url https://gw.example.com/api/v1/info/research/r-1 \
 //       --app APP_ID --keyid KEY_ID --secret-b64 APP_SECRET [--ca ca.pem]
 //   java ApisecSign.java send --url https://gw.example.com/api/v1/orders --method POST \
 //       --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID --key app.key.pem
 //   java ApisecSign.java vectors ../../vectors/signing.json   # check against the test vectors
+//
+// National algorithms (DATA-5; the gateway's docs/national.md): add --alg hmac-sm3 (with
+// --secret-b64) or --alg sm2-sm3 (with --key sm2.key.pem, and --sm2-id ID when your key was
+// registered with an ID other than the default 1234567812345678); a body then carries an sm3
+// Content-Digest. The JDK has neither SM2 nor SM3: run with BouncyCastle (Debian's
+// libbcprov-java, or org.bouncycastle:bcprov-jdk18on), found by name so that the other
+// algorithms need nothing beyond the JDK:
+//   java -cp /usr/share/java/bcprov.jar ApisecSign.java send ... --alg sm2-sm3 --key sm2.key.pem
+//   java -cp /usr/share/java/bcprov.jar ApisecSign.java vectors ../../vectors/national.json
 //
 // Sessions (SES-1) and user-bound APIs (ID-4): establish by POSTing
 // {"caller_code":"APP_ID","mac":"AA-BB-CC-DD-EE-01"} to /apisec/v1/sessions, then add
@@ -29,9 +39,11 @@ import java.security.KeyFactory;
 import java.security.KeyStore;
 import java.security.MessageDigest;
 import java.security.PrivateKey;
+import java.security.Provider;
 import java.security.SecureRandom;
 import java.security.Signature;
 import java.security.cert.CertificateFactory;
+import java.security.spec.AlgorithmParameterSpec;
 import java.security.spec.PKCS8EncodedKeySpec;
 import java.time.Duration;
 import java.util.ArrayList;
@@ -51,9 +63,48 @@ public class ApisecSign {
     /** The headers to send before the signature, the Signature-Input value and the signature base. */
     record Parts(LinkedHashMap<String, String> headers, String signatureInput, String base) {}
 
-    static String contentDigest(byte[] body) throws Exception {
+    static final String SM2_DEFAULT_ID = "1234567812345678"; // GB/T 32918 / GM/T 0009's default
+    static Provider bc;
+
+    /** BouncyCastle, loaded by name the first time SM2 or SM3 is needed. */
+    static Provider bouncyCastle() throws Exception {
+        if (bc == null) {
+            try {
+                bc = (Provider) Class.forName("org.bouncycastle.jce.provider.BouncyCastleProvider")
+                    .getDeclaredConstructor().newInstance();
+            } catch (ClassNotFoundException e) {
+                throw new IllegalStateException("SM2 and SM3 need BouncyCastle: java -cp bcprov.jar ApisecSign.java ...");
+            }
+        }
+        return bc;
+    }
+
+    static boolean national(String alg) {
+        return alg.equals("hmac-sm3") || alg.equals("sm2-sm3");
+    }
+
+    /** RFC 9530 Content-Digest: sha-256, or sm3 (the national hash) with the national algorithms. */
+    static String contentDigest(byte[] body, String alg) throws Exception {
+        if (national(alg)) {
+            byte[] sum = MessageDigest.getInstance("SM3", bouncyCastle()).digest(body);
+            return "sm3=:" + Base64.getEncoder().encodeToString(sum) + ":";
+        }
         byte[] sum = MessageDigest.getInstance("SHA-256").digest(body);
         return "sha-256=:" + Base64.getEncoder().encodeToString(sum) + ":";
+    }
+
+    /** An ASN.1 ECDSA-Sig-Value (SEQUENCE of two INTEGERs, what BouncyCastle's SM2 writes) as r || s. */
+    static byte[] derToRaw(byte[] der) {
+        byte[] out = new byte[64];
+        int i = der[1] < 0 ? 3 : 2; // skip the SEQUENCE header (a one-byte long form past 127 bytes)
+        for (int part = 0; part < 2; part++) {
+            if (der[i] != 2) throw new IllegalArgumentException("not an ECDSA-Sig-Value");
+            int n = der[i + 1];
+            int skip = Math.max(0, n - 32); // a leading zero byte keeps the INTEGER positive
+            System.arraycopy(der, i + 2 + skip, out, part * 32 + 32 - (n - skip), n - skip);
+            i += 2 + n;
+        }
+        return out;
     }
 
     /** host[:port] as the HTTP client sends it: the port only when not the default. */
@@ -75,7 +126,7 @@ public class ApisecSign {
         components.addAll(extra.keySet());
         if (body.length > 0) {
             headers.put("content-type", "application/json");
-            headers.put("content-digest", contentDigest(body));
+            headers.put("content-digest", contentDigest(body, alg));
             components.add("content-digest");
         }
         StringBuilder params = new StringBuilder("(");
@@ -98,13 +149,28 @@ public class ApisecSign {
         return new Parts(headers, "sig1=" + params, base.toString());
     }
 
-    static String signBase(String base, String alg, String secretB64, String keyPem) throws Exception {
+    static String signBase(String base, String alg, String secretB64, String keyPem, String sm2Id) throws Exception {
         byte[] raw;
         byte[] data = base.getBytes(StandardCharsets.UTF_8);
         if (alg.equals("hmac-sha256")) {
             Mac mac = Mac.getInstance("HmacSHA256");
             mac.init(new SecretKeySpec(Base64.getDecoder().decode(secretB64), "HmacSHA256"));
             raw = mac.doFinal(data);
+        } else if (alg.equals("hmac-sm3")) {
+            Mac mac = Mac.getInstance("HMACSM3", bouncyCastle());
+            mac.init(new SecretKeySpec(Base64.getDecoder().decode(secretB64), "HMACSM3"));
+            raw = mac.doFinal(data);
+        } else if (alg.equals("sm2-sm3")) {
+            String b64 = keyPem.replaceAll("-----[A-Z ]+-----", "").replaceAll("\\s", "");
+            PrivateKey key = KeyFactory.getInstance("EC", bouncyCastle())
+                .generatePrivate(new PKCS8EncodedKeySpec(Base64.getDecoder().decode(b64)));
+            Signature s = Signature.getInstance("SM3withSM2", bouncyCastle());
+            // The distinguishing ID goes into the Z value (GM/T 0009); BouncyCastle's SM2ParameterSpec.
+            s.setParameter((AlgorithmParameterSpec) Class.forName("org.bouncycastle.jcajce.spec.SM2ParameterSpec")
+                .getConstructor(byte[].class).newInstance((Object) sm2Id.getBytes(StandardCharsets.UTF_8)));
+            s.initSign(key);
+            s.update(data);
+            raw = derToRaw(s.sign());
         } else {
             String b64 = keyPem.replaceAll("-----[A-Z ]+-----", "").replaceAll("\\s", "");
             PrivateKey key = KeyFactory.getInstance("EC").generatePrivate(new PKCS8EncodedKeySpec(Base64.getDecoder().decode(b64)));
@@ -119,7 +185,7 @@ public class ApisecSign {
     static int send(Map<String, String> a) throws Exception {
         byte[] body = a.getOrDefault("data", "").getBytes(StandardCharsets.UTF_8);
         String method = a.getOrDefault("method", body.length > 0 ? "POST" : "GET");
-        String alg = a.containsKey("key") ? "ecdsa-p256-sha256" : "hmac-sha256";
+        String alg = a.getOrDefault("alg", a.containsKey("key") ? "ecdsa-p256-sha256" : "hmac-sha256");
         byte[] nb = new byte[18];
         new SecureRandom().nextBytes(nb);
         String nonce = Base64.getUrlEncoder().withoutPadding().encodeToString(nb);
@@ -133,7 +199,7 @@ public class ApisecSign {
         Parts p = signatureParts(method, a.get("url"), a.get("app"), body, a.get("keyid"), alg,
                                  System.currentTimeMillis() / 1000, nonce, extra);
         String keyPem = a.containsKey("key") ? Files.readString(Path.of(a.get("key"))) : null;
-        String sig = signBase(p.base(), alg, a.get("secret-b64"), keyPem);
+        String sig = signBase(p.base(), alg, a.get("secret-b64"), keyPem, a.getOrDefault("sm2-id", SM2_DEFAULT_ID));
         HttpClient.Builder cb = HttpClient.newBuilder().connectTimeout(Duration.ofSeconds(10)).version(HttpClient.Version.HTTP_1_1);
         if (a.containsKey("ca")) {
             KeyStore ks = KeyStore.getInstance(KeyStore.getDefaultType());
@@ -198,20 +264,22 @@ public class ApisecSign {
         String doc = Files.readString(Path.of(file));
         String app = field(doc, "app_id");
         int keysAt = doc.indexOf("\"keys\"");
-        String hmacKey = doc.substring(doc.indexOf("\"hmac\"", keysAt));
-        String p256Key = doc.substring(doc.indexOf("\"p256\"", keysAt));
-        String secret = field(hmacKey, "secret_b64");
-        String keyPem = Files.readString(Path.of(file).resolveSibling(field(p256Key, "private_key_file")));
         String[] cases = doc.substring(doc.indexOf("\"cases\""), keysAt).split("\\{\\s*\"expected\"");
         for (int i = 1; i < cases.length; i++) {
             String c = cases[i];
             String params = c.substring(c.indexOf("\"params\""));
             String request = c.substring(c.indexOf("\"request\""));
             String alg = field(params, "alg");
+            // the case's key: its object under "keys" (the fields in it are sorted by name)
+            String key = doc.substring(doc.indexOf("\"" + field(c, "key") + "\"", keysAt));
+            String secret = field(key, "secret_b64");
+            String keyPem = alg.startsWith("hmac-") ? null
+                : Files.readString(Path.of(file).resolveSibling(field(key, "private_key_file")));
+            String sm2Id = alg.equals("sm2-sm3") ? field(key, "sm2_id") : null;
             Parts p = signatureParts(field(request, "method"), field(request, "url"), app,
                 field(request, "body").getBytes(StandardCharsets.UTF_8), field(params, "keyid"), alg,
                 Long.parseLong(field(params, "created")), field(params, "nonce"), new LinkedHashMap<>());
-            String sig = signBase(p.base(), alg, secret, keyPem);
+            String sig = signBase(p.base(), alg, secret, keyPem, sm2Id);
             System.out.println("{\"name\":" + jsonString(field(c, "name"))
                 + ",\"content-digest\":" + jsonString(p.headers().get("content-digest"))
                 + ",\"signature-input\":" + jsonString(p.signatureInput())
@@ -230,7 +298,7 @@ public class ApisecSign {
             for (int i = 1; i < args.length; i += 2) a.put(args[i].replaceFirst("^--", ""), args[i + 1]);
             System.exit(send(a));
         }
-        System.err.println("usage: java ApisecSign.java (send --url URL --app APP --keyid KEYID (--secret-b64 S | --key PEM) [--method M] [--data BODY] [--ca CA] | vectors FILE)");
+        System.err.println("usage: java ApisecSign.java (send --url URL --app APP --keyid KEYID (--secret-b64 S | --key PEM) [--alg hmac-sm3|sm2-sm3 [--sm2-id ID]] [--method M] [--data BODY] [--ca CA] | vectors FILE)");
         System.exit(2);
     }
 }

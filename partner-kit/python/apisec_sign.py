@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Signing a request for an apisec gateway, in Python (standard library; `cryptography` for
-ECDSA P-256). RFC 9421 HTTP Message Signatures with an RFC 9530 Content-Digest.
+ECDSA P-256; the national algorithms through OpenSSL 3: `hashlib` for SM3 and HMAC-SM3, the
+`openssl` command for SM2). RFC 9421 HTTP Message Signatures with an RFC 9530 Content-Digest.
 
     python apisec_sign.py send --url https://gw.example.com/api/v1/info/research/r-1 \
         --app APP_ID --keyid KEY_ID --secret-b64 APP_SECRET [--ca ca.pem]
@@ -8,6 +9,11 @@ ECDSA P-256). RFC 9421 HTTP Message Signatures with an RFC 9530 Content-Digest.
         --data '{"symbol":"600000","side":"buy","qty":100}' --app APP_ID --keyid KEY_ID \
         --key app.key.pem [--ca ca.pem]
     python apisec_sign.py vectors ../../vectors/signing.json   # check against the test vectors
+
+National algorithms (DATA-5; the gateway's docs/national.md): add --alg hmac-sm3 (with
+--secret-b64) or --alg sm2-sm3 (with --key sm2.key.pem, and --sm2-id ID when the gateway team
+registered your key with an ID other than the default 1234567812345678); a body then carries an
+`sm3` Content-Digest. `vectors ../../vectors/national.json` checks them.
 
 Sessions (the gateway's own endpoint, SES-1) and user-bound APIs (ID-4): establish with
     python apisec_sign.py send --url https://gw.example.com/apisec/v1/sessions --method POST \
@@ -28,6 +34,7 @@ import http.client
 import json
 import os
 import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -73,20 +80,30 @@ def signature_parts(method, url, app, body, keyid, alg, created, nonce, extra=()
     return headers, "sig1=" + params, base
 
 
-def sign_base(base: str, alg: str, secret_b64=None, key_pem=None) -> str:
+SM2_DEFAULT_ID = "1234567812345678"  # GB/T 32918 / GM/T 0009's default distinguishing ID
+
+
+def sign_base(base: str, alg: str, secret_b64=None, key_file=None, sm2_id=SM2_DEFAULT_ID) -> str:
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     if alg == "hmac-sha256":
         raw = hmac.new(base64.b64decode(secret_b64), base.encode(), hashlib.sha256).digest()
     elif alg == "hmac-sm3":
         raw = hmac.new(base64.b64decode(secret_b64), base.encode(), "sm3").digest()
     elif alg == "sm2-sm3":
-        raise ValueError("sm2-sm3: sign with OpenSSL 3 (`openssl pkeyutl -sign -rawin -digest sm3 "
-                         "-pkeyopt distid:ID`) and send r || s; docs/national.md")
+        # `cryptography` has no SM2; OpenSSL 3's command does SM2 over SM3 with the Z value of
+        # the distinguishing ID (without `distid` it would use an empty ID, which the gateway
+        # refuses). It writes DER; RFC 9421 wants r || s, 32 bytes each.
+        der = subprocess.run(["openssl", "pkeyutl", "-sign", "-rawin", "-digest", "sm3", "-inkey", str(key_file),
+                              "-pkeyopt", f"distid:{sm2_id}"], input=base.encode(), capture_output=True,
+                             check=True).stdout
+        r, s = decode_dss_signature(der)
+        raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     else:
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
         r, s = decode_dss_signature(key.sign(base.encode(), ec.ECDSA(hashes.SHA256())))
         raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")  # RFC 9421: r || s, not DER
     return "sig1=:" + base64.b64encode(raw).decode() + ":"
@@ -95,14 +112,13 @@ def sign_base(base: str, alg: str, secret_b64=None, key_pem=None) -> str:
 def send(args: dict) -> int:
     body = args.get("data", "").encode()
     method = args.get("method") or ("POST" if body else "GET")
-    alg = "ecdsa-p256-sha256" if "key" in args else "hmac-sha256"
+    alg = args.get("alg") or ("ecdsa-p256-sha256" if "key" in args else "hmac-sha256")
     nonce = base64.urlsafe_b64encode(os.urandom(18)).decode().rstrip("=")
     extra = [(h, args[k]) for k, h in (("session", "x-session-id"), ("mac", "x-device-mac"),
                                        ("sdk", "x-sdk-version")) if k in args]
     headers, sig_input, base = signature_parts(method, args["url"], args["app"], body, args["keyid"], alg,
                                                int(time.time()), nonce, extra)
-    key_pem = Path(args["key"]).read_bytes() if "key" in args else None
-    signature = sign_base(base, alg, args.get("secret-b64"), key_pem)
+    signature = sign_base(base, alg, args.get("secret-b64"), args.get("key"), args.get("sm2-id", SM2_DEFAULT_ID))
     headers += [("signature-input", sig_input), ("signature", signature)]
     u = urlsplit(args["url"])
     if u.scheme == "https":
@@ -125,11 +141,12 @@ def vectors(path: str) -> int:
         body = req["body"].encode()
         headers, sig_input, base = signature_parts(req["method"], req["url"], doc["app_id"], body, p["keyid"],
                                                    p["alg"], p["created"], p["nonce"])
-        key_pem = (Path(path).parent / key["private_key_file"]).read_bytes() if "private_key_file" in key else None
+        key_file = Path(path).parent / key["private_key_file"] if "private_key_file" in key else None
         print(json.dumps({
             "name": case["name"], "content-digest": dict(headers).get("content-digest"),
             "signature-input": sig_input, "signature_base": base,
-            "signature": sign_base(base, p["alg"], key.get("secret_b64"), key_pem),
+            "signature": sign_base(base, p["alg"], key.get("secret_b64"), key_file,
+                                   key.get("sm2_id", SM2_DEFAULT_ID)),
         }))
     return 0
 
