@@ -96,14 +96,14 @@ def cli_sign(client: Client, method: str, path: str, keyid: str, *extra: str, bo
 
 
 def openssl_signed(client: Client, keys, method: str, path: str, keyid: str, alg: str = "sm2-sm3",
-                   distid: str = "1234567812345678", body: bytes = b"") -> dict:
-    """A request built by the Python partner kit and signed by OpenSSL's SM2."""
+                   distid: str = "1234567812345678", body: bytes = b"", key: str = "sm2.key.pem") -> dict:
+    """A request built by the Python partner kit and signed by OpenSSL's SM2 (with `keys / key`)."""
     k = kit()
     nonce = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
     headers, sig_input, base = k.signature_parts(method, client.https + path, "demo-partner", body, keyid, alg,
                                                  int(time.time()), nonce)
     (keys / "base.txt").write_bytes(base.encode())
-    der = openssl("pkeyutl", "-sign", "-rawin", "-digest", "sm3", "-inkey", str(keys / "sm2.key.pem"),
+    der = openssl("pkeyutl", "-sign", "-rawin", "-digest", "sm3", "-inkey", str(keys / key),
                   "-pkeyopt", f"distid:{distid}", "-in", str(keys / "base.txt"))
     sig = "sig1=:" + base64.b64encode(der_to_raw(der)).decode() + ":"
     return {"method": method, "url": client.https + path, "body": body,
@@ -229,6 +229,12 @@ def test_sm2_signatures_both_ways_with_openssl(ngw, keys):  # DATA-5
     before = upstream_count(g)
     wrong_id = openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2", distid=ALICE, body=ORDER)
     assert_refused(g, client.send(wrong_id), 401, "signature_invalid")
+    # a valid SM2 signature by another key, under the default ID, naming this credential
+    if not (keys / "other.key.pem").exists():
+        openssl("genpkey", "-algorithm", "SM2", "-out", str(keys / "other.key.pem"))
+    wrong_key = openssl_signed(client, keys, "POST", ORDERS, "demo-partner-sm2", body=ORDER, key="other.key.pem")
+    audit = assert_refused(g, client.send(wrong_key), 401, "signature_invalid")
+    assert audit["keyid"] == "demo-partner-sm2"
     assert upstream_count(g) == before
     # the CLI signs, OpenSSL verifies the very base the gateway rebuilds
     signed = cli_sign(client, "POST", ORDERS, "demo-partner-sm2", "--alg", "sm2-sm3",

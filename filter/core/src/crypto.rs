@@ -565,7 +565,8 @@ mod tests {
 }
 
 /// The national algorithms (DATA-5), against values made by code no one here wrote: the SM3
-/// examples of GB/T 32905-2016 (appendix A), and an HMAC-SM3 and two SM2 signatures made by
+/// examples of GB/T 32905-2016 (appendix A), the SM2 signature example implementations reproduce
+/// from the standard, and an HMAC-SM3 and two SM2 signatures made by
 /// OpenSSL 3.0 (`openssl mac -digest SM3`, `openssl pkeyutl -sign -rawin -digest sm3
 /// -pkeyopt distid:...`, the DER signature rewritten as r || s).
 #[cfg(test)]
@@ -656,6 +657,42 @@ RSDug0vyiyE3DhNlmT5bJ/i6ygR2lnrRr8j0qSEXVVGledAVmYtjB+Ylqg==
         sig[63] ^= 1;
         assert!(!verify_sm2_sm3(&der, "1234567812345678", MSG, &sig));
         assert!(!verify_sm2_sm3(&der, "1234567812345678", MSG, &sig[..63]));
+    }
+
+    /// The SM2 signature example on the recommended curve that implementations reproduce from
+    /// the standard's annex (message "message digest", public key (09F9DF31..., CCEA490C...),
+    /// r = F5A03B06..., s = B1B6AA29...). OpenSSL 3 verifies it under the default ID
+    /// 1234567812345678 and not under ALICE123@YAHOO.COM (checked with `openssl pkeyutl -verify
+    /// -rawin -digest sm3 -pkeyopt distid:...`); the gateway's check must agree.
+    #[test]
+    fn sm2_published_example_verifies_under_the_default_id() {
+        let spki = unhex(concat!(
+            "3059301306072a8648ce3d020106082a811ccf5501822d03420004",
+            "09F9DF311E5421A150DD7D161E4BC5C672179FAD1833FC076BB08FF356F35020",
+            "CCEA490CE26775A52DC6EA718CC1AA600AED05FBF35E084A6632F6072DA9AD13"
+        ));
+        let sig = unhex(concat!(
+            "F5A03B0648D2C4630EEAC513E1BB81A15944DA3827D5B74143AC7EACEEE720B3",
+            "B1B6AA29DF212FD8763182BC0D421CA1BB9038FD1F7F42D4840B69C485BBC1AA"
+        ));
+        assert!(verify_sm2_sm3(
+            &spki,
+            "1234567812345678",
+            b"message digest",
+            &sig
+        ));
+        assert!(!verify_sm2_sm3(
+            &spki,
+            "ALICE123@YAHOO.COM",
+            b"message digest",
+            &sig
+        ));
+        assert!(!verify_sm2_sm3(
+            &spki,
+            "1234567812345678",
+            b"message digesT",
+            &sig
+        ));
     }
 
     #[test]
