@@ -285,6 +285,7 @@ def test_national_algorithms_are_reported_per_api(tmp_path):  # DATA-5
     c = cells(rep)
     assert c["trade.order.place"]["national"]["status"] == "met"
     assert "demo-partner" in c["trade.order.place"]["national"]["note"]
+    assert "TLCP" in c["trade.order.place"]["national"]["note"], "what ends the national TLS, in the report"
     assert c["market.quote"]["national"]["status"] == "not_required"
 
 

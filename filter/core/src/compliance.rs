@@ -413,7 +413,9 @@ fn national_check(policy: &Policy, api: &Api, grants: &[&crate::access::Grant]) 
         13,
         Status::Met,
         format!(
-            "national algorithms only (SM2/SM3, sm3 digests); callers with a national credential: {}",
+            "national algorithms only (SM2/SM3, sm3 digests); callers with a national credential: {}; \
+             TLCP (SM2/SM4 transport), where required, ends in a terminator in front of Envoy, \
+             which cannot end it (docs/national.md)",
             able.join(", ")
         ),
     )
