@@ -360,6 +360,16 @@ def presign(args: list[str], variant: str, count: int, out: Path, prefix: str) -
                               "--nonce-prefix", prefix, *args]), check=True)
 
 
+def allocator(g) -> dict:
+    """Envoy's allocator figures from its admin `/memory` (bytes, as strings there): `allocated`
+    is what Envoy's objects hold, `heap_size` what the allocator took from the system, and
+    `pageheap_free` / `pageheap_unmapped` what it holds free / gave back."""
+    try:
+        return {k: int(v) for k, v in json.loads(g.admin("/memory")).items() if str(v).isdigit()}
+    except (OSError, ValueError):
+        return {}
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -531,6 +541,7 @@ def main() -> int:
         g.wait_ready(60)
         time.sleep(1)
         rss_idle = rss_kib(envoy.pid)
+        heap_idle = allocator(g)
         auth = {"hs": f"authorization: Bearer {jwts[0]['token']}", "es": f"authorization: Bearer {jwts[1]['token']}"}
         url = {v: f"https://127.0.0.1:{ports[v]}" for v in VARIANTS}
         hmac_args = ["--app", "bench-app", "--keyid", "bench-hmac", "--secret-b64", secret]
@@ -681,6 +692,7 @@ def main() -> int:
                            str(FLOOD), "--authority", f"127.0.0.1:{ports['s1']}", "--nonce-prefix", "flood", *hmac_args]),
                 capture_output=True, text=True, check=True).stdout)
         rss_after_flood = rss_kib(envoy.pid)
+        heap_after_flood = allocator(g)
         # filter/core/src/state/nonces/local.rs: an 8-byte horizon per slot, 32 bytes per entry
         bound_mib = REPLAY["slots"] * (8 + REPLAY["entries_per_slot"] * 32) / 2**20
 
@@ -732,7 +744,9 @@ def main() -> int:
         "latency": lat,
         "memory_kib": {"idle": rss_idle, "after_throughput": rss_after_load, "after_flood": rss_after_flood,
                        "flood_requests": FLOOD, "flood_statuses": flood["statuses"],
-                       "replay_bound_mib": bound_mib},
+                       "replay_bound_mib": bound_mib,
+                       # Envoy's allocator (admin /memory): what the heap holds, in use and free
+                       "allocator_idle": heap_idle, "allocator_after_flood": heap_after_flood},
     }
     OUT.mkdir(parents=True, exist_ok=True)
     # A subset or a run without latency is a working measurement: it never replaces the record.

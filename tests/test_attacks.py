@@ -428,3 +428,55 @@ def test_codec_refusals_are_visible_in_the_access_log(gateway, client):  # LOG-1
         return False
 
     wait_for(found, what="access-log line for the codec refusal")
+
+
+def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_path):  # PERM-1, OPS-1
+    """Envoy runs two apisec filters in one VM when their vm_config is the same (same vm_id, code
+    and environment), each plugin with its own root context and policy. Before this fix the
+    policy a request was finally decided under when its body completed was the VM's last
+    loaded one, whichever filter loaded it: an order body on one listener was judged by the
+    other listener's policy. Here listener A (the shipped one) forbids `margin_override` in an
+    order; listener B's filter has the same vm_config and a policy without that rule. Whichever
+    plugin loaded last, one of the two answers below was wrong."""
+    import copy
+
+    doc_a = base_policy()
+    doc_b = base_policy()
+    for grant in doc_b["grants"]:
+        grant.pop("forbid_request_fields", None)
+    port_b = __import__("gateway").free_port()
+    secret = new_secret()
+
+    def second_listener(bootstrap: dict) -> None:
+        listeners = bootstrap["static_resources"]["listeners"]
+        b = copy.deepcopy(next(x for x in listeners if x["name"] == "https"))
+        b["name"] = "https_b"
+        b["address"]["socket_address"]["port_value"] = port_b
+        hcm = b["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = "https_b"
+        # the ECDS resource the gateway loads for listener A, inline with policy B: the same
+        # vm_config (vm_id, code, environment), so Envoy puts both plugins in one VM
+        ecds = json.loads((tmp_path / "gw" / "ecds" / "apisec.yaml").read_text())
+        typed = copy.deepcopy(ecds["resources"][0]["typed_config"])
+        typed["config"]["configuration"]["value"] = json.dumps(doc_b)
+        hcm["http_filters"] = [{"name": "apisec", "typed_config": typed} if f["name"] == "apisec" else f
+                               for f in hcm["http_filters"]]
+        listeners.append(b)
+
+    g = start_gateway(tmp_path / "gw", doc_a, secret=secret, concurrency=1, bootstrap_hook=second_listener)
+    try:
+        client = Client(g, secret)
+        on_b = f"https://127.0.0.1:{port_b}"
+        forbidden = {**ORDER, "margin_override": True}
+        # listener B's policy has no such rule: its order goes through
+        r = client.send(client.sign("POST", "/api/v1/orders", body=json.dumps(forbidden).encode(),
+                                    keyid="demo-partner-p256", base=on_b))
+        assert r.status_code == 200, r.text
+        # listener A's policy forbids the field: refused, nothing upstream
+        before = upstream_count(g)
+        audit = refused_unsent(g, client.send(order(client, forbidden)), 403, "field_forbidden", before)
+        assert "marginoverride" in audit["detail"]
+        # and both still serve what their policies allow
+        assert client.send(order(client)).status_code == 200
+    finally:
+        g.stop()

@@ -2,6 +2,7 @@
 //! the lifecycle asks for, each behind the core trait it serves. Nothing here decides.
 
 use std::cell::Cell;
+use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use apisec_core::cluster::Call;
@@ -11,6 +12,8 @@ use apisec_core::policy::SecretSource;
 use apisec_core::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, LogLevel, MapType, Status};
+
+use crate::worker::Plugin;
 
 pub fn log(level: LogLevel, msg: &str) {
     let _ = hostcalls::log(level, msg);
@@ -85,12 +88,20 @@ impl EcdsaVerifier for EnvoyVerifier {
 
 /// The request facts the lifecycle asks for, read from Envoy only when asked. One is made per
 /// callback: the clock is read once in it (a host call), however often the lifecycle asks.
-#[derive(Default)]
 pub struct EnvoyFacts {
     clock: Cell<Option<Option<Duration>>>,
+    /// The plugin whose stream asks: its policy in force.
+    plugin: Rc<Plugin>,
 }
 
 impl EnvoyFacts {
+    pub fn new(plugin: Rc<Plugin>) -> Self {
+        EnvoyFacts {
+            clock: Cell::new(None),
+            plugin,
+        }
+    }
+
     fn clock(&self) -> Option<Duration> {
         if let Some(t) = self.clock.get() {
             return t;
@@ -151,7 +162,7 @@ impl HostFacts for EnvoyFacts {
     }
 
     fn current_config(&self) -> Option<Config> {
-        crate::worker::current()
+        self.plugin.current.borrow().clone()
     }
 
     fn random(&self, buf: &mut [u8]) -> bool {

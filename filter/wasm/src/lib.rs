@@ -6,8 +6,9 @@
 //! - `metrics`: the counters.
 //! - `root`: policy loading, the state store, one lifecycle per stream.
 //! - `stream`: callbacks to lifecycle events, steps to host calls.
-//! - `worker`: what one worker's VM keeps across streams (policy in force, held bodies, audit
-//!   chain, byte counts for the cluster store).
+//! - `worker`: what one worker's VM keeps across streams (held bodies, policy generations) and
+//!   what each plugin in it keeps (policy in force, audit chain, byte counts for the cluster
+//!   store).
 
 mod host;
 mod metrics;

@@ -18,7 +18,7 @@ use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 use crate::host::{call_answer, log, now_secs, send_call, EnvSecrets, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
 use crate::stream::ApisecHttp;
-use crate::worker::{CHAIN, CURRENT, GENERATION, TALLY};
+use crate::worker::{Plugin, GENERATION};
 
 /// The root context's tick: each one takes the next step of a gauge pass, so that a pass over
 /// a large store is many short calls (issue 24: one 128-key step was ~1.5M instructions in one
@@ -31,6 +31,8 @@ const TICKS_PER_SECOND: u64 = 10;
 #[derive(Default)]
 pub struct ApisecRoot {
     config: Option<Config>,
+    /// What this plugin's streams share: its policy in force, chain and byte-count queue.
+    plugin: Rc<Plugin>,
     metrics: Option<Rc<Metrics>>,
     verifier: Option<Rc<EnvoyVerifier>>,
     /// The cluster store's epoch is known to exist (it is created by the first batch any
@@ -69,7 +71,7 @@ impl ApisecRoot {
         }
         self.since_checkpoint = 0;
         let Some(now) = now_secs() else { return };
-        if let Some(line) = CHAIN.with(|c| c.borrow_mut().checkpoint(now)) {
+        if let Some(line) = self.plugin.chain.borrow_mut().checkpoint(now) {
             log(LogLevel::Info, &line);
         }
     }
@@ -81,11 +83,11 @@ impl ApisecRoot {
         }
         let Some(config) = &self.config else { return };
         let StateBackend::Cluster(settings) = &config.policy.state else {
-            TALLY.with(|t| t.borrow_mut().clear());
+            self.plugin.tally.borrow_mut().clear();
             return;
         };
         let Some(now) = now_secs() else { return };
-        let ops = TALLY.with(|t| std::mem::take(&mut *t.borrow_mut()));
+        let ops = std::mem::take(&mut *self.plugin.tally.borrow_mut());
         if ops.is_empty() {
             return;
         }
@@ -106,7 +108,7 @@ impl ApisecRoot {
 
     /// Byte counts the store did not take, back in the queue for the next tick.
     fn requeue(&mut self, batch: Batch, now: u64) {
-        let _ = TALLY.with(|t| apisec_core::anomaly::pend(&mut t.borrow_mut(), batch.ops, now));
+        let _ = apisec_core::anomaly::pend(&mut self.plugin.tally.borrow_mut(), batch.ops, now);
     }
 
     fn open_cluster(&mut self) {
@@ -264,7 +266,7 @@ impl RootContext for ApisecRoot {
             policy: Rc::new(policy),
             meta: Rc::new(meta),
         };
-        CURRENT.with(|c| *c.borrow_mut() = Some(config.clone()));
+        *self.plugin.current.borrow_mut() = Some(config.clone());
         self.config = Some(config);
         if self.metrics.is_none() {
             let per_code = self
@@ -337,6 +339,7 @@ impl RootContext for ApisecRoot {
         };
         Some(Box::new(ApisecHttp {
             stream: Stream::new(config.clone()),
+            plugin: self.plugin.clone(),
             metrics: metrics.clone(),
             verifier: verifier.clone(),
             pending: None,

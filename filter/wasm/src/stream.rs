@@ -12,7 +12,7 @@ use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
 use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
 use crate::metrics::Metrics;
-use crate::worker::{CHAIN, HELD, TALLY};
+use crate::worker::{Plugin, HELD};
 
 /// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`.
 const AUDIT_PROPERTY: &str = "apisec_audit";
@@ -22,6 +22,8 @@ const PASSED_PROPERTY: &str = "apisec_passed";
 
 pub struct ApisecHttp {
     pub stream: Stream,
+    /// The plugin (filter configuration) this stream belongs to: its policy, chain and queue.
+    pub plugin: Rc<Plugin>,
     pub metrics: Rc<Metrics>,
     pub verifier: Rc<EnvoyVerifier>,
     /// The state batch in flight to the cluster store: its callout token, the batch, and
@@ -62,18 +64,17 @@ impl ApisecHttp {
     /// Runs one lifecycle event with the host's adapters lent to it, then carries out its step.
     fn event(&mut self, f: impl FnOnce(&mut Stream, &Env<'_>) -> Step) -> Action {
         let verifier = self.verifier.clone();
-        let facts = EnvoyFacts::default();
+        let plugin = self.plugin.clone();
+        let facts = EnvoyFacts::new(plugin.clone());
         let step = HELD.with(|held| {
-            CHAIN.with(|chain| {
-                let env = Env {
-                    store: &EnvoyStore,
-                    verifier: verifier.as_ref(),
-                    host: &facts,
-                    held,
-                    chain: Some(chain),
-                };
-                f(&mut self.stream, &env)
-            })
+            let env = Env {
+                store: &EnvoyStore,
+                verifier: verifier.as_ref(),
+                host: &facts,
+                held,
+                chain: Some(&plugin.chain),
+            };
+            f(&mut self.stream, &env)
         });
         self.carry_out(step)
     }
@@ -141,8 +142,11 @@ impl ApisecHttp {
             );
         }
         if let Some(batch) = step.tally.take() {
-            let lost = TALLY
-                .with(|t| apisec_core::anomaly::pend(&mut t.borrow_mut(), batch.ops, batch.now));
+            let lost = apisec_core::anomaly::pend(
+                &mut self.plugin.tally.borrow_mut(),
+                batch.ops,
+                batch.now,
+            );
             if lost > 0 {
                 log(LogLevel::Warn, &format!("apisec: {lost} response byte counts dropped: the queue for the cluster store is full"));
             }

@@ -1,6 +1,7 @@
-//! What one worker's VM keeps across its streams and policy reloads: the policy in force, the
-//! request bodies it holds, the byte counts waiting for the cluster store, and its audit chain.
-//! The root context writes them; streams and host adapters read them here.
+//! What one worker's VM keeps across its streams and policy reloads: the request bodies it
+//! holds and the policy generations (VM-wide), and per plugin the policy in force, the byte
+//! counts waiting for the cluster store and the audit chain. The root context writes them;
+//! streams and host adapters read them here.
 
 use std::cell::{Cell, RefCell};
 
@@ -10,18 +11,37 @@ use apisec_core::state::Op;
 use proxy_wasm::hostcalls;
 
 thread_local! {
-    /// The policy most recently loaded in this VM (one VM per worker): a stream whose body
-    /// completes after a reload is decided under it, not under the one its headers saw.
-    pub static CURRENT: RefCell<Option<Config>> = const { RefCell::new(None) };
-    /// How many policies this VM has loaded (a policy's generation).
+    /// How many policies this VM has loaded, over all its plugins (a policy's generation).
     pub static GENERATION: Cell<u64> = const { Cell::new(0) };
     /// Bytes of request bodies this worker holds for verification right now.
     pub static HELD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// What one plugin (one apisec filter configuration: one root context) keeps for its streams.
+/// Envoy runs two apisec filters in one VM when their `vm_config` is the same (same `vm_id`,
+/// code and environment) even if their policies differ; each then has its own root context, and
+/// what is here must be its own: a stream is decided under its own filter's policy, sealed
+/// into its own filter's chain and counted for its own filter's cluster store (issue 24 review:
+/// a VM-wide policy let a body on one listener be decided under the other listener's policy).
+pub struct Plugin {
+    /// The policy this plugin loaded last: a stream whose body completes after a reload is
+    /// decided under it, not under the one its headers saw.
+    pub current: RefCell<Option<Config>>,
     /// Response byte counts of ended streams not yet sent to the cluster store (anomaly.rs).
-    pub static TALLY: RefCell<Vec<Op>> = const { RefCell::new(Vec::new()) };
-    /// This worker's audit chain (LOG-1): one per VM, kept across policy reloads; named by 64
-    /// random bits when the VM starts.
-    pub static CHAIN: RefCell<Chain> = RefCell::new(Chain::new(&chain_name()));
+    pub tally: RefCell<Vec<Op>>,
+    /// This plugin's audit chain on this worker (LOG-1), kept across policy reloads; named by
+    /// 64 random bits when the plugin starts.
+    pub chain: RefCell<Chain>,
+}
+
+impl Default for Plugin {
+    fn default() -> Self {
+        Plugin {
+            current: RefCell::new(None),
+            tally: RefCell::new(Vec::new()),
+            chain: RefCell::new(Chain::new(&chain_name())),
+        }
+    }
 }
 
 fn chain_name() -> [u8; 8] {
@@ -35,9 +55,4 @@ fn chain_name() -> [u8; 8] {
         b = ns.to_le_bytes();
     }
     b
-}
-
-/// The policy in force in this VM now.
-pub fn current() -> Option<Config> {
-    CURRENT.with(|c| c.borrow().clone())
 }
