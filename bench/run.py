@@ -693,8 +693,8 @@ def main() -> int:
                 capture_output=True, text=True, check=True).stdout)
         rss_after_flood = rss_kib(envoy.pid)
         heap_after_flood = allocator(g)
-        # filter/core/src/state/nonces/local.rs: an 8-byte horizon per slot, 32 bytes per entry
-        bound_mib = REPLAY["slots"] * (8 + REPLAY["entries_per_slot"] * 32) / 2**20
+        # filter/core/src/state/nonces/local.rs: an 8-byte horizon per slot, 20 bytes per entry
+        bound_mib = REPLAY["slots"] * (8 + REPLAY["entries_per_slot"] * 20) / 2**20
 
         # Requests for the instruction counts (their own unique nonces), signed before that Envoy
         # starts: dated 600 s ahead (inside the 900 s skew), since its fresh replay store refuses

@@ -13,6 +13,12 @@
 //!   from making an accepted request acceptable again. Under a constant policy the horizon
 //!   never refuses anything the skew window would accept.
 //! - A full slot refuses (fail closed) rather than forget a live nonce.
+//! - An entry is 20 bytes (issue 24: 32 before; at a million live nonces 12 MiB less of
+//!   Envoy's memory). A slot written by an earlier build in the 32-byte layout is read as such
+//!   and rewritten in the 20-byte one by its next write, so a new module loaded into a running
+//!   Envoy keeps every nonce the old one recorded. The header's top bit tells the layouts
+//!   apart; an earlier build that meets it reads a horizon in the far future and refuses every
+//!   request it guards (`created_too_old`), so going back needs a restart, never a replay.
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::store::{create_if_absent, u64_at, SharedStore, StoreError, StoreMeta};
@@ -27,9 +33,69 @@ pub struct ReplaySettings {
     pub lifetime_seconds: u64,
 }
 
-const HEADER: usize = 8; // horizon (unix seconds, LE)
-const ENTRY: usize = 32; // tag 8 | app 8 | created 8 | expiry 8
+const HEADER: usize = 8; // horizon (unix seconds, LE) | COMPACT
+const ENTRY: usize = 20; // tag 8 | app 4 | created 4 | expiry 4 (unix seconds, LE)
+/// The header's mark of the 20-byte layout (a horizon in seconds never reaches bit 63).
+const COMPACT: u64 = 1 << 63;
+/// The layout of the builds before issue 24: tag 8 | app 8 | created 8 | expiry 8.
+const WIDE_ENTRY: usize = 32;
 const MAX_CAS_RETRIES: usize = 16;
+
+/// One live entry, whichever layout it was read from.
+struct Entry<'a> {
+    tag: &'a [u8],
+    app: &'a [u8],
+    created: u64,
+    expiry: u64,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 4)
+        .and_then(|s| <[u8; 4]>::try_from(s).ok())
+        .map_or(0, |w| u64::from(u32::from_le_bytes(w)))
+}
+
+/// A slot's horizon and its entries, in the layout its header names.
+fn parse(value: &[u8]) -> (u64, impl Iterator<Item = Entry<'_>>) {
+    let header = u64_at(value, 0);
+    let compact = header & COMPACT != 0;
+    let size = if compact { ENTRY } else { WIDE_ENTRY };
+    let entries = value
+        .get(HEADER..)
+        .unwrap_or(&[])
+        .chunks_exact(size)
+        .map(move |e| {
+            if compact {
+                Entry {
+                    tag: e.get(..8).unwrap_or(&[]),
+                    app: e.get(8..12).unwrap_or(&[]),
+                    created: u32_at(e, 12),
+                    expiry: u32_at(e, 16),
+                }
+            } else {
+                Entry {
+                    tag: e.get(..8).unwrap_or(&[]),
+                    app: e.get(8..12).unwrap_or(&[]), // the wide app word's first four bytes
+                    created: u64_at(e, 16),
+                    expiry: u64_at(e, 24),
+                }
+            }
+        });
+    (header & !COMPACT, entries)
+}
+
+/// Seconds as the 20-byte layout keeps them (unix time fits in 32 bits until 2106; a later
+/// value is kept as the largest, which only makes an entry live longer).
+fn secs32(t: u64) -> [u8; 4] {
+    u32::try_from(t).unwrap_or(u32::MAX).to_le_bytes()
+}
+
+fn push_entry(out: &mut Vec<u8>, tag: &[u8], app: &[u8], created: u64, expiry: u64) {
+    out.extend_from_slice(tag);
+    out.extend_from_slice(app);
+    out.extend_from_slice(&secs32(created));
+    out.extend_from_slice(&secs32(expiry));
+}
 
 pub fn slot_key(slot: u32) -> String {
     format!("apisec/replay/{slot}")
@@ -39,7 +105,7 @@ pub fn slot_key(slot: u32) -> String {
 struct Place {
     slot: u32,
     tag: [u8; 8],
-    app: [u8; 8],
+    app: [u8; 4],
 }
 
 fn place(meta: &StoreMeta, slots: u32, app: &str, nonce: &str) -> Place {
@@ -52,10 +118,12 @@ fn place(meta: &StoreMeta, slots: u32, app: &str, nonce: &str) -> Place {
         }
         w
     };
+    let mut app = [0u8; 4];
+    app.copy_from_slice(&word(&a, 0)[..4]);
     Place {
         slot: (u64::from_le_bytes(word(&h, 0)) % u64::from(slots.max(1))) as u32,
         tag: word(&h, 8),
-        app: word(&a, 0),
+        app,
     }
 }
 
@@ -64,6 +132,11 @@ fn place(meta: &StoreMeta, slots: u32, app: &str, nonce: &str) -> Place {
 /// created in the second the store started is not, since that earlier process had stopped.
 fn start_horizon(meta: &StoreMeta) -> u64 {
     meta.started_at.saturating_sub(1)
+}
+
+/// A fresh slot's value: the start horizon, in the 20-byte layout.
+fn fresh_slot(meta: &StoreMeta) -> [u8; HEADER] {
+    (start_horizon(meta) | COMPACT).to_le_bytes()
 }
 
 /// A policy whose replay layout differs from the one the running store holds its live nonces
@@ -90,7 +163,7 @@ pub fn init_slots(
     settings: &ReplaySettings,
     meta: &StoreMeta,
 ) -> Result<(), StoreError> {
-    let fresh = start_horizon(meta).to_le_bytes();
+    let fresh = fresh_slot(meta);
     for slot in 0..settings.slots {
         create_if_absent(store, &slot_key(slot), &fresh)?;
     }
@@ -124,29 +197,29 @@ pub fn check(
         let Some((value, cas)) = store.get(&key).map_err(host)? else {
             // configure creates every slot; one that is missing is created as a fresh slot
             // (horizon = the store's start), never overwriting one created meanwhile
-            create_if_absent(store, &key, &start_horizon(meta).to_le_bytes()).map_err(host)?;
+            create_if_absent(store, &key, &fresh_slot(meta)).map_err(host)?;
             continue;
         };
-        let mut horizon = u64_at(&value, 0).max(start_horizon(meta));
+        let (stored_horizon, entries) = parse(&value);
+        let mut horizon = stored_horizon.max(start_horizon(meta));
         let mut live: Vec<u8> = Vec::with_capacity(value.len() + ENTRY);
         live.extend_from_slice(&[0u8; HEADER]);
         let mut app_live = 0u32;
-        for entry in value.get(HEADER..).unwrap_or(&[]).chunks_exact(ENTRY) {
-            let (e_created, e_expiry) = (u64_at(entry, 16), u64_at(entry, 24));
-            if e_expiry <= now {
-                horizon = horizon.max(e_created); // pruned by this write: forgotten from here on
+        for e in entries {
+            if e.expiry <= now {
+                horizon = horizon.max(e.created); // pruned by this write: forgotten from here on
                 continue;
             }
-            if entry.get(..8) == Some(&p.tag[..]) && entry.get(8..16) == Some(&p.app[..]) {
+            if e.tag == p.tag && e.app == p.app {
                 return Err(Deny::new(
                     DenyReason::NonceReplayed,
                     format!("nonce {nonce:?} already used"),
                 ));
             }
-            if entry.get(8..16) == Some(&p.app[..]) {
+            if e.app == p.app {
                 app_live += 1;
             }
-            live.extend_from_slice(entry);
+            push_entry(&mut live, e.tag, e.app, e.created, e.expiry);
         }
         if created <= horizon {
             return Err(Deny::new(
@@ -180,12 +253,9 @@ pub fn check(
             ));
         }
         if let Some(h) = live.get_mut(..HEADER) {
-            h.copy_from_slice(&horizon.to_le_bytes());
+            h.copy_from_slice(&(horizon | COMPACT).to_le_bytes());
         }
-        live.extend_from_slice(&p.tag);
-        live.extend_from_slice(&p.app);
-        live.extend_from_slice(&created.to_le_bytes());
-        live.extend_from_slice(&expiry.to_le_bytes());
+        push_entry(&mut live, &p.tag, &p.app, created, expiry);
         if store.set(&key, &live, Some(cas)).map_err(host)? {
             return Ok(());
         }
@@ -212,12 +282,7 @@ pub fn fill(
         let Some((value, _)) = store.get(&slot_key(slot))? else {
             continue;
         };
-        let live = value
-            .get(HEADER..)
-            .unwrap_or(&[])
-            .chunks_exact(ENTRY)
-            .filter(|e| u64_at(e, 24) > now)
-            .count() as u64;
+        let live = parse(&value).1.filter(|e| e.expiry > now).count() as u64;
         acc.live = acc.live.saturating_add(live);
         acc.fullest_pct = acc.fullest_pct.max(live.saturating_mul(100) / per_slot);
     }
@@ -414,6 +479,60 @@ mod tests {
         assert_eq!(err.reason, DenyReason::CreatedTooOld);
         // a fresh request is unaffected
         check(&store, &meta, &s, 3600, "a", "order-2", 1740, 1750, true).unwrap();
+    }
+
+    /// A slot an earlier build wrote in the 32-byte layout (a new module loaded into a running
+    /// Envoy finds its shared data): its nonces are still refused, its horizon still holds, and
+    /// its next write keeps them in the 20-byte layout.
+    #[test]
+    fn a_slot_in_the_wide_layout_keeps_its_nonces() {
+        let s = settings(1, 8, 8);
+        let (store, meta) = opened(&s, 100);
+        let p = place(&meta, 1, "app-a", "old-nonce");
+        let mut app8 = [0u8; 8];
+        app8[..4].copy_from_slice(&p.app);
+        app8[4..].copy_from_slice(&[9, 9, 9, 9]); // the wide app word's other half is not compared
+        let mut wide = 150u64.to_le_bytes().to_vec(); // horizon 150, no COMPACT mark
+        wide.extend_from_slice(&p.tag);
+        wide.extend_from_slice(&app8);
+        wide.extend_from_slice(&1000u64.to_le_bytes());
+        wide.extend_from_slice(&1900u64.to_le_bytes());
+        store.set(&slot_key(0), &wide, None).unwrap();
+        assert_eq!(
+            rec(&store, &meta, &s, "app-a", "old-nonce", 1000, 1010),
+            Err(DenyReason::NonceReplayed)
+        );
+        assert_eq!(
+            rec(&store, &meta, &s, "app-a", "before-horizon", 150, 1010),
+            Err(DenyReason::CreatedTooOld)
+        );
+        rec(&store, &meta, &s, "app-a", "new-nonce", 1005, 1010).unwrap();
+        let (value, _) = store.get(&slot_key(0)).unwrap().unwrap();
+        assert_eq!(
+            value.len(),
+            HEADER + 2 * ENTRY,
+            "rewritten in the 20-byte layout"
+        );
+        assert_eq!(u64_at(&value, 0), 150 | COMPACT);
+        for n in ["old-nonce", "new-nonce"] {
+            assert_eq!(
+                rec(&store, &meta, &s, "app-a", n, 1005, 1020),
+                Err(DenyReason::NonceReplayed)
+            );
+        }
+        let mut f = ReplayFill::default();
+        fill(&store, &s, 1020, 0..1, &mut f).unwrap();
+        assert_eq!(f.live, 2);
+    }
+
+    /// An earlier build reads the 20-byte layout's header as a horizon far in the future, so
+    /// it refuses what it guards rather than take a spent nonce for a new one.
+    #[test]
+    fn the_compact_mark_reads_as_a_far_horizon_to_an_earlier_build() {
+        let s = settings(1, 8, 8);
+        let (store, _) = opened(&s, 100);
+        let (value, _) = store.get(&slot_key(0)).unwrap().unwrap();
+        assert!(u64_at(&value, 0) > u64::from(u32::MAX) * 1000);
     }
 
     /// Issue 8, hole 3: a store that starts empty refuses signatures created before it started.
