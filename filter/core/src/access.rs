@@ -203,28 +203,7 @@ pub fn compile_grant(
         }
         None => {}
     }
-    let ts = |name: &str, v: &Option<String>| -> Result<Option<u64>, ConfigError> {
-        v.as_ref()
-            .map(|s| {
-                timeutil::parse_rfc3339(s).ok_or_else(|| {
-                    ConfigError::new(
-                        format!("{field}.{name}"),
-                        "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00",
-                    )
-                })
-            })
-            .transpose()
-    };
-    let not_before = ts("not_before", &g.not_before)?;
-    let not_after = ts("not_after", &g.not_after)?;
-    if let (Some(a), Some(b)) = (not_before, not_after) {
-        if a >= b {
-            return Err(ConfigError::new(
-                format!("{field}.not_after"),
-                "must be after not_before",
-            ));
-        }
-    }
+    let (not_before, not_after) = timeutil::parse_period(&field, &g.not_before, &g.not_after)?;
     let max_uses = match (g.once, g.max_uses) {
         (true, Some(_)) => {
             return Err(ConfigError::new(

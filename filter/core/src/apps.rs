@@ -1,14 +1,15 @@
 //! Apps and their credentials (ID-1, ID-2, ID-3, OPS-2): who may call, with which keys
-//! (HMAC App_Secrets named by environment variable, P-256 public keys), which client
-//! certificates are bound to them, from which source ranges, and whether they are suspended.
-//! Its schema, its compilation and its checks live here.
+//! (HMAC App_Secrets named by environment variable, P-256 and SM2 public keys), which client
+//! certificates are bound to them, from which source ranges, whether they are suspended, and
+//! from when until when each credential is valid. Its schema, its compilation and its checks
+//! live here.
 
 use std::collections::{HashMap, HashSet};
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ConfigError;
+use crate::error::{ConfigError, Deny, DenyReason};
 use crate::inventory::{valid_id, SecurityLevel};
 use crate::ip::Cidr;
 
@@ -100,6 +101,12 @@ pub struct RawCredential {
     /// default `1234567812345678` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sm2_id: Option<String>,
+    /// The credential is refused (`credential_not_yet_valid`) before this RFC 3339 time (OPS-2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// The credential is refused (`credential_expired`) after this RFC 3339 time (OPS-2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
 }
 
 /// The SM2 distinguishing ID when a credential names none (GM/T 0009-2012 section 10).
@@ -173,6 +180,41 @@ pub struct Credential {
     pub keyid: String,
     pub alg: Algorithm,
     pub key: KeyMaterial,
+    pub validity: Validity,
+}
+
+/// When a credential may be used (OPS-2): each bound inclusive, as grants' are (PERM-5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+}
+
+impl Validity {
+    /// Refuses a credential outside its period, naming it and the bound it is past.
+    pub fn check(&self, keyid: &str, now: u64) -> Result<(), Deny> {
+        if let Some(nb) = self.not_before.filter(|nb| now < *nb) {
+            return Err(Deny::new(
+                DenyReason::CredentialNotYetValid,
+                format!("credential {keyid} is valid from {nb}"),
+            ));
+        }
+        if let Some(na) = self.not_after.filter(|na| now > *na) {
+            return Err(Deny::new(
+                DenyReason::CredentialExpired,
+                format!("credential {keyid} expired at {na}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A client certificate bound to an app by one of its credentials.
+#[derive(Debug, Clone)]
+pub struct BoundCertificate {
+    pub keyid: String,
+    pub binding: CertBinding,
+    pub validity: Validity,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +236,7 @@ impl CertBinding {
 pub struct App {
     pub id: String,
     pub credentials: Vec<Credential>,
-    pub certificates: Vec<CertBinding>,
+    pub certificates: Vec<BoundCertificate>,
     pub suspended: bool,
     pub allowed_ips: Vec<Cidr>,
     pub onboarding: bool,
@@ -382,11 +424,17 @@ pub fn compile(
                     format!("duplicate credential id '{}'", c.id),
                 ));
             }
+            let (not_before, not_after) =
+                crate::timeutil::parse_period(&cfield, &c.not_before, &c.not_after)?;
+            let validity = Validity {
+                not_before,
+                not_after,
+            };
             if let Some(cert) = &c.certificate {
                 if c.alg.is_some() || c.secret_env.is_some() || c.public_key_pem.is_some() {
                     return Err(ConfigError::new(
                         cfield,
-                        "a certificate credential has only id and certificate",
+                        "a certificate credential has only id, certificate and its validity",
                     ));
                 }
                 let binding = match (&cert.sha256, &cert.uri_san) {
@@ -419,7 +467,11 @@ pub fn compile(
                     ));
                 }
                 cert_owners.push((app.id.clone(), binding.clone()));
-                certificates.push(binding);
+                certificates.push(BoundCertificate {
+                    keyid: c.id.clone(),
+                    binding,
+                    validity,
+                });
                 continue;
             }
             let Some(alg) = c.alg else {
@@ -443,6 +495,7 @@ pub fn compile(
                 keyid: c.id.clone(),
                 alg,
                 key,
+                validity,
             });
         }
         if apps

@@ -96,6 +96,10 @@ deny_reasons! {
     AlgMismatch => ("alg_mismatch", 401),
     /// The credential's algorithm is not strong enough for the API's level (ID-3).
     CredentialNotAllowed => ("credential_not_allowed", 401),
+    /// The credential (key, secret or bound certificate) is past its `not_after` (OPS-2).
+    CredentialExpired => ("credential_expired", 401),
+    /// The credential's `not_before` has not come yet (OPS-2).
+    CredentialNotYetValid => ("credential_not_yet_valid", 401),
     /// The API takes the national algorithms only (DATA-5): an international signature, a
     /// client certificate alone, or a Content-Digest without `sm3`.
     NationalAlgorithmRequired => ("national_algorithm_required", 401),

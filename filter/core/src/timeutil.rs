@@ -1,5 +1,5 @@
-//! Calendar arithmetic for grant validity (PERM-5): RFC 3339 timestamps, dates, weekdays and
-//! local time of day in a fixed-offset zone. No time-zone database in the filter: zones are a
+//! Calendar arithmetic for grant and credential validity (PERM-5, OPS-2): RFC 3339
+//! timestamps, dates, weekdays and local time of day in a fixed-offset zone. No time-zone database in the filter: zones are a
 //! short built-in table of zones without daylight saving (the markets this gateway serves), or
 //! an explicit `+08:00` offset; anything else is refused at validation, never guessed.
 
@@ -76,6 +76,37 @@ pub fn parse_date(s: &str) -> Option<i64> {
 }
 
 /// RFC 3339 date-time with an explicit offset (`2026-01-01T09:30:00+08:00`, `...Z`) to unix seconds.
+/// A validity period from a policy's `not_before` / `not_after` (RFC 3339 with an offset),
+/// for the object at `field`: each optional, and `not_after` after `not_before`.
+pub fn parse_period(
+    field: &str,
+    not_before: &Option<String>,
+    not_after: &Option<String>,
+) -> Result<(Option<u64>, Option<u64>), crate::error::ConfigError> {
+    let ts = |name: &str, v: &Option<String>| {
+        v.as_ref()
+            .map(|s| {
+                parse_rfc3339(s).ok_or_else(|| {
+                    crate::error::ConfigError::new(
+                        format!("{field}.{name}"),
+                        "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00",
+                    )
+                })
+            })
+            .transpose()
+    };
+    let (a, b) = (ts("not_before", not_before)?, ts("not_after", not_after)?);
+    if let (Some(a), Some(b)) = (a, b) {
+        if a >= b {
+            return Err(crate::error::ConfigError::new(
+                format!("{field}.not_after"),
+                "must be after not_before",
+            ));
+        }
+    }
+    Ok((a, b))
+}
+
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let (date, rest) = s.split_once(['T', 't'])?;
     let days = parse_date(date)?;

@@ -57,16 +57,20 @@ pub(super) fn authenticate(
         req.conn.peer_cert_sha256.as_deref(),
         req.conn.peer_uri_san.as_deref(),
     );
-    let cert_ok = app
+    let bound = app
         .certificates
         .iter()
-        .any(|b| b.matches(cert_sha, cert_uri));
-    if (cert_sha.is_some() || cert_uri.is_some()) && !cert_ok {
+        .find(|b| b.binding.matches(cert_sha, cert_uri));
+    if (cert_sha.is_some() || cert_uri.is_some()) && bound.is_none() {
         return Err(Deny::new(
             DenyReason::CertificateMismatch,
             format!("the client certificate is not bound to app {}", app.id),
         ));
     }
+    if let Some(b) = bound {
+        b.validity.check(&b.keyid, now)?;
+    }
+    let cert_ok = bound.is_some();
     let sig_input = req.unique_header("signature-input")?;
     let sig = req.unique_header("signature")?;
     match (sig_input, sig) {
@@ -168,6 +172,7 @@ pub(super) fn verify_signature(
     check_params(policy, input, now, ctx)?;
     let keyid = ctx.keyid.clone().unwrap_or_default();
     let cred = credential(app, api, input, &keyid)?;
+    cred.validity.check(&keyid, now)?;
     let covered = coverage(policy, req, api, input, has_body, digest)?;
     if let (true, Some(d)) = (api.national, digest) {
         if !crypto::digest_has(d, "sm3") {
