@@ -436,8 +436,9 @@ def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_
     policy a request was finally decided under when its body completed was the VM's last
     loaded one, whichever filter loaded it: an order body on one listener was judged by the
     other listener's policy. Here listener A (the shipped one) forbids `margin_override` in an
-    order; listener B's filter has the same vm_config and a policy without that rule. Whichever
-    plugin loaded last, one of the two answers below was wrong."""
+    order; listener B's filter (named apisec-b, as two WasmPlugins or two filters an operator
+    writes are) has the same vm_config and a policy without that rule. Whichever plugin loaded
+    last, one of the two answers below was wrong."""
     import copy
 
     doc_a = base_policy()
@@ -458,6 +459,7 @@ def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_
         # vm_config (vm_id, code, environment), so Envoy puts both plugins in one VM
         ecds = json.loads((tmp_path / "gw" / "ecds" / "apisec.yaml").read_text())
         typed = copy.deepcopy(ecds["resources"][0]["typed_config"])
+        typed["config"]["name"] = "apisec-b"
         typed["config"]["configuration"]["value"] = json.dumps(doc_b)
         hcm["http_filters"] = [{"name": "apisec", "typed_config": typed} if f["name"] == "apisec" else f
                                for f in hcm["http_filters"]]
@@ -480,3 +482,22 @@ def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_
         assert client.send(order(client)).status_code == 200
     finally:
         g.stop()
+
+
+def test_a_body_completing_after_a_reload_is_decided_under_the_new_policy(own):  # PERM-2, OPS-1
+    """Envoy gives the policy an ECDS update delivers a new root context; a stream the old one
+    began must still finish under the new policy: here the grant for orders is withdrawn while
+    an order's body is on its way, and the order is refused when the body completes."""
+    g, client = own(concurrency=1)
+    body = json.dumps(ORDER).encode()
+    signed = order(client, body)
+    conn = client.start("POST", signed["url"], list(signed["headers"].items()), body_len=len(body))
+    time.sleep(0.3)  # the headers have passed (the grant held then)
+    doc = base_policy()
+    doc["grants"] = [gr for gr in doc["grants"] if gr["id"] != "demo-partner-trading"]
+    assert reload(g, doc)
+    before = upstream_count(g)
+    conn.send(body)
+    refused_unsent(g, client.response(conn), 403, "no_grant", before)
+    # and a new order is refused too, while the other grants still serve
+    refused_unsent(g, client.send(order(client)), 403, "no_grant", before)

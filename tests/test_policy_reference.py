@@ -52,7 +52,7 @@ apps:
     onboarding: true
     sdk: {minimum: "2.1.0", known_bad: ["2.3.1"], action: flag}
     credentials:
-      - {id: k1, alg: hmac-sha256, secret_env: S}
+      - {id: k1, alg: hmac-sha256, secret_env: S, not_before: "2026-01-01T00:00:00+08:00", not_after: "2099-01-01T00:00:00+08:00"}
       - id: k2
         alg: ecdsa-p256-sha256
         public_key_pem: |

@@ -203,7 +203,7 @@ pub fn compile_grant(
         }
         None => {}
     }
-    let (not_before, not_after) = timeutil::parse_period(&field, &g.not_before, &g.not_after)?;
+    let (not_before, not_after) = timeutil::parse_period(field, &g.not_before, &g.not_after)?;
     let max_uses = match (g.once, g.max_uses) {
         (true, Some(_)) => {
             return Err(ConfigError::new(

@@ -526,3 +526,73 @@ pub fn compile(
 
     Ok(apps)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn apps(credential: serde_json::Value) -> Result<HashMap<String, App>, ConfigError> {
+        let raw: Vec<RawApp> =
+            serde_json::from_value(serde_json::json!([{"id": "a", "credentials": [credential]}]))
+                .unwrap();
+        let secrets: HashMap<String, String> = [(
+            "S".to_string(),
+            "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTAxMjM=".to_string(),
+        )]
+        .into();
+        compile(&raw, Some(&secrets))
+    }
+
+    /// OPS-2: a credential is refused before `not_before` and after `not_after` (both bounds
+    /// inclusive, as a grant's), with its own codes; a certificate binding has a period too.
+    #[test]
+    fn a_credential_is_valid_within_its_period_only() {
+        let compiled = apps(
+            serde_json::json!({"id": "k", "alg": "hmac-sha256", "secret_env": "S",
+            "not_before": "2026-01-01T00:00:00Z", "not_after": "2026-12-31T23:59:59+08:00"}),
+        )
+        .unwrap();
+        let v = compiled["a"].credentials[0].validity;
+        let (start, end) = (1_767_225_600, 1_798_732_799); // 2026-01-01Z, 2026-12-31 23:59:59 +08:00
+        assert_eq!(v.not_before, Some(start));
+        assert_eq!(v.not_after, Some(end));
+        assert_eq!(
+            v.check("k", start - 1).unwrap_err().reason,
+            DenyReason::CredentialNotYetValid
+        );
+        v.check("k", start).unwrap();
+        v.check("k", end).unwrap();
+        assert_eq!(
+            v.check("k", end + 1).unwrap_err().reason,
+            DenyReason::CredentialExpired
+        );
+        let cert = apps(
+            serde_json::json!({"id": "c", "certificate": {"uri_san": "spiffe://x/a"},
+            "not_after": "2026-01-01T00:00:00Z"}),
+        )
+        .unwrap();
+        let bound = &cert["a"].certificates[0];
+        assert_eq!(
+            (bound.keyid.as_str(), bound.validity.not_after),
+            ("c", Some(start))
+        );
+        Validity::default().check("k", u64::MAX).unwrap();
+    }
+
+    #[test]
+    fn a_bad_period_is_refused_with_its_field() {
+        let e = apps(
+            serde_json::json!({"id": "k", "alg": "hmac-sha256", "secret_env": "S",
+            "not_before": "2026-02-01T00:00:00Z", "not_after": "2026-01-01T00:00:00Z"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "apps[0].credentials[0].not_after");
+        let e = apps(
+            serde_json::json!({"id": "k", "alg": "hmac-sha256", "secret_env": "S",
+            "not_after": "2026-01-01"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "apps[0].credentials[0].not_after");
+    }
+}

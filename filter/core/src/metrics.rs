@@ -33,6 +33,7 @@ pub const RATE_LIMITED: &str = "apisec.rate_limited_total";
 pub const SDK_OUTDATED: &str = "apisec.sdk_outdated_total";
 pub const SESSIONS_EVICTED: &str = "apisec.sessions_evicted_total";
 pub const POLICY_INFO: &str = "apisec.policy_info";
+pub const CREDENTIAL_NOT_AFTER: &str = "apisec.credential_not_after";
 pub const BANS_ACTIVE: &str = "apisec.bans_active";
 pub const REPLAY_LIVE: &str = "apisec.replay_store_live";
 pub const REPLAY_CAPACITY: &str = "apisec.replay_store_capacity";
@@ -105,6 +106,33 @@ pub fn sessions_evicted(app_label: &str) -> String {
     let mut s = String::from(SESSIONS_EVICTED);
     named(&mut s, "app", app_label);
     s
+}
+
+/// OPS-2: every credential of the policy as `apisec.credential_not_after;app=..;credential=..`,
+/// set to its `not_after` in unix seconds, or 0 when it has none. Set when a policy loads (the
+/// values change only with the policy), so the expiry alert (`ApisecCredentialExpiresSoon`)
+/// costs nothing per request or tick.
+pub fn credential_not_after(policy: &Policy) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for id in policy.app_ids() {
+        let Some(app) = policy.app(id) else { continue };
+        let signing = app
+            .credentials
+            .iter()
+            .map(|c| (&c.keyid, c.validity.not_after));
+        let certs = app
+            .certificates
+            .iter()
+            .map(|c| (&c.keyid, c.validity.not_after));
+        for (keyid, not_after) in signing.chain(certs) {
+            let mut s = String::from(CREDENTIAL_NOT_AFTER);
+            named(&mut s, "app", &label(id));
+            named(&mut s, "credential", &label(keyid));
+            out.push((s, not_after.unwrap_or(0)));
+        }
+    }
+    out.sort();
+    out
 }
 
 fn named(out: &mut String, name: &str, value: &str) {

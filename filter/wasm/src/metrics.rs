@@ -42,9 +42,16 @@ pub struct Metrics {
     dropped: Option<u32>,
 }
 
-thread_local! {
-    /// The policy version series this VM set to 1 last (its stat name).
-    static POLICY_VERSION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// The gauges a plugin's last policy set, kept with the plugin (worker.rs) rather than the
+/// root context: Envoy gives a new policy (an ECDS update) a new root context, whose own
+/// memory would not know the old policy's series, which would then keep their values beside
+/// the new ones (issue 21 item 9).
+#[derive(Default)]
+pub struct PolicyGauges {
+    /// The policy version series set to 1 last (its stat name).
+    version: RefCell<Option<String>>,
+    /// The credential-end series set last (a credential dropped from the policy goes to 0).
+    credentials: RefCell<Vec<String>>,
 }
 
 /// The most labelled series one VM defines. The policy bounds the label values (apps, APIs,
@@ -238,15 +245,19 @@ impl Metrics {
         }
     }
 
-    /// The loaded policy's version (`apisec_policy_info{version} 1`; the one before goes to 0).
-    /// The version in force is remembered per VM, not per root context: Envoy gives a new
-    /// policy (an ECDS update) a new root context in the same VM, whose own memory would not
-    /// know the old version, which would then stay at 1 beside the new one (issue 21 item 9).
-    /// Also defines every registered app's eviction counter at zero.
-    pub fn policy_loaded(&self, policy_text: &[u8], policy: &apisec_core::policy::Policy) {
+    /// The loaded policy's version (`apisec_policy_info{version} 1`; the one before goes to 0)
+    /// and its credentials' ends (OPS-2; one the policy no longer has reads 0, like no end),
+    /// remembered in the plugin's `gauges`. Also defines every registered app's eviction
+    /// counter at zero.
+    pub fn policy_loaded(
+        &self,
+        policy_text: &[u8],
+        policy: &apisec_core::policy::Policy,
+        gauges: &PolicyGauges,
+    ) {
         let name = series::policy_info(policy_text);
         let id = self.series(name.clone(), MetricType::Gauge);
-        let old = POLICY_VERSION.with(|v| v.replace(Some(name.clone())));
+        let old = gauges.version.replace(Some(name.clone()));
         if let Some(old) = old.filter(|o| *o != name) {
             if let Some(old_id) = self.series(old, MetricType::Gauge) {
                 let _ = hostcalls::record_metric(old_id, 0);
@@ -259,6 +270,16 @@ impl Metrics {
             let name = apisec_core::metrics::sessions_evicted(&apisec_core::metrics::label(app));
             let _ = self.series(name, MetricType::Counter);
         }
+        let ends = apisec_core::metrics::credential_not_after(policy);
+        let gone: Vec<(String, u64)> = gauges
+            .credentials
+            .replace(ends.iter().map(|(n, _)| n.clone()).collect())
+            .into_iter()
+            .filter(|old| !ends.iter().any(|(n, _)| n == old))
+            .map(|old| (old, 0))
+            .collect();
+        self.gauges(gone);
+        self.gauges(ends);
     }
 
     /// Sets gauges to what was measured.

@@ -266,6 +266,13 @@ impl RootContext for ApisecRoot {
             policy: Rc::new(policy),
             meta: Rc::new(meta),
         };
+        // The plugin's state by its name: a reload's new root context takes over the old one's.
+        let name = hostcalls::get_property(vec!["plugin_name"])
+            .ok()
+            .flatten()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .unwrap_or_default();
+        self.plugin = crate::worker::plugin(&name);
         *self.plugin.current.borrow_mut() = Some(config.clone());
         self.config = Some(config);
         if self.metrics.is_none() {
@@ -277,7 +284,7 @@ impl RootContext for ApisecRoot {
             let _ = hostcalls::set_tick_period(TICK);
         }
         if let (Some(m), Some(c)) = (&self.metrics, &self.config) {
-            m.policy_loaded(text.as_bytes(), &c.policy);
+            m.policy_loaded(text.as_bytes(), &c.policy, &self.plugin.gauges);
         }
         self.cluster_opened = false;
         self.open_cluster();
