@@ -52,11 +52,14 @@ $(VENV)/.installed: tests/requirements.txt
 	cd partner-kit/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Monitoring (issue 13): a real Prometheus scrapes the test gateway, and promtool runs the alert
-# rules' unit tests (monitoring/), from Debian's prometheus package.
+# Monitoring (issues 13, 26): a real Prometheus scrapes the test gateway and sends its alerts
+# to a real Alertmanager; promtool runs the alert rules' unit tests and amtool checks the
+# routing (monitoring/), from Debian's prometheus and prometheus-alertmanager packages.
 .monitoring-done:
-	command -v prometheus >/dev/null && command -v promtool >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+	command -v prometheus >/dev/null && command -v promtool >/dev/null && \
+		command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
+		prometheus-alertmanager)
 	touch $@
 
 setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done .monitoring-done

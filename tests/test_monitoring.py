@@ -43,11 +43,15 @@ def test_alert_rules_pass_promtool():  # MON-2: the rules parse, and their unit 
 class Prometheus:
     """A real Prometheus scraping one gateway's admin listener with monitoring/prometheus.yml."""
 
-    def __init__(self, tmp: Path, admin_port: int):
+    def __init__(self, tmp: Path, admin_port: int, alertmanager: str | None = None):
         conf = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
         conf["global"]["scrape_interval"] = "1s"
         conf["global"]["evaluation_interval"] = "1s"
         conf["rule_files"] = [str(MONITORING / f) for f in conf["rule_files"]]
+        if alertmanager:
+            conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
+        else:
+            conf.pop("alerting")
         job = conf["scrape_configs"][0]
         job["static_configs"][0]["targets"] = [f"127.0.0.1:{admin_port}"]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(conf))
@@ -283,4 +287,124 @@ def test_one_policy_version_in_force_after_a_reload(tmp_path, secret):  # MON-2
         second = in_force()
         assert len(second) == 1 and second != first, (first, second)
     finally:
+        g.stop()
+
+
+class Receiver:
+    """The webhook end of monitoring/alertmanager.yml: an HTTP server that keeps each
+    notification Alertmanager posts, by path (/apisec/page, /apisec/ticket)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        got: list[tuple[str, dict]] = []
+        self.got = got
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (the stdlib's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                got.append((self.path, json.loads(body)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def alerts(self, path: str) -> list[dict]:
+        return [a for p, doc in list(self.got) if p == path for a in doc["alerts"]]
+
+    def stop(self):
+        self.server.shutdown()
+
+
+class Alertmanager:
+    """A real Alertmanager (Debian's prometheus-alertmanager) with monitoring/alertmanager.yml,
+    its webhooks pointed at `receiver` and its waits shortened for a test."""
+
+    def __init__(self, tmp: Path, receiver: Receiver):
+        conf = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
+        for r in conf["receivers"]:
+            for hook in r["webhook_configs"]:
+                hook["url"] = hook["url"].replace("127.0.0.1:9095", f"127.0.0.1:{receiver.port}")
+        for route in [conf["route"], *conf["route"]["routes"]]:
+            route.update(group_wait="1s", group_interval="1s")
+        (tmp / "alertmanager.yml").write_text(yaml.safe_dump(conf))
+        self.port = gw.free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = open(tmp / "alertmanager.log", "w")
+        self.proc = subprocess.Popen(
+            [tool("prometheus-alertmanager"), f"--config.file={tmp / 'alertmanager.yml'}",
+             f"--storage.path={tmp / 'am'}", f"--web.listen-address={self.address}", "--cluster.listen-address="],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://{self.address}/-/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            assert self.proc.poll() is None, (tmp / "alertmanager.log").read_text()
+            time.sleep(0.3)
+        raise AssertionError("alertmanager did not become ready")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def test_alertmanager_config_passes_amtool():  # MON-2
+    out = subprocess.run([tool("amtool"), "check-config", "alertmanager.yml"], cwd=MONITORING,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
+
+
+def test_alerts_reach_the_receivers_by_severity(tmp_path, secret):  # MON-2, MON-4
+    """Issue 26: alerts reached no one. A real Prometheus scrapes a real gateway with
+    monitoring/prometheus.yml, evaluates monitoring/alerts.yml and sends to a real Alertmanager
+    with monitoring/alertmanager.yml: forged signatures for a registered app page the on-call
+    receiver (MON-4), and the ban they cause goes to the security team's ticket receiver."""
+    doc = base_policy()
+    doc["bans"] = {"threshold": 5, "window_seconds": 120, "ban_seconds": 600}
+    g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
+    receiver = Receiver()
+    (tmp_path / "am").mkdir()
+    am = Alertmanager(tmp_path / "am", receiver)
+    (tmp_path / "prom").mkdir()
+    prom = Prometheus(tmp_path / "prom", g.layout.admin_port, alertmanager=am.address)
+    try:
+        c = Client(g, secret)
+        for i in range(6):  # a valid key id, signatures that do not verify
+            forged = c.sign("GET", f"/api/v1/info/research/r-{i}")
+            forged["url"] = forged["url"].replace(f"r-{i}", f"r-{i}x")
+            assert c.send(forged).json()["error"] in ("signature_invalid", "banned")
+
+        def delivered(path: str, name: str) -> list[dict]:
+            return [a for a in receiver.alerts(path) if a["labels"]["alertname"] == name and a["status"] == "firing"]
+
+        deadline = time.time() + 90
+        while time.time() < deadline and not (delivered("/apisec/page", "ApisecSignatureFailuresForValidKey")
+                                               and delivered("/apisec/ticket", "ApisecBansActive")):
+            time.sleep(1)
+        page = delivered("/apisec/page", "ApisecSignatureFailuresForValidKey")
+        assert page, f"no page reached the on-call receiver: {receiver.got}"
+        assert page[0]["labels"]["app"] == "demo-partner" and page[0]["labels"]["severity"] == "page"
+        assert "failed signatures" in page[0]["annotations"]["summary"]
+        ticket = delivered("/apisec/ticket", "ApisecBansActive")
+        assert ticket and ticket[0]["labels"]["severity"] == "ticket", receiver.got
+        # routed by severity: no page went to the ticket queue, no ticket to on-call
+        assert all(a["labels"]["severity"] == "page" for a in receiver.alerts("/apisec/page"))
+        assert all(a["labels"]["severity"] == "ticket" for a in receiver.alerts("/apisec/ticket"))
+    finally:
+        prom.stop()
+        am.stop()
+        receiver.stop()
         g.stop()
