@@ -37,7 +37,11 @@ class Echo(BaseHTTPRequestHandler):
                               ' "units": 98765432109876543210, "rate": 0.0100000000000000000001,'
                               ' "owner": {"name": "Zhang San", "mobile": "13700137000"}}')
         out = out.encode()
-        self.send_response(200)
+        # A test's stand-in for a failing backend: `?demo_status=503` answers that status.
+        from urllib.parse import parse_qs as _qs, urlsplit as _split
+
+        wanted = _qs(_split(self.path).query).get("demo_status", ["200"])[0]
+        self.send_response(int(wanted) if wanted.isdigit() and 200 <= int(wanted) <= 599 else 200)
         if self.path.startswith("/api/v1/users/login"):
             # The demo login service (ID-4): it reports who logged in, and with how many
             # factors, to the gateway, which records it on the session and strips the header.

@@ -187,6 +187,27 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         time.sleep(1)
         series = prometheus_series(mgw.admin("/stats/prometheus"))
     assert series[count] == 3, "two allowed calls and the refused one"
+    # Issue 26: the backend's own status per API (a 503 from the backend is not a success),
+    # a blacklisted user's call counted by its code, and the SDK versions in use (MON-7).
+    assert c.get(QUOTE + "?demo_status=503", headers={"x-app-id": "demo-partner"}).status_code == 503
+    assert c.get(QUOTE + "?demo_status=404", headers={"x-app-id": "demo-partner"}).status_code == 404
+    frozen = c.send(c.sign("GET", RESEARCH, extra=["--header", "x-user-id: u-frozen-0001", "--cover", "x-user-id"]))
+    assert frozen.status_code == 403 and frozen.json()["error"] == "blacklisted"
+    on_sdk = c.send(c.sign("GET", RESEARCH, extra=["--header", "x-sdk-version: 2.4.0", "--cover", "x-sdk-version"]))
+    assert on_sdk.status_code == 200, on_sdk.text
+    time.sleep(1.5)
+    series = prometheus_series(mgw.admin("/stats/prometheus"))
+    backend = 'apisec_backend_responses_total{app="demo-partner",api="%s",status="%s"}'
+    assert series[backend % ("market.quote", "5xx")] == 1
+    assert series[backend % ("market.quote", "4xx")] == 1
+    assert series[backend % ("market.quote", "2xx")] == 1
+    assert series[backend % ("info.research", "2xx")] == 3
+    assert backend % ("info.research", "4xx") not in series, "the gateway's refusals are not the backend's"
+    assert series[deny % ("demo-partner", "info.research", "S1", "blacklisted")] == 1
+    assert series['apisec_sdk_calls_total{app="demo-partner",version="2.4.0"}'] == 1
+    assert series['apisec_sdk_calls_total{app="demo-partner",version="none"}'] >= 5
+    assert not [k for k in series if "apisec_sdk_calls_total" in k and 'app="unknown"' in k], \
+        "an unknown App_ID's SDK is not counted"
     versions = [k for k, v in series.items() if k.startswith("apisec_policy_info{") and v == 1]
     assert len(versions) == 1 and re.fullmatch(r'apisec_policy_info\{version="[0-9a-f]{12}"\}', versions[0])
     # MON-8: the backend cluster is health-checked (the demo backend answers /healthz).
@@ -205,7 +226,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
     try:
         def read_back():
             got = prom.query('apisec_requests_total{app="demo-partner",api="info.research",decision="allow"}')
-            return got if got and float(got[0]["value"][1]) == 2 else None
+            return got if got and float(got[0]["value"][1]) == 3 else None  # two, and the SDK call
         deadline = time.time() + 60
         while not (got := read_back()) and time.time() < deadline:
             time.sleep(1)

@@ -31,6 +31,8 @@ pub const SHADOW_CALLS: &str = "apisec.shadow_calls_total";
 pub const ANOMALIES: &str = "apisec.anomalies_total";
 pub const RATE_LIMITED: &str = "apisec.rate_limited_total";
 pub const SDK_OUTDATED: &str = "apisec.sdk_outdated_total";
+pub const SDK_CALLS: &str = "apisec.sdk_calls_total";
+pub const BACKEND_RESPONSES: &str = "apisec.backend_responses_total";
 pub const SESSIONS_EVICTED: &str = "apisec.sessions_evicted_total";
 pub const POLICY_INFO: &str = "apisec.policy_info";
 pub const CREDENTIAL_NOT_AFTER: &str = "apisec.credential_not_after";
@@ -62,6 +64,35 @@ pub struct Sample {
     pub sdk: Option<(&'static str, &'static str)>,
     /// Establishing this session evicted one of the app's own (its cap, or a full store).
     pub session_evicted: bool,
+    /// The status class (`2xx` .. `5xx`) of the response to a call the gateway let through
+    /// (the backend's, or Envoy's own when it could not reach it): none for a refused call.
+    pub backend_status: Option<&'static str>,
+    /// The SDK version a registered app's call named (MON-7): the `x-sdk-version` it sent if
+    /// that is a version, `none` without one, `malformed` otherwise. None for an unknown app.
+    pub sdk_version: Option<String>,
+}
+
+/// The status class of an HTTP status, as the `status` label of the backend's responses.
+pub fn status_class(status: u32) -> Option<&'static str> {
+    match status {
+        100..=199 => Some("1xx"),
+        200..=299 => Some("2xx"),
+        300..=399 => Some("3xx"),
+        400..=499 => Some("4xx"),
+        500..=599 => Some("5xx"),
+        _ => None,
+    }
+}
+
+/// The `version` label of `apisec.sdk_calls_total` for what a caller sent in `x-sdk-version`.
+pub fn sdk_version_label(sent: Option<&str>) -> String {
+    match sent {
+        None => "none".into(),
+        Some(v) if v.len() <= 32 && crate::sdk::Version::parse(v).is_some() => {
+            label(v).into_owned()
+        }
+        Some(_) => "malformed".into(),
+    }
 }
 
 /// A label value as it may sit in a stat name: `;` and `=` delimit labels, and Envoy's
@@ -197,6 +228,22 @@ impl Sample {
             named(&mut s, "action", action);
             s
         })
+    }
+    /// `apisec.backend_responses_total;app=..;api=..;status=5xx` for a call let through.
+    pub fn backend_responses(&self) -> Option<String> {
+        self.backend_status.map(|class| {
+            let mut s = self.per_api(BACKEND_RESPONSES);
+            named(&mut s, "status", class);
+            s
+        })
+    }
+    /// `apisec.sdk_calls_total;app=..;version=..` (MON-7): the SDK versions in use, with
+    /// `version` in its place (the host bounds how many one app can define).
+    pub fn sdk_calls(&self, version: &str) -> String {
+        let mut s = String::from(SDK_CALLS);
+        named(&mut s, "app", &self.app);
+        named(&mut s, "version", version);
+        s
     }
     /// `apisec.shadow_calls_total;app=..`
     pub fn shadow(&self) -> String {
@@ -363,7 +410,33 @@ mod tests {
             rate_limits: vec![],
             sdk: Some(("known_bad", "flag")),
             session_evicted: true,
+            backend_status: None,
+            sdk_version: Some("2.4.0".into()),
         }
+    }
+
+    /// Issue 26 (MON-7, error rate from the backend's status): a call let through counts its
+    /// response's status class per app and API; the SDK version label is the version sent,
+    /// `none` or `malformed`, never free text.
+    #[test]
+    fn backend_status_and_sdk_versions_are_bounded_labels() {
+        let mut s = sample();
+        assert_eq!(s.backend_responses(), None);
+        s.backend_status = status_class(503);
+        assert_eq!(
+            s.backend_responses().unwrap(),
+            "apisec.backend_responses_total;app=broker-a;api=orders.place;status=5xx"
+        );
+        assert_eq!(status_class(404), Some("4xx"));
+        assert_eq!(status_class(99), None);
+        assert_eq!(sdk_version_label(Some("2.4.0-rc1")), "2.4.0-rc1");
+        assert_eq!(sdk_version_label(None), "none");
+        assert_eq!(sdk_version_label(Some("2.4;app=x")), "malformed");
+        assert_eq!(sdk_version_label(Some(&"9.".repeat(20))), "malformed");
+        assert_eq!(
+            s.sdk_calls("2.4.0"),
+            "apisec.sdk_calls_total;app=broker-a;version=2.4.0"
+        );
     }
 
     #[test]

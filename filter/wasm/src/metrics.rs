@@ -34,6 +34,8 @@ pub struct Metrics {
     sessions_evicted: Option<u32>,
     /// Labelled series defined so far, by stat name (bounded: see `MAX_SERIES`).
     defined: RefCell<HashMap<String, u32>>,
+    /// How many SDK-version series each app's calls defined (`MAX_SDK_VERSIONS_PER_APP`).
+    sdk_versions: RefCell<HashMap<String, usize>>,
     /// Counter increments not yet added to Envoy's stats, by series (the rarer series).
     pending: RefCell<HashMap<u32, u64>>,
     /// The series every request adds to, by app and API: found by the labels a request
@@ -71,7 +73,13 @@ struct ApiSeries {
     pending_out: u64,
     /// By level, decision and code (closed sets: a handful per API).
     requests: Vec<Outcome>,
+    /// The responses to calls let through, by status class: the class, its series, pending.
+    backend: Vec<(&'static str, Option<u32>, u64)>,
 }
+
+/// The most SDK versions one app's calls define series for; later ones count as `other`
+/// (a caller cannot grow the stats without bound by naming new versions).
+const MAX_SDK_VERSIONS_PER_APP: usize = 16;
 
 struct Outcome {
     level: &'static str,
@@ -138,6 +146,7 @@ impl Metrics {
                 .filter_map(|r| def(&format!("apisec.reported.{}", r.code())).map(|id| (*r, id)))
                 .collect(),
             defined: RefCell::new(HashMap::new()),
+            sdk_versions: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
             per_api: RefCell::new(HashMap::default()),
             dropped: def("apisec.metrics_series_dropped"),
@@ -157,6 +166,24 @@ impl Metrics {
         let id = hostcalls::define_metric(kind, &name).ok()?;
         defined.insert(name, id);
         Some(id)
+    }
+
+    /// One call of a registered app with the SDK version it named (MON-7); past
+    /// `MAX_SDK_VERSIONS_PER_APP` versions of one app, a new one counts as `other`.
+    fn sdk_call(&self, s: &Sample, version: &str) {
+        let name = s.sdk_calls(version);
+        if self.defined.borrow().contains_key(&name) {
+            return self.later(name, 1);
+        }
+        let mut per_app = self.sdk_versions.borrow_mut();
+        let n = per_app.entry(s.app.clone()).or_insert(0);
+        if *n >= MAX_SDK_VERSIONS_PER_APP {
+            drop(per_app);
+            return self.later(s.sdk_calls("other"), 1);
+        }
+        *n += 1;
+        drop(per_app);
+        self.later(name, 1);
     }
 
     fn later(&self, name: String, n: u64) {
@@ -191,6 +218,7 @@ impl Metrics {
                         pending_in: 0,
                         pending_out: 0,
                         requests: Vec::new(),
+                        backend: Vec::new(),
                     });
                     bucket.len() - 1
                 }
@@ -223,8 +251,19 @@ impl Metrics {
                     Self::bump(self.dropped);
                 }
             }
+            if let (Some(class), Some(name)) = (s.backend_status, s.backend_responses()) {
+                match api.backend.iter_mut().find(|(c, _, _)| *c == class) {
+                    Some((_, _, pending)) => add(pending, 1),
+                    None => api
+                        .backend
+                        .push((class, self.series(name, MetricType::Counter), 1)),
+                }
+            }
             api.duration
         };
+        if let Some(version) = &s.sdk_version {
+            self.sdk_call(s, version);
+        }
         if let (Some(id), Some(ms)) = (duration, s.duration_ms) {
             let _ = hostcalls::record_metric(id, ms);
         }
@@ -318,6 +357,9 @@ impl Metrics {
             Self::increment(api.bytes_out, std::mem::take(&mut api.pending_out));
             for o in &mut api.requests {
                 Self::increment(o.id, std::mem::take(&mut o.pending));
+            }
+            for (_, id, pending) in &mut api.backend {
+                Self::increment(*id, std::mem::take(pending));
             }
         }
     }

@@ -83,6 +83,22 @@ impl Stream {
                 .as_ref()
                 .map(|f| (f.status.as_str(), f.action.as_str())),
             session_evicted: self.evicted,
+            // forwarded: an upstream answered, or Envoy answered for one it could not reach
+            backend_status: match outcome {
+                Outcome::Refused(_) => None,
+                _ if facts.upstream.is_some() || facts.details.is_some() => {
+                    facts.status.and_then(metrics::status_class)
+                }
+                _ => None,
+            },
+            sdk_version: self.ctx.app.as_ref().map(|_| {
+                metrics::sdk_version_label(
+                    self.req
+                        .unique_header(crate::sdk::SDK_HEADER)
+                        .ok()
+                        .flatten(),
+                )
+            }),
         }
     }
 
