@@ -19,6 +19,9 @@ CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
 
 
 KIT = ROOT / "partner-kit"
+# The review record an API added by a test went online under (OPS-1; `policy apply` wants one).
+REVIEW = {"by": "API review board", "ticket": "ARB-TEST-1", "date": "2026-12-01"}
+
 KIT_LANGS = ("python", "go", "java", "node")
 
 
@@ -168,7 +171,8 @@ class Pair:
 
 def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
     doc = base_policy()
-    common = {"level": "S1", "service_object": "toB", "user_auth": False, "personal_info": False}
+    common = {"level": "S1", "service_object": "toB", "user_auth": False, "personal_info": False,
+              "review": REVIEW}
     doc["apis"] += [
         {"id": "session.create", "method": "POST", "path": "/apisec/v1/sessions", "access": "write",
          "function": "session", **common},

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, decided, flushed_stat, gw, new_secret, read_audit, start_gateway
-from helpers import assert_refused, ecds_stats, wait_for
+from helpers import REVIEW, assert_refused, ecds_stats, wait_for
 
 
 def hmac_app(app_id: str, **extra) -> dict:
@@ -22,7 +22,7 @@ def hmac_app(app_id: str, **extra) -> dict:
 
 def s0_api(api_id: str, path: str, state: str) -> dict:
     return {"id": api_id, "method": "GET", "path": path, "level": "S0", "service_object": "toC", "access": "read",
-            "user_auth": False, "personal_info": False, "function": "public_info", "state": state}
+            "user_auth": False, "personal_info": False, "function": "public_info", "state": state, "review": REVIEW}
 
 
 def access_policy() -> dict:

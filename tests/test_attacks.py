@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, new_secret, read_audit, start_gateway
-from helpers import assert_refused, ecds_stats, reload, upstream_count, wait_for
+from helpers import REVIEW, assert_refused, ecds_stats, reload, upstream_count, wait_for
 
 ORDER = {"symbol": "600000", "side": "buy", "qty": 100, "price": "10.01"}
 
@@ -396,7 +396,7 @@ def test_certificate_only_write_needs_a_unique_idempotency_key(own):  # ATK-1, I
     doc = base_policy()
     doc["apis"].append({"id": "account.note", "method": "POST", "path": "/api/v1/accounts/{account_id}/notes", "level": "S2",
                         "service_object": "toB", "access": "write", "user_auth": False, "personal_info": True,
-                        "function": "account"})
+                        "function": "account", "review": REVIEW})
     doc["grants"].append({"id": "notes", "app": "demo-partner", "apis": ["account.note"]})
     g, client = own(doc)
     url = client.mtls + "/api/v1/accounts/8800123/notes"

@@ -73,6 +73,14 @@ def test_level_change_takes_effect_without_restart_and_replay_state_survives(own
     for api in raised["apis"]:
         if api["id"] == "market.quote":
             api["level"] = "S1"
+            # OPS-1, LVL-4: a level change carries its own review; the one in force does not do
+            unreviewed = json.loads(json.dumps(raised))
+            api["review"] = {"by": "bob", "ticket": "ARB-2026-0500", "date": "2026-12-06"}
+    with pytest.raises(gw.PolicyRejected) as refused:
+        gw.apply_policy(json.dumps(unreviewed), g.layout, actor="bob", source="test")
+    assert "market.quote" in str(refused.value) and "review" in str(refused.value)
+    rejected = json.loads(g.layout.ops_log.read_text().splitlines()[-1])
+    assert rejected["outcome"] == "rejected" and "S0 -> S1" in rejected["reason"]
     # S1 needs a grant (PERM-2): the operator raises the level and grants the partner together.
     raised["grants"].append({"id": "quote-after-raise", "app": "demo-partner", "apis": ["market.quote"]})
     before = ecds_stats(g)["update_success"]

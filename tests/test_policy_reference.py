@@ -37,7 +37,7 @@ gateway:
 apis:
   - {id: a, method: POST, path: "/a/{x}", level: S3, service_object: toC, access: write, user_auth: true,
      personal_info: true, function: trading, description: d, state: online, mode: report, annex_a: trading,
-     session: required, crypto: national}
+     session: required, crypto: national, review: {by: b, ticket: t, date: "2026-12-01"}}
   - {id: sc, method: POST, path: /s, level: S0, service_object: toB, access: write, user_auth: false,
      personal_info: false, function: s}
   - {id: sl, method: DELETE, path: /s, level: S0, service_object: toB, access: write, user_auth: false,

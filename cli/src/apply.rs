@@ -285,6 +285,25 @@ fn prepare(args: &Args, env_pairs: Vec<(String, String)>) -> Result<Prepared, St
     let raw = load_policy(&args.policy)?;
     raw.validate()
         .map_err(|e| format!("{}: {e}", args.policy))?;
+    // OPS-1, LVL-4: against the policy in force (none before the first apply, when every API
+    // that is not a draft goes online), each change of state or level carries a new review.
+    let applied = args.ecds.with_file_name("applied-policy.json");
+    let in_force = match std::fs::read_to_string(&applied) {
+        Ok(text) => {
+            serde_json::from_str::<apisec_core::policy::RawPolicy>(&text)
+                .map_err(|e| {
+                    format!(
+                        "{}: the policy in force cannot be read: {e}",
+                        applied.display()
+                    )
+                })?
+                .apis
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(format!("{}: {e}", applied.display())),
+    };
+    apisec_core::inventory::review_of_changes(&in_force, &raw.apis)
+        .map_err(|e| format!("{}: {e}", args.policy))?;
     let secrets = Secrets(env_pairs);
     // Envoy refuses a VM config that names an environment variable twice.
     let names: Vec<String> = raw.secret_env_names();

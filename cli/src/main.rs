@@ -25,8 +25,12 @@ const USAGE: &str = "usage:
   apisec keygen hmac                      print a new App_Secret (base64, 32 bytes)
   apisec keygen p256 --out PREFIX         write PREFIX.key.pem (private, PKCS#8) and PREFIX.pub.pem
   apisec keygen sm2 --out PREFIX          the same for an SM2 key (DATA-5; OpenSSL 3 reads both)
-  apisec policy check FILE                validate a policy (YAML or JSON); secrets are checked
-                                          only if their environment variables are set
+  apisec policy check FILE [--against IN_FORCE]
+                                          validate a policy (YAML or JSON); secrets are checked
+                                          only if their environment variables are set; with
+                                          --against (the policy in force, e.g. the ECDS file's
+                                          applied-policy.json), an API's change of state or level
+                                          needs a new review record (OPS-1, LVL-4)
   apisec policy json FILE                 print the validated policy as the compact JSON the filter reads
   apisec policy env FILE                  print the environment variables the policy names for
                                           secrets, one per line (Envoy's host_env_keys)
@@ -80,7 +84,8 @@ fn main() -> ExitCode {
         ["keygen", "hmac"] => keygen_hmac(),
         ["keygen", "p256", "--out", prefix] => keygen_p256(prefix),
         ["keygen", "sm2", "--out", prefix] => keygen_sm2(prefix),
-        ["policy", "check", file] => policy_check(file),
+        ["policy", "check", file] => policy_check(file, None),
+        ["policy", "check", file, "--against", in_force] => policy_check(file, Some(in_force)),
         ["policy", "json", file] => policy_json(file),
         ["policy", "env", file] => policy_env(file),
         ["policy", "apply", rest @ ..] => apply::parse(rest).and_then(|a| apply::apply(&a)),
@@ -234,9 +239,14 @@ fn policy_env(file: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn policy_check(file: &str) -> Result<(), String> {
+fn policy_check(file: &str, in_force: Option<&str>) -> Result<(), String> {
     let raw = load_policy(file)?;
     raw.validate().map_err(|e| format!("{file}: {e}"))?;
+    if let Some(old) = in_force {
+        let old = load_policy(old)?;
+        apisec_core::inventory::review_of_changes(&old.apis, &raw.apis)
+            .map_err(|e| format!("{file}: {e}"))?;
+    }
     let envs = raw.secret_env_names();
     let missing: Vec<&str> = envs
         .iter()

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::SecurityLevel;
+use crate::inventory::{ApiState, SecurityLevel};
 use crate::policy::{Api, Policy, RawApi, RawPolicy};
 
 /// Table A.1 of the standard as data (`policies/annex-a/table-a1.yaml`).
@@ -172,6 +172,7 @@ pub const CONTROLS: &[(&str, &str)] = &[
     ("enforced", "LVL-1"),
     ("rate_limit", "RL-1 RL-2 OPS-4"),
     ("national", "DATA-5"),
+    ("review", "OPS-1 LVL-4"),
 ];
 
 fn check(i: usize, status: Status, note: impl Into<String>) -> Check {
@@ -379,6 +380,7 @@ fn api_checks(
     });
     checks.push(rate_limit_check(policy, api));
     checks.push(national_check(policy, api, &grants));
+    checks.push(review_check(raw_api, api));
     checks
 }
 
@@ -419,6 +421,24 @@ fn national_check(policy: &Policy, api: &Api, grants: &[&crate::access::Grant]) 
             able.join(", ")
         ),
     )
+}
+
+/// OPS-1, LVL-4: an API online (in effect) went online after a review, which its record
+/// names; `policy apply` refuses a change of state or level without a new one.
+fn review_check(raw_api: &RawApi, api: &Api) -> Check {
+    match (&raw_api.review, api.state) {
+        (Some(r), _) => check(
+            14,
+            Status::Met,
+            format!("reviewed by {}, ticket {}, {}", r.by, r.ticket, r.date),
+        ),
+        (None, ApiState::Online) => check(
+            14,
+            Status::NotMet,
+            "online without a review record (by, ticket, date)",
+        ),
+        (None, _) => check(14, Status::NotRequired, "not online"),
+    }
 }
 
 /// RL-1, RL-2, OPS-4: the policy's rate limits that refuse calls of this API, with their

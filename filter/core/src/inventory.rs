@@ -102,6 +102,73 @@ pub struct RawApi {
     /// `sm2-sm3`) and a body's Content-Digest carries `sm3` (DATA-5; docs/national.md).
     #[serde(default, skip_serializing_if = "Crypto::is_any")]
     pub crypto: Crypto,
+    /// The review of the API's going online and of its last change of state or level (OPS-1,
+    /// LVL-4): `policy apply` refuses such a change without a new one (`review_of_changes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<Review>,
+}
+
+/// Who reviewed a change of an API (OPS-1), under which ticket, on which date (YYYY-MM-DD).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Review {
+    pub by: String,
+    pub ticket: String,
+    pub date: String,
+}
+
+/// OPS-1, LVL-4: an API that goes online (added as online, or moved to online), changes state
+/// (online, offline, retired) or changes level carries a review record, and a new one: its
+/// ticket differs from the review of the policy in force (the same record cannot approve two
+/// changes). Drafts need none; removing an API from the inventory is not a state change
+/// (retire it first, with a review). `old` is the inventory in force, `new` the one to apply.
+pub fn review_of_changes(old: &[RawApi], new: &[RawApi]) -> Result<(), ConfigError> {
+    for (i, a) in new.iter().enumerate() {
+        let before = old.iter().find(|o| o.id == a.id);
+        let what = match before {
+            None if a.state == ApiState::Draft => continue,
+            None => format!("added as {}", state_name(a.state)),
+            Some(b) if b.state != a.state && b.level != a.level => format!(
+                "{} -> {} and {} -> {}",
+                state_name(b.state),
+                state_name(a.state),
+                b.level.as_str(),
+                a.level.as_str()
+            ),
+            Some(b) if b.state != a.state => {
+                format!("{} -> {}", state_name(b.state), state_name(a.state))
+            }
+            Some(b) if b.level != a.level => {
+                format!("{} -> {}", b.level.as_str(), a.level.as_str())
+            }
+            Some(_) => continue,
+        };
+        let fresh = a.review.as_ref().is_some_and(|r| {
+            before
+                .and_then(|b| b.review.as_ref())
+                .is_none_or(|old| old.ticket != r.ticket)
+        });
+        if !fresh {
+            return Err(ConfigError::new(
+                format!("apis[{i}].review"),
+                format!(
+                    "API '{}' {what}: a change of state or level needs a new review record \
+                     (by, ticket, date) whose ticket is not the one in force (OPS-1)",
+                    a.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn state_name(s: ApiState) -> &'static str {
+    match s {
+        ApiState::Draft => "draft",
+        ApiState::Online => "online",
+        ApiState::Offline => "offline",
+        ApiState::Retired => "retired",
+    }
 }
 
 /// Which algorithms an API accepts (DATA-5).
@@ -356,6 +423,20 @@ pub fn compile(
                 ),
             ));
         }
+        if let Some(r) = &a.review {
+            if r.by.trim().is_empty() || r.ticket.trim().is_empty() {
+                return Err(ConfigError::new(
+                    format!("{field}.review"),
+                    "a review names who reviewed (by) and the ticket",
+                ));
+            }
+            if crate::timeutil::parse_date(&r.date).is_none() {
+                return Err(ConfigError::new(
+                    format!("{field}.review.date"),
+                    "must be YYYY-MM-DD",
+                ));
+            }
+        }
         if a.level == SecurityLevel::S0 && a.personal_info {
             return Err(ConfigError::new(
                 format!("{field}.level"),
@@ -416,4 +497,53 @@ pub fn compile(
     }
 
     Ok((apis, groups))
+}
+
+#[cfg(test)]
+mod review_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn api(id: &str, level: &str, state: &str, ticket: Option<&str>) -> RawApi {
+        let mut v = serde_json::json!({"id": id, "method": "GET", "path": format!("/{id}"),
+            "level": level, "service_object": "toB", "access": "read", "user_auth": false,
+            "personal_info": false, "function": "f", "state": state});
+        if let Some(t) = ticket {
+            v["review"] = serde_json::json!({"by": "board", "ticket": t, "date": "2026-12-01"});
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// OPS-1, LVL-4: going online, a state change and a level change each need a review whose
+    /// ticket is not the one in force; drafts and unchanged APIs need none.
+    #[test]
+    fn a_change_of_state_or_level_needs_a_new_review() {
+        let in_force = [api("a", "S1", "online", Some("T-1"))];
+        // unchanged, or only described differently: nothing to review
+        review_of_changes(&in_force, &in_force).unwrap();
+        // a level change under the review in force: refused, naming the API and the change
+        let e = review_of_changes(&in_force, &[api("a", "S2", "online", Some("T-1"))]).unwrap_err();
+        assert_eq!(e.field, "apis[0].review");
+        assert!(e.message.contains("'a' S1 -> S2"), "{}", e.message);
+        review_of_changes(&in_force, &[api("a", "S2", "online", Some("T-2"))]).unwrap();
+        // taken offline without a review record at all
+        let e = review_of_changes(&in_force, &[api("a", "S1", "offline", None)]).unwrap_err();
+        assert!(e.message.contains("online -> offline"), "{}", e.message);
+        // added: a draft needs none, online needs one
+        review_of_changes(
+            &in_force,
+            &[in_force[0].clone(), api("b", "S0", "draft", None)],
+        )
+        .unwrap();
+        let e = review_of_changes(
+            &in_force,
+            &[in_force[0].clone(), api("b", "S0", "online", None)],
+        )
+        .unwrap_err();
+        assert!(e.message.contains("added as online"), "{}", e.message);
+        // and from a draft to online
+        let drafted = [api("b", "S0", "draft", None)];
+        assert!(review_of_changes(&drafted, &[api("b", "S0", "online", None)]).is_err());
+        review_of_changes(&drafted, &[api("b", "S0", "online", Some("T-9"))]).unwrap();
+    }
 }

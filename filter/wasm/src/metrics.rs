@@ -75,6 +75,8 @@ struct ApiSeries {
     requests: Vec<Outcome>,
     /// The responses to calls let through, by status class: the class, its series, pending.
     backend: Vec<(&'static str, Option<u32>, u64)>,
+    /// This app's calls here by SDK version (MON-7): the version label, its series, pending.
+    sdk: Vec<(String, Option<u32>, u64)>,
 }
 
 /// The most SDK versions one app's calls define series for; later ones count as `other`
@@ -168,22 +170,24 @@ impl Metrics {
         Some(id)
     }
 
-    /// One call of a registered app with the SDK version it named (MON-7); past
+    /// The series of an app's calls with the SDK version it named (MON-7); past
     /// `MAX_SDK_VERSIONS_PER_APP` versions of one app, a new one counts as `other`.
-    fn sdk_call(&self, s: &Sample, version: &str) {
+    fn sdk_series(&self, s: &Sample, version: &str) -> Option<u32> {
         let name = s.sdk_calls(version);
-        if self.defined.borrow().contains_key(&name) {
-            return self.later(name, 1);
+        if let Some(id) = self.defined.borrow().get(&name) {
+            return Some(*id);
         }
-        let mut per_app = self.sdk_versions.borrow_mut();
-        let n = per_app.entry(s.app.clone()).or_insert(0);
-        if *n >= MAX_SDK_VERSIONS_PER_APP {
-            drop(per_app);
-            return self.later(s.sdk_calls("other"), 1);
-        }
-        *n += 1;
-        drop(per_app);
-        self.later(name, 1);
+        let full = {
+            let mut per_app = self.sdk_versions.borrow_mut();
+            let n = per_app.entry(s.app.clone()).or_insert(0);
+            let full = *n >= MAX_SDK_VERSIONS_PER_APP;
+            if !full {
+                *n += 1;
+            }
+            full
+        };
+        let name = if full { s.sdk_calls("other") } else { name };
+        self.series(name, MetricType::Counter)
     }
 
     fn later(&self, name: String, n: u64) {
@@ -219,6 +223,7 @@ impl Metrics {
                         pending_out: 0,
                         requests: Vec::new(),
                         backend: Vec::new(),
+                        sdk: Vec::new(),
                     });
                     bucket.len() - 1
                 }
@@ -251,19 +256,28 @@ impl Metrics {
                     Self::bump(self.dropped);
                 }
             }
-            if let (Some(class), Some(name)) = (s.backend_status, s.backend_responses()) {
+            if let Some(class) = s.backend_status {
                 match api.backend.iter_mut().find(|(c, _, _)| *c == class) {
                     Some((_, _, pending)) => add(pending, 1),
-                    None => api
-                        .backend
-                        .push((class, self.series(name, MetricType::Counter), 1)),
+                    None => {
+                        let id = s
+                            .backend_responses()
+                            .and_then(|n| self.series(n, MetricType::Counter));
+                        api.backend.push((class, id, 1));
+                    }
+                }
+            }
+            if let Some(version) = &s.sdk_version {
+                match api.sdk.iter_mut().find(|(v, _, _)| v == version) {
+                    Some((_, _, pending)) => add(pending, 1),
+                    None => {
+                        let id = self.sdk_series(s, version);
+                        api.sdk.push((version.clone(), id, 1));
+                    }
                 }
             }
             api.duration
         };
-        if let Some(version) = &s.sdk_version {
-            self.sdk_call(s, version);
-        }
         if let (Some(id), Some(ms)) = (duration, s.duration_ms) {
             let _ = hostcalls::record_metric(id, ms);
         }
@@ -359,6 +373,9 @@ impl Metrics {
                 Self::increment(o.id, std::mem::take(&mut o.pending));
             }
             for (_, id, pending) in &mut api.backend {
+                Self::increment(*id, std::mem::take(pending));
+            }
+            for (_, id, pending) in &mut api.sdk {
                 Self::increment(*id, std::mem::take(pending));
             }
         }
