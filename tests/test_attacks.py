@@ -430,7 +430,7 @@ def test_codec_refusals_are_visible_in_the_access_log(gateway, client):  # LOG-1
     wait_for(found, what="access-log line for the codec refusal")
 
 
-def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_path):  # PERM-1, OPS-1
+def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_path):  # PERM-1
     """Envoy runs two apisec filters in one VM when their vm_config is the same (same vm_id, code
     and environment), each plugin with its own root context and policy. Before this fix the
     policy a request was finally decided under when its body completed was the VM's last
@@ -484,7 +484,7 @@ def test_two_apisec_filters_sharing_a_vm_each_decide_under_their_own_policy(tmp_
         g.stop()
 
 
-def test_a_body_completing_after_a_reload_is_decided_under_the_new_policy(own):  # PERM-2, OPS-1
+def test_a_body_completing_after_a_reload_is_decided_under_the_new_policy(own):  # PERM-2
     """Envoy gives the policy an ECDS update delivers a new root context; a stream the old one
     began must still finish under the new policy: here the grant for orders is withdrawn while
     an order's body is on its way, and the order is refused when the body completes."""

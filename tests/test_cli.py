@@ -57,3 +57,57 @@ def test_list_and_revoke_grants(tmp_path):  # OPS-3, PERM-6
     left = run("grants", "list", str(revoked), "--app", "demo-partner", check=True).stdout
     assert "demo-partner-info" not in left and "demo-partner-trading" in left
     assert run("grants", "revoke", policy, "--app", "nobody").returncode == 2
+
+
+def test_a_change_of_state_or_level_needs_a_new_review(tmp_path):  # OPS-1, LVL-4
+    """Issue 26: going online, going offline and a level change leave a review record (who,
+    ticket, date): `policy apply` refuses such a change without a new one and records the
+    refusal, `policy check --against` says so beforehand, the operations log keeps the review
+    beside the change, and `apisec compliance` lists each API's review."""
+    ecds = tmp_path / "ecds" / "apisec.yaml"
+    ecds.parent.mkdir()
+    ecds.write_text((ROOT / "envoy/apisec-ecds.yaml").read_text())
+    env = tmp_path / "demo.env"
+    env.write_text("APISEC_DEMO_PARTNER_SECRET=" + base64.b64encode(b"s" * 32).decode()
+                   + "\nAPISEC_AUDIT_KEY=" + base64.b64encode(b"k" * 32).decode() + "\n")
+    ops = ecds.parent / "operations.log"
+
+    def apply(doc: dict):
+        f = tmp_path / "policy.json"
+        f.write_text(json.dumps(doc))
+        return run("policy", "apply", str(f), "--ecds", str(ecds), "--actor", "alice", "--env-file", str(env))
+
+    doc = json.loads(run("policy", "json", str(ROOT / "policies/securities.yaml"), check=True).stdout)
+    assert apply(doc).returncode == 0  # every online API of the demo went online under a review
+    quote = next(a for a in doc["apis"] if a["id"] == "market.quote")
+    quote["state"] = "offline"
+    out = apply(doc)
+    assert out.returncode != 0 and "market.quote" in out.stderr and "online -> offline" in out.stderr
+    last = json.loads(ops.read_text().splitlines()[-1])
+    assert last["outcome"] == "rejected" and "review" in last["reason"]
+    # checked beforehand against the policy in force
+    (tmp_path / "next.json").write_text(json.dumps(doc))
+    check = run("policy", "check", str(tmp_path / "next.json"), "--against", str(ecds.parent / "applied-policy.json"))
+    assert check.returncode != 0 and "new review record" in check.stderr
+    quote["review"] = {"by": "alice", "ticket": "CHG-2026-1206", "date": "2026-12-06"}
+    out = apply(doc)
+    assert out.returncode == 0, out.stderr
+    last = json.loads(ops.read_text().splitlines()[-1])
+    change = next(c for c in last["changes"] if c.get("id") == "market.quote")
+    assert change["fields"]["state"] == {"before": "online", "after": "offline"}
+    assert change["fields"]["review"]["after"]["ticket"] == "CHG-2026-1206" and last["actor"] == "alice"
+    # a new API added online needs its own review too
+    doc["apis"].append({**quote, "id": "market.depth", "path": "/api/v1/market/depth/{symbol}", "state": "online",
+                        "review": quote["review"]})
+    assert apply(doc).returncode == 0, "a review whose ticket no API in force carries for it"
+    del doc["apis"][-1]["review"]
+    doc["apis"][-1]["id"] = "market.depth2"
+    doc["apis"][-1]["path"] = "/api/v1/market/depth2/{symbol}"
+    out = apply(doc)
+    assert out.returncode != 0 and "added as online" in out.stderr
+    # the compliance report lists each API's review
+    rep = json.loads(run("compliance", str(ecds.parent / "applied-policy.json"), "--format", "json").stdout)
+    cells = {a["id"]: {c["control"]: c for c in a["checks"]} for a in rep["apis"]}
+    assert cells["market.quote"]["review"]["status"] == "met"
+    assert "CHG-2026-1206" in cells["market.quote"]["review"]["note"]
+    assert cells["market.quote"]["review"]["ids"] == "OPS-1 LVL-4"
