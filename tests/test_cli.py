@@ -59,7 +59,7 @@ def test_list_and_revoke_grants(tmp_path):  # OPS-3, PERM-6
     assert run("grants", "revoke", policy, "--app", "nobody").returncode == 2
 
 
-def test_a_change_of_state_or_level_needs_a_new_review(tmp_path):  # OPS-1, LVL-4
+def test_a_change_of_state_or_level_needs_a_new_review(tmp_path):  # OPS-1, LVL-4, LVL-6
     """Issue 26: going online, going offline and a level change leave a review record (who,
     ticket, date): `policy apply` refuses such a change without a new one and records the
     refusal, `policy check --against` says so beforehand, the operations log keeps the review

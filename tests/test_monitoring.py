@@ -137,7 +137,7 @@ def mgw(tmp_path_factory, secret):
     g.stop()
 
 
-def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # MON-1, MON-2, MON-4, MON-8, LVL-3
+def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # MON-1, MON-2, MON-4, MON-8, MON-10, LVL-3
     c = Client(mgw, secret)
     # Allowed: S0 and S1, and an S3 order with a body (bytes in).
     assert c.get(QUOTE, headers={"x-app-id": "demo-partner"}).status_code == 200
