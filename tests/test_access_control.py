@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 from conftest import SECRET_VAR, Client, audit_lines, base_policy, decided, flushed_stat, gw, new_secret, read_audit, start_gateway
-from helpers import REVIEW, assert_refused, ecds_stats, wait_for
+from helpers import REVIEW, assert_refused, ecds_stats, upstream_count, wait_for
 
 
 def hmac_app(app_id: str, **extra) -> dict:
@@ -328,6 +328,32 @@ def test_suspended_app_isolated(acc):  # MON-5
 
 
 # ------------------------------------------------------------------ automatic bans (PERM-4, RL-3, MON-4, MON-6)
+
+def test_a_whitelisted_caller_that_keeps_calling_unauthorized_loses_its_whitelisting(tmp_path):  # PERM-7
+    """PERM-7: a caller that keeps making unauthorized calls is taken off automatically even
+    where a whitelist names it: the ban is checked before the lists, so the API the whitelist
+    and its grant open is refused `banned` too, with its audit record and nothing upstream."""
+    doc = base_policy()
+    doc["apps"].append(hmac_app("t-listed"))
+    doc["grants"].append({"id": "t-listed", "app": "t-listed", "apis": ["info.research"], "users": ["u-1"]})
+    doc["lists"].append({"id": "wl-listed", "mode": "allow", "apis": ["info.research"],
+                         "entries": [{"app": "t-listed"}, {"app": "demo-partner"}]})
+    doc["bans"] = {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+    secret = new_secret()
+    g = start_gateway(tmp_path, doc, secret=secret, concurrency=1)
+    try:
+        client = Client(g, secret)
+        as_user = lambda u: ["--header", f"x-user-id: {u}", "--cover", "x-user-id"]  # noqa: E731
+        assert research(client, "t-listed", extra=as_user("u-1")).status_code == 200, "whitelisted and granted"
+        for i in range(3):  # validly signed calls for users its grant does not cover
+            assert research(client, "t-listed", extra=as_user(f"u-{i + 2}")).json()["error"] == "no_grant"
+        before = upstream_count(g)
+        audit = assert_refused(g, research(client, "t-listed", extra=as_user("u-1")), 403, "banned")
+        assert audit["app"] == "t-listed" and upstream_count(g) == before
+        assert research(client, "demo-partner").status_code == 200, "the list's other members are unaffected"
+    finally:
+        g.stop()
+
 
 def test_bans_by_app_by_ip_on_429_and_lift(tmp_path):  # PERM-4, RL-3, MON-4, MON-6
     doc = base_policy()

@@ -429,3 +429,43 @@ def test_alerts_reach_the_receivers_by_severity(tmp_path, secret):  # MON-2, MON
         am.stop()
         receiver.stop()
         g.stop()
+
+
+def test_a_backend_fault_is_detected_and_service_recovers_by_itself(tmp_path, secret):  # MON-8, MON-10, MON-11
+    """The backend stops: calls are answered 503 and counted as the backend's 5xx (not as a
+    gateway refusal), the health check marks it unhealthy; it comes back: the health check and
+    the calls recover with nothing restarted."""
+    import sys
+
+    from helpers import wait_for
+
+    g = start_gateway(tmp_path, base_policy(), secret=secret, concurrency=1)
+    try:
+        c = Client(g, secret)
+
+        def quote() -> int:
+            return c.get(QUOTE, headers={"x-app-id": "demo-partner"}).status_code
+
+        def stat(name: str) -> float | None:
+            return prometheus_series(g.admin("/stats/prometheus")).get(name)
+
+        healthy = 'envoy_cluster_membership_healthy{envoy_cluster_name="backend"}'
+        assert quote() == 200 and stat(healthy) == 1
+        g.upstream.terminate()
+        g.upstream.wait(timeout=10)
+        assert quote() == 503
+        wait_for(lambda: stat(healthy) == 0, timeout=30, what="the health check to find the backend down")
+        time.sleep(1.5)
+        fives = 'apisec_backend_responses_total{app="demo-partner",api="market.quote",status="5xx"}'
+        assert stat(fives) >= 1, "Envoy's 503 for a backend it could not reach counts as the backend's"
+        assert not [k for k, v in prometheus_series(g.admin("/stats/prometheus")).items()
+                    if k.startswith("apisec_requests_total{") and 'decision="deny"' in k and v > 0], \
+            "the outage is not a gateway refusal"
+        g.upstream = subprocess.Popen([sys.executable, str(ROOT / "envoy/demo_upstream.py"), "--port",
+                                       str(g.layout.upstream_port)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        wait_for(lambda: stat(healthy) == 1, timeout=30, what="the health check to find the backend back")
+        wait_for(lambda: quote() == 200, timeout=30, what="calls to succeed again")
+        assert g.envoy.poll() is None
+    finally:
+        g.stop()
