@@ -358,3 +358,44 @@ def test_s3_evidence_reverified_after_key_rotation_and_forgery_found(agw, secret
         restore = base_policy()
         restore["audit"]["checkpoint_seconds"] = 1
         gw.apply_policy(json.dumps(restore), agw.layout, actor="ops", source="restore")
+
+
+def search(g, *args: str) -> tuple[int, list[dict]]:
+    out = subprocess.run([str(CLI), "audit", "search", str(g.layout.audit_log), *args], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode in (0, 1), out.stderr
+    return out.returncode, [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def test_a_request_is_found_by_id_app_api_code_and_time_and_business_errors_apart(agw, secret):  # LOG-2
+    """Issue 26 (LOG-2): `apisec audit search` finds requests in the audit log by request id,
+    app, API, refusal code, status and time range, and the business errors (calls the gateway
+    let through that the backend answered 4xx or 5xx) apart from the gateway's refusals."""
+    c = Client(agw, secret)
+    t0 = int(time.time())
+    ok = c.send(c.sign("GET", "/api/v1/info/research/r-search"))
+    assert ok.status_code == 200
+    failed = c.get("/api/v1/market/quotes/600000?demo_status=503", headers={"x-app-id": "demo-partner"})
+    assert failed.status_code == 503
+    forged = c.sign("GET", "/api/v1/info/research/r-a")
+    forged["url"] = forged["url"].replace("r-a", "r-b")
+    refused = c.send(forged)
+    assert refused.json()["error"] == "signature_invalid"
+    ids = [ok.json()["headers"]["x-request-id"], refused.json()["request_id"]]
+    read_audit(agw, ids[1])
+    time.sleep(1.2)
+    rc, found = search(agw, "--id", ids[0])
+    assert rc == 0 and [r["request_id"] for r in found] == [ids[0]] and found[0]["api"] == "info.research"
+    rc, found = search(agw, "--app", "demo-partner", "--code", "signature_invalid", "--since", str(t0))
+    assert rc == 0 and ids[1] in [r["request_id"] for r in found] and all(r["decision"] == "deny" for r in found)
+    rc, found = search(agw, "--business-errors", "--api", "market.quote", "--since", str(t0))
+    assert rc == 0 and {(r["status"], r["decision"]) for r in found} == {(503, "allow")}, found
+    assert all(r.get("code") != "signature_invalid" for r in found), "a refusal is not a business error"
+    rc, found = search(agw, "--status", "5xx", "--app", "demo-partner", "--since", str(t0))
+    assert rc == 0 and all(r["status"] >= 500 for r in found) and found
+    # a time range before the traffic finds nothing (exit 1), RFC 3339 accepted
+    rc, found = search(agw, "--until", "2020-01-01T00:00:00+08:00", "--id", ids[0])
+    assert rc == 1 and found == []
+    out = subprocess.run([str(CLI), "audit", "search", str(agw.layout.audit_log), "--id", ids[0], "--format", "text"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and ids[0] in out.stdout and "info.research" in out.stdout

@@ -3,6 +3,10 @@
 //! and the one before it in its chain, the order of each chain, and the checkpoints the gateway
 //! wrote to Envoy's log. Exit 0: intact; 1: something was modified, deleted, inserted,
 //! reordered or cut off (each finding names its file and line); 2: usage.
+//!
+//! `apisec audit search AUDIT_LOG... [--id ID] [--app APP] [--api API] [--code CODE]
+//! [--status N|4xx|5xx] [--decision D] [--business-errors] [--since T] [--until T]`: the records
+//! that match every condition given (LOG-2), one JSON line each, or a table.
 
 use apisec_core::audit_chain::{self, ChainKey};
 use apisec_core::evidence;
@@ -22,10 +26,21 @@ pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... (--chec
                                           had a file of their own), and without checkpoints
                                           the logs are not called intact (exit 3; state
                                           --no-checkpoints to check the chains alone).
-                                          Exit 0 intact, 1 a finding, 2 usage, 3 unverified";
+                                          Exit 0 intact, 1 a finding, 2 usage, 3 unverified
+  apisec audit search LOG... [--id REQUEST_ID] [--app APP] [--api API] [--code CODE]
+              [--status N|4xx|5xx] [--decision allow|deny|report] [--business-errors]
+              [--since TIME] [--until TIME] [--format json|text]
+                                          the audit records that match every condition (LOG-2):
+                                          --business-errors are calls the gateway let through that
+                                          the backend answered 4xx or 5xx; TIME is RFC 3339 or
+                                          unix seconds, both bounds inclusive. Exit 0 with a match,
+                                          1 with none";
 
 /// Runs the command; Ok(the exit status): 0 intact, 1 a finding, 3 clean but unverified.
 pub fn run(args: &[&str]) -> Result<u8, String> {
+    if let Some((&"search", rest)) = args.split_first() {
+        return search(rest);
+    }
     let Some((&"verify", rest)) = args.split_first() else {
         return Err(format!("unknown audit command\n{USAGE}"));
     };
@@ -155,4 +170,128 @@ pub fn run(args: &[&str]) -> Result<u8, String> {
         (true, true) => 3,
         (true, false) => 0,
     })
+}
+
+/// What `audit search` keeps: every condition given must hold.
+#[derive(Default)]
+struct Query<'a> {
+    id: Option<&'a str>,
+    app: Option<&'a str>,
+    api: Option<&'a str>,
+    code: Option<&'a str>,
+    status: Option<&'a str>,
+    decision: Option<&'a str>,
+    business_errors: bool,
+    since: Option<u64>,
+    until: Option<u64>,
+}
+
+impl Query<'_> {
+    fn matches(&self, r: &serde_json::Value) -> bool {
+        let text = |k: &str| r.get(k).and_then(serde_json::Value::as_str);
+        let status = r.get("status").and_then(serde_json::Value::as_u64);
+        let ts = r.get("ts").and_then(serde_json::Value::as_u64);
+        let eq = |want: Option<&str>, k: &str| want.is_none_or(|w| text(k) == Some(w));
+        let status_ok = self
+            .status
+            .is_none_or(|want| match want.strip_suffix("xx") {
+                Some(class) => status.is_some_and(|s| (s / 100).to_string() == class),
+                None => status.is_some_and(|s| s.to_string() == want),
+            });
+        // let through (allowed, or only reported), and answered with an error
+        let business = !self.business_errors
+            || (matches!(text("decision"), Some("allow" | "report"))
+                && status.is_some_and(|s| s >= 400));
+        eq(self.id, "request_id")
+            && eq(self.app, "app")
+            && eq(self.api, "api")
+            && eq(self.code, "code")
+            && eq(self.decision, "decision")
+            && status_ok
+            && business
+            && self.since.is_none_or(|t| ts.is_some_and(|x| x >= t))
+            && self.until.is_none_or(|t| ts.is_some_and(|x| x <= t))
+    }
+}
+
+fn time_arg(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .ok()
+        .or_else(|| apisec_core::timeutil::parse_rfc3339(s))
+        .ok_or_else(|| format!("{s}: not unix seconds or an RFC 3339 time with an offset"))
+}
+
+/// `apisec audit search`: Ok(0) with a match, Ok(1) without.
+fn search(args: &[&str]) -> Result<u8, String> {
+    let mut q = Query::default();
+    let mut files = Vec::new();
+    let mut format = "json";
+    let mut it = args.iter();
+    while let Some(&a) = it.next() {
+        let mut value = || {
+            it.next()
+                .copied()
+                .ok_or_else(|| format!("{a} needs a value"))
+        };
+        match a {
+            "--id" => q.id = Some(value()?),
+            "--app" => q.app = Some(value()?),
+            "--api" => q.api = Some(value()?),
+            "--code" => q.code = Some(value()?),
+            "--status" => q.status = Some(value()?),
+            "--decision" => q.decision = Some(value()?),
+            "--business-errors" => q.business_errors = true,
+            "--since" => q.since = Some(time_arg(value()?)?),
+            "--until" => q.until = Some(time_arg(value()?)?),
+            "--format" => format = value()?,
+            s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
+            file => files.push(file),
+        }
+    }
+    if files.is_empty() || !matches!(format, "json" | "text") {
+        return Err(format!(
+            "give the audit logs (and --format json or text)\n{USAGE}"
+        ));
+    }
+    let mut found = 0usize;
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        for line in text.lines() {
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // not a record (a partial last line while Envoy writes)
+            };
+            if !q.matches(&record) {
+                continue;
+            }
+            found += 1;
+            if format == "json" {
+                println!("{line}");
+            } else {
+                let f = |k: &str| {
+                    record
+                        .get(k)
+                        .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                        .unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "{} {} {} {} {} {} {} {} {}",
+                    crate::rfc3339_utc(
+                        record
+                            .get("ts")
+                            .and_then(serde_json::Value::as_u64)
+                            .unwrap_or(0)
+                    ),
+                    f("request_id"),
+                    f("decision"),
+                    f("status"),
+                    f("code"),
+                    f("app"),
+                    f("api"),
+                    f("method"),
+                    f("path")
+                );
+            }
+        }
+    }
+    Ok(if found > 0 { 0 } else { 1 })
 }
