@@ -106,8 +106,7 @@ pub struct Grant {
     pub app: String,
     pub apis: ApiSet,
     pub users: Vec<String>,
-    not_before: Option<u64>,
-    not_after: Option<u64>,
+    period: timeutil::Period,
     pub max_uses: Option<u64>,
     windows: Vec<Window>,
     offset: i64,
@@ -203,7 +202,7 @@ pub fn compile_grant(
         }
         None => {}
     }
-    let (not_before, not_after) = timeutil::parse_period(field, &g.not_before, &g.not_after)?;
+    let period = timeutil::Period::parse(field, &g.not_before, &g.not_after)?;
     let max_uses = match (g.once, g.max_uses) {
         (true, Some(_)) => {
             return Err(ConfigError::new(
@@ -252,8 +251,7 @@ pub fn compile_grant(
         app: g.app.clone(),
         apis: set,
         users: g.users.iter().map(|u| normal_user(u)).collect(),
-        not_before,
-        not_after,
+        period,
         max_uses,
         windows,
         offset,
@@ -294,21 +292,20 @@ impl Grant {
 
     /// Why this grant is not valid now, if it is not.
     fn validity(&self, now: u64) -> Option<Deny> {
-        if let Some(nb) = self.not_before {
-            if now < nb {
+        match self.period.outside(now) {
+            Some(timeutil::Outside::Before(nb)) => {
                 return Some(Deny::new(
                     DenyReason::GrantNotYetValid,
                     format!("grant {} starts at {nb}", self.id),
                 ));
             }
-        }
-        if let Some(na) = self.not_after {
-            if now > na {
+            Some(timeutil::Outside::After(na)) => {
                 return Some(Deny::new(
                     DenyReason::GrantExpired,
                     format!("grant {} ended at {na}", self.id),
                 ));
             }
+            None => {}
         }
         if !self.windows.is_empty() {
             let (day, minute) = timeutil::local_weekday_minute(now, self.offset);

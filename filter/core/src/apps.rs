@@ -183,29 +183,21 @@ pub struct Credential {
     pub validity: Validity,
 }
 
-/// When a credential may be used (OPS-2): each bound inclusive, as grants' are (PERM-5).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Validity {
-    pub not_before: Option<u64>,
-    pub not_after: Option<u64>,
-}
+/// When a credential may be used (OPS-2): the period grants have too (PERM-5).
+pub type Validity = crate::timeutil::Period;
 
-impl Validity {
-    /// Refuses a credential outside its period, naming it and the bound it is past.
-    pub fn check(&self, keyid: &str, now: u64) -> Result<(), Deny> {
-        if let Some(nb) = self.not_before.filter(|nb| now < *nb) {
-            return Err(Deny::new(
-                DenyReason::CredentialNotYetValid,
-                format!("credential {keyid} is valid from {nb}"),
-            ));
-        }
-        if let Some(na) = self.not_after.filter(|na| now > *na) {
-            return Err(Deny::new(
-                DenyReason::CredentialExpired,
-                format!("credential {keyid} expired at {na}"),
-            ));
-        }
-        Ok(())
+/// Refuses a credential outside its period, naming it and the bound it is past.
+pub fn check_validity(validity: &Validity, keyid: &str, now: u64) -> Result<(), Deny> {
+    match validity.outside(now) {
+        Some(crate::timeutil::Outside::Before(nb)) => Err(Deny::new(
+            DenyReason::CredentialNotYetValid,
+            format!("credential {keyid} is valid from {nb}"),
+        )),
+        Some(crate::timeutil::Outside::After(na)) => Err(Deny::new(
+            DenyReason::CredentialExpired,
+            format!("credential {keyid} expired at {na}"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -424,12 +416,7 @@ pub fn compile(
                     format!("duplicate credential id '{}'", c.id),
                 ));
             }
-            let (not_before, not_after) =
-                crate::timeutil::parse_period(&cfield, &c.not_before, &c.not_after)?;
-            let validity = Validity {
-                not_before,
-                not_after,
-            };
+            let validity = Validity::parse(&cfield, &c.not_before, &c.not_after)?;
             if let Some(cert) = &c.certificate {
                 if c.alg.is_some() || c.secret_env.is_some() || c.public_key_pem.is_some() {
                     return Err(ConfigError::new(
@@ -558,13 +545,13 @@ mod tests {
         assert_eq!(v.not_before, Some(start));
         assert_eq!(v.not_after, Some(end));
         assert_eq!(
-            v.check("k", start - 1).unwrap_err().reason,
+            check_validity(&v, "k", start - 1).unwrap_err().reason,
             DenyReason::CredentialNotYetValid
         );
-        v.check("k", start).unwrap();
-        v.check("k", end).unwrap();
+        check_validity(&v, "k", start).unwrap();
+        check_validity(&v, "k", end).unwrap();
         assert_eq!(
-            v.check("k", end + 1).unwrap_err().reason,
+            check_validity(&v, "k", end + 1).unwrap_err().reason,
             DenyReason::CredentialExpired
         );
         let cert = apps(
@@ -577,7 +564,7 @@ mod tests {
             (bound.keyid.as_str(), bound.validity.not_after),
             ("c", Some(start))
         );
-        Validity::default().check("k", u64::MAX).unwrap();
+        check_validity(&Validity::default(), "k", u64::MAX).unwrap();
     }
 
     #[test]

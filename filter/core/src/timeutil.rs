@@ -76,35 +76,63 @@ pub fn parse_date(s: &str) -> Option<i64> {
 }
 
 /// RFC 3339 date-time with an explicit offset (`2026-01-01T09:30:00+08:00`, `...Z`) to unix seconds.
-/// A validity period from a policy's `not_before` / `not_after` (RFC 3339 with an offset),
-/// for the object at `field`: each optional, and `not_after` after `not_before`.
-pub fn parse_period(
-    field: &str,
-    not_before: &Option<String>,
-    not_after: &Option<String>,
-) -> Result<(Option<u64>, Option<u64>), crate::error::ConfigError> {
-    let ts = |name: &str, v: &Option<String>| {
-        v.as_ref()
-            .map(|s| {
-                parse_rfc3339(s).ok_or_else(|| {
-                    crate::error::ConfigError::new(
-                        format!("{field}.{name}"),
-                        "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00",
-                    )
+/// A validity period: from `not_before` to `not_after`, both inclusive, either open (grants,
+/// PERM-5; credentials, OPS-2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Period {
+    pub not_before: Option<u64>,
+    pub not_after: Option<u64>,
+}
+
+/// Where `now` lies outside a period, and the bound it is past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outside {
+    Before(u64),
+    After(u64),
+}
+
+impl Period {
+    /// From a policy's `not_before` / `not_after` (RFC 3339 with an offset), for the object at
+    /// `field`: each optional, and `not_after` after `not_before`.
+    pub fn parse(
+        field: &str,
+        not_before: &Option<String>,
+        not_after: &Option<String>,
+    ) -> Result<Period, crate::error::ConfigError> {
+        let ts = |name: &str, v: &Option<String>| {
+            v.as_ref()
+                .map(|s| {
+                    parse_rfc3339(s).ok_or_else(|| {
+                        crate::error::ConfigError::new(
+                            format!("{field}.{name}"),
+                            "must be an RFC 3339 time with an offset, like 2026-01-01T00:00:00+08:00",
+                        )
+                    })
                 })
-            })
-            .transpose()
-    };
-    let (a, b) = (ts("not_before", not_before)?, ts("not_after", not_after)?);
-    if let (Some(a), Some(b)) = (a, b) {
-        if a >= b {
-            return Err(crate::error::ConfigError::new(
-                format!("{field}.not_after"),
-                "must be after not_before",
-            ));
+                .transpose()
+        };
+        let (a, b) = (ts("not_before", not_before)?, ts("not_after", not_after)?);
+        if let (Some(a), Some(b)) = (a, b) {
+            if a >= b {
+                return Err(crate::error::ConfigError::new(
+                    format!("{field}.not_after"),
+                    "must be after not_before",
+                ));
+            }
         }
+        Ok(Period {
+            not_before: a,
+            not_after: b,
+        })
     }
-    Ok((a, b))
+
+    /// None while `now` is within the period.
+    pub fn outside(&self, now: u64) -> Option<Outside> {
+        if let Some(nb) = self.not_before.filter(|nb| now < *nb) {
+            return Some(Outside::Before(nb));
+        }
+        self.not_after.filter(|na| now > *na).map(Outside::After)
+    }
 }
 
 pub fn parse_rfc3339(s: &str) -> Option<u64> {

@@ -68,7 +68,7 @@ pub(super) fn authenticate(
         ));
     }
     if let Some(b) = bound {
-        b.validity.check(&b.keyid, now)?;
+        crate::apps::check_validity(&b.validity, &b.keyid, now)?;
     }
     let cert_ok = bound.is_some();
     let sig_input = req.unique_header("signature-input")?;
@@ -172,7 +172,7 @@ pub(super) fn verify_signature(
     check_params(policy, input, now, ctx)?;
     let keyid = ctx.keyid.clone().unwrap_or_default();
     let cred = credential(app, api, input, &keyid)?;
-    cred.validity.check(&keyid, now)?;
+    crate::apps::check_validity(&cred.validity, &keyid, now)?;
     let covered = coverage(policy, req, api, input, has_body, digest)?;
     if let (true, Some(d)) = (api.national, digest) {
         if !crypto::digest_has(d, "sm3") {
