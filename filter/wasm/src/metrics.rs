@@ -79,6 +79,25 @@ struct ApiSeries {
     sdk: Vec<(String, Option<u32>, u64)>,
 }
 
+/// Adds one to the entry for `key` (a status class, an SDK version), making the entry with its
+/// series the first time the key is seen.
+fn count_by<K, Q>(
+    entries: &mut Vec<(K, Option<u32>, u64)>,
+    key: &Q,
+    make: impl FnOnce() -> (K, Option<u32>),
+) where
+    K: std::borrow::Borrow<Q>,
+    Q: PartialEq + ?Sized,
+{
+    match entries.iter_mut().find(|(k, _, _)| k.borrow() == key) {
+        Some((_, _, pending)) => add(pending, 1),
+        None => {
+            let (k, id) = make();
+            entries.push((k, id, 1));
+        }
+    }
+}
+
 /// The most SDK versions one app's calls define series for; later ones count as `other`
 /// (a caller cannot grow the stats without bound by naming new versions).
 const MAX_SDK_VERSIONS_PER_APP: usize = 16;
@@ -257,24 +276,18 @@ impl Metrics {
                 }
             }
             if let Some(class) = s.backend_status {
-                match api.backend.iter_mut().find(|(c, _, _)| *c == class) {
-                    Some((_, _, pending)) => add(pending, 1),
-                    None => {
-                        let id = s
-                            .backend_responses()
-                            .and_then(|n| self.series(n, MetricType::Counter));
-                        api.backend.push((class, id, 1));
-                    }
-                }
+                count_by(&mut api.backend, class, || {
+                    let name = s.backend_responses();
+                    (
+                        class,
+                        name.and_then(|n| self.series(n, MetricType::Counter)),
+                    )
+                });
             }
             if let Some(version) = &s.sdk_version {
-                match api.sdk.iter_mut().find(|(v, _, _)| v == version) {
-                    Some((_, _, pending)) => add(pending, 1),
-                    None => {
-                        let id = self.sdk_series(s, version);
-                        api.sdk.push((version.clone(), id, 1));
-                    }
-                }
+                count_by(&mut api.sdk, version.as_str(), || {
+                    (version.clone(), self.sdk_series(s, version))
+                });
             }
             api.duration
         };
