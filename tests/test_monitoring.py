@@ -57,21 +57,9 @@ class Prometheus:
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(conf))
         self.port = gw.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(tmp / "prometheus.log", "w")
-        self.proc = subprocess.Popen(
+        self.proc, self.log = serve(
             [tool("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            assert self.proc.poll() is None, (tmp / "prometheus.log").read_text()
-            time.sleep(0.3)
-        raise AssertionError("prometheus did not become ready")
+             f"--web.listen-address=127.0.0.1:{self.port}"], tmp / "prometheus.log", self.url)
 
     def query(self, expr: str) -> list[dict]:
         r = requests.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
@@ -83,12 +71,33 @@ class Prometheus:
         return set(requests.get(self.url + "/api/v1/label/__name__/values", timeout=10).json()["data"])
 
     def stop(self):
-        self.proc.terminate()
+        stop(self.proc, self.log)
+
+
+def serve(cmd: list[str], log_path: Path, url: str):
+    """Starts a Prometheus-family server and waits until `url`/-/ready answers: the process and
+    its open log."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+            if requests.get(url + "/-/ready", timeout=1).status_code == 200:
+                return proc, log
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.3)
+    raise AssertionError(f"{cmd[0]} did not become ready")
+
+
+def stop(proc: subprocess.Popen, log) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -357,29 +366,13 @@ class Alertmanager:
         (tmp / "alertmanager.yml").write_text(yaml.safe_dump(conf))
         self.port = gw.free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.log = open(tmp / "alertmanager.log", "w")
-        self.proc = subprocess.Popen(
+        self.proc, self.log = serve(
             [tool("prometheus-alertmanager"), f"--config.file={tmp / 'alertmanager.yml'}",
              f"--storage.path={tmp / 'am'}", f"--web.listen-address={self.address}", "--cluster.listen-address="],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://{self.address}/-/ready", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            assert self.proc.poll() is None, (tmp / "alertmanager.log").read_text()
-            time.sleep(0.3)
-        raise AssertionError("alertmanager did not become ready")
+            tmp / "alertmanager.log", f"http://{self.address}")
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        stop(self.proc, self.log)
 
 
 def test_alertmanager_config_passes_amtool():  # MON-2

@@ -15,8 +15,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use apisec_core::crypto::content_digest_sha256;
 use apisec_core::signer::SigningKey;
 use apisec_core::Policy;
@@ -127,32 +125,10 @@ fn published_vectors_are_what_the_gateway_computes() {
 
 fn policy() -> Policy {
     let public_pem = std::fs::read_to_string(root().join("vector-p256.pub.pem")).unwrap();
-    let api = |id: &str, m: &str, p: &str, level: &str| {
-        json!({"id": id, "method": m, "path": p, "level": level, "service_object": "toB",
-               "access": if m == "GET" { "read" } else { "write" }, "user_auth": false,
-               "personal_info": level == "S3", "function": id})
-    };
-    let doc = json!({
-        "version": 1,
-        "gateway": {"replay": {"slots": 16, "entries_per_slot": 16}},
-        "apis": [
-            api("research", "GET", "/api/v1/info/research/{id}", "S1"),
-            api("screener", "POST", "/api/v1/info/screener", "S1"),
-            api("order", "POST", "/api/v1/orders", "S3"),
-            api("cancel", "DELETE", "/api/v1/orders/{id}", "S3"),
-        ],
-        "apps": [{"id": APP, "credentials": [
-            {"id": HMAC_KEYID, "alg": "hmac-sha256", "secret_env": "VECTOR_SECRET"},
-            {"id": P256_KEYID, "alg": "ecdsa-p256-sha256", "public_key_pem": public_pem},
-        ]}],
-        "grants": [
-            {"id": "g", "app": APP, "apis": ["research", "screener"]},
-            {"id": "g3", "app": APP, "apis": ["order", "cancel"],
-             "approval": {"approver": "vectors", "ticket": "V-1", "date": "2026-01-01"}},
-        ],
-    });
-    let secrets = HashMap::from([("VECTOR_SECRET".to_string(), SECRET_B64.to_string())]);
-    Policy::from_json(&doc.to_string(), &secrets).unwrap()
+    common::vectors::policy(json!([
+        {"id": HMAC_KEYID, "alg": "hmac-sha256", "secret_env": "VECTOR_SECRET"},
+        {"id": P256_KEYID, "alg": "ecdsa-p256-sha256", "public_key_pem": public_pem},
+    ]))
 }
 
 /// Each published case, sent as published, is accepted by the gateway at its `created` time;

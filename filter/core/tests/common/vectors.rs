@@ -164,3 +164,32 @@ impl Vectors {
         }
     }
 }
+
+/// The policy a vector file's cases are decided under: the same four APIs and grants for every
+/// file, with that file's credentials (their secret, where one has it, in `VECTOR_SECRET`).
+pub fn policy(credentials: Value) -> Policy {
+    let api = |id: &str, m: &str, p: &str, level: &str| {
+        json!({"id": id, "method": m, "path": p, "level": level, "service_object": "toB",
+               "access": if m == "GET" { "read" } else { "write" }, "user_auth": false,
+               "personal_info": level == "S3", "function": id})
+    };
+    let doc = json!({
+        "version": 1,
+        "gateway": {"replay": {"slots": 16, "entries_per_slot": 16}},
+        "apis": [
+            api("research", "GET", "/api/v1/info/research/{id}", "S1"),
+            api("screener", "POST", "/api/v1/info/screener", "S1"),
+            api("order", "POST", "/api/v1/orders", "S3"),
+            api("cancel", "DELETE", "/api/v1/orders/{id}", "S3"),
+        ],
+        "apps": [{"id": APP, "credentials": credentials}],
+        "grants": [
+            {"id": "g", "app": APP, "apis": ["research", "screener"]},
+            {"id": "g3", "app": APP, "apis": ["order", "cancel"],
+             "approval": {"approver": "vectors", "ticket": "V-1", "date": "2026-01-01"}},
+        ],
+    });
+    let secrets =
+        std::collections::HashMap::from([("VECTOR_SECRET".to_string(), SECRET_B64.to_string())]);
+    Policy::from_json(&doc.to_string(), &secrets).unwrap()
+}
