@@ -62,7 +62,16 @@ $(VENV)/.installed: tests/requirements.txt
 		prometheus-alertmanager)
 	touch $@
 
-setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done .monitoring-done
+# Central log collection (issue 26, deploy/logging): rsyslog with its TLS driver ships the
+# gateway's logs to a collector, logrotate keeps them for their retention period; Debian's
+# rsyslog, rsyslog-gnutls and logrotate packages. The tests start their own rsyslogd processes.
+.logging-done:
+	command -v rsyslogd >/dev/null && dpkg -s rsyslog-gnutls >/dev/null 2>&1 && \
+		command -v logrotate >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		rsyslog rsyslog-gnutls logrotate)
+	touch $@
+
+setup: .rustup-done $(VENV)/.installed .store-done .registry-done .kit-done .monitoring-done .logging-done
 
 # --- build ------------------------------------------------------------------------------
 build: .rustup-done

@@ -27,6 +27,9 @@ def _write_key(path: Path, key) -> None:
 
 # The name the gateway expects the backend's certificate to carry (SNI and SAN check).
 BACKEND_NAME = "backend.apisec.internal"
+# The central log collector's name, and a gateway's name as its log shipper (deploy/logging).
+LOG_COLLECTOR = "logs.apisec.internal"
+LOG_SHIPPER = "gateway-1.gateways.apisec.internal"
 
 
 def issue_server(out: Path, name: str, sans: list, ca, ca_key, now, cn: str) -> None:
@@ -47,8 +50,9 @@ def issue_server(out: Path, name: str, sans: list, ca, ca_key, now, cn: str) -> 
     _write_key(out / f"{name}.key", key)
 
 
-def issue_client(out: Path, name: str, uri: str, ca, ca_key, now) -> None:
-    """A client certificate for an app, with the app's identity as a URI SAN (mTLS, ID-3)."""
+def issue_client(out: Path, name: str, uri: str, ca, ca_key, now, dns: str | None = None) -> None:
+    """A client certificate for an app, with the app's identity as a URI SAN (mTLS, ID-3); with
+    `dns`, a DNS name instead (the log shipper's name the collector checks)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -58,7 +62,8 @@ def issue_client(out: Path, name: str, uri: str, ca, ca_key, now) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)] if dns else [x509.UniformResourceIdentifier(uri)]),
+                       critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -117,6 +122,14 @@ def generate(out: Path) -> None:
     issue_client(out, "operator-mallory", "spiffe://apisec.demo/operator/mallory", operator_ca, operator_key, now)
     # A backend certificate from a CA the gateway does not trust for backends (the partner CA).
     issue_server(out, "backend-rogue", [x509.DNSName(BACKEND_NAME)], ca, ca_key, now, BACKEND_NAME)
+    # Central log collection (LOG-3, LOG-6; deploy/logging): its own CA, the collector's server
+    # certificate, a gateway's shipper certificate, and a shipper from a CA the collector does
+    # not trust.
+    log_ca, log_ca_key = _ca("apisec demo logging CA", now)
+    (out / "log-ca.pem").write_bytes(log_ca.public_bytes(serialization.Encoding.PEM))
+    issue_server(out, "log-collector", [x509.DNSName(LOG_COLLECTOR)], log_ca, log_ca_key, now, LOG_COLLECTOR)
+    issue_client(out, "log-shipper", "", log_ca, log_ca_key, now, dns=LOG_SHIPPER)
+    issue_client(out, "log-shipper-rogue", "", ca, ca_key, now, dns=LOG_SHIPPER)
 
 
 if __name__ == "__main__":

@@ -303,8 +303,11 @@ class Gateway:
     """A running Envoy (and the demo upstream) for one layout."""
 
     def __init__(self, layout: Layout, env: dict[str, str] | None = None, upstream: bool = True,
-                 upstream_cert: str = "backend", memory_limit: int | None = None):
+                 upstream_cert: str = "backend", memory_limit: int | None = None, log_path: bool = False):
         self.layout = layout
+        # Envoy writes its own log with `--log-path` (reopened by the admin's /reopen_logs, so
+        # logrotate can rename it; deploy/logging) instead of to stderr.
+        self.log_path = log_path
         # An address-space limit (bytes) for Envoy, as `ulimit -v` sets it: the guard's test
         # starts Envoy where a worker's Wasm VM cannot be created.
         self.memory_limit = memory_limit
@@ -338,6 +341,7 @@ class Gateway:
                 "--file-flush-interval-msec", "1000",
                 "--component-log-level", "wasm:info",
                 "--log-level", "warning",
+                *(["--log-path", str(self.envoy_log)] if self.log_path else []),
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,

@@ -210,7 +210,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
                   state_port: int | None = None, certs: Path | None = None,
                   env: dict | None = None, state_tls_ca: Path | None = None,
                   backend_tls: bool = False, upstream_cert: str = "backend",
-                  bootstrap_hook=None, memory_limit: int | None = None) -> gw.Gateway:
+                  bootstrap_hook=None, memory_limit: int | None = None, log_path: bool = False) -> gw.Gateway:
     tmp.mkdir(parents=True, exist_ok=True)
     if with_tls and certs is None:
         certs = tmp / "certs"
@@ -230,7 +230,7 @@ def start_gateway(tmp: Path, policy: dict, *, secret: str | None, concurrency: i
     env = {AUDIT_KEY_VAR: AUDIT_KEY, **(env or {}), **({SECRET_VAR: secret} if secret else {})}
     if not secret:
         os.environ.pop(SECRET_VAR, None)
-    g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert, memory_limit=memory_limit)
+    g = gw.Gateway(layout, env=env, upstream_cert=upstream_cert, memory_limit=memory_limit, log_path=log_path)
     try:
         g.start()
     except Exception:
