@@ -111,3 +111,61 @@ def test_a_change_of_state_or_level_needs_a_new_review(tmp_path):  # OPS-1, LVL-
     assert cells["market.quote"]["review"]["status"] == "met"
     assert "CHG-2026-1206" in cells["market.quote"]["review"]["note"]
     assert cells["market.quote"]["review"]["ids"] == "OPS-1 LVL-4"
+
+
+def test_the_cli_behaves_like_one(tmp_path):
+    """Issue 26: clap: --version, --help on every subcommand, flags in any order, a clear error
+    with usage and exit 2 for an unknown option, shell completion."""
+    out = run("--version", check=True)
+    assert out.stdout.strip() == "apisec 0.1.0"
+    for cmd in (["policy", "apply"], ["audit", "verify"], ["audit", "search"], ["sign"], ["sessions", "end"],
+                ):
+        out = run(*cmd, "--help")
+        assert out.returncode == 0 and "Usage: apisec " + " ".join(cmd) in out.stdout, (cmd, out.stderr)
+    policy = str(ROOT / "policies/securities.yaml")
+    first = run("grants", "list", "--app", "demo-partner", policy, check=True).stdout
+    assert first == run("grants", "list", policy, "--app", "demo-partner", check=True).stdout and first
+    out = run("grants", "list", policy, "--ap", "demo-partner")
+    assert out.returncode == 2 and "unexpected argument '--ap'" in out.stderr and "Usage:" in out.stderr
+    out = run("audit", "verify", "x.log", "--format", "yaml", "--no-checkpoints", "--key-env", "K")
+    assert out.returncode == 2 and "invalid value 'yaml'" in out.stderr
+    script = run("completions", "bash", check=True).stdout
+    assert "complete -F" in script and "_apisec" in script and "compliance" in script
+
+
+def test_env_files_are_read_as_dotenv(tmp_path):
+    """--env-file is parsed by a maintained .env parser: quotes, `export`, comments."""
+    secret = base64.b64encode(b"q" * 32).decode()
+    env = tmp_path / "gateway.env"
+    audit = "APISEC_AUDIT_KEY=" + base64.b64encode(b"k" * 32).decode() + "\n"
+    env.write_text(f'# the demo partner\nexport APISEC_DEMO_PARTNER_SECRET="{secret}"  # quoted\n\n{audit}')
+    signed = json.loads(run("sign", "--app", "demo-partner", "--keyid", "demo-partner-hmac", "--secret", secret,
+                            "--url", "https://127.0.0.1:10443/api/v1/info/research/r-2026-001", "--format", "json",
+                            check=True).stdout)
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(signed))
+    out = run("verify", str(ROOT / "policies/securities.yaml"), str(req), "--env-file", str(env))
+    assert out.returncode == 0 and "accepted" in out.stdout.lower(), out.stdout + out.stderr
+    env.write_text(f'APISEC_DEMO_PARTNER_SECRET="{base64.b64encode(b"w" * 32).decode()}"\n{audit}')
+    assert run("verify", str(ROOT / "policies/securities.yaml"), str(req), "--env-file", str(env)).returncode == 1
+
+
+def test_policy_schema_is_generated_from_the_types_and_checks_policies(tmp_path):
+    """`apisec policy schema` prints the JSON Schema of the policy file from the types the filter
+    reads; the checked-in copy equals it, the example policies pass it, and a misspelt field or
+    a wrong type fails it (check-jsonschema, as an editor or CI would)."""
+    schema = run("policy", "schema", check=True).stdout
+    checked_in = ROOT / "policies/policy.schema.json"
+    assert json.loads(schema) == json.loads(checked_in.read_text()), "run: apisec policy schema > policies/policy.schema.json"
+    check = [str(ROOT / ".venv/bin/check-jsonschema"), "--schemafile", str(checked_in)]
+    for name in ("securities", "futures", "funds"):
+        out = subprocess.run([*check, str(ROOT / f"policies/{name}.yaml")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "policies/securities.yaml").read_text().replace("clock_skew_seconds", "clock_skew_secs"))
+    out = subprocess.run([*check, str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "clock_skew_secs" in out.stdout, out.stdout
+    bad.write_text((ROOT / "policies/securities.yaml").read_text().replace("clock_skew_seconds: 300",
+                                                                           "clock_skew_seconds: soon"))
+    out = subprocess.run([*check, str(bad)], capture_output=True, text=True)
+    assert out.returncode == 1 and "soon" in out.stdout, out.stdout

@@ -7,7 +7,7 @@
 //! only when Envoy took the new one.
 
 use std::collections::BTreeSet;
-use std::io::{Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -15,88 +15,75 @@ use serde_json::{json, Value};
 
 use crate::{load_policy, EnvSecrets};
 
+/// `apisec policy apply`: validate (secrets too, where set here or in --env-file), print the
+/// changes, write into Envoy's ECDS file atomically, wait until Envoy loads or rejects it, and
+/// log the outcome, who, and every change to the operations log, chained under the ops key
+/// (LVL-4, BWL-3, LOG-5); keep the policy's public keys in the keyring (DATA-4). Refused: an
+/// empty actor, and an unsealed line into a sealed log (no key).
+#[derive(clap::Args)]
 pub struct Args {
+    /// The policy (YAML or JSON)
     pub policy: String,
+    /// The ECDS file Envoy watches (envoy/gateway.yaml: build/ecds/apisec.yaml)
+    #[arg(long, value_name = "PATH")]
     pub ecds: PathBuf,
+    /// Who applies it, for the operations log (never empty)
+    #[arg(long, value_name = "NAME", env = "USER", default_value = "operator")]
     pub actor: String,
-    /// Envoy's log, to read the reason of a refusal from (`apisec: policy refused: ...`).
+    /// Envoy's log, to print the reason when Envoy refuses the policy
+    #[arg(long, value_name = "PATH")]
     pub envoy_log: Option<PathBuf>,
-    /// Validate and show the changes; write nothing.
+    /// Validate and print the changes; write nothing
+    #[arg(long)]
     pub dry_run: bool,
+    /// Where the change comes from (a ticket, a pipeline), for the operations log
+    #[arg(long, value_name = "TEXT")]
     pub source: Option<String>,
+    /// The operations log (default: operations.log beside the ECDS file)
+    #[arg(long, value_name = "PATH")]
     pub ops_log: Option<PathBuf>,
+    /// Envoy's admin address: wait until Envoy loads or rejects the policy
+    #[arg(long, value_name = "HOST:PORT")]
     pub admin: Option<String>,
+    /// How long to wait for Envoy, in seconds
+    #[arg(long, value_name = "SECONDS", default_value = "15", value_parser = seconds)]
     pub timeout: Duration,
+    /// A .env file with the secrets' variables (KEY=VALUE lines)
+    #[arg(long, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
+    /// The variable holding the operations log's chain key (base64, 32 bytes or more)
+    #[arg(long, value_name = "VAR", default_value = crate::opslog::DEFAULT_KEY_ENV)]
     pub ops_key_env: String,
+    /// The keyring of public keys (default: public-keys.jsonl beside the ECDS file)
+    #[arg(long, value_name = "PATH")]
     pub keyring: Option<PathBuf>,
 }
 
-/// Parses `policy apply FILE --ecds PATH [--actor NAME] [--source TEXT] [--ops-log PATH]
-/// [--admin HOST:PORT] [--timeout SECONDS] [--env-file PATH] [--ops-key-env VAR] [--keyring PATH]
-/// [--envoy-log PATH] [--dry-run]`.
-pub fn parse(rest: &[&str]) -> Result<Args, String> {
-    let mut it = rest.iter();
-    let policy = it
-        .next()
-        .ok_or("policy apply needs a policy file")?
-        .to_string();
-    let mut args = Args {
-        policy,
-        ecds: PathBuf::new(),
-        actor: std::env::var("USER").unwrap_or_else(|_| "operator".into()),
-        source: None,
-        ops_log: None,
-        admin: None,
-        timeout: Duration::from_secs(15),
-        env_file: None,
-        ops_key_env: crate::opslog::DEFAULT_KEY_ENV.into(),
-        keyring: None,
-        envoy_log: None,
-        dry_run: false,
-    };
-    while let Some(flag) = it.next() {
-        if *flag == "--dry-run" {
-            args.dry_run = true;
-            continue;
-        }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match *flag {
-            "--ecds" => args.ecds = PathBuf::from(value),
-            "--actor" => args.actor = value.to_string(),
-            "--source" => args.source = Some(value.to_string()),
-            "--ops-log" => args.ops_log = Some(PathBuf::from(value)),
-            "--admin" => args.admin = Some(value.to_string()),
-            "--timeout" => {
-                let s: u64 = value.parse().map_err(|_| "--timeout is whole seconds")?;
-                args.timeout = Duration::from_secs(s);
-            }
-            "--env-file" => args.env_file = Some(PathBuf::from(value)),
-            "--ops-key-env" => args.ops_key_env = value.to_string(),
-            "--keyring" => args.keyring = Some(PathBuf::from(value)),
-            "--envoy-log" => args.envoy_log = Some(PathBuf::from(value)),
-            other => return Err(format!("unknown option {other}")),
-        }
-    }
-    if args.actor.trim().is_empty() {
-        return Err("policy apply needs an actor: --actor NAME (or USER set), never empty".into());
-    }
-    if args.ecds.as_os_str().is_empty() {
-        return Err("policy apply needs --ecds PATH (the ECDS file Envoy watches)".into());
-    }
-    Ok(args)
+fn seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| "whole seconds".to_string())
 }
 
-/// `KEY=VALUE` lines (the demo's `build/demo.env`); comments and blank lines skipped.
+impl Args {
+    /// The checks clap cannot express.
+    pub fn check(self: Box<Self>) -> Result<Box<Self>, String> {
+        if self.actor.trim().is_empty() {
+            return Err(
+                "policy apply needs an actor: --actor NAME (or USER set), never empty".into(),
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// A `.env` file (the demo's `build/demo.env`), read by `dotenvy`: `KEY=VALUE` lines, quotes,
+/// comments; nothing is put into this process's environment.
 pub(crate) fn read_env_file(path: &Path) -> Result<Vec<(String, String)>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect())
+    dotenvy::from_path_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map(|item| item.map_err(|e| format!("{}: {e}", path.display())))
+        .collect()
 }
 
 pub(crate) struct Secrets(pub(crate) Vec<(String, String)>);
@@ -228,17 +215,14 @@ fn credential_changes(
 
 /// The filter's ECDS counters from Envoy's admin: (update_success, update_rejected).
 fn ecds_counters(admin: &str) -> Result<(u64, u64), String> {
-    let mut conn =
-        std::net::TcpStream::connect(admin).map_err(|e| format!("admin {admin}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        conn,
-        "GET /stats?filter=extension_config_discovery.http_filter HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("admin {admin}: {e}"))?;
-    let mut text = String::new();
-    conn.read_to_string(&mut text)
+    let text = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .get(&format!("http://{admin}/stats"))
+        .query("filter", "extension_config_discovery.http_filter")
+        .call()
+        .map_err(|e| format!("admin {admin}: {e}"))?
+        .into_string()
         .map_err(|e| format!("admin {admin}: {e}"))?;
     let counter = |name: &str| -> u64 {
         text.lines()
@@ -325,7 +309,7 @@ fn prepare(args: &Args, env_pairs: Vec<(String, String)>) -> Result<Prepared, St
         std::fs::read_to_string(&args.ecds).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
     // JSON as this command writes it, or YAML as the checked-in template envoy/apisec-ecds.yaml.
     let mut ecds: Value =
-        serde_yaml::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
+        serde_norway::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
     let config = ecds
         .pointer_mut("/resources/0/typed_config/config")
         .ok_or("the ECDS file holds no Wasm filter config at resources[0]")?;

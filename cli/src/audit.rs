@@ -11,83 +11,115 @@
 use apisec_core::audit_chain::{self, ChainKey};
 use apisec_core::evidence;
 
-pub const USAGE: &str = "  apisec audit verify LOG... [--key-env VAR]... (--checkpoints ENVOY_LOG... | --no-checkpoints)
-              [--allow-unchained] [--evidence [--keyring FILE]... [--policy FILE]...] [--format text|json]
-                                          check audit or operations logs' chains (LOG-1, LOG-5): the
-                                          first modified, deleted, inserted or reordered record with
-                                          its line, and a tail cut off after a checkpoint in Envoy's
-                                          log; the keys are read from environment variables (base64),
-                                          one per key in use. --evidence re-verifies every S3
-                                          record's signature (DATA-4) against the public keys of the
-                                          keyring (kept by policy apply, retired keys included) and
-                                          of the policies given. Strict by default: a line
-                                          without a chain MAC is a finding (--allow-unchained
-                                          counts them, for logs from before Envoy's own records
-                                          had a file of their own), and without checkpoints
-                                          the logs are not called intact (exit 3; state
-                                          --no-checkpoints to check the chains alone).
-                                          Exit 0 intact, 1 a finding, 2 usage, 3 unverified
-  apisec audit search LOG... [--id REQUEST_ID] [--app APP] [--api API] [--code CODE]
-              [--status N|4xx|5xx] [--decision allow|deny|report] [--business-errors]
-              [--since TIME] [--until TIME] [--format json|text]
-                                          the audit records that match every condition (LOG-2):
-                                          --business-errors are calls the gateway let through that
-                                          the backend answered 4xx or 5xx; TIME is RFC 3339 or
-                                          unix seconds, both bounds inclusive. Exit 0 with a match,
-                                          1 with none";
+#[derive(clap::Subcommand)]
+pub enum Audit {
+    Verify(VerifyArgs),
+    Search(SearchArgs),
+}
 
-/// Runs the command; Ok(the exit status): 0 intact, 1 a finding, 3 clean but unverified.
-pub fn run(args: &[&str]) -> Result<u8, String> {
-    if let Some((&"search", rest)) = args.split_first() {
-        return search(rest);
+/// Check audit or operations logs' chains (LOG-1, LOG-5): the first modified, deleted,
+/// inserted or reordered record with its line, and a tail cut off after a checkpoint in
+/// Envoy's log. Strict by default: a line without a chain MAC is a finding, and without
+/// checkpoints the logs are not called intact (exit 3). Exit 0 intact, 1 a finding, 2 usage,
+/// 3 not verified complete.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("tail").args(["checkpoints", "no_checkpoints"])))]
+pub struct VerifyArgs {
+    /// The logs, in the order they were written (rotated files first)
+    #[arg(required = true, value_name = "LOG")]
+    files: Vec<String>,
+    /// An environment variable with a chain key (base64); one per key in use (repeat)
+    #[arg(long = "key-env", value_name = "VAR", action = clap::ArgAction::Append,
+          required_unless_present = "evidence")]
+    key_envs: Vec<String>,
+    /// Envoy's log with the chains' checkpoints, kept apart from the audit log (repeat per file)
+    #[arg(long, value_name = "ENVOY_LOG", action = clap::ArgAction::Append)]
+    checkpoints: Vec<String>,
+    /// Check the chains alone, knowing that a cut-off tail cannot be seen
+    #[arg(long)]
+    no_checkpoints: bool,
+    /// Count lines without a chain MAC instead of reporting them (logs from before Envoy's own
+    /// records had a file of their own)
+    #[arg(long)]
+    allow_unchained: bool,
+    /// Re-verify every S3 record's signature (DATA-4) against the keyring's and the policies'
+    /// public keys
+    #[arg(long)]
+    evidence: bool,
+    /// A keyring kept by `policy apply` (retired keys included; repeat)
+    #[arg(long = "keyring", value_name = "FILE", action = clap::ArgAction::Append)]
+    keyrings: Vec<String>,
+    /// A policy whose public keys to use (repeat)
+    #[arg(long = "policy", value_name = "FILE", action = clap::ArgAction::Append)]
+    policies: Vec<String>,
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
+}
+
+/// The audit records that match every condition (LOG-2). Exit 0 with a match, 1 with none.
+#[derive(clap::Args)]
+pub struct SearchArgs {
+    /// The audit logs
+    #[arg(required = true, value_name = "LOG")]
+    files: Vec<String>,
+    /// The request id (x-request-id, the transaction serial number)
+    #[arg(long, value_name = "REQUEST_ID")]
+    id: Option<String>,
+    #[arg(long)]
+    app: Option<String>,
+    #[arg(long)]
+    api: Option<String>,
+    /// The refusal code
+    #[arg(long)]
+    code: Option<String>,
+    /// The status: N, 4xx or 5xx
+    #[arg(long, value_name = "N|4xx|5xx")]
+    status: Option<String>,
+    #[arg(long, value_parser = ["allow", "deny", "report"])]
+    decision: Option<String>,
+    /// Calls the gateway let through that the backend answered 4xx or 5xx
+    #[arg(long)]
+    business_errors: bool,
+    /// From this time: RFC 3339 or unix seconds, inclusive
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    since: Option<u64>,
+    /// Until this time: RFC 3339 or unix seconds, inclusive
+    #[arg(long, value_name = "TIME", value_parser = time_arg)]
+    until: Option<u64>,
+    #[arg(long, default_value = "json", value_parser = ["json", "text"])]
+    format: String,
+}
+
+pub fn run(cmd: Audit) -> Result<u8, String> {
+    match cmd {
+        Audit::Verify(a) => verify(a),
+        Audit::Search(a) => search(a),
     }
-    let Some((&"verify", rest)) = args.split_first() else {
-        return Err(format!("unknown audit command\n{USAGE}"));
-    };
-    let mut files = Vec::new();
-    let mut key_envs = Vec::new();
-    let mut checkpoints = Vec::new();
-    let mut format = "text";
-    let mut evidence = false;
-    let mut keyrings = Vec::new();
-    let mut policies = Vec::new();
-    let mut allow_unchained = false;
-    let mut no_checkpoints = false;
-    let mut it = rest.iter();
-    while let Some(&a) = it.next() {
-        let mut value = || {
-            it.next()
-                .copied()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        match a {
-            "--key-env" => key_envs.push(value()?),
-            "--checkpoints" => checkpoints.push(value()?),
-            "--format" => format = value()?,
-            "--evidence" => evidence = true,
-            "--allow-unchained" => allow_unchained = true,
-            "--no-checkpoints" => no_checkpoints = true,
-            "--keyring" => keyrings.push(value()?),
-            "--policy" => policies.push(value()?),
-            s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
-            file => files.push(file),
-        }
-    }
-    if files.is_empty() || (key_envs.is_empty() && !evidence) {
-        return Err(format!(
-            "give the logs, and --key-env or --evidence\n{USAGE}"
-        ));
-    }
+}
+
+/// `audit verify`; Ok(the exit status): 0 intact, 1 a finding, 3 clean but unverified.
+fn verify(a: VerifyArgs) -> Result<u8, String> {
+    let VerifyArgs {
+        files,
+        key_envs,
+        checkpoints,
+        no_checkpoints,
+        allow_unchained,
+        evidence,
+        keyrings,
+        policies,
+        format,
+    } = a;
     if evidence && keyrings.is_empty() && policies.is_empty() {
-        return Err(format!("--evidence needs --keyring or --policy\n{USAGE}"));
+        return Err("--evidence needs --keyring or --policy".into());
     }
     let mut keys = Vec::new();
-    for var in key_envs {
+    for var in &key_envs {
         let text =
             std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?;
         keys.push(ChainKey::from_base64(&text).map_err(|e| format!("{var}: {e}"))?);
     }
-    let read = |names: &[&str]| -> Result<Vec<(String, String)>, String> {
+    let read = |names: &[String]| -> Result<Vec<(String, String)>, String> {
         names
             .iter()
             .map(|n| {
@@ -123,7 +155,7 @@ pub fn run(args: &[&str]) -> Result<u8, String> {
         }
         evidence::verify_logs(&logs, &ring, &keys, &mut verdict);
     }
-    match format {
+    match format.as_str() {
         "json" => println!(
             "{}",
             serde_json::to_string_pretty(&verdict).map_err(|e| e.to_string())?
@@ -222,37 +254,20 @@ fn time_arg(s: &str) -> Result<u64, String> {
 }
 
 /// `apisec audit search`: Ok(0) with a match, Ok(1) without.
-fn search(args: &[&str]) -> Result<u8, String> {
-    let mut q = Query::default();
-    let mut files = Vec::new();
-    let mut format = "json";
-    let mut it = args.iter();
-    while let Some(&a) = it.next() {
-        let mut value = || {
-            it.next()
-                .copied()
-                .ok_or_else(|| format!("{a} needs a value"))
-        };
-        match a {
-            "--id" => q.id = Some(value()?),
-            "--app" => q.app = Some(value()?),
-            "--api" => q.api = Some(value()?),
-            "--code" => q.code = Some(value()?),
-            "--status" => q.status = Some(value()?),
-            "--decision" => q.decision = Some(value()?),
-            "--business-errors" => q.business_errors = true,
-            "--since" => q.since = Some(time_arg(value()?)?),
-            "--until" => q.until = Some(time_arg(value()?)?),
-            "--format" => format = value()?,
-            s if s.starts_with("--") => return Err(format!("unknown option {s}\n{USAGE}")),
-            file => files.push(file),
-        }
-    }
-    if files.is_empty() || !matches!(format, "json" | "text") {
-        return Err(format!(
-            "give the audit logs (and --format json or text)\n{USAGE}"
-        ));
-    }
+fn search(a: SearchArgs) -> Result<u8, String> {
+    let q = Query {
+        id: a.id.as_deref(),
+        app: a.app.as_deref(),
+        api: a.api.as_deref(),
+        code: a.code.as_deref(),
+        status: a.status.as_deref(),
+        decision: a.decision.as_deref(),
+        business_errors: a.business_errors,
+        since: a.since,
+        until: a.until,
+    };
+    let format = a.format.as_str();
+    let files = &a.files;
     let mut found = 0usize;
     for file in files {
         let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;

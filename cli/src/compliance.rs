@@ -3,22 +3,32 @@
 //! bootstrap. Exit 1 when a required control is not met.
 
 use apisec_core::compliance::{assess, AnnexA, Deployment, Report, Status, CONTROLS};
-use serde_yaml::Value;
+use serde_norway::Value;
 
-pub const USAGE: &str = "  apisec compliance POLICY [--deployment ENVOY_YAML] [--ecds FILE] [--format table|json|markdown|csv]
-                                          per API: what the standard requires at its level and whether
-                                          the policy and the deployment provide it (requirement IDs),
-                                          and the Annex A classification, with its scope, the
-                                          files' SHA-256, the time and the tool version; exit 0
-                                          compliant, 1 a requirement not met, 3 none unmet but some
-                                          not judged (no --deployment): unknown is never compliant
-                                          (the report for auditors)";
+/// Per API: what the standard requires at its level and whether the policy and the deployment
+/// provide it (requirement IDs), and the Annex A classification, with its scope, the files'
+/// SHA-256, the time and the tool version (the report for auditors). Exit 0 compliant, 1 a
+/// requirement not met, 3 none unmet but some not judged (no --deployment): unknown is never
+/// compliant.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The policy (YAML or JSON)
+    policy: String,
+    /// The Envoy configuration the gateway runs (e.g. envoy/gateway.yaml)
+    #[arg(long, value_name = "ENVOY_YAML")]
+    deployment: Option<String>,
+    /// The ECDS file the deployment loads the filter from
+    #[arg(long, value_name = "FILE")]
+    ecds: Option<String>,
+    #[arg(long, default_value = "table", value_parser = ["table", "json", "markdown", "csv"])]
+    format: String,
+}
 
 /// Table A.1, built in (policies/annex-a/table-a1.yaml).
 pub const ANNEX_A: &str = include_str!("../../policies/annex-a/table-a1.yaml");
 
 pub fn annex_a() -> Result<AnnexA, String> {
-    serde_yaml::from_str(ANNEX_A).map_err(|e| format!("table A.1 data: {e}"))
+    serde_norway::from_str(ANNEX_A).map_err(|e| format!("table A.1 data: {e}"))
 }
 
 fn walk<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
@@ -55,7 +65,7 @@ fn failure_policies(values: &[&Value]) -> Vec<Option<String>> {
 /// The deployment facts of an Envoy bootstrap (YAML or JSON).
 pub fn read_deployment(path: &str, ecds: Option<&str>) -> Result<Deployment, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
-    let doc: Value = serde_yaml::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
+    let doc: Value = serde_norway::from_str(&text).map_err(|e| format!("{path}: {e}"))?;
     let mut all = Vec::new();
     walk(&doc, &mut all);
     let tls = all
@@ -111,7 +121,7 @@ pub fn read_deployment(path: &str, ecds: Option<&str>) -> Result<Deployment, Str
         });
         match file.and_then(|f| std::fs::read_to_string(&f).ok()) {
             Some(t) => {
-                let e: Value = serde_yaml::from_str(&t).map_err(|e| format!("ECDS file: {e}"))?;
+                let e: Value = serde_norway::from_str(&t).map_err(|e| format!("ECDS file: {e}"))?;
                 let mut inner = Vec::new();
                 walk(&e, &mut inner);
                 policies.extend(failure_policies(&inner));
@@ -294,21 +304,14 @@ fn print_markdown(r: &Report) {
 }
 
 /// Runs the command; Ok(the exit status): 0 compliant, 1 not, 3 not judged in full.
-pub fn run(args: &[&str]) -> Result<u8, String> {
-    let [policy_file, rest @ ..] = args else {
-        return Err(format!("usage:\n{USAGE}"));
-    };
-    let (mut deployment, mut ecds, mut format) = (None, None, "table".to_string());
-    let mut it = rest.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match *flag {
-            "--deployment" => deployment = Some(value.to_string()),
-            "--ecds" => ecds = Some(value.to_string()),
-            "--format" => format = value.to_string(),
-            f => return Err(format!("unknown option {f}")),
-        }
-    }
+pub fn run(a: Args) -> Result<u8, String> {
+    let Args {
+        policy,
+        deployment,
+        ecds,
+        format,
+    } = a;
+    let policy_file = policy.as_str();
     let raw = crate::load_policy(policy_file)?;
     let policy = raw
         .compile_for_review()

@@ -6,15 +6,32 @@
 use apisec_core::inventory::RawApi;
 use apisec_core::openapi;
 
-pub const USAGE: &str = "  apisec inventory POLICY [--format table|csv|json]
-                                          the API inventory (LVL-2): method, path, level, service
-                                          object, read/write, user authentication, personal
-                                          information, business function, state, mode, Annex A row
-  apisec inventory import OPENAPI_FILE [--policy POLICY]
-                                          draft inventory entries from an OpenAPI 3 document (YAML or
-                                          JSON); levels and the fields a document cannot tell are left
-                                          as SET-ME for a person; with --policy, only what the policy
-                                          lacks, and what it has that the document does not";
+/// The API inventory (LVL-2): method, path, level, service object, read/write, user
+/// authentication, personal information, business function, state, mode, Annex A row.
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    import: Option<Import>,
+    /// The policy (YAML or JSON)
+    #[arg(required = true)]
+    policy: Option<String>,
+    #[arg(long, default_value = "table", value_parser = ["table", "csv", "json"])]
+    format: String,
+}
+
+#[derive(clap::Subcommand)]
+enum Import {
+    /// Draft inventory entries from an OpenAPI 3 document (YAML or JSON); levels and the fields
+    /// a document cannot tell are left as SET-ME for a person; with --policy, only what the
+    /// policy lacks, and what it has that the document does not
+    Import {
+        #[arg(value_name = "OPENAPI_FILE")]
+        file: String,
+        #[arg(long, value_name = "POLICY")]
+        policy: Option<String>,
+    },
+}
 
 const COLUMNS: &[&str] = &[
     "id",
@@ -120,7 +137,8 @@ fn list(policy_file: &str, format: &str) -> Result<(), String> {
 
 fn import(file: &str, policy: Option<&str>) -> Result<(), String> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
-    let doc: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+    let doc: serde_json::Value =
+        serde_norway::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
     let drafts = openapi::drafts(&doc).map_err(|e| format!("{file}: {e}"))?;
     let apis = match policy {
         Some(p) => crate::load_policy(p)?.apis,
@@ -164,12 +182,10 @@ fn import(file: &str, policy: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
-pub fn run(args: &[&str]) -> Result<(), String> {
-    match args {
-        ["import", file] => import(file, None),
-        ["import", file, "--policy", p] => import(file, Some(p)),
-        [policy] => list(policy, "table"),
-        [policy, "--format", f] => list(policy, f),
-        _ => Err(format!("usage:\n{USAGE}")),
+pub fn run(a: Args) -> Result<(), String> {
+    match (a.import, a.policy) {
+        (Some(Import::Import { file, policy }), _) => import(&file, policy.as_deref()),
+        (None, Some(policy)) => list(&policy, &a.format),
+        (None, None) => Err("give a policy file".into()),
     }
 }

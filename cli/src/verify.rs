@@ -10,13 +10,32 @@ use apisec_core::message::{Connection, Request};
 
 use crate::apply::{read_env_file, Secrets};
 
-pub const USAGE: &str = "  apisec verify POLICY REQUEST [--now UNIX] [--env-file FILE] [--scheme https|http]
-              [--client-ip IP] [--route NAME]
-                                          decide a captured request offline as the gateway would and
-                                          explain it: the signature base the gateway computes, covered
-                                          components missing, clock skew, digest mismatch. REQUEST is
-                                          raw HTTP/1.1 (request line, headers, blank line, body) or the
-                                          JSON of `apisec sign --format json`. Exit 0 accepted, 1 refused";
+/// Decide a captured request offline as the gateway would and explain it: the signature base
+/// the gateway computes, covered components missing, clock skew, digest mismatch. Exit 0
+/// accepted, 1 refused.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The policy (YAML or JSON)
+    policy: String,
+    /// Raw HTTP/1.1 (request line, headers, blank line, body) or the JSON of `apisec sign
+    /// --format json`
+    request: String,
+    /// The time to decide at, unix seconds (default now)
+    #[arg(long, value_name = "UNIX")]
+    now: Option<u64>,
+    /// A .env file with the secrets' variables
+    #[arg(long, value_name = "FILE")]
+    env_file: Option<String>,
+    /// The scheme of a raw capture
+    #[arg(long, default_value = "https", value_parser = ["https", "http"])]
+    scheme: String,
+    /// The client's address
+    #[arg(long, value_name = "IP", default_value = "127.0.0.1")]
+    client_ip: String,
+    /// The Envoy route name the request took (per-route policy)
+    #[arg(long, value_name = "NAME")]
+    route: Option<String>,
+}
 
 struct Capture {
     req: Request,
@@ -186,27 +205,17 @@ fn print(d: &Diagnosis, c: &Capture, now: u64) {
     println!("            (offline: a nonce used before cannot be judged; bans and grant use counts start empty)");
 }
 
-pub fn run(args: &[&str]) -> Result<bool, String> {
-    let [policy_file, request_file, rest @ ..] = args else {
-        return Err(format!("usage:\n{USAGE}"));
-    };
-    let mut now: Option<u64> = None;
-    let mut env_file = None;
-    let mut scheme = "https".to_string();
-    let mut client_ip = "127.0.0.1".to_string();
-    let mut route = None;
-    let mut it = rest.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match *flag {
-            "--now" => now = Some(value.parse().map_err(|_| "--now must be unix seconds")?),
-            "--env-file" => env_file = Some(value.to_string()),
-            "--scheme" => scheme = value.to_string(),
-            "--client-ip" => client_ip = value.to_string(),
-            "--route" => route = Some(value.to_string()),
-            f => return Err(format!("unknown option {f}")),
-        }
-    }
+pub fn run(a: Args) -> Result<bool, String> {
+    let Args {
+        policy,
+        request,
+        now,
+        env_file,
+        scheme,
+        client_ip,
+        route,
+    } = a;
+    let (policy_file, request_file) = (policy.as_str(), request.as_str());
     let raw = crate::load_policy(policy_file)?;
     let secrets = Secrets(match &env_file {
         Some(f) => read_env_file(Path::new(f))?,

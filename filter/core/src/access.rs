@@ -14,6 +14,7 @@ use crate::lists::normal_user;
 use crate::timeutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Weekday {
     Mon,
@@ -28,6 +29,7 @@ pub enum Weekday {
 // ---------------------------------------------------------------- raw document parts
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawWindow {
     /// Days the window applies to; all days when empty.
@@ -40,6 +42,7 @@ pub struct RawWindow {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawApproval {
     pub approver: String,
@@ -51,6 +54,7 @@ pub struct RawApproval {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawGrant {
     pub id: String,

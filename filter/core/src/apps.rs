@@ -15,6 +15,7 @@ use crate::ip::Cidr;
 
 /// Signature algorithms a credential can be registered with (RFC 9421 section 3.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Algorithm {
     #[serde(rename = "hmac-sha256")]
     HmacSha256,
@@ -55,6 +56,7 @@ impl Algorithm {
 // ---------------------------------------------------------------- raw document
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawApp {
     pub id: String,
@@ -79,6 +81,7 @@ pub struct RawApp {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawCredential {
     /// The RFC 9421 `keyid` callers put in `Signature-Input`.
@@ -115,6 +118,7 @@ pub const SM2_DEFAULT_ID: &str = "1234567812345678";
 /// How a client certificate is bound to an app: by the SHA-256 fingerprint of the DER
 /// certificate (hex), or by a URI SAN (for example a SPIFFE ID).
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawCertificate {
     #[serde(default, skip_serializing_if = "Option::is_none")]

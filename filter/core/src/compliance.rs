@@ -14,12 +14,14 @@ use crate::policy::{Api, Policy, RawApi, RawPolicy};
 
 /// Table A.1 of the standard as data (`policies/annex-a/table-a1.yaml`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AnnexA {
     pub industries: BTreeMap<String, AnnexIndustry>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AnnexIndustry {
     pub name: String,
@@ -27,6 +29,7 @@ pub struct AnnexIndustry {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AnnexRow {
     pub key: String,

@@ -18,6 +18,7 @@ use crate::sf::{self, BareItem, Member};
 
 /// A public key the gateway accepted signatures under, kept for re-verification.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct KeyringEntry {
     pub app: String,
     pub keyid: String,
@@ -133,6 +134,7 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
 
 /// The evidence of one record, as the audit record carries it.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StoredEvidence {
     pub keyid: String,
     pub alg: String,

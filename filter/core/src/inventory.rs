@@ -13,6 +13,7 @@ use crate::mode::Mode;
 
 /// Security level of an API (clause 6). Controls escalate with the level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum SecurityLevel {
     S0,
     S1,
@@ -33,6 +34,7 @@ impl SecurityLevel {
 
 /// Who the API serves (LVL-2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ServiceObject {
     #[serde(rename = "toB")]
     ToB,
@@ -43,6 +45,7 @@ pub enum ServiceObject {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     Read,
@@ -51,6 +54,7 @@ pub enum Access {
 
 /// Lifecycle of an API or an API group (OPS-1). Only `online` serves traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ApiState {
     Draft,
@@ -72,6 +76,7 @@ impl ApiState {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawApi {
     pub id: String,
@@ -110,6 +115,7 @@ pub struct RawApi {
 
 /// Who reviewed a change of an API (OPS-1), under which ticket, on which date (YYYY-MM-DD).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Review {
     pub by: String,
@@ -173,6 +179,7 @@ fn state_name(s: ApiState) -> &'static str {
 
 /// Which algorithms an API accepts (DATA-5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Crypto {
     #[default]
@@ -188,6 +195,7 @@ impl Crypto {
 
 /// Whether an API needs a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SessionUse {
     #[default]
@@ -202,6 +210,7 @@ impl SessionUse {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawApiGroup {
     pub id: String,

@@ -23,6 +23,7 @@ use crate::error::ConfigError;
 
 /// `audit.mask` in the policy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawMask {
     /// Characters kept at the start and at the end of a masked value (0..=8 each).

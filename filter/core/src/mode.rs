@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// Whether refusals are enforced or only reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]

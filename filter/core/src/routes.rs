@@ -11,6 +11,7 @@ use crate::inventory::{self, Api, ApiGroup, ApiSet};
 use crate::mode::Mode;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     /// The Envoy route's name.

@@ -14,6 +14,7 @@ pub const FLAG_HEADER: &str = "x-apisec-sdk";
 const MAX_VERSION_LEN: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum SdkAction {
     /// Refused `sdk_outdated` (the default: an SDK with a known hole must not sign orders).
@@ -33,6 +34,7 @@ impl SdkAction {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawSdk {
     /// The lowest version accepted, dotted numbers (`2.1.0`).

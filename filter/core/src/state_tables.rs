@@ -35,6 +35,7 @@ pub const TABLES: [(&str, &str); 6] = [
 const RATE_EPOCH_MS: u64 = 20_000 * 86_400_000;
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Table {
     /// What the table shows.
@@ -46,6 +47,7 @@ pub struct Table {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Step {
     /// Seconds after the table starts.
@@ -59,6 +61,7 @@ pub struct Step {
 
 /// An operation as a table writes it.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub enum TableOp {
     Ban {
@@ -114,6 +117,7 @@ pub enum TableOp {
 }
 
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TableCounter {
     pub rule: String,
@@ -134,6 +138,7 @@ fn yes() -> bool {
 
 /// What a batch answers, as far as both backends must agree.
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     /// The refusal code (`banned`, `replayed`, ...); absent: accepted.

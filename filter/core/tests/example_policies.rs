@@ -19,7 +19,7 @@ fn root() -> std::path::PathBuf {
 
 fn annex() -> AnnexA {
     let text = std::fs::read_to_string(root().join("policies/annex-a/table-a1.yaml")).unwrap();
-    serde_yaml::from_str(&text).unwrap()
+    serde_norway::from_str(&text).unwrap()
 }
 
 #[test]
@@ -62,7 +62,7 @@ fn example_policies_validate_and_follow_table_a1_exactly() {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let raw: RawPolicy =
-            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         raw.validate()
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let industry = raw

@@ -28,6 +28,7 @@ mod compile;
 mod tests;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawAnomalies {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -46,6 +47,7 @@ pub struct RawAnomalies {
 /// window of `window_seconds`, aligned to the Unix epoch). Bytes are known when a response
 /// ends: the calls after the one that crossed the threshold are the anomaly.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawBulk {
     pub id: String,
@@ -64,6 +66,7 @@ pub struct RawBulk {
 /// A source (an IPv4 address, an IPv6 /64) an app has not called from before, or not within
 /// `forget_days`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawNewSources {
     pub id: String,
@@ -97,6 +100,7 @@ fn default_forget_days() -> u32 {
 /// (default: `bans.ban_seconds`); never the key itself, which would let anyone lock the partner
 /// out.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawKeyFailures {
     pub id: String,
@@ -113,6 +117,7 @@ pub struct RawKeyFailures {
 /// before `from` is a window across midnight (a futures night session), which belongs to the
 /// day it starts on.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawHours {
     pub id: String,
@@ -136,6 +141,7 @@ pub struct RawHours {
 /// An app's usual source ranges: a call from elsewhere is an anomaly (distinct from
 /// `allowed_ips`, which refuses outright).
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawSources {
     pub id: String,

@@ -45,6 +45,7 @@ pub const CHECKPOINT_TAG: &str = "apisec-audit-checkpoint";
 
 /// `audit:` in the policy.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawAudit {
     /// Environment variable holding the chain key (base64, at least 32 bytes). Without it the
@@ -402,6 +403,7 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct ChainFields {
     chain: String,
     seq: u64,
@@ -460,6 +462,7 @@ fn read_line(at: Place, line: &str) -> Line {
 
 /// A checkpoint read from Envoy's log.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct Checkpoint {
     chain: String,
     seq: u64,

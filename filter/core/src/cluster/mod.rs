@@ -27,6 +27,7 @@ use crate::state::{self, Answer, Batch, Op};
 
 /// `state:` in the policy.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawState {
     /// `local` (Envoy shared data of this gateway; the default) or `cluster`.
@@ -37,6 +38,7 @@ pub struct RawState {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Backend {
     #[default]
@@ -45,6 +47,7 @@ pub enum Backend {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawCluster {
     /// The Envoy cluster that reaches the webdis bridge in front of Redis.

@@ -31,6 +31,7 @@ pub use crate::state::nonces::local::ReplaySettings;
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawPolicy {
     pub version: u32,
@@ -80,6 +81,7 @@ pub struct RawPolicy {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawGateway {
     /// How far `created` may be from the gateway clock, either way.
@@ -132,6 +134,7 @@ pub struct RawGateway {
 
 /// A verified fact the gateway may send upstream, as `x-apisec-<name>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum IdentityHeader {
     App,
@@ -163,6 +166,7 @@ impl IdentityHeader {
 
 /// The industries of table A.1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Industry {
     Securities,
@@ -182,6 +186,7 @@ impl Industry {
 
 /// What the gateway does with a client-sent routing override header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum OverrideMode {
     Strip,
@@ -214,6 +219,7 @@ impl Default for RawGateway {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawReplay {
     /// Number of shared-data keys the replay cache uses.

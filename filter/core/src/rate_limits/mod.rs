@@ -28,6 +28,7 @@ use crate::timeutil;
 pub const MAX_LIMIT: u64 = 10_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Dimension {
     App,
@@ -38,6 +39,7 @@ pub enum Dimension {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RateAction {
     #[default]
@@ -46,6 +48,7 @@ pub enum RateAction {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawRateLimit {
     pub id: String,
@@ -99,6 +102,7 @@ fn is_default_v6(v: &u8) -> bool {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawQuota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,6 +115,7 @@ pub struct RawQuota {
 
 /// The local backend's counter store (`gateway.rate_limit_store`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RawRateStore {
     /// Shared-data keys the counters use.

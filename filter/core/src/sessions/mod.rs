@@ -25,6 +25,7 @@ pub const SESSION_HEADER: &str = "x-session-id";
 pub const MAC_HEADER: &str = "x-device-mac";
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawSessions {
     /// The inventory API (POST) the gateway answers to establish a session.
@@ -250,6 +251,7 @@ pub fn normal_mac(s: &str) -> Option<String> {
 
 /// What an establishing caller sends (JSON body).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct EstablishBody {
     caller_code: String,
@@ -282,6 +284,7 @@ pub fn parse_establish(body: &[u8], app: &str) -> Result<(String, Option<String>
 
 /// What an operator sends to end sessions: exactly one of `session_id`, `app`, `user`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct OperatorBody {
     #[serde(default)]
@@ -424,6 +427,7 @@ impl Misuse {
 
 /// What the store keeps of one session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Session {
     /// Keyed hash of the ID (the ID itself is not stored).
     pub tag: String,

@@ -18,6 +18,7 @@ use super::{Answer, Batch, Op, Params};
 use crate::error::{Deny, DenyReason};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     Alert,

@@ -17,6 +17,7 @@ use crate::store::{u64_at, update, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawBans {
     /// Refusals within `window_seconds` that trigger a ban.
@@ -47,6 +48,7 @@ fn default_ipv6_prefix() -> u8 {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RawLift {
     #[serde(default, skip_serializing_if = "Option::is_none")]
