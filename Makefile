@@ -9,7 +9,7 @@ WASM := target/wasm32-wasip1/release/apisec_filter.wasm
 CLI := target/release/apisec
 CARGO ?= cargo
 
-.PHONY: all setup build run run-cluster test unit lint fmt e2e quick bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist
+.PHONY: all setup build run run-cluster test unit lint fmt e2e quick bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist deny-advisories
 
 all: build
 
@@ -138,11 +138,23 @@ run-cluster: setup build demo-assets
 fmt:
 	$(CARGO) fmt --all
 
-lint: .rustup-done
+lint: .rustup-done .deny-done
 	$(CARGO) fmt --all -- --check
 	python3 tools/module_loops.py filter/core/src filter/wasm/src cli/src
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --locked -p apisec-core -p apisec-filter --target wasm32-wasip1 -- -D warnings
+	$(CARGO) deny --locked check licenses bans sources
+
+# Advisories need the RustSec database, fetched from its git repository (not reachable from
+# every build machine); run where it is.
+deny-advisories: .deny-done
+	$(CARGO) deny --locked check advisories
+
+# cargo-deny (licences, bans, sources, advisories; deny.toml), built from the crate registry.
+.deny-done: .rustup-done
+	command -v cargo-deny >/dev/null && cargo-deny --version | grep -q "0.18.9" || \
+		$(CARGO) install cargo-deny --locked --version 0.18.9
+	touch $@
 
 unit:
 	$(CARGO) test --locked --workspace

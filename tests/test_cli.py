@@ -119,7 +119,7 @@ def test_the_cli_behaves_like_one(tmp_path):
     out = run("--version", check=True)
     assert out.stdout.strip() == "apisec 0.1.0"
     for cmd in (["policy", "apply"], ["audit", "verify"], ["audit", "search"], ["sign"], ["sessions", "end"],
-                ):
+                ["credentials", "rotate"], ["apps", "add"], ["grants", "add"], ["inventory", "set-state"]):
         out = run(*cmd, "--help")
         assert out.returncode == 0 and "Usage: apisec " + " ".join(cmd) in out.stdout, (cmd, out.stderr)
     policy = str(ROOT / "policies/securities.yaml")
@@ -169,3 +169,47 @@ def test_policy_schema_is_generated_from_the_types_and_checks_policies(tmp_path)
                                                                            "clock_skew_seconds: soon"))
     out = subprocess.run([*check, str(bad)], capture_output=True, text=True)
     assert out.returncode == 1 and "soon" in out.stdout, out.stdout
+
+
+def test_onboarding_record_bounds_the_grants_and_access_is_reviewed_at_every_level(tmp_path):  # OPS-7 OPS-8
+    """`apps add` records how a caller was admitted (who, ticket, date, scenario, contact, the
+    APIs it asked for); a grant beyond those APIs is refused, naming the API and OPS-7, and the
+    file is left as it was; `grants add` records who applied and who approved, at S1 as at S3."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies/securities.yaml").read_text())
+    out = run("apps", "add", str(policy), "--app", "acme", "--by", "alice", "--ticket", "ONB-1", "--scenario",
+              "research", "--apis", "info.*", "--date", "2026-12-06")
+    assert out.returncode == 0, out.stderr
+    assert "comment line(s) are not kept" in out.stderr
+    before = policy.read_text()
+    out = run("grants", "add", str(policy), "--app", "acme", "--id", "acme-trading", "--apis", "trade.order.place",
+              "--requested-by", "bob", "--approved-by", "alice", "--ticket", "ACC-1", "--assessment", "RA-1")
+    assert out.returncode == 2
+    assert "covers 'trade.order.place', which app 'acme' was not admitted for" in out.stderr and "OPS-7" in out.stderr
+    assert policy.read_text() == before
+    out = run("grants", "add", str(policy), "--app", "acme", "--id", "acme-research", "--apis", "info.research",
+              "--requested-by", "bob", "--approved-by", "alice", "--ticket", "ACC-2", "--date", "2026-12-06")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(run("policy", "json", str(policy), check=True).stdout)
+    grant = next(g for g in doc["grants"] if g["id"] == "acme-research")
+    assert grant["approval"] == {"approver": "alice", "ticket": "ACC-2", "date": "2026-12-06", "assessment": "",
+                                 "requested_by": "bob"}
+    app = next(a for a in doc["apps"] if a["id"] == "acme")
+    assert app["admission"] == {"by": "alice", "ticket": "ONB-1", "date": "2026-12-06", "scenario": "research",
+                                "apis": ["info.*"]}
+    # an incomplete onboarding record is refused by policy check, naming the field
+    app["admission"]["by"] = " "
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    out = run("policy", "check", str(bad))
+    assert out.returncode == 2 and "apps[" in out.stderr and "admission.by" in out.stderr
+    # editing commands refuse what does not exist, and change nothing
+    kept = policy.read_text()
+    for args in (["credentials", "rotate", str(policy), "--app", "acme", "--credential", "nope", "--id", "x",
+                  "--alg", "ecdsa-p256-sha256", "--key-out", str(tmp_path / "k")],
+                 ["credentials", "revoke", str(policy), "--app", "nobody", "--credential", "x"],
+                 ["apps", "add", str(policy), "--app", "acme", "--by", "a", "--ticket", "t", "--scenario", "s",
+                  "--apis", "info.*"]):
+        out = run(*args)
+        assert out.returncode == 2 and out.stderr, args
+        assert policy.read_text() == kept

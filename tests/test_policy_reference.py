@@ -51,6 +51,7 @@ apps:
     allowed_ips: [10.0.0.0/8]
     onboarding: true
     sdk: {minimum: "2.1.0", known_bad: ["2.3.1"], action: flag}
+    admission: {by: alice, ticket: ONB-1, date: "2026-01-01", scenario: s, contact: c, apis: [a]}
     credentials:
       - {id: k1, alg: hmac-sha256, secret_env: S, not_before: "2026-01-01T00:00:00+08:00", not_after: "2099-01-01T00:00:00+08:00"}
       - id: k2
@@ -83,7 +84,7 @@ grants:
     once: false
     windows: [{days: [mon], from: "09:00", to: "15:00"}]
     timezone: Asia/Shanghai
-    approval: {approver: r, ticket: T-1, date: "2026-01-01", assessment: ok}
+    approval: {approver: r, ticket: T-1, date: "2026-01-01", assessment: ok, requested_by: q}
     forbid_request_fields: [x.y]
     hide_response_fields: [z]
 lists:

@@ -1,7 +1,9 @@
 //! `apisec grants` (OPS-3, PERM-6): list a policy's grants with their validity, and print the
 //! policy without a caller's grants (or one grant), validated, to apply.
 
-use crate::policy::load_policy;
+use apisec_core::access::{RawApproval, RawGrant};
+
+use crate::policy::{load_policy, save_policy, today};
 
 #[derive(clap::Subcommand)]
 pub enum Grants {
@@ -11,6 +13,8 @@ pub enum Grants {
         #[arg(long)]
         app: Option<String>,
     },
+    /// Add a grant with the record of its application and review (OPS-8, PERM-3), at any level
+    Add(Box<AddArgs>),
     /// Print the policy without that caller's grants (or one grant), validated, as YAML
     /// (comments are not kept)
     Revoke {
@@ -22,8 +26,77 @@ pub enum Grants {
     },
 }
 
+#[derive(clap::Args)]
+pub struct AddArgs {
+    /// The policy file to edit
+    file: String,
+    /// The caller
+    #[arg(long)]
+    app: String,
+    /// The grant's id
+    #[arg(long = "id", value_name = "GRANT")]
+    id: String,
+    /// API ids, `prefix*`, `group:<id>` (repeat, or comma-separated)
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Append)]
+    apis: Vec<String>,
+    /// Business functions (repeat, or comma-separated)
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Append)]
+    functions: Vec<String>,
+    /// Who applied for the access
+    #[arg(long)]
+    requested_by: String,
+    /// Who reviewed and approved it
+    #[arg(long)]
+    approved_by: String,
+    /// The ticket of the application and its review
+    #[arg(long)]
+    ticket: String,
+    /// The date of the approval, YYYY-MM-DD (default today)
+    #[arg(long)]
+    date: Option<String>,
+    /// The risk assessment's reference (S3, PERM-3)
+    #[arg(long, default_value = "")]
+    assessment: String,
+    /// The end of the grant's validity, RFC 3339 with an offset (PERM-5)
+    #[arg(long, value_name = "TIME")]
+    not_after: Option<String>,
+    /// Write the edited policy here (`-`: standard output) instead of in place
+    #[arg(long)]
+    out: Option<String>,
+}
+
+fn grants_add(a: &AddArgs) -> Result<(), String> {
+    let mut raw = load_policy(&a.file)?;
+    if raw.grants.iter().any(|g| g.id == a.id) {
+        return Err(format!("{}: grant '{}' exists", a.file, a.id));
+    }
+    let doc = serde_json::json!({
+        "id": a.id, "app": a.app, "apis": a.apis, "functions": a.functions,
+        "not_after": a.not_after,
+    });
+    let mut grant: RawGrant = serde_json::from_value(doc).map_err(|e| e.to_string())?;
+    grant.approval = Some(RawApproval {
+        approver: a.approved_by.clone(),
+        ticket: a.ticket.clone(),
+        date: match &a.date {
+            Some(d) => d.clone(),
+            None => today()?,
+        },
+        assessment: a.assessment.clone(),
+        requested_by: a.requested_by.clone(),
+    });
+    raw.grants.push(grant);
+    save_policy(&a.file, a.out.as_deref(), &raw)?;
+    eprintln!(
+        "granted '{}' to '{}' (requested by {}, approved by {}, {}); apply the policy to make it live",
+        a.id, a.app, a.requested_by, a.approved_by, a.ticket
+    );
+    Ok(())
+}
+
 pub fn run(cmd: Grants) -> Result<(), String> {
     match cmd {
+        Grants::Add(a) => grants_add(&a),
         Grants::List { file, app } => grants_list(&file, app.as_deref()),
         Grants::Revoke { file, app, grant } => grants_revoke(&file, &app, grant.as_deref()),
     }

@@ -12,7 +12,7 @@ use apisec_core::openapi;
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Args {
     #[command(subcommand)]
-    import: Option<Import>,
+    command: Option<Edit>,
     /// The policy (YAML or JSON)
     #[arg(required = true)]
     policy: Option<String>,
@@ -21,7 +21,7 @@ pub struct Args {
 }
 
 #[derive(clap::Subcommand)]
-enum Import {
+enum Edit {
     /// Draft inventory entries from an OpenAPI 3 document (YAML or JSON); levels and the fields
     /// a document cannot tell are left as SET-ME for a person; with --policy, only what the
     /// policy lacks, and what it has that the document does not
@@ -31,6 +31,89 @@ enum Import {
         #[arg(long, value_name = "POLICY")]
         policy: Option<String>,
     },
+    /// Take an API online, offline, or retire it, with its review record (LVL-6, OPS-1, OPS-9):
+    /// edits the policy file and names the callers to notify (the apps its grants cover, with
+    /// their onboarding contact). Its logs stay at the collector and its callers' public keys
+    /// in the keyring
+    SetState {
+        /// The policy file to edit
+        policy: String,
+        /// The API's id
+        #[arg(long)]
+        api: String,
+        #[arg(long, value_parser = ["online", "offline", "retired", "draft"])]
+        state: String,
+        /// Who reviewed the change
+        #[arg(long)]
+        by: String,
+        /// The change's ticket (a new one: `policy apply` refuses a reused review)
+        #[arg(long)]
+        ticket: String,
+        /// YYYY-MM-DD (default today)
+        #[arg(long)]
+        date: Option<String>,
+        /// Write the edited policy here (`-`: standard output) instead of in place
+        #[arg(long)]
+        out: Option<String>,
+    },
+}
+
+/// `inventory set-state`: the API's new state and review, and who to tell.
+fn set_state(cmd: Edit) -> Result<(), String> {
+    let Edit::SetState {
+        policy,
+        api,
+        state,
+        by,
+        ticket,
+        date,
+        out,
+    } = cmd
+    else {
+        return Err("not set-state".into());
+    };
+    let mut raw = crate::load_policy(&policy)?;
+    let entry = raw
+        .apis
+        .iter_mut()
+        .find(|a| a.id == api)
+        .ok_or_else(|| format!("{policy}: no API '{api}'"))?;
+    entry.state = serde_json::from_value(serde_json::Value::String(state.clone()))
+        .map_err(|e| e.to_string())?;
+    entry.review = Some(apisec_core::inventory::Review {
+        by,
+        ticket,
+        date: match date {
+            Some(d) => d,
+            None => crate::policy::today()?,
+        },
+    });
+    let compiled = raw
+        .compile_for_review()
+        .map_err(|e| format!("{policy}: {e}"))?;
+    let index = compiled.apis().iter().position(|a| a.id == api);
+    let mut callers: Vec<&str> = compiled
+        .grants
+        .iter()
+        .filter(|g| index.is_some_and(|i| g.apis.contains(i)))
+        .map(|g| g.app.as_str())
+        .collect();
+    callers.sort_unstable();
+    callers.dedup();
+    crate::policy::save_policy(&policy, out.as_deref(), &raw)?;
+    eprintln!("'{api}' is {state} in {policy}; apply the policy to make it live");
+    if state != "online" {
+        for app in callers {
+            let contact = raw
+                .apps
+                .iter()
+                .find(|a| a.id == app)
+                .and_then(|a| a.admission.as_ref())
+                .map_or("no contact on record", |a| a.contact.as_str());
+            println!("notify\t{app}\t{contact}");
+        }
+    }
+    Ok(())
 }
 
 const COLUMNS: &[&str] = &[
@@ -183,8 +266,9 @@ fn import(file: &str, policy: Option<&str>) -> Result<(), String> {
 }
 
 pub fn run(a: Args) -> Result<(), String> {
-    match (a.import, a.policy) {
-        (Some(Import::Import { file, policy }), _) => import(&file, policy.as_deref()),
+    match (a.command, a.policy) {
+        (Some(Edit::Import { file, policy }), _) => import(&file, policy.as_deref()),
+        (Some(cmd @ Edit::SetState { .. }), _) => set_state(cmd),
         (None, Some(policy)) => list(&policy, &a.format),
         (None, None) => Err("give a policy file".into()),
     }

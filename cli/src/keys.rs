@@ -42,7 +42,7 @@ fn keygen_hmac() -> Result<(), String> {
     Ok(())
 }
 
-fn keygen_p256(prefix: &str) -> Result<(), String> {
+pub(crate) fn keygen_p256(prefix: &str) -> Result<(), String> {
     use p256::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
     let private = key
@@ -55,7 +55,7 @@ fn keygen_p256(prefix: &str) -> Result<(), String> {
     write_key_pair(prefix, private.as_bytes(), &public, "")
 }
 
-fn keygen_sm2(prefix: &str) -> Result<(), String> {
+pub(crate) fn keygen_sm2(prefix: &str) -> Result<(), String> {
     use sm2::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
     let key = sm2::SecretKey::random(&mut rand_core::OsRng);
     let private = key

@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 
 mod apply;
+mod apps;
 mod audit;
 mod compliance;
+mod credentials;
 mod grants;
 mod inventory;
 mod keyring;
@@ -46,6 +48,12 @@ enum Command {
     /// List and revoke grants (OPS-3, PERM-6)
     #[command(subcommand)]
     Grants(grants::Grants),
+    /// Register a caller with its onboarding record (OPS-7)
+    #[command(subcommand)]
+    Apps(apps::Apps),
+    /// Issue, rotate and revoke a caller's credentials (OPS-2)
+    #[command(subcommand)]
+    Credentials(credentials::Credentials),
     /// Sign a request with RFC 9421 and RFC 9530 and print it ready to send
     Sign(Box<sign::SignArgs>),
     /// Decide a captured request offline as the gateway would, and explain it
@@ -74,6 +82,8 @@ fn main() -> ExitCode {
         Command::Keygen(k) => keys::run(k).map(|()| None),
         Command::Policy(p) => policy::run(p).map(|()| None),
         Command::Grants(g) => grants::run(g).map(|()| None),
+        Command::Apps(a) => apps::run(a).map(|()| None),
+        Command::Credentials(c) => credentials::run(c).map(|()| None),
         Command::Sign(a) => sign::run(*a).map(|()| None),
         Command::Inventory(a) => inventory::run(a).map(|()| None),
         Command::Sessions(s) => sessions::run(s).map(|()| None),

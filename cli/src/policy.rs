@@ -105,3 +105,55 @@ fn policy_json(file: &str) -> Result<(), String> {
     );
     Ok(())
 }
+
+/// Writes an edited policy (validated first) to `out`, `-` for standard output, or back to
+/// `src` in place (a temporary file renamed over it). The file is written from its data: YAML
+/// comments are not kept, and the count of those dropped is said.
+pub fn save_policy(src: &str, out: Option<&str>, raw: &RawPolicy) -> Result<(), String> {
+    raw.validate().map_err(|e| format!("{src}: {e}"))?;
+    let text = serde_norway::to_string(raw).map_err(|e| e.to_string())?;
+    let dest = out.unwrap_or(src);
+    if dest == "-" {
+        print!("{text}");
+        return Ok(());
+    }
+    let comments = std::fs::read_to_string(src)
+        .map(|t| {
+            t.lines()
+                .filter(|l| l.trim_start().starts_with('#'))
+                .count()
+        })
+        .unwrap_or(0);
+    let path = std::path::Path::new(dest);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let tmp = dir.join(format!(".apisec-edit-{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{dest}: {e}"))?;
+    if comments > 0 && dest == src {
+        eprintln!(
+            "note: {dest} was rewritten from its data; its {comments} comment line(s) are not kept \
+             (review the change with a diff before applying it)"
+        );
+    }
+    Ok(())
+}
+
+/// Today, YYYY-MM-DD (UTC), for records the operator does not date.
+pub fn today() -> Result<String, String> {
+    crate::rfc3339_utc(now()?)
+        .get(..10)
+        .map(str::to_string)
+        .ok_or_else(|| "clock".to_string())
+}
+
+/// Unix seconds now, from this machine's clock (the operator's tools; core never reads it).
+pub fn now() -> Result<u64, String> {
+    #[allow(clippy::disallowed_methods)]
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())?;
+    Ok(t.as_secs())
+}

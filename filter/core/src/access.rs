@@ -51,6 +51,9 @@ pub struct RawApproval {
     pub date: String,
     #[serde(default)]
     pub assessment: String,
+    /// Who applied for the access (OPS-8): access is applied for and reviewed at every level.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub requested_by: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -78,6 +78,31 @@ pub struct RawApp {
     /// The SDK versions this app's callers must run (`x-sdk-version`, sdk.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sdk: Option<crate::sdk::RawSdk>,
+    /// The onboarding record (OPS-7): who admitted the caller, under which ticket, when, for
+    /// which business scenario, and the APIs it asked for; its grants may cover those only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<RawAdmission>,
+}
+
+/// How a caller was admitted (OPS-7): the record the firm keeps of verifying its identity and
+/// admission material, its business scenario and the APIs it needs, before access is granted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    /// Who verified the caller's identity and admission material and admitted it.
+    pub by: String,
+    /// The onboarding ticket (where the material is filed).
+    pub ticket: String,
+    /// YYYY-MM-DD.
+    pub date: String,
+    /// The business scenario the caller uses the APIs for.
+    pub scenario: String,
+    /// The caller's contact for security notices (callers notified at retirement, OPS-9).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub contact: String,
+    /// The APIs it asked for: ids, `prefix*` patterns, `group:<id>`.
+    pub apis: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

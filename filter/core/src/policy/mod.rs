@@ -18,7 +18,7 @@ pub use crate::apps::{
 use crate::audit_chain::{AuditSettings, RawAudit};
 use crate::cluster::{self, RawState, StateBackend};
 use crate::error::ConfigError;
-use crate::inventory::{self, valid_id, ApiGroup, RawApiGroup};
+use crate::inventory::{self, resolve_apis, valid_id, ApiGroup, ApiSet, RawApiGroup};
 pub use crate::inventory::{Access, Api, RawApi, SecurityLevel, ServiceObject};
 use crate::lists::{self, List, RawList};
 pub use crate::message::Method;
@@ -600,6 +600,7 @@ impl RawPolicy {
         apps: &HashMap<String, App>,
     ) -> Result<Vec<Grant>, ConfigError> {
         let g = &self.gateway;
+        let admitted = self.admissions(apis, groups)?;
         let mut grants: Vec<Grant> = Vec::new();
         for (i, raw) in self.grants.iter().enumerate() {
             let field = format!("grants[{i}]");
@@ -615,15 +616,62 @@ impl RawPolicy {
                     format!("no app '{}'", raw.app),
                 ));
             }
-            grants.push(access::compile_grant(
-                &field,
-                raw,
-                apis,
-                groups,
-                &g.default_timezone,
-            )?);
+            let grant = access::compile_grant(&field, raw, apis, groups, &g.default_timezone)?;
+            // OPS-7: an admitted app's grants stay within the APIs it was admitted for
+            if let Some((afield, admitted)) = admitted.get(grant.app.as_str()) {
+                let outside = apis
+                    .iter()
+                    .enumerate()
+                    .find(|(j, _)| grant.apis.contains(*j) && !admitted.contains(*j));
+                if let Some((_, api)) = outside {
+                    return Err(ConfigError::new(
+                        format!("{field}.apis"),
+                        format!(
+                            "grant '{}' covers '{}', which app '{}' was not admitted for ({afield}; OPS-7)",
+                            grant.id, api.id, grant.app
+                        ),
+                    ));
+                }
+            }
+            grants.push(grant);
         }
         Ok(grants)
+    }
+
+    /// OPS-7: each onboarding record is complete, and the APIs it admits resolve; by app.
+    fn admissions(
+        &self,
+        apis: &[Api],
+        groups: &[ApiGroup],
+    ) -> Result<HashMap<&str, (String, ApiSet)>, ConfigError> {
+        let mut out = HashMap::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let Some(adm) = &app.admission else {
+                continue;
+            };
+            let field = format!("apps[{i}].admission");
+            for (name, value) in [
+                ("by", &adm.by),
+                ("ticket", &adm.ticket),
+                ("scenario", &adm.scenario),
+            ] {
+                if value.trim().is_empty() {
+                    return Err(ConfigError::new(
+                        format!("{field}.{name}"),
+                        "is required (OPS-7)",
+                    ));
+                }
+            }
+            if timeutil::parse_date(&adm.date).is_none() {
+                return Err(ConfigError::new(
+                    format!("{field}.date"),
+                    "must be YYYY-MM-DD",
+                ));
+            }
+            let set = resolve_apis(&format!("{field}.apis"), &adm.apis, apis, groups)?;
+            out.insert(app.id.as_str(), (format!("{field}.apis"), set));
+        }
+        Ok(out)
     }
 
     /// Black and white lists (BWL-1, BWL-2).
