@@ -4,13 +4,14 @@ and the sessions policy."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 
 import gateway as gw
 import state_store
-from conftest import ROOT, SECRET_VAR, Client, base_policy, prometheus_series, read_audit, start_gateway
+from conftest import ROOT, SECRET_VAR, WASM, Client, base_policy, prometheus_series, read_audit, start_gateway
 
 # Both replicas serve one public name, as behind a load balancer: requests are signed for it.
 PUBLIC = "gw.example.test"
@@ -204,3 +205,31 @@ def session_policy(idle: int, lifetime: int, entries: int = 64) -> dict:
         "login_apis": ["user.login"],
     }
     return doc
+
+
+def manifest_docs(path):
+    """The YAML documents of a manifest file."""
+    import yaml
+
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def loads_in_envoy(tmp_path, policy: dict, env_names: list[str]) -> subprocess.CompletedProcess:
+    """The policy as istiod or Envoy Gateway hands it over (JSON text in the filter config),
+    loaded by a real Envoy with the built .wasm (`--mode validate` runs the filter's configure)."""
+    tc = gw.load_yaml(gw.FILTER_YAML)[0]["typed_config"]
+    tc["config"]["configuration"]["value"] = json.dumps(policy)
+    tc["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    tc["config"]["vm_config"]["environment_variables"]["host_env_keys"] = env_names
+    doc = {"static_resources": {"listeners": [{
+        "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": "l", "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+                {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
+            "http_filters": [{"name": "apisec", "typed_config": tc}, gw.ROUTER]}}]}]}]}}
+    path = tmp_path / "manifest-check.yaml"
+    path.write_text(json.dumps(doc))
+    env = {**os.environ, **{n: "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTMyYnk=" for n in env_names}}
+    return subprocess.run([gw.envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+                          capture_output=True, text=True, timeout=120, env=env)

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from conftest import ROOT, WASM, base_policy, gw, read_audit, start_gateway
+from helpers import loads_in_envoy, manifest_docs
 
 sys.path.insert(0, str(ROOT / "release"))
 import oci_image  # noqa: E402
@@ -130,33 +131,6 @@ def test_push_pull_back_and_envoy_runs_the_pulled_module(registry, tmp_path, sec
 
 
 # --- deployment manifests (deploy/) ------------------------------------------------------------
-
-def manifest_docs(path):
-    import yaml
-
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
-
-
-def loads_in_envoy(tmp_path, policy: dict, env_names: list[str]) -> subprocess.CompletedProcess:
-    """The policy as istiod or Envoy Gateway hands it over (JSON text in the filter config),
-    loaded by a real Envoy with the built .wasm (`--mode validate` runs the filter's configure)."""
-    tc = gw.load_yaml(gw.FILTER_YAML)[0]["typed_config"]
-    tc["config"]["configuration"]["value"] = json.dumps(policy)
-    tc["config"]["vm_config"]["code"]["local"]["filename"] = str(WASM)
-    tc["config"]["vm_config"]["environment_variables"]["host_env_keys"] = env_names
-    doc = {"static_resources": {"listeners": [{
-        "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "l", "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-                {"match": {"prefix": "/"}, "direct_response": {"status": 200}}]}]},
-            "http_filters": [{"name": "apisec", "typed_config": tc}, gw.ROUTER]}}]}]}]}}
-    path = tmp_path / "manifest-check.yaml"
-    path.write_text(json.dumps(doc))
-    env = {**os.environ, **{n: "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTMyYnk=" for n in env_names}}
-    return subprocess.run([gw.envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
-                          capture_output=True, text=True, timeout=120, env=env)
-
 
 def policy_env(policy: dict) -> list[str]:
     return gw.secret_env_names(json.dumps(policy))

@@ -15,6 +15,7 @@ mod keyring;
 mod keys;
 mod opslog;
 mod policy;
+mod render;
 mod sessions;
 mod sign;
 mod verify;
@@ -54,6 +55,9 @@ enum Command {
     /// Issue, rotate and revoke a caller's credentials (OPS-2)
     #[command(subcommand)]
     Credentials(credentials::Credentials),
+    /// Kubernetes manifests for Istio or Envoy Gateway, made from the policy
+    #[command(subcommand)]
+    Render(render::Render),
     /// Sign a request with RFC 9421 and RFC 9530 and print it ready to send
     Sign(Box<sign::SignArgs>),
     /// Decide a captured request offline as the gateway would, and explain it
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Grants(g) => grants::run(g).map(|()| None),
         Command::Apps(a) => apps::run(a).map(|()| None),
         Command::Credentials(c) => credentials::run(c).map(|()| None),
+        Command::Render(r) => render::run(r).map(|()| None),
         Command::Sign(a) => sign::run(*a).map(|()| None),
         Command::Inventory(a) => inventory::run(a).map(|()| None),
         Command::Sessions(s) => sessions::run(s).map(|()| None),
