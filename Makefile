@@ -53,13 +53,15 @@ $(VENV)/.installed: tests/requirements.txt
 	touch $@
 
 # Monitoring (issues 13, 26): a real Prometheus scrapes the test gateway and sends its alerts
-# to a real Alertmanager; promtool runs the alert rules' unit tests and amtool checks the
-# routing (monitoring/), from Debian's prometheus and prometheus-alertmanager packages.
+# to a real Alertmanager; mtail reads the gateway's logs for the alerts from log analysis
+# (MON-9); promtool runs the alert rules' unit tests and amtool checks the routing
+# (monitoring/), from Debian's prometheus, prometheus-alertmanager and mtail packages.
 .monitoring-done:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null && \
-		command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null || \
+		command -v prometheus-alertmanager >/dev/null && command -v amtool >/dev/null && \
+		command -v mtail >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus \
-		prometheus-alertmanager)
+		prometheus-alertmanager mtail)
 	touch $@
 
 # Central log collection (issue 26, deploy/logging): rsyslog with its TLS driver ships the

@@ -43,7 +43,7 @@ def test_alert_rules_pass_promtool():  # MON-2: the rules parse, and their unit 
 class Prometheus:
     """A real Prometheus scraping one gateway's admin listener with monitoring/prometheus.yml."""
 
-    def __init__(self, tmp: Path, admin_port: int, alertmanager: str | None = None):
+    def __init__(self, tmp: Path, admin_port: int, alertmanager: str | None = None, mtail: str | None = None):
         conf = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
         conf["global"]["scrape_interval"] = "1s"
         conf["global"]["evaluation_interval"] = "1s"
@@ -52,8 +52,12 @@ class Prometheus:
             conf["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
         else:
             conf.pop("alerting")
-        job = conf["scrape_configs"][0]
+        job, logs = conf["scrape_configs"]
         job["static_configs"][0]["targets"] = [f"127.0.0.1:{admin_port}"]
+        if mtail:  # the apisec-logs job: mtail over this gateway's logs (MON-9)
+            logs["static_configs"][0]["targets"] = [mtail]
+        else:
+            conf["scrape_configs"].remove(logs)
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(conf))
         self.port = gw.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -74,15 +78,31 @@ class Prometheus:
         stop(self.proc, self.log)
 
 
-def serve(cmd: list[str], log_path: Path, url: str):
-    """Starts a Prometheus-family server and waits until `url`/-/ready answers: the process and
-    its open log."""
+class Mtail:
+    """A real mtail (Debian's mtail) running monitoring/apisec.mtail over a gateway's audit log
+    and Envoy's log (MON-9)."""
+
+    def __init__(self, tmp: Path, g):
+        self.port = gw.free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc, self.log = serve(
+            [tool("mtail"), "--progs", str(MONITORING / "apisec.mtail"), "--address", "127.0.0.1",
+             "--port", str(self.port), "--logs", f"{g.layout.audit_log},{g.envoy_log}", "--logtostderr"],
+            tmp / "mtail.log", f"http://{self.address}", ready="/metrics")
+
+    def stop(self):
+        stop(self.proc, self.log)
+
+
+def serve(cmd: list[str], log_path: Path, url: str, ready: str = "/-/ready"):
+    """Starts a Prometheus-family server and waits until `url` + `ready` answers: the process
+    and its open log."""
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
-            if requests.get(url + "/-/ready", timeout=1).status_code == 200:
+            if requests.get(url + ready, timeout=1).status_code == 200:
                 return proc, log
         except requests.RequestException:
             pass
@@ -231,7 +251,9 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
             break
     assert r.status_code == 403 and r.json()["error"] == "banned"
 
-    prom = Prometheus(tmp_path, mgw.layout.admin_port)
+    (tmp_path / "mtail").mkdir()
+    mtail = Mtail(tmp_path / "mtail", mgw)
+    prom = Prometheus(tmp_path, mgw.layout.admin_port, mtail=mtail.address)
     try:
         def read_back():
             got = prom.query('apisec_requests_total{app="demo-partner",api="info.research",decision="allow"}')
@@ -291,6 +313,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         assert "ApisecBackendUnhealthy" not in active
     finally:
         prom.stop()
+        mtail.stop()
 
 
 def test_one_policy_version_in_force_after_a_reload(tmp_path, secret):  # MON-2
@@ -461,4 +484,65 @@ def test_a_backend_fault_is_detected_and_service_recovers_by_itself(tmp_path, se
         wait_for(lambda: quote() == 200, timeout=30, what="calls to succeed again")
         assert g.envoy.poll() is None
     finally:
+        g.stop()
+
+
+def test_alerts_from_log_analysis_reach_the_receivers(tmp_path, secret):  # MON-9
+    """Issue 26, MON-9: mtail reads a real gateway's audit log and Envoy's log
+    (monitoring/apisec.mtail), a real Prometheus scrapes it and evaluates the apisec-logs rules,
+    a real Alertmanager routes them: a line written into the audit log by someone other than the
+    gateway pages on-call; a policy Envoy refuses (an error in Envoy's log) opens a ticket.
+    Sealed records and checkpoints are counted and raise nothing."""
+    doc = base_policy()
+    doc["audit"]["checkpoint_seconds"] = 1
+    g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
+    receiver = Receiver()
+    for d in ("am", "prom", "mtail"):
+        (tmp_path / d).mkdir()
+    am = Alertmanager(tmp_path / "am", receiver)
+    mtail = Mtail(tmp_path / "mtail", g)
+    prom = Prometheus(tmp_path / "prom", g.layout.admin_port, alertmanager=am.address, mtail=mtail.address)
+    try:
+        c = Client(g, secret)
+        for _ in range(3):
+            assert c.send(c.sign("GET", RESEARCH)).status_code == 200
+
+        def value(expr: str) -> float:
+            got = prom.query(expr)
+            return float(got[0]["value"][1]) if got else 0.0
+
+        deadline = time.time() + 30
+        while time.time() < deadline and not (value("apisec_log_sealed_lines_total") >= 3
+                                               and value("apisec_log_checkpoints_total") >= 1):
+            time.sleep(1)
+        assert value("apisec_log_sealed_lines_total") >= 3 and value("apisec_log_checkpoints_total") >= 1
+        assert value("apisec_log_unsealed_lines_total") == 0
+        assert not receiver.got, "sealed records and checkpoints raised an alert"
+
+        # someone appends a record of their own to the audit log
+        with open(g.layout.audit_log, "a") as f:
+            f.write('{"ts":1796000000,"request_id":"inserted","decision":"allow","status":200}\n')
+        # a policy Envoy refuses: the filter logs the error, the last good policy stays
+        broken = json.loads(json.dumps(doc))
+        broken["grants"].append({"id": "g-nobody", "app": "nobody", "apis": ["info.research"]})
+        gw.write_ecds(json.dumps(broken), g.layout)
+
+        def delivered(path: str, name: str) -> list[dict]:
+            return [a for a in receiver.alerts(path) if a["labels"]["alertname"] == name and a["status"] == "firing"]
+
+        deadline = time.time() + 90
+        while time.time() < deadline and not (delivered("/apisec/page", "ApisecAuditLogUnsealedLine")
+                                               and delivered("/apisec/ticket", "ApisecGatewayErrorsLogged")):
+            time.sleep(1)
+        page = delivered("/apisec/page", "ApisecAuditLogUnsealedLine")
+        assert page and page[0]["labels"]["severity"] == "page", receiver.got
+        assert "did not seal" in page[0]["annotations"]["summary"]
+        ticket = delivered("/apisec/ticket", "ApisecGatewayErrorsLogged")
+        assert ticket and ticket[0]["labels"]["component"] == "wasm", receiver.got
+        assert c.send(c.sign("GET", RESEARCH)).status_code == 200, "the last good policy stays in force"
+    finally:
+        prom.stop()
+        mtail.stop()
+        am.stop()
+        receiver.stop()
         g.stop()
