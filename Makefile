@@ -106,9 +106,10 @@ dist: build $(VENV)/.installed
 	cd dist && sha256sum apisec_filter.wasm > apisec_filter.wasm.sha256
 	$(PY) release/oci_image.py dist/apisec_filter.wasm --tag $(VERSION) \
 		--out dist/apisec-filter-$(VERSION).oci.tar > dist/apisec-filter-$(VERSION).oci.digest
-	# The deployment manifests, pinned to this image's digest.
+	# The deployment manifests (the filter, the guard, the secrets' environment), the filter's
+	# pinned to this image's digest; `apisec render` makes them from your own policy.
 	d=$$(cut -d: -f2 dist/apisec-filter-$(VERSION).oci.digest); \
-	for f in deploy/istio/wasmplugin.yaml deploy/envoy-gateway/envoy-extension-policy.yaml; do \
+	for f in deploy/istio/*.yaml deploy/envoy-gateway/*.yaml; do \
 		mkdir -p dist/$$(dirname $$f); sed "s/\"0\{64\}\"/\"$$d\"/" $$f > dist/$$f; \
 	done
 	@echo "dist/: apisec_filter.wasm sha256 $$(cut -d' ' -f1 dist/apisec_filter.wasm.sha256)"

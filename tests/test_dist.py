@@ -160,6 +160,9 @@ def test_istio_wasmplugin(tmp_path):
     assert pinned["spec"].pop("sha256") == digest.split(":", 1)[1]
     assert spec.pop("sha256") == "0" * 64
     assert pinned == plugin
+    # the secrets' environment and the guard ship beside it
+    for name in ("gateway-secret-env.yaml", "apisec-guard.yaml"):
+        assert manifest_docs(DIST / "deploy/istio" / name) == manifest_docs(ROOT / "deploy/istio" / name)
 
 
 def test_envoy_gateway_extension_policy(tmp_path):
@@ -179,6 +182,8 @@ def test_envoy_gateway_extension_policy(tmp_path):
     (pinned,) = manifest_docs(DIST / "deploy/envoy-gateway/envoy-extension-policy.yaml")
     digest = (DIST / f"apisec-filter-{VERSION}.oci.digest").read_text().strip()
     assert pinned["spec"]["wasm"][0]["code"]["image"]["sha256"] == digest.split(":", 1)[1]
+    for name in ("envoy-proxy-secret-env.yaml", "apisec-guard.yaml"):
+        assert manifest_docs(DIST / "deploy/envoy-gateway" / name) == manifest_docs(ROOT / "deploy/envoy-gateway" / name)
 
 
 def test_manifest_check_refuses_a_broken_policy(tmp_path):
