@@ -113,3 +113,57 @@ def test_each_credentials_end_is_a_gauge_and_a_dropped_one_reads_zero(cgw):  # O
     gw.apply_policy(json.dumps(after), g.layout, actor="test", source="test")
     wait_for(lambda: end("demo-partner", "demo-partner-old-hmac") == 0, what="the dropped credential's gauge")
     assert end("demo-partner", "demo-partner-new-hmac") > time.time() + 399 * DAY
+
+
+def test_an_hmac_secret_enters_by_hot_restart_with_no_request_lost(tmp_path, secret):  # OPS-2
+    """An HMAC secret reaches the filter only through Envoy's environment, which a running
+    Envoy never rereads. The restart-free path for the partners is Envoy's hot restart: a new
+    Envoy (restart epoch 1, the new secret in its environment) takes the listening sockets over
+    from the running one, which drains and exits. The policy that names the new secret is
+    written first: the running Envoy refuses it (its variable is not set there) and keeps the
+    last good one; the new Envoy loads it. Calls keep flowing throughout, none refused or
+    dropped, and afterwards both secrets work (operators.md "Credentials: validity and rotation")."""
+    import subprocess
+    import threading
+
+    successor = new_secret()
+    doc = base_policy()
+    g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
+    client, next_client = Client(g, secret), Client(g, successor)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                statuses.append(get(client, "demo-partner-hmac").status_code)
+            except Exception as e:  # a dropped connection is a failure too
+                statuses.append(repr(e))  # type: ignore[arg-type]
+
+    epoch1 = None
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    try:
+        # the rotated policy: the successor names a variable the running Envoy does not have
+        rotated = json.loads(json.dumps(doc))
+        app = next(a for a in rotated["apps"] if a["id"] == "demo-partner")
+        app["credentials"].append({**hmac_credential("demo-partner-next-hmac", not_before=time.time() - 60),
+                                   "secret_env": NEXT_VAR})
+        gw.write_ecds(json.dumps(rotated), g.layout)
+        wait_for(lambda: "policy refused" in g.log_tail(200), what="the running Envoy refusing the policy")
+        assert_refused(g, get(next_client, "demo-partner-next-hmac"), 401, "unknown_key")
+        # epoch 1: the same configuration, both secrets in its environment
+        args = g.envoy.args + ["--restart-epoch", "1", "--parent-shutdown-time-s", "4", "--drain-time-s", "2"]
+        env = {**g.env, NEXT_VAR: successor}
+        epoch1 = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(g.envoy_log, "a"))
+        g.envoy.wait(timeout=60)  # the parent drained and left
+        wait_for(lambda: get(next_client, "demo-partner-next-hmac").status_code == 200, timeout=30,
+                 what="the successor secret working")
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+        if epoch1 is not None:
+            g.envoy = epoch1  # stopped with the gateway
+        g.stop()
+    assert len(statuses) > 20 and set(statuses) == {200}, [s for s in statuses if s != 200][:5]
