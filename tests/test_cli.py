@@ -213,3 +213,40 @@ def test_onboarding_record_bounds_the_grants_and_access_is_reviewed_at_every_lev
         out = run(*args)
         assert out.returncode == 2 and out.stderr, args
         assert policy.read_text() == kept
+
+
+def test_credentials_issue_hands_an_hmac_secret_over_once_and_keys_go_in_by_their_public_half(tmp_path):  # OPS-2
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((ROOT / "policies/securities.yaml").read_text())
+    env = tmp_path / "secrets.env"
+    out = run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "demo-partner-hmac-2027",
+              "--alg", "hmac-sha256", "--secret-env", "APISEC_PARTNER_SECRET_2027", "--secret-file", str(env),
+              "--not-after", "2027-12-31T23:59:59+08:00")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and env.stat().st_mode & 0o777 == 0o600
+    name, _, value = env.read_text().strip().partition("=")
+    assert name == "APISEC_PARTNER_SECRET_2027" and len(base64.b64decode(value)) == 32
+    doc = json.loads(run("policy", "json", str(policy), check=True).stdout)
+    cred = next(c for a in doc["apps"] for c in a["credentials"] if c["id"] == "demo-partner-hmac-2027")
+    assert cred == {"id": "demo-partner-hmac-2027", "alg": "hmac-sha256", "secret_env": "APISEC_PARTNER_SECRET_2027",
+                    "not_after": "2027-12-31T23:59:59+08:00"}
+    assert value not in policy.read_text(), "the secret never goes into the policy"
+    # printed once when no file is given
+    out = run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "demo-partner-sm3",
+              "--alg", "hmac-sm3", "--secret-env", "APISEC_PARTNER_SM3")
+    assert out.returncode == 0 and out.stdout.startswith("APISEC_PARTNER_SM3=") and "shown once" in out.stderr
+    # an SM2 key: the pair generated, the public half and the ID in the policy
+    out = run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "demo-partner-sm2-2027",
+              "--alg", "sm2-sm3", "--key-out", str(tmp_path / "sm2"), "--sm2-id", "ALICE123@YAHOO.COM")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(run("policy", "json", str(policy), check=True).stdout)
+    cred = next(c for a in doc["apps"] for c in a["credentials"] if c["id"] == "demo-partner-sm2-2027")
+    assert cred["public_key_pem"] == (tmp_path / "sm2.pub.pem").read_text() and cred["sm2_id"] == "ALICE123@YAHOO.COM"
+    assert (tmp_path / "sm2.key.pem").stat().st_mode & 0o777 == 0o600
+    # refused: an HMAC credential without its variable, a key credential without a key
+    kept = policy.read_text()
+    assert run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "x1", "--alg",
+               "hmac-sha256").returncode == 2
+    assert run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "x2", "--alg",
+               "ecdsa-p256-sha256").returncode == 2
+    assert policy.read_text() == kept
