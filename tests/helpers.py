@@ -16,6 +16,7 @@ from conftest import ROOT, SECRET_VAR, WASM, Client, base_policy, prometheus_ser
 # Both replicas serve one public name, as behind a load balancer: requests are signed for it.
 PUBLIC = "gw.example.test"
 RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, granted by demo-partner-info
+QUOTE = "/api/v1/market/quotes/600000"  # S0: an unverified App_ID
 CREDENTIALS_VAR = "APISEC_STATE_CREDENTIALS"
 
 
@@ -233,3 +234,68 @@ def loads_in_envoy(tmp_path, policy: dict, env_names: list[str]) -> subprocess.C
     env = {**os.environ, **{n: "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTMyYnk=" for n in env_names}}
     return subprocess.run([gw.envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
                           capture_output=True, text=True, timeout=120, env=env)
+
+
+class Replicas:
+    """The gateways a behaviour table runs on: one with the local store (`local`), or two
+    replicas sharing a real store (`cluster`); call `i` goes to replica `i % n`."""
+
+    def __init__(self, backend: str, tmp, secret: str, doc: dict):
+        self.backend = backend
+        if backend == "local":
+            self.pair = None
+            self.gateways = [start_gateway(tmp / "gw", doc, secret=secret)]
+            self.client = Client(self.gateways[0], secret)
+        else:
+            self.pair = Pair(tmp, secret, doc)
+            self.gateways = [self.pair.a, self.pair.b]
+
+    def g(self, i: int):
+        return self.gateways[i % len(self.gateways)]
+
+    def sign(self, app: str, path: str = RESEARCH, extra: list[str] | None = None, keyid: str | None = None) -> dict:
+        keyid = keyid or f"{app}-hmac"
+        if self.pair is None:
+            return self.client.sign("GET", path, app=app, keyid=keyid, extra=extra)
+        return self.pair.client(self.pair.a).sign("GET", path, app=app, keyid=keyid, base=f"https://{PUBLIC}",
+                                                  extra=extra)
+
+    def send(self, i: int, signed: dict, source: str | None = None, add: list[tuple[str, str]] | None = None):
+        """Sends a signed request to replica `i`, with `add` headers after the signed ones."""
+        if self.pair is None:
+            hdrs = list(signed["headers"].items()) + (add or [])
+            return self.client.send(signed, headers=hdrs, source=source)
+        hdrs = list(signed["headers"].items()) + [("host", PUBLIC)] + (add or [])
+        g = self.g(i)
+        path = signed["url"].split(PUBLIC, 1)[1]
+        return self.pair.client(g).raw(signed["method"], f"https://127.0.0.1:{g.layout.https_port}{path}", hdrs,
+                                       signed["body"], source=source)
+
+    def call(self, i: int, app: str, **kw):
+        return self.send(i, self.sign(app), **kw)
+
+    def forged(self, i: int, app: str, source: str):
+        """A request under the app's valid key id whose signature does not verify."""
+        signed = self.sign(app)
+        headers = dict(signed["headers"])
+        label, _, _ = headers["signature"].partition("=")
+        headers["signature"] = f"{label}=:{'A' * 43}=:"
+        return self.send(i, {**signed, "headers": headers}, source=source)
+
+    def quote(self, i: int, source: str, add: list[tuple[str, str]] | None = None, app: str = "demo-partner"):
+        """An S0 call: the App_ID it claims is not verified, so it counts by its source."""
+        hdrs = [("x-app-id", app)] + (add or [])
+        if self.pair is None:
+            return self.client.raw("GET", self.client.https + QUOTE, hdrs, source=source)
+        g = self.g(i)
+        return self.pair.client(g).raw("GET", f"https://127.0.0.1:{g.layout.https_port}{QUOTE}",
+                                       [("host", PUBLIC)] + hdrs, source=source)
+
+    def upstream(self) -> int:
+        return sum(upstream_count(g) for g in self.gateways)
+
+    def stop(self):
+        if self.pair is not None:
+            self.pair.stop()
+        else:
+            self.gateways[0].stop()

@@ -13,10 +13,9 @@ import time
 
 import pytest
 
-from conftest import Client, base_policy, read_audit, start_gateway
-from helpers import Pair, assert_refused, metric, upstream_count
+from conftest import base_policy, read_audit
+from helpers import Replicas, assert_refused, metric
 
-RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, licensed_info
 # Apps of this test besides the demo partner, each with its own HMAC credential (the demo
 # secret) and the licensed_info grant, so that each rule watches an app of its own.
 TEST_APPS = ("demo-vendor", "demo-fund", "demo-broker", "demo-onboard")
@@ -56,70 +55,21 @@ def policy() -> dict:
     return doc
 
 
-class Target:
-    """The gateways under test: one (local) or two replicas sharing a store (cluster); call `i`
-    goes to replica `i % n`."""
-
-    def __init__(self, backend: str, tmp, secret: str):
-        self.backend = backend
-        if backend == "local":
-            self.pair = None
-            self.gateways = [start_gateway(tmp / "gw", policy(), secret=secret)]
-            self.client = Client(self.gateways[0], secret)
-        else:
-            self.pair = Pair(tmp, secret, policy())
-            self.gateways = [self.pair.a, self.pair.b]
-
-    def g(self, i: int):
-        return self.gateways[i % len(self.gateways)]
-
-    def sign(self, app: str, keyid: str | None = None) -> dict:
-        keyid = keyid or f"{app}-hmac"
-        if self.pair is None:
-            return self.client.sign("GET", RESEARCH, app=app, keyid=keyid)
-        return self.pair.sign(RESEARCH, app=app, keyid=keyid)
-
-    def send(self, i: int, signed: dict, source: str | None = None):
-        if self.pair is None:
-            return self.client.send(signed, source=source)
-        return self.pair.send(self.g(i), signed, source=source)
-
-    def call(self, i: int, app: str, source: str | None = None):
-        return self.send(i, self.sign(app), source=source)
-
-    def forged(self, i: int, app: str, source: str):
-        """A request under the app's valid key id whose signature does not verify."""
-        signed = self.sign(app)
-        headers = dict(signed["headers"])
-        label, _, _ = headers["signature"].partition("=")
-        headers["signature"] = f"{label}=:{'A' * 43}=:"
-        return self.send(i, {**signed, "headers": headers}, source=source)
-
-    def upstream(self) -> int:
-        return sum(upstream_count(g) for g in self.gateways)
-
-    def stop(self):
-        if self.pair is not None:
-            self.pair.stop()
-        else:
-            self.gateways[0].stop()
-
-
 @pytest.fixture(scope="module", params=["local", "cluster"])
 def target(request, tmp_path_factory, secret):
-    t = Target(request.param, tmp_path_factory.mktemp(f"counted-{request.param}"), secret)
+    t = Replicas(request.param, tmp_path_factory.mktemp(f"counted-{request.param}"), secret, policy())
     yield t
     t.stop()
 
 
-def allowed(t: Target, i: int, r) -> dict:
+def allowed(t: Replicas, i: int, r) -> dict:
     assert r.status_code == 200, r.text
     rec = read_audit(t.g(i), r.json()["headers"]["x-request-id"])
     assert rec["upstream"] is not None and rec["audit"]["decision"] == "allow"
     return rec["audit"]
 
 
-def refused(t: Target, i: int, r, status: int, code: str) -> dict:
+def refused(t: Replicas, i: int, r, status: int, code: str) -> dict:
     before = t.upstream()
     audit = assert_refused(t.g(i), r, status, code)
     assert t.upstream() == before, "the upstream received the refused request"
@@ -130,7 +80,7 @@ def anomaly(rule: str, kind: str, action: str) -> dict:
     return {"rule": rule, "kind": kind, "action": action}
 
 
-def counted(t: Target, **labels: str) -> float:
+def counted(t: Replicas, **labels: str) -> float:
     return sum(metric(g, "apisec_anomalies_total", **labels) for g in t.gateways)
 
 

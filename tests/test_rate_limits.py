@@ -15,10 +15,8 @@ import time
 import pytest
 
 from conftest import Client, base_policy, gw, read_audit, start_gateway
-from helpers import Pair, assert_refused, ecds_stats, metric, reload, session_policy, upstream_count, wait_for
+from helpers import QUOTE, Replicas, assert_refused, ecds_stats, metric, reload, session_policy, upstream_count, wait_for
 
-RESEARCH = "/api/v1/info/research/r-2026-001"  # S1, HMAC-signed, licensed_info
-QUOTE = "/api/v1/market/quotes/600000"  # S0: an unverified App_ID, limited by source
 APP = [("x-app-id", "demo-partner")]
 TEST_APPS = ("demo-vendor", "demo-fund", "demo-broker", "demo-quota")
 
@@ -52,64 +50,9 @@ def policy() -> dict:
     return doc
 
 
-class Target:
-    """One gateway (local) or two replicas sharing a store (cluster); call `i` goes to replica
-    `i % n`."""
-
-    def __init__(self, backend: str, tmp, secret: str, doc: dict):
-        self.backend = backend
-        if backend == "local":
-            self.pair = None
-            self.gateways = [start_gateway(tmp / "gw", doc, secret=secret)]
-            self.client = Client(self.gateways[0], secret)
-        else:
-            self.pair = Pair(tmp, secret, doc)
-            self.gateways = [self.pair.a, self.pair.b]
-
-    def g(self, i: int):
-        return self.gateways[i % len(self.gateways)]
-
-    def sign(self, app: str, path: str = RESEARCH, extra: list[str] | None = None) -> dict:
-        if self.pair is None:
-            return self.client.sign("GET", path, app=app, keyid=f"{app}-hmac", extra=extra)
-        signed = self.pair.client(self.pair.a).sign("GET", path, app=app, keyid=f"{app}-hmac",
-                                                    base="https://gw.example.test", extra=extra)
-        return signed
-
-    def send(self, i: int, signed: dict, source: str | None = None, add: list[tuple[str, str]] | None = None):
-        signed = {**signed, "headers": dict(signed["headers"])}
-        if self.pair is None:
-            hdrs = list(signed["headers"].items()) + (add or [])
-            return self.client.send(signed, headers=hdrs, source=source)
-        hdrs = list(signed["headers"].items()) + [("host", "gw.example.test")] + (add or [])
-        g = self.g(i)
-        path = signed["url"].split("gw.example.test", 1)[1]
-        return self.pair.client(g).raw("GET", f"https://127.0.0.1:{g.layout.https_port}{path}", hdrs,
-                                       b"", source=source)
-
-    def call(self, i: int, app: str, **kw):
-        return self.send(i, self.sign(app), **kw)
-
-    def quote(self, i: int, source: str, add: list[tuple[str, str]] | None = None, app: str = "demo-partner"):
-        """An S0 call: the App_ID it claims is not verified, so it counts by its source."""
-        hdrs = [("x-app-id", app)] + (add or [])
-        if self.pair is None:
-            return self.client.raw("GET", self.client.https + QUOTE, hdrs, source=source)
-        g = self.g(i)
-        return self.pair.client(g).raw("GET", f"https://127.0.0.1:{g.layout.https_port}{QUOTE}",
-                                       [("host", "gw.example.test")] + hdrs, source=source)
-
-    def upstream(self) -> int:
-        return sum(upstream_count(g) for g in self.gateways)
-
+class Target(Replicas):
     def limited(self, **labels: str) -> float:
         return sum(metric(g, "apisec_rate_limited_total", **labels) for g in self.gateways)
-
-    def stop(self):
-        if self.pair is not None:
-            self.pair.stop()
-        else:
-            self.gateways[0].stop()
 
 
 @pytest.fixture(scope="module", params=["local", "cluster"])
