@@ -6,7 +6,7 @@
 
 use apisec_core::apps::{RawAdmission, RawApp};
 
-use crate::policy::{load_policy, save_policy, today};
+use crate::policy::{load_policy, save_policy, Record};
 
 #[derive(clap::Subcommand)]
 pub enum Apps {
@@ -24,15 +24,9 @@ pub struct AddArgs {
     /// Its display name
     #[arg(long, default_value = "")]
     name: String,
-    /// Who verified its identity and admission material
-    #[arg(long)]
-    by: String,
-    /// The onboarding ticket, where the material is filed
-    #[arg(long)]
-    ticket: String,
-    /// When it was admitted, YYYY-MM-DD (default today)
-    #[arg(long)]
-    date: Option<String>,
+    /// Who verified its identity and admission material, the onboarding ticket, and when
+    #[command(flatten)]
+    record: Record,
     /// The business scenario it uses the APIs for
     #[arg(long)]
     scenario: String,
@@ -53,6 +47,7 @@ pub struct AddArgs {
 pub fn run(cmd: Apps) -> Result<(), String> {
     let Apps::Add(a) = cmd;
     let mut raw = load_policy(&a.policy)?;
+    let (by, ticket, date) = a.record.parts()?;
     if raw.apps.iter().any(|x| x.id == a.app) {
         return Err(format!(
             "{}: app '{}' is already registered",
@@ -68,12 +63,9 @@ pub fn run(cmd: Apps) -> Result<(), String> {
         onboarding: false,
         sdk: None,
         admission: Some(RawAdmission {
-            by: a.by,
-            ticket: a.ticket,
-            date: match a.date {
-                Some(d) => d,
-                None => today()?,
-            },
+            by,
+            ticket,
+            date,
             scenario: a.scenario,
             contact: a.contact,
             apis: a.apis,

@@ -43,15 +43,8 @@ enum Edit {
         api: String,
         #[arg(long, value_parser = ["online", "offline", "retired", "draft"])]
         state: String,
-        /// Who reviewed the change
-        #[arg(long)]
-        by: String,
-        /// The change's ticket (a new one: `policy apply` refuses a reused review)
-        #[arg(long)]
-        ticket: String,
-        /// YYYY-MM-DD (default today)
-        #[arg(long)]
-        date: Option<String>,
+        #[command(flatten)]
+        record: crate::policy::Record,
         /// Write the edited policy here (`-`: standard output) instead of in place
         #[arg(long)]
         out: Option<String>,
@@ -64,9 +57,7 @@ fn set_state(cmd: Edit) -> Result<(), String> {
         policy,
         api,
         state,
-        by,
-        ticket,
-        date,
+        record,
         out,
     } = cmd
     else {
@@ -80,14 +71,8 @@ fn set_state(cmd: Edit) -> Result<(), String> {
         .ok_or_else(|| format!("{policy}: no API '{api}'"))?;
     entry.state = serde_json::from_value(serde_json::Value::String(state.clone()))
         .map_err(|e| e.to_string())?;
-    entry.review = Some(apisec_core::inventory::Review {
-        by,
-        ticket,
-        date: match date {
-            Some(d) => d,
-            None => crate::policy::today()?,
-        },
-    });
+    let (by, ticket, date) = record.parts()?;
+    entry.review = Some(apisec_core::inventory::Review { by, ticket, date });
     let compiled = raw
         .compile_for_review()
         .map_err(|e| format!("{policy}: {e}"))?;

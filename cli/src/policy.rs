@@ -141,6 +141,32 @@ pub fn save_policy(src: &str, out: Option<&str>, raw: &RawPolicy) -> Result<(), 
     Ok(())
 }
 
+/// Who signs a record (reviewed a change, or admitted a caller), its ticket, and its date.
+#[derive(clap::Args)]
+pub struct Record {
+    /// Who reviewed the change (or verified and admitted the caller)
+    #[arg(long)]
+    pub by: String,
+    /// The ticket where it is filed (a new one for each change: `policy apply` refuses a reused
+    /// review)
+    #[arg(long)]
+    pub ticket: String,
+    /// YYYY-MM-DD (default today, UTC)
+    #[arg(long)]
+    pub date: Option<String>,
+}
+
+impl Record {
+    /// (by, ticket, date), the date filled in with today.
+    pub fn parts(self) -> Result<(String, String, String), String> {
+        let date = match self.date {
+            Some(d) => d,
+            None => today()?,
+        };
+        Ok((self.by, self.ticket, date))
+    }
+}
+
 /// Today, YYYY-MM-DD (UTC), for records the operator does not date.
 pub fn today() -> Result<String, String> {
     crate::rfc3339_utc(now()?)
