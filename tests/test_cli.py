@@ -250,3 +250,31 @@ def test_credentials_issue_hands_an_hmac_secret_over_once_and_keys_go_in_by_thei
     assert run("credentials", "issue", str(policy), "--app", "demo-partner", "--id", "x2", "--alg",
                "ecdsa-p256-sha256").returncode == 2
     assert policy.read_text() == kept
+
+
+def test_rotation_never_extends_the_old_credential(tmp_path):  # OPS-2
+    """`credentials rotate` ends the old credential after the overlap, or at its own end if that
+    comes first: a rotation must not lengthen the life of the key it replaces."""
+    policy = tmp_path / "policy.yaml"
+    doc = json.loads(run("policy", "json", str(ROOT / "policies/securities.yaml"), check=True).stdout)
+    app = next(a for a in doc["apps"] if a["id"] == "demo-partner")
+    p256 = next(c for c in app["credentials"] if c["id"] == "demo-partner-p256")
+    p256["not_after"] = "2026-12-08T00:00:00Z"
+    policy.write_text(json.dumps(doc))
+    out = run("credentials", "rotate", str(policy), "--app", "demo-partner", "--credential", "demo-partner-p256",
+              "--id", "demo-partner-p256-next", "--key-out", str(tmp_path / "next"), "--start", "2026-12-06T00:00:00Z",
+              "--overlap-days", "7")
+    assert out.returncode == 0, out.stderr
+    after = json.loads(run("policy", "json", str(policy), check=True).stdout)
+    creds = {c["id"]: c for a in after["apps"] for c in a["credentials"]}
+    assert creds["demo-partner-p256"]["not_after"] == "2026-12-08T00:00:00Z"
+    assert creds["demo-partner-p256-next"]["not_before"] == "2026-12-06T00:00:00Z"
+    assert creds["demo-partner-p256-next"]["alg"] == "ecdsa-p256-sha256"
+    # without an end of its own, the old one ends with the overlap
+    out = run("credentials", "rotate", str(policy), "--app", "demo-partner", "--credential", "demo-partner-hmac",
+              "--id", "demo-partner-hmac-next", "--secret-env", "APISEC_NEXT", "--secret-file",
+              str(tmp_path / "s.env"), "--start", "2026-12-06T00:00:00Z", "--overlap-days", "7")
+    assert out.returncode == 0, out.stderr
+    after = json.loads(run("policy", "json", str(policy), check=True).stdout)
+    creds = {c["id"]: c for a in after["apps"] for c in a["credentials"]}
+    assert creds["demo-partner-hmac"]["not_after"] == "2026-12-13T00:00:00Z"

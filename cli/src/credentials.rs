@@ -171,6 +171,12 @@ fn rotate(a: &RotateArgs) -> Result<(), String> {
         ));
     }
     let old_alg = old.alg;
+    // the overlap ends the old credential, and never lets it live longer than it already would
+    let current = old
+        .not_after
+        .as_deref()
+        .and_then(apisec_core::timeutil::parse_rfc3339);
+    let end = current.map_or(end, |t| t.min(end));
     old.not_after = Some(crate::rfc3339_utc(end));
     let successor = make(&a.material, old_alg, Some(crate::rfc3339_utc(start)))?;
     let id = successor.id.clone();
