@@ -7,7 +7,6 @@
 //! only when Envoy took the new one.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -235,25 +234,6 @@ fn ecds_counters(admin: &str) -> Result<(u64, u64), String> {
     Ok((counter(".update_success"), counter(".update_rejected")))
 }
 
-fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
-    let dir = path.parent().ok_or("the ECDS path has no directory")?;
-    let tmp = dir.join(format!(".apisec-apply-{}.tmp", std::process::id()));
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all(text.as_bytes())
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.sync_all()
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
-}
-
 /// A policy validated and rendered into the ECDS resource, ready to write.
 struct Prepared {
     policy_json: String,
@@ -352,10 +332,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
     if !args.dry_run {
         crate::opslog::check_writable(&ops_log, ops_key.as_ref(), &args.ops_key_env)?;
     }
-    #[allow(clippy::disallowed_methods)] // the operator's clock, for the version and the log
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
+    let now = crate::clock()?; // the operator's clock, for the version and the log
     let record = |outcome: &str, fields: Value| -> Result<bool, String> {
         let mut r = json!({
             "ts": crate::rfc3339_utc(now.as_secs()),
@@ -416,7 +393,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
         Some(a) => Some(ecds_counters(a)?),
         None => None,
     };
-    write_atomically(&args.ecds, &ecds.to_string())?;
+    crate::write_atomically(&args.ecds, &ecds.to_string(), 0o600)?;
     let outcome = match (&args.admin, baseline) {
         (Some(a), Some((ok0, bad0))) => {
             #[allow(clippy::disallowed_methods)] // the operator's clock bounds the wait
@@ -444,7 +421,7 @@ pub fn apply(args: &Args) -> Result<(), String> {
     // restart does not load what was refused.
     let restored = matches!(outcome, "rejected" | "unconfirmed");
     if restored {
-        write_atomically(&args.ecds, &ecds_text)?;
+        crate::write_atomically(&args.ecds, &ecds_text, 0o600)?;
     }
     let mut keys_added = 0;
     if outcome == "applied" || outcome == "written" {

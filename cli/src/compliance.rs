@@ -330,11 +330,7 @@ pub fn run(a: Args) -> Result<u8, String> {
     for f in deployment.iter().chain(ecds.iter()) {
         files.push((f.clone(), hash(f)?));
     }
-    #[allow(clippy::disallowed_methods)] // the report's own time, for the auditor
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_secs();
+    let now = crate::now()?; // the report's own time, for the auditor
     report.about = Some(apisec_core::compliance::About {
         scope: apisec_core::compliance::scope(),
         policy_file: policy_file.to_string(),

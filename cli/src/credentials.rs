@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use apisec_core::apps::{Algorithm, RawApp, RawCredential};
 use base64::Engine as _;
 
-use crate::policy::{load_policy, now, save_policy};
+use crate::now;
+use crate::policy::{load_policy, save_policy};
 
 #[derive(clap::Subcommand)]
 pub enum Credentials {
@@ -42,7 +43,7 @@ pub struct Material {
     #[arg(long = "id", value_name = "KEYID")]
     id: String,
     /// Its algorithm (rotate: the old one's by default)
-    #[arg(long, value_parser = ["hmac-sha256", "hmac-sm3", "ecdsa-p256-sha256", "sm2-sm3"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::as_str)))]
     alg: Option<String>,
     /// HMAC: the environment variable that will hold the secret in the gateway's environment
     #[arg(long, value_name = "VAR")]
@@ -199,7 +200,10 @@ fn find_app<'a>(apps: &'a mut [RawApp], id: &str, policy: &str) -> Result<&'a mu
 }
 
 fn algorithm(name: &str) -> Result<Algorithm, String> {
-    serde_json::from_value(serde_json::Value::String(name.into())).map_err(|e| e.to_string())
+    Algorithm::ALL
+        .into_iter()
+        .find(|a| a.as_str() == name)
+        .ok_or_else(|| format!("no algorithm {name}"))
 }
 
 /// The credential entry, with its key material made or read.

@@ -3,7 +3,8 @@
 
 use apisec_core::access::{RawApproval, RawGrant};
 
-use crate::policy::{load_policy, save_policy, today};
+use crate::policy::{load_policy, save_policy};
+use crate::today;
 
 #[derive(clap::Subcommand)]
 pub enum Grants {

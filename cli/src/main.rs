@@ -110,6 +110,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// This machine's clock since the epoch: the operator's and the client's tools read it here, and
+/// only here (core never reads a clock).
+pub(crate) fn clock() -> Result<std::time::Duration, String> {
+    #[allow(clippy::disallowed_methods)]
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| e.to_string())
+}
+
+/// Unix seconds now.
+pub(crate) fn now() -> Result<u64, String> {
+    Ok(clock()?.as_secs())
+}
+
+/// Today, YYYY-MM-DD (UTC), for records the operator does not date.
+pub(crate) fn today() -> Result<String, String> {
+    rfc3339_utc(now()?)
+        .get(..10)
+        .map(str::to_string)
+        .ok_or_else(|| "clock".to_string())
+}
+
+/// Replaces `path` with `text` atomically: a temporary file in the same directory (created with
+/// `mode`, less the umask), written and synced, then renamed over it, so a reader (Envoy
+/// watching the ECDS file, an operator) sees the old file or the new one, never a part.
+pub(crate) fn write_atomically(
+    path: &std::path::Path,
+    text: &str,
+    mode: u32,
+) -> Result<(), String> {
+    use std::io::Write as _;
+    let dir = path.parent().ok_or("the path has no directory")?;
+    let tmp = dir.join(format!(".apisec-write-{}.tmp", std::process::id()));
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, mode);
+        let mut f = opts
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.sync_all()
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// Lowercase hex SHA-256.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest as _;

@@ -61,7 +61,11 @@ fn policy_env(file: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn policy_check(file: &str, in_force: Option<&str>) -> Result<(), String> {
+/// A policy checked as `policy check` checks it: the filter's validation; with `in_force` (the
+/// policy in force), the review of each API's change of state or level (OPS-1, LVL-4); and
+/// its secrets when every variable they name is set here. The policy, and the variables not
+/// set (whose secrets were not checked).
+pub fn checked(file: &str, in_force: Option<&str>) -> Result<(RawPolicy, Vec<String>), String> {
     let raw = load_policy(file)?;
     raw.validate().map_err(|e| format!("{file}: {e}"))?;
     if let Some(old) = in_force {
@@ -69,10 +73,9 @@ fn policy_check(file: &str, in_force: Option<&str>) -> Result<(), String> {
         apisec_core::inventory::review_of_changes(&old.apis, &raw.apis)
             .map_err(|e| format!("{file}: {e}"))?;
     }
-    let envs = raw.secret_env_names();
-    let missing: Vec<&str> = envs
-        .iter()
-        .map(String::as_str)
+    let missing: Vec<String> = raw
+        .secret_env_names()
+        .into_iter()
         .filter(|e| std::env::var(e).is_err())
         .collect();
     if missing.is_empty() {
@@ -80,6 +83,11 @@ fn policy_check(file: &str, in_force: Option<&str>) -> Result<(), String> {
             .into_policy(&EnvSecrets)
             .map_err(|e| format!("{file}: {e}"))?;
     }
+    Ok((raw, missing))
+}
+
+fn policy_check(file: &str, in_force: Option<&str>) -> Result<(), String> {
+    let (raw, missing) = checked(file, in_force)?;
     println!(
         "{file}: valid: {} APIs, {} apps{}",
         raw.apis.len(),
@@ -124,14 +132,8 @@ pub fn save_policy(src: &str, out: Option<&str>, raw: &RawPolicy) -> Result<(), 
                 .count()
         })
         .unwrap_or(0);
-    let path = std::path::Path::new(dest);
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    let tmp = dir.join(format!(".apisec-edit-{}.tmp", std::process::id()));
-    std::fs::write(&tmp, &text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{dest}: {e}"))?;
+    // 0o666 less the umask: the mode a plain write gives a new file
+    crate::write_atomically(std::path::Path::new(dest), &text, 0o666)?;
     if comments > 0 && dest == src {
         eprintln!(
             "note: {dest} was rewritten from its data; its {comments} comment line(s) are not kept \
@@ -161,25 +163,8 @@ impl Record {
     pub fn parts(self) -> Result<(String, String, String), String> {
         let date = match self.date {
             Some(d) => d,
-            None => today()?,
+            None => crate::today()?,
         };
         Ok((self.by, self.ticket, date))
     }
-}
-
-/// Today, YYYY-MM-DD (UTC), for records the operator does not date.
-pub fn today() -> Result<String, String> {
-    crate::rfc3339_utc(now()?)
-        .get(..10)
-        .map(str::to_string)
-        .ok_or_else(|| "clock".to_string())
-}
-
-/// Unix seconds now, from this machine's clock (the operator's tools; core never reads it).
-pub fn now() -> Result<u64, String> {
-    #[allow(clippy::disallowed_methods)]
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
-    Ok(t.as_secs())
 }

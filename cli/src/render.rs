@@ -9,10 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use apisec_core::policy::RawPolicy;
 use serde_json::{json, Value};
-
-use crate::policy::load_policy;
 
 #[derive(clap::Subcommand)]
 pub enum Render {
@@ -93,18 +90,8 @@ pub fn run(cmd: Render) -> Result<(), String> {
 /// The policy, validated as `policy apply` validates it, as the JSON the filter reads, and the
 /// environment variables its secrets come from.
 fn checked(c: &Common) -> Result<(Value, Vec<String>, String), String> {
-    let raw: RawPolicy = load_policy(&c.policy)?;
-    raw.validate().map_err(|e| format!("{}: {e}", c.policy))?;
-    if let Some(old) = &c.against {
-        apisec_core::inventory::review_of_changes(&load_policy(old)?.apis, &raw.apis)
-            .map_err(|e| format!("{}: {e}", c.policy))?;
-    }
+    let (raw, _) = crate::policy::checked(&c.policy, c.against.as_deref())?;
     let names = raw.secret_env_names();
-    if names.iter().all(|n| std::env::var(n).is_ok()) {
-        raw.clone()
-            .into_policy(&crate::EnvSecrets)
-            .map_err(|e| format!("{}: {e}", c.policy))?;
-    }
     let doc = serde_json::to_value(&raw).map_err(|e| e.to_string())?;
     Ok((doc, names, digest(&c.digest)?))
 }

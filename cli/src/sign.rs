@@ -2,6 +2,7 @@
 //! the covered components, the nonce and times, the key (HMAC-SHA-256, HMAC-SM3, P-256 or SM2),
 //! and an RFC 9530 Content-Digest for a body.
 
+use apisec_core::apps::Algorithm;
 use apisec_core::crypto::{content_digest_sha256, content_digest_sm3};
 use apisec_core::message::Request;
 use apisec_core::sessions::{MAC_HEADER, SESSION_HEADER};
@@ -50,7 +51,7 @@ pub struct SignArgs {
     #[arg(long, value_name = "PEMFILE")]
     key: Option<String>,
     /// The algorithm (default: hmac-sha256 with a secret, ecdsa-p256-sha256 with a key)
-    #[arg(long, value_parser = ["hmac-sha256", "hmac-sm3", "ecdsa-p256-sha256", "sm2-sm3"])]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::as_str)))]
     alg: Option<String>,
     /// The SM2 distinguishing ID (default 1234567812345678)
     #[arg(long, value_name = "ID")]
@@ -208,11 +209,7 @@ pub fn run(a: SignArgs) -> Result<(), String> {
             components.push(c);
         }
     }
-    #[allow(clippy::disallowed_methods)] // the client's own clock; core never reads it
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_secs() as i64;
+    let now = crate::now()? as i64; // the client's own clock
     let nonce = match a.nonce {
         Some(n) => n,
         None => base64::engine::general_purpose::URL_SAFE_NO_PAD

@@ -236,13 +236,9 @@ pub fn run(a: Args) -> Result<bool, String> {
         ..Default::default()
     };
     capture.req.route = route;
-    #[allow(clippy::disallowed_methods)] // the operator's clock stands for the gateway's
     let now = match now {
         Some(n) => n,
-        None => std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?
-            .as_secs(),
+        None => crate::now()?, // the operator's clock stands for the gateway's
     };
     let d = diagnose(&policy, &capture.req, &capture.body, now, &SoftwareVerifier)?;
     print(&d, &capture, now);

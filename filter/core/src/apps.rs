@@ -30,6 +30,14 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// Every algorithm, for the tools that offer them by name.
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::HmacSha256,
+        Algorithm::HmacSm3,
+        Algorithm::EcdsaP256Sha256,
+        Algorithm::Sm2Sm3,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::HmacSha256 => "hmac-sha256",
@@ -547,6 +555,18 @@ pub fn compile(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The names the tools offer are the names the policy reads, one for each algorithm.
+    #[test]
+    fn every_algorithm_by_its_policy_name() {
+        for a in Algorithm::ALL {
+            let parsed: Algorithm = serde_json::from_value(serde_json::json!(a.as_str())).unwrap();
+            assert_eq!(parsed, a);
+        }
+        let names: std::collections::HashSet<&str> =
+            Algorithm::ALL.iter().map(|a| a.as_str()).collect();
+        assert_eq!(names.len(), 4);
+    }
 
     fn apps(credential: serde_json::Value) -> Result<HashMap<String, App>, ConfigError> {
         let raw: Vec<RawApp> =
