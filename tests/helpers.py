@@ -299,3 +299,29 @@ class Replicas:
             self.pair.stop()
         else:
             self.gateways[0].stop()
+
+
+def demo_args(build, ports: dict[str, int]) -> list[str]:
+    """`envoy/gateway.py run` (what `make run` starts) in `build`, on these ports."""
+    import sys
+
+    args = [sys.executable, str(ROOT / "envoy/gateway.py"), "run", "--build", str(build)]
+    for name, port in ports.items():
+        args += [f"--{name.replace('_', '-')}", str(port)]
+    return args
+
+
+def fresh_ports() -> dict[str, int]:
+    return {name: gw.free_port() for name in gw.DEMO_PORTS}
+
+
+def demo_assets(build) -> None:
+    """What `make demo-assets` makes for a demo in `build`: its PKI and its secrets."""
+    import base64
+
+    import certs as certs_mod
+
+    certs_mod.generate(build / "certs")
+    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
+    (build / "demo.env").write_text(
+        f"APISEC_DEMO_PARTNER_SECRET={key()}\nAPISEC_AUDIT_KEY={key()}\nAPISEC_OPS_KEY={key()}\n")

@@ -6,18 +6,17 @@ OPS-2), rotate its key with an overlap, retire an API with its review and the ca
 checks what the gateway did: status, audit record, operations log."""
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, certs_mod, gw
+from conftest import ROOT, WASM, gw, read_audit
+from helpers import demo_args, demo_assets, fresh_ports
 
 DOC = ROOT / "docs/operators.md"
 
@@ -35,16 +34,11 @@ def tasks() -> dict[str, list[str]]:
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("daily")
     build = tmp / "build"
-    certs_mod.generate(build / "certs")
-    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
-    (build / "demo.env").write_text(
-        f"APISEC_DEMO_PARTNER_SECRET={key()}\nAPISEC_AUDIT_KEY={key()}\nAPISEC_OPS_KEY={key()}\n")
+    demo_assets(build)
     (tmp / "policies").symlink_to(ROOT / "policies")
-    ports = {name: gw.free_port() for name in gw.DEMO_PORTS}
-    args = [sys.executable, str(ROOT / "envoy/gateway.py"), "run", "--build", str(build)]
-    for name, port in ports.items():
-        args += [f"--{name.replace('_', '-')}", str(port)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ports = fresh_ports()
+    proc = subprocess.Popen(demo_args(build, ports), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and "is up" not in proc.stdout.readline():
@@ -53,6 +47,12 @@ def demo(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def view(demo) -> gw.Gateway:
+    """The running demo as the test helpers read a gateway: its audit log and admin stats."""
+    tmp, ports = demo
+    return gw.Gateway(gw.Layout(build=tmp / "build", wasm=WASM, **ports), upstream=False)
 
 
 def run_task(demo, name: str) -> list[subprocess.CompletedProcess]:
@@ -69,17 +69,6 @@ def run_task(demo, name: str) -> list[subprocess.CompletedProcess]:
     return done
 
 
-def audit(tmp, request_id: str, timeout: float = 8.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for line in (tmp / "build/audit.log").read_text().splitlines():
-            rec = json.loads(line)
-            if rec.get("request_id") == request_id:
-                return rec
-        time.sleep(0.2)
-    raise AssertionError(f"no audit record for {request_id}")
-
-
 def last_ops(tmp) -> dict:
     return json.loads((tmp / "build/ecds/operations.log").read_text().splitlines()[-1])
 
@@ -89,7 +78,7 @@ def test_the_daily_tasks_are_all_tested():
 
 
 def test_daily_tasks_as_printed(demo):  # OPS-7 OPS-8 OPS-9 LOG-2
-    tmp = demo[0]
+    tmp, g = demo[0], view(demo)
     # Add a partner: onboarding record, key, reviewed grant, applied; its first call passes
     out = run_task(demo, "add-a-partner")
     policy = (tmp / "build/policy.yaml").read_text()
@@ -101,14 +90,14 @@ def test_daily_tasks_as_printed(demo):  # OPS-7 OPS-8 OPS-9 LOG-2
     assert rec["keyring_added"] == 1
     answer = json.loads(out[-1].stdout)
     assert answer["headers"]["x-apisec-app"] == "acme-quant"
-    first = audit(tmp, answer["headers"]["x-request-id"])
+    first = read_audit(g, answer["headers"]["x-request-id"])["audit"]
     assert (first["decision"], first["status"], first["keyid"], first["grant"]) == (
         "allow", 200, "acme-quant-p256", "acme-quant-research")
 
     # Rotate: the successor works now, and so does the old key during the overlap
     out = run_task(demo, "rotate-a-key")
     answer = json.loads(out[-1].stdout)
-    assert audit(tmp, answer["headers"]["x-request-id"])["keyid"] == "acme-quant-p256-2027"
+    assert read_audit(g, answer["headers"]["x-request-id"])["audit"]["keyid"] == "acme-quant-p256-2027"
     old = subprocess.run(
         [str(ROOT / "target/release/apisec"), "sign", "--app", "acme-quant", "--keyid", "acme-quant-p256", "--key",
          "build/acme-quant.key.pem", "--url", f"https://127.0.0.1:{demo[1]['https_port']}/api/v1/info/research/r-1"],
@@ -128,7 +117,7 @@ def test_daily_tasks_as_printed(demo):  # OPS-7 OPS-8 OPS-9 LOG-2
     assert change["fields"]["review"]["after"]["ticket"] == "CHG-2026-1207"
     refused = json.loads(out[-1].stdout)
     assert refused["error"] == "api_retired", refused
-    assert audit(tmp, refused["request_id"])["code"] == "api_retired"
+    assert read_audit(g, refused["request_id"])["audit"]["code"] == "api_retired"
 
     # Answer an alert: every call of the app, and its refusals since a time
     out = run_task(demo, "answer-an-alert")
@@ -142,6 +131,7 @@ def test_a_revoked_key_is_refused_and_stays_in_the_keyring(demo):  # OPS-2
     code and an audit record, nothing reaches the backend, and its public key stays in the
     keyring so that evidence it signed still verifies."""
     tmp, ports = demo
+    g = view(demo)
     cli = str(ROOT / "target/release/apisec")
     base = f"127.0.0.1:{ports['admin_port']}"
     subprocess.run([cli, "credentials", "revoke", "build/policy.yaml", "--app", "acme-quant", "--credential",
@@ -152,25 +142,15 @@ def test_a_revoked_key_is_refused_and_stays_in_the_keyring(demo):  # OPS-2
     assert out.returncode == 0, out.stderr
     creds = next(c for c in last_ops(tmp)["changes"] if c.get("id") == "acme-quant")["fields"]["credentials"]
     assert creds["revoked"] == ["acme-quant-p256"]
-    upstream = gw_stat(ports, "cluster.backend.upstream_rq_total")
+    upstream = g.stat("cluster.backend.upstream_rq_total")
     signed = subprocess.run([cli, "sign", "--app", "acme-quant", "--keyid", "acme-quant-p256", "--key",
                              "build/acme-quant.key.pem", "--url",
                              f"https://127.0.0.1:{ports['https_port']}/api/v1/accounts/A-1/balance"],
                             cwd=tmp, capture_output=True, text=True, check=True).stdout
     refused = json.loads(subprocess.run(["bash", "-c", signed], cwd=tmp, capture_output=True, text=True).stdout)
     assert refused["error"] == "unknown_key", refused
-    assert audit(tmp, refused["request_id"])["code"] == "unknown_key"
-    assert gw_stat(ports, "cluster.backend.upstream_rq_total") == upstream
+    assert read_audit(g, refused["request_id"])["audit"]["code"] == "unknown_key"
+    assert g.stat("cluster.backend.upstream_rq_total") == upstream
     ring = [json.loads(line) for line in (tmp / "build/ecds/public-keys.jsonl").read_text().splitlines()]
     assert any(k.get("keyid") == "acme-quant-p256" for k in ring), ring
 
-
-def gw_stat(ports, name: str) -> int:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['admin_port']}/stats?filter=^{name}$", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-    return 0

@@ -5,36 +5,20 @@ first, names what holds them, leaves the running gateway's files alone, watches 
 and exits non-zero when it fails."""
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import requests
 
-from conftest import ROOT, certs_mod, gw
-
-
-def demo_args(build, ports: dict[str, int]) -> list[str]:
-    args = [sys.executable, str(ROOT / "envoy/gateway.py"), "run", "--build", str(build)]
-    for name, port in ports.items():
-        args += [f"--{name.replace('_', '-')}", str(port)]
-    return args
-
-
-def fresh_ports() -> dict[str, int]:
-    return {name: gw.free_port() for name in gw.DEMO_PORTS}
+from helpers import demo_args, demo_assets, fresh_ports
 
 
 def test_a_second_run_beside_a_running_one_fails_loudly_and_touches_nothing(tmp_path):
     build = tmp_path / "build"
-    certs_mod.generate(build / "certs")
-    key = lambda: base64.b64encode(os.urandom(32)).decode()  # noqa: E731
-    (build / "demo.env").write_text(
-        f"APISEC_DEMO_PARTNER_SECRET={key()}\nAPISEC_AUDIT_KEY={key()}\nAPISEC_OPS_KEY={key()}\n")
+    demo_assets(build)
     ports = fresh_ports()
     first = subprocess.Popen(demo_args(build, ports), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
