@@ -45,7 +45,7 @@ WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/apisec_bench_floor.wasm"
 OUT = ROOT / "bench/results"
 ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_sm3", "s3_sm2",
-                "s1_cluster", "s3_cluster"]
+                "s1_cluster", "s3_cluster", "s0_native", "s1_native", "s3_native"]
 # BENCH_VARIANTS=bare,s0 runs a subset (a quick A/B while working; baselines are always kept).
 _picked = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 VARIANTS = [v for v in ALL_VARIANTS if not _picked or v in _picked or v in ("bare", "bare_post")]
@@ -82,8 +82,10 @@ REPLAY = {"slots": 65536, "entries_per_slot": 32, "app_entries_per_slot": 32}  #
 
 def kind(v: str) -> str:
     """The request shape a variant gets: `s1_before`, `s1_cluster` and `s1_sm3` are sent what
-    `s1` is sent (signed with their own keys)."""
-    return v.removesuffix("_before").removesuffix("_cluster").removesuffix("_sm3").removesuffix("_sm2")
+    `s1` is sent (signed with their own keys); `s1_native` is the native build (Envoy's dynamic
+    modules, filter/native) with the same policy."""
+    return (v.removesuffix("_before").removesuffix("_cluster").removesuffix("_sm3").removesuffix("_sm2")
+            .removesuffix("_native"))
 
 
 def b64url(b: bytes) -> str:
@@ -241,6 +243,8 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     # of this build run with it, so its cost is counted. A "before" build from before the guard
     # sets no mark for it, so its variants run without it.
     guard = gw.gateway_filter("apisec-guard")
+    # The native build (libapisec_native.so, envoy/apisec-native-ecds.yaml) with the same policy.
+    native = {"name": "apisec_native", "typed_config": gw.native_filter_config(json.dumps(policy), layout)}
     before_guard = [guard] if BEFORE_HAS_GUARD else []
     filters = {
         "s1_cluster": [cluster, guard, gw.ROUTER],
@@ -258,6 +262,9 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         "s3": [gw.apisec_filter(), guard, gw.ROUTER],
         "s1_sm3": [gw.apisec_filter(), guard, gw.ROUTER],
         "s3_sm2": [gw.apisec_filter(), guard, gw.ROUTER],
+        "s0_native": [native, guard, gw.ROUTER],
+        "s1_native": [native, guard, gw.ROUTER],
+        "s3_native": [native, guard, gw.ROUTER],
         "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
         "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
     }
@@ -530,7 +537,8 @@ def main() -> int:
     jwts = jwt_tokens()
     layout = render(build, ports, bench_policy(pub, sm2_pub), jwts)
     env = {**os.environ, "APISEC_BENCH_SECRET": secret,
-           "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode()}
+           "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode(),
+           "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(gw.NATIVE_DIR)}
     envoy = subprocess.Popen(
         pinned(1, [gw.envoy_binary(), "-c", str(layout.bootstrap), "--concurrency", "1", "--base-id", str(ports["admin"]),
                    "--log-level", "warning", "--file-flush-interval-msec", "1000"]),
@@ -767,6 +775,7 @@ def denied_by_code(g) -> dict[str, int]:
     """apisec's refusals so far, by code (the labelled `apisec_requests_total{decision="deny"}`)."""
     out: dict[str, int] = {}
     for line in g.admin("/stats/prometheus").splitlines():
+        line = line.removeprefix(gw.NATIVE_PROMETHEUS_PREFIX)  # the native build's, as relabelled
         if line.startswith("apisec_requests_total{") and 'decision="deny"' in line:
             labels, _, value = line.rpartition(" ")
             code = labels.split('code="', 1)[1].split('"', 1)[0]
@@ -777,7 +786,9 @@ def denied_by_code(g) -> dict[str, int]:
 def markdown(r: dict) -> str:
     names = {"s1_sm3": "apisec S1 (HMAC-SM3)", "s3_sm2": "apisec S3 (SM2, POST)", "bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
              "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)",
-             "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state"}
+             "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state",
+             "s0_native": "apisec S0, native build", "s1_native": "apisec S1 (HMAC), native build",
+             "s3_native": "apisec S3 (P-256, POST), native build"}
     lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
              f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
              f"a quarter of the baseline's capacity ({r['method']['latency_rate']['bare']} req/s GET, "

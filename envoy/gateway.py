@@ -39,6 +39,15 @@ ECDS_FILE = "apisec.yaml"
 GATEWAY_YAML = ROOT / "envoy/gateway.yaml"
 UPSTREAM_TLS_YAML = ROOT / "envoy/gateway-upstream-tls.yaml"
 ECDS_YAML = ROOT / "envoy/apisec-ecds.yaml"
+# The native build's ECDS resource (Envoy's dynamic modules; libapisec_native.so).
+NATIVE_ECDS_YAML = ROOT / "envoy/apisec-native-ecds.yaml"
+# Where `cargo build --release` puts libapisec_native.so.
+NATIVE_DIR = ROOT / "target/release"
+# How Envoy names the native build's stats: `dynamicmodulescustom.apisec.*` in /stats (the Wasm
+# build's are `wasmcustom.apisec.*`), `envoy_dynamicmodulescustom_apisec_*` in the Prometheus
+# output (the Wasm build's `apisec_*`; monitoring/prometheus.yml relabels the native ones).
+NATIVE_STAT_PREFIX = "dynamicmodulescustom."
+NATIVE_PROMETHEUS_PREFIX = "envoy_dynamicmodulescustom_"
 FILTER_YAML = ROOT / "envoy/apisec-filter.yaml"
 # The relative paths the checked-in files use (Envoy resolves them against its working directory).
 REL_WASM = "target/wasm32-wasip1/release/apisec_filter.wasm"
@@ -98,6 +107,12 @@ def secret_env_names(policy_json: str) -> list[str]:
     return out.stdout.split() if out.returncode == 0 else []
 
 
+def default_native() -> Path | None:
+    """The native build's directory when APISEC_BUILD=native (the suite and `make run
+    NATIVE=1` run the native build that way), else None: the Wasm build."""
+    return NATIVE_DIR if os.environ.get("APISEC_BUILD") == "native" else None
+
+
 @dataclass
 class Layout:
     build: Path
@@ -120,6 +135,9 @@ class Layout:
     state_tls_ca: Path | None = None
     # TLS from the gateway to the backend (envoy/gateway-upstream-tls.yaml, DATA-2).
     backend_tls: bool = False
+    # The directory of libapisec_native.so when the gateway runs the native build (Envoy's
+    # dynamic modules, envoy/apisec-native-ecds.yaml) instead of the .wasm.
+    native: Path | None = field(default_factory=default_native)
 
     @property
     def ecds_dir(self) -> Path:
@@ -164,13 +182,27 @@ def wasm_filter_config(policy_json: str, layout: Layout) -> dict:
     return config
 
 
+def native_filter_config(policy_json: str, layout: Layout) -> dict:
+    """The native build's typed_config: envoy/apisec-native-ecds.yaml with this policy."""
+    config = localize(load_yaml(NATIVE_ECDS_YAML)["resources"][0]["typed_config"], layout)
+    config["filter_config"]["value"] = policy_json
+    return config
+
+
+def filter_config(policy_json: str, layout: Layout) -> dict:
+    """The apisec filter's typed_config for this layout's build."""
+    if layout.native is not None:
+        return native_filter_config(policy_json, layout)
+    return wasm_filter_config(policy_json, layout)
+
+
 def write_ecds(policy_json: str, layout: Layout) -> None:
     """Atomically replaces the ECDS resource (envoy/apisec-ecds.yaml with this policy), bypassing
     `apisec policy apply`: a temp file, then a rename into the watched directory."""
     layout.ecds_dir.mkdir(parents=True, exist_ok=True)
-    doc = load_yaml(ECDS_YAML)
+    doc = load_yaml(NATIVE_ECDS_YAML if layout.native is not None else ECDS_YAML)
     doc["version_info"] = str(time.time_ns())
-    doc["resources"][0]["typed_config"] = wasm_filter_config(policy_json, layout)
+    doc["resources"][0]["typed_config"] = filter_config(policy_json, layout)
     fd, tmp = tempfile.mkstemp(dir=layout.ecds_dir, prefix=".apisec-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f)
@@ -314,6 +346,8 @@ class Gateway:
         # With TLS to the backend: the certificate (in layout.certs) the demo upstream serves.
         self.upstream_cert = upstream_cert
         self.env = {**os.environ, **(env or {})}
+        if layout.native is not None:
+            self.env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(layout.native)
         self.with_upstream = upstream
         self.envoy: subprocess.Popen | None = None
         self.upstream: subprocess.Popen | None = None
@@ -339,7 +373,7 @@ class Gateway:
                 "--base-id", str(self.layout.admin_port),
                 # Audit records reach the disk within a second (Envoy's default is 10 s).
                 "--file-flush-interval-msec", "1000",
-                "--component-log-level", "wasm:info",
+                "--component-log-level", "wasm:info,dynamic_modules:info",
                 "--log-level", "warning",
                 *(["--log-path", str(self.envoy_log)] if self.log_path else []),
             ],
@@ -382,6 +416,9 @@ class Gateway:
         raise RuntimeError(f"envoy not ready after {timeout}s:\n{self.log_tail()}")
 
     def stat(self, name: str) -> int:
+        """A stat from /stats, by the Wasm build's name (the native build's is found by it)."""
+        if self.layout.native is not None and name.startswith("wasmcustom."):
+            name = NATIVE_STAT_PREFIX + name.removeprefix("wasmcustom.")
         for line in self.admin(f"/stats?filter=^{name}$").splitlines():
             key, _, value = line.partition(": ")
             if key == name:

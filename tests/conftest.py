@@ -184,12 +184,14 @@ def flushed_stat(gateway: gw.Gateway, name: str) -> int:
 
 
 def prometheus_series(text: str) -> dict[str, float]:
-    """`name{labels} value` lines of Envoy's /stats/prometheus, by `name{labels}`."""
+    """`name{labels} value` lines of Envoy's /stats/prometheus, by `name{labels}`; the native
+    build's `envoy_dynamicmodulescustom_apisec_*` under the names monitoring/prometheus.yml
+    relabels them to (`apisec_*`, the Wasm build's)."""
     out = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+            out[key.removeprefix(gw.NATIVE_PROMETHEUS_PREFIX)] = float(value)
     return out
 
 

@@ -290,24 +290,41 @@ fn prepare(args: &Args, env_pairs: Vec<(String, String)>) -> Result<Prepared, St
     // JSON as this command writes it, or YAML as the checked-in template envoy/apisec-ecds.yaml.
     let mut ecds: Value =
         serde_norway::from_str(&ecds_text).map_err(|e| format!("{}: {e}", args.ecds.display()))?;
-    let config = ecds
-        .pointer_mut("/resources/0/typed_config/config")
-        .ok_or("the ECDS file holds no Wasm filter config at resources[0]")?;
-    let config = config
-        .as_object_mut()
-        .ok_or("the ECDS Wasm filter config is not an object")?;
-    config.insert(
-        "configuration".into(),
-        json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json}),
-    );
-    config
-        .get_mut("vm_config")
-        .and_then(Value::as_object_mut)
-        .ok_or("the ECDS Wasm filter config has no vm_config")?
-        .insert(
-            "environment_variables".into(),
-            json!({"host_env_keys": names}),
+    let native = ecds
+        .pointer("/resources/0/typed_config/@type")
+        .and_then(Value::as_str)
+        == Some(NATIVE_FILTER_TYPE);
+    if native {
+        // The native build (envoy/apisec-native-ecds.yaml): the policy in `filter_config`;
+        // secrets come from Envoy's own environment, so there is no list of names to keep.
+        let config = ecds
+            .pointer_mut("/resources/0/typed_config")
+            .and_then(Value::as_object_mut)
+            .ok_or("the ECDS file holds no filter config at resources[0]")?;
+        config.insert(
+            "filter_config".into(),
+            json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json}),
         );
+    } else {
+        let config = ecds
+            .pointer_mut("/resources/0/typed_config/config")
+            .ok_or("the ECDS file holds no Wasm filter config at resources[0]")?;
+        let config = config
+            .as_object_mut()
+            .ok_or("the ECDS Wasm filter config is not an object")?;
+        config.insert(
+            "configuration".into(),
+            json!({"@type": "type.googleapis.com/google.protobuf.StringValue", "value": policy_json}),
+        );
+        config
+            .get_mut("vm_config")
+            .and_then(Value::as_object_mut)
+            .ok_or("the ECDS Wasm filter config has no vm_config")?
+            .insert(
+                "environment_variables".into(),
+                json!({"host_env_keys": names}),
+            );
+    }
 
     Ok(Prepared {
         policy_json,
@@ -317,6 +334,10 @@ fn prepare(args: &Args, env_pairs: Vec<(String, String)>) -> Result<Prepared, St
         ecds,
     })
 }
+
+/// The type of the native build's filter (Envoy's dynamic modules).
+const NATIVE_FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
 
 /// Applies a policy; every outcome, a policy refused here included, goes to the operations log.
 pub fn apply(args: &Args) -> Result<(), String> {

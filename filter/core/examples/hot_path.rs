@@ -10,7 +10,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use apisec_core::audit_chain::Chain;
@@ -51,8 +51,8 @@ fn main() {
     let meta = store::open(&store, [3; 16], now - 10, policy.replay.slots).unwrap();
     init_slots(&store, &policy.replay, &meta).unwrap();
     let config = Config {
-        policy: Rc::new(policy.clone()),
-        meta: Rc::new(meta),
+        policy: Arc::new(policy.clone()),
+        meta: Arc::new(meta),
     };
     let host = Tls(now);
     let held = Cell::new(0);

@@ -5,7 +5,7 @@
 //! matches its Content-Digest. Nothing here decides; the decision is the lifecycle's.
 
 use std::cell::Cell;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::crypto::{self, EcdsaVerifier};
 use crate::engine::{self, USER_HEADER};
@@ -142,8 +142,8 @@ fn decide(
     let meta = store::open(&mem, [0; 16], 0, policy.replay.slots).map_err(|e| format!("{e:?}"))?;
     replay::init_slots(&mem, &policy.replay, &meta).map_err(|e| format!("{e:?}"))?;
     let config = Config {
-        policy: Rc::new(policy.clone()),
-        meta: Rc::new(meta),
+        policy: Arc::new(policy.clone()),
+        meta: Arc::new(meta),
     };
     let (step, stream) = run(config, &mem, verifier, req, body, now);
     let record: Option<serde_json::Value> = stream

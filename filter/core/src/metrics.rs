@@ -41,6 +41,60 @@ pub const REPLAY_LIVE: &str = "apisec.replay_store_live";
 pub const REPLAY_CAPACITY: &str = "apisec.replay_store_capacity";
 pub const REPLAY_FULLEST: &str = "apisec.replay_slot_fullest_ratio_pct";
 
+/// The most SDK-version series one app's calls define (MON-7); a further version counts as
+/// `other`, so a caller cannot grow the stats without bound by inventing versions.
+pub const MAX_SDK_VERSIONS_PER_APP: usize = 16;
+
+/// What kind of Envoy stat a series is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every labelled series this module names, with its label names in the order they appear in
+/// its stat names. The Wasm glue needs only the names (Envoy's `stats_tags` take the labels
+/// out); a host whose stats take label values apart from the name (the native build: a stat
+/// is defined once with its label names, then counted with values) defines each from here.
+pub const SERIES: &[(&str, Kind, &[&str])] = &[
+    (REQUESTS, Kind::Counter, &LABELS),
+    (REQUEST_BYTES, Kind::Counter, &["app", "api"]),
+    (RESPONSE_BYTES, Kind::Counter, &["app", "api"]),
+    (DURATION, Kind::Histogram, &["app", "api"]),
+    (SHADOW_CALLS, Kind::Counter, &["app"]),
+    (ANOMALIES, Kind::Counter, &["app", "rule", "action"]),
+    (RATE_LIMITED, Kind::Counter, &["app", "rule", "action"]),
+    (SDK_OUTDATED, Kind::Counter, &["app", "status", "action"]),
+    (SDK_CALLS, Kind::Counter, &["app", "version"]),
+    (BACKEND_RESPONSES, Kind::Counter, &["app", "api", "status"]),
+    (SESSIONS_EVICTED, Kind::Counter, &["app"]),
+    (POLICY_INFO, Kind::Gauge, &["version"]),
+    (CREDENTIAL_NOT_AFTER, Kind::Gauge, &["app", "credential"]),
+    (BANS_ACTIVE, Kind::Gauge, &["subject"]),
+    (REPLAY_LIVE, Kind::Gauge, &[]),
+    (REPLAY_CAPACITY, Kind::Gauge, &[]),
+    (REPLAY_FULLEST, Kind::Gauge, &[]),
+];
+
+/// A stat name as this module makes it, taken apart: its name, and its label values in order.
+/// None when the name is not one of [`SERIES`] or its labels are not that series' own.
+pub fn split(stat: &str) -> Option<(usize, Vec<&str>)> {
+    let mut parts = stat.split(';');
+    let name = parts.next()?;
+    let index = SERIES.iter().position(|(n, _, _)| *n == name)?;
+    let (_, _, labels) = SERIES.get(index)?;
+    let mut values = Vec::with_capacity(labels.len());
+    for (label, part) in labels.iter().zip(parts.by_ref()) {
+        let (k, v) = part.split_once('=')?;
+        if k != *label {
+            return None;
+        }
+        values.push(v);
+    }
+    (values.len() == labels.len() && parts.next().is_none()).then_some((index, values))
+}
+
 /// What one request adds to the metrics, when its stream ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sample {
@@ -418,6 +472,58 @@ mod tests {
     /// Issue 26 (MON-7, error rate from the backend's status): a call let through counts its
     /// response's status class per app and API; the SDK version label is the version sent,
     /// `none` or `malformed`, never free text.
+    #[test]
+    fn every_stat_name_splits_into_its_series_and_labels() {
+        let mut s = sample();
+        s.anomalies = vec![("burst".into(), "alert")];
+        s.rate_limits = vec![("per-app".into(), "refuse")];
+        s.sdk = Some(("below_minimum", "flag"));
+        s.backend_status = Some("5xx");
+        let names = [
+            s.requests(),
+            s.per_api(REQUEST_BYTES),
+            s.per_api(RESPONSE_BYTES),
+            s.per_api(DURATION),
+            s.shadow(),
+            s.sdk_calls("1.2.0"),
+            s.sdk_outdated().unwrap_or_default(),
+            s.backend_responses().unwrap_or_default(),
+            sessions_evicted("broker-a"),
+            policy_info(b"x"),
+            format!("{BANS_ACTIVE};subject=ip"),
+            REPLAY_LIVE.to_string(),
+        ];
+        let mut all: Vec<String> = names.to_vec();
+        all.extend(s.anomalies());
+        all.extend(s.rate_limited());
+        for name in &all {
+            let (i, values) = split(name).unwrap_or_else(|| panic!("{name} does not split"));
+            let (series, _, labels) = SERIES[i];
+            assert!(name.starts_with(series), "{name}");
+            assert_eq!(values.len(), labels.len(), "{name}");
+        }
+        let requests = s.requests();
+        let (i, values) = split(&requests).unwrap_or_default();
+        assert_eq!(SERIES[i].0, REQUESTS);
+        assert_eq!(
+            values,
+            ["broker-a", "orders.place", "S3", "deny", "nonce_replayed"]
+        );
+        assert!(
+            split("apisec.requests_total;app=a").is_none(),
+            "too few labels"
+        );
+        assert!(
+            split("apisec.shadow_calls_total;api=a").is_none(),
+            "another label"
+        );
+        assert!(
+            split("apisec.shadow_calls_total;app=a;x=y").is_none(),
+            "too many"
+        );
+        assert!(split("apisec.unknown;app=a").is_none());
+    }
+
     #[test]
     fn backend_status_and_sdk_versions_are_bounded_labels() {
         let mut s = sample();

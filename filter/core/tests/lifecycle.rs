@@ -9,7 +9,7 @@ mod common;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use apisec_core::crypto::{content_digest_sha256, SoftwareVerifier};
 use apisec_core::lifecycle::{
@@ -150,8 +150,8 @@ impl Rig {
             host: FakeHost::new(),
             held: Cell::new(0),
             config: Config {
-                policy: Rc::new(p),
-                meta: Rc::new(meta),
+                policy: Arc::new(p),
+                meta: Arc::new(meta),
             },
         }
     }
@@ -450,7 +450,7 @@ fn cluster_rig(bans: bool) -> Rig {
     let mut rig = Rig::new(bans);
     let mut p = (*rig.config.policy).clone();
     p.state = cluster_state().compile(None).unwrap();
-    rig.config.policy = Rc::new(p);
+    rig.config.policy = Arc::new(p);
     rig
 }
 
@@ -529,7 +529,7 @@ fn a_grant_that_counts_uses_spends_one_only_after_the_body() {
     for g in &mut p.grants {
         g.max_uses = Some(5);
     }
-    rig.config.policy = Rc::new(p);
+    rig.config.policy = Arc::new(p);
     let body = br#"{"qty":1}"#;
     let (mut s, step) = order_headers(&rig, body, body);
     assert!(matches!(
@@ -569,7 +569,7 @@ fn a_reload_during_the_body_asks_again_without_the_nonce() {
     let mut reloaded = (*rig.config.policy).clone();
     reloaded.generation += 1;
     *rig.host.current.borrow_mut() = Some(Config {
-        policy: Rc::new(reloaded),
+        policy: Arc::new(reloaded),
         meta: rig.config.meta.clone(),
     });
     let step = s.on_request_body(body.len(), true, &rig.env());
@@ -602,7 +602,7 @@ fn a_rate_limit_rides_in_the_final_batch_and_its_refusal_says_when_to_retry() {
     let p = raw
         .into_policy(&HashMap::from([("S".to_string(), SECRET_B64.to_string())]))
         .unwrap();
-    rig.config.policy = Rc::new(p);
+    rig.config.policy = Arc::new(p);
     let mut s = Stream::new(rig.config.clone());
     let step = s.on_request_headers(
         Ok(signed_pairs("POST", "/orders", b"", "n1")),

@@ -6,7 +6,7 @@ mod common;
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use apisec_core::crypto::SoftwareVerifier;
 use apisec_core::lifecycle::{
@@ -82,8 +82,8 @@ fn get(
 ) -> (Step, Vec<Count>, u32) {
     let store = fresh_store(policy);
     let config = Config {
-        policy: Rc::new(policy.clone()),
-        meta: Rc::new(store::meta(&store).unwrap()),
+        policy: Arc::new(policy.clone()),
+        meta: Arc::new(store::meta(&store).unwrap()),
     };
     let host = RouteHost {
         route,

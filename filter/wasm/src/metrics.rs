@@ -98,10 +98,6 @@ fn count_by<K, Q>(
     }
 }
 
-/// The most SDK versions one app's calls define series for; later ones count as `other`
-/// (a caller cannot grow the stats without bound by naming new versions).
-const MAX_SDK_VERSIONS_PER_APP: usize = 16;
-
 struct Outcome {
     level: &'static str,
     decision: &'static str,
@@ -199,7 +195,7 @@ impl Metrics {
         let full = {
             let mut per_app = self.sdk_versions.borrow_mut();
             let n = per_app.entry(s.app.clone()).or_insert(0);
-            let full = *n >= MAX_SDK_VERSIONS_PER_APP;
+            let full = *n >= series::MAX_SDK_VERSIONS_PER_APP;
             if !full {
                 *n += 1;
             }

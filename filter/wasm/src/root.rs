@@ -3,6 +3,7 @@
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
@@ -263,8 +264,8 @@ impl RootContext for ApisecRoot {
             &format!("apisec: policy loaded: {} APIs", policy.apis().len()),
         );
         let config = Config {
-            policy: Rc::new(policy),
-            meta: Rc::new(meta),
+            policy: Arc::new(policy),
+            meta: Arc::new(meta),
         };
         // The plugin's state by its name: a reload's new root context takes over the old one's.
         let name = hostcalls::get_property(vec!["plugin_name"])

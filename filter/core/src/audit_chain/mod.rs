@@ -681,5 +681,30 @@ fn check_chain(
     }
 }
 
+/// Where a host keeps a worker's chain: the Wasm glue in a `RefCell` (one VM per worker), the
+/// native glue behind a `Mutex` (its checkpoints are taken from Envoy's main thread). The
+/// lifecycle seals through this, never caring which.
+pub trait Seal {
+    /// `Chain::seal` on the chain held here.
+    fn seal(&self, key: &ChainKey, body: &str) -> String;
+}
+
+impl Seal for std::cell::RefCell<Chain> {
+    fn seal(&self, key: &ChainKey, body: &str) -> String {
+        self.borrow_mut().seal(key, body)
+    }
+}
+
+impl Seal for std::sync::Mutex<Chain> {
+    /// A lock is poisoned only by a panic while it was held; the release builds abort on panic,
+    /// so this is for test builds, where the record is still sealed rather than lost.
+    fn seal(&self, key: &ChainKey, body: &str) -> String {
+        match self.lock() {
+            Ok(mut c) => c.seal(key, body),
+            Err(poisoned) => poisoned.into_inner().seal(key, body),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

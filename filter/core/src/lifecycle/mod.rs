@@ -13,12 +13,12 @@
 //! the [`Answer`] through [`Stream::on_state`]. Events that arrive meanwhile wait for it.
 
 use std::borrow::Cow;
-use std::cell::{Cell, RefCell};
-use std::rc::Rc;
+use std::cell::Cell;
+use std::sync::Arc;
 
 use crate::access;
 use crate::audit::{self, AuditInput, Decided, LogFacts, Outcome, Traffic};
-use crate::audit_chain::Chain;
+use crate::audit_chain::Seal;
 use crate::cluster::StateBackend;
 use crate::crypto::EcdsaVerifier;
 use crate::engine::{self, Endpoint, Host, RequestContext};
@@ -106,14 +106,14 @@ pub struct Env<'a> {
     pub host: &'a dyn HostFacts,
     pub held: &'a Cell<u64>,
     /// This worker's audit chain (LOG-1); None where records are not sealed (tools, tests).
-    pub chain: Option<&'a RefCell<Chain>>,
+    pub chain: Option<&'a dyn Seal>,
 }
 
 /// The policy in force and the store record it was opened with.
 #[derive(Clone)]
 pub struct Config {
-    pub policy: Rc<Policy>,
-    pub meta: Rc<StoreMeta>,
+    pub policy: Arc<Policy>,
+    pub meta: Arc<StoreMeta>,
 }
 
 /// What the host does with the stream.
@@ -422,7 +422,7 @@ impl Stream {
         &self.ctx
     }
 
-    fn policy(&self) -> Rc<Policy> {
+    fn policy(&self) -> Arc<Policy> {
         self.config.policy.clone()
     }
 
@@ -574,7 +574,7 @@ impl Stream {
             let body = self.record_with(decided.outcome(), &facts);
             step.sample = Some(self.sample(decided.outcome(), &facts));
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
-                (Some(key), Some(chain)) => chain.borrow_mut().seal(key, &body),
+                (Some(key), Some(chain)) => chain.seal(key, &body),
                 _ => body,
             });
         }

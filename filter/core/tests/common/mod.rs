@@ -10,7 +10,7 @@
 
 pub mod vectors;
 
-use std::rc::Rc;
+use std::sync::Arc;
 
 use apisec_core::crypto::SoftwareVerifier;
 use apisec_core::diagnose;
@@ -66,8 +66,8 @@ pub fn decide(
     now: u64,
 ) -> Result<RequestContext, DenyReason> {
     let config = Config {
-        policy: Rc::new(policy.clone()),
-        meta: Rc::new(store::meta(store).unwrap()),
+        policy: Arc::new(policy.clone()),
+        meta: Arc::new(store::meta(store).unwrap()),
     };
     let (step, stream) = diagnose::run(config, store, &SoftwareVerifier, req, body, now);
     match step.action {

@@ -1,0 +1,200 @@
+//! A filter configuration (one `config_new`, one policy): the policy loaded and refused when
+//! bad (Envoy then rejects the configuration and keeps the last good one), the state store
+//! opened, the stats defined, and a ticker for the once-a-second work on Envoy's main thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use apisec_core::cluster::StateBackend;
+use apisec_core::lifecycle::Config;
+use apisec_core::metrics::{self, GaugePass};
+use apisec_core::state::nonces::local as replay;
+use apisec_core::store;
+use apisec_core::Policy;
+
+use crate::abi;
+use crate::clock::now_secs;
+use crate::envoy::{self, ConfigHandle, Scheduler};
+use crate::host::EnvSecrets;
+use crate::metrics::Metrics;
+use crate::plugin::{plugin, Plugin};
+use crate::store::store;
+
+/// How many policies this process has loaded (a policy's generation).
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+pub struct FilterConfig {
+    pub envoy: ConfigHandle,
+    pub config: Config,
+    pub plugin: Arc<Plugin>,
+    pub metrics: Metrics,
+    /// The once-a-second ticker's scheduler (None once the configuration is destroyed).
+    ticker: Arc<Mutex<Option<Scheduler>>>,
+    /// This configuration's pass over the store for the gauges, while one goes on.
+    gauges: Mutex<Option<GaugePass>>,
+}
+
+impl FilterConfig {
+    /// Loads a policy; an error refuses the configuration (Envoy keeps the last good one).
+    pub fn load(envoy: ConfigHandle, name: &str, text: &[u8]) -> Result<FilterConfig, String> {
+        let text = std::str::from_utf8(text).map_err(|_| "the policy is not UTF-8".to_string())?;
+        let mut policy = Policy::from_json(text, &EnvSecrets).map_err(|e| e.to_string())?;
+        if let StateBackend::Cluster(_) = policy.state {
+            return Err(
+                "the native build keeps state in its own process only (state: local); \
+                        a cluster store needs the Wasm build"
+                    .into(),
+            );
+        }
+        let now = now_secs().ok_or("no clock")?;
+        let mut salt = [0u8; 16];
+        getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
+        let meta = store::open(store(), salt, now, policy.replay.slots)
+            .map_err(|e| format!("state store: {e}"))?;
+        replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
+        replay::init_slots(store(), &policy.replay, &meta)
+            .map_err(|e| format!("replay store: {e}"))?;
+        if let Some(bans) = policy.bans.as_mut() {
+            bans.keyed(meta.salt);
+        }
+        policy.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        let config = Config {
+            policy: Arc::new(policy),
+            meta: Arc::new(meta),
+        };
+        let plugin = plugin(name);
+        if let Ok(mut c) = plugin.current.lock() {
+            *c = Some(config.clone());
+        }
+        let metrics = Metrics::define(envoy, config.policy.per_code_counters);
+        let fc = FilterConfig {
+            envoy,
+            config,
+            plugin,
+            metrics,
+            ticker: Arc::new(Mutex::new(None)),
+            gauges: Mutex::new(None),
+        };
+        fc.policy_gauges(text.as_bytes());
+        envoy::log(
+            abi::LOG_INFO,
+            &format!(
+                "apisec: policy loaded: {} APIs",
+                fc.config.policy.apis().len()
+            ),
+        );
+        Ok(fc)
+    }
+
+    /// The policy's version and its credentials' ends (OPS-2); the series the plugin's last
+    /// policy set and this one does not go to 0. Every registered app's eviction counter
+    /// exists at zero.
+    fn policy_gauges(&self, text: &[u8]) {
+        let policy = &self.config.policy;
+        let mut values = vec![(metrics::policy_info(text), 1)];
+        values.extend(metrics::credential_not_after(policy));
+        if let Ok(mut last) = self.plugin.gauges.lock() {
+            let gone: Vec<(String, u64)> = last
+                .iter()
+                .filter(|old| !values.iter().any(|(n, _)| n == *old))
+                .map(|old| (old.clone(), 0))
+                .collect();
+            self.metrics.gauges(self.envoy, &gone);
+            *last = values.iter().map(|(n, _)| n.clone()).collect();
+        }
+        self.metrics.gauges(self.envoy, &values);
+        for app in policy.app_ids() {
+            self.metrics
+                .zero(self.envoy, &metrics::sessions_evicted(&metrics::label(app)));
+        }
+    }
+
+    /// Starts the ticker: a thread that asks Envoy's main thread for a tick every second,
+    /// until the configuration is destroyed.
+    pub fn start_ticker(&self) {
+        let scheduler = self.envoy.scheduler();
+        if let Ok(mut t) = self.ticker.lock() {
+            *t = Some(scheduler);
+        }
+        let ticker = Arc::downgrade(&self.ticker);
+        let spawned = std::thread::Builder::new()
+            .name("apisec-ticker".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                let Some(t) = ticker.upgrade() else { return };
+                let Ok(guard) = t.lock() else { return };
+                match guard.as_ref() {
+                    Some(s) => s.commit(0),
+                    None => return,
+                }
+            });
+        if spawned.is_err() {
+            envoy::log(
+                abi::LOG_WARN,
+                "apisec: no ticker thread: chain checkpoints and gauges wait for traffic",
+            );
+        }
+    }
+
+    /// Stops the ticker (the configuration is being destroyed): no event is committed after.
+    pub fn stop_ticker(&self) {
+        if let Ok(mut t) = self.ticker.lock() {
+            if let Some(s) = t.take() {
+                s.delete();
+            }
+        }
+    }
+
+    /// Once a second, on Envoy's main thread: the chains' checkpoints and the store's gauges.
+    pub fn tick(&self) {
+        let Some(now) = now_secs() else { return };
+        self.checkpoint(now, false);
+        if !matches!(self.config.policy.state, StateBackend::Local) {
+            return;
+        }
+        let Ok(mut pass) = self.gauges.lock() else {
+            return;
+        };
+        if pass.is_none() && metrics::gauge_turn(store(), now) {
+            *pass = Some(GaugePass::default());
+        }
+        // The main thread serves no request: a whole pass runs in one tick.
+        if let Some(p) = pass.as_mut() {
+            loop {
+                if let Some(values) = p.step(&self.config.policy, store(), now) {
+                    self.metrics.gauges(self.envoy, &values);
+                    *pass = None;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Every `audit.checkpoint_seconds` (and when the configuration goes), each chain's head
+    /// goes to Envoy's log if it moved: a tail cut off the audit log is then found (LOG-1).
+    pub fn checkpoint(&self, now: u64, now_anyway: bool) {
+        if self.config.policy.audit.key.is_none() {
+            return;
+        }
+        let last = self.plugin.checkpointed_at.load(Ordering::Relaxed);
+        let due = now >= last.saturating_add(self.config.policy.audit.checkpoint_seconds);
+        if !(now_anyway || due)
+            || self
+                .plugin
+                .checkpointed_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for chain in &self.plugin.chains {
+            let line = match chain.lock() {
+                Ok(mut c) => c.checkpoint(now),
+                Err(_) => None,
+            };
+            if let Some(line) = line {
+                envoy::log(abi::LOG_INFO, &line);
+            }
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The filter's metrics in Envoy's stats, under the same names and labels as the Wasm build's
+//! (core `metrics.rs` names them). Envoy prefixes a dynamic module's stats with its
+//! `metrics_namespace` (envoy/apisec-native.yaml sets `wasmcustom`, the Wasm filter's, so that
+//! `/stats` shows the same names; the Prometheus output drops the prefix either way).
+//!
+//! A dynamic module defines its stats only while its configuration is created, each with its
+//! label names; a request then counts with label values. So every series of core's
+//! [`SERIES`](apisec_core::metrics::SERIES) table is defined here once, and core's stat names
+//! (`name;label=value;...`) are taken apart by `metrics::split` where they come formatted.
+//! Counting is a direct increment of Envoy's counter (no summing in the module: a native call
+//! costs about 170 instructions, against ~1k for a Wasm host call).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use apisec_core::lifecycle::Count;
+use apisec_core::metrics::{self as series, Kind, Sample, SERIES};
+use apisec_core::DenyReason;
+
+use crate::envoy::{ConfigHandle, Filter, MetricKind};
+
+pub struct Metrics {
+    allowed: Option<usize>,
+    denied: Option<usize>,
+    bans: Option<usize>,
+    abandoned: Option<usize>,
+    reported: Option<usize>,
+    sessions_evicted: Option<usize>,
+    dropped: Option<usize>,
+    by_reason: Vec<(DenyReason, usize)>,
+    reported_by_reason: Vec<(DenyReason, usize)>,
+    /// Each series of core's table, by its index there.
+    series: Vec<Option<usize>>,
+    /// How many SDK versions each app's calls counted under (MAX_SDK_VERSIONS_PER_APP).
+    sdk_versions: Mutex<HashMap<String, Vec<String>>>,
+}
+
+fn index(name: &str) -> Option<usize> {
+    SERIES.iter().position(|(n, _, _)| *n == name)
+}
+
+impl Metrics {
+    /// Defines every stat (only possible now, while Envoy creates the configuration).
+    pub fn define(config: ConfigHandle, per_code: bool) -> Metrics {
+        let counter = |name: &str| config.define(MetricKind::Counter, name, &[]);
+        Metrics {
+            allowed: counter("apisec.allowed"),
+            denied: counter("apisec.denied"),
+            bans: counter("apisec.bans_started"),
+            abandoned: counter("apisec.abandoned"),
+            reported: counter("apisec.reported"),
+            sessions_evicted: counter("apisec.sessions_evicted"),
+            dropped: counter("apisec.metrics_series_dropped"),
+            by_reason: DenyReason::ALL
+                .iter()
+                .filter(|_| per_code)
+                .filter_map(|r| counter(&format!("apisec.denied.{}", r.code())).map(|id| (*r, id)))
+                .collect(),
+            reported_by_reason: DenyReason::ALL
+                .iter()
+                .filter(|r| per_code && apisec_core::report::reportable(**r))
+                .filter_map(|r| {
+                    counter(&format!("apisec.reported.{}", r.code())).map(|id| (*r, id))
+                })
+                .collect(),
+            series: SERIES
+                .iter()
+                .map(|(name, kind, labels)| {
+                    let kind = match kind {
+                        Kind::Counter => MetricKind::Counter,
+                        Kind::Gauge => MetricKind::Gauge,
+                        Kind::Histogram => MetricKind::Histogram,
+                    };
+                    config.define(kind, name, labels)
+                })
+                .collect(),
+            sdk_versions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn id(&self, name: &str) -> Option<usize> {
+        index(name).and_then(|i| self.series.get(i).copied().flatten())
+    }
+
+    fn bump(f: Filter, id: Option<usize>) {
+        if let Some(id) = id {
+            f.increment(id, &[], 1);
+        }
+    }
+
+    /// Adds what a lifecycle step counted.
+    pub fn add(&self, f: Filter, counts: &[Count]) {
+        let of = |ids: &[(DenyReason, usize)], r: DenyReason| {
+            ids.iter().find(|(x, _)| *x == r).map(|(_, id)| *id)
+        };
+        for c in counts {
+            match c {
+                Count::Allowed => Self::bump(f, self.allowed),
+                Count::Denied(r) => {
+                    Self::bump(f, self.denied);
+                    Self::bump(f, of(&self.by_reason, *r));
+                }
+                Count::BanStarted => Self::bump(f, self.bans),
+                Count::Abandoned => Self::bump(f, self.abandoned),
+                Count::Reported(r) => {
+                    Self::bump(f, self.reported);
+                    Self::bump(f, of(&self.reported_by_reason, *r));
+                }
+                Count::SessionEvicted => Self::bump(f, self.sessions_evicted),
+            }
+        }
+    }
+
+    /// A counter named the way core names it (`name;label=value;...`).
+    fn count_named(&self, f: Filter, stat: &str, n: u64) {
+        match series::split(stat) {
+            Some((i, values)) => {
+                if let Some(Some(id)) = self.series.get(i) {
+                    f.increment(*id, &values, n);
+                }
+            }
+            None => Self::bump(f, self.dropped),
+        }
+    }
+
+    /// What one request adds, when its stream ends.
+    pub fn sample(&self, f: Filter, s: &Sample) {
+        let per_api = [s.app.as_str(), s.api.as_str()];
+        if let Some(id) = self.id(series::REQUESTS) {
+            f.increment(id, &[&s.app, &s.api, s.level, s.decision, s.code], 1);
+        }
+        if let (Some(id), true) = (self.id(series::REQUEST_BYTES), s.bytes_in > 0) {
+            f.increment(id, &per_api, s.bytes_in);
+        }
+        if let (Some(id), true) = (self.id(series::RESPONSE_BYTES), s.bytes_out > 0) {
+            f.increment(id, &per_api, s.bytes_out);
+        }
+        if let (Some(id), Some(ms)) = (self.id(series::DURATION), s.duration_ms) {
+            f.record(id, &per_api, ms);
+        }
+        if let (Some(id), Some(class)) = (self.id(series::BACKEND_RESPONSES), s.backend_status) {
+            f.increment(id, &[&s.app, &s.api, class], 1);
+        }
+        if let Some(version) = &s.sdk_version {
+            let version = self.sdk_label(&s.app, version);
+            if let Some(id) = self.id(series::SDK_CALLS) {
+                f.increment(id, &[&s.app, &version], 1);
+            }
+        }
+        if s.shadow {
+            self.count_named(f, &s.shadow(), 1);
+        }
+        for name in s.anomalies().chain(s.rate_limited()) {
+            self.count_named(f, &name, 1);
+        }
+        if let Some(name) = s.sdk_outdated() {
+            self.count_named(f, &name, 1);
+        }
+        if let Some(name) = s.sessions_evicted() {
+            self.count_named(f, &name, 1);
+        }
+    }
+
+    /// The version label an app's call counts under: its own, or `other` past the bound.
+    fn sdk_label(&self, app: &str, version: &str) -> String {
+        let Ok(mut seen) = self.sdk_versions.lock() else {
+            return "other".into();
+        };
+        let versions = seen.entry(app.to_string()).or_default();
+        if versions.iter().any(|v| v == version) {
+            return version.to_string();
+        }
+        if versions.len() >= series::MAX_SDK_VERSIONS_PER_APP {
+            return "other".into();
+        }
+        versions.push(version.to_string());
+        version.to_string()
+    }
+
+    /// Sets gauges named the way core names them (main thread).
+    pub fn gauges(&self, config: ConfigHandle, values: &[(String, u64)]) {
+        for (name, v) in values {
+            if let Some((i, labels)) = series::split(name) {
+                if let Some(Some(id)) = self.series.get(i) {
+                    config.set_gauge(*id, &labels, *v);
+                }
+            }
+        }
+    }
+
+    /// Makes a counter of a series exist at zero (the eviction counter of every registered
+    /// app, so that its series and alert exist before the first eviction); main thread.
+    pub fn zero(&self, config: ConfigHandle, name: &str) {
+        if let Some((i, labels)) = series::split(name) {
+            if let Some(Some(id)) = self.series.get(i) {
+                config.increment(*id, &labels, 0);
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! One HTTP stream: maps each of Envoy's hooks to the lifecycle's event and carries out the
+//! step it returns, as the Wasm glue's `stream.rs` does. Nothing here decides.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use apisec_core::lifecycle::{self, Env, Step, Stream};
+
+use crate::abi;
+use crate::config::FilterConfig;
+use crate::envoy::{self, Filter};
+use crate::host::{Facts, RingVerifier};
+use crate::store::store;
+
+/// Filter-state key Envoy's access log reads as `%FILTER_STATE(wasm.apisec_audit:PLAIN)%`: the
+/// Wasm build's key, so that the access-log format and the guard are the same for both.
+const AUDIT_KEY: &str = "wasm.apisec_audit";
+/// Filter-state key the guard after apisec requires (see the Wasm glue).
+const PASSED_KEY: &str = "wasm.apisec_passed";
+
+thread_local! {
+    /// Bytes of request bodies this worker holds for verification right now.
+    static HELD: Cell<u64> = const { Cell::new(0) };
+}
+
+/// What a hook tells Envoy to do with the stream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Go {
+    Continue,
+    /// Hold the stream (headers until the body is verified, a body until it is complete).
+    Hold,
+    /// A local reply was sent: nothing more goes on.
+    Answered,
+}
+
+pub struct NativeStream {
+    pub stream: Stream,
+    pub config: Arc<FilterConfig>,
+}
+
+impl NativeStream {
+    pub fn new(config: Arc<FilterConfig>) -> NativeStream {
+        NativeStream {
+            stream: Stream::new(config.config.clone()),
+            config,
+        }
+    }
+
+    /// Runs one lifecycle event with the host's adapters lent to it, then carries out its step.
+    fn event(
+        &mut self,
+        f: Filter,
+        response: bool,
+        ev: impl FnOnce(&mut Stream, &Env<'_>) -> Step,
+    ) -> Go {
+        let config = self.config.clone();
+        let facts = Facts::new(f, &config.plugin, response);
+        let chain = config.plugin.chain(f.worker_index());
+        let step = HELD.with(|held| {
+            let env = Env {
+                store: store(),
+                verifier: &RingVerifier,
+                host: &facts,
+                held,
+                chain: chain.map(|c| c as &dyn apisec_core::audit_chain::Seal),
+            };
+            ev(&mut self.stream, &env)
+        });
+        self.carry_out(f, step, response)
+    }
+
+    fn carry_out(&mut self, f: Filter, step: Step, response: bool) -> Go {
+        for name in &step.remove_headers {
+            f.remove_header(abi::REQUEST_HEADERS, name);
+        }
+        for name in &step.remove_response_headers {
+            f.remove_header(abi::RESPONSE_HEADERS, name);
+        }
+        for (name, value) in &step.response_headers {
+            f.set_header(abi::RESPONSE_HEADERS, name, value.as_bytes());
+        }
+        if step.set_identity {
+            for (name, value) in self.stream.identity_headers() {
+                f.set_header(abi::REQUEST_HEADERS, name, value.as_bytes());
+            }
+        }
+        if step.passed {
+            f.set_filter_state(PASSED_KEY, b"1");
+        }
+        if let Some(line) = &step.log {
+            envoy::log(abi::LOG_WARN, line);
+        }
+        if let Some(audit) = &step.audit {
+            f.set_filter_state(AUDIT_KEY, audit.as_bytes());
+        }
+        self.config.metrics.add(f, &step.counts);
+        if let Some(sample) = &step.sample {
+            self.config.metrics.sample(f, sample);
+        }
+        if let Some(body) = &step.response_body {
+            if !f.replace_response_body(body) {
+                return self.event(f, response, |s, env| s.on_response_rewrite_failed(env));
+            }
+            f.set_header(
+                abi::RESPONSE_HEADERS,
+                "content-length",
+                body.len().to_string().as_bytes(),
+            );
+        }
+        // The local backend ran every state batch inside the lifecycle; the cluster backend is
+        // refused at load (config.rs), so a step never carries one here.
+        match step.action {
+            lifecycle::Action::Continue => Go::Continue,
+            lifecycle::Action::Pause => Go::Hold,
+            lifecycle::Action::Refuse {
+                status,
+                body,
+                retry_after,
+            } => {
+                let retry = retry_after.map(|s| s.to_string());
+                let mut headers = vec![
+                    ("content-type", "application/json"),
+                    ("cache-control", "no-store"),
+                ];
+                if let Some(r) = retry.as_deref() {
+                    headers.push(("retry-after", r));
+                }
+                f.send_response(status, &headers, body.as_bytes(), "apisec_refused");
+                Go::Answered
+            }
+            lifecycle::Action::Answer { status, body } => {
+                let headers = [
+                    ("content-type", "application/json"),
+                    ("cache-control", "no-store"),
+                ];
+                f.send_response(status, &headers, body.as_bytes(), "apisec_answer");
+                Go::Answered
+            }
+        }
+    }
+
+    pub fn request_headers(&mut self, f: Filter, end_of_stream: bool) -> Go {
+        let pairs = f.headers(abi::REQUEST_HEADERS).ok_or(lifecycle::HostError {
+            call: "get_headers(request headers)",
+            status: 1,
+        });
+        let source = f
+            .attribute_string(abi::ATTR_SOURCE_ADDRESS)
+            .map(|a| String::from_utf8_lossy(&a).into_owned());
+        self.event(f, false, |s, env| {
+            s.on_request_headers(pairs, source.as_deref(), end_of_stream, env)
+        })
+    }
+
+    pub fn request_body(&mut self, f: Filter, end_of_stream: bool) -> Go {
+        let size = f.body_len(true);
+        self.event(f, false, |s, env| {
+            s.on_request_body(size, end_of_stream, env)
+        })
+    }
+
+    pub fn request_trailers(&mut self, f: Filter) -> Go {
+        self.event(f, false, |s, env| s.on_request_trailers(env))
+    }
+
+    pub fn response_headers(&mut self, f: Filter, end_of_stream: bool) -> Go {
+        self.event(f, true, |s, env| s.on_response_headers(end_of_stream, env))
+    }
+
+    pub fn response_body(&mut self, f: Filter, end_of_stream: bool) -> Go {
+        let size = f.body_len(false);
+        self.event(f, true, |s, env| {
+            s.on_response_body(size, end_of_stream, env)
+        })
+    }
+
+    pub fn complete(&mut self, f: Filter) {
+        let _ = self.event(f, true, |s, env| s.on_log(env));
+    }
+}
