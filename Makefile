@@ -189,7 +189,7 @@ quick: .rustup-done
 
 # The native build (filter/native) against the e2e files that cover every control; the files
 # left out and why: README "Native build".
-NATIVE_E2E := $(shell cat tests/native-suite.txt)
+NATIVE_E2E := $(shell grep -v '^\#' tests/native-suite.txt)
 e2e-native: setup build
 	APISEC_BUILD=native $(PY) -m pytest $(NATIVE_E2E) -q -p no:cacheprovider $(if $(T),-k "$(T)")
 
@@ -198,7 +198,7 @@ test: setup build lint unit fuzz-smoke dist e2e e2e-native
 # --- fuzzing (cargo-fuzz layout in fuzz/; built here with plain cargo on the stable toolchain) -
 # The flags cargo-fuzz passes (coverage instrumentation for libFuzzer); `--target` keeps them
 # off build scripts and proc macros.
-FUZZ_TARGETS := sf_dictionary signature_base policy json_fields path_matcher
+FUZZ_TARGETS := sf_dictionary signature_base policy json_fields path_matcher native_glue
 FUZZ_FLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing

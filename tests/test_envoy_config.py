@@ -14,7 +14,8 @@ import pytest
 
 from conftest import ROOT, WASM, audit_lines, base_policy, certs_mod, gw, read_audit, start_gateway
 
-FILES = ["gateway.yaml", "gateway-upstream-tls.yaml", "apisec-filter.yaml", "apisec-ecds.yaml"]
+FILES = ["gateway.yaml", "gateway-upstream-tls.yaml", "apisec-filter.yaml", "apisec-ecds.yaml",
+         "apisec-native-ecds.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +154,7 @@ def test_rendered_configuration_is_the_checked_in_one(tmp_path, backend_tls):
     """`make run` and every end-to-end test start what envoy/gateway.yaml says: rendered with the
     checked-in ports, the bootstrap is the checked-in file with only paths changed, and the ECDS
     resource is envoy/apisec-ecds.yaml with only the policy, its secret names and a version."""
-    layout = gw.Layout(build=tmp_path / "b", wasm=WASM, certs=tmp_path / "c", backend_tls=backend_tls)
+    layout = gw.Layout(build=tmp_path / "b", wasm=WASM, certs=tmp_path / "c", backend_tls=backend_tls, native=None)
     policy = base_policy()
     gw.render(json.dumps(policy), layout)
     rendered = json.loads(layout.bootstrap.read_text())
@@ -170,6 +171,54 @@ def test_rendered_configuration_is_the_checked_in_one(tmp_path, backend_tls):
     cfg["configuration"]["value"] = tcfg["configuration"]["value"]
     cfg["vm_config"]["environment_variables"]["host_env_keys"] = []
     assert delocalize(ecds, layout) == template
+
+
+def native_validate(workdir, typed_config: dict, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`envoy --mode validate` of the plain listener with the native build's filter inline,
+    libapisec_native.so found as `make run NATIVE=1` finds it."""
+    env = {**os.environ, **(env or {}), "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(gw.NATIVE_DIR)}
+    return validate(workdir, with_inline_filter(typed_config), env=env)
+
+
+def test_native_ecds_resource_validates_and_runs_the_filter_on_the_policy(workdir):
+    """envoy/apisec-native-ecds.yaml (the native build) validates with the built library, the
+    shipped policies load in it, and a policy it refuses, a library of another name or a
+    configuration of another filter fails validation: Envoy runs the module's config_new."""
+    ecds = gw.load_yaml(gw.NATIVE_ECDS_YAML)["resources"][0]
+    tc = ecds["typed_config"]
+    assert ecds["name"] == "apisec" and tc["dynamic_module_config"] == {"name": "apisec_native", "do_not_close": True}
+    out = native_validate(workdir, tc)
+    assert out.returncode == 0, out.stderr
+    for name in ("securities.yaml", "futures.yaml", "funds.yaml"):
+        good = copy.deepcopy(tc)
+        good["filter_config"]["value"] = gw.policy_to_json(ROOT / "policies" / name)
+        names = gw.secret_env_names(good["filter_config"]["value"])
+        out = native_validate(workdir, good, env={n: "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LTMyYnk=" for n in names})
+        assert out.returncode == 0, f"{name}: {out.stderr}"
+    bad = copy.deepcopy(tc)
+    bad["filter_config"]["value"] = json.dumps({"version": 1, "apis": []})
+    out = native_validate(workdir, bad)
+    assert out.returncode != 0 and "Failed to initialize dynamic module" in out.stderr, out.stderr
+    missing = copy.deepcopy(tc)
+    missing["dynamic_module_config"]["name"] = "apisec_missing"
+    assert native_validate(workdir, missing).returncode != 0
+
+
+def test_rendered_native_configuration_is_the_checked_in_one(tmp_path):
+    """The native build's run (`make run NATIVE=1`, APISEC_BUILD=native) starts the same
+    envoy/gateway.yaml, with envoy/apisec-native-ecds.yaml in the watched file: only the policy
+    and a version differ."""
+    layout = gw.Layout(build=tmp_path / "b", wasm=WASM, certs=tmp_path / "c", native=gw.NATIVE_DIR)
+    policy = base_policy()
+    gw.render(json.dumps(policy), layout)
+    assert delocalize(json.loads(layout.bootstrap.read_text()), layout) == gw.load_yaml(gw.GATEWAY_YAML)
+    ecds = json.loads((layout.ecds_dir / gw.ECDS_FILE).read_text())
+    template = gw.load_yaml(gw.NATIVE_ECDS_YAML)
+    assert ecds.pop("version_info")
+    tc = ecds["resources"][0]["typed_config"]
+    assert json.loads(tc["filter_config"]["value"]) == policy
+    tc["filter_config"]["value"] = template["resources"][0]["typed_config"]["filter_config"]["value"]
+    assert ecds == template
 
 
 @pytest.fixture(scope="module")

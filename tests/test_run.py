@@ -31,6 +31,8 @@ def test_a_second_run_beside_a_running_one_fails_loudly_and_touches_nothing(tmp_
         log = build / "envoy.log"
         before = log.read_bytes()
         assert before
+        if os.environ.get("APISEC_BUILD") == "native":  # `make run NATIVE=1` (make e2e-native)
+            assert b"Dynamic module ABI version v0.2.0 matched." in before
 
         # the same ports: refused before anything is written, naming the holder
         second = subprocess.run(demo_args(build, ports), capture_output=True, text=True, timeout=60)

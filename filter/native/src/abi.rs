@@ -142,6 +142,7 @@ pub const LOG_ERROR: u32 = 4;
 
 // Callout results.
 pub const CALLOUT_INIT_SUCCESS: u32 = 0;
+pub const CALLOUT_SUCCESS: u32 = 0;
 
 // Metrics results.
 pub const METRICS_SUCCESS: u32 = 0;
@@ -232,6 +233,16 @@ extern "C" {
 
     pub fn envoy_dynamic_module_callback_http_filter_http_callout(
         filter: EnvoyPtr,
+        callout_id: *mut u64,
+        cluster: ModuleBuffer,
+        headers: *const Header,
+        n: usize,
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32;
+
+    pub fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: EnvoyPtr,
         callout_id: *mut u64,
         cluster: ModuleBuffer,
         headers: *const Header,

@@ -5,10 +5,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use apisec_core::cluster::StateBackend;
+use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::Config;
 use apisec_core::metrics::{self, GaugePass};
 use apisec_core::state::nonces::local as replay;
+use apisec_core::state::Batch;
 use apisec_core::store;
 use apisec_core::Policy;
 
@@ -32,6 +33,22 @@ pub struct FilterConfig {
     ticker: Arc<Mutex<Option<Scheduler>>>,
     /// This configuration's pass over the store for the gauges, while one goes on.
     gauges: Mutex<Option<GaugePass>>,
+    /// Its callouts to the cluster store from the main thread.
+    calls: Mutex<ConfigCalls>,
+}
+
+/// The configuration's own callouts to the cluster store (as the Wasm glue's root context
+/// makes them): the first, empty batch that creates the store's epoch before any request, the
+/// byte counts ended streams left, and the gauges' counts.
+#[derive(Default)]
+struct ConfigCalls {
+    opened: bool,
+    opening: Option<u64>,
+    /// In flight: the callout, the byte counts it carries (put back if not taken), the text.
+    tallying: Option<(u64, Batch, bool)>,
+    tally_full: bool,
+    gauging: Option<(u64, bool)>,
+    gauge_full: bool,
 }
 
 impl FilterConfig {
@@ -39,13 +56,6 @@ impl FilterConfig {
     pub fn load(envoy: ConfigHandle, name: &str, text: &[u8]) -> Result<FilterConfig, String> {
         let text = std::str::from_utf8(text).map_err(|_| "the policy is not UTF-8".to_string())?;
         let mut policy = Policy::from_json(text, &EnvSecrets).map_err(|e| e.to_string())?;
-        if let StateBackend::Cluster(_) = policy.state {
-            return Err(
-                "the native build keeps state in its own process only (state: local); \
-                        a cluster store needs the Wasm build"
-                    .into(),
-            );
-        }
         let now = now_secs().ok_or("no clock")?;
         let mut salt = [0u8; 16];
         getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
@@ -74,6 +84,7 @@ impl FilterConfig {
             metrics,
             ticker: Arc::new(Mutex::new(None)),
             gauges: Mutex::new(None),
+            calls: Mutex::new(ConfigCalls::default()),
         };
         fc.policy_gauges(text.as_bytes());
         envoy::log(
@@ -149,7 +160,8 @@ impl FilterConfig {
     pub fn tick(&self) {
         let Some(now) = now_secs() else { return };
         self.checkpoint(now, false);
-        if !matches!(self.config.policy.state, StateBackend::Local) {
+        if let StateBackend::Cluster(_) = &self.config.policy.state {
+            self.cluster_tick(now);
             return;
         }
         let Ok(mut pass) = self.gauges.lock() else {
@@ -194,6 +206,135 @@ impl FilterConfig {
             };
             if let Some(line) = line {
                 envoy::log(abi::LOG_INFO, &line);
+            }
+        }
+    }
+
+    /// Sends one call to the cluster store from the configuration; None when Envoy refused it.
+    fn send(&self, call: &cluster::Call, what: &str) -> Option<u64> {
+        let headers: Vec<(&str, &str)> =
+            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match self
+            .envoy
+            .callout(&call.cluster, &headers, &call.body, call.timeout_ms)
+        {
+            Ok(id) => Some(id),
+            Err(code) => {
+                envoy::log(
+                    abi::LOG_WARN,
+                    &format!("apisec: {what}: callout refused (Envoy code {code})"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The cluster store's part of the tick: open it, send the byte counts, read the gauges.
+    fn cluster_tick(&self, now: u64) {
+        let StateBackend::Cluster(settings) = &self.config.policy.state else {
+            return;
+        };
+        let policy = &self.config.policy;
+        let Ok(mut calls) = self.calls.lock() else {
+            return;
+        };
+        if !calls.opened && calls.opening.is_none() {
+            let call = cluster::encode(
+                &policy.cluster_params(),
+                settings,
+                &Batch { ops: vec![], now },
+                true,
+            );
+            calls.opening = self.send(&call, "cluster state store not reachable yet");
+        }
+        if calls.tallying.is_none() {
+            let ops = match self.plugin.tally.lock() {
+                Ok(mut t) => std::mem::take(&mut *t),
+                Err(_) => Vec::new(),
+            };
+            if !ops.is_empty() {
+                let batch = Batch { ops, now };
+                let full = std::mem::take(&mut calls.tally_full);
+                let call = cluster::encode(&policy.cluster_params(), settings, &batch, full);
+                match self.send(&call, "response byte counts not sent to the cluster store") {
+                    Some(id) => calls.tallying = Some((id, batch, full)),
+                    None => self.plugin.pend_tally(batch),
+                }
+            }
+        }
+        if calls.gauging.is_none() && metrics::gauge_turn(store(), now) {
+            let full = std::mem::take(&mut calls.gauge_full);
+            let call = cluster::encode_gauges(
+                &policy.cluster_params(),
+                settings,
+                policy.app_ids(),
+                now,
+                full,
+            );
+            calls.gauging = self
+                .send(&call, "gauges not read from the cluster store")
+                .map(|id| (id, full));
+        }
+    }
+
+    /// A callout of the configuration's answered (main thread).
+    pub fn callout_done(&self, id: u64, status: Option<&str>, body: &[u8]) {
+        let Ok(mut calls) = self.calls.lock() else {
+            return;
+        };
+        if let Some((sent, full)) = calls.gauging {
+            if sent == id {
+                calls.gauging = None;
+                match cluster::decode_gauges(full, status, body) {
+                    GaugeAnswer::Counts(counts) => self.metrics.gauges(
+                        self.envoy,
+                        &metrics::cluster_gauges(&self.config.policy, &counts),
+                    ),
+                    GaugeAnswer::LoadScript => calls.gauge_full = true,
+                    GaugeAnswer::Failed(why) => envoy::log(
+                        abi::LOG_WARN,
+                        &format!("apisec: gauges not read from the cluster store: {why}"),
+                    ),
+                }
+                return;
+            }
+        }
+        if let Some((sent, batch, full)) = calls.tallying.take() {
+            if sent == id {
+                match cluster::decode(&batch, full, status, body) {
+                    Decoded::Answer(a) if a.refused.is_none() => {}
+                    Decoded::LoadScript => {
+                        calls.tally_full = true;
+                        self.plugin.pend_tally(batch);
+                    }
+                    Decoded::Answer(a) => {
+                        let why = a.refused.map(|d| d.detail).unwrap_or_default();
+                        envoy::log(
+                            abi::LOG_WARN,
+                            &format!("apisec: response byte counts not taken by the cluster store ({why}); kept for the next try"),
+                        );
+                        self.plugin.pend_tally(batch);
+                    }
+                }
+                return;
+            }
+            calls.tallying = Some((sent, batch, full));
+        }
+        if calls.opening == Some(id) {
+            calls.opening = None;
+            match cluster::decode(&Batch::default(), true, status, body) {
+                Decoded::Answer(a) if a.refused.is_none() => {
+                    calls.opened = true;
+                    envoy::log(abi::LOG_INFO, "apisec: cluster state store answered");
+                }
+                _ => envoy::log(
+                    abi::LOG_WARN,
+                    &format!(
+                        "apisec: cluster state store did not answer as expected ({}); requests are \
+                         refused state_unavailable until it does",
+                        status.unwrap_or("no status")
+                    ),
+                ),
             }
         }
     }

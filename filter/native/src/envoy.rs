@@ -317,6 +317,38 @@ impl Filter {
     }
 }
 
+/// A callout's answer as Envoy handed it to `*_http_callout_done`: its `:status` (None when the
+/// callout failed: reset, or an answer over the buffer limit) and its body, copied out.
+pub fn callout_answer(
+    result: u32,
+    headers: *const Header,
+    n_headers: usize,
+    chunks: *const EnvoyBuffer,
+    n_chunks: usize,
+) -> (Option<String>, Vec<u8>) {
+    if result != abi::CALLOUT_SUCCESS {
+        return (None, Vec::new());
+    }
+    let mut status = None;
+    if !headers.is_null() {
+        // SAFETY: Envoy passes `n_headers` pairs, valid during the hook.
+        for h in unsafe { std::slice::from_raw_parts(headers, n_headers) } {
+            let (k, v) = h.to_owned_pair();
+            if k == ":status" {
+                status = Some(String::from_utf8_lossy(&v).into_owned());
+            }
+        }
+    }
+    let mut body = Vec::new();
+    if !chunks.is_null() {
+        // SAFETY: Envoy passes `n_chunks` views, valid during the hook.
+        for c in unsafe { std::slice::from_raw_parts(chunks, n_chunks) } {
+            body.extend_from_slice(&c.to_vec());
+        }
+    }
+    (status, body)
+}
+
 fn kinds(request: bool) -> (u32, u32) {
     if request {
         (abi::RECEIVED_REQUEST_BODY, abi::BUFFERED_REQUEST_BODY)
@@ -394,6 +426,38 @@ impl ConfigHandle {
                 values.len(),
                 n,
             ) == abi::METRICS_SUCCESS
+        }
+    }
+
+    /// Starts an HTTP callout from the configuration (main thread): its id, or Envoy's code.
+    pub fn callout(
+        self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, u32> {
+        let pairs: Vec<Header> = headers
+            .iter()
+            .map(|(k, v)| Header::of(k, v.as_bytes()))
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: main thread, the configuration alive; every buffer lives across the call.
+        let r = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.0,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                pairs.as_ptr(),
+                pairs.len(),
+                ModuleBuffer::of(body),
+                timeout_ms,
+            )
+        };
+        if r == abi::CALLOUT_INIT_SUCCESS {
+            Ok(id)
+        } else {
+            Err(r)
         }
     }
 

@@ -252,16 +252,36 @@ mod hooks {
 
     #[no_mangle]
     pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-        _f: EnvoyPtr,
-        _ptr: *mut c_void,
-        _callout_id: u64,
-        _result: u32,
-        _headers: *const Header,
-        _headers_len: usize,
-        _body: *const EnvoyBuffer,
-        _body_len: usize,
+        f: EnvoyPtr,
+        ptr: *mut c_void,
+        callout_id: u64,
+        result: u32,
+        headers: *const Header,
+        headers_len: usize,
+        body: *const EnvoyBuffer,
+        body_len: usize,
     ) {
-        // No callouts are made: the cluster backend is refused at load (config.rs).
+        let (status, body) = envoy::callout_answer(result, headers, headers_len, body, body_len);
+        if let Some(s) = stream(ptr) {
+            s.callout_done(Filter(f), callout_id, status.as_deref(), &body);
+        }
+    }
+
+    #[no_mangle]
+    pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+        _config_envoy: EnvoyPtr,
+        ptr: *const c_void,
+        callout_id: u64,
+        result: u32,
+        headers: *const Header,
+        headers_len: usize,
+        body: *const EnvoyBuffer,
+        body_len: usize,
+    ) {
+        let (status, body) = envoy::callout_answer(result, headers, headers_len, body, body_len);
+        if let Some(config) = config(ptr) {
+            config.callout_done(callout_id, status.as_deref(), &body);
+        }
     }
 
     #[no_mangle]

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use apisec_core::audit_chain::Chain;
 use apisec_core::lifecycle::Config;
+use apisec_core::state::{Batch, Op};
 
 use crate::envoy;
 
@@ -26,6 +27,9 @@ pub struct Plugin {
     /// configuration of the plugin ticks (Envoy makes one per listener that names the
     /// filter); the first due takes the turn.
     pub checkpointed_at: AtomicU64,
+    /// Response byte counts of ended streams not yet sent to the cluster store (anomaly.rs):
+    /// a stream that ended has no request left to wait for them, so the ticker sends them.
+    pub tally: Mutex<Vec<Op>>,
 }
 
 impl Plugin {
@@ -37,12 +41,27 @@ impl Plugin {
                 .collect(),
             gauges: Mutex::new(Vec::new()),
             checkpointed_at: AtomicU64::new(0),
+            tally: Mutex::new(Vec::new()),
         }
     }
 
     /// The policy this plugin loaded last.
     pub fn current(&self) -> Option<Config> {
         self.current.lock().ok().and_then(|c| c.clone())
+    }
+
+    /// Queues an ended stream's byte counts for the cluster store (bounded by `anomaly::pend`).
+    pub fn pend_tally(&self, batch: Batch) {
+        let lost = match self.tally.lock() {
+            Ok(mut t) => apisec_core::anomaly::pend(&mut t, batch.ops, batch.now),
+            Err(_) => batch.ops.len(),
+        };
+        if lost > 0 {
+            envoy::log(
+                crate::abi::LOG_WARN,
+                &format!("apisec: {lost} response byte counts dropped: the queue for the cluster store is full"),
+            );
+        }
     }
 
     /// This worker's chain.

@@ -4,7 +4,9 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
+use apisec_core::cluster::{self, Decoded, StateBackend};
 use apisec_core::lifecycle::{self, Env, Step, Stream};
+use apisec_core::state::Batch;
 
 use crate::abi;
 use crate::config::FilterConfig;
@@ -36,6 +38,9 @@ pub enum Go {
 pub struct NativeStream {
     pub stream: Stream,
     pub config: Arc<FilterConfig>,
+    /// The state batch in flight to the cluster store: its callout id, the batch, whether the
+    /// script's text went with it, and whether the stream is held in a response hook.
+    pending: Option<(u64, Batch, bool, bool)>,
 }
 
 impl NativeStream {
@@ -43,6 +48,49 @@ impl NativeStream {
         NativeStream {
             stream: Stream::new(config.config.clone()),
             config,
+            pending: None,
+        }
+    }
+
+    /// Sends a state batch to the cluster store and holds the stream until it answers; a
+    /// callout Envoy refuses to start is answered at once as the store being unavailable.
+    fn dispatch(&mut self, f: Filter, batch: Batch, full: bool, response: bool) -> Go {
+        let config = self.stream.config().clone();
+        let StateBackend::Cluster(settings) = &config.policy.state else {
+            let answer = cluster::failed("no cluster store in the policy");
+            return self.event(f, response, |s, env| s.on_state(answer, env));
+        };
+        let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, full);
+        let headers: Vec<(&str, &str)> =
+            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match f.callout(&call.cluster, &headers, &call.body, call.timeout_ms) {
+            Ok(id) => {
+                self.pending = Some((id, batch, full, response));
+                Go::Hold
+            }
+            Err(code) => {
+                let answer = cluster::failed(&format!("callout refused: Envoy code {code}"));
+                self.event(f, response, |s, env| s.on_state(answer, env))
+            }
+        }
+    }
+
+    /// The cluster store answered (or Envoy gave up on it): the machine goes on with what it
+    /// means, and the stream is resumed unless the step refused or holds it.
+    pub fn callout_done(&mut self, f: Filter, id: u64, status: Option<&str>, body: &[u8]) {
+        let Some((sent, batch, full, response)) = self.pending.take() else {
+            return;
+        };
+        if sent != id {
+            self.pending = Some((sent, batch, full, response));
+            return;
+        }
+        let go = match cluster::decode(&batch, full, status, body) {
+            Decoded::LoadScript => self.dispatch(f, batch, true, response),
+            Decoded::Answer(answer) => self.event(f, response, |s, env| s.on_state(answer, env)),
+        };
+        if go == Go::Continue {
+            f.continue_stream(response);
         }
     }
 
@@ -69,7 +117,7 @@ impl NativeStream {
         self.carry_out(f, step, response)
     }
 
-    fn carry_out(&mut self, f: Filter, step: Step, response: bool) -> Go {
+    fn carry_out(&mut self, f: Filter, mut step: Step, response: bool) -> Go {
         for name in &step.remove_headers {
             f.remove_header(abi::REQUEST_HEADERS, name);
         }
@@ -107,8 +155,13 @@ impl NativeStream {
                 body.len().to_string().as_bytes(),
             );
         }
-        // The local backend ran every state batch inside the lifecycle; the cluster backend is
-        // refused at load (config.rs), so a step never carries one here.
+        if let Some(batch) = step.tally.take() {
+            self.config.plugin.pend_tally(batch);
+        }
+        // The local backend ran every state batch inside the lifecycle; a cluster one goes out.
+        if let Some(batch) = step.state.take() {
+            return self.dispatch(f, batch, false, response);
+        }
         match step.action {
             lifecycle::Action::Continue => Go::Continue,
             lifecycle::Action::Pause => Go::Hold,
