@@ -279,14 +279,14 @@ extern "C" {
         n: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_record_histogram_value(
-        filter: EnvoyPtr,
+    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: EnvoyPtr,
         id: usize,
         label_values: *const ModuleBuffer,
         n: usize,
         value: u64,
     ) -> u32;
-    pub fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+    pub fn envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
         config: EnvoyPtr,
         id: usize,
         label_values: *const ModuleBuffer,

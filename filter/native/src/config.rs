@@ -158,6 +158,7 @@ impl FilterConfig {
 
     /// Once a second, on Envoy's main thread: the chains' checkpoints and the store's gauges.
     pub fn tick(&self) {
+        self.metrics.flush(self.envoy);
         let Some(now) = now_secs() else { return };
         self.checkpoint(now, false);
         if let StateBackend::Cluster(_) = &self.config.policy.state {

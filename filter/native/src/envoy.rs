@@ -298,23 +298,6 @@ impl Filter {
             ) == abi::METRICS_SUCCESS
         }
     }
-
-    pub fn record(self, id: usize, labels: &[&str], v: u64) -> bool {
-        let values: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
-        // SAFETY: the label views live across the call.
-        unsafe {
-            abi::envoy_dynamic_module_callback_http_filter_record_histogram_value(
-                self.0,
-                id,
-                values.as_ptr(),
-                values.len(),
-                v,
-            ) == abi::METRICS_SUCCESS
-        }
-    }
 }
 
 /// A callout's answer as Envoy handed it to `*_http_callout_done`: its `:status` (None when the
@@ -458,6 +441,23 @@ impl ConfigHandle {
             Ok(id)
         } else {
             Err(r)
+        }
+    }
+
+    pub fn record(self, id: usize, labels: &[&str], v: u64) -> bool {
+        let values: Vec<ModuleBuffer> = labels
+            .iter()
+            .map(|l| ModuleBuffer::of(l.as_bytes()))
+            .collect();
+        // SAFETY: main thread, the configuration alive; buffers live across the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value(
+                self.0,
+                id,
+                values.as_ptr(),
+                values.len(),
+                v,
+            ) == abi::METRICS_SUCCESS
         }
     }
 

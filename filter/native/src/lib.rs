@@ -105,6 +105,7 @@ mod hooks {
         if let Some(now) = crate::clock::now_secs() {
             config.checkpoint(now, true);
         }
+        config.metrics.flush(config.envoy);
         config.stop_ticker();
     }
 
