@@ -98,6 +98,17 @@ def test_securities_example_with_each_shipped_deployment(tmp_path):
     unmet = {(a["id"], c["control"]) for a in rep["apis"] for c in a["checks"] if c["status"] == "not_met"}
     assert unmet == set() and rep["compliant"] is True
     assert rc == 0
+    # The same with the native build's ECDS resource (it has no failure policy to set).
+    native = str(ROOT / "envoy/apisec-native-ecds.yaml")
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", UPSTREAM_TLS, "--ecds", native)
+    assert rc == 0 and rep["compliant"] is True and rep["deployment"]["fail_closed"]
+    # ... but another dynamic module in its place is not apisec, so not counted as failing closed.
+    other = yaml.safe_load((ROOT / "envoy/apisec-native-ecds.yaml").read_text())
+    other["resources"][0]["typed_config"]["dynamic_module_config"]["name"] = "something_else"
+    (tmp_path / "other.yaml").write_text(json.dumps(other))
+    rc, rep = compliance(ROOT / "policies/securities.yaml", "--deployment", UPSTREAM_TLS,
+                         "--ecds", str(tmp_path / "other.yaml"))
+    assert rc == 1 and not rep["deployment"]["fail_closed"]
     # Without sessions, user-bound APIs at S2/S3 have no verified two-factor user (ID-4).
     doc = load("securities.yaml")
     doc.pop("sessions")

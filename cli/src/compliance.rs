@@ -50,7 +50,7 @@ fn type_of(v: &Value) -> &str {
 
 /// The `failure_policy` of every Wasm filter config among `values` (None: not set).
 fn failure_policies(values: &[&Value]) -> Vec<Option<String>> {
-    values
+    let wasm = values
         .iter()
         .filter(|v| type_of(v).ends_with("filters.http.wasm.v3.Wasm"))
         .filter_map(|v| get(v, "config"))
@@ -58,8 +58,20 @@ fn failure_policies(values: &[&Value]) -> Vec<Option<String>> {
             get(c, "failure_policy")
                 .and_then(Value::as_str)
                 .map(str::to_string)
-        })
-        .collect()
+        });
+    // The native build (Envoy's dynamic modules) has no failure policy to set: a configuration
+    // the module refuses is rejected by Envoy, and no worker runs the chain without the module
+    // (there is no VM to fail). It counts as failing closed when it is apisec's own library.
+    let native = values
+        .iter()
+        .filter(|v| type_of(v).ends_with("filters.http.dynamic_modules.v3.DynamicModuleFilter"))
+        .map(|v| {
+            let lib = get(v, "dynamic_module_config")
+                .and_then(|c| get(c, "name"))
+                .and_then(Value::as_str);
+            (lib == Some("apisec_native")).then(|| "FAIL_CLOSED".to_string())
+        });
+    wasm.chain(native).collect()
 }
 
 /// The deployment facts of an Envoy bootstrap (YAML or JSON).

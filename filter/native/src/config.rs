@@ -24,6 +24,13 @@ use crate::store::store;
 /// How many policies this process has loaded (a policy's generation).
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
+/// Envoy calls a configuration's hooks from every worker and the main thread: what it holds
+/// must be shareable (checked here at compile time, since Envoy's pointer hides it from Rust).
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<FilterConfig>();
+};
+
 pub struct FilterConfig {
     pub envoy: ConfigHandle,
     pub config: Config,
