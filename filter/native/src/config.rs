@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 use crate::plugin::{plugin, Plugin};
 use crate::store::store;
 
+/// Gauge-pass steps per tick (a tick a second; the Wasm build takes one step per 100 ms tick).
+const STEPS_PER_TICK: usize = 10;
+
 /// How many policies this process has loaded (a policy's generation).
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -178,15 +181,17 @@ impl FilterConfig {
         if pass.is_none() && metrics::gauge_turn(store(), now) {
             *pass = Some(GaugePass::default());
         }
-        // The main thread serves no request: a whole pass runs in one tick.
+        // At the Wasm build's pace (GAUGE_KEYS_PER_TICK keys ten times a second): the main
+        // thread serves no request, but a whole pass at once is a burst of CPU every round.
         if let Some(p) = pass.as_mut() {
-            loop {
+            for _ in 0..STEPS_PER_TICK {
                 if let Some(values) = p.step(&self.config.policy, store(), now) {
                     self.metrics.gauges(self.envoy, &values);
                     *pass = None;
-                    break;
+                    return;
                 }
             }
+            metrics::gauge_hold(store(), now);
         }
     }
 
