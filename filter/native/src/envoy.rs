@@ -283,10 +283,7 @@ impl Filter {
     }
 
     pub fn increment(self, id: usize, labels: &[&str], n: u64) -> bool {
-        let values: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
+        let values = buffers(labels);
         // SAFETY: the label views live across the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_increment_counter(
@@ -332,6 +329,14 @@ pub fn callout_answer(
     (status, body)
 }
 
+/// Label names or values as the ABI takes them (views, alive while `labels` is).
+fn buffers(labels: &[&str]) -> Vec<ModuleBuffer> {
+    labels
+        .iter()
+        .map(|l| ModuleBuffer::of(l.as_bytes()))
+        .collect()
+}
+
 fn kinds(request: bool) -> (u32, u32) {
     if request {
         (abi::RECEIVED_REQUEST_BODY, abi::BUFFERED_REQUEST_BODY)
@@ -351,10 +356,7 @@ pub enum MetricKind {
 impl ConfigHandle {
     /// Defines a metric (only while the configuration is being created); its id.
     pub fn define(self, kind: MetricKind, name: &str, labels: &[&str]) -> Option<usize> {
-        let names: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
+        let names = buffers(labels);
         let mut id = 0usize;
         let f = match kind {
             MetricKind::Counter => {
@@ -379,10 +381,7 @@ impl ConfigHandle {
     }
 
     pub fn set_gauge(self, id: usize, labels: &[&str], v: u64) -> bool {
-        let values: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
+        let values = buffers(labels);
         // SAFETY: main thread, the configuration alive; buffers live across the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_set_gauge(
@@ -396,10 +395,7 @@ impl ConfigHandle {
     }
 
     pub fn increment(self, id: usize, labels: &[&str], n: u64) -> bool {
-        let values: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
+        let values = buffers(labels);
         // SAFETY: main thread, the configuration alive; buffers live across the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_increment_counter(
@@ -445,10 +441,7 @@ impl ConfigHandle {
     }
 
     pub fn record(self, id: usize, labels: &[&str], v: u64) -> bool {
-        let values: Vec<ModuleBuffer> = labels
-            .iter()
-            .map(|l| ModuleBuffer::of(l.as_bytes()))
-            .collect();
+        let values = buffers(labels);
         // SAFETY: main thread, the configuration alive; buffers live across the call.
         unsafe {
             abi::envoy_dynamic_module_callback_http_filter_config_record_histogram_value(

@@ -162,33 +162,22 @@ impl NativeStream {
         if let Some(batch) = step.state.take() {
             return self.dispatch(f, batch, false, response);
         }
+        if let Some(reply) = step.action.reply() {
+            let headers: Vec<(&str, &str)> = reply
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            let details = match step.action {
+                lifecycle::Action::Answer { .. } => "apisec_answer",
+                _ => "apisec_refused",
+            };
+            f.send_response(reply.status, &headers, reply.body.as_bytes(), details);
+            return Go::Answered;
+        }
         match step.action {
-            lifecycle::Action::Continue => Go::Continue,
             lifecycle::Action::Pause => Go::Hold,
-            lifecycle::Action::Refuse {
-                status,
-                body,
-                retry_after,
-            } => {
-                let retry = retry_after.map(|s| s.to_string());
-                let mut headers = vec![
-                    ("content-type", "application/json"),
-                    ("cache-control", "no-store"),
-                ];
-                if let Some(r) = retry.as_deref() {
-                    headers.push(("retry-after", r));
-                }
-                f.send_response(status, &headers, body.as_bytes(), "apisec_refused");
-                Go::Answered
-            }
-            lifecycle::Action::Answer { status, body } => {
-                let headers = [
-                    ("content-type", "application/json"),
-                    ("cache-control", "no-store"),
-                ];
-                f.send_response(status, &headers, body.as_bytes(), "apisec_answer");
-                Go::Answered
-            }
+            _ => Go::Continue,
         }
     }
 

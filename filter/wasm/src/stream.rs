@@ -154,33 +154,19 @@ impl ApisecHttp {
         if let Some(batch) = step.state.take() {
             return self.dispatch(batch, false);
         }
+        if let Some(reply) = step.action.reply() {
+            let headers: Vec<(&str, &str)> = reply
+                .headers
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            let _ =
+                hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+            return Action::Pause;
+        }
         match step.action {
-            lifecycle::Action::Continue => Action::Continue,
             lifecycle::Action::Pause => Action::Pause,
-            lifecycle::Action::Refuse {
-                status,
-                body,
-                retry_after,
-            } => {
-                let retry = retry_after.map(|s| s.to_string());
-                let mut headers = vec![
-                    ("content-type", "application/json"),
-                    ("cache-control", "no-store"),
-                ];
-                if let Some(r) = retry.as_deref() {
-                    headers.push(("retry-after", r));
-                }
-                let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
-                Action::Pause
-            }
-            lifecycle::Action::Answer { status, body } => {
-                let headers = vec![
-                    ("content-type", "application/json"),
-                    ("cache-control", "no-store"),
-                ];
-                let _ = hostcalls::send_http_response(status, headers, Some(body.as_bytes()));
-                Action::Pause
-            }
+            _ => Action::Continue,
         }
     }
 }

@@ -134,6 +134,41 @@ pub enum Action {
     Answer { status: u32, body: String },
 }
 
+/// A local reply as the host sends it: its status, headers and JSON body.
+pub struct Reply<'a> {
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: &'a str,
+}
+
+impl Action {
+    /// The reply a refusal or the gateway's own answer makes: JSON, never cached, and a
+    /// `retry-after` when the refusal names one. None when the stream goes on or is held.
+    pub fn reply(&self) -> Option<Reply<'_>> {
+        let (status, body, retry_after) = match self {
+            Action::Refuse {
+                status,
+                body,
+                retry_after,
+            } => (*status, body, *retry_after),
+            Action::Answer { status, body } => (*status, body, None),
+            Action::Continue | Action::Pause => return None,
+        };
+        let mut headers = vec![
+            ("content-type", "application/json".to_string()),
+            ("cache-control", "no-store".to_string()),
+        ];
+        if let Some(r) = retry_after {
+            headers.push(("retry-after", r.to_string()));
+        }
+        Some(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
 /// The readiness path every listener answers from inside the filter (`GET`, no credentials):
 /// 200 from a worker whose apisec VM runs; the guard's 503 from one without.
 pub const READY_PATH: &str = "/apisec/v1/ready";
