@@ -116,8 +116,8 @@ pub fn run_local(
                     }
                     found.map(|f| answer.nothing_to_end = !f)
                 }
-                (Some(_), Scope::App(a)) => stored::end_all(store, meta, "app", a, now),
-                (Some(_), Scope::User(u)) => stored::end_all(store, meta, "user", u, now),
+                (Some(_), Scope::App(a)) => stored::end_all(store, meta, "app", a),
+                (Some(_), Scope::User(u)) => stored::end_all(store, meta, "user", u),
             },
         };
         if let Err(d) = result {

@@ -243,6 +243,7 @@ pub fn batch(step: &Step, start: u64) -> Result<Batch, String> {
                     factors: 0,
                     created: now,
                     last_seen: now,
+                    seq: 0,
                 },
             },
             TableOp::SessionUse { id, app, ip } => Op::SessionUse(call(id, app, ip)),

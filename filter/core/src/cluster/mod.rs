@@ -445,6 +445,7 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                     factors,
                     created,
                     last_seen,
+                    seq: 0,
                 }));
             }
             "rate_alert" => {

@@ -407,6 +407,7 @@ fn session_operations_carry_a_hash_of_the_id_and_the_policys_numbers() {
         factors: 0,
         created: 1000,
         last_seen: 1000,
+        seq: 0,
     };
     let w = words_of(
         &p,

@@ -424,6 +424,7 @@ impl Stream {
                 factors: 0,
                 created: self.now,
                 last_seen: self.now,
+                seq: 0,
             },
         })
     }

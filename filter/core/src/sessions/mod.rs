@@ -441,6 +441,11 @@ pub struct Session {
     pub factors: u8,
     pub created: u64,
     pub last_seen: u64,
+    /// The session's number in the order sessions were created on this store (local
+    /// backend; the cluster store numbers its own): an operator's end covers the sessions
+    /// numbered up to its mark, exactly, whatever second they were created in.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// Who an operator's forced end is for.

@@ -73,15 +73,56 @@ pub(crate) fn write_slot(
     }
 }
 
-/// The time an operator ended every session of this app or user, if ever.
-pub(crate) fn mark(store: &dyn SharedStore, key: &str) -> Result<u64, Deny> {
-    Ok(match store.get(key).map_err(unavailable)? {
-        Some((v, _)) => std::str::from_utf8(&v)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(u64::MAX), // unreadable: treat every session as ended (fail closed)
+/// The counter that numbers sessions in the order they are created on this store.
+const SEQ_KEY: &str = "apisec/session-seq";
+
+/// The number of the last session created (0 before the first).
+fn last_seq(store: &dyn SharedStore) -> Result<u64, Deny> {
+    Ok(match store.get(SEQ_KEY).map_err(unavailable)? {
+        Some((v, _)) => crate::store::u64_at(&v, 0),
         None => 0,
     })
+}
+
+/// Takes the next session number.
+fn next_seq(store: &dyn SharedStore) -> Result<u64, Deny> {
+    crate::store::update(store, SEQ_KEY, |v| {
+        let n = crate::store::u64_at(v, 0).saturating_add(1);
+        (Some(n.to_le_bytes().to_vec()), n)
+    })
+    .map_err(unavailable)
+}
+
+/// Where an operator's end of every session of an app or user stands: sessions numbered up
+/// to it are ended (written as `seq:<n>`). A mark written by a build before session numbers
+/// holds the second of the end and is compared with the session's creation time.
+pub(crate) enum Mark {
+    None,
+    Seq(u64),
+    Time(u64),
+}
+
+impl Mark {
+    fn ends(&self, s: &Session) -> bool {
+        match *self {
+            Mark::None => false,
+            Mark::Seq(n) => s.seq <= n,
+            Mark::Time(t) => s.created <= t,
+        }
+    }
+}
+
+pub(crate) fn mark(store: &dyn SharedStore, key: &str) -> Result<Mark, Deny> {
+    let Some((v, _)) = store.get(key).map_err(unavailable)? else {
+        return Ok(Mark::None);
+    };
+    let text = std::str::from_utf8(&v).unwrap_or("");
+    Ok(match text.strip_prefix("seq:") {
+        Some(n) => n.parse().map(Mark::Seq),
+        None => text.parse().map(Mark::Time),
+    }
+    // unreadable: treat every session as ended (fail closed)
+    .unwrap_or(Mark::Seq(u64::MAX)))
 }
 
 pub(crate) fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
@@ -143,6 +184,7 @@ pub fn create(
 ) -> Result<Created, Deny> {
     let (_, per_slot) = settings.app_slots();
     let app = session.app.clone();
+    let seq = next_seq(store)?;
     update(store, meta, settings, &app, id, |all, tag| {
         all.retain(|s| live(s, settings, now) && s.tag != tag);
         let mut evicted = false;
@@ -170,6 +212,7 @@ pub fn create(
         }
         all.push(Session {
             tag: tag.to_string(),
+            seq,
             ..session.clone()
         });
         Ok(Edit::Write(Created { evicted }))
@@ -231,9 +274,9 @@ pub(crate) fn check(
         let app_end = mark(store, &mark_key("app", &s.app, meta))?;
         let user_end = match &s.user {
             Some(u) => mark(store, &mark_key("user", u, meta))?,
-            None => 0,
+            None => Mark::None,
         };
-        if s.created <= app_end.max(user_end) {
+        if app_end.ends(s) || user_end.ends(s) {
             return Err(Misuse::EndedByOperator.deny());
         }
         if !refresh {
@@ -303,19 +346,24 @@ pub fn admit_establish(
     Ok(())
 }
 
-/// An operator ends every session of an app or of a user created up to `now`, at once, by a
-/// mark every later use checks. (One session: [`remove`].)
+/// An operator ends every session of an app or of a user created so far, at once, by a mark
+/// (the number of the last session created) every later use checks. (One session: [`remove`].)
 pub fn end_all(
     store: &dyn SharedStore,
     meta: &StoreMeta,
     kind: &str,
     name: &str,
-    now: u64,
 ) -> Result<(), Deny> {
     let key = mark_key(kind, name, meta);
+    let last = last_seq(store)?;
     for _ in 0..MAX_CAS_RETRIES {
         let cas = store.get(&key).map_err(unavailable)?.map(|(_, c)| c);
-        let text = now.to_string();
+        // never back: another end may have written a later number meanwhile
+        let at = match mark(store, &key)? {
+            Mark::Seq(n) => n.max(last),
+            Mark::None | Mark::Time(_) => last,
+        };
+        let text = format!("seq:{at}");
         let done = match cas {
             Some(c) => store
                 .set(&key, text.as_bytes(), Some(c))

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use super::local::*;
 use crate::error::DenyReason;
 use crate::sessions::*;
-use crate::store::{self, MemoryStore, StoreMeta};
+use crate::store::{self, MemoryStore, SharedStore as _, StoreMeta};
 
 fn settings() -> Sessions {
     Sessions {
@@ -37,6 +37,7 @@ fn session(app: &str, user: Option<&str>, now: u64) -> Session {
         factors: 0,
         created: now,
         last_seen: now,
+        seq: 0,
     }
 }
 
@@ -125,16 +126,17 @@ fn logout_and_operator_ends_are_final() {
     assert!(remove(&s, &meta, &cfg, "app", "a1").unwrap().is_none());
     // Every session of an app, at once; a session created later is not affected.
     create(&s, &meta, &cfg, "a2", session("app", None, 1000), 1000).unwrap();
-    end_all(&s, &meta, "app", "app", 1010).unwrap();
+    end_all(&s, &meta, "app", "app").unwrap();
     assert!(touch(&s, &meta, &cfg, &call("a2", "app"), 1011)
         .unwrap_err()
         .detail
         .contains("operator"));
-    create(&s, &meta, &cfg, "a3", session("app", None, 1020), 1020).unwrap();
-    touch(&s, &meta, &cfg, &call("a3", "app"), 1021).unwrap();
+    // Even in the same second as the end (the end is ordered by creation, not by the clock).
+    create(&s, &meta, &cfg, "a3", session("app", None, 1010), 1010).unwrap();
+    touch(&s, &meta, &cfg, &call("a3", "app"), 1010).unwrap();
     // Every session of a user.
     set_user(&s, &meta, &cfg, "app", "a3", "u9", 2).unwrap();
-    end_all(&s, &meta, "user", "u9", 1030).unwrap();
+    end_all(&s, &meta, "user", "u9").unwrap();
     assert!(touch(&s, &meta, &cfg, &call("a3", "app"), 1031).is_err());
 }
 
@@ -211,4 +213,25 @@ fn establishes_are_bounded_per_app_and_per_source() {
     assert!(admit_establish(&s, &cfg, "a", "192.0.2.3", 6005).is_err()); // its 6th
     admit_establish(&s, &cfg, "b", "192.0.2.1", 6006).unwrap(); // another app
     admit_establish(&s, &cfg, "a", "192.0.2.1", 6060).unwrap(); // the next minute
+}
+
+#[test]
+fn an_end_never_moves_back_and_a_mark_from_before_session_numbers_still_ends() {
+    let (s, meta, cfg) = setup();
+    create(&s, &meta, &cfg, "b1", session("app", None, 1000), 1000).unwrap();
+    // A later number already in the mark (another end that saw a later session) stays.
+    let key = mark_key("app", "app", &meta);
+    s.set(&key, b"seq:99", None).unwrap();
+    end_all(&s, &meta, "app", "app").unwrap();
+    assert_eq!(s.get(&key).unwrap().unwrap().0, b"seq:99");
+    // A mark written as a second (the build before session numbers) ends what was created up
+    // to that second; an unreadable mark ends everything (fail closed).
+    create(&s, &meta, &cfg, "u1", session("other", None, 1000), 1000).unwrap();
+    create(&s, &meta, &cfg, "u2", session("other", None, 1005), 1005).unwrap();
+    let other = mark_key("app", "other", &meta);
+    s.set(&other, b"1002", None).unwrap();
+    assert!(touch(&s, &meta, &cfg, &call("u1", "other"), 1006).is_err());
+    touch(&s, &meta, &cfg, &call("u2", "other"), 1006).unwrap();
+    s.set(&other, b"garbage", None).unwrap();
+    assert!(touch(&s, &meta, &cfg, &call("u2", "other"), 1006).is_err());
 }
