@@ -101,7 +101,9 @@ impl Header {
             len: self.value_len,
         }
         .to_vec();
-        (String::from_utf8_lossy(&k).into_owned(), v)
+        let k = String::from_utf8(k)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        (k, v)
     }
 }
 

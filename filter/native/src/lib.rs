@@ -18,6 +18,14 @@
 //! lints forbid every panicking construct (unwrap, expect, indexing) on these paths, and
 //! `fuzz/fuzz_targets/native_glue.rs` drives the glue's inputs.
 
+/// The module's heap: mimalloc, a thread-caching allocator. Rust's default heap calls the
+/// process's `malloc`, Envoy's allocator through its exported symbol: measured at ~110
+/// instructions a call, ~70 calls a request at S0 (callgrind); mimalloc's thread-local fast
+/// path is a fraction of that. Not in the fuzz build (the sanitizer brings its own heap).
+#[cfg(not(fuzzing))]
+#[global_allocator]
+static HEAP: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod abi;
 mod clock;
 pub mod config;

@@ -14,7 +14,7 @@
 //! once a second from the main thread (the ticker), as the Wasm build sums in its VM.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Mutex;
 
 use apisec_core::lifecycle::Count;
@@ -39,25 +39,63 @@ pub struct Metrics {
     sdk_versions: Mutex<HashMap<String, Vec<String>>>,
     /// What requests added to labelled series since the last flush, one table per worker.
     pending: Vec<Mutex<Pending>>,
+    /// Where the series a request adds to sit in core's table (found once, not per request).
+    at: PerRequest,
+}
+
+/// The indices in core's series table of the series every request adds to.
+struct PerRequest {
+    requests: Option<usize>,
+    request_bytes: Option<usize>,
+    response_bytes: Option<usize>,
+    duration: Option<usize>,
+    backend: Option<usize>,
+    sdk_calls: Option<usize>,
+}
+
+/// FxHash (rustc's): the sums' table is keyed by a hash of short label values in-process,
+/// where SipHash's resistance to chosen keys buys nothing (labels are the policy's apps and
+/// APIs and core's own words) and costs a request several hundred instructions.
+#[derive(Default)]
+struct Fx(u64);
+
+impl Hasher for Fx {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            if let Some(dst) = w.get_mut(..chunk.len()) {
+                dst.copy_from_slice(chunk);
+            }
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The most latency samples a worker keeps between two flushes; more are counted in
 /// `apisec.metrics_series_dropped` (a second of a worker's requests fits many times over).
 const MAX_SAMPLES: usize = 200_000;
 
+/// A series, its label values and what requests added to it.
+type Sum = (usize, Vec<String>, u64);
+
 /// One worker's sums since the last flush: per series and label values, the increment; and
 /// the latency samples.
 #[derive(Default)]
 struct Pending {
     /// By a hash of (series, labels): the entries with that hash.
-    counts: HashMap<u64, Vec<(usize, Vec<String>, u64)>>,
+    counts: HashMap<u64, Vec<Sum>, BuildHasherDefault<Fx>>,
     samples: Vec<(usize, [String; 2], u64)>,
     dropped: u64,
 }
 
 impl Pending {
     fn add(&mut self, series: usize, labels: &[&str], n: u64) {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut h = Fx::default();
         series.hash(&mut h);
         labels.hash(&mut h);
         let bucket = self.counts.entry(h.finish()).or_default();
@@ -113,6 +151,14 @@ impl Metrics {
             pending: (0..crate::envoy::concurrency().max(1))
                 .map(|_| Mutex::new(Pending::default()))
                 .collect(),
+            at: PerRequest {
+                requests: index(series::REQUESTS),
+                request_bytes: index(series::REQUEST_BYTES),
+                response_bytes: index(series::RESPONSE_BYTES),
+                duration: index(series::DURATION),
+                backend: index(series::BACKEND_RESPONSES),
+                sdk_calls: index(series::SDK_CALLS),
+            },
         }
     }
 
@@ -193,26 +239,27 @@ impl Metrics {
             return;
         };
         let per_api = [s.app.as_str(), s.api.as_str()];
-        if let Some(i) = index(series::REQUESTS) {
+        let at = &self.at;
+        if let Some(i) = at.requests {
             p.add(i, &[&s.app, &s.api, s.level, s.decision, s.code], 1);
         }
-        if let (Some(i), true) = (index(series::REQUEST_BYTES), s.bytes_in > 0) {
+        if let (Some(i), true) = (at.request_bytes, s.bytes_in > 0) {
             p.add(i, &per_api, s.bytes_in);
         }
-        if let (Some(i), true) = (index(series::RESPONSE_BYTES), s.bytes_out > 0) {
+        if let (Some(i), true) = (at.response_bytes, s.bytes_out > 0) {
             p.add(i, &per_api, s.bytes_out);
         }
-        if let (Some(i), Some(ms)) = (index(series::DURATION), s.duration_ms) {
+        if let (Some(i), Some(ms)) = (at.duration, s.duration_ms) {
             if p.samples.len() < MAX_SAMPLES {
                 p.samples.push((i, [s.app.clone(), s.api.clone()], ms));
             } else {
                 p.dropped = p.dropped.saturating_add(1);
             }
         }
-        if let (Some(i), Some(class)) = (index(series::BACKEND_RESPONSES), s.backend_status) {
+        if let (Some(i), Some(class)) = (at.backend, s.backend_status) {
             p.add(i, &[&s.app, &s.api, class], 1);
         }
-        if let (Some(i), Some(version)) = (index(series::SDK_CALLS), &sdk) {
+        if let (Some(i), Some(version)) = (at.sdk_calls, &sdk) {
             p.add(i, &[&s.app, version], 1);
         }
         if s.shadow {
