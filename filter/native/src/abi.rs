@@ -178,6 +178,12 @@ extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     ) -> bool;
+    pub fn envoy_dynamic_module_callback_http_add_header(
+        filter: EnvoyPtr,
+        kind: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
 
     pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: EnvoyPtr,

@@ -128,8 +128,11 @@ impl NativeStream {
             f.set_header(abi::RESPONSE_HEADERS, name, value.as_bytes());
         }
         if step.set_identity {
+            // Added, not set: every x-apisec-* header the client sent was removed when its
+            // request headers came (core's `strips_header`: internal headers always), before
+            // any step sets identity, so there is none of the same name to replace.
             for (name, value) in self.stream.identity_headers() {
-                f.set_header(abi::REQUEST_HEADERS, name, value.as_bytes());
+                f.add_header(abi::REQUEST_HEADERS, name, value.as_bytes());
             }
         }
         if step.passed {
