@@ -11,6 +11,8 @@ CARGO ?= cargo
 # `make run NATIVE=1`: the native build (libapisec_native.so on Envoy's dynamic modules)
 # instead of the .wasm; README "Native build".
 NATIVE ?=
+# The native library's platform directory in dist/ (the ABI it speaks: README "Native build").
+NATIVE_PLATFORM := linux-$(shell uname -m)-gnu
 
 .PHONY: all setup build run run-cluster test unit lint fmt e2e e2e-native quick bench clean demo-assets fuzz-build fuzz-smoke fuzz soak dist
 
@@ -115,7 +117,14 @@ dist: build $(VENV)/.installed
 	for f in deploy/istio/*.yaml deploy/envoy-gateway/*.yaml; do \
 		mkdir -p dist/$$(dirname $$f); sed "s/\"0\{64\}\"/\"$$d\"/" $$f > dist/$$f; \
 	done
+	# The native build (README "Native build"): one library per platform, in a directory that
+	# ENVOY_DYNAMIC_MODULES_SEARCH_PATH names, with its SHA-256 and the ECDS resource that loads it.
+	mkdir -p dist/native/$(NATIVE_PLATFORM)
+	cp target/release/libapisec_native.so dist/native/$(NATIVE_PLATFORM)/libapisec_native.so
+	cd dist/native/$(NATIVE_PLATFORM) && sha256sum libapisec_native.so > libapisec_native.so.sha256
+	cp envoy/apisec-native-ecds.yaml dist/native/apisec-native-ecds.yaml
 	@echo "dist/: apisec_filter.wasm sha256 $$(cut -d' ' -f1 dist/apisec_filter.wasm.sha256)"
+	@echo "       native/$(NATIVE_PLATFORM)/libapisec_native.so sha256 $$(cut -d' ' -f1 dist/native/$(NATIVE_PLATFORM)/libapisec_native.so.sha256)"
 	@echo "       apisec-filter-$(VERSION).oci.tar manifest $$(cat dist/apisec-filter-$(VERSION).oci.digest)"
 
 # --- run the demo gateway ---------------------------------------------------------------

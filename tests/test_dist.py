@@ -38,6 +38,41 @@ def test_dist_holds_the_built_wasm_and_its_sha256():
                           capture_output=True).returncode == 0
 
 
+def test_dist_holds_the_native_library_its_sha256_and_the_resource_that_loads_it(tmp_path, monkeypatch, secret):
+    """The native build's artefacts: libapisec_native.so for this platform (the built one), a
+    checksum `sha256sum -c` accepts, and the ECDS resource; a real Envoy loads the library from
+    dist/ (as ENVOY_DYNAMIC_MODULES_SEARCH_PATH names it) and validates the shipped resource."""
+    platform = f"linux-{os.uname().machine}-gnu"
+    folder = DIST / "native" / platform
+    lib = (folder / "libapisec_native.so").read_bytes()
+    assert lib == (gw.NATIVE_DIR / "libapisec_native.so").read_bytes(), "dist/ is stale: run `make dist`"
+    line = (folder / "libapisec_native.so.sha256").read_text()
+    assert line == f"{hashlib.sha256(lib).hexdigest()}  libapisec_native.so\n"
+    assert subprocess.run(["sha256sum", "-c", "libapisec_native.so.sha256"], cwd=folder,
+                          capture_output=True).returncode == 0
+    resource = DIST / "native/apisec-native-ecds.yaml"
+    assert resource.read_text() == gw.NATIVE_ECDS_YAML.read_text()
+    # The library in dist/ is one a real Envoy loads and runs (the search path on dist/): an S0
+    # call is let through with its audit record, a call of an unknown app refused unsent.
+    monkeypatch.setenv("APISEC_BUILD", "native")
+    monkeypatch.setattr(gw, "NATIVE_DIR", folder)
+    g = start_gateway(tmp_path / "gw", base_policy(), secret=secret, concurrency=1)
+    try:
+        assert g.layout.native == folder
+        url = f"http://127.0.0.1:{g.layout.http_port}/api/v1/market/quotes/600000"
+        r = requests.get(url, headers={"x-app-id": "demo-partner"}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert read_audit(g, r.json()["headers"]["x-request-id"])["audit"]["decision"] == "allow"
+        before = g.stat("cluster.backend.upstream_rq_total")
+        r = requests.get(url, headers={"x-app-id": "nobody"}, timeout=10)
+        assert r.status_code == 401 and r.json()["error"] == "unknown_app", r.text
+        assert read_audit(g, r.json()["request_id"])["audit"]["code"] == "unknown_app"
+        assert g.stat("cluster.backend.upstream_rq_total") == before
+        assert "Dynamic module ABI version v0.2.0 matched." in g.envoy_log.read_text(errors="replace")
+    finally:
+        g.stop()
+
+
 def test_image_is_reproducible_and_holds_the_wasm(tmp_path):
     wasm = WASM.read_bytes()
     digest = (DIST / f"apisec-filter-{VERSION}.oci.digest").read_text().strip()
