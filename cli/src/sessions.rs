@@ -28,11 +28,12 @@ pub enum Sessions {
         /// The CA of the gateway's certificate
         #[arg(long, value_name = "CA.pem")]
         ca: String,
-        #[arg(long, value_name = "ID")]
+        /// A session ID as the gateway issued it (base64url: it may begin with `-`)
+        #[arg(long, value_name = "ID", allow_hyphen_values = true)]
         session: Option<String>,
-        #[arg(long, value_name = "APP")]
+        #[arg(long, value_name = "APP", allow_hyphen_values = true)]
         app: Option<String>,
-        #[arg(long, value_name = "USER")]
+        #[arg(long, value_name = "USER", allow_hyphen_values = true)]
         user: Option<String>,
     },
 }
@@ -106,5 +107,40 @@ pub fn run(cmd: Sessions) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("the gateway answered {status}: {body}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(subcommand)]
+        sessions: super::Sessions,
+    }
+
+    fn parse(scope: &[&str]) -> Result<super::Sessions, clap::Error> {
+        let mut args = vec!["apisec-sessions", "end", "--url", "https://gw:10445"];
+        args.extend(["--cert", "op.pem", "--key", "op.key", "--ca", "ca.pem"]);
+        args.extend(scope);
+        Cmd::try_parse_from(args).map(|c| c.sessions)
+    }
+
+    /// A session ID is base64url and may begin with `-`: the CI run of 2026-12-06 met one
+    /// (`-R...`) that clap took for an option, so the operator could not end that session.
+    #[test]
+    fn a_session_id_beginning_with_a_hyphen_is_a_value() {
+        let Ok(super::Sessions::End { session, .. }) = parse(&["--session", "-Rb0_x"]) else {
+            panic!("refused");
+        };
+        assert_eq!(session.as_deref(), Some("-Rb0_x"));
+        let Ok(super::Sessions::End { user, .. }) = parse(&["--user", "-u1"]) else {
+            panic!("refused");
+        };
+        assert_eq!(user.as_deref(), Some("-u1"));
+        // still exactly one scope
+        assert!(parse(&["--session", "-a", "--app", "demo"]).is_err());
+        assert!(parse(&[]).is_err());
     }
 }

@@ -83,7 +83,7 @@ pub struct SignArgs {
     #[arg(long = "cover", value_name = "COMPONENT", action = clap::ArgAction::Append)]
     cover: Vec<String>,
     /// The nonce (default: 18 random bytes)
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
     nonce: Option<String>,
     /// The created time, unix seconds (default now)
     #[arg(long, value_name = "UNIX", allow_negative_numbers = true)]
@@ -95,7 +95,7 @@ pub struct SignArgs {
     #[arg(long, value_name = "L", default_value = "sig1")]
     label: String,
     /// A session ID (x-session-id, covered; SES-1)
-    #[arg(long, value_name = "ID", requires = "mac")]
+    #[arg(long, value_name = "ID", requires = "mac", allow_hyphen_values = true)]
     session: Option<String>,
     /// The device MAC (x-device-mac, covered)
     #[arg(long, value_name = "MAC")]
@@ -282,4 +282,40 @@ fn decode_b64(s: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD
         .decode(s.trim())
         .map_err(|_| "the secret is not valid base64".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: super::SignArgs,
+    }
+
+    /// Session IDs and nonces are base64url and may begin with `-`: values, not options.
+    #[test]
+    fn a_session_or_nonce_beginning_with_a_hyphen_is_a_value() {
+        let cmd = Cmd::try_parse_from([
+            "apisec-sign",
+            "--app",
+            "demo",
+            "--keyid",
+            "k",
+            "--url",
+            "https://gw/x",
+            "--session",
+            "-Rb0_x",
+            "--mac",
+            "aa:bb:cc:dd:ee:ff",
+            "--nonce",
+            "-n0nce",
+        ]);
+        let Ok(cmd) = cmd else {
+            panic!("refused");
+        };
+        assert_eq!(cmd.args.session.as_deref(), Some("-Rb0_x"));
+        assert_eq!(cmd.args.nonce.as_deref(), Some("-n0nce"));
+    }
 }
