@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
-use apisec_core::lifecycle::Config;
+use apisec_core::lifecycle::{self, Config};
 use apisec_core::metrics::{self, GaugePass};
 use apisec_core::state::nonces::local as replay;
 use apisec_core::state::Batch;
@@ -225,8 +225,7 @@ impl FilterConfig {
 
     /// Sends one call to the cluster store from the configuration; None when Envoy refused it.
     fn send(&self, call: &cluster::Call, what: &str) -> Option<u64> {
-        let headers: Vec<(&str, &str)> =
-            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers = lifecycle::header_pairs(&call.headers);
         match self
             .envoy
             .callout(&call.cluster, &headers, &call.body, call.timeout_ms)

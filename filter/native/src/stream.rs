@@ -61,8 +61,7 @@ impl NativeStream {
             return self.event(f, response, |s, env| s.on_state(answer, env));
         };
         let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, full);
-        let headers: Vec<(&str, &str)> =
-            call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers = lifecycle::header_pairs(&call.headers);
         match f.callout(&call.cluster, &headers, &call.body, call.timeout_ms) {
             Ok(id) => {
                 self.pending = Some((id, batch, full, response));
@@ -166,11 +165,7 @@ impl NativeStream {
             return self.dispatch(f, batch, false, response);
         }
         if let Some(reply) = step.action.reply() {
-            let headers: Vec<(&str, &str)> = reply
-                .headers
-                .iter()
-                .map(|(k, v)| (*k, v.as_str()))
-                .collect();
+            let headers = lifecycle::header_pairs(&reply.headers);
             let details = match step.action {
                 lifecycle::Action::Answer { .. } => "apisec_answer",
                 _ => "apisec_refused",

@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use apisec_core::cluster::Call;
 use apisec_core::crypto::{self, EcdsaVerifier, SoftwareVerifier, VerifierError};
-use apisec_core::lifecycle::{Config, HostError, HostFacts, Transport};
+use apisec_core::lifecycle::{self, Config, HostError, HostFacts, Transport};
 use apisec_core::policy::SecretSource;
 use apisec_core::store::{SharedStore, StoreError};
 use proxy_wasm::hostcalls;
@@ -204,7 +204,7 @@ pub fn host_error(call: &'static str, status: Status) -> HostError {
 
 /// Sends a callout to the cluster state store as core built it; the token matches its answer.
 pub fn send_call(call: &Call) -> Result<u32, Status> {
-    let headers: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let headers = lifecycle::header_pairs(&call.headers);
     hostcalls::dispatch_http_call(
         &call.cluster,
         headers,

@@ -155,11 +155,7 @@ impl ApisecHttp {
             return self.dispatch(batch, false);
         }
         if let Some(reply) = step.action.reply() {
-            let headers: Vec<(&str, &str)> = reply
-                .headers
-                .iter()
-                .map(|(k, v)| (*k, v.as_str()))
-                .collect();
+            let headers = lifecycle::header_pairs(&reply.headers);
             let _ =
                 hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
             return Action::Pause;

@@ -134,6 +134,11 @@ pub enum Action {
     Answer { status: u32, body: String },
 }
 
+/// Headers as core builds them (a reply's, a callout's), borrowed as the hosts' calls take them.
+pub fn header_pairs<'a>(headers: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    headers.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
 /// A local reply as the host sends it: its status, headers and JSON body.
 pub struct Reply<'a> {
     pub status: u32,

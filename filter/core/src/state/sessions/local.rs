@@ -113,16 +113,22 @@ impl Mark {
 }
 
 pub(crate) fn mark(store: &dyn SharedStore, key: &str) -> Result<Mark, Deny> {
-    let Some((v, _)) = store.get(key).map_err(unavailable)? else {
-        return Ok(Mark::None);
-    };
-    let text = std::str::from_utf8(&v).unwrap_or("");
-    Ok(match text.strip_prefix("seq:") {
-        Some(n) => n.parse().map(Mark::Seq),
-        None => text.parse().map(Mark::Time),
+    Ok(match store.get(key).map_err(unavailable)? {
+        Some((v, _)) => Mark::parse(&v),
+        None => Mark::None,
+    })
+}
+
+impl Mark {
+    fn parse(v: &[u8]) -> Mark {
+        let text = std::str::from_utf8(v).unwrap_or("");
+        match text.strip_prefix("seq:") {
+            Some(n) => n.parse().map(Mark::Seq),
+            None => text.parse().map(Mark::Time),
+        }
+        // unreadable: treat every session as ended (fail closed)
+        .unwrap_or(Mark::Seq(u64::MAX))
     }
-    // unreadable: treat every session as ended (fail closed)
-    .unwrap_or(Mark::Seq(u64::MAX)))
 }
 
 pub(crate) fn live(s: &Session, settings: &Sessions, now: u64) -> bool {
@@ -357,9 +363,12 @@ pub fn end_all(
     let key = mark_key(kind, name, meta);
     let last = last_seq(store)?;
     for _ in 0..MAX_CAS_RETRIES {
-        let cas = store.get(&key).map_err(unavailable)?.map(|(_, c)| c);
+        let (current, cas) = match store.get(&key).map_err(unavailable)? {
+            Some((v, c)) => (Mark::parse(&v), Some(c)),
+            None => (Mark::None, None),
+        };
         // never back: another end may have written a later number meanwhile
-        let at = match mark(store, &key)? {
+        let at = match current {
             Mark::Seq(n) => n.max(last),
             Mark::None | Mark::Time(_) => last,
         };
