@@ -48,9 +48,14 @@ $(VENV)/.installed: tests/requirements.txt
 # for the national algorithms (issue 25) BouncyCastle for Java and tjfoc/gmsm for Go from Debian,
 # and sm-crypto for Node from the npm registry, pinned by partner-kit/node/package-lock.json.
 .kit-done: partner-kit/node/package-lock.json
-	command -v javac >/dev/null && command -v go >/dev/null && command -v node >/dev/null && \
-		command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		default-jdk-headless golang-go nodejs npm)
+	# only what is missing: a Node.js from another packager carries its own npm, which
+	# Debian's npm package conflicts with
+	missing=""; \
+	command -v javac >/dev/null || missing="$$missing default-jdk-headless"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	test -z "$$missing" || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)
 	test -f /usr/share/java/bcprov.jar && test -d /usr/share/gocode/src/github.com/tjfoc/gmsm || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libbcprov-java \
 		golang-github-tjfoc-gmsm-dev)
