@@ -181,8 +181,11 @@ $(ADVISORY_DB)/.git/HEAD: tools/rustsec-advisory-db.tar.gz
 		$(CARGO) install cargo-deny --locked --version 0.18.9
 	touch $@
 
+# The workspace's tests build core with the native module's `ring` feature; core alone is
+# built as the Wasm filter builds it (src/sha256.rs: the pure-Rust SHA-256).
 unit:
 	$(CARGO) test --locked --workspace
+	$(CARGO) test --locked -p apisec-core --lib
 
 # One part of the end-to-end suite while working: `make e2e T=sessions` (a pytest -k
 # expression: file, class or test names), `make e2e M="not slow"` (markers: slow, cluster).
@@ -200,6 +203,7 @@ quick: .rustup-done
 	python3 tools/module_loops.py filter/core/src filter/wasm/src filter/native/src cli/src
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(CARGO) test --locked --workspace
+	$(CARGO) test --locked -p apisec-core --lib
 
 # The native build (filter/native) against the e2e files that cover every control; the files
 # left out and why: README "Native build".

@@ -5,7 +5,7 @@
 //! BoringSSL has no SM2).
 
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha512};
 
 use crate::error::{Deny, DenyReason};
 use crate::sf::{self, BareItem, Member};
@@ -30,7 +30,7 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
             ));
         };
         let got: Vec<u8> = match alg.as_str() {
-            "sha-256" => Sha256::digest(body).to_vec(),
+            "sha-256" => crate::sha256::digest(body).to_vec(),
             "sha-512" => Sha512::digest(body).to_vec(),
             // not in the IANA registry; apisec's name for GB/T 32905 SM3 (DATA-5)
             "sm3" => sm3::Sm3::digest(body).to_vec(),
@@ -64,13 +64,13 @@ pub fn content_digest_sha256(body: &[u8]) -> String {
     use base64::Engine as _;
     format!(
         "sha-256=:{}:",
-        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(body))
+        base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(body))
     )
 }
 
 /// The fingerprint of a public key, as the evidence and the keyring name it.
 pub fn key_fingerprint(spki_der: &[u8]) -> String {
-    hex(&Sha256::digest(spki_der))
+    hex(&crate::sha256::digest(spki_der))
 }
 
 /// A P-256 public key from PEM, as DER SubjectPublicKeyInfo.
@@ -169,11 +169,11 @@ fn keyed<M: Mac + hmac::digest::KeyInit>(key: &[u8], msg: &[u8]) -> Option<M> {
 
 /// HMAC-SHA256 check; `verify_slice` compares in constant time.
 pub fn verify_hmac_sha256(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    keyed::<Hmac<Sha256>>(key, msg).is_some_and(|m| m.verify_slice(sig).is_ok())
+    crate::sha256::hmac_verify(key, msg, sig)
 }
 
 pub fn sign_hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
-    keyed::<Hmac<Sha256>>(key, msg).map_or_else(Vec::new, |m| m.finalize().into_bytes().to_vec())
+    crate::sha256::hmac(key, msg).to_vec()
 }
 
 /// Converts RFC 9421's raw `r || s` (64 bytes) into DER `ECDSA-Sig-Value`, which BoringSSL

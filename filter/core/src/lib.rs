@@ -34,6 +34,7 @@ pub mod routes;
 pub mod sdk;
 pub mod sessions;
 pub mod sf;
+pub mod sha256;
 pub mod signer;
 pub mod state;
 pub mod state_tables;

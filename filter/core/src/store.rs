@@ -9,8 +9,6 @@
 //! carries a token belonging to another key creates a missing key and fails on an existing
 //! one: [`create_if_absent`] is the one conditional create this host allows.
 
-use sha2::{Digest, Sha256};
-
 /// Why the store could not answer. The request path turns each into a refusal
 /// (`host_unavailable`): a store that cannot answer means refuse, never accept unchecked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,14 +190,14 @@ impl StoreMeta {
     /// A keyed hash of `parts`: where an entry goes and how it is recognised. Without the salt
     /// nobody can compute it, so a caller cannot aim its entries at another caller's slot.
     pub fn keyed(&self, domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update(self.salt);
+        let mut h = crate::sha256::Sha256::new();
+        h.update(&self.salt);
         h.update(domain);
         for p in parts {
-            h.update((p.len() as u64).to_le_bytes());
+            h.update(&(p.len() as u64).to_le_bytes());
             h.update(p);
         }
-        h.finalize().into()
+        h.finalize()
     }
 }
 

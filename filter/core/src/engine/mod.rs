@@ -6,7 +6,6 @@
 //! one batch, so a refused request never uses up its nonce and a remote store is asked once.
 
 use base64::Engine as _;
-use sha2::Digest as _;
 
 use crate::access;
 use crate::anomaly;

@@ -373,7 +373,7 @@ fn evidence_of(
     digest: Option<&str>,
 ) -> Evidence {
     let base_sha256 =
-        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(base.as_bytes()));
+        base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(base.as_bytes()));
     // the session ID the signature covers stays out of the log (issue 21 item 6)
     let (base, session_sealed) =
         match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {

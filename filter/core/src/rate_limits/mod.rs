@@ -13,8 +13,8 @@
 
 use std::net::IpAddr;
 
+use crate::sha256::Sha256;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::crypto::hex;
 use crate::error::ConfigError;
@@ -374,7 +374,7 @@ impl RateLimit {
         let mut h = Sha256::new();
         h.update(b"apisec-rate\0");
         let mut part = |v: &[u8]| {
-            h.update((v.len() as u64).to_le_bytes());
+            h.update(&(v.len() as u64).to_le_bytes());
             h.update(v);
         };
         part(self.id.as_bytes());

@@ -12,7 +12,6 @@
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 
 use crate::crypto::hex;
 use crate::error::{ConfigError, Deny, DenyReason};
@@ -342,9 +341,9 @@ pub fn new_id(random: &[u8; 24]) -> String {
 /// alike, so its records can be followed across them; 192 random bits cannot be found back
 /// from 64 bits of their hash.
 pub fn fingerprint(id: &str) -> String {
-    let h = sha2::Sha256::new()
-        .chain_update(b"apisec-session-fp\0")
-        .chain_update(id.as_bytes())
+    let h = crate::sha256::Sha256::new()
+        .chain(b"apisec-session-fp\0")
+        .chain(id.as_bytes())
         .finalize();
     hex(h.get(..8).unwrap_or(&h))
 }

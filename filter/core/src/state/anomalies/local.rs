@@ -1,6 +1,6 @@
 //! The counted rules on the local backend (Envoy's shared data of this gateway).
 
-use sha2::{Digest, Sha256};
+use crate::sha256::Sha256;
 
 use super::Watch;
 use crate::error::{Deny, DenyReason};
@@ -17,8 +17,8 @@ const FAILING_SOURCES: usize = 64;
 
 fn fingerprint(s: &str) -> [u8; 8] {
     let d = Sha256::new()
-        .chain_update(b"apisec-source\0")
-        .chain_update(s.as_bytes())
+        .chain(b"apisec-source\0")
+        .chain(s.as_bytes())
         .finalize();
     let mut fp = [0u8; 8];
     fp.copy_from_slice(d.get(..8).unwrap_or(&[0u8; 8]));
