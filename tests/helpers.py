@@ -135,9 +135,21 @@ class Pair:
         try:
             self.a = self.start("a")
             self.b = self.start("b")
+            self.wait_opened()
         except Exception:
             self.stop()  # never leave a store (or an Envoy) running behind a failed start
             raise
+
+    def wait_opened(self, timeout: float = 10.0) -> None:
+        """Waits until a gateway's configuration has opened the store (its first, empty batch
+        creates the store's epoch, `horizon`). Until then the first request's own batch does,
+        and a request signed in the second before that batch is refused as older than the
+        store (nonce_too_old, 401): a fresh store cannot vouch for what came before it."""
+        prefix = self.policy["state"]["cluster"].get("key_prefix", "apisec:")
+        deadline = time.time() + timeout
+        while not self.store.redis_cli("GET", f"{prefix}horizon").strip():
+            assert time.time() < deadline, "no gateway opened the cluster store"
+            time.sleep(0.05)
 
     def start(self, name: str):
         return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,

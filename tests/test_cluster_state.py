@@ -180,7 +180,8 @@ def test_store_restart_keeps_nonces_and_lost_data_moves_the_epoch(pair):  # ATK-
 
 def test_store_down_refuses_503_then_recovers_without_restarting_envoy(pair):  # ATK-1, MON-11, fail closed
     p = pair(timeout_ms=300)
-    assert p.send(p.a, p.sign()).status_code == 200
+    r = p.send(p.a, p.sign())
+    assert r.status_code == 200, r.text
     # stopped: connection refused
     p.store.stop_redis()
     for g in (p.a, p.b):

@@ -130,8 +130,11 @@ impl FilterConfig {
         }
     }
 
-    /// Starts the ticker: a thread that asks Envoy's main thread for a tick every second,
-    /// until the configuration is destroyed.
+    /// Starts the ticker: a thread that asks Envoy's main thread for a tick at once and then
+    /// every second, until the configuration is destroyed. The first tick opens the cluster
+    /// store (its epoch) before the listener serves, as the Wasm build's configure does: a
+    /// request the store sees first would set the epoch itself, and one signed in the second
+    /// before would be refused as older than the store.
     pub fn start_ticker(&self) {
         let scheduler = self.envoy.scheduler();
         if let Ok(mut t) = self.ticker.lock() {
@@ -141,13 +144,15 @@ impl FilterConfig {
         let spawned = std::thread::Builder::new()
             .name("apisec-ticker".into())
             .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_secs(1));
-                let Some(t) = ticker.upgrade() else { return };
-                let Ok(guard) = t.lock() else { return };
-                match guard.as_ref() {
-                    Some(s) => s.commit(0),
-                    None => return,
+                {
+                    let Some(t) = ticker.upgrade() else { return };
+                    let Ok(guard) = t.lock() else { return };
+                    match guard.as_ref() {
+                        Some(s) => s.commit(0),
+                        None => return,
+                    }
                 }
+                std::thread::sleep(std::time::Duration::from_secs(1));
             });
         if spawned.is_err() {
             envoy::log(
