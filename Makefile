@@ -181,11 +181,8 @@ $(ADVISORY_DB)/.git/HEAD: tools/rustsec-advisory-db.tar.gz
 		$(CARGO) install cargo-deny --locked --version 0.18.9
 	touch $@
 
-# The workspace's tests build core with the native module's `ring` feature; core alone is
-# built as the Wasm filter builds it (src/sha256.rs: the pure-Rust SHA-256).
 unit:
 	$(CARGO) test --locked --workspace
-	$(CARGO) test --locked -p apisec-core --lib
 
 # One part of the end-to-end suite while working: `make e2e T=sessions` (a pytest -k
 # expression: file, class or test names), `make e2e M="not slow"` (markers: slow, cluster).
@@ -195,7 +192,7 @@ M ?=
 e2e: setup build
 	$(CARGO) build --release --locked -p apisec-crash-fixture --target wasm32-wasip1
 	$(CARGO) build --release --locked -p apisec-core --example state_tables
-	$(PY) -m pytest tests -q -p no:cacheprovider $(if $(T),-k "$(T)") $(if $(M),-m "$(M)")
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 $(if $(T),-k "$(T)") $(if $(M),-m "$(M)")
 
 # The fast inner loop: formatting, clippy and the unit and core tests (no Envoy, no wasm).
 quick: .rustup-done
@@ -203,13 +200,12 @@ quick: .rustup-done
 	python3 tools/module_loops.py filter/core/src filter/wasm/src filter/native/src cli/src
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
 	$(CARGO) test --locked --workspace
-	$(CARGO) test --locked -p apisec-core --lib
 
 # The native build (filter/native) against the e2e files that cover every control; the files
 # left out and why: README "Native build".
 NATIVE_E2E := $(shell grep -v '^\#' tests/native-suite.txt)
 e2e-native: setup build
-	APISEC_BUILD=native $(PY) -m pytest $(NATIVE_E2E) -q -p no:cacheprovider $(if $(T),-k "$(T)")
+	APISEC_BUILD=native $(PY) -m pytest $(NATIVE_E2E) -q -p no:cacheprovider --durations=15 $(if $(T),-k "$(T)")
 
 test: setup build lint unit fuzz-smoke dist e2e e2e-native
 

@@ -6,8 +6,9 @@
 //! crates (pure Rust; the Wasm filter, the CLI) and, with the `ring` feature (the native
 //! module), ring's assembly, which uses the CPU's SHA extensions and otherwise its AVX or SSSE3
 //! code where the `sha2` crate falls back to portable code (x86 servers without the SHA
-//! extensions, and any run under valgrind). Both give the same bytes; the unit tests below
-//! check the known answers and each other, and `make test` runs core's tests both ways.
+//! extensions, and any run under valgrind). Both give the same bytes: the unit tests below
+//! check known answers and compare the implementation built against the `sha2` crate; the
+//! Wasm build's end-to-end tests verify every partner signature through the `sha2` path.
 
 /// An incremental SHA-256.
 #[derive(Clone)]
