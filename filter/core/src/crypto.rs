@@ -142,15 +142,14 @@ pub fn sign_hmac_sm3(key: &[u8], msg: &[u8]) -> Vec<u8> {
 /// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
 pub fn hex(b: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(b.len() * 2);
+    let mut out = Vec::with_capacity(b.len() * 2);
     for x in b {
         for nibble in [x >> 4, x & 15] {
-            out.push(char::from(
-                DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-            ));
+            out.push(DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'));
         }
     }
-    out
+    // hex digits only: always UTF-8
+    String::from_utf8(out).unwrap_or_default()
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -136,6 +136,19 @@ impl<'a> Parser<'a> {
         self.pos += 1; // opening quote
         let mut out = String::new();
         loop {
+            // a run of plain characters at once (printable ASCII but the quote and backslash)
+            let start = self.pos;
+            while let Some(c) = self.peek() {
+                if (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\' {
+                    self.pos += 1;
+                } else {
+                    break;
+                }
+            }
+            if let Some(run) = self.s.get(start..self.pos) {
+                // printable ASCII only, so always UTF-8
+                out.push_str(std::str::from_utf8(run).unwrap_or_default());
+            }
             match self.bump() {
                 None => return Err(SfError("unterminated string")),
                 Some(b'"') => return Ok(BareItem::String(out)),
@@ -143,7 +156,6 @@ impl<'a> Parser<'a> {
                     Some(c @ (b'"' | b'\\')) => out.push(c as char),
                     _ => return Err(SfError("bad escape in string")),
                 },
-                Some(c) if (0x20..0x7f).contains(&c) => out.push(c as char),
                 Some(_) => return Err(SfError("bad character in string")),
             }
         }
@@ -152,14 +164,36 @@ impl<'a> Parser<'a> {
     fn token(&mut self) -> Result<BareItem, SfError> {
         let start = self.pos;
         while let Some(c) = self.peek() {
-            if c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&c) {
+            if c.is_ascii_alphanumeric()
+                || matches!(
+                    c,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                        | b':'
+                        | b'/'
+                )
+            {
                 self.pos += 1;
             } else {
                 break;
             }
         }
+        // token characters are ASCII, so always UTF-8
+        let run = self.s.get(start..self.pos).unwrap_or_default();
         Ok(BareItem::Token(
-            String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default()).into_owned(),
+            std::str::from_utf8(run).unwrap_or_default().to_owned(),
         ))
     }
 
@@ -299,16 +333,23 @@ pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, SfError> {
 
 fn serialize_bare(out: &mut String, b: &BareItem) {
     match b {
-        BareItem::Integer(i) => out.push_str(&i.to_string()),
+        BareItem::Integer(i) => push_integer(out, *i),
         BareItem::Decimal(d) => out.push_str(d),
         BareItem::String(s) => {
             out.push('"');
-            for c in s.chars() {
-                if c == '"' || c == '\\' {
-                    out.push('\\');
+            // runs without a quote or a backslash at once, each of those escaped
+            let mut rest = s.as_str();
+            while let Some(at) = rest.find(['"', '\\']) {
+                let (run, tail) = rest.split_at(at);
+                out.push_str(run);
+                out.push('\\');
+                let mut chars = tail.chars();
+                if let Some(c) = chars.next() {
+                    out.push(c);
                 }
-                out.push(c);
+                rest = chars.as_str();
             }
+            out.push_str(rest);
             out.push('"');
         }
         BareItem::Token(t) => out.push_str(t),
@@ -320,6 +361,27 @@ fn serialize_bare(out: &mut String, b: &BareItem) {
         BareItem::Boolean(true) => out.push_str("?1"),
         BareItem::Boolean(false) => out.push_str("?0"),
     }
+}
+
+/// An integer's decimal digits, without a formatter or a heap string.
+fn push_integer(out: &mut String, i: i64) {
+    if i < 0 {
+        out.push('-');
+    }
+    let mut n = i.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
 }
 
 fn serialize_params(out: &mut String, params: &Params) {
@@ -419,5 +481,30 @@ mod tests {
             panic!()
         };
         assert_eq!(serialize_inner_list(l), r#"("x";name="q\"uote\\")"#);
+    }
+
+    #[test]
+    fn items_serialize_as_they_parse() {
+        for text in [
+            r#"("@method" "x-a";req);created=1618884473;expires=-12;n=0;keyid="k\\\"";t=*a:/b"#,
+            r#"(";\"\\\"\\" "" "a b c");min=-999999999999999;max=999999999999999"#,
+            r#"("x");tok=abc!#$%&'*+-.^_`|~:/z;nonce="AbC-_09";flag"#,
+        ] {
+            let d = parse_dictionary(&format!("sig1={text}")).unwrap();
+            let Member::InnerList(l) = &d[0].1 else {
+                panic!()
+            };
+            assert_eq!(serialize_inner_list(l), text);
+        }
+        let mut out = String::new();
+        for i in [0i64, 7, -7, 10, 999_999_999_999_999, i64::MIN, i64::MAX] {
+            out.clear();
+            push_integer(&mut out, i);
+            assert_eq!(out, i.to_string());
+        }
+        // a string with a character outside printable ASCII, or a bad escape, is refused
+        assert!(parse_dictionary("a=\"\u{7f}\"").is_err());
+        assert!(parse_dictionary(r#"a="\x""#).is_err());
+        assert!(parse_dictionary(r#"a="open"#).is_err());
     }
 }

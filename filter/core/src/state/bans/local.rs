@@ -186,6 +186,9 @@ impl Record {
 }
 
 /// The shared-data key of a slot of per-source counters.
+/// The prefix of an app's ban record (the app's ID follows).
+const APP_KEY: &str = "apisec/ban/app/";
+
 fn ip_key(slot: u64) -> String {
     format!("apisec/ban/ip/{slot}")
 }
@@ -230,7 +233,12 @@ impl BanSettings {
         }
         let fp = h.finish().to_le_bytes();
         let key = match subject {
-            Subject::App(a) => format!("apisec/ban/app/{a}"),
+            Subject::App(a) => {
+                let mut k = String::with_capacity(APP_KEY.len() + a.len());
+                k.push_str(APP_KEY);
+                k.push_str(a);
+                k
+            }
             Subject::Ip(_) => ip_key(u64::from_le_bytes(fp) % u64::from(self.ip_slots.max(1))),
         };
         (key, fp)
