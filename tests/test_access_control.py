@@ -316,9 +316,14 @@ def test_tls_versions_and_ciphers(acc):  # DATA-1
 def test_lifecycle_states(acc, path, status, code):  # OPS-1, MON-5 (group switch)
     g, client = acc
     r = client.get(path, headers={"x-app-id": "demo-partner"})
-    assert_refused(g, r, status, code)
+    audit = assert_refused(g, r, status, code)
     if status == 503:
         assert r.headers["retry-after"] == "300"
+    # the call is recorded with the API and the registered app it claims (unverified, as for a
+    # shadow-API call), so that the callers still using a retired API can be found and told
+    assert audit.get("app") == "demo-partner" and audit.get("api"), audit
+    r = client.get(path, headers={"x-app-id": "nobody-registered"})
+    assert assert_refused(g, r, status, code).get("app") is None
 
 
 def test_suspended_app_isolated(acc):  # MON-5

@@ -121,7 +121,9 @@ def test_daily_tasks_as_printed(demo):  # OPS-7 OPS-8 OPS-9 LOG-2
 
     # Answer an alert: every call of the app, and its refusals since a time
     out = run_task(demo, "answer-an-alert")
-    assert len(out[0].stdout.splitlines()) == 3 and out[0].stdout.count(" acme-quant ") == 3, out[0].stdout
+    # the app's three calls, and its call to the retired API (recorded with the app it claims)
+    assert len(out[0].stdout.splitlines()) == 4 and out[0].stdout.count(" acme-quant ") == 4, out[0].stdout
+    assert f"{refused['request_id']} deny 410 api_retired acme-quant info.research" in out[0].stdout
     denied = [json.loads(line) for line in out[1].stdout.splitlines()]
     assert [d["request_id"] for d in denied] == [refused["request_id"]]
 

@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from conftest import CLI, Client, flushed_stat, gw, read_audit, start_gateway
+from conftest import CLI, Client, audit_lines, flushed_stat, gw, read_audit, start_gateway
 from helpers import PUBLIC, Pair, metric, session_policy
 
 MAC = "AA-BB-CC-DD-EE-01"
@@ -62,6 +62,18 @@ def new_session(c: Client, **kw) -> str:
     r = establish(c, **kw)
     assert r.status_code == 201, r.text
     return r.json()["session_id"]
+
+
+def logout_records(g, count: int = 1, timeout: float = 8.0) -> list[dict]:
+    """The audit records of logouts on `g` (the answer carries no request ID), once there are
+    `count` of them."""
+    deadline = time.time() + timeout
+    while True:
+        recs = [r["audit"] for r in audit_lines(g)
+                if r["audit"] and r["audit"].get("session_event") == "logged_out"]
+        if len(recs) >= count or time.time() > deadline:
+            return recs
+        time.sleep(0.2)
 
 
 def refused(g, r, status: int, code: str, before: int):
@@ -151,10 +163,14 @@ def test_idle_timeout_and_absolute_lifetime(short_sessions, secret):  # SES-2
 def test_logout(sgw, secret):  # SES-3
     c = Client(sgw, secret)
     sid = new_session(c)
+    assert login(c, sid, "user=u-dave; factors=2").status_code == 200
     before = upstream(sgw)
     r = call(c, sid, method="DELETE", path="/apisec/v1/sessions")
     assert r.status_code == 200 and r.json() == {"ended": True}
     assert upstream(sgw) == before
+    # the audit record names the user logged in on the session it ended
+    recs = [r for r in logout_records(sgw) if r.get("user") == "u-dave"]
+    assert len(recs) == 1 and recs[0]["decision"] == "allow", logout_records(sgw)
     refused(sgw, call(c, sid), 401, "session_invalid", before)
     # Logging out someone else's session (another MAC) is refused and leaves it alive.
     other = new_session(c)
@@ -428,9 +444,11 @@ def test_a_session_holds_across_replicas(cluster_pair, secret):  # SES-1, SES-2,
     assert login(b, weak, "user=u-gina; factors=1").status_code == 200
     before = upstream(p.a)
     refused(p.a, call(a, weak, path="/api/v1/users/profile", keyid="demo-partner-p256"), 403, "mfa_required", before)
-    # Logged out on B: nothing accepts it afterwards, on A either.
+    # Logged out on B: nothing accepts it afterwards, on A either; the record names the user
+    # logged in through A.
     r = call(b, sid, method="DELETE", path="/apisec/v1/sessions")
     assert r.status_code == 200 and r.json() == {"ended": True}, r.text
+    assert [r.get("user") for r in logout_records(p.b)] == ["u-frank"]
     for g, rep in ((p.a, a), (p.b, b)):
         before = upstream(g)
         refused(g, call(rep, sid), 401, "session_invalid", before)

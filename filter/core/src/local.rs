@@ -90,9 +90,12 @@ pub fn run_local(
                     .map(|c| answer.evicted = c.evicted),
                 None => Err(no_sessions()),
             },
-            Op::SessionEnd(c) => session_check(policy, store, meta, c, now, true).and_then(|_| {
+            Op::SessionEnd(c) => session_check(policy, store, meta, c, now, true).and_then(|s| {
                 let cfg = policy.sessions.as_ref().ok_or_else(no_sessions)?;
-                stored::remove(store, meta, cfg, &c.app, &c.id).map(|_| ())
+                stored::remove(store, meta, cfg, &c.app, &c.id)?;
+                // the session it ended, for the audit record's user
+                answer.session = Some(Box::new(s));
+                Ok(())
             }),
             Op::Calls { .. } | Op::Bytes { .. } | Op::Source { .. } | Op::KeyFailure { .. } => {
                 crate::state::anomalies::run_local(

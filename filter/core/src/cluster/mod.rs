@@ -433,7 +433,9 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
                 let factors = f()?.parse().ok()?;
                 let (created, last_seen) = (f()?.parse().ok()?, f()?.parse().ok()?);
                 let tag = batch.ops.iter().find_map(|op| match op {
-                    Op::SessionUse(c) | Op::SessionRead(c) => Some(state::sessions::key(&c.id)),
+                    Op::SessionUse(c) | Op::SessionRead(c) | Op::SessionEnd(c) => {
+                        Some(state::sessions::key(&c.id))
+                    }
                     _ => None,
                 })?;
                 answer.session = Some(Box::new(Session {

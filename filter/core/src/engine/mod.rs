@@ -218,6 +218,9 @@ pub fn check_headers(
     ctx.level = Some(api.level);
     ctx.function = Some(api.function.clone());
     if let Some(reason) = api.state.refusal() {
+        // recorded with the registered app it claims (unverified, as a shadow-API call is),
+        // so that the callers still using an API out of service can be found (OPS-1)
+        ctx.app = claimed_app(policy, req);
         return Err(Deny::new(
             reason,
             format!("API {} is {:?}", api.id, api.state),

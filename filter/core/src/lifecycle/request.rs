@@ -460,6 +460,10 @@ impl Stream {
             ),
             Served::Logout => {
                 self.ctx.session_event = Some("logged_out");
+                // the user logged in on the session it ended, if any: whom the logout concerns
+                if let Some(user) = answer.session.as_deref().and_then(|s| s.user.clone()) {
+                    self.ctx.user = Some(user);
+                }
                 (200, serde_json::json!({"ended": true}))
             }
             Served::Operator { operator, scope } => {

@@ -74,7 +74,7 @@ OPS.SL = function(a)
   end
   redis.call('HSET', p .. 'session:' .. a.key, 'user', a.user, 'factors', a.factors)
 end
--- SE: the caller ends its session
+-- SE: the caller ends its session; its fields go to the answer (the audit record's user)
 OPS.SE = function(a)
   local s, refusal = session(a, false)
   if refusal then
@@ -83,6 +83,10 @@ OPS.SE = function(a)
   redis.call('DEL', p .. 'session:' .. a.key)
   redis.call('ZREM', zk, a.key)
   redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(s[1]), a.key)
+  table.insert(out, 'session')
+  for f = 1, 7 do
+    table.insert(out, s[f] or '')
+  end
 end
 -- SC: a session established. Establishes are bounded per app and per app and source in
 -- fixed minutes; an app past its cap, or a store at its bound, evicts the app's own session
