@@ -178,6 +178,27 @@ def test_store_restart_keeps_nonces_and_lost_data_moves_the_epoch(pair):  # ATK-
     assert p.send(p.b, p.sign()).status_code == 200
 
 
+def test_a_gateway_opens_the_store_before_it_serves(tmp_path, secret):  # ATK-1
+    """The configuration's first, empty batch creates the store's epoch (`horizon`) as the
+    gateway starts, before any request: otherwise the first request's own batch does, and a
+    request signed in the second before it is refused as older than the store. The native
+    build waited a second for its first tick (one-off 401 created_too_old in CI)."""
+    store = state_store.StateStore(tmp_path / "store", gw.free_port(), gw.free_port()).start()
+    g = None
+    try:
+        g = start_gateway(tmp_path / "g", state_store.with_cluster_state(base_policy()), secret=secret,
+                          concurrency=1, state_port=store.http_port)
+        deadline = time.time() + 0.5  # a tick would come only after a whole second
+        while not store.redis_cli("GET", "apisec:horizon").strip():
+            assert time.time() < deadline, "the gateway serves before it opened the store"
+            time.sleep(0.02)
+        assert int(store.redis_cli("GET", "apisec:horizon")) >= int(time.time()) - 3
+    finally:
+        if g is not None:
+            g.stop()
+        store.stop()
+
+
 def test_store_down_refuses_503_then_recovers_without_restarting_envoy(pair):  # ATK-1, MON-11, fail closed
     p = pair(timeout_ms=300)
     r = p.send(p.a, p.sign())
