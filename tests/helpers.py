@@ -144,7 +144,7 @@ class Pair:
         """Waits until a gateway's configuration has opened the store (its first, empty batch
         creates the store's epoch, `horizon`). Until then the first request's own batch does,
         and a request signed in the second before that batch is refused as older than the
-        store (nonce_too_old, 401): a fresh store cannot vouch for what came before it."""
+        store (created_too_old, 401): a fresh store cannot vouch for what came before it."""
         prefix = self.policy["state"]["cluster"].get("key_prefix", "apisec:")
         deadline = time.time() + timeout
         while not self.store.redis_cli("GET", f"{prefix}horizon").strip():

@@ -159,14 +159,15 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// An HMAC (over SHA-256 or SM3) keyed and fed `msg`; None for a key it cannot take.
+/// An HMAC (over SM3; SHA-256's is `crate::sha256`) keyed and fed `msg`; None for a key it
+/// cannot take.
 fn keyed<M: Mac + hmac::digest::KeyInit>(key: &[u8], msg: &[u8]) -> Option<M> {
     let mut m = <M as hmac::digest::KeyInit>::new_from_slice(key).ok()?;
     m.update(msg);
     Some(m)
 }
 
-/// HMAC-SHA256 check; `verify_slice` compares in constant time.
+/// HMAC-SHA256 check, compared in constant time (`crate::sha256::hmac_verify`).
 pub fn verify_hmac_sha256(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
     crate::sha256::hmac_verify(key, msg, sig)
 }

@@ -13,13 +13,13 @@
 
 use std::net::IpAddr;
 
-use crate::sha256::Sha256;
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::hex;
 use crate::error::ConfigError;
 use crate::inventory::{resolve_apis, Api, ApiGroup, ApiSet};
 use crate::ip::source_net;
+use crate::sha256::Sha256;
 use crate::state::rate_limits::local::RateStore;
 use crate::state::rate_limits::{Counter, Span, Window};
 use crate::timeutil;
