@@ -267,7 +267,7 @@ def test_user_operation_log_holds_logins_logouts_and_calls(logs):  # LOG-7
     assert [(o["event"], o["user"], o["api"], o["decision"]) for o in mine] == [
         ("created", "", "session.create", "allow"), ("", "", "info.watchlist", "allow"),
         ("user_logged_in", "u-carol", "user.login", "allow"), ("", "u-carol", "user.news", "allow"),
-        ("logged_out", "", "session.logout", "allow")], mine  # the session's fingerprint ties it to the user
+        ("logged_out", "u-carol", "session.logout", "allow")], mine  # the user logged in on the session ended
     assert mine[3]["function"] == "user_news" and mine[3]["request_id"] == news.json()["headers"]["x-request-id"]
     assert all(o["gateway"] == GATEWAY_NAME and o["app"] == "demo-partner" for o in mine)
     assert sid not in logs.users.read_text(), "the session ID itself is never logged"
