@@ -115,6 +115,16 @@ def upstream_count(g) -> int:
     return g.stat("cluster.backend.upstream_rq_total")
 
 
+def store_opened(store, timeout: float, prefix: str = "apisec:") -> int:
+    """The cluster store's epoch (`horizon`) once a gateway has opened the store; fails the
+    test when none has within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while not (h := store.redis_cli("GET", f"{prefix}horizon").strip()):
+        assert time.time() < deadline, "no gateway opened the cluster store"
+        time.sleep(0.02)
+    return int(h)
+
+
 class Pair:
     """One store and two gateways sharing it."""
 
@@ -140,16 +150,12 @@ class Pair:
             self.stop()  # never leave a store (or an Envoy) running behind a failed start
             raise
 
-    def wait_opened(self, timeout: float = 10.0) -> None:
+    def wait_opened(self) -> None:
         """Waits until a gateway's configuration has opened the store (its first, empty batch
         creates the store's epoch, `horizon`). Until then the first request's own batch does,
         and a request signed in the second before that batch is refused as older than the
         store (created_too_old, 401): a fresh store cannot vouch for what came before it."""
-        prefix = self.policy["state"]["cluster"].get("key_prefix", "apisec:")
-        deadline = time.time() + timeout
-        while not self.store.redis_cli("GET", f"{prefix}horizon").strip():
-            assert time.time() < deadline, "no gateway opened the cluster store"
-            time.sleep(0.05)
+        store_opened(self.store, 10.0, self.policy["state"]["cluster"].get("key_prefix", "apisec:"))
 
     def start(self, name: str):
         return start_gateway(self.tmp / name, self.policy, secret=self.secret, concurrency=2,

@@ -185,10 +185,10 @@ impl Record {
     }
 }
 
-/// The shared-data key of a slot of per-source counters.
 /// The prefix of an app's ban record (the app's ID follows).
 const APP_KEY: &str = "apisec/ban/app/";
 
+/// The shared-data key of a slot of per-source counters.
 fn ip_key(slot: u64) -> String {
     format!("apisec/ban/ip/{slot}")
 }

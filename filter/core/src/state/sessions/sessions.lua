@@ -55,16 +55,20 @@ local function session(a, refresh)
   end
   return s, nil
 end
+-- a session's fields in the answer (app, ip, mac, user, factors, created, last_seen)
+local function answer_session(s)
+  table.insert(out, 'session')
+  for f = 1, 7 do
+    table.insert(out, s[f] or '')
+  end
+end
 -- S: a session used (refresh 1) or read (refresh 0); its fields go to the answer
 OPS.S = function(a)
   local s, refusal = session(a, a.refresh == '1')
   if refusal then
     return refusal
   end
-  table.insert(out, 'session')
-  for f = 1, 7 do
-    table.insert(out, s[f] or '')
-  end
+  answer_session(s)
 end
 -- SL: a user logged in on the session
 OPS.SL = function(a)
@@ -83,10 +87,7 @@ OPS.SE = function(a)
   redis.call('DEL', p .. 'session:' .. a.key)
   redis.call('ZREM', zk, a.key)
   redis.call('ZREM', p .. 'sessions-app:' .. redis.sha1hex(s[1]), a.key)
-  table.insert(out, 'session')
-  for f = 1, 7 do
-    table.insert(out, s[f] or '')
-  end
+  answer_session(s)
 end
 -- SC: a session established. Establishes are bounded per app and per app and source in
 -- fixed minutes; an app past its cap, or a store at its bound, evicts the app's own session
