@@ -176,7 +176,7 @@ impl SecretSource for HashMap<String, String> {
 
 #[derive(Clone)]
 pub enum KeyMaterial {
-    Hmac(Vec<u8>),
+    Hmac(Secret),
     /// SubjectPublicKeyInfo DER, as Envoy's `verify_signature` wants it.
     P256 {
         spki_der: Vec<u8>,
@@ -189,6 +189,31 @@ pub enum KeyMaterial {
         sha256: String,
         id: String,
     },
+}
+
+/// An HMAC credential's App_Secret, with its HMAC-SHA-256 key made once when the policy is
+/// read (the pads hashed ahead, not on every request).
+#[derive(Clone)]
+pub struct Secret {
+    bytes: Vec<u8>,
+    sha256: crate::sha256::HmacKey,
+}
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Secret {
+        let sha256 = crate::sha256::HmacKey::new(&bytes);
+        Secret { bytes, sha256 }
+    }
+
+    /// The secret itself (HMAC-SM3 keys it per request).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Its HMAC-SHA-256 key.
+    pub fn sha256(&self) -> &crate::sha256::HmacKey {
+        &self.sha256
+    }
 }
 
 impl KeyMaterial {
@@ -319,7 +344,7 @@ fn hmac_key(
         ));
     }
     match secrets {
-        None => Ok(KeyMaterial::Hmac(Vec::new())),
+        None => Ok(KeyMaterial::Hmac(Secret::new(Vec::new()))),
         Some(src) => {
             let Some(value) = src.get(env) else {
                 return Err(ConfigError::new(
@@ -344,7 +369,7 @@ fn hmac_key(
                     ),
                 ));
             }
-            Ok(KeyMaterial::Hmac(bytes))
+            Ok(KeyMaterial::Hmac(Secret::new(bytes)))
         }
     }
 }

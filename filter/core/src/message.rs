@@ -189,15 +189,18 @@ fn query_param_encode(bytes: &[u8]) -> String {
 }
 
 /// One covered component's identifier and value(s), as they go into the base.
-fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result<(), Deny> {
+fn component_lines(
+    req: &Request,
+    item: &sf::Item,
+    ident: &str,
+    lines: &mut String,
+) -> Result<(), Deny> {
     let BareItem::String(name) = &item.bare else {
         return Err(Deny::new(
             DenyReason::SignatureMalformed,
             "covered component is not a string",
         ));
     };
-    let mut ident = String::new();
-    sf::serialize_item(&mut ident, item);
     let missing = |what: &str| Deny::new(DenyReason::ComponentMissing, format!("{name}: {what}"));
 
     let allowed_params: &[&str] = if name == "@query-param" {
@@ -216,7 +219,7 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
     }
 
     let mut push = |value: &str| {
-        lines.push_str(&ident);
+        lines.push_str(ident);
         lines.push_str(": ");
         lines.push_str(value);
         lines.push('\n');
@@ -284,18 +287,21 @@ fn component_lines(req: &Request, item: &sf::Item, lines: &mut String) -> Result
 /// (issue 8, hole 8).
 pub fn signature_base(req: &Request, input: &InnerList, max_bytes: usize) -> Result<String, Deny> {
     let mut base = String::with_capacity(256);
-    let mut seen: Vec<String> = Vec::with_capacity(input.items.len());
+    // each component's identifier, serialised once into one buffer; `seen` holds where
+    let mut idents = String::with_capacity(128);
+    let mut seen: Vec<std::ops::Range<usize>> = Vec::with_capacity(input.items.len());
     for item in &input.items {
-        let mut ident = String::new();
-        sf::serialize_item(&mut ident, item);
-        if seen.contains(&ident) {
+        let start = idents.len();
+        sf::serialize_item(&mut idents, item);
+        let ident = idents.get(start..).unwrap_or_default();
+        if seen.iter().any(|r| idents.get(r.clone()) == Some(ident)) {
             return Err(Deny::new(
                 DenyReason::SignatureMalformed,
                 format!("component {ident} covered twice"),
             ));
         }
-        seen.push(ident);
-        component_lines(req, item, &mut base)?;
+        component_lines(req, item, ident, &mut base)?;
+        seen.push(start..idents.len());
         if base.len() > max_bytes {
             return Err(Deny::new(
                 DenyReason::SignatureTooComplex,
@@ -338,6 +344,33 @@ mod tests {
             sf::Member::InnerList(l) => l,
             sf::Member::Item(_) => panic!("not an inner list"),
         }
+    }
+
+    /// A component covered twice is refused (RFC 9421 2.5: each at most once), also when the
+    /// two differ only in how they were written; the same name with another parameter is not
+    /// the same component.
+    #[test]
+    fn a_component_covered_twice_is_refused() {
+        let mut req = rfc_request();
+        req.path_and_query = "/foo?a=1&b=2".into();
+        for twice in [
+            r#"s=("@method" "@path" "@method")"#,
+            r#"s=("@query-param";name="a" "@query-param";name="a")"#,
+            r#"s=("content-type" "date" "content-type")"#,
+        ] {
+            let e = signature_base(&req, &input(twice), usize::MAX).unwrap_err();
+            assert_eq!(e.reason, DenyReason::SignatureMalformed, "{twice}");
+            assert!(e.detail.contains("covered twice"), "{twice}: {}", e.detail);
+        }
+        let base = signature_base(
+            &req,
+            &input(r#"s=("@query-param";name="a" "@query-param";name="b")"#),
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(
+            base.starts_with("\"@query-param\";name=\"a\": 1\n\"@query-param\";name=\"b\": 2\n")
+        );
     }
 
     /// RFC 9421 Appendix B.2.5, exact bytes.

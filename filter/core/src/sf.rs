@@ -91,7 +91,9 @@ impl<'a> Parser<'a> {
                 break;
             }
         }
-        Ok(String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default()).into_owned())
+        // key characters are ASCII, so always UTF-8
+        let run = self.s.get(start..self.pos).unwrap_or_default();
+        Ok(std::str::from_utf8(run).unwrap_or_default().to_owned())
     }
 
     fn params(&mut self) -> Result<Params, SfError> {
@@ -245,16 +247,25 @@ impl<'a> Parser<'a> {
             if frac == 0 || frac > 3 {
                 return Err(SfError("bad decimal"));
             }
-            let text = String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default());
-            return Ok(BareItem::Decimal(text.into_owned()));
+            // sign, digits and a point: ASCII, so always UTF-8
+            let text = self.s.get(start..self.pos).unwrap_or_default();
+            return Ok(BareItem::Decimal(
+                std::str::from_utf8(text).unwrap_or_default().to_owned(),
+            ));
         }
         if int_len > 15 {
             return Err(SfError("integer too long"));
         }
-        let text = String::from_utf8_lossy(self.s.get(start..self.pos).unwrap_or_default());
-        text.parse::<i64>()
-            .map(BareItem::Integer)
-            .map_err(|_| SfError("bad integer"))
+        // at most 15 digits: the value cannot overflow an i64
+        let digits = self.s.get(digits_start..self.pos).unwrap_or_default();
+        let value = digits
+            .iter()
+            .fold(0i64, |v, &d| v * 10 + i64::from(d - b'0'));
+        Ok(BareItem::Integer(if digits_start > start {
+            -value
+        } else {
+            value
+        }))
     }
 
     fn item(&mut self) -> Result<Item, SfError> {
@@ -469,6 +480,10 @@ mod tests {
             "a=\"bad\\escape\"",
             "a=\"tab\there\"",
             "a=?2",
+            "a=-",
+            "a=1.",
+            "a=1.2345",
+            "a=-1234567890123456",
         ] {
             assert!(parse_dictionary(bad).is_err(), "accepted {bad:?}");
         }
@@ -502,6 +517,15 @@ mod tests {
             push_integer(&mut out, i);
             assert_eq!(out, i.to_string());
         }
+        let d = parse_dictionary("a=-0, b=-15, c=042").unwrap();
+        let ints: Vec<_> = d.iter().map(|(_, m)| m.clone()).collect();
+        assert_eq!(
+            ints,
+            [0, -15, 42].map(|i| Member::Item(Item {
+                bare: BareItem::Integer(i),
+                params: vec![]
+            }))
+        );
         // a string with a character outside printable ASCII, or a bad escape, is refused
         assert!(parse_dictionary("a=\"\u{7f}\"").is_err());
         assert!(parse_dictionary(r#"a="\x""#).is_err());

@@ -189,6 +189,7 @@ impl StoreMeta {
 
     /// A keyed hash of `parts`: where an entry goes and how it is recognised. Without the salt
     /// nobody can compute it, so a caller cannot aim its entries at another caller's slot.
+    /// SHA-256 over the salt: 32 bytes, for the sessions' 128-bit tags.
     pub fn keyed(&self, domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
         let mut h = crate::sha256::Sha256::new();
         h.update(&self.salt);
@@ -198,6 +199,22 @@ impl StoreMeta {
             h.update(p);
         }
         h.finalize()
+    }
+
+    /// The same keyed placement in 16 bytes, with SipHash-1-3-128 (a PRF made for hash-flooding
+    /// resistance, as the bans' fingerprints use) under the salt: for what runs on every
+    /// request (a nonce's slot and 64-bit tag, a rate counter's), where two SHA-256 cost ~7k
+    /// instructions natively and more in wasm.
+    pub fn placed(&self, domain: &[u8], parts: &[&[u8]]) -> [u8; 16] {
+        use core::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher13::new_with_key(&self.salt);
+        h.write(&(domain.len() as u64).to_le_bytes());
+        h.write(domain);
+        for p in parts {
+            h.write(&(p.len() as u64).to_le_bytes());
+            h.write(p);
+        }
+        siphasher::sip128::Hasher128::finish128(&h).as_bytes()
     }
 }
 
@@ -318,6 +335,28 @@ impl<F: Fn(&MemoryStore)> SharedStore for InterleavingStore<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placements_are_keyed_and_separated() {
+        let meta = |salt| StoreMeta {
+            salt,
+            started_at: 0,
+            replay_slots: 1,
+        };
+        let (a, b) = (meta([1; 16]), meta([2; 16]));
+        let nonce: &[&[u8]] = &[b"app", b"nonce"];
+        // the same input under the same salt lands in the same place; another salt elsewhere
+        assert_eq!(a.placed(b"replay", nonce), a.placed(b"replay", nonce));
+        assert_ne!(a.placed(b"replay", nonce), b.placed(b"replay", nonce));
+        // parts are length-framed: moving a byte between them is another input
+        assert_ne!(
+            a.placed(b"replay", nonce),
+            a.placed(b"replay", &[b"appn", b"once"])
+        );
+        // so is the domain: a rate key never shares a nonce's place by its bytes
+        assert_ne!(a.placed(b"replay", &[b"x"]), a.placed(b"rate", &[b"x"]));
+        assert_ne!(a.placed(b"rep", &[b"layx"]), a.placed(b"replay", &[b"x"]));
+    }
 
     #[test]
     fn create_if_absent_never_overwrites() {

@@ -188,9 +188,9 @@ pub(super) fn verify_signature(
     // another's signature (the signature's own `alg`, if any, was matched to it above).
     let ok = match &cred.key {
         KeyMaterial::Hmac(key) if cred.alg == crate::apps::Algorithm::HmacSm3 => {
-            crypto::verify_hmac_sm3(key, base.as_bytes(), signature_bytes)
+            crypto::verify_hmac_sm3(key.bytes(), base.as_bytes(), signature_bytes)
         }
-        KeyMaterial::Hmac(key) => crypto::verify_hmac_sha256(key, base.as_bytes(), signature_bytes),
+        KeyMaterial::Hmac(key) => key.sha256().verify(base.as_bytes(), signature_bytes),
         KeyMaterial::Sm2 { spki_der, id, .. } => {
             crypto::verify_sm2_sm3(spki_der, id, base.as_bytes(), signature_bytes)
         }

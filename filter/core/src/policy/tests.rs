@@ -52,7 +52,7 @@ fn valid_policy_compiles_and_matches_most_specific() {
     assert!(p.match_api(Method::Get, "api/v1/quotes/a").is_none());
     let app = p.app("app-a").unwrap();
     assert!(
-        matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.len() == 32)
+        matches!(app.credential("a-hmac").unwrap().key, KeyMaterial::Hmac(ref k) if k.bytes().len() == 32)
     );
     assert!(
         matches!(app.credential("a-p256").unwrap().key, KeyMaterial::P256 { ref spki_der, .. } if spki_der.len() == 91)

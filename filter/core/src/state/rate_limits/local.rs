@@ -44,7 +44,7 @@ fn slot_key(slot: u64) -> String {
 
 /// The slot and tag of a counter, under the store's salt.
 fn place(meta: &StoreMeta, settings: &RateStore, key: &str) -> (String, [u8; 8]) {
-    let h = meta.keyed(b"rate", &[key.as_bytes()]);
+    let h = meta.placed(b"rate", &[key.as_bytes()]);
     let mut tag = [0u8; 8];
     tag.copy_from_slice(h.get(8..16).unwrap_or(&[0u8; 8]));
     let slot = u64_at(&h, 0) % u64::from(settings.slots.max(1));
