@@ -56,6 +56,12 @@ BEFORE_WASM = os.environ.get("BENCH_BEFORE_WASM", "")
 if BEFORE_WASM:
     VARIANTS = [w for v in VARIANTS
                 for w in ((v, f"{v}_before") if v in ("s0", "s1", "s3", "s1_cluster", "s3_cluster") else (v,))]
+# BENCH_BEFORE_NATIVE=old/libapisec_native.so does the same for the native variants
+# (`s1_native_before`, ...): the old module is loaded beside this build's under another name.
+BEFORE_NATIVE = os.environ.get("BENCH_BEFORE_NATIVE", "")
+if BEFORE_NATIVE:
+    VARIANTS = [w for v in VARIANTS
+                for w in ((v, f"{v}_before") if v in ("s0_native", "s1_native", "s3_native") else (v,))]
 # The national algorithms (issue 25): S1 signed with hmac-sm3, S3 with sm2-sm3 and an sm3
 # Content-Digest, the same requests and policy as s1 and s3 otherwise.
 NATIONAL = {"s1_sm3": ["--keyid", "bench-hmac-sm3", "--alg", "hmac-sm3"],
@@ -245,6 +251,10 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
     guard = gw.gateway_filter("apisec-guard")
     # The native build (libapisec_native.so, envoy/apisec-native-ecds.yaml) with the same policy.
     native = {"name": "apisec_native", "typed_config": gw.native_filter_config(json.dumps(policy), layout)}
+    # the "before" module: the same policy (its build must read it), loaded as apisec_native_before
+    native_before = json.loads(json.dumps(native))
+    native_before["name"] = "apisec_native_before"
+    native_before["typed_config"]["dynamic_module_config"]["name"] = "apisec_native_before"
     before_guard = [guard] if BEFORE_HAS_GUARD else []
     filters = {
         "s1_cluster": [cluster, guard, gw.ROUTER],
@@ -265,6 +275,9 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict]) -> g
         "s0_native": [native, guard, gw.ROUTER],
         "s1_native": [native, guard, gw.ROUTER],
         "s3_native": [native, guard, gw.ROUTER],
+        "s0_native_before": [native_before, guard, gw.ROUTER],
+        "s1_native_before": [native_before, guard, gw.ROUTER],
+        "s3_native_before": [native_before, guard, gw.ROUTER],
         "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
         "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
     }
@@ -536,9 +549,16 @@ def main() -> int:
     atexit.register(store.stop)
     jwts = jwt_tokens()
     layout = render(build, ports, bench_policy(pub, sm2_pub), jwts)
+    modules = gw.NATIVE_DIR
+    if BEFORE_NATIVE:  # both modules in one search directory, each under its own name
+        modules = build / "modules"
+        shutil.rmtree(modules, ignore_errors=True)
+        modules.mkdir()
+        (modules / "libapisec_native.so").symlink_to(gw.NATIVE_DIR / "libapisec_native.so")
+        shutil.copyfile(BEFORE_NATIVE, modules / "libapisec_native_before.so")
     env = {**os.environ, "APISEC_BENCH_SECRET": secret,
            "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode(),
-           "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(gw.NATIVE_DIR)}
+           "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(modules)}
     envoy = subprocess.Popen(
         pinned(1, [gw.envoy_binary(), "-c", str(layout.bootstrap), "--concurrency", "1", "--base-id", str(ports["admin"]),
                    "--log-level", "warning", "--file-flush-interval-msec", "1000"]),
@@ -758,7 +778,8 @@ def main() -> int:
     }
     OUT.mkdir(parents=True, exist_ok=True)
     # A subset or a run without latency is a working measurement: it never replaces the record.
-    full = VARIANTS == ALL_VARIANTS and LAT_SECONDS > 0 and FLOOD > 0 and IR_ROUNDS > 0 and not BEFORE_WASM
+    full = (VARIANTS == ALL_VARIANTS and LAT_SECONDS > 0 and FLOOD > 0 and IR_ROUNDS > 0 and not BEFORE_WASM
+            and not BEFORE_NATIVE)
     name = "latest" if full else "partial"
     (OUT / f"{name}.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
