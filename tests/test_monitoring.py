@@ -150,7 +150,10 @@ def metric_names(expr: str) -> set[str]:
 def mgw(tmp_path_factory, secret):
     doc = base_policy()
     # Bans by source after 30 refusals (the gauge below); the traffic before stays under it.
-    doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600}
+    doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600, "ip_slots": 64}
+    # Small stores: the gauges' pass over them (GAUGE_KEYS_PER_TICK keys, ten ticks a second)
+    # takes about a second, where the shipped 4096 replay and 1024 source slots take ~43 s.
+    doc["gateway"]["replay"]["slots"] = 64
     # An anomaly rule that every announcement call matches, in alert mode, and an SDK minimum
     # the test's calls (which send no x-sdk-version) are flagged against: their metrics have data.
     doc["anomalies"] = {"working_hours": [{"id": "never", "timezone": "UTC", "days": ["sun"], "from": "00:00",
@@ -265,7 +268,7 @@ def test_labelled_metrics_read_back_from_prometheus(mgw, secret, tmp_path):  # M
         labels = got[0]["metric"]
         assert (labels["level"], labels["code"], labels["job"]) == ("S1", "none", "apisec-gateway")
         # One worker reads the store for the gauges, 12 keys a tick, 10 ticks a second (a pass
-        # over the default 1024 replay and 1024 source slots takes ~17 s): the ban shows, and the
+        # over this policy's 64 replay and 64 source slots takes ~1 s): the ban shows, and the
         # replay store.
         deadline = time.time() + 60
         while time.time() < deadline and not prom.query('apisec_bans_active{subject="ip"} == 1'):
@@ -410,7 +413,9 @@ def test_alerts_reach_the_receivers_by_severity(tmp_path, secret):  # MON-2, MON
     with monitoring/alertmanager.yml: forged signatures for a registered app page the on-call
     receiver (MON-4), and the ban they cause goes to the security team's ticket receiver."""
     doc = base_policy()
-    doc["bans"] = {"threshold": 5, "window_seconds": 120, "ban_seconds": 600}
+    # small stores: the gauge pass that shows the ban takes ~1 s (see mgw)
+    doc["bans"] = {"threshold": 5, "window_seconds": 120, "ban_seconds": 600, "ip_slots": 64}
+    doc["gateway"]["replay"]["slots"] = 64
     g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
     receiver = Receiver()
     (tmp_path / "am").mkdir()
