@@ -2,12 +2,14 @@
 //! worker thread, with the semantics of Envoy's Wasm shared data that core's local backend is
 //! written for (a missing key is created whatever the CAS; CAS tokens unique across keys). Its
 //! keys are sharded over locks by a hash of the key, so that two workers rarely wait on each
-//! other. It is bounded as shared data is: core's key layout bounds the keys (time-bucketed
+//! other. The hash is foldhash under a random seed, not SipHash: every key is one the gateway
+//! makes (a slot number, a policy's rule, app or key id, never a caller's bytes), so there is
+//! no flood of colliding keys to resist, and a request makes several lookups. It is bounded as shared data is: core's key layout bounds the keys (time-bucketed
 //! keys, a ring of replay slots), the store adds none of its own. It survives policy reloads
 //! (a module is loaded once per process) and ends with the process, like shared data.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -15,22 +17,24 @@ use apisec_core::store::{SharedStore, StoreError};
 
 const SHARDS: usize = 64;
 
-type Entries = HashMap<String, (Vec<u8>, u32)>;
+type Entries = HashMap<String, (Vec<u8>, u32), foldhash::fast::RandomState>;
 type Shard = Mutex<Entries>;
 
 pub struct ShardedStore {
     shards: Vec<Shard>,
     /// The last CAS token handed out, over all keys.
     token: AtomicU32,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for ShardedStore {
     fn default() -> Self {
         ShardedStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(Default::default())))
+                .collect(),
             token: AtomicU32::new(0),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: Default::default(),
         }
     }
 }
@@ -43,9 +47,7 @@ pub fn store() -> &'static ShardedStore {
 
 impl ShardedStore {
     fn shard(&self, key: &str) -> Result<std::sync::MutexGuard<'_, Entries>, StoreError> {
-        let mut h = self.hasher.build_hasher();
-        h.write(key.as_bytes());
-        let i = (h.finish() as usize) % SHARDS;
+        let i = (self.hasher.hash_one(key.as_bytes()) as usize) % SHARDS;
         self.shards
             .get(i)
             .ok_or(StoreError::Host("no shard".into()))?
