@@ -3,8 +3,9 @@
 //! written for (a missing key is created whatever the CAS; CAS tokens unique across keys). Its
 //! keys are sharded over locks by a hash of the key, so that two workers rarely wait on each
 //! other. The hash is foldhash under a random seed, not SipHash: every key is one the gateway
-//! makes (a slot number, a policy's rule, app or key id, never a caller's bytes), so there is
-//! no flood of colliding keys to resist, and a request makes several lookups. It is bounded as shared data is: core's key layout bounds the keys (time-bucketed
+//! makes (a slot number, a policy's rule, a registered app or key id, never a caller's
+//! bytes), so there is no flood of colliding keys to resist, and a request makes several
+//! lookups. It is bounded as shared data is: core's key layout bounds the keys (time-bucketed
 //! keys, a ring of replay slots), the store adds none of its own. It survives policy reloads
 //! (a module is loaded once per process) and ends with the process, like shared data.
 
