@@ -146,14 +146,20 @@ def metric_names(expr: str) -> set[str]:
     return set(NAME.findall(bare))
 
 
+def small_stores(doc: dict) -> None:
+    """64 replay and 64 source slots: the gauges' pass over the stores (GAUGE_KEYS_PER_TICK keys,
+    ten ticks a second), which a test waits for to see a ban, takes about a second, where the
+    shipped 4096 replay and 1024 source slots take ~43 s."""
+    doc["bans"]["ip_slots"] = 64
+    doc["gateway"]["replay"]["slots"] = 64
+
+
 @pytest.fixture(scope="module")
 def mgw(tmp_path_factory, secret):
     doc = base_policy()
     # Bans by source after 30 refusals (the gauge below); the traffic before stays under it.
-    doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600, "ip_slots": 64}
-    # Small stores: the gauges' pass over them (GAUGE_KEYS_PER_TICK keys, ten ticks a second)
-    # takes about a second, where the shipped 4096 replay and 1024 source slots take ~43 s.
-    doc["gateway"]["replay"]["slots"] = 64
+    doc["bans"] = {"threshold": 30, "window_seconds": 120, "ban_seconds": 600}
+    small_stores(doc)
     # An anomaly rule that every announcement call matches, in alert mode, and an SDK minimum
     # the test's calls (which send no x-sdk-version) are flagged against: their metrics have data.
     doc["anomalies"] = {"working_hours": [{"id": "never", "timezone": "UTC", "days": ["sun"], "from": "00:00",
@@ -413,9 +419,8 @@ def test_alerts_reach_the_receivers_by_severity(tmp_path, secret):  # MON-2, MON
     with monitoring/alertmanager.yml: forged signatures for a registered app page the on-call
     receiver (MON-4), and the ban they cause goes to the security team's ticket receiver."""
     doc = base_policy()
-    # small stores: the gauge pass that shows the ban takes ~1 s (see mgw)
-    doc["bans"] = {"threshold": 5, "window_seconds": 120, "ban_seconds": 600, "ip_slots": 64}
-    doc["gateway"]["replay"]["slots"] = 64
+    doc["bans"] = {"threshold": 5, "window_seconds": 120, "ban_seconds": 600}
+    small_stores(doc)
     g = start_gateway(tmp_path / "gw", doc, secret=secret, concurrency=1)
     receiver = Receiver()
     (tmp_path / "am").mkdir()

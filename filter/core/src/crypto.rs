@@ -167,11 +167,6 @@ fn keyed<M: Mac + hmac::digest::KeyInit>(key: &[u8], msg: &[u8]) -> Option<M> {
     Some(m)
 }
 
-/// HMAC-SHA256 check, compared in constant time (`crate::sha256::hmac_verify`).
-pub fn verify_hmac_sha256(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    crate::sha256::hmac_verify(key, msg, sig)
-}
-
 pub fn sign_hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     crate::sha256::hmac(key, msg).to_vec()
 }
@@ -341,6 +336,11 @@ pub(crate) mod tests {
 
     fn b64(s: &str) -> Vec<u8> {
         base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+    }
+    /// The HMAC-SHA256 check a request's signature goes through (the key made once per
+    /// credential, `apps::Secret`).
+    fn verify_hmac_sha256(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+        crate::sha256::HmacKey::new(key).verify(msg, sig)
     }
     /// The bytes of a hex string (test vectors).
     pub(crate) fn hex(s: &str) -> Vec<u8> {
@@ -623,7 +623,7 @@ RSDug0vyiyE3DhNlmT5bJ/i6ygR2lnrRr8j0qSEXVVGledAVmYtjB+Ylqg==
         assert!(!verify_hmac_sm3(&key, b"apisec hmac-sm4", &want));
         assert!(!verify_hmac_sm3(&key, b"apisec hmac-sm3", &want[..31]));
         // the same key and message under HMAC-SHA256 is another value: no confusion
-        assert!(!verify_hmac_sha256(&key, b"apisec hmac-sm3", &want));
+        assert!(!crate::sha256::HmacKey::new(&key).verify(b"apisec hmac-sm3", &want));
     }
 
     #[test]

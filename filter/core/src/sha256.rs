@@ -138,11 +138,6 @@ pub fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     HmacKey::new(key).sign(msg)
 }
 
-/// Whether `sig` is the HMAC-SHA-256 of `msg` under `key`, compared in constant time.
-pub fn hmac_verify(key: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-    HmacKey::new(key).verify(msg, sig)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,12 +172,13 @@ mod tests {
         let msg = b"Test Using Larger Than Block-Size Key - Hash Key First";
         let want = unhex("60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
         assert_eq!(hmac(&long_key, msg).to_vec(), want);
-        assert!(hmac_verify(&long_key, msg, &want));
+        let key = HmacKey::new(&long_key);
+        assert!(key.verify(msg, &want));
         let mut bad = want.clone();
         bad[31] ^= 1;
-        assert!(!hmac_verify(&long_key, msg, &bad));
-        assert!(!hmac_verify(&long_key, msg, &want[..31]));
-        assert!(!hmac_verify(&long_key, msg, &[]));
+        assert!(!key.verify(msg, &bad));
+        assert!(!key.verify(msg, &want[..31]));
+        assert!(!key.verify(msg, &[]));
         // an empty key is a key
         assert_eq!(hmac(&[], b"").len(), 32);
     }
