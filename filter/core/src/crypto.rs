@@ -141,15 +141,27 @@ pub fn sign_hmac_sm3(key: &[u8], msg: &[u8]) -> Vec<u8> {
 
 /// Lowercase hex of `b` (keys, tags and MACs in the stores and the audit log).
 pub fn hex(b: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = Vec::with_capacity(b.len() * 2);
-    for x in b {
-        for nibble in [x >> 4, x & 15] {
-            out.push(DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+    let mut out = String::with_capacity(b.len() * 2);
+    push_hex(&mut out, b);
+    out
+}
+
+/// Appends `b` in lowercase hex: 32 bytes at a time through a buffer on the stack, one
+/// `push_str` each, rather than a capacity check per digit.
+pub fn push_hex(out: &mut String, b: &[u8]) {
+    let digit = |n: u8| if n < 10 { b'0' + n } else { b'a' + (n - 10) };
+    let mut buf = [0u8; 64];
+    for chunk in b.chunks(32) {
+        for (pair, x) in buf.chunks_exact_mut(2).zip(chunk) {
+            if let [hi, lo] = pair {
+                *hi = digit(x >> 4);
+                *lo = digit(x & 15);
+            }
         }
+        // hex digits only: always UTF-8
+        let digits = buf.get(..chunk.len() * 2).unwrap_or_default();
+        out.push_str(std::str::from_utf8(digits).unwrap_or_default());
     }
-    // hex digits only: always UTF-8
-    String::from_utf8(out).unwrap_or_default()
 }
 
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -309,8 +309,16 @@ pub fn signature_base(req: &Request, input: &InnerList, max_bytes: usize) -> Res
             ));
         }
     }
-    base.push_str("\"@signature-params\": ");
-    base.push_str(&sf::serialize_inner_list(input));
+    // `@signature-params`: the inner list canonically, from the identifiers serialised above
+    base.push_str("\"@signature-params\": (");
+    for (i, r) in seen.iter().enumerate() {
+        if i > 0 {
+            base.push(' ');
+        }
+        base.push_str(idents.get(r.clone()).unwrap_or_default());
+    }
+    base.push(')');
+    sf::serialize_params(&mut base, &input.params);
     Ok(base)
 }
 

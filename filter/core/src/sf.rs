@@ -51,7 +51,69 @@ pub fn param<'a>(params: &'a Params, key: &str) -> Option<&'a BareItem> {
     params.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
+/// Byte classes of the grammar, one table lookup per byte instead of a chain of compares.
+const KEY: u8 = 1; // lcalpha, DIGIT, `_`, `-`, `.`, `*` (RFC 8941 section 3.1.2)
+const TOKEN: u8 = 2; // tchar, `:` and `/` (section 3.3.4)
+const STRING: u8 = 4; // printable ASCII but `"` and `\` (section 3.3.3)
+const BASE64: u8 = 8; // ALPHA, DIGIT, `+`, `/`, `=` (section 3.3.5)
+
+// Evaluated when the crate builds: an index out of range fails the build, not a request.
+#[allow(clippy::indexing_slicing)]
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0x20;
+    while c < 0x7f {
+        if c != b'"' as usize && c != b'\\' as usize {
+            t[c] |= STRING;
+        }
+        c += 1;
+    }
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'*') {
+            t[c] |= KEY;
+        }
+        if b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+                    | b':'
+                    | b'/'
+            )
+        {
+            t[c] |= TOKEN;
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=') {
+            t[c] |= BASE64;
+        }
+        c += 1;
+    }
+    t
+};
+
+fn is(class: u8, b: u8) -> bool {
+    // a byte indexes 256 entries: `get` never misses, and the compiler drops its check
+    CLASS.get(usize::from(b)).is_some_and(|c| c & class != 0)
+}
+
 struct Parser<'a> {
+    /// The field's text: runs of it are sliced as `&str` (every run the grammar accepts is
+    /// ASCII, so each boundary is a character boundary) without validating them again.
+    text: &'a str,
     s: &'a [u8],
     pos: usize,
 }
@@ -78,22 +140,29 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn key(&mut self) -> Result<String, SfError> {
+    /// Moves past the bytes of `class` from here; returns where the run started.
+    fn run_of(&mut self, class: u8) -> usize {
         let start = self.pos;
+        let rest = self.s.get(start..).unwrap_or_default();
+        self.pos += rest
+            .iter()
+            .position(|&b| !is(class, b))
+            .unwrap_or(rest.len());
+        start
+    }
+
+    /// The text from `start` to here (a run of ASCII the grammar accepted).
+    fn since(&self, start: usize) -> &'a str {
+        self.text.get(start..self.pos).unwrap_or_default()
+    }
+
+    fn key(&mut self) -> Result<String, SfError> {
         match self.peek() {
             Some(c) if c.is_ascii_lowercase() || c == b'*' => {}
             _ => return Err(SfError("key must start with a-z or *")),
         }
-        while let Some(c) = self.peek() {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.*".contains(&c) {
-                self.pos += 1;
-            } else {
-                break;
-            }
-        }
-        // key characters are ASCII, so always UTF-8
-        let run = self.s.get(start..self.pos).unwrap_or_default();
-        Ok(std::str::from_utf8(run).unwrap_or_default().to_owned())
+        let start = self.run_of(KEY);
+        Ok(self.since(start).to_owned())
     }
 
     fn params(&mut self) -> Result<Params, SfError> {
@@ -136,21 +205,10 @@ impl<'a> Parser<'a> {
 
     fn string(&mut self) -> Result<BareItem, SfError> {
         self.pos += 1; // opening quote
-        let mut out = String::new();
+                       // the common case, no escape: one run up to the closing quote, one allocation
+        let start = self.run_of(STRING);
+        let mut out = self.since(start).to_owned();
         loop {
-            // a run of plain characters at once (printable ASCII but the quote and backslash)
-            let start = self.pos;
-            while let Some(c) = self.peek() {
-                if (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\' {
-                    self.pos += 1;
-                } else {
-                    break;
-                }
-            }
-            if let Some(run) = self.s.get(start..self.pos) {
-                // printable ASCII only, so always UTF-8
-                out.push_str(std::str::from_utf8(run).unwrap_or_default());
-            }
             match self.bump() {
                 None => return Err(SfError("unterminated string")),
                 Some(b'"') => return Ok(BareItem::String(out)),
@@ -160,60 +218,24 @@ impl<'a> Parser<'a> {
                 },
                 Some(_) => return Err(SfError("bad character in string")),
             }
+            let start = self.run_of(STRING);
+            out.push_str(self.since(start));
         }
     }
 
     fn token(&mut self) -> Result<BareItem, SfError> {
-        let start = self.pos;
-        while let Some(c) = self.peek() {
-            if c.is_ascii_alphanumeric()
-                || matches!(
-                    c,
-                    b'!' | b'#'
-                        | b'$'
-                        | b'%'
-                        | b'&'
-                        | b'\''
-                        | b'*'
-                        | b'+'
-                        | b'-'
-                        | b'.'
-                        | b'^'
-                        | b'_'
-                        | b'`'
-                        | b'|'
-                        | b'~'
-                        | b':'
-                        | b'/'
-                )
-            {
-                self.pos += 1;
-            } else {
-                break;
-            }
-        }
-        // token characters are ASCII, so always UTF-8
-        let run = self.s.get(start..self.pos).unwrap_or_default();
-        Ok(BareItem::Token(
-            std::str::from_utf8(run).unwrap_or_default().to_owned(),
-        ))
+        let start = self.run_of(TOKEN);
+        Ok(BareItem::Token(self.since(start).to_owned()))
     }
 
     fn byte_seq(&mut self) -> Result<BareItem, SfError> {
         self.pos += 1;
-        let start = self.pos;
-        while let Some(c) = self.peek() {
-            if c == b':' {
-                break;
-            }
-            if !(c.is_ascii_alphanumeric() || c == b'+' || c == b'/' || c == b'=') {
-                return Err(SfError("bad character in byte sequence"));
-            }
-            self.pos += 1;
-        }
+        let start = self.run_of(BASE64);
         let body = self.s.get(start..self.pos).unwrap_or_default();
-        if self.bump() != Some(b':') {
-            return Err(SfError("unterminated byte sequence"));
+        match self.bump() {
+            Some(b':') => {}
+            Some(_) => return Err(SfError("bad character in byte sequence")),
+            None => return Err(SfError("unterminated byte sequence")),
         }
         base64::engine::general_purpose::STANDARD
             .decode(body)
@@ -247,11 +269,7 @@ impl<'a> Parser<'a> {
             if frac == 0 || frac > 3 {
                 return Err(SfError("bad decimal"));
             }
-            // sign, digits and a point: ASCII, so always UTF-8
-            let text = self.s.get(start..self.pos).unwrap_or_default();
-            return Ok(BareItem::Decimal(
-                std::str::from_utf8(text).unwrap_or_default().to_owned(),
-            ));
+            return Ok(BareItem::Decimal(self.since(start).to_owned()));
         }
         if int_len > 15 {
             return Err(SfError("integer too long"));
@@ -305,6 +323,7 @@ impl<'a> Parser<'a> {
 /// the last one win, but for signature headers an ambiguous member is an attack surface.
 pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, SfError> {
     let mut p = Parser {
+        text: input,
         s: input.as_bytes(),
         pos: 0,
     };
@@ -350,15 +369,12 @@ fn serialize_bare(out: &mut String, b: &BareItem) {
             out.push('"');
             // runs without a quote or a backslash at once, each of those escaped
             let mut rest = s.as_str();
-            while let Some(at) = rest.find(['"', '\\']) {
-                let (run, tail) = rest.split_at(at);
-                out.push_str(run);
+            while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\') {
+                // both are ASCII: `at` and `at + 1` are character boundaries
+                out.push_str(rest.get(..at).unwrap_or_default());
                 out.push('\\');
-                let mut chars = tail.chars();
-                if let Some(c) = chars.next() {
-                    out.push(c);
-                }
-                rest = chars.as_str();
+                out.push_str(rest.get(at..=at).unwrap_or_default());
+                rest = rest.get(at + 1..).unwrap_or_default();
             }
             out.push_str(rest);
             out.push('"');
@@ -395,7 +411,8 @@ fn push_integer(out: &mut String, i: i64) {
     out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
 }
 
-fn serialize_params(out: &mut String, params: &Params) {
+/// Parameters canonically (`;key=value`, `;key` for true), after an item or an inner list.
+pub fn serialize_params(out: &mut String, params: &Params) {
     for (k, v) in params {
         out.push(';');
         out.push_str(k);
@@ -413,7 +430,8 @@ pub fn serialize_item(out: &mut String, item: &Item) {
 
 /// Canonical serialization of an inner list, as RFC 9421 uses for `@signature-params`.
 pub fn serialize_inner_list(list: &InnerList) -> String {
-    let mut out = String::from("(");
+    let mut out = String::with_capacity(160);
+    out.push('(');
     for (i, item) in list.items.iter().enumerate() {
         if i > 0 {
             out.push(' ');
@@ -487,6 +505,40 @@ mod tests {
         ] {
             assert!(parse_dictionary(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn byte_classes_are_the_grammars() {
+        // RFC 8941 as it reads: key (3.1.2), tchar plus ":" and "/" (3.3.4), the characters of
+        // a string (3.3.3: %x20-21 / %x23-5B / %x5D-7E) and of base64 (3.3.5)
+        let alpha = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        let key = "abcdefghijklmnopqrstuvwxyz0123456789_-.*";
+        let token = format!("{alpha}!#$%&'*+-.^_`|~:/");
+        let base64 = format!("{alpha}+/=");
+        for b in 0..=255u8 {
+            let c = char::from(b);
+            let in_string = (0x20..=0x7e).contains(&b) && b != b'"' && b != b'\\';
+            assert_eq!(is(KEY, b), b.is_ascii() && key.contains(c), "key {b}");
+            assert_eq!(is(TOKEN, b), b.is_ascii() && token.contains(c), "token {b}");
+            assert_eq!(is(STRING, b), in_string, "string {b}");
+            assert_eq!(
+                is(BASE64, b),
+                b.is_ascii() && base64.contains(c),
+                "base64 {b}"
+            );
+            // and the parser follows them: one byte inside a string, after a token's first
+            let text = format!("a=\"x{c}y\"");
+            assert_eq!(parse_dictionary(&text).is_ok(), in_string, "{text:?}");
+        }
+        // a string of several runs and escapes comes back whole
+        let d = parse_dictionary(r#"a="one \"two\" \\three\\ four""#).unwrap();
+        assert_eq!(
+            d[0].1,
+            Member::Item(Item {
+                bare: BareItem::String(r#"one "two" \three\ four"#.into()),
+                params: vec![]
+            })
+        );
     }
 
     #[test]

@@ -311,7 +311,7 @@ impl Chain {
         self.prev = mac;
         line.pop();
         line.push_str(",\"mac\":\"");
-        line.push_str(&hex(&mac));
+        crate::crypto::push_hex(&mut line, &mac);
         line.push_str("\"}");
         line
     }
