@@ -275,12 +275,247 @@ pub fn record(
         anomalies: &ctx.anomalies,
         rate_limits: &ctx.rate_limits,
     };
-    serde_json::to_string(&rec).unwrap_or_else(|_| {
-        format!(
-            r#"{{"ts":{},"decision":"{decision}","error":"audit serialisation failed"}}"#,
-            input.ts
-        )
-    })
+    rec.to_json()
+}
+
+impl AuditRecord<'_> {
+    /// The record as one JSON object, byte for byte what `serde_json::to_string` makes of it
+    /// (the derived `Serialize` stays the reference; the tests compare the two), written
+    /// directly: the record is written for every request, and its long strings (an S3
+    /// request's signature base, its headers) are scanned for escapes eight bytes at a time.
+    pub fn to_json(&self) -> String {
+        let evidence_len = self.evidence.map_or(0, |e| {
+            e.signature_base.len() + e.signature_input.len() + e.signature.len() + 256
+        });
+        let mut out = String::with_capacity(
+            384 + self.path.len()
+                + self.detail.len()
+                + self.query.as_ref().map_or(0, |q| q.len())
+                + evidence_len,
+        );
+        let mut o = Object::open(&mut out);
+        o.num("ts", self.ts);
+        o.str("request_id", self.request_id);
+        o.str("decision", self.decision);
+        o.num("status", u64::from(self.status));
+        o.opt_str("code", self.code);
+        if !self.detail.is_empty() {
+            o.str("detail", &self.detail);
+        }
+        o.str("method", self.method);
+        o.str("path", &self.path);
+        o.opt_str("query", self.query.as_deref());
+        o.str("client_ip", self.client_ip);
+        o.opt_str("app", self.app);
+        o.opt_str("api", self.api);
+        o.opt_str("level", self.level);
+        o.opt_str("function", self.function);
+        o.opt_str("keyid", self.keyid);
+        o.opt_str("user", self.user.as_deref());
+        o.opt_str("auth", self.auth);
+        o.opt_str("grant", self.grant);
+        o.opt_str("ban", self.ban);
+        if let Some(e) = self.evidence {
+            let mut inner = Object::open(o.key("evidence"));
+            inner.str("keyid", &e.keyid);
+            inner.str("alg", e.alg);
+            inner.str("signature_input", &e.signature_input);
+            inner.str("signature", &e.signature);
+            inner.str("signature_base_sha256", &e.signature_base_sha256);
+            inner.str("signature_base", &e.signature_base);
+            inner.opt_str("content_digest", e.content_digest.as_deref());
+            inner.opt_str("key_sha256", e.key_sha256.as_deref());
+            inner.opt_str("session_sealed", e.session_sealed.as_deref());
+            inner.close();
+        }
+        o.opt_str("session", self.session);
+        o.opt_str("session_event", self.session_event);
+        o.opt_str("operator", self.operator);
+        o.opt_num("duration_ms", self.duration_ms);
+        o.opt_num("bytes_in", self.bytes_in);
+        o.opt_num("bytes_out", self.bytes_out);
+        match self.upstream {
+            Some(u) => o.str("upstream", u),
+            None => o.key("upstream").push_str("null"),
+        }
+        o.opt_str("details", self.details);
+        if let Some(sdk) = &self.sdk {
+            let mut inner = Object::open(o.key("sdk"));
+            inner.opt_str("version", sdk.version.as_deref());
+            inner.str("status", sdk.status);
+            inner.str("action", sdk.action);
+            inner.close();
+        }
+        if !self.anomalies.is_empty() {
+            let list = o.key("anomalies");
+            list.push('[');
+            for (i, a) in self.anomalies.iter().enumerate() {
+                if i > 0 {
+                    list.push(',');
+                }
+                let mut inner = Object::open(list);
+                inner.str("rule", &a.rule);
+                inner.str("kind", a.kind);
+                inner.str("action", a.action);
+                inner.close();
+            }
+            list.push(']');
+        }
+        if !self.rate_limits.is_empty() {
+            let list = o.key("rate_limits");
+            list.push('[');
+            for (i, h) in self.rate_limits.iter().enumerate() {
+                if i > 0 {
+                    list.push(',');
+                }
+                let mut inner = Object::open(list);
+                inner.str("rule", &h.rule);
+                inner.str("window", h.window);
+                inner.str("action", h.action);
+                inner.close();
+            }
+            list.push(']');
+        }
+        o.close();
+        out
+    }
+}
+
+/// A JSON object being written: members in the order they are added, as serde_json writes
+/// them (no spaces).
+struct Object<'o> {
+    out: &'o mut String,
+    empty: bool,
+}
+
+impl<'o> Object<'o> {
+    fn open(out: &'o mut String) -> Self {
+        out.push('{');
+        Object { out, empty: true }
+    }
+
+    /// Starts a member; its value is written into what this returns.
+    fn key(&mut self, name: &str) -> &mut String {
+        if !self.empty {
+            self.out.push(',');
+        }
+        self.empty = false;
+        // member names are this file's literals, none with a character to escape
+        self.out.push('"');
+        self.out.push_str(name);
+        self.out.push_str("\":");
+        self.out
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        push_json_str(self.key(name), value);
+    }
+
+    fn opt_str(&mut self, name: &str, value: Option<&str>) {
+        if let Some(v) = value {
+            self.str(name, v);
+        }
+    }
+
+    fn num(&mut self, name: &str, value: u64) {
+        push_u64(self.key(name), value);
+    }
+
+    fn opt_num(&mut self, name: &str, value: Option<u64>) {
+        if let Some(v) = value {
+            self.num(name, v);
+        }
+    }
+
+    fn close(self) {
+        self.out.push('}');
+    }
+}
+
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || at == 0 {
+            break;
+        }
+    }
+    // ASCII digits: always UTF-8
+    out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
+}
+
+/// The bytes of `w` (little-endian) that JSON escapes, each as its high bit: control
+/// characters (below 0x20), quotes and backslashes. A byte above a flagged one may be flagged
+/// without needing it (the borrow of the subtraction); the lowest flagged byte always needs it,
+/// and no byte that needs it goes unflagged.
+fn escapes_in(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    let q = w ^ (ONES * u64::from(b'"'));
+    let quote = q.wrapping_sub(ONES) & !q & HIGH;
+    let b = w ^ (ONES * u64::from(b'\\'));
+    let backslash = b.wrapping_sub(ONES) & !b & HIGH;
+    control | quote | backslash
+}
+
+/// `s` as a JSON string, escaped as serde_json escapes: `"` and `\` with a backslash, the
+/// control characters as `\b \t \n \f \r` or `\u00xx`; everything else as it is.
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let bytes = s.as_bytes();
+    let (mut start, mut i) = (0, 0);
+    while i < bytes.len() {
+        // eight bytes at a time to the next byte to escape
+        if let Some(word) = bytes
+            .get(i..i + 8)
+            .and_then(|c| <[u8; 8]>::try_from(c).ok())
+        {
+            let found = escapes_in(u64::from_le_bytes(word));
+            if found == 0 {
+                i += 8;
+                continue;
+            }
+            i += (found.trailing_zeros() / 8) as usize;
+        }
+        let b = bytes.get(i).copied().unwrap_or(b' ');
+        let short = match b {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'\n' => 'n',
+            b'\r' => 'r',
+            b'\t' => 't',
+            0x08 => 'b',
+            0x0c => 'f',
+            0x00..=0x1f => 'u',
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // an escaped byte is ASCII: the run before it ends on a character boundary
+        out.push_str(s.get(start..i).unwrap_or_default());
+        out.push('\\');
+        out.push(short);
+        if short == 'u' {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("00");
+            for nibble in [b >> 4, b & 15] {
+                out.push(char::from(
+                    HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+                ));
+            }
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(s.get(start..).unwrap_or_default());
+    out.push('"');
 }
 
 /// The caller's view of a refusal: status and code only; for an app in onboarding whose
@@ -292,5 +527,185 @@ pub fn refusal_body(deny: &Deny, request_id: &str, ctx: &RequestContext) -> Stri
         })
         .to_string(),
         _ => serde_json::json!({"error": deny.reason.code(), "request_id": request_id}).to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serde_str(s: &str) -> String {
+        serde_json::to_string(s).unwrap()
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut fixed: Vec<String> = (0u8..=0x7f)
+            .map(|b| format!("ab{}cdefghij", char::from(b)))
+            .collect();
+        fixed.extend(
+            [
+                "",
+                "plain",
+                "\"@method\": POST\n\"@authority\": example.com\n",
+                "\\\\\"\"\u{7f}\u{80}\u{2028}é中文🎉",
+                "12345678\"12345678\\1234567\u{1}",
+                "sig1=(\"@method\" \"@authority\" \"@path\");created=1;keyid=\"k\"",
+            ]
+            .map(str::to_string),
+        );
+        // and strings drawn from an alphabet of escaped, plain and multi-byte characters, each
+        // escape at every offset of the eight-byte words
+        let alphabet = [
+            'a', 'Z', '"', '\\', '\n', '\u{0}', '\u{1f}', '\u{7f}', 'é', '中', '🎉', ' ', '/',
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3000 {
+            let mut s = String::new();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let c = alphabet[(x % alphabet.len() as u64) as usize];
+                // mostly plain runs, so that whole words are skipped too
+                s.push(if x % 5 < 3 { 'q' } else { c });
+            }
+            fixed.push(s);
+        }
+        for s in &fixed {
+            let mut out = String::new();
+            push_json_str(&mut out, s);
+            assert_eq!(out, serde_str(s), "{s:?}");
+        }
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bytes = x.to_le_bytes();
+            let needs = |b: u8| b < 0x20 || b == b'"' || b == b'\\';
+            let found = escapes_in(x);
+            // every byte to escape flagged, and the lowest flag on the first of them
+            for (k, &b) in bytes.iter().enumerate() {
+                if needs(b) {
+                    assert!(found & (0x80 << (8 * k)) != 0, "{x:#x}");
+                }
+            }
+            let first = bytes.iter().position(|&b| needs(b));
+            let lowest = (found != 0).then(|| (found.trailing_zeros() / 8) as usize);
+            assert_eq!(first, lowest, "{x:#x}");
+        }
+        for w in [0u64, u64::MAX, 0x2020_2020_2020_2020, 0x7e7e_7e7e_7e7e_7e7e] {
+            let bytes = w.to_le_bytes();
+            let any = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+            assert_eq!(escapes_in(w) != 0, any, "{w:#x}");
+        }
+    }
+
+    #[test]
+    fn the_record_is_what_serde_json_makes_of_it() {
+        let evidence = Evidence {
+            keyid: "k\"1".into(),
+            alg: "ecdsa-p256-sha256",
+            signature_input: r#"sig1=("@method" "@path");created=1;keyid="k""#.into(),
+            signature: "sig1=:AAEC:".into(),
+            signature_base_sha256: "abc=".into(),
+            signature_base: "\"@method\": POST\n\"@signature-params\": (\"@method\")".into(),
+            content_digest: Some("sha-256=:x:".into()),
+            key_sha256: None,
+            session_sealed: Some("sealed".into()),
+        };
+        let anomalies = vec![
+            Anomaly {
+                rule: "night".into(),
+                kind: "time",
+                action: "alert",
+            },
+            Anomaly {
+                rule: "r\n2".into(),
+                kind: "volume",
+                action: "block",
+            },
+        ];
+        let hits = vec![RateHit {
+            rule: "per-app".into(),
+            window: "minute",
+            action: "refuse",
+            ban: true,
+        }];
+        let full = AuditRecord {
+            ts: 1_765_000_000,
+            request_id: "req-1",
+            decision: "deny",
+            status: 429,
+            code: Some("rate_limited"),
+            detail: Cow::Borrowed("over \"per-app\"\t"),
+            method: "POST",
+            path: Cow::Borrowed("/orders/{account}"),
+            query: Some(Cow::Borrowed("a=1&b=\u{1}")),
+            client_ip: "10.0.0.1",
+            app: Some("app"),
+            api: Some("orders"),
+            level: Some("S3"),
+            function: Some("trade"),
+            keyid: Some("k1"),
+            user: Some(Cow::Borrowed("u***1")),
+            auth: Some("signature"),
+            grant: Some("g1"),
+            ban: Some("source 10.0.0.1"),
+            evidence: Some(&evidence),
+            session: Some("fp"),
+            session_event: Some("created"),
+            operator: Some("spiffe://ops"),
+            duration_ms: Some(3),
+            bytes_in: Some(0),
+            bytes_out: Some(u64::MAX),
+            upstream: Some("127.0.0.1:8080"),
+            details: Some("via_upstream"),
+            sdk: Some(SdkRecord {
+                version: Some(Cow::Borrowed("1.0\"")),
+                status: "outdated",
+                action: "warn",
+            }),
+            anomalies: &anomalies,
+            rate_limits: &hits,
+        };
+        let bare = AuditRecord {
+            code: None,
+            detail: Cow::Borrowed(""),
+            query: None,
+            app: None,
+            api: None,
+            level: None,
+            function: None,
+            keyid: None,
+            user: None,
+            auth: None,
+            grant: None,
+            ban: None,
+            evidence: None,
+            session: None,
+            session_event: None,
+            operator: None,
+            duration_ms: None,
+            bytes_in: None,
+            bytes_out: None,
+            upstream: None,
+            details: None,
+            sdk: Some(SdkRecord {
+                version: None,
+                status: "unknown",
+                action: "allow",
+            }),
+            anomalies: &[],
+            rate_limits: &[],
+            ..full.clone()
+        };
+        for rec in [&full, &bare] {
+            assert_eq!(rec.to_json(), serde_json::to_string(rec).unwrap());
+        }
     }
 }

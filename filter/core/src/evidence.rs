@@ -67,6 +67,13 @@ pub fn seal_session(
     base: &str,
     base_sha256: &str,
 ) -> Option<(String, Option<String>)> {
+    // most bases cover no session ID: a search, not a copy of every line
+    let covered = base
+        .match_indices(SESSION_LINE)
+        .any(|(i, _)| i == 0 || base.as_bytes().get(i - 1) == Some(&b'\n'));
+    if !covered {
+        return None;
+    }
     let mut sid = None;
     let lines: Vec<String> = base
         .split('\n')
@@ -503,5 +510,19 @@ mod tests {
         );
         // a base without a session ID is left as it is
         assert!(seal_session(Some(&audit_key), "\"@method\": GET", &sha).is_none());
+        // the line's name inside another line's value is not the session's line; first or
+        // last, it is
+        let inside = "\"x-note\": \"x-session-id\": abc\n\"@method\": GET";
+        assert!(seal_session(Some(&audit_key), inside, &sha).is_none());
+        for b in [
+            format!("\"x-session-id\": {sid}\n\"@method\": GET"),
+            format!("\"@method\": GET\n\"x-session-id\": {sid}"),
+        ] {
+            let (logged, _) = seal_session(Some(&audit_key), &b, &sha).unwrap();
+            assert!(
+                !logged.contains(sid) && logged.contains("[sealed]"),
+                "{logged}"
+            );
+        }
     }
 }
