@@ -279,6 +279,11 @@ impl Chain {
     /// number and the key's fingerprint are added, then the MAC over the previous MAC and every
     /// byte before it.
     pub fn seal(&mut self, key: &ChainKey, body: &str) -> String {
+        self.seal_owned(key, body.to_string())
+    }
+
+    /// [`Chain::seal`] of a record the caller gives away: its members are extended in place.
+    pub fn seal_owned(&mut self, key: &ChainKey, body: String) -> String {
         if key.tag != self.key_id {
             if self.seq > 0 {
                 self.epoch = self.epoch.wrapping_add(1);
@@ -289,15 +294,19 @@ impl Chain {
             self.checkpointed = 0;
         }
         self.seq += 1;
-        let head = body.trim_end().strip_suffix('}').unwrap_or("{");
-        let sep = if head.trim_end().ends_with('{') {
-            ""
+        // the object without its closing brace (an object of nothing if it is not one)
+        let kept = body.trim_end().len();
+        let mut line = if body.get(..kept).is_some_and(|b| b.ends_with('}')) {
+            let mut line = body;
+            line.truncate(kept - 1);
+            line
         } else {
-            ","
+            String::from("{")
         };
-        let mut line = String::with_capacity(head.len() + 200);
-        line.push_str(head);
-        line.push_str(sep);
+        if !line.trim_end().ends_with('{') {
+            line.push(',');
+        }
+        line.reserve(200);
         line.push_str("\"chain\":\"");
         line.push_str(&self.base);
         line.push('-');
@@ -685,23 +694,23 @@ fn check_chain(
 /// native glue behind a `Mutex` (its checkpoints are taken from Envoy's main thread). The
 /// lifecycle seals through this, never caring which.
 pub trait Seal {
-    /// `Chain::seal` on the chain held here.
-    fn seal(&self, key: &ChainKey, body: &str) -> String;
+    /// `Chain::seal_owned` on the chain held here.
+    fn seal(&self, key: &ChainKey, body: String) -> String;
 }
 
 impl Seal for std::cell::RefCell<Chain> {
-    fn seal(&self, key: &ChainKey, body: &str) -> String {
-        self.borrow_mut().seal(key, body)
+    fn seal(&self, key: &ChainKey, body: String) -> String {
+        self.borrow_mut().seal_owned(key, body)
     }
 }
 
 impl Seal for std::sync::Mutex<Chain> {
     /// A lock is poisoned only by a panic while it was held; the release builds abort on panic,
     /// so this is for test builds, where the record is still sealed rather than lost.
-    fn seal(&self, key: &ChainKey, body: &str) -> String {
+    fn seal(&self, key: &ChainKey, body: String) -> String {
         match self.lock() {
-            Ok(mut c) => c.seal(key, body),
-            Err(poisoned) => poisoned.into_inner().seal(key, body),
+            Ok(mut c) => c.seal_owned(key, body),
+            Err(poisoned) => poisoned.into_inner().seal_owned(key, body),
         }
     }
 }

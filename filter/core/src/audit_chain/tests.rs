@@ -208,3 +208,31 @@ fn a_record_relabelled_to_the_other_mac_is_modified() {
     lines[1] = lines[1].replace(&format!("\"b3:{}\"", k.id), &format!("\"{}\"", k.id));
     assert_eq!(kinds(&check(&lines, "")), vec![("modified", 2)]);
 }
+
+#[test]
+fn a_record_is_extended_where_its_object_closes() {
+    let k = key();
+    let members = |line: &str| {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        // (sorted: the order is checked on the text below)
+        v.as_object().unwrap().keys().cloned().collect::<Vec<_>>()
+    };
+    let mut c = Chain::new(&[2; 8]);
+    // members kept, the chain's after them; trailing blanks dropped; an empty object gets no
+    // leading comma; what is not an object is sealed as an object of nothing
+    let line = c.seal(&k, "{\"ts\":1,\"path\":\"/a\"}  \n");
+    assert_eq!(members(&line), ["chain", "key", "mac", "path", "seq", "ts"]);
+    assert!(
+        line.starts_with("{\"ts\":1,\"path\":\"/a\",\"chain\":"),
+        "{line}"
+    );
+    let line = c.seal(&k, "{ }");
+    assert!(line.starts_with("{ \"chain\":"), "{line}");
+    let line = c.seal(&k, "not an object");
+    assert!(line.starts_with("{\"chain\":"), "{line}");
+    // the owned and the borrowed forms seal alike
+    let (mut a, mut b) = (Chain::new(&[3; 8]), Chain::new(&[3; 8]));
+    for body in ["{\"n\":1}", "{}", "x"] {
+        assert_eq!(a.seal(&k, body), b.seal_owned(&k, body.to_string()));
+    }
+}

@@ -614,7 +614,7 @@ impl Stream {
             let body = self.record_with(decided.outcome(), &facts);
             step.sample = Some(self.sample(decided.outcome(), &facts));
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
-                (Some(key), Some(chain)) => chain.seal(key, &body),
+                (Some(key), Some(chain)) => chain.seal(key, body),
                 _ => body,
             });
         }
