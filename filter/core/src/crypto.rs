@@ -364,6 +364,19 @@ pub(crate) mod tests {
 
     /// RFC 9530 examples (values recomputed; see shared/notes).
     #[test]
+    fn hex_is_lowercase_two_digits_a_byte() {
+        let all: Vec<u8> = (0..=255u8).collect();
+        let want: String = all.iter().map(|b| format!("{b:02x}")).collect();
+        // lengths across the 32-byte steps of the stack buffer
+        for n in [0, 1, 31, 32, 33, 64, 65, 256] {
+            assert_eq!(crate::crypto::hex(&all[..n]), want[..2 * n]);
+        }
+        let mut out = String::from("mac=");
+        push_hex(&mut out, &[0xde, 0xad]);
+        assert_eq!(out, "mac=dead");
+    }
+
+    #[test]
     fn rfc9530_vectors() {
         let body = br#"{"hello": "world"}"#;
         verify_content_digest(

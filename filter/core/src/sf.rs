@@ -204,8 +204,9 @@ impl<'a> Parser<'a> {
     }
 
     fn string(&mut self) -> Result<BareItem, SfError> {
-        self.pos += 1; // opening quote
-                       // the common case, no escape: one run up to the closing quote, one allocation
+        // past the opening quote; the common case, no escape, is one run up to the closing
+        // quote and one allocation
+        self.pos += 1;
         let start = self.run_of(STRING);
         let mut out = self.since(start).to_owned();
         loop {
