@@ -418,7 +418,7 @@ impl<'o> Object<'o> {
     }
 
     fn num(&mut self, name: &str, value: u64) {
-        push_u64(self.key(name), value);
+        crate::sf::push_u64(self.key(name), value);
     }
 
     fn opt_num(&mut self, name: &str, value: Option<u64>) {
@@ -430,23 +430,6 @@ impl<'o> Object<'o> {
     fn close(self) {
         self.out.push('}');
     }
-}
-
-fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || at == 0 {
-            break;
-        }
-    }
-    // ASCII digits: always UTF-8
-    out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
 }
 
 /// The bytes of `w` (little-endian) that JSON escapes, each as its high bit: control

@@ -396,7 +396,11 @@ fn push_integer(out: &mut String, i: i64) {
     if i < 0 {
         out.push('-');
     }
-    let mut n = i.unsigned_abs();
+    push_u64(out, i.unsigned_abs());
+}
+
+/// A number's decimal digits, without a formatter or a heap string (also the audit record's).
+pub(crate) fn push_u64(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -409,6 +413,7 @@ fn push_integer(out: &mut String, i: i64) {
             break;
         }
     }
+    // ASCII digits: always UTF-8
     out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
 }
 
