@@ -7,6 +7,8 @@ Redis: a session created on one replica is used, logged in, logged out and force
 other. Each refused case checks status, code, audit record and that the upstream got nothing."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import subprocess
 import time
@@ -325,6 +327,9 @@ def test_the_session_id_is_not_in_the_audit_log_and_evidence_still_verifies(sgw,
     rec = read_audit(sgw, r.json()["headers"]["x-request-id"])["audit"]
     ev = rec["evidence"]
     assert '"x-session-id": [sealed]' in ev["signature_base"] and ev["session_sealed"]
+    # the hash of the signed base, which the log does not hold: the sealed ID's key stream and
+    # how the verifier knows it opened it right
+    assert ev["signature_base_sha256"] != base64.b64encode(hashlib.sha256(ev["signature_base"].encode()).digest()).decode()
     time.sleep(1.5)
     assert sid not in sgw.layout.audit_log.read_text(), "the session ID is in the audit log"
     policy = tmp_path / "policy.json"

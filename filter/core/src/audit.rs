@@ -321,7 +321,7 @@ impl AuditRecord<'_> {
             inner.str("alg", e.alg);
             inner.str("signature_input", &e.signature_input);
             inner.str("signature", &e.signature);
-            inner.str("signature_base_sha256", &e.signature_base_sha256);
+            inner.opt_str("signature_base_sha256", e.signature_base_sha256.as_deref());
             inner.str("signature_base", &e.signature_base);
             inner.opt_str("content_digest", e.content_digest.as_deref());
             inner.opt_str("key_sha256", e.key_sha256.as_deref());
@@ -595,7 +595,7 @@ mod tests {
             alg: "ecdsa-p256-sha256",
             signature_input: r#"sig1=("@method" "@path");created=1;keyid="k""#.into(),
             signature: "sig1=:AAEC:".into(),
-            signature_base_sha256: "abc=".into(),
+            signature_base_sha256: Some("abc=".into()),
             signature_base: "\"@method\": POST\n\"@signature-params\": (\"@method\")".into(),
             content_digest: Some("sha-256=:x:".into()),
             key_sha256: None,

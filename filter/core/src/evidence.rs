@@ -56,17 +56,27 @@ fn session_stream(key: &ChainKey, base_sha256: &str, len: usize) -> Vec<u8> {
     out
 }
 
+/// A signature base as the log keeps it when it covers a session ID (`seal_session`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedBase {
+    /// The base with `[sealed]` (or `[redacted]`) in the session ID's place.
+    pub logged: String,
+    /// Base64 SHA-256 of the original base, which the log no longer holds: the keystream's
+    /// input, and how `apisec audit verify` knows it opened the ID right.
+    pub original_sha256: String,
+    /// The session ID encrypted under the audit key (base64); None without an audit key.
+    pub sealed: Option<String>,
+}
+
 /// The session ID is a bearer secret (SES-1, LOG-4) and must not be in the log, though the
 /// signature covers it. The logged base has `[sealed]` in its place, and the evidence carries
-/// the ID encrypted under the audit key (`session_sealed`, base64), which
-/// `apisec audit verify --evidence --key-env VAR` opens to re-verify the signature. Without an
-/// audit key the ID is `[redacted]` and the evidence cannot be re-verified. Returns the base to
-/// log and the sealed ID, or None when the base covers no session ID.
-pub fn seal_session(
-    key: Option<&ChainKey>,
-    base: &str,
-    base_sha256: &str,
-) -> Option<(String, Option<String>)> {
+/// the ID encrypted under the audit key (`session_sealed`, base64) and the hash of the original
+/// base, which `apisec audit verify --evidence --key-env VAR` uses to open it and re-verify the
+/// signature. Without an audit key the ID is `[redacted]` and the evidence cannot be
+/// re-verified. Returns None when the base covers no session ID: it is then logged as it was
+/// signed, and nothing is hashed (the hash of a base that stands in the record beside it would
+/// repeat it).
+pub fn seal_session(key: Option<&ChainKey>, base: &str) -> Option<SealedBase> {
     // most bases cover no session ID: a search, not a copy of every line
     let covered = base
         .match_indices(SESSION_LINE)
@@ -89,12 +99,18 @@ pub fn seal_session(
         })
         .collect();
     let sid = sid?;
+    let original_sha256 =
+        base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(base.as_bytes()));
     let sealed = key.map(|k| {
-        let stream = session_stream(k, base_sha256, sid.len());
+        let stream = session_stream(k, &original_sha256, sid.len());
         let bytes: Vec<u8> = sid.bytes().zip(stream).map(|(a, b)| a ^ b).collect();
         base64::engine::general_purpose::STANDARD.encode(bytes)
     });
-    Some((lines.join("\n"), sealed))
+    Some(SealedBase {
+        logged: lines.join("\n"),
+        original_sha256,
+        sealed,
+    })
 }
 
 /// The original signature base of evidence whose session ID was sealed, opened with whichever
@@ -110,6 +126,11 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
         }
         return Ok(e.signature_base.clone());
     };
+    let Some(original_sha256) = &e.signature_base_sha256 else {
+        return Err(invalid(
+            "session_sealed without signature_base_sha256: the sealed ID cannot be opened",
+        ));
+    };
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(sealed)
         .map_err(|_| invalid("session_sealed is not base64"))?;
@@ -120,7 +141,7 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
         ));
     }
     for k in keys {
-        let stream = session_stream(k, &e.signature_base_sha256, bytes.len());
+        let stream = session_stream(k, original_sha256, bytes.len());
         let sid: Vec<u8> = bytes.iter().zip(stream).map(|(a, b)| a ^ b).collect();
         let Ok(sid) = String::from_utf8(sid) else {
             continue;
@@ -130,7 +151,7 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
             .replacen(&placeholder, &format!("{SESSION_LINE}{sid}"), 1);
         let hash =
             base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
-        if hash == e.signature_base_sha256 {
+        if &hash == original_sha256 {
             return Ok(base);
         }
     }
@@ -147,7 +168,10 @@ pub struct StoredEvidence {
     pub alg: String,
     pub signature_input: String,
     pub signature: String,
-    pub signature_base_sha256: String,
+    /// The hash of the signed base where the logged one differs from it (a session ID sealed
+    /// or redacted); records before 2026-12-07 carry it always.
+    #[serde(default)]
+    pub signature_base_sha256: Option<String>,
     pub signature_base: String,
     #[serde(default)]
     pub content_digest: Option<String>,
@@ -171,7 +195,8 @@ fn invalid(s: impl Into<String>) -> Failure {
     Failure::Invalid(s.into())
 }
 
-/// Checks one record's evidence against the keyring: the base's hash, the signature
+/// Checks one record's evidence against the keyring: the base's hash (where the record has
+/// one), the signature
 /// parameters as the base's last line, the content digest in the base, and the signature
 /// under the registered public key. Returns the key that verified it.
 pub fn check<'k>(
@@ -190,12 +215,14 @@ pub fn check<'k>(
         signature_base: opened,
         ..e.clone()
     };
-    let hash = base64::engine::general_purpose::STANDARD
-        .encode(Sha256::digest(e.signature_base.as_bytes()));
-    if hash != e.signature_base_sha256 {
-        return Err(invalid(
-            "signature_base_sha256 is not the hash of signature_base",
-        ));
+    if let Some(claimed) = &e.signature_base_sha256 {
+        let hash = base64::engine::general_purpose::STANDARD
+            .encode(Sha256::digest(e.signature_base.as_bytes()));
+        if &hash != claimed {
+            return Err(invalid(
+                "signature_base_sha256 is not the hash of signature_base",
+            ));
+        }
     }
     let (label, params) = e
         .signature_input
@@ -403,8 +430,7 @@ mod tests {
                 "sig1=:{}:",
                 base64::engine::general_purpose::STANDARD.encode(sig.to_bytes())
             ),
-            signature_base_sha256: base64::engine::general_purpose::STANDARD
-                .encode(Sha256::digest(base.as_bytes())),
+            signature_base_sha256: None,
             signature_base: base,
             content_digest: None,
             key_sha256: Some(entry.key_sha256.clone()),
@@ -440,10 +466,30 @@ mod tests {
         let mut forged = e.clone();
         forged.signature_base = forged.signature_base.replace("AAAA", "BBBB");
         forged.content_digest = Some("sha-256=:BBBB:".into());
-        forged.signature_base_sha256 = base64::engine::general_purpose::STANDARD
-            .encode(Sha256::digest(forged.signature_base.as_bytes()));
         assert!(
             matches!(check(&forged, std::slice::from_ref(&entry), &[]), Err(Failure::Invalid(m)) if m.contains("does not verify"))
+        );
+        // so with the hash that records before 2026-12-07 carry, rewritten to agree
+        forged.signature_base_sha256 = Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(Sha256::digest(forged.signature_base.as_bytes())),
+        );
+        assert!(
+            matches!(check(&forged, std::slice::from_ref(&entry), &[]), Err(Failure::Invalid(m)) if m.contains("does not verify"))
+        );
+        // such a record verifies with its hash, and not with a hash of another base
+        let mut hashed = e.clone();
+        hashed.signature_base_sha256 = Some(
+            base64::engine::general_purpose::STANDARD
+                .encode(Sha256::digest(e.signature_base.as_bytes())),
+        );
+        assert_eq!(
+            check(&hashed, std::slice::from_ref(&entry), &[]).unwrap(),
+            &entry
+        );
+        hashed.signature_base_sha256 = forged.signature_base_sha256.clone();
+        assert!(
+            matches!(check(&hashed, std::slice::from_ref(&entry), &[]), Err(Failure::Invalid(m)) if m.contains("is not the hash"))
         );
         // inconsistent evidence is refused before any key is tried
         let mut lying = e.clone();
@@ -470,19 +516,21 @@ mod tests {
         let base =
             format!("\"@method\": POST\n\"x-session-id\": {sid}\n\"@signature-params\": {params}");
         let original = signed(&sk, &entry, params, base.clone());
-        let sha = original.signature_base_sha256.clone();
+        let sha = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
         let audit_key =
             ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([7u8; 32]))
                 .unwrap();
         let other_key =
             ChainKey::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
                 .unwrap();
-        let (logged, sealed) = seal_session(Some(&audit_key), &base, &sha).unwrap();
-        assert!(!logged.contains(sid) && logged.contains("\"x-session-id\": [sealed]"));
-        let sealed = sealed.unwrap();
+        let s = seal_session(Some(&audit_key), &base).unwrap();
+        assert_eq!(s.original_sha256, sha);
+        assert!(!s.logged.contains(sid) && s.logged.contains("\"x-session-id\": [sealed]"));
+        let sealed = s.sealed.unwrap();
         assert!(!sealed.contains(sid));
         let e = StoredEvidence {
-            signature_base: logged,
+            signature_base: s.logged,
+            signature_base_sha256: Some(sha),
             session_sealed: Some(sealed),
             ..original
         };
@@ -497,11 +545,19 @@ mod tests {
         assert!(
             matches!(check(&e, ring, &[other_key]), Err(Failure::Invalid(m)) if m.contains("none of the keys"))
         );
+        // the sealed ID cannot be opened without the original base's hash
+        let unhashed = StoredEvidence {
+            signature_base_sha256: None,
+            ..e.clone()
+        };
+        assert!(
+            matches!(check(&unhashed, ring, std::slice::from_ref(&audit_key)), Err(Failure::Invalid(m)) if m.contains("without signature_base_sha256"))
+        );
         // without an audit key: redacted, and said to be unverifiable
-        let (redacted, none) = seal_session(None, &base, &sha).unwrap();
-        assert!(none.is_none() && !redacted.contains(sid) && redacted.contains("[redacted]"));
+        let r = seal_session(None, &base).unwrap();
+        assert!(r.sealed.is_none() && !r.logged.contains(sid) && r.logged.contains("[redacted]"));
         let e = StoredEvidence {
-            signature_base: redacted,
+            signature_base: r.logged,
             session_sealed: None,
             ..e
         };
@@ -509,16 +565,16 @@ mod tests {
             matches!(check(&e, ring, std::slice::from_ref(&audit_key)), Err(Failure::Invalid(m)) if m.contains("redacted"))
         );
         // a base without a session ID is left as it is
-        assert!(seal_session(Some(&audit_key), "\"@method\": GET", &sha).is_none());
+        assert!(seal_session(Some(&audit_key), "\"@method\": GET").is_none());
         // the line's name inside another line's value is not the session's line; first or
         // last, it is
         let inside = "\"x-note\": \"x-session-id\": abc\n\"@method\": GET";
-        assert!(seal_session(Some(&audit_key), inside, &sha).is_none());
+        assert!(seal_session(Some(&audit_key), inside).is_none());
         for b in [
             format!("\"x-session-id\": {sid}\n\"@method\": GET"),
             format!("\"@method\": GET\n\"x-session-id\": {sid}"),
         ] {
-            let (logged, _) = seal_session(Some(&audit_key), &b, &sha).unwrap();
+            let logged = seal_session(Some(&audit_key), &b).unwrap().logged;
             assert!(
                 !logged.contains(sid) && logged.contains("[sealed]"),
                 "{logged}"

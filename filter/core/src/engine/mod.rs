@@ -80,7 +80,10 @@ pub struct Evidence {
     pub alg: &'static str,
     pub signature_input: String,
     pub signature: String,
-    pub signature_base_sha256: String,
+    /// The hash of the signed base where the logged one differs from it (evidence.rs
+    /// `seal_session`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature_base_sha256: Option<String>,
     pub signature_base: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content_digest: Option<String>,

@@ -372,20 +372,19 @@ fn evidence_of(
     base: String,
     digest: Option<&str>,
 ) -> Evidence {
-    let base_sha256 =
-        base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(base.as_bytes()));
-    // the session ID the signature covers stays out of the log (issue 21 item 6)
-    let (base, session_sealed) =
-        match evidence::seal_session(policy.audit.key.as_ref(), &base, &base_sha256) {
-            Some((logged, sealed)) => (logged, sealed),
-            None => (base, None),
+    // the session ID the signature covers stays out of the log (issue 21 item 6); a base
+    // that covers none is logged as signed, and not hashed
+    let (base, signature_base_sha256, session_sealed) =
+        match evidence::seal_session(policy.audit.key.as_ref(), &base) {
+            Some(s) => (s.logged, Some(s.original_sha256), s.sealed),
+            None => (base, None, None),
         };
     Evidence {
         keyid: keyid.to_string(),
         alg: cred.alg.as_str(),
         signature_input: sig_input.to_string(),
         signature: sig.to_string(),
-        signature_base_sha256: base_sha256,
+        signature_base_sha256,
         signature_base: base,
         session_sealed,
         content_digest: digest.map(str::to_string),
