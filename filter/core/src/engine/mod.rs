@@ -5,8 +5,6 @@
 //! named as state operations (`early_ops`, `final_ops`, `refusal_ops`) that run after them, in
 //! one batch, so a refused request never uses up its nonce and a remote store is asked once.
 
-use base64::Engine as _;
-
 use crate::access;
 use crate::anomaly;
 use crate::crypto::{self, EcdsaVerifier};
