@@ -346,36 +346,16 @@ impl AuditRecord<'_> {
             inner.str("action", sdk.action);
             inner.close();
         }
-        if !self.anomalies.is_empty() {
-            let list = o.key("anomalies");
-            list.push('[');
-            for (i, a) in self.anomalies.iter().enumerate() {
-                if i > 0 {
-                    list.push(',');
-                }
-                let mut inner = Object::open(list);
-                inner.str("rule", &a.rule);
-                inner.str("kind", a.kind);
-                inner.str("action", a.action);
-                inner.close();
-            }
-            list.push(']');
-        }
-        if !self.rate_limits.is_empty() {
-            let list = o.key("rate_limits");
-            list.push('[');
-            for (i, h) in self.rate_limits.iter().enumerate() {
-                if i > 0 {
-                    list.push(',');
-                }
-                let mut inner = Object::open(list);
-                inner.str("rule", &h.rule);
-                inner.str("window", h.window);
-                inner.str("action", h.action);
-                inner.close();
-            }
-            list.push(']');
-        }
+        o.string_objects("anomalies", self.anomalies, |a| {
+            [("rule", &a.rule), ("kind", a.kind), ("action", a.action)]
+        });
+        o.string_objects("rate_limits", self.rate_limits, |h| {
+            [
+                ("rule", &h.rule),
+                ("window", h.window),
+                ("action", h.action),
+            ]
+        });
         o.close();
         out
     }
@@ -425,6 +405,32 @@ impl<'o> Object<'o> {
         if let Some(v) = value {
             self.num(name, v);
         }
+    }
+
+    /// A list of objects whose members are all strings (the anomalies, the rate limits a
+    /// request met), written only when it has items, as serde skips an empty one.
+    fn string_objects<T>(
+        &mut self,
+        name: &str,
+        items: &[T],
+        members: fn(&T) -> [(&'static str, &str); 3],
+    ) {
+        if items.is_empty() {
+            return;
+        }
+        let list = self.key(name);
+        list.push('[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                list.push(',');
+            }
+            let mut inner = Object::open(list);
+            for (key, value) in members(item) {
+                inner.str(key, value);
+            }
+            inner.close();
+        }
+        list.push(']');
     }
 
     fn close(self) {
