@@ -492,13 +492,8 @@ fn push_json_str(out: &mut String, s: &str) {
         out.push('\\');
         out.push(short);
         if short == 'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
             out.push_str("00");
-            for nibble in [b >> 4, b & 15] {
-                out.push(char::from(
-                    HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
-                ));
-            }
+            crate::crypto::push_hex(out, &[b]);
         }
         i += 1;
         start = i;

@@ -362,7 +362,6 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// RFC 9530 examples (values recomputed; see shared/notes).
     #[test]
     fn hex_is_lowercase_two_digits_a_byte() {
         let all: Vec<u8> = (0..=255u8).collect();
@@ -376,6 +375,7 @@ pub(crate) mod tests {
         assert_eq!(out, "mac=dead");
     }
 
+    /// RFC 9530 examples (values recomputed; see shared/notes).
     #[test]
     fn rfc9530_vectors() {
         let body = br#"{"hello": "world"}"#;

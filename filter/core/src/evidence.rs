@@ -9,7 +9,6 @@
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::audit_chain::{ChainKey, Finding, Place, Verdict};
 pub use crate::crypto::{key_fingerprint, spki_from_pem};
@@ -56,6 +55,11 @@ fn session_stream(key: &ChainKey, base_sha256: &str, len: usize) -> Vec<u8> {
     out
 }
 
+/// Base64 SHA-256 of a signature base, as the evidence's `signature_base_sha256` holds it.
+fn base_sha256(base: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(base.as_bytes()))
+}
+
 /// A signature base as the log keeps it when it covers a session ID (`seal_session`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SealedBase {
@@ -99,8 +103,7 @@ pub fn seal_session(key: Option<&ChainKey>, base: &str) -> Option<SealedBase> {
         })
         .collect();
     let sid = sid?;
-    let original_sha256 =
-        base64::engine::general_purpose::STANDARD.encode(crate::sha256::digest(base.as_bytes()));
+    let original_sha256 = base_sha256(base);
     let sealed = key.map(|k| {
         let stream = session_stream(k, &original_sha256, sid.len());
         let bytes: Vec<u8> = sid.bytes().zip(stream).map(|(a, b)| a ^ b).collect();
@@ -149,9 +152,7 @@ fn unseal_session(e: &StoredEvidence, keys: &[ChainKey]) -> Result<String, Failu
         let base = e
             .signature_base
             .replacen(&placeholder, &format!("{SESSION_LINE}{sid}"), 1);
-        let hash =
-            base64::engine::general_purpose::STANDARD.encode(Sha256::digest(base.as_bytes()));
-        if &hash == original_sha256 {
+        if &base_sha256(&base) == original_sha256 {
             return Ok(base);
         }
     }
@@ -216,9 +217,7 @@ pub fn check<'k>(
         ..e.clone()
     };
     if let Some(claimed) = &e.signature_base_sha256 {
-        let hash = base64::engine::general_purpose::STANDARD
-            .encode(Sha256::digest(e.signature_base.as_bytes()));
-        if &hash != claimed {
+        if &base_sha256(&e.signature_base) != claimed {
             return Err(invalid(
                 "signature_base_sha256 is not the hash of signature_base",
             ));
@@ -402,8 +401,10 @@ pub fn policy_keys(policy: &serde_json::Value) -> Vec<KeyringEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // the tests hash with the sha2 crate: a reference beside core's sha256 module
     use p256::ecdsa::{signature::Signer, Signature, SigningKey};
     use p256::pkcs8::{EncodePublicKey, LineEnding};
+    use sha2::{Digest, Sha256};
 
     fn key(seed: u8) -> (SigningKey, KeyringEntry) {
         let sk = SigningKey::from_bytes(&[seed; 32].into()).unwrap();
