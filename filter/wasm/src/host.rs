@@ -121,24 +121,29 @@ impl HostFacts for EnvoyFacts {
 
     /// Each property is a host call: ask only what the previous answer makes relevant. A peer
     /// certificate counts only when Envoy verified it (mTLS listener with a CA).
+    ///
+    /// Whether the client presented a certificate is asked as its digest, not as the
+    /// `connection.mtls` flag: Envoy answers the digest only when a peer certificate is there
+    /// (`mtls` is the same test, `peerCertificatePresented()`), and for the usual connection
+    /// without one it answers NotFound, which copies nothing into the VM. The one-byte flag
+    /// always did, and each copy is an allocation call into the VM (~8k instructions, issue 24).
     fn transport(&self) -> Transport {
         let tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
-        let mtls = tls
-            && matches!(hostcalls::get_property(vec!["connection", "mtls"]), Ok(Some(v)) if v.first() == Some(&1));
-        let valid = mtls
-            && !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
         let mut t = Transport {
             tls,
             ..Default::default()
         };
+        if !tls {
+            return t;
+        }
+        let Some(digest) = text_property(vec!["connection", "sha256_peer_certificate_digest"])
+        else {
+            return t;
+        };
+        let valid = !matches!(hostcalls::get_property(vec!["connection", "peer_certificate_valid"]), Ok(Some(v)) if v.first() == Some(&0));
         if valid {
-            let text = |path: Vec<&str>| match hostcalls::get_property(path) {
-                Ok(Some(v)) if !v.is_empty() => Some(String::from_utf8_lossy(&v).into_owned()),
-                _ => None,
-            };
-            t.peer_cert_sha256 = text(vec!["connection", "sha256_peer_certificate_digest"])
-                .map(|s| s.to_ascii_lowercase());
-            t.peer_uri_san = text(vec!["connection", "uri_san_peer_certificate"]);
+            t.peer_cert_sha256 = Some(digest.to_ascii_lowercase());
+            t.peer_uri_san = text_property(vec!["connection", "uri_san_peer_certificate"]);
         }
         t
     }
