@@ -14,8 +14,7 @@ use crate::lifecycle::{Action, Config, Env, HostError, HostFacts, Step, Stream, 
 use crate::message::{signature_base, Request};
 use crate::policy::Policy;
 use crate::sf::{self, BareItem, Member};
-use crate::state::nonces::local as replay;
-use crate::store::{self, MemoryStore, SharedStore};
+use crate::store::{MemoryStore, SharedStore};
 
 /// What the offline check found.
 #[derive(Debug, Clone)]
@@ -139,8 +138,7 @@ fn decide(
     verifier: &dyn EcdsaVerifier,
 ) -> Result<Option<(u32, &'static str, String)>, String> {
     let mem = MemoryStore::default();
-    let meta = store::open(&mem, [0; 16], 0, policy.replay.slots).map_err(|e| format!("{e:?}"))?;
-    replay::init_slots(&mem, &policy.replay, &meta).map_err(|e| format!("{e:?}"))?;
+    let meta = crate::local::open(&mem, [0; 16], 0, policy)?;
     let config = Config {
         policy: Arc::new(policy.clone()),
         meta: Arc::new(meta),

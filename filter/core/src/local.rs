@@ -7,7 +7,31 @@ use crate::sessions::{Presented, Scope};
 use crate::state::nonces::local as replay;
 use crate::state::sessions as stored;
 use crate::state::{grants, rate_limits, replay_refusal, Answer, Batch, Op, SessionCall};
-use crate::store::{SharedStore, StoreMeta};
+use crate::store::{self, SharedStore, StoreMeta};
+
+/// Opens the local store for a policy, as every worker does when it loads one: the store's
+/// record (salt, start time, replay layout: `store::open`) and every replay slot, created only
+/// where absent; a replay layout the running store cannot take is refused. A store that is
+/// new first gets the marks its concerns keep from the start: the live-ban mark
+/// (`state::bans::local`), which must exist before the store's record does, so before any
+/// worker can write a ban.
+pub fn open(
+    store: &dyn SharedStore,
+    salt: [u8; 16],
+    now: u64,
+    policy: &Policy,
+) -> Result<StoreMeta, String> {
+    let opened = (|| {
+        if store::is_new(store)? {
+            crate::state::bans::local::mark_new_store(store)?;
+        }
+        store::open(store, salt, now, policy.replay.slots)
+    })();
+    let meta = opened.map_err(|e| format!("state store: {e}"))?;
+    replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
+    replay::init_slots(store, &policy.replay, &meta).map_err(|e| format!("replay store: {e}"))?;
+    Ok(meta)
+}
 
 /// Runs a batch on the local store (Envoy shared data), synchronously.
 pub fn run_local(
@@ -18,10 +42,18 @@ pub fn run_local(
 ) -> Answer {
     let now = batch.now;
     let mut answer = Answer::default();
+    let mut live: Option<bool> = None;
     for op in &batch.ops {
         let result = match op {
             Op::Ban(s) => match &policy.bans {
-                Some(bans) => bans.check(store, s.as_subject(), now),
+                // the live-ban mark, read once for the batch's subjects; unreadable: look
+                // (the record reads then answer for the store)
+                Some(bans) => {
+                    match *live.get_or_insert_with(|| bans.any_live(store, now).unwrap_or(true)) {
+                        true => bans.check(store, s.as_subject(), now),
+                        false => Ok(()),
+                    }
+                }
                 None => Ok(()),
             },
             Op::Nonce {

@@ -341,7 +341,7 @@ pub fn check(name: &str, n: usize, step: &Step, answer: &Answer) -> Result<(), S
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::store::{self, MemoryStore};
+    use crate::store::MemoryStore;
 
     /// Every table on the local backend (Envoy's shared data, here in memory).
     #[test]
@@ -351,8 +351,7 @@ mod tests {
             let policy = policy(&table).unwrap();
             let mem = MemoryStore::default();
             let start = 1_800_000_000;
-            let meta = store::open(&mem, [9; 16], start - 1, policy.replay.slots).unwrap();
-            crate::state::nonces::local::init_slots(&mem, &policy.replay, &meta).unwrap();
+            let meta = crate::local::open(&mem, [9; 16], start - 1, &policy).unwrap();
             for (n, step) in table.steps.iter().enumerate() {
                 let b = batch(step, start).unwrap();
                 let answer = crate::local::run_local(&policy, &mem, &meta, &b);

@@ -239,6 +239,11 @@ pub fn open(
     }
 }
 
+/// Whether the store is new: its record not yet written by any worker.
+pub fn is_new(store: &dyn SharedStore) -> Result<bool, StoreError> {
+    Ok(store.get(META_KEY)?.is_none())
+}
+
 /// Reads the store's record on the request path (never creates it there).
 pub fn meta(store: &dyn SharedStore) -> Result<StoreMeta, StoreError> {
     match store.get(META_KEY)? {

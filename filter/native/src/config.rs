@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex};
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{self, Config};
 use apisec_core::metrics::{self, GaugePass};
-use apisec_core::state::nonces::local as replay;
 use apisec_core::state::Batch;
-use apisec_core::store;
 use apisec_core::Policy;
 
 use crate::abi;
@@ -69,11 +67,7 @@ impl FilterConfig {
         let now = now_secs().ok_or("no clock")?;
         let mut salt = [0u8; 16];
         getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
-        let meta = store::open(store(), salt, now, policy.replay.slots)
-            .map_err(|e| format!("state store: {e}"))?;
-        replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
-        replay::init_slots(store(), &policy.replay, &meta)
-            .map_err(|e| format!("replay store: {e}"))?;
+        let meta = apisec_core::local::open(store(), salt, now, &policy)?;
         if let Some(bans) = policy.bans.as_mut() {
             bans.keyed(meta.salt);
         }

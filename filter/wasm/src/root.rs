@@ -8,9 +8,8 @@ use std::sync::Arc;
 use apisec_core::cluster::{self, Decoded, GaugeAnswer, StateBackend};
 use apisec_core::lifecycle::{Config, Stream};
 use apisec_core::metrics;
-use apisec_core::state::nonces::local as replay;
 use apisec_core::state::Batch;
-use apisec_core::store::{self, StoreMeta};
+use apisec_core::store::StoreMeta;
 use apisec_core::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -139,12 +138,7 @@ fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
     let now = now_secs().ok_or("no clock")?;
     let mut salt = [0u8; 16];
     getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
-    let meta = store::open(&EnvoyStore, salt, now, policy.replay.slots)
-        .map_err(|e| format!("state store: {e}"))?;
-    replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
-    replay::init_slots(&EnvoyStore, &policy.replay, &meta)
-        .map_err(|e| format!("replay store: {e}"))?;
-    Ok(meta)
+    apisec_core::local::open(&EnvoyStore, salt, now, policy)
 }
 
 impl Context for ApisecRoot {

@@ -4,6 +4,21 @@
 //! time; per-IP state sits in a fixed number of slots with a fixed number of entries each,
 //! so a flood of source addresses cannot grow it. An operator lifts a ban through the policy
 //! (`bans.lifted`): a ban that began before the lift time no longer applies.
+//!
+//! **The live-ban mark.** Every request asks whether its source and its app are banned: two
+//! store reads, and once a subject has been counted at all its record exists, so each read
+//! copies a slot into the VM (an allocation call into it, ~8k instructions in Wasm). One key,
+//! [`LIVE_KEY`], holds the latest end of any ban written in this store; a request reads it
+//! once and looks at the subjects' records only while it lies in the future. The rules that
+//! keep it safe:
+//! - a writer raises the mark to the new ban's end *before* it writes the ban (a ban the mark
+//!   does not cover is never stored; if the mark cannot be raised, the ban is not written and
+//!   the caller hears the store's error, as for any failed write);
+//! - the mark is created empty only by the worker that finds the store new ([`mark_new_store`],
+//!   before the store's own record exists, so before any ban can be written); a store opened
+//!   by an earlier build has no mark, and then every request reads the records, as before;
+//! - writers never create the mark, and a reader that finds every ban ended empties it by
+//!   compare-and-swap, so a raise in between wins.
 
 use std::net::IpAddr;
 
@@ -13,7 +28,7 @@ use std::hash::Hasher;
 
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::ip::Cidr;
-use crate::store::{u64_at, update, SharedStore, StoreError};
+use crate::store::{create_if_absent, u64_at, update, SharedStore, StoreError};
 use crate::timeutil;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +200,16 @@ impl Record {
     }
 }
 
+/// The live-ban mark: empty (no ban in force), or the latest ban end as 8 bytes LE.
+pub const LIVE_KEY: &str = "apisec/ban/live-until";
+
+/// Creates the live-ban mark, empty, in a store that is new (its own record not yet written):
+/// called before that record is created, so before any worker can write a ban. Never
+/// overwrites a mark another worker created or raised.
+pub fn mark_new_store(store: &dyn SharedStore) -> Result<(), StoreError> {
+    create_if_absent(store, LIVE_KEY, &[]).map(|_| ())
+}
+
 /// The prefix of an app's ban record (the app's ID follows).
 const APP_KEY: &str = "apisec/ban/app/";
 
@@ -321,6 +346,42 @@ impl BanSettings {
         Ok(n)
     }
 
+    /// Whether any ban may be in force now, from the live-ban mark alone (one read; nothing is
+    /// copied while it is empty). True when the store has no mark (opened by an earlier build)
+    /// or the mark is unreadable: then every subject's record is read. A mark whose bans have
+    /// all ended is emptied by compare-and-swap (a writer's raise in between wins).
+    pub fn any_live(&self, store: &dyn SharedStore, now: u64) -> Result<bool, StoreError> {
+        let Some((mark, cas)) = store.get(LIVE_KEY)? else {
+            return Ok(true);
+        };
+        if mark.is_empty() {
+            return Ok(false);
+        }
+        if mark.len() != 8 || u64_at(&mark, 0) > now {
+            return Ok(true);
+        }
+        // Losing this race (a ban written meanwhile) leaves the raised mark in place.
+        let _ = store.set(LIVE_KEY, &[], Some(cas))?;
+        Ok(false)
+    }
+
+    /// Raises the live-ban mark to `until` before a ban ending then is written. A store without
+    /// a mark (opened by an earlier build) reads every record anyway: it is left without one.
+    fn raise_live(&self, store: &dyn SharedStore, until: u64) -> Result<(), StoreError> {
+        for _ in 0..16 {
+            let Some((mark, cas)) = store.get(LIVE_KEY)? else {
+                return Ok(());
+            };
+            if mark.len() == 8 && u64_at(&mark, 0) >= until {
+                return Ok(());
+            }
+            if store.set(LIVE_KEY, &until.to_le_bytes(), Some(cas))? {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Contention)
+    }
+
     /// A live ban on the subject: refused with `banned` until it ends.
     pub fn check(
         &self,
@@ -414,8 +475,14 @@ impl BanSettings {
                 ..Default::default()
             });
             let Some((r, answer)) = change(r) else {
-                return (None, false);
+                return (None, Ok(false));
             };
+            // the mark covers a ban before the ban is stored (module doc)
+            if r.banned_until > now {
+                if let Err(e) = self.raise_live(store, r.banned_until) {
+                    return (None, Err(e));
+                }
+            }
             match pos {
                 Some(p) => {
                     if let Some(slot) = records.get_mut(p) {
@@ -450,8 +517,8 @@ impl BanSettings {
             for x in &records {
                 x.encode(&mut out);
             }
-            (Some(out), answer)
-        })
+            (Some(out), Ok(answer))
+        })?
     }
 }
 
@@ -493,6 +560,164 @@ mod tests {
         }
         .compile()
         .unwrap()
+    }
+
+    /// A store that counts the reads of each key and can refuse writes to one key.
+    #[derive(Default)]
+    struct Watched {
+        inner: MemoryStore,
+        reads: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+        refuse_writes_to: Option<&'static str>,
+    }
+
+    impl Watched {
+        fn reads(&self, key: &str) -> u32 {
+            self.reads.lock().unwrap().get(key).copied().unwrap_or(0)
+        }
+        fn total_reads(&self) -> u32 {
+            self.reads.lock().unwrap().values().sum()
+        }
+    }
+
+    impl SharedStore for Watched {
+        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+            *self
+                .reads
+                .lock()
+                .unwrap()
+                .entry(key.to_string())
+                .or_default() += 1;
+            self.inner.get(key)
+        }
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+            if self.refuse_writes_to == Some(key) {
+                return Ok(false); // another worker always wins: contention
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn the_live_mark_covers_every_ban_and_empties_when_they_end() {
+        // PERM-4: a request looks at subjects' records only while a ban may be in force
+        let s = settings(vec![]);
+        let store = Watched::default();
+        mark_new_store(&store).unwrap();
+        let app = Subject::App("a");
+        assert!(!s.any_live(&store, 1000).unwrap());
+        // refusals below the threshold are counted, not bans: the mark stays empty
+        s.record_refusal(&store, app, 1000).unwrap();
+        s.record_refusal(&store, app, 1001).unwrap();
+        assert!(!s.any_live(&store, 1001).unwrap());
+        assert_eq!(store.inner.get(LIVE_KEY).unwrap().unwrap().0, b"");
+        // the ban: the mark holds its end before the ban is stored
+        assert!(s.record_refusal(&store, app, 1002).unwrap());
+        let mark = store.inner.get(LIVE_KEY).unwrap().unwrap().0;
+        assert_eq!(u64_at(&mark, 0), 1602);
+        assert!(s.any_live(&store, 1601).unwrap());
+        assert!(s.check(&store, app, 1601).is_err());
+        // an imposed ban ending later raises it; one ending earlier leaves it
+        assert!(s.impose(&store, Subject::App("b"), 1100, 1000).unwrap());
+        assert_eq!(
+            u64_at(&store.inner.get(LIVE_KEY).unwrap().unwrap().0, 0),
+            2100
+        );
+        assert!(s.impose(&store, Subject::App("c"), 1100, 10).unwrap());
+        assert_eq!(
+            u64_at(&store.inner.get(LIVE_KEY).unwrap().unwrap().0, 0),
+            2100
+        );
+        // every ban ended: the reader empties the mark, and the next reads copy nothing
+        assert!(!s.any_live(&store, 2100).unwrap());
+        assert_eq!(store.inner.get(LIVE_KEY).unwrap().unwrap().0, b"");
+        assert!(!s.any_live(&store, 2101).unwrap());
+        // a ban after that raises the mark again
+        for t in 3000..3003 {
+            s.record_refusal(&store, app, t).unwrap();
+        }
+        assert!(s.any_live(&store, 3003).unwrap());
+        assert!(s.check(&store, app, 3003).is_err());
+    }
+
+    #[test]
+    fn a_store_without_the_mark_reads_every_record() {
+        // a store opened by a build before the mark: no request may skip a ban stored there
+        let s = settings(vec![]);
+        let store = MemoryStore::default();
+        let app = Subject::App("a");
+        assert!(s.any_live(&store, 1000).unwrap());
+        for t in 1000..1003 {
+            s.record_refusal(&store, app, t).unwrap();
+        }
+        // writers never create the mark: it stays absent, and every request keeps looking
+        assert!(store.get(LIVE_KEY).unwrap().is_none());
+        assert!(s.any_live(&store, 5000).unwrap());
+        assert!(s.check(&store, app, 1500).is_err());
+        // an unreadable mark counts as live too
+        store.set(LIVE_KEY, b"xyz", None).unwrap();
+        assert!(s.any_live(&store, 5000).unwrap());
+    }
+
+    #[test]
+    fn a_ban_the_mark_cannot_cover_is_not_stored() {
+        // fail closed the other way round: a ban no request would look for is never written;
+        // the refusal that would start it reports the store's error
+        let s = settings(vec![]);
+        let store = Watched {
+            refuse_writes_to: Some(LIVE_KEY),
+            ..Default::default()
+        };
+        mark_new_store(&store.inner).unwrap();
+        let app = Subject::App("a");
+        s.record_refusal(&store, app, 1000).unwrap();
+        s.record_refusal(&store, app, 1001).unwrap();
+        assert!(matches!(
+            s.record_refusal(&store, app, 1002),
+            Err(StoreError::Contention)
+        ));
+        assert!(s.check(&store, app, 1002).is_ok());
+        assert!(!s.any_live(&store, 1002).unwrap());
+    }
+
+    #[test]
+    fn a_batch_reads_the_mark_once_and_no_record_while_no_ban_is_in_force() {
+        use crate::state::{BanSubject, Batch, Op};
+        let doc = serde_json::json!({
+            "version": 1,
+            "apis": [{"id": "t", "method": "GET", "path": "/t", "level": "S0", "service_object": "toB",
+                      "access": "read", "user_auth": false, "personal_info": false, "function": "t"}],
+            "apps": [{"id": "a"}],
+            "bans": {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+        });
+        let secrets = std::collections::HashMap::<String, String>::new();
+        let policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
+        let store = Watched::default();
+        let meta = crate::local::open(&store, [3; 16], 999, &policy).unwrap();
+        let ip = BanSubject::Ip("192.0.2.9".parse().unwrap());
+        let app = BanSubject::App("a".into());
+        let batch = Batch {
+            now: 1000,
+            ops: vec![Op::Ban(ip.clone()), Op::Ban(app.clone())],
+        };
+        let (before, live_before) = (store.total_reads(), store.reads(LIVE_KEY));
+        let answer = crate::local::run_local(&policy, &store, &meta, &batch);
+        assert!(answer.refused.is_none());
+        // one read for two subjects, and it was the mark's
+        assert_eq!(store.total_reads() - before, 1);
+        assert_eq!(store.reads(LIVE_KEY) - live_before, 1);
+        // a ban on the app: both subjects' records are read again, and the app is refused
+        for t in 1000..1003 {
+            let refusal = Batch {
+                now: t,
+                ops: vec![Op::Refusal(app.clone())],
+            };
+            crate::local::run_local(&policy, &store, &meta, &refusal);
+        }
+        let answer = crate::local::run_local(&policy, &store, &meta, &Batch { now: 1003, ..batch });
+        assert_eq!(
+            answer.refused.map(|d| d.reason),
+            Some(crate::error::DenyReason::Banned)
+        );
     }
 
     #[test]
