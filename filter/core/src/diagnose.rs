@@ -138,9 +138,10 @@ fn decide(
     verifier: &dyn EcdsaVerifier,
 ) -> Result<Option<(u32, &'static str, String)>, String> {
     let mem = MemoryStore::default();
-    let meta = crate::local::open(&mem, [0; 16], 0, policy)?;
+    let mut policy = policy.clone();
+    let meta = crate::local::open(&mem, [0; 16], 0, &mut policy)?;
     let config = Config {
-        policy: Arc::new(policy.clone()),
+        policy: Arc::new(policy),
         meta: Arc::new(meta),
     };
     let (step, stream) = run(config, &mem, verifier, req, body, now);

@@ -14,12 +14,13 @@ use crate::store::{self, SharedStore, StoreMeta};
 /// where absent; a replay layout the running store cannot take is refused. A store that is
 /// new first gets the marks its concerns keep from the start: the live-ban mark
 /// (`state::bans::local`), which must exist before the store's record does, so before any
-/// worker can write a ban.
+/// worker can write a ban. The policy's ban fingerprints are then keyed with the store's salt
+/// (`BanSettings::keyed`).
 pub fn open(
     store: &dyn SharedStore,
     salt: [u8; 16],
     now: u64,
-    policy: &Policy,
+    policy: &mut Policy,
 ) -> Result<StoreMeta, String> {
     let opened = (|| {
         if store::is_new(store)? {
@@ -30,6 +31,9 @@ pub fn open(
     let meta = opened.map_err(|e| format!("state store: {e}"))?;
     replay::check_layout(&meta, &policy.replay).map_err(|e| e.to_string())?;
     replay::init_slots(store, &policy.replay, &meta).map_err(|e| format!("replay store: {e}"))?;
+    if let Some(bans) = policy.bans.as_mut() {
+        bans.keyed(meta.salt);
+    }
     Ok(meta)
 }
 

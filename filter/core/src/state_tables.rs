@@ -348,10 +348,10 @@ mod tests {
     fn local_backend_answers_every_table() {
         for (name, text) in TABLES {
             let table: Table = serde_json::from_str(text).unwrap();
-            let policy = policy(&table).unwrap();
+            let mut policy = policy(&table).unwrap();
             let mem = MemoryStore::default();
             let start = 1_800_000_000;
-            let meta = crate::local::open(&mem, [9; 16], start - 1, &policy).unwrap();
+            let meta = crate::local::open(&mem, [9; 16], start - 1, &mut policy).unwrap();
             for (n, step) in table.steps.iter().enumerate() {
                 let b = batch(step, start).unwrap();
                 let answer = crate::local::run_local(&policy, &mem, &meta, &b);

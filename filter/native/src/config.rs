@@ -67,10 +67,7 @@ impl FilterConfig {
         let now = now_secs().ok_or("no clock")?;
         let mut salt = [0u8; 16];
         getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
-        let meta = apisec_core::local::open(store(), salt, now, &policy)?;
-        if let Some(bans) = policy.bans.as_mut() {
-            bans.keyed(meta.salt);
-        }
+        let meta = apisec_core::local::open(store(), salt, now, &mut policy)?;
         policy.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
         let config = Config {
             policy: Arc::new(policy),

@@ -132,9 +132,9 @@ impl ApisecRoot {
     }
 }
 
-/// Opens the state store for a policy: its record (salt, start time, replay layout) and every
-/// replay slot, created only where absent. A layout the running store cannot take is refused.
-fn open_store(policy: &Policy) -> Result<StoreMeta, String> {
+/// Opens the state store for a policy (`local::open`: its record, its replay slots, the ban
+/// fingerprints keyed with its salt). A layout the running store cannot take is refused.
+fn open_store(policy: &mut Policy) -> Result<StoreMeta, String> {
     let now = now_secs().ok_or("no clock")?;
     let mut salt = [0u8; 16];
     getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
@@ -239,16 +239,13 @@ impl RootContext for ApisecRoot {
                 return false;
             }
         };
-        let meta = match open_store(&policy) {
+        let meta = match open_store(&mut policy) {
             Ok(m) => m,
             Err(e) => {
                 log(LogLevel::Error, &format!("apisec: policy refused: {e}"));
                 return false;
             }
         };
-        if let Some(bans) = policy.bans.as_mut() {
-            bans.keyed(meta.salt);
-        }
         policy.generation = GENERATION.with(|g| {
             g.set(g.get() + 1);
             g.get()

@@ -203,6 +203,11 @@ impl Record {
 /// The live-ban mark: empty (no ban in force), or the latest ban end as 8 bytes LE.
 pub const LIVE_KEY: &str = "apisec/ban/live-until";
 
+/// The ban end a live-ban mark holds; None when it is empty or unreadable.
+fn live_until(mark: &[u8]) -> Option<u64> {
+    (mark.len() == 8).then(|| u64_at(mark, 0))
+}
+
 /// Creates the live-ban mark, empty, in a store that is new (its own record not yet written):
 /// called before that record is created, so before any worker can write a ban. Never
 /// overwrites a mark another worker created or raised.
@@ -357,7 +362,7 @@ impl BanSettings {
         if mark.is_empty() {
             return Ok(false);
         }
-        if mark.len() != 8 || u64_at(&mark, 0) > now {
+        if live_until(&mark).is_none_or(|end| end > now) {
             return Ok(true);
         }
         // Losing this race (a ban written meanwhile) leaves the raised mark in place.
@@ -372,7 +377,7 @@ impl BanSettings {
             let Some((mark, cas)) = store.get(LIVE_KEY)? else {
                 return Ok(());
             };
-            if mark.len() == 8 && u64_at(&mark, 0) >= until {
+            if live_until(&mark).is_some_and(|end| end >= until) {
                 return Ok(());
             }
             if store.set(LIVE_KEY, &until.to_le_bytes(), Some(cas))? {
@@ -690,9 +695,9 @@ mod tests {
             "bans": {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
         });
         let secrets = std::collections::HashMap::<String, String>::new();
-        let policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
+        let mut policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
         let store = Watched::default();
-        let meta = crate::local::open(&store, [3; 16], 999, &policy).unwrap();
+        let meta = crate::local::open(&store, [3; 16], 999, &mut policy).unwrap();
         let ip = BanSubject::Ip("192.0.2.9".parse().unwrap());
         let app = BanSubject::App("a".into());
         let batch = Batch {
