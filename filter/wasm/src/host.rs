@@ -127,8 +127,16 @@ impl HostFacts for EnvoyFacts {
     /// (`mtls` is the same test, `peerCertificatePresented()`), and for the usual connection
     /// without one it answers NotFound, which copies nothing into the VM. The one-byte flag
     /// always did, and each copy is an allocation call into the VM (~8k instructions, issue 24).
+    ///
+    /// Whether the connection is TLS at all is asked the same way: Envoy answers the peer
+    /// certificate's subject on every TLS connection, an empty one when no certificate came
+    /// (it answers NotFound on a plain connection), so the usual TLS request copies nothing
+    /// for it either. `connection.tls_version`, asked until then, always copied its text.
     fn transport(&self) -> Transport {
-        let tls = matches!(hostcalls::get_property(vec!["connection", "tls_version"]), Ok(Some(v)) if !v.is_empty());
+        let tls = matches!(
+            raw::property(raw::PEER_SUBJECT),
+            raw::Answer::Empty | raw::Answer::Value
+        );
         let mut t = Transport {
             tls,
             ..Default::default()
@@ -188,6 +196,54 @@ impl HostFacts for EnvoyFacts {
 
     fn route_name(&self) -> Option<String> {
         text_property(vec!["xds", "route_name"])
+    }
+}
+
+/// The one host call whose answer the SDK flattens: `get_property` reports a property that is
+/// there but empty and one that is not there alike (`Ok(None)`), and the difference is a fact
+/// (a TLS connection without a client certificate has an empty peer subject; a plain one has
+/// none).
+#[allow(unsafe_code)] // the host import, declared as the SDK declares it
+mod raw {
+    use proxy_wasm::types::Status;
+
+    /// `connection.subject_peer_certificate`, as the ABI spells a path (parts split by NUL).
+    pub const PEER_SUBJECT: &[u8] = b"connection\0subject_peer_certificate";
+
+    pub enum Answer {
+        /// NotFound (or the host could not answer).
+        Absent,
+        /// There, and empty: nothing was copied into the VM.
+        Empty,
+        /// There with a value (copied into the VM, dropped here).
+        Value,
+    }
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_get_property(
+            path_data: *const u8,
+            path_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> Status;
+    }
+
+    pub fn property(path: &[u8]) -> Answer {
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        // SAFETY: the host writes a pointer it allocated in this VM's memory through the SDK's
+        // allocator export, and its size; that buffer is taken back below as the SDK does.
+        let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
+        match status {
+            Status::Ok if data.is_null() => Answer::Empty,
+            Status::Ok => {
+                // SAFETY: as above; the SDK's `get_property` frees an answer the same way.
+                drop(unsafe { Vec::from_raw_parts(data, size, size) });
+                Answer::Value
+            }
+            _ => Answer::Absent,
+        }
     }
 }
 

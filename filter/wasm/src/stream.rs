@@ -111,8 +111,11 @@ impl ApisecHttp {
             let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value));
         }
         if step.set_identity {
+            // Added, not set (a set searches the map first): every x-apisec-* header the
+            // client sent was removed when its request headers came (core's
+            // `strips_header`), before any step sets identity, so none of that name is there.
             for (name, value) in self.stream.identity_headers() {
-                let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value));
+                let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
             }
         }
         if step.passed {
