@@ -3,19 +3,21 @@
 //! (LOG-5), the stores' keyed names).
 //!
 //! Two implementations of the same functions, chosen when core is built: the `sha2`/`hmac`
-//! crates (pure Rust; the Wasm filter, the CLI) and, with the `ring` feature (the native
-//! module), ring's assembly, which uses the CPU's SHA extensions and otherwise its AVX or SSSE3
-//! code where the `sha2` crate falls back to portable code (x86 servers without the SHA
-//! extensions, and any run under valgrind). Both give the same bytes: the unit tests below
-//! check known answers and compare the implementation built against the `sha2` crate; the
-//! Wasm build's end-to-end tests verify every partner signature through the `sha2` path.
+//! crates (pure Rust; the Wasm filter, the CLI; their 0.11 release, whose SHA-256 runs on Wasm
+//! SIMD when the module is built with `simd128`, as `.cargo/config.toml` builds the filter)
+//! and, with the `ring` feature (the native module), ring's assembly, which uses the CPU's SHA
+//! extensions and otherwise its AVX or SSSE3 code where the `sha2` crate falls back to portable
+//! code (x86 servers without the SHA extensions, and any run under valgrind). Both give the
+//! same bytes: the unit tests below check known answers and compare the implementation built
+//! against the `sha2` crate's 0.10 line; the Wasm build's end-to-end tests verify every partner
+//! signature through the `sha2` path.
 
 /// An incremental SHA-256.
 #[derive(Clone)]
 pub struct Sha256(Inner);
 
 #[cfg(not(feature = "ring"))]
-type Inner = sha2::Sha256;
+type Inner = sha2_simd::Sha256;
 #[cfg(feature = "ring")]
 type Inner = ring::digest::Context;
 
@@ -28,8 +30,8 @@ impl Default for Sha256 {
 impl Sha256 {
     #[cfg(not(feature = "ring"))]
     pub fn new() -> Sha256 {
-        use sha2::Digest as _;
-        Sha256(sha2::Sha256::new())
+        use sha2_simd::Digest as _;
+        Sha256(sha2_simd::Sha256::new())
     }
 
     #[cfg(feature = "ring")]
@@ -39,7 +41,7 @@ impl Sha256 {
 
     pub fn update(&mut self, bytes: &[u8]) {
         #[cfg(not(feature = "ring"))]
-        sha2::Digest::update(&mut self.0, bytes);
+        sha2_simd::Digest::update(&mut self.0, bytes);
         #[cfg(feature = "ring")]
         self.0.update(bytes);
     }
@@ -53,7 +55,7 @@ impl Sha256 {
     pub fn finalize(self) -> [u8; 32] {
         #[cfg(not(feature = "ring"))]
         {
-            sha2::Digest::finalize(self.0).into()
+            sha2_simd::Digest::finalize(self.0).into()
         }
         #[cfg(feature = "ring")]
         {
@@ -76,7 +78,7 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
 pub struct HmacKey(KeyInner);
 
 #[cfg(not(feature = "ring"))]
-type KeyInner = Option<hmac::Hmac<sha2::Sha256>>;
+type KeyInner = Option<hmac_simd::Hmac<sha2_simd::Sha256>>;
 #[cfg(feature = "ring")]
 type KeyInner = ring::hmac::Key;
 
@@ -87,7 +89,10 @@ impl HmacKey {
         {
             // HMAC takes a key of any length; new_from_slice cannot fail for it (were it to,
             // the key signs nothing and verifies nothing)
-            HmacKey(<hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key).ok())
+            HmacKey(
+                <hmac_simd::Hmac<sha2_simd::Sha256> as hmac_simd::KeyInit>::new_from_slice(key)
+                    .ok(),
+            )
         }
         #[cfg(feature = "ring")]
         {
@@ -99,7 +104,7 @@ impl HmacKey {
     pub fn sign(&self, msg: &[u8]) -> [u8; 32] {
         #[cfg(not(feature = "ring"))]
         {
-            use hmac::Mac as _;
+            use hmac_simd::Mac as _;
             match self.0.clone() {
                 Some(mut m) => {
                     m.update(msg);
@@ -120,7 +125,7 @@ impl HmacKey {
     pub fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
         #[cfg(not(feature = "ring"))]
         {
-            use hmac::Mac as _;
+            use hmac_simd::Mac as _;
             self.0.clone().is_some_and(|mut m| {
                 m.update(msg);
                 m.verify_slice(sig).is_ok()
@@ -201,6 +206,8 @@ mod tests {
 
     #[test]
     fn same_bytes_as_the_sha2_crate() {
+        // against the 0.10 line of the crates (the one the rest of core uses): an
+        // implementation independent of the SIMD backend this module is built with
         use hmac::Mac as _;
         use sha2::Digest as _;
         for n in [0usize, 1, 63, 64, 65, 200, 1000] {
