@@ -37,6 +37,15 @@ pub fn open(
     Ok(meta)
 }
 
+/// What one lifecycle event has read of the live-ban mark (`state::bans::local`): whether a
+/// ban may be in force. An event that runs several batches at once (the opening batch's
+/// source, then the next batch's app) reads the mark once for all of them, as one batch with
+/// both subjects would; it is read again after a batch that may have started a ban (a counted
+/// refusal, a counted anomaly rule). A ban another worker writes meanwhile is one the request
+/// could as well have met a moment later: it applies from the event after.
+#[derive(Debug, Default)]
+pub struct MarkRead(Option<bool>);
+
 /// Runs a batch on the local store (Envoy shared data), synchronously.
 pub fn run_local(
     policy: &Policy,
@@ -44,14 +53,37 @@ pub fn run_local(
     meta: &StoreMeta,
     batch: &Batch,
 ) -> Answer {
+    run_local_in(policy, store, meta, batch, &mut MarkRead::default())
+}
+
+/// [`run_local`] for one of the batches a lifecycle event runs, with what the event has read
+/// of the live-ban mark so far.
+pub fn run_local_in(
+    policy: &Policy,
+    store: &dyn SharedStore,
+    meta: &StoreMeta,
+    batch: &Batch,
+    mark: &mut MarkRead,
+) -> Answer {
     let now = batch.now;
     let mut answer = Answer::default();
-    let mut live: Option<bool> = None;
+    let live = &mut mark.0;
     for op in &batch.ops {
+        if matches!(
+            op,
+            Op::Refusal(_)
+                | Op::Calls { .. }
+                | Op::Bytes { .. }
+                | Op::Source { .. }
+                | Op::KeyFailure { .. }
+        ) {
+            // may start a ban: a later subject's check reads the mark again
+            *live = None;
+        }
         let result = match op {
             Op::Ban(s) => match &policy.bans {
-                // the live-ban mark, read once for the batch's subjects; unreadable: look
-                // (the record reads then answer for the store)
+                // the live-ban mark, read once for the subjects; unreadable: look (the record
+                // reads then answer for the store)
                 Some(bans) => {
                     match *live.get_or_insert_with(|| bans.any_live(store, now).unwrap_or(true)) {
                         true => bans.check(store, s.as_subject(), now),

@@ -475,10 +475,11 @@ impl Stream {
     /// the policy keeps state locally; a cluster batch goes to the host.
     fn out(&mut self, mut step: Step, env: &Env<'_>) -> Step {
         if self.config.policy.state == StateBackend::Local {
+            let mut mark = local::MarkRead::default();
             while let Some(batch) = step.state.take() {
                 let answer = {
                     let c = &self.config;
-                    local::run_local(&c.policy, env.store, &c.meta, &batch)
+                    local::run_local_in(&c.policy, env.store, &c.meta, &batch, &mut mark)
                 };
                 let next = self.ev_state(answer, env);
                 step = step.then(next);

@@ -9,8 +9,9 @@
 //! store reads, and once a subject has been counted at all its record exists, so each read
 //! copies a slot into the VM (an allocation call into it, ~8k instructions in Wasm). One key,
 //! [`LIVE_KEY`], holds the latest end of any ban written in this store; a request reads it
-//! once and looks at the subjects' records only while it lies in the future. The rules that
-//! keep it safe:
+//! once in each lifecycle event that checks bans (for all the event's batches:
+//! `local::MarkRead`) and looks at the subjects' records only while it lies in the future. The
+//! rules that keep it safe:
 //! - a writer raises the mark to the new ban's end *before* it writes the ban (a ban the mark
 //!   does not cover is never stored; if the mark cannot be raised, the ban is not written and
 //!   the caller hears the store's error, as for any failed write);
@@ -721,6 +722,80 @@ mod tests {
         let answer = crate::local::run_local(&policy, &store, &meta, &Batch { now: 1003, ..batch });
         assert_eq!(
             answer.refused.map(|d| d.reason),
+            Some(crate::error::DenyReason::Banned)
+        );
+    }
+
+    #[test]
+    fn an_event_reads_the_mark_once_for_its_batches_and_again_after_a_counted_refusal() {
+        use crate::local::{run_local_in, MarkRead};
+        use crate::state::{BanSubject, Batch, Op};
+        let doc = serde_json::json!({
+            "version": 1,
+            "apis": [{"id": "t", "method": "GET", "path": "/t", "level": "S0", "service_object": "toB",
+                      "access": "read", "user_auth": false, "personal_info": false, "function": "t"}],
+            "apps": [{"id": "a"}],
+            "bans": {"threshold": 1, "window_seconds": 60, "ban_seconds": 600}
+        });
+        let secrets = std::collections::HashMap::<String, String>::new();
+        let mut policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
+        let store = Watched::default();
+        let meta = crate::local::open(&store, [3; 16], 999, &mut policy).unwrap();
+        let ip = BanSubject::Ip("192.0.2.9".parse().unwrap());
+        let app = BanSubject::App("a".into());
+        let one = |ops: Vec<Op>| Batch { now: 1000, ops };
+        // the opening batch (the source), then the next (the app), in one event: one read
+        let mut mark = MarkRead::default();
+        let live_before = store.reads(LIVE_KEY);
+        let before = store.total_reads();
+        let a = run_local_in(
+            &policy,
+            &store,
+            &meta,
+            &one(vec![Op::Ban(ip.clone())]),
+            &mut mark,
+        );
+        let b = run_local_in(
+            &policy,
+            &store,
+            &meta,
+            &one(vec![Op::Ban(app.clone())]),
+            &mut mark,
+        );
+        assert!(a.refused.is_none() && b.refused.is_none());
+        assert_eq!(store.reads(LIVE_KEY) - live_before, 1);
+        assert_eq!(store.total_reads() - before, 1);
+        // a batch that counts a refusal (threshold 1: it bans the app) makes the event read the
+        // mark again, so its next check sees the ban
+        let counted = run_local_in(
+            &policy,
+            &store,
+            &meta,
+            &one(vec![Op::Refusal(app.clone())]),
+            &mut mark,
+        );
+        assert!(counted.ban_started.is_some());
+        let after = run_local_in(
+            &policy,
+            &store,
+            &meta,
+            &one(vec![Op::Ban(app.clone())]),
+            &mut mark,
+        );
+        assert_eq!(
+            after.refused.map(|d| d.reason),
+            Some(crate::error::DenyReason::Banned)
+        );
+        // and a new event reads it afresh
+        let fresh = run_local_in(
+            &policy,
+            &store,
+            &meta,
+            &one(vec![Op::Ban(app)]),
+            &mut MarkRead::default(),
+        );
+        assert_eq!(
+            fresh.refused.map(|d| d.reason),
             Some(crate::error::DenyReason::Banned)
         );
     }
