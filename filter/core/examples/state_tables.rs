@@ -71,7 +71,7 @@ fn main() {
             let answer = loop {
                 let call = cluster::encode(&policy.cluster_params(), settings, &batch, full);
                 let (status, body) = ask(&call.body);
-                match cluster::decode(&batch, full, Some(&status), &body) {
+                match cluster::decode(&batch, full, Some(status.as_str()), &body) {
                     Decoded::LoadScript if !full => full = true,
                     Decoded::LoadScript => panic!("the store refused the script"),
                     Decoded::Answer(a) => break a,

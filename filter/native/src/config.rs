@@ -335,12 +335,12 @@ impl FilterConfig {
                     calls.opened = true;
                     envoy::log(abi::LOG_INFO, "apisec: cluster state store answered");
                 }
-                _ => envoy::log(
+                decoded => envoy::log(
                     abi::LOG_WARN,
                     &format!(
                         "apisec: cluster state store did not answer as expected ({}); requests are \
                          refused state_unavailable until it does",
-                        status.unwrap_or("no status")
+                        cluster::why_not(decoded)
                     ),
                 ),
             }

@@ -275,14 +275,18 @@ pub fn send_call(call: &Call) -> Result<u32, Status> {
     )
 }
 
-/// The answer to a callout, read in its response callback: its `:status` and body.
-pub fn call_answer(body_size: usize) -> (Option<String>, Vec<u8>) {
-    let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-        .ok()
-        .flatten();
-    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+/// The body of a callout's answer, read in its response callback.
+pub fn call_body(body_size: usize) -> Vec<u8> {
+    hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
         .ok()
         .flatten()
-        .unwrap_or_default();
-    (status, body)
+        .unwrap_or_default()
+}
+
+/// The `:status` of a callout's answer, read in its response callback; core asks it only when
+/// the body is not the store's answer (`cluster::CallStatus`).
+pub fn call_status() -> Option<String> {
+    hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        .ok()
+        .flatten()
 }

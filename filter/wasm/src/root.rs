@@ -15,7 +15,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, LogLevel};
 
-use crate::host::{call_answer, log, now_secs, send_call, EnvSecrets, EnvoyStore, EnvoyVerifier};
+use crate::host::{
+    call_body, call_status, log, now_secs, send_call, EnvSecrets, EnvoyStore, EnvoyVerifier,
+};
 use crate::metrics::Metrics;
 use crate::stream::ApisecHttp;
 use crate::worker::{Plugin, GENERATION};
@@ -146,8 +148,8 @@ impl Context for ApisecRoot {
         if let Some((sent, full)) = self.gauging {
             if sent == token {
                 self.gauging = None;
-                let (status, body) = call_answer(body_size);
-                match cluster::decode_gauges(full, status.as_deref(), &body) {
+                let body = call_body(body_size);
+                match cluster::decode_gauges(full, call_status, &body) {
                     GaugeAnswer::Counts(counts) => {
                         if let (Some(m), Some(config)) = (&self.metrics, &self.config) {
                             m.gauges(metrics::cluster_gauges(&config.policy, &counts));
@@ -164,9 +166,9 @@ impl Context for ApisecRoot {
         }
         if let Some((sent, batch, full)) = self.tallying.take() {
             if sent == token {
-                let (status, body) = call_answer(body_size);
+                let body = call_body(body_size);
                 let now = now_secs().unwrap_or(batch.now);
-                match cluster::decode(&batch, full, status.as_deref(), &body) {
+                match cluster::decode(&batch, full, call_status, &body) {
                     Decoded::Answer(a) if a.refused.is_none() => {}
                     Decoded::LoadScript => {
                         self.tally_full = true;
@@ -189,22 +191,22 @@ impl Context for ApisecRoot {
             return;
         }
         self.opening = None;
-        let (status, body) = call_answer(body_size);
+        let body = call_body(body_size);
         if self.config.is_none() {
             return;
         }
         let batch = Batch::default();
-        match cluster::decode(&batch, true, status.as_deref(), &body) {
+        match cluster::decode(&batch, true, call_status, &body) {
             Decoded::Answer(a) if a.refused.is_none() => {
                 self.cluster_opened = true;
                 log(LogLevel::Info, "apisec: cluster state store answered");
             }
-            _ => log(
+            decoded => log(
                 LogLevel::Warn,
                 &format!(
                     "apisec: cluster state store did not answer as expected ({}); requests are \
                      refused state_unavailable until it does",
-                    status.as_deref().unwrap_or("no status")
+                    cluster::why_not(decoded)
                 ),
             ),
         }

@@ -10,7 +10,9 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, LogLevel, MapType};
 
-use crate::host::{call_answer, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier};
+use crate::host::{
+    call_body, call_status, host_error, log, send_call, EnvoyFacts, EnvoyStore, EnvoyVerifier,
+};
 use crate::metrics::Metrics;
 use crate::worker::{Plugin, HELD};
 
@@ -44,8 +46,8 @@ impl Context for ApisecHttp {
             self.pending = Some((sent, batch, full));
             return;
         }
-        let (status, body) = call_answer(body_size);
-        let decoded = cluster::decode(&batch, full, status.as_deref(), &body);
+        let body = call_body(body_size);
+        let decoded = cluster::decode(&batch, full, call_status, &body);
         let action = match decoded {
             Decoded::LoadScript => self.dispatch(batch, true),
             Decoded::Answer(answer) => self.event(|s, env| s.on_state(answer, env)),

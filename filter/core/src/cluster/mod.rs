@@ -277,7 +277,7 @@ pub enum GaugeAnswer {
     Failed(String),
 }
 
-pub fn decode_gauges(full: bool, status: Option<&str>, body: &[u8]) -> GaugeAnswer {
+pub fn decode_gauges(full: bool, status: impl CallStatus, body: &[u8]) -> GaugeAnswer {
     let reply = match reply(status, body) {
         Ok(r) => r,
         Err(e) => return GaugeAnswer::Failed(e),
@@ -340,7 +340,7 @@ fn unavailable(detail: impl Into<String>) -> Decoded {
 /// Reads the callout's answer: `status` is its `:status` (None: the host gave none, as for a
 /// callout that failed or timed out), `body` what came with it.
 /// `full`: the batch went with the script's text, so a store that still lacks it is broken.
-pub fn decode(batch: &Batch, full: bool, status: Option<&str>, body: &[u8]) -> Decoded {
+pub fn decode(batch: &Batch, full: bool, status: impl CallStatus, body: &[u8]) -> Decoded {
     match read(batch, status, body) {
         Decoded::LoadScript if full => {
             Decoded::Answer(failed("the store lacks the script it was sent"))
@@ -349,27 +349,60 @@ pub fn decode(batch: &Batch, full: bool, status: Option<&str>, body: &[u8]) -> D
     }
 }
 
-/// The script's reply, from the callout's status and body (webdis: `{"EVALSHA": [...]}`).
-fn reply(status: Option<&str>, body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
-    if status != Some("200") {
-        return Err(format!(
-            "state store answered {} ({} bytes)",
-            status.unwrap_or("nothing"),
-            body.len()
-        ));
-    }
-    let Ok(serde_json::Value::Object(mut map)) = serde_json::from_slice::<serde_json::Value>(body)
-    else {
-        return Err("state store answer is not a JSON object".into());
-    };
-    let one = map.len() == 1;
-    match map.remove("EVALSHA").or_else(|| map.remove("EVAL")) {
-        Some(serde_json::Value::Array(r)) if one => Ok(r),
-        _ => Err("state store answer has an unexpected shape".into()),
+/// The callout's `:status`, as a glue has it: at hand (`Option<&str>`), or asked of the host
+/// only when needed (a closure; in the Wasm build each answer the host copies into the VM
+/// costs an allocation call into it).
+pub trait CallStatus {
+    fn status(self) -> Option<String>;
+}
+
+impl CallStatus for Option<&str> {
+    fn status(self) -> Option<String> {
+        self.map(str::to_string)
     }
 }
 
-fn read(batch: &Batch, status: Option<&str>, body: &[u8]) -> Decoded {
+impl<F: FnOnce() -> Option<String>> CallStatus for F {
+    fn status(self) -> Option<String> {
+        self()
+    }
+}
+
+/// The script's reply, from the callout's body (webdis: `{"EVALSHA": [...]}`, the script's
+/// words in the array) and, when the body is not that, its status for the reason. A body that
+/// is the script's reply is taken whatever the status says: the script ran and answered (webdis
+/// sends its JSON only with 200; its errors, Envoy's own answers for the store and a callout
+/// that failed carry no such body), so the status is asked only to say why there is none.
+fn reply(status: impl CallStatus, body: &[u8]) -> Result<Vec<serde_json::Value>, String> {
+    let object = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(mut map)) => {
+            let one = map.len() == 1;
+            if let Some(serde_json::Value::Array(r)) =
+                map.remove("EVALSHA").or_else(|| map.remove("EVAL"))
+            {
+                if one {
+                    return Ok(r);
+                }
+            }
+            true
+        }
+        _ => false,
+    };
+    let status = status.status();
+    if status.as_deref() != Some("200") {
+        return Err(format!(
+            "state store answered {} ({} bytes)",
+            status.as_deref().unwrap_or("nothing"),
+            body.len()
+        ));
+    }
+    Err(match object {
+        true => "state store answer has an unexpected shape".into(),
+        false => "state store answer is not a JSON object".into(),
+    })
+}
+
+fn read(batch: &Batch, status: impl CallStatus, body: &[u8]) -> Decoded {
     let reply = match reply(status, body) {
         Ok(r) => r,
         Err(e) => return unavailable(e),
@@ -460,6 +493,17 @@ fn found(batch: &Batch, reply: &[serde_json::Value]) -> Option<Answer> {
         }
     }
     Some(answer)
+}
+
+/// Why an answer is not the store's "ok", in words for the log.
+pub fn why_not(decoded: Decoded) -> String {
+    match decoded {
+        Decoded::Answer(a) => match a.refused {
+            Some(d) => d.detail,
+            None => "ok".into(),
+        },
+        Decoded::LoadScript => "the store lacks the script".into(),
+    }
 }
 
 /// What a callout that could not be made or got no answer means: the store is unavailable.

@@ -45,6 +45,56 @@ fn reason(d: Decoded) -> Option<DenyReason> {
     }
 }
 
+/// The status is asked only when the body is not the script's reply (each answer the Wasm
+/// host copies into the VM is an allocation call into it), and then it says why.
+#[test]
+fn the_status_is_asked_only_for_a_body_that_is_not_the_scripts_reply() {
+    let b = nonce_batch(false);
+    let asked = std::cell::Cell::new(0);
+    let status = |s: &'static str| {
+        let asked = &asked;
+        move || {
+            asked.set(asked.get() + 1);
+            Some(s.to_string())
+        }
+    };
+    assert_eq!(
+        reason(decode(&b, false, status("200"), br#"{"EVALSHA":["ok"]}"#)),
+        None
+    );
+    assert_eq!(
+        reason(decode(
+            &b,
+            false,
+            status("200"),
+            br#"{"EVALSHA":["replayed"]}"#
+        )),
+        Some(DenyReason::NonceReplayed)
+    );
+    assert_eq!(asked.get(), 0);
+    let why = |d: Decoded| match d {
+        Decoded::Answer(a) => a.refused.map(|d| (d.reason, d.detail)),
+        Decoded::LoadScript => panic!("unexpected"),
+    };
+    assert_eq!(
+        why(decode(&b, false, status("503"), b"no healthy upstream")),
+        Some((
+            DenyReason::StateUnavailable,
+            "state store answered 503 (19 bytes)".into()
+        ))
+    );
+    assert_eq!(asked.get(), 1);
+    assert_eq!(
+        why(decode(&b, false, status("200"), br#"{"EVALSHA":"ok"}"#)).map(|w| w.1),
+        Some("state store answer has an unexpected shape".into())
+    );
+    assert_eq!(asked.get(), 2);
+    assert_eq!(
+        why(decode(&b, false, || None, b"")).map(|w| w.1),
+        Some("state store answered nothing (0 bytes)".into())
+    );
+}
+
 /// Fail closed: only the script's own answers mean anything; everything else (Envoy's
 /// synthesized 503/504, webdis's 403, a Redis error or LOADING, garbage) is unavailable.
 #[test]
