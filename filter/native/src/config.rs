@@ -69,6 +69,9 @@ impl FilterConfig {
         getrandom::getrandom(&mut salt).map_err(|e| format!("no random source: {e}"))?;
         let meta = apisec_core::local::open(store(), salt, now, &mut policy)?;
         policy.generation = GENERATION.fetch_add(1, Ordering::Relaxed) + 1;
+        if let StateBackend::Cluster(_) = &policy.state {
+            cluster::prepare();
+        }
         let config = Config {
             policy: Arc::new(policy),
             meta: Arc::new(meta),

@@ -121,6 +121,7 @@ impl ApisecRoot {
         let StateBackend::Cluster(settings) = &config.policy.state else {
             return;
         };
+        cluster::prepare();
         let Some(now) = now_secs() else { return };
         let batch = Batch { ops: vec![], now };
         let call = cluster::encode(&config.policy.cluster_params(), settings, &batch, true);

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use crate::apps::SecretSource;
 use crate::error::{ConfigError, Deny, DenyReason};
 use crate::sessions::Session;
-use crate::state::script::{self, script, script_sha, word, Words};
+pub use crate::state::script::prepare;
+use crate::state::script::{self, script, script_sha, script_words, word, Words};
 pub use crate::state::Params;
 use crate::state::{self, Answer, Batch, Op};
 
@@ -205,7 +206,7 @@ fn command(p: &Params<'_>, settings: &ClusterSettings, now: u64, full: bool) -> 
     let mut body = Vec::with_capacity(if full { script().len() * 2 } else { 256 });
     if full {
         body.extend_from_slice(b"EVAL");
-        word(&mut body, script());
+        body.extend_from_slice(script_words());
     } else {
         body.extend_from_slice(b"EVALSHA");
         word(&mut body, script_sha());

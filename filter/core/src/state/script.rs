@@ -198,6 +198,24 @@ pub fn script_sha() -> &'static str {
     SHA.get_or_init(|| hex(&sha1::Sha1::digest(script().as_bytes())))
 }
 
+/// The script's text as the word an `EVAL` sends ([`word`]), encoded once per VM.
+pub fn script_words() -> &'static [u8] {
+    static WORDS: OnceLock<Vec<u8>> = OnceLock::new();
+    WORDS.get_or_init(|| {
+        let mut out = Vec::with_capacity(script().len() * 2);
+        word(&mut out, script());
+        out
+    })
+}
+
+/// Builds what every callout reuses (the script's text, its digest, its encoded words) now, as
+/// a policy for the cluster store is loaded, rather than in the first callout that needs each:
+/// in the Wasm build that was a call of about a million instructions in a worker's tick (the
+/// first gauge pass) or in a request.
+pub fn prepare() {
+    let _ = (script_sha(), script_words());
+}
+
 /// webdis reads a command as `/`-separated, percent-decoded words; `+` would decode to a
 /// space, and a final `.ext` would pick an output format, so everything but letters, digits,
 /// `-` and `_` is encoded, and the command never ends with a caller's bytes.
@@ -370,5 +388,10 @@ mod tests {
         assert!(script().starts_with("local LAYOUT = {\n  B = {'subject', 'lift'},\n"));
         assert_eq!(script_sha().len(), 40);
         assert!(std::ptr::eq(script_sha(), script_sha()));
+        // the text's word for EVAL, encoded once, is the word of the text
+        let mut once = Vec::new();
+        word(&mut once, script());
+        assert_eq!(script_words(), once.as_slice());
+        assert!(std::ptr::eq(script_words(), script_words()));
     }
 }
