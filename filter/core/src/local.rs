@@ -69,17 +69,6 @@ pub fn run_local_in(
     let mut answer = Answer::default();
     let live = &mut mark.0;
     for op in &batch.ops {
-        if matches!(
-            op,
-            Op::Refusal(_)
-                | Op::Calls { .. }
-                | Op::Bytes { .. }
-                | Op::Source { .. }
-                | Op::KeyFailure { .. }
-        ) {
-            // may start a ban: a later subject's check reads the mark again
-            *live = None;
-        }
         let result = match op {
             Op::Ban(s) => match &policy.bans {
                 // the live-ban mark, read once for the subjects; unreadable: look (the record
@@ -120,6 +109,8 @@ pub fn run_local_in(
                 &mut answer,
             ),
             Op::Refusal(s) => {
+                // may start a ban: a later subject's check reads the mark again
+                *live = None;
                 if let Some(bans) = &policy.bans {
                     match bans.record_refusal(store, s.as_subject(), now) {
                         Ok(true) => {
@@ -166,6 +157,8 @@ pub fn run_local_in(
                 Ok(())
             }),
             Op::Calls { .. } | Op::Bytes { .. } | Op::Source { .. } | Op::KeyFailure { .. } => {
+                // a counted rule may start a ban, as a refusal does
+                *live = None;
                 crate::state::anomalies::run_local(
                     store,
                     policy.bans.as_ref(),

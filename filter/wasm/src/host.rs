@@ -133,10 +133,7 @@ impl HostFacts for EnvoyFacts {
     /// (it answers NotFound on a plain connection), so the usual TLS request copies nothing
     /// for it either. `connection.tls_version`, asked until then, always copied its text.
     fn transport(&self) -> Transport {
-        let tls = matches!(
-            raw::property(raw::PEER_SUBJECT),
-            raw::Answer::Empty | raw::Answer::Value
-        );
+        let tls = raw::present(raw::PEER_SUBJECT);
         let mut t = Transport {
             tls,
             ..Default::default()
@@ -210,15 +207,6 @@ mod raw {
     /// `connection.subject_peer_certificate`, as the ABI spells a path (parts split by NUL).
     pub const PEER_SUBJECT: &[u8] = b"connection\0subject_peer_certificate";
 
-    pub enum Answer {
-        /// NotFound (or the host could not answer).
-        Absent,
-        /// There, and empty: nothing was copied into the VM.
-        Empty,
-        /// There with a value (copied into the VM, dropped here).
-        Value,
-    }
-
     #[link(wasm_import_module = "env")]
     extern "C" {
         fn proxy_get_property(
@@ -229,21 +217,22 @@ mod raw {
         ) -> Status;
     }
 
-    pub fn property(path: &[u8]) -> Answer {
+    /// Whether the host has the property, empty or not (an empty one copies nothing into the
+    /// VM; a value it copied is freed here).
+    pub fn present(path: &[u8]) -> bool {
         let mut data: *mut u8 = std::ptr::null_mut();
         let mut size: usize = 0;
         // SAFETY: the host writes a pointer it allocated in this VM's memory through the SDK's
         // allocator export, and its size; that buffer is taken back below as the SDK does.
         let status = unsafe { proxy_get_property(path.as_ptr(), path.len(), &mut data, &mut size) };
-        match status {
-            Status::Ok if data.is_null() => Answer::Empty,
-            Status::Ok => {
-                // SAFETY: as above; the SDK's `get_property` frees an answer the same way.
-                drop(unsafe { Vec::from_raw_parts(data, size, size) });
-                Answer::Value
-            }
-            _ => Answer::Absent,
+        if !matches!(status, Status::Ok) {
+            return false;
         }
+        if !data.is_null() {
+            // SAFETY: as above; the SDK's `get_property` frees an answer the same way.
+            drop(unsafe { Vec::from_raw_parts(data, size, size) });
+        }
+        true
     }
 }
 

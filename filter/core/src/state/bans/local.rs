@@ -685,20 +685,26 @@ mod tests {
         assert!(!s.any_live(&store, 1002).unwrap());
     }
 
-    #[test]
-    fn a_batch_reads_the_mark_once_and_no_record_while_no_ban_is_in_force() {
-        use crate::state::{BanSubject, Batch, Op};
+    /// A policy with bans after `threshold` refusals, and a new store opened for it.
+    fn opened(threshold: u32) -> (crate::policy::Policy, Watched, crate::store::StoreMeta) {
         let doc = serde_json::json!({
             "version": 1,
             "apis": [{"id": "t", "method": "GET", "path": "/t", "level": "S0", "service_object": "toB",
                       "access": "read", "user_auth": false, "personal_info": false, "function": "t"}],
             "apps": [{"id": "a"}],
-            "bans": {"threshold": 3, "window_seconds": 60, "ban_seconds": 600}
+            "bans": {"threshold": threshold, "window_seconds": 60, "ban_seconds": 600}
         });
         let secrets = std::collections::HashMap::<String, String>::new();
         let mut policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
         let store = Watched::default();
         let meta = crate::local::open(&store, [3; 16], 999, &mut policy).unwrap();
+        (policy, store, meta)
+    }
+
+    #[test]
+    fn a_batch_reads_the_mark_once_and_no_record_while_no_ban_is_in_force() {
+        use crate::state::{BanSubject, Batch, Op};
+        let (policy, store, meta) = opened(3);
         let ip = BanSubject::Ip("192.0.2.9".parse().unwrap());
         let app = BanSubject::App("a".into());
         let batch = Batch {
@@ -729,71 +735,37 @@ mod tests {
     #[test]
     fn an_event_reads_the_mark_once_for_its_batches_and_again_after_a_counted_refusal() {
         use crate::local::{run_local_in, MarkRead};
-        use crate::state::{BanSubject, Batch, Op};
-        let doc = serde_json::json!({
-            "version": 1,
-            "apis": [{"id": "t", "method": "GET", "path": "/t", "level": "S0", "service_object": "toB",
-                      "access": "read", "user_auth": false, "personal_info": false, "function": "t"}],
-            "apps": [{"id": "a"}],
-            "bans": {"threshold": 1, "window_seconds": 60, "ban_seconds": 600}
-        });
-        let secrets = std::collections::HashMap::<String, String>::new();
-        let mut policy = crate::policy::Policy::from_json(&doc.to_string(), &secrets).unwrap();
-        let store = Watched::default();
-        let meta = crate::local::open(&store, [3; 16], 999, &mut policy).unwrap();
+        use crate::state::{Answer, BanSubject, Batch, Op};
+        let (policy, store, meta) = opened(1);
+        let run = |op: Op, mark: &mut MarkRead| -> Answer {
+            let batch = Batch {
+                now: 1000,
+                ops: vec![op],
+            };
+            run_local_in(&policy, &store, &meta, &batch, mark)
+        };
         let ip = BanSubject::Ip("192.0.2.9".parse().unwrap());
         let app = BanSubject::App("a".into());
-        let one = |ops: Vec<Op>| Batch { now: 1000, ops };
         // the opening batch (the source), then the next (the app), in one event: one read
         let mut mark = MarkRead::default();
         let live_before = store.reads(LIVE_KEY);
         let before = store.total_reads();
-        let a = run_local_in(
-            &policy,
-            &store,
-            &meta,
-            &one(vec![Op::Ban(ip.clone())]),
-            &mut mark,
-        );
-        let b = run_local_in(
-            &policy,
-            &store,
-            &meta,
-            &one(vec![Op::Ban(app.clone())]),
-            &mut mark,
-        );
+        let a = run(Op::Ban(ip), &mut mark);
+        let b = run(Op::Ban(app.clone()), &mut mark);
         assert!(a.refused.is_none() && b.refused.is_none());
         assert_eq!(store.reads(LIVE_KEY) - live_before, 1);
         assert_eq!(store.total_reads() - before, 1);
         // a batch that counts a refusal (threshold 1: it bans the app) makes the event read the
         // mark again, so its next check sees the ban
-        let counted = run_local_in(
-            &policy,
-            &store,
-            &meta,
-            &one(vec![Op::Refusal(app.clone())]),
-            &mut mark,
-        );
+        let counted = run(Op::Refusal(app.clone()), &mut mark);
         assert!(counted.ban_started.is_some());
-        let after = run_local_in(
-            &policy,
-            &store,
-            &meta,
-            &one(vec![Op::Ban(app.clone())]),
-            &mut mark,
-        );
+        let after = run(Op::Ban(app.clone()), &mut mark);
         assert_eq!(
             after.refused.map(|d| d.reason),
             Some(crate::error::DenyReason::Banned)
         );
         // and a new event reads it afresh
-        let fresh = run_local_in(
-            &policy,
-            &store,
-            &meta,
-            &one(vec![Op::Ban(app)]),
-            &mut MarkRead::default(),
-        );
+        let fresh = run(Op::Ban(app), &mut MarkRead::default());
         assert_eq!(
             fresh.refused.map(|d| d.reason),
             Some(crate::error::DenyReason::Banned)
