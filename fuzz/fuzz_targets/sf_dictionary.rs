@@ -10,7 +10,8 @@ fuzz_target!(|data: &[u8]| {
         for (_, member) in &dict {
             if let sf::Member::InnerList(list) = member {
                 let again = sf::serialize_inner_list(list);
-                let reparsed = sf::parse_dictionary(&format!("a={again}")).expect("serialised inner list parses");
+                let field = format!("a={again}");
+                let reparsed = sf::parse_dictionary(&field).expect("serialised inner list parses");
                 match reparsed.first() {
                     Some((_, sf::Member::InnerList(l))) => assert_eq!(l, list),
                     other => panic!("re-parsed to {other:?}"),

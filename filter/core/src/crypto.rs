@@ -29,7 +29,7 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
                 "content-digest: member is not a byte sequence",
             ));
         };
-        let got: Vec<u8> = match alg.as_str() {
+        let got: Vec<u8> = match &**alg {
             "sha-256" => crate::sha256::digest(body).to_vec(),
             "sha-512" => Sha512::digest(body).to_vec(),
             // not in the IANA registry; apisec's name for GB/T 32905 SM3 (DATA-5)
@@ -56,7 +56,7 @@ pub fn verify_content_digest(header: &str, body: &[u8]) -> Result<(), Deny> {
 /// Whether a Content-Digest header has a member for `alg` (its value is checked against the
 /// body by `verify_content_digest`).
 pub fn digest_has(header: &str, alg: &str) -> bool {
-    sf::parse_dictionary(header).is_ok_and(|d| d.iter().any(|(k, _)| k == alg))
+    sf::parse_dictionary(header).is_ok_and(|d| d.iter().any(|(k, _)| *k == alg))
 }
 
 /// `sha-256=:<base64>:` for a body; clients and the CLI use it.

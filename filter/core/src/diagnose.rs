@@ -183,18 +183,18 @@ fn signature_facts(policy: &Policy, req: &Request, now: u64) -> Option<Signature
         facts.base = Err("signature-input has no inner list".into());
         return Some(facts);
     };
-    facts.label = label.clone();
+    facts.label = label.to_string();
     let mut covered: Vec<&str> = Vec::new();
     for item in &input.items {
         let mut text = String::new();
         sf::serialize_item(&mut text, item);
         facts.components.push(text);
         if let BareItem::String(s) = &item.bare {
-            covered.push(s.as_str());
+            covered.push(s.as_ref());
         }
     }
     let text = |k: &str| match sf::param(&input.params, k) {
-        Some(BareItem::String(s)) => Some(s.clone()),
+        Some(BareItem::String(s)) => Some(s.to_string()),
         _ => None,
     };
     facts.keyid = text("keyid");

@@ -243,7 +243,7 @@ pub fn check<'k>(
         sf::parse_dictionary(&e.signature).map_err(|_| invalid("signature is not a dictionary"))?;
     let sig = dict
         .iter()
-        .find(|(l, _)| l == label)
+        .find(|(l, _)| *l == label)
         .and_then(|(_, m)| match m {
             Member::Item(i) => match &i.bare {
                 BareItem::ByteSeq(b) => Some(b.clone()),

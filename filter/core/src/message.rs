@@ -2,6 +2,8 @@
 //! (section 2: derived components and header fields; section 2.5: the base itself).
 //! Implements the message-integrity part of DATA-3 and DATA-4.
 
+use std::borrow::Cow;
+
 use crate::error::{Deny, DenyReason};
 use crate::fields::form_decode;
 use crate::sf::{self, BareItem, InnerList};
@@ -123,13 +125,15 @@ impl Request {
     }
 
     /// RFC 9421 section 2.1: values trimmed, repeated fields joined with ", ".
-    fn field_value(&self, name: &str) -> Option<String> {
-        let mut out: Option<String> = None;
+    fn field_value(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut out: Option<Cow<'_, str>> = None;
         for v in self.header_values(name) {
             let v = v.trim_matches([' ', '\t']);
             match &mut out {
-                None => out = Some(v.to_string()),
+                // one field line, the common case: its text as it is
+                None => out = Some(Cow::Borrowed(v)),
                 Some(s) => {
+                    let s = s.to_mut();
                     s.push_str(", ");
                     s.push_str(v);
                 }
@@ -139,16 +143,19 @@ impl Request {
     }
 
     /// RFC 9421 section 2.2.3: lowercase host, default port removed.
-    fn authority_normalised(&self) -> String {
-        let a = self.authority.to_ascii_lowercase();
+    fn authority_normalised(&self) -> Cow<'_, str> {
         let default_port = match self.scheme.as_str() {
             "http" => Some(":80"),
             "https" => Some(":443"),
             _ => None,
         };
-        match default_port.and_then(|p| a.strip_suffix(p)) {
-            Some(stripped) => stripped.to_string(),
-            None => a,
+        // the port is digits: stripped before lowercasing, as after
+        let a = self.authority.as_str();
+        let a = default_port.and_then(|p| a.strip_suffix(p)).unwrap_or(a);
+        if a.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(a.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(a)
         }
     }
 }
@@ -211,35 +218,39 @@ fn component_lines(
     if let Some((k, _)) = item
         .params
         .iter()
-        .find(|(k, _)| !allowed_params.contains(&k.as_str()))
+        .find(|(k, _)| !allowed_params.contains(k))
     {
         return Err(missing(&format!(
             "component parameter ;{k} is not supported"
         )));
     }
 
-    let mut push = |value: &str| {
+    let mut push = |prefix: &str, value: &str| {
         lines.push_str(ident);
         lines.push_str(": ");
+        lines.push_str(prefix);
         lines.push_str(value);
         lines.push('\n');
     };
-    match name.as_str() {
-        "@method" => push(&req.method),
-        "@scheme" => push(&req.scheme.to_ascii_lowercase()),
-        "@authority" => push(&req.authority_normalised()),
-        "@target-uri" => push(&format!(
-            "{}://{}{}",
-            req.scheme.to_ascii_lowercase(),
-            req.authority_normalised(),
-            req.path_and_query
-        )),
-        "@request-target" => push(&req.path_and_query),
+    match name.as_ref() {
+        "@method" => push("", &req.method),
+        "@scheme" => push("", &req.scheme.to_ascii_lowercase()),
+        "@authority" => push("", &req.authority_normalised()),
+        "@target-uri" => push(
+            "",
+            &format!(
+                "{}://{}{}",
+                req.scheme.to_ascii_lowercase(),
+                req.authority_normalised(),
+                req.path_and_query
+            ),
+        ),
+        "@request-target" => push("", &req.path_and_query),
         "@path" => {
             let p = req.path();
-            push(if p.is_empty() { "/" } else { p })
+            push("", if p.is_empty() { "/" } else { p })
         }
-        "@query" => push(&format!("?{}", req.query().unwrap_or(""))),
+        "@query" => push("?", req.query().unwrap_or("")),
         "@query-param" => {
             let Some(BareItem::String(want)) = sf::param(&item.params, "name") else {
                 return Err(missing("needs a name parameter"));
@@ -253,7 +264,7 @@ fn component_lines(
             {
                 let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
                 if query_param_encode(&form_decode(n.as_bytes())) == *want {
-                    push(&query_param_encode(&form_decode(v.as_bytes())));
+                    push("", &query_param_encode(&form_decode(v.as_bytes())));
                     found = true;
                 }
             }
@@ -273,7 +284,7 @@ fn component_lines(
                 ));
             }
             match req.field_value(n) {
-                Some(v) => push(&v),
+                Some(v) => push("", &v),
                 None => return Err(missing("header not present")),
             }
         }
@@ -347,7 +358,7 @@ mod tests {
         }
     }
 
-    fn input(s: &str) -> InnerList {
+    fn input(s: &str) -> InnerList<'_> {
         match sf::parse_dictionary(s).unwrap().remove(0).1 {
             sf::Member::InnerList(l) => l,
             sf::Member::Item(_) => panic!("not an inner list"),
@@ -447,6 +458,28 @@ mod tests {
         assert!(base.starts_with(
             "\"@query-param\";name=\"var\": this%20is%20a%20big%0Avalue\n\"@query-param\";name=\"bar\": with%20plus%20whitespace\n\"@query-param\";name=\"fa%C3%A7ade%22%3A%20\": something\n"
         ), "{base}");
+    }
+
+    /// RFC 9421 section 2.2.3, each way the authority can come: lowercased only when it has
+    /// an uppercase letter, the default port of the scheme removed and any other kept.
+    #[test]
+    fn authority_forms() {
+        for (scheme, sent, want) in [
+            ("https", "api.example.com", "api.example.com"),
+            ("https", "api.example.com:443", "api.example.com"),
+            ("https", "API.Example.com:443", "api.example.com"),
+            ("https", "api.example.com:8443", "api.example.com:8443"),
+            ("http", "Api.Example.COM:80", "api.example.com"),
+            ("http", "api.example.com:443", "api.example.com:443"),
+            ("https", "[2001:DB8::1]:443", "[2001:db8::1]"),
+        ] {
+            let req = Request {
+                scheme: scheme.into(),
+                authority: sent.into(),
+                ..Default::default()
+            };
+            assert_eq!(req.authority_normalised(), want, "{scheme} {sent}");
+        }
     }
 
     #[test]

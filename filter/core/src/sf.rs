@@ -2,39 +2,42 @@
 //! `Signature`) and RFC 9530 (`Content-Digest`) need. Parsing is strict (ATK-1, DATA-3):
 //! duplicate dictionary keys and anything outside the grammar are errors, never "last wins".
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 
-/// A bare item (RFC 8941 section 3.3).
+/// A bare item (RFC 8941 section 3.3). Parsed items borrow the field's text: keys, tokens and
+/// decimals are runs of it, and a string is one unless it had an escape.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BareItem {
+pub enum BareItem<'a> {
     Integer(i64),
     /// Decimal kept as its canonical text (RFC 9421 never needs its value).
-    Decimal(String),
-    String(String),
-    Token(String),
+    Decimal(&'a str),
+    String(Cow<'a, str>),
+    Token(&'a str),
     ByteSeq(Vec<u8>),
     Boolean(bool),
 }
 
 /// Ordered parameters; keys are unique (a duplicate is a parse error).
-pub type Params = Vec<(String, BareItem)>;
+pub type Params<'a> = Vec<(&'a str, BareItem<'a>)>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Item {
-    pub bare: BareItem,
-    pub params: Params,
+pub struct Item<'a> {
+    pub bare: BareItem<'a>,
+    pub params: Params<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InnerList {
-    pub items: Vec<Item>,
-    pub params: Params,
+pub struct InnerList<'a> {
+    pub items: Vec<Item<'a>>,
+    pub params: Params<'a>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Member {
-    Item(Item),
-    InnerList(InnerList),
+pub enum Member<'a> {
+    Item(Item<'a>),
+    InnerList(InnerList<'a>),
 }
 
 /// Why a structured field was refused. Kept short: it goes to the audit log.
@@ -47,8 +50,8 @@ impl std::fmt::Display for SfError {
     }
 }
 
-pub fn param<'a>(params: &'a Params, key: &str) -> Option<&'a BareItem> {
-    params.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+pub fn param<'p, 'a>(params: &'p Params<'a>, key: &str) -> Option<&'p BareItem<'a>> {
+    params.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
 /// Byte classes of the grammar, one table lookup per byte instead of a chain of compares.
@@ -156,17 +159,17 @@ impl<'a> Parser<'a> {
         self.text.get(start..self.pos).unwrap_or_default()
     }
 
-    fn key(&mut self) -> Result<String, SfError> {
+    fn key(&mut self) -> Result<&'a str, SfError> {
         match self.peek() {
             Some(c) if c.is_ascii_lowercase() || c == b'*' => {}
             _ => return Err(SfError("key must start with a-z or *")),
         }
         let start = self.run_of(KEY);
-        Ok(self.since(start).to_owned())
+        Ok(self.since(start))
     }
 
-    fn params(&mut self) -> Result<Params, SfError> {
-        let mut out: Params = Vec::new();
+    fn params(&mut self) -> Result<Params<'a>, SfError> {
+        let mut out: Params<'a> = Vec::new();
         while self.peek() == Some(b';') {
             self.pos += 1;
             self.skip_sp();
@@ -185,7 +188,7 @@ impl<'a> Parser<'a> {
         Ok(out)
     }
 
-    fn bare(&mut self) -> Result<BareItem, SfError> {
+    fn bare(&mut self) -> Result<BareItem<'a>, SfError> {
         match self.peek() {
             Some(b'"') => self.string(),
             Some(b':') => self.byte_seq(),
@@ -203,33 +206,36 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn string(&mut self) -> Result<BareItem, SfError> {
+    fn string(&mut self) -> Result<BareItem<'a>, SfError> {
         // past the opening quote; the common case, no escape, is one run up to the closing
-        // quote and one allocation
+        // quote, borrowed from the field; an escape makes it a string of its own
         self.pos += 1;
         let start = self.run_of(STRING);
-        let mut out = self.since(start).to_owned();
+        let mut out = Cow::Borrowed(self.since(start));
         loop {
             match self.bump() {
                 None => return Err(SfError("unterminated string")),
                 Some(b'"') => return Ok(BareItem::String(out)),
                 Some(b'\\') => match self.bump() {
-                    Some(c @ (b'"' | b'\\')) => out.push(c as char),
+                    Some(c @ (b'"' | b'\\')) => out.to_mut().push(c as char),
                     _ => return Err(SfError("bad escape in string")),
                 },
                 Some(_) => return Err(SfError("bad character in string")),
             }
             let start = self.run_of(STRING);
-            out.push_str(self.since(start));
+            let run = self.since(start);
+            if !run.is_empty() {
+                out.to_mut().push_str(run);
+            }
         }
     }
 
-    fn token(&mut self) -> Result<BareItem, SfError> {
+    fn token(&mut self) -> Result<BareItem<'a>, SfError> {
         let start = self.run_of(TOKEN);
-        Ok(BareItem::Token(self.since(start).to_owned()))
+        Ok(BareItem::Token(self.since(start)))
     }
 
-    fn byte_seq(&mut self) -> Result<BareItem, SfError> {
+    fn byte_seq(&mut self) -> Result<BareItem<'a>, SfError> {
         self.pos += 1;
         let start = self.run_of(BASE64);
         let body = self.s.get(start..self.pos).unwrap_or_default();
@@ -244,7 +250,7 @@ impl<'a> Parser<'a> {
             .map_err(|_| SfError("bad base64 in byte sequence"))
     }
 
-    fn number(&mut self) -> Result<BareItem, SfError> {
+    fn number(&mut self) -> Result<BareItem<'a>, SfError> {
         let start = self.pos;
         if self.peek() == Some(b'-') {
             self.pos += 1;
@@ -270,7 +276,7 @@ impl<'a> Parser<'a> {
             if frac == 0 || frac > 3 {
                 return Err(SfError("bad decimal"));
             }
-            return Ok(BareItem::Decimal(self.since(start).to_owned()));
+            return Ok(BareItem::Decimal(self.since(start)));
         }
         if int_len > 15 {
             return Err(SfError("integer too long"));
@@ -287,13 +293,13 @@ impl<'a> Parser<'a> {
         }))
     }
 
-    fn item(&mut self) -> Result<Item, SfError> {
+    fn item(&mut self) -> Result<Item<'a>, SfError> {
         let bare = self.bare()?;
         let params = self.params()?;
         Ok(Item { bare, params })
     }
 
-    fn inner_list(&mut self) -> Result<InnerList, SfError> {
+    fn inner_list(&mut self) -> Result<InnerList<'a>, SfError> {
         self.pos += 1; // '('
         let mut items = Vec::new();
         loop {
@@ -311,7 +317,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn member(&mut self) -> Result<Member, SfError> {
+    fn member(&mut self) -> Result<Member<'a>, SfError> {
         if self.peek() == Some(b'(') {
             Ok(Member::InnerList(self.inner_list()?))
         } else {
@@ -322,14 +328,14 @@ impl<'a> Parser<'a> {
 
 /// Parses a Dictionary (RFC 8941 section 4.2.2). Duplicate keys are refused: the RFC lets
 /// the last one win, but for signature headers an ambiguous member is an attack surface.
-pub fn parse_dictionary(input: &str) -> Result<Vec<(String, Member)>, SfError> {
+pub fn parse_dictionary(input: &str) -> Result<Vec<(&str, Member<'_>)>, SfError> {
     let mut p = Parser {
         text: input,
         s: input.as_bytes(),
         pos: 0,
     };
     p.skip_sp();
-    let mut out: Vec<(String, Member)> = Vec::new();
+    let mut out: Vec<(&str, Member<'_>)> = Vec::new();
     if p.peek().is_none() {
         return Err(SfError("empty dictionary"));
     }
@@ -369,7 +375,7 @@ fn serialize_bare(out: &mut String, b: &BareItem) {
         BareItem::String(s) => {
             out.push('"');
             // runs without a quote or a backslash at once, each of those escaped
-            let mut rest = s.as_str();
+            let mut rest: &str = s;
             while let Some(at) = rest.bytes().position(|b| b == b'"' || b == b'\\') {
                 // both are ASCII: `at` and `at + 1` are character boundaries
                 out.push_str(rest.get(..at).unwrap_or_default());
@@ -399,22 +405,33 @@ fn push_integer(out: &mut String, i: i64) {
     push_u64(out, i.unsigned_abs());
 }
 
-/// A number's decimal digits, without a formatter or a heap string (also the audit record's).
+/// "00" to "99": two digits per step and per push.
+const DIGIT_PAIRS: &str = "0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// A number's decimal digits, without a formatter, a heap string or a UTF-8 check of the run
+/// (also the audit record's and the store keys'): two digits at a time from a table of pairs.
 pub(crate) fn push_u64(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (n % 10) as u8;
+    // the pairs from the lowest, at most ten of them
+    let mut pairs = [0usize; 10];
+    let mut count = 0;
+    while n >= 100 && count < pairs.len() {
+        if let Some(p) = pairs.get_mut(count) {
+            *p = (n % 100) as usize;
         }
-        n /= 10;
-        if n == 0 || at == 0 {
-            break;
-        }
+        n /= 100;
+        count += 1;
     }
-    // ASCII digits: always UTF-8
-    out.push_str(std::str::from_utf8(digits.get(at..).unwrap_or_default()).unwrap_or_default());
+    // the highest one or two digits: one digit unless there are two
+    let top = n as usize;
+    let lead = if top >= 10 { top * 2 } else { top * 2 + 1 };
+    out.push_str(DIGIT_PAIRS.get(lead..top * 2 + 2).unwrap_or_default());
+    for p in pairs.get(..count).unwrap_or_default().iter().rev() {
+        out.push_str(DIGIT_PAIRS.get(p * 2..p * 2 + 2).unwrap_or_default());
+    }
 }
 
 /// Parameters canonically (`;key=value`, `;key` for true), after an item or an inner list.
@@ -452,6 +469,34 @@ pub fn serialize_inner_list(list: &InnerList) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Strings borrow the field's text unless an escape made them differ from it; the value is
+    /// the same either way (RFC 8941 section 4.2.5).
+    #[test]
+    fn strings_borrow_the_field_unless_escaped() {
+        for (text, want, borrowed) in [
+            (r#"a="plain", b="""#, ["plain", ""], true),
+            (r#"a="\"q", b="x\\""#, [r#""q"#, r"x\"], false),
+            (
+                r#"a="in \"the\" middle", b="end\"""#,
+                [r#"in "the" middle"#, r#"end""#],
+                false,
+            ),
+        ] {
+            let d = parse_dictionary(text).unwrap();
+            for ((_, m), want) in d.iter().zip(want) {
+                let Member::Item(Item {
+                    bare: BareItem::String(s),
+                    ..
+                }) = m
+                else {
+                    panic!("not a string: {m:?}");
+                };
+                assert_eq!(s, want, "{text}");
+                assert_eq!(matches!(s, Cow::Borrowed(_)), borrowed, "{text}");
+            }
+        }
+    }
 
     #[test]
     fn parses_signature_input() {
@@ -563,7 +608,8 @@ mod tests {
             r#"(";\"\\\"\\" "" "a b c");min=-999999999999999;max=999999999999999"#,
             r#"("x");tok=abc!#$%&'*+-.^_`|~:/z;nonce="AbC-_09";flag"#,
         ] {
-            let d = parse_dictionary(&format!("sig1={text}")).unwrap();
+            let field = format!("sig1={text}");
+            let d = parse_dictionary(&field).unwrap();
             let Member::InnerList(l) = &d[0].1 else {
                 panic!()
             };

@@ -42,30 +42,27 @@ pub struct SignParams {
 
 /// Returns (`Signature-Input` value, `Signature` value).
 pub fn sign(req: &Request, p: &SignParams, key: &SigningKey) -> Result<(String, String), Deny> {
-    let mut params = vec![("created".to_string(), BareItem::Integer(p.created))];
+    let mut params = vec![("created", BareItem::Integer(p.created))];
     if let Some(e) = p.expires {
-        params.push(("expires".into(), BareItem::Integer(e)));
+        params.push(("expires", BareItem::Integer(e)));
     }
     if let Some(n) = &p.nonce {
-        params.push(("nonce".into(), BareItem::String(n.clone())));
+        params.push(("nonce", BareItem::String(n.into())));
     }
-    params.push(("keyid".into(), BareItem::String(p.keyid.clone())));
+    params.push(("keyid", BareItem::String(p.keyid.as_str().into())));
     if p.include_alg {
-        params.push(("alg".into(), BareItem::String(key.alg().into())));
+        params.push(("alg", BareItem::String(key.alg().into())));
     }
     let items = p
         .components
         .iter()
         .map(|c| match c.split_once(";name=") {
             Some((n, v)) => Item {
-                bare: BareItem::String(n.to_string()),
-                params: vec![(
-                    "name".into(),
-                    BareItem::String(v.trim_matches('"').to_string()),
-                )],
+                bare: BareItem::String(n.into()),
+                params: vec![("name", BareItem::String(v.trim_matches('"').into()))],
             },
             None => Item {
-                bare: BareItem::String(c.clone()),
+                bare: BareItem::String(c.as_str().into()),
                 params: vec![],
             },
         })

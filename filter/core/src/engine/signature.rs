@@ -3,12 +3,12 @@
 
 use super::*;
 
-pub(super) fn single_member<'a>(
+pub(super) fn single_member<'a, 's>(
     header: &str,
-    dict: &'a [(String, Member)],
-) -> Result<(&'a str, &'a Member), Deny> {
+    dict: &'a [(&'s str, Member<'s>)],
+) -> Result<(&'s str, &'a Member<'s>), Deny> {
     match dict {
-        [(label, m)] => Ok((label.as_str(), m)),
+        [(label, m)] => Ok((label, m)),
         _ => Err(Deny::new(
             DenyReason::SignatureAmbiguous,
             format!(
@@ -217,10 +217,10 @@ pub(super) fn verify_signature(
 
 /// The one signature a request carries: its label, its covered components with their
 /// parameters, and its bytes.
-fn the_signature<'d>(
-    inputs: &'d [(String, Member)],
-    sigs: &'d [(String, Member)],
-) -> Result<(&'d str, &'d InnerList, &'d [u8]), Deny> {
+fn the_signature<'d, 's>(
+    inputs: &'d [(&'s str, Member<'s>)],
+    sigs: &'d [(&'s str, Member<'s>)],
+) -> Result<(&'s str, &'d InnerList<'s>, &'d [u8]), Deny> {
     let (label, input_member) = single_member("signature-input", inputs)?;
     let (sig_label, sig_member) = single_member("signature", sigs)?;
     if label != sig_label {
@@ -301,7 +301,7 @@ fn coverage<'i>(
     policy: &Policy,
     req: &Request,
     api: &Api,
-    input: &'i InnerList,
+    input: &'i InnerList<'_>,
     has_body: bool,
     digest: Option<&str>,
 ) -> Result<Vec<&'i str>, Deny> {
@@ -319,7 +319,7 @@ fn coverage<'i>(
         .items
         .iter()
         .filter_map(|i| match &i.bare {
-            BareItem::String(s) => Some(s.as_str()),
+            BareItem::String(s) => Some(s.as_ref()),
             _ => None,
         })
         .collect();
@@ -436,7 +436,7 @@ pub(super) fn check_params(
     }
     match sf::param(&input.params, "nonce") {
         Some(BareItem::String(n)) if !n.is_empty() && n.len() <= MAX_NONCE_LEN => {
-            ctx.nonce = Some(n.clone())
+            ctx.nonce = Some(n.to_string())
         }
         Some(BareItem::String(_)) => {
             return Err(Deny::new(
@@ -448,7 +448,7 @@ pub(super) fn check_params(
         Some(_) => return Err(bad("nonce is not a string")),
     }
     match sf::param(&input.params, "keyid") {
-        Some(BareItem::String(k)) => ctx.keyid = Some(k.clone()),
+        Some(BareItem::String(k)) => ctx.keyid = Some(k.to_string()),
         None => return Err(Deny::new(DenyReason::UnknownKey, "no keyid parameter")),
         Some(_) => return Err(bad("keyid is not a string")),
     }

@@ -196,6 +196,15 @@ impl Answer {
     }
 }
 
+/// A store key made of a prefix and a number (a slot), without a formatter: built on the
+/// request path for every replay, ban and session lookup.
+pub(crate) fn numbered_key(prefix: &str, n: u64) -> String {
+    let mut key = String::with_capacity(prefix.len() + 20);
+    key.push_str(prefix);
+    crate::sf::push_u64(&mut key, n);
+    key
+}
+
 /// A nonce refusal, named for what the caller sent: an Idempotency-Key seen before is a
 /// duplicate write, not a replayed signature.
 pub fn replay_refusal(d: Deny, idempotency: bool) -> Deny {
@@ -213,4 +222,32 @@ pub struct Params<'a> {
     pub lifetime: u64,
     pub bans: Option<&'a BanSettings>,
     pub sessions: Option<&'a Sessions>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_numbered_key_reads_as_the_formatter_writes_it() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            101,
+            1_000,
+            65_535,
+            1_796_647_950_123,
+            u64::MAX,
+        ] {
+            assert_eq!(
+                super::numbered_key("apisec/replay/", n),
+                format!("apisec/replay/{n}")
+            );
+            let mut s = String::from("x");
+            crate::sf::push_u64(&mut s, n);
+            assert_eq!(s, format!("x{n}"));
+        }
+    }
 }

@@ -221,7 +221,7 @@ const APP_KEY: &str = "apisec/ban/app/";
 
 /// The shared-data key of a slot of per-source counters.
 fn ip_key(slot: u64) -> String {
-    format!("apisec/ban/ip/{slot}")
+    crate::state::numbered_key("apisec/ban/ip/", slot)
 }
 
 impl BanSettings {

@@ -98,7 +98,7 @@ fn push_entry(out: &mut Vec<u8>, tag: &[u8], app: &[u8], created: u64, expiry: u
 }
 
 pub fn slot_key(slot: u32) -> String {
-    format!("apisec/replay/{slot}")
+    crate::state::numbered_key("apisec/replay/", u64::from(slot))
 }
 
 /// Where a nonce goes and how it is recognised, under the store's salt.

@@ -12,7 +12,7 @@ use crate::store::{create_if_absent, SharedStore, StoreError, StoreMeta};
 const MAX_CAS_RETRIES: usize = 16;
 
 pub(crate) fn slot_key(slot: u32) -> String {
-    format!("apisec/session/{slot}")
+    crate::state::numbered_key("apisec/session/", u64::from(slot))
 }
 
 pub(crate) fn mark_key(kind: &str, name: &str, meta: &StoreMeta) -> String {
