@@ -18,8 +18,7 @@ use apisec_core::crypto::SoftwareVerifier;
 use apisec_core::lifecycle::{Action, Config, Env, HostError, HostFacts, Stream, Transport};
 use apisec_core::message::{Connection, Request};
 use apisec_core::signer::{sign, SignParams, SigningKey};
-use apisec_core::state::nonces::local::init_slots;
-use apisec_core::store::{self, MemoryStore};
+use apisec_core::store::MemoryStore;
 use apisec_core::Policy;
 use base64::Engine as _;
 
@@ -38,7 +37,7 @@ fn main() {
         "bans": {"threshold": 1000000, "window_seconds": 60, "ban_seconds": 60},
         "audit": {"chain_key_env": "K"}
     });
-    let policy = Policy::from_json(
+    let mut policy = Policy::from_json(
         &doc.to_string(),
         &HashMap::from([
             ("S".to_string(), secret.to_string()),
@@ -48,8 +47,8 @@ fn main() {
     .unwrap();
     let store = MemoryStore::default();
     let now = 1_800_000_000u64;
-    let meta = store::open(&store, [3; 16], now - 10, policy.replay.slots).unwrap();
-    init_slots(&store, &policy.replay, &meta).unwrap();
+    // as the glues open it: the live-ban mark first, the slots, the bans keyed with the salt
+    let meta = apisec_core::local::open(&store, [3; 16], now - 10, &mut policy).unwrap();
     let config = Config {
         policy: Arc::new(policy.clone()),
         meta: Arc::new(meta),

@@ -405,32 +405,45 @@ fn push_integer(out: &mut String, i: i64) {
     push_u64(out, i.unsigned_abs());
 }
 
-/// "00" to "99": two digits per step and per push.
-const DIGIT_PAIRS: &str = "0001020304050607080910111213141516171819\
+/// "00" to "99": two digits per division.
+const DIGIT_PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
 2021222324252627282930313233343536373839\
 4041424344454647484950515253545556575859\
 6061626364656667686970717273747576777879\
 8081828384858687888990919293949596979899";
 
 /// A number's decimal digits, without a formatter, a heap string or a UTF-8 check of the run
-/// (also the audit record's and the store keys'): two digits at a time from a table of pairs.
+/// (also the audit record's and the store keys'): two digits per division into a buffer from
+/// the end, then each pushed as the one-byte character it is (in Wasm a `push_str` of a few
+/// bytes is a call to `memcpy`, dearer than the digits).
 pub(crate) fn push_u64(out: &mut String, mut n: u64) {
-    // the pairs from the lowest, at most ten of them
-    let mut pairs = [0usize; 10];
-    let mut count = 0;
-    while n >= 100 && count < pairs.len() {
-        if let Some(p) = pairs.get_mut(count) {
-            *p = (n % 100) as usize;
-        }
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    while n >= 100 && at >= 2 {
+        let p = (n % 100) as usize * 2;
         n /= 100;
-        count += 1;
+        at = at.saturating_sub(2);
+        if let (Some(dst), Some(src)) = (digits.get_mut(at..at + 2), DIGIT_PAIRS.get(p..p + 2)) {
+            dst.copy_from_slice(src);
+        }
     }
-    // the highest one or two digits: one digit unless there are two
-    let top = n as usize;
-    let lead = if top >= 10 { top * 2 } else { top * 2 + 1 };
-    out.push_str(DIGIT_PAIRS.get(lead..top * 2 + 2).unwrap_or_default());
-    for p in pairs.get(..count).unwrap_or_default().iter().rev() {
-        out.push_str(DIGIT_PAIRS.get(p * 2..p * 2 + 2).unwrap_or_default());
+    // the highest one or two digits (n < 100 here)
+    let p = n as usize * 2;
+    if n >= 10 {
+        at = at.saturating_sub(2);
+        if let (Some(dst), Some(src)) = (digits.get_mut(at..at + 2), DIGIT_PAIRS.get(p..p + 2)) {
+            dst.copy_from_slice(src);
+        }
+    } else {
+        at = at.saturating_sub(1);
+        if let (Some(d), Some(&c)) = (digits.get_mut(at), DIGIT_PAIRS.get(p + 1)) {
+            *d = c;
+        }
+    }
+    let run = digits.get(at..).unwrap_or_default();
+    out.reserve(run.len());
+    for &d in run {
+        out.push(char::from(d));
     }
 }
 

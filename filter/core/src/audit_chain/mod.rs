@@ -310,9 +310,9 @@ impl Chain {
         line.push_str("\"chain\":\"");
         line.push_str(&self.base);
         line.push('-');
-        line.push_str(&self.epoch.to_string());
+        crate::sf::push_u64(&mut line, u64::from(self.epoch));
         line.push_str("\",\"seq\":");
-        line.push_str(&self.seq.to_string());
+        crate::sf::push_u64(&mut line, self.seq);
         line.push_str(",\"key\":\"");
         line.push_str(&key.tag);
         line.push_str("\"}");

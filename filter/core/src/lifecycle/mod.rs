@@ -214,8 +214,9 @@ pub struct Step {
     pub response_body: Option<Vec<u8>>,
     /// The request's audit record, to publish now: set once, when the stream ends.
     pub audit: Option<String>,
-    /// What the request adds to the labelled metrics: set once, when the stream ends.
-    pub sample: Option<Sample>,
+    /// What the request adds to the labelled metrics: set once, when the stream ends (boxed:
+    /// inline it would half again the size of every step, and steps are moved).
+    pub sample: Option<Box<Sample>>,
     pub counts: Vec<Count>,
     /// A line for the host's log (a ban started).
     pub log: Option<String>,
@@ -253,8 +254,9 @@ impl Step {
         step
     }
 
-    /// This step followed by `next` (what a host that runs state synchronously carries out).
-    pub fn then(mut self, next: Step) -> Step {
+    /// This step followed by `next` (what a host that runs state synchronously carries out),
+    /// taken in in place: a step is a few hundred bytes, and in Wasm each move of one is a copy.
+    pub fn absorb(&mut self, next: Step) {
         self.action = next.action;
         self.remove_headers.extend(next.remove_headers);
         self.remove_response_headers
@@ -279,7 +281,6 @@ impl Step {
         if next.tally.is_some() {
             self.tally = next.tally;
         }
-        self
     }
     fn proceed() -> Step {
         Step::go(Action::Continue)
@@ -482,7 +483,7 @@ impl Stream {
                     local::run_local_in(&c.policy, env.store, &c.meta, &batch, &mut mark)
                 };
                 let next = self.ev_state(answer, env);
-                step = step.then(next);
+                step.absorb(next);
             }
         }
         self.count(&step);
@@ -613,7 +614,7 @@ impl Stream {
                 self.tally(t.response.total, env, &mut step);
             }
             let body = self.record_with(decided.outcome(), &facts);
-            step.sample = Some(self.sample(decided.outcome(), &facts));
+            step.sample = Some(Box::new(self.sample(decided.outcome(), &facts)));
             step.audit = Some(match (&self.config.policy.audit.key, env.chain) {
                 (Some(key), Some(chain)) => chain.seal(key, body),
                 _ => body,

@@ -84,7 +84,9 @@ impl Stream {
                 DenyReason::LoginReportInvalid,
                 "the login service's report is not user=<id>; factors=<n>",
             );
-            return Some(step.then(self.withhold(d, env)));
+            let withheld = self.withhold(d, env);
+            step.absorb(withheld);
+            return Some(step);
         };
         self.ctx.user = Some(user.clone());
         self.ctx.session_event = Some("user_logged_in");
@@ -96,7 +98,8 @@ impl Stream {
             }],
             Waiting::Login,
         );
-        Some(step.then(ask))
+        step.absorb(ask);
+        Some(step)
     }
 
     /// A part of the response body arrived (`size`: all of it so far).
