@@ -255,7 +255,8 @@ impl Step {
     }
 
     /// This step followed by `next` (what a host that runs state synchronously carries out),
-    /// taken in in place: a step is a few hundred bytes, and in Wasm each move of one is a copy.
+    /// merged into this one in place: a step is a few hundred bytes, and in Wasm each move of
+    /// one is a copy.
     pub fn absorb(&mut self, next: Step) {
         self.action = next.action;
         self.remove_headers.extend(next.remove_headers);
