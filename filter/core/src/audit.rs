@@ -287,10 +287,11 @@ impl AuditRecord<'_> {
         let evidence_len = self.evidence.map_or(0, |e| {
             e.signature_base.len() + e.signature_input.len() + e.signature.len() + 256
         });
-        // room for the chain's fields too (`Chain::seal_owned` reserves 200 more: with this it
-        // finds them and the record is not copied to a larger buffer)
+        // room for the chain's fields too: the seal finds it, and the record is not copied to a
+        // larger buffer
         let mut out = String::with_capacity(
-            608 + self.path.len()
+            384 + crate::audit_chain::SEAL_ROOM
+                + self.path.len()
                 + self.detail.len()
                 + self.query.as_ref().map_or(0, |q| q.len())
                 + evidence_len,

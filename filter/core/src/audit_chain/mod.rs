@@ -40,6 +40,10 @@ use crate::crypto::hex;
 use crate::error::ConfigError;
 use crate::masking::{Masking, RawMask};
 
+/// The room sealing needs after a record for the chain's fields (name and epoch, sequence, key
+/// tag, MAC): `AuditRecord::to_json` makes its buffer with it, so the seal adds them in place.
+pub const SEAL_ROOM: usize = 200;
+
 /// What a checkpoint line in Envoy's log starts with.
 pub const CHECKPOINT_TAG: &str = "apisec-audit-checkpoint";
 
@@ -306,7 +310,7 @@ impl Chain {
         if !line.trim_end().ends_with('{') {
             line.push(',');
         }
-        line.reserve(200);
+        line.reserve(SEAL_ROOM);
         line.push_str("\"chain\":\"");
         line.push_str(&self.base);
         line.push('-');
