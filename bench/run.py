@@ -770,12 +770,10 @@ def main() -> int:
             runs["s3_at_es256_load"] = []
         for r in range(LAT_ROUNDS if LAT_SECONDS > 0 else 0):
             for v in VARIANTS:
-                pair = equal_util and v == "jwt_es256"
-                if pair and r % 2:
-                    runs["s3_at_es256_load"].append(open_loop("s3", rates["s3_at_es256_load"], r, "s3_at_es256_load"))
-                runs[v].append(open_loop(v, rates[v], r, v))
-                if pair and not r % 2:
-                    runs["s3_at_es256_load"].append(open_loop("s3", rates["s3_at_es256_load"], r, "s3_at_es256_load"))
+                eq = "s3_at_es256_load"
+                here = ([eq, v] if r % 2 else [v, eq]) if equal_util and v == "jwt_es256" else [v]
+                for w in here:
+                    runs[w].append(open_loop("s3" if w == eq else w, rates[w], r, w))
         lat = {v: {"p50_us": int(statistics.median(x["p50_us"] for x in rs)),
                    "p99_us": int(statistics.median(x["p99_us"] for x in rs)),
                    "p999_us": int(statistics.median(x["p999_us"] for x in rs)),
