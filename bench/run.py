@@ -7,6 +7,9 @@ per variant, all forwarding to the same direct_response listener in the same pro
   bare       no filter (the limit)
   floor      an empty Rust proxy-wasm filter (reads one header): what any proxy-wasm filter
              costs in this Envoy before doing anything (bench/floor_filter)
+  floor_evidence  the same module making the host calls apisec makes on an allowed S0 request
+             (the copies LOG-1's record needs, the guard's mark, the record), deciding nothing,
+             with the guard after it: what S0's evidence costs through this ABI
   s0         apisec, S0 API (known App_ID)
   s1         apisec, S1 API: HMAC signature, content-digest-free GET, nonce, grant, lists, bans
   s3         apisec, S3 API: P-256 signature through Envoy's BoringSSL, body digest, nonce,
@@ -45,7 +48,7 @@ LOADGEN = ROOT / "target/release/apisec-loadgen"
 WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/apisec_bench_floor.wasm"
 OUT = ROOT / "bench/results"
-ALL_VARIANTS = ["bare", "floor", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_sm3", "s3_sm2",
+ALL_VARIANTS = ["bare", "floor", "floor_evidence", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_sm3", "s3_sm2",
                 "s1_cluster", "s3_cluster", "s0_native", "s1_native", "s3_native"]
 # BENCH_VARIANTS=bare,s0 runs a subset (a quick A/B while working; baselines are always kept).
 _picked = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
@@ -137,19 +140,19 @@ def jwt_filter(name: str, jwks: dict) -> dict:
     }
 
 
-def floor_filter() -> dict:
-    return {
-        "name": "floor",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "floor", "root_id": "floor",
-                "vm_config": {"vm_id": "floor", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(FLOOR_WASM)}}},
-                "failure_policy": "FAIL_CLOSED",
-            },
-        },
+def floor_filter(mode: str = "") -> dict:
+    """The floor fixture (bench/floor_filter); `mode` "evidence" makes S0's host calls."""
+    name = f"floor_{mode}" if mode else "floor"
+    config = {
+        "name": name, "root_id": "floor",
+        "vm_config": {"vm_id": name, "runtime": "envoy.wasm.runtime.v8",
+                      "code": {"local": {"filename": str(FLOOR_WASM)}}},
+        "failure_policy": "FAIL_CLOSED",
     }
+    if mode:
+        config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": mode}
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
 
 
 def bench_policy(pub_pem: str, sm2_pem: str) -> dict:
@@ -271,6 +274,8 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict], vari
         "bare": [gw.ROUTER],
         "bare_post": [gw.ROUTER],
         "floor": [floor_filter(), gw.ROUTER],
+        # S0's host calls and nothing else, with the guard after it as apisec has
+        "floor_evidence": [floor_filter("evidence"), guard, gw.ROUTER],
         "s0": [gw.apisec_filter(), guard, gw.ROUTER],
         "s1": [gw.apisec_filter(), guard, gw.ROUTER],
         "s3": [gw.apisec_filter(), guard, gw.ROUTER],
@@ -346,6 +351,7 @@ end
 GET_HEADERS = {
     "bare": lambda auth: [],
     "floor": lambda auth: ["x-app-id: bench-app"],
+    "floor_evidence": lambda auth: ["x-app-id: bench-app"],
     "s0": lambda auth: ["x-app-id: bench-app"],
     "jwt_hs256": lambda auth: [auth["hs"]],
 }
@@ -868,7 +874,7 @@ def denied_by_code(g) -> dict[str, int]:
 
 
 def markdown(r: dict) -> str:
-    names = {"s1_sm3": "apisec S1 (HMAC-SM3)", "s3_sm2": "apisec S3 (SM2, POST)", "bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
+    names = {"s1_sm3": "apisec S1 (HMAC-SM3)", "s3_sm2": "apisec S3 (SM2, POST)", "bare": "bare Envoy (GET)", "floor": "empty proxy-wasm filter (floor)", "floor_evidence": "S0's host calls alone, and the guard (floor)", "s0": "apisec S0", "s1": "apisec S1 (HMAC)", "s3": "apisec S3 (P-256, POST)",
              "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)",
              "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state",
              "s0_native": "apisec S0, native build", "s1_native": "apisec S1 (HMAC), native build",
