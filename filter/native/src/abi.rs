@@ -54,13 +54,18 @@ impl EnvoyBuffer {
         ptr: std::ptr::null(),
         len: 0,
     };
-    /// The bytes, copied out. Envoy's view is valid only during the current hook.
-    pub fn to_vec(self) -> Vec<u8> {
+    /// The bytes in place. Envoy's view is valid only during the current hook: the slice must
+    /// not be kept beyond it.
+    pub fn as_slice(&self) -> &[u8] {
         if self.ptr.is_null() || self.len == 0 {
-            return Vec::new();
+            return &[];
         }
         // SAFETY: Envoy hands a pointer to `len` readable bytes, valid during this hook.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }.to_vec()
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    /// The bytes, copied out.
+    pub fn to_vec(self) -> Vec<u8> {
+        self.as_slice().to_vec()
     }
 }
 
@@ -89,21 +94,25 @@ impl Header {
             value_len: value.len(),
         }
     }
-    /// The pair as owned text and bytes (the name lower-cased, as Envoy keeps it).
-    pub fn to_owned_pair(self) -> (String, Vec<u8>) {
-        let k = EnvoyBuffer {
+    /// The name, as a view into Envoy's header (valid during the hook).
+    pub fn key(self) -> EnvoyBuffer {
+        EnvoyBuffer {
             ptr: self.key_ptr,
             len: self.key_len,
         }
-        .to_vec();
-        let v = EnvoyBuffer {
+    }
+    /// The value, as a view into Envoy's header (valid during the hook).
+    pub fn value(self) -> EnvoyBuffer {
+        EnvoyBuffer {
             ptr: self.value_ptr,
             len: self.value_len,
         }
-        .to_vec();
-        let k = String::from_utf8(k)
+    }
+    /// The pair as owned text and bytes (the name lower-cased, as Envoy keeps it).
+    pub fn to_owned_pair(self) -> (String, Vec<u8>) {
+        let k = String::from_utf8(self.key().to_vec())
             .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-        (k, v)
+        (k, self.value().to_vec())
     }
 }
 

@@ -161,42 +161,33 @@ impl Filter {
         }
     }
 
-    /// The chunks of one body buffer, copied out and joined; None if Envoy has no such buffer.
-    fn body_chunks(self, kind: u32) -> Option<Vec<u8>> {
-        // SAFETY: `out` has room for `n` views; each is copied before return.
+    /// Envoy's views of one body buffer's chunks (valid during this hook); None if Envoy has
+    /// no such buffer.
+    fn chunk_views(self, kind: u32) -> Option<Vec<EnvoyBuffer>> {
+        // SAFETY: `out` has room for the `n` views Envoy writes.
         unsafe {
             let n = abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, kind);
             let mut out = vec![EnvoyBuffer::EMPTY; n];
-            if !abi::envoy_dynamic_module_callback_http_get_body_chunks(
-                self.0,
-                kind,
-                out.as_mut_ptr(),
-            ) {
-                return None;
-            }
-            let mut body = Vec::with_capacity(out.iter().map(|c| c.len).sum());
-            for c in out {
-                body.extend_from_slice(&c.to_vec());
-            }
-            Some(body)
+            abi::envoy_dynamic_module_callback_http_get_body_chunks(self.0, kind, out.as_mut_ptr())
+                .then_some(out)
         }
     }
 
-    /// How many bytes one body buffer holds (its chunks' views, nothing copied).
-    fn body_chunks_len(self, kind: u32) -> usize {
-        // SAFETY: `out` has room for `n` views; only their lengths are read.
-        unsafe {
-            let n = abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, kind);
-            let mut out = vec![EnvoyBuffer::EMPTY; n];
-            if !abi::envoy_dynamic_module_callback_http_get_body_chunks(
-                self.0,
-                kind,
-                out.as_mut_ptr(),
-            ) {
-                return 0;
-            }
-            out.iter().map(|c| c.len).sum()
+    /// The chunks of one body buffer, copied out once and joined; None if Envoy has no such
+    /// buffer.
+    fn body_chunks(self, kind: u32) -> Option<Vec<u8>> {
+        let views = self.chunk_views(kind)?;
+        let mut body = Vec::with_capacity(views.iter().map(|c| c.len).sum());
+        for c in &views {
+            body.extend_from_slice(c.as_slice());
         }
+        Some(body)
+    }
+
+    /// How many bytes one body buffer holds (its chunks' lengths, nothing copied).
+    fn body_chunks_len(self, kind: u32) -> usize {
+        self.chunk_views(kind)
+            .map_or(0, |views| views.iter().map(|c| c.len).sum())
     }
 
     /// The length of [`Filter::body`], without copying it.
@@ -327,9 +318,8 @@ pub fn callout_answer(
     if !headers.is_null() {
         // SAFETY: Envoy passes `n_headers` pairs, valid during the hook.
         for h in unsafe { std::slice::from_raw_parts(headers, n_headers) } {
-            let (k, v) = h.to_owned_pair();
-            if k == ":status" {
-                status = Some(String::from_utf8_lossy(&v).into_owned());
+            if h.key().as_slice() == b":status" {
+                status = Some(String::from_utf8_lossy(h.value().as_slice()).into_owned());
             }
         }
     }
@@ -337,7 +327,7 @@ pub fn callout_answer(
     if !chunks.is_null() {
         // SAFETY: Envoy passes `n_chunks` views, valid during the hook.
         for c in unsafe { std::slice::from_raw_parts(chunks, n_chunks) } {
-            body.extend_from_slice(&c.to_vec());
+            body.extend_from_slice(c.as_slice());
         }
     }
     (status, body)
