@@ -17,6 +17,16 @@ pub const ABI_VERSION: &[u8] = b"v0.2.0\0";
 
 pub type EnvoyPtr = *mut c_void;
 
+/// `len` bytes Envoy passed at `ptr` (a hook's argument or a view it handed out), in place;
+/// empty for a null pointer. Valid only during the hook that passed them: not to be kept.
+pub fn view<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: Envoy passes `len` readable bytes at `ptr`, valid during the hook.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
 /// Bytes owned by the module, lent to Envoy for one call.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -57,11 +67,7 @@ impl EnvoyBuffer {
     /// The bytes in place. Envoy's view is valid only during the current hook: the slice must
     /// not be kept beyond it.
     pub fn as_slice(&self) -> &[u8] {
-        if self.ptr.is_null() || self.len == 0 {
-            return &[];
-        }
-        // SAFETY: Envoy hands a pointer to `len` readable bytes, valid during this hook.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        view(self.ptr, self.len)
     }
     /// The bytes, copied out.
     pub fn to_vec(self) -> Vec<u8> {

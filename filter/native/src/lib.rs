@@ -46,14 +46,6 @@ mod hooks {
     use crate::envoy::{self, ConfigHandle, Filter};
     use crate::stream::{Go, NativeStream};
 
-    fn bytes<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
-        if ptr.is_null() || len == 0 {
-            return &[];
-        }
-        // SAFETY: Envoy passes `len` readable bytes, valid during the hook.
-        unsafe { std::slice::from_raw_parts(ptr, len) }
-    }
-
     /// The stream behind a module pointer this module made in `on_http_filter_new`.
     fn stream<'a>(ptr: *mut c_void) -> Option<&'a mut NativeStream> {
         // SAFETY: the pointer is a Box<NativeStream> leaked in `on_http_filter_new`, freed
@@ -74,9 +66,9 @@ mod hooks {
         config_ptr: *const u8,
         config_len: usize,
     ) -> *const c_void {
-        let name = String::from_utf8_lossy(bytes(name_ptr, name_len)).into_owned();
+        let name = String::from_utf8_lossy(abi::view(name_ptr, name_len)).into_owned();
         let handle = ConfigHandle(config_envoy);
-        match FilterConfig::load(handle, &name, bytes(config_ptr, config_len)) {
+        match FilterConfig::load(handle, &name, abi::view(config_ptr, config_len)) {
             Ok(config) => {
                 let config = Arc::new(config);
                 config.start_ticker();
