@@ -14,8 +14,6 @@
 //!   filter state, and one latency sample. What a filter that gives S0's evidence through this
 //!   ABI pays before it checks anything.
 
-use std::cell::Cell;
-
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
@@ -33,7 +31,7 @@ const RECORD: &[u8; 444] = &[b'x'; 444];
 #[derive(Default)]
 struct Root {
     /// The latency histogram's id when this is the evidence fixture.
-    evidence: Cell<Option<u32>>,
+    evidence: Option<u32>,
 }
 
 impl Context for Root {}
@@ -45,13 +43,13 @@ impl RootContext for Root {
             .unwrap_or_default();
         if config == b"evidence" {
             let id = hostcalls::define_metric(MetricType::Histogram, "floor_evidence_ms").ok();
-            self.evidence.set(id);
+            self.evidence = id;
             return id.is_some();
         }
         true
     }
     fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        match self.evidence.get() {
+        match self.evidence {
             Some(histogram) => Some(Box::new(Evidence { histogram })),
             None => Some(Box::new(Floor)),
         }
