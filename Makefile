@@ -252,6 +252,7 @@ bench: setup build
 	command -v taskset >/dev/null || (apt-get update -qq && apt-get install -y -qq util-linux)
 	$(CARGO) build --release --locked -p apisec-loadgen
 	$(CARGO) build --release --locked -p apisec-bench-floor --target wasm32-wasip1
+	$(CARGO) build --release --locked -p apisec-bench-floor-native
 	$(PY) bench/run.py
 
 clean:

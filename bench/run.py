@@ -10,6 +10,10 @@ per variant, all forwarding to the same direct_response listener in the same pro
   floor_evidence  the same module making the host calls apisec makes on an allowed S0 request
              (the copies LOG-1's record needs, the guard's mark, the record), deciding nothing,
              with the guard after it: what S0's evidence costs through this ABI
+  floor_native, floor_evidence_native  the same two fixtures on Envoy's dynamic-modules ABI
+             (bench/floor_native): what the native build pays before it decides anything
+  floor_s3_native  S3's callbacks (the body held and read) and one P-256 verification by ring,
+             the native build's verifier, and nothing else (the bench's S3 POST)
   s0         apisec, S0 API (known App_ID)
   s1         apisec, S1 API: HMAC signature, content-digest-free GET, nonce, grant, lists, bans
   s3         apisec, S3 API: P-256 signature through Envoy's BoringSSL, body digest, nonce,
@@ -47,9 +51,11 @@ import state_store  # noqa: E402
 LOADGEN = ROOT / "target/release/apisec-loadgen"
 WASM = ROOT / "target/wasm32-wasip1/release/apisec_filter.wasm"
 FLOOR_WASM = ROOT / "target/wasm32-wasip1/release/apisec_bench_floor.wasm"
+FLOOR_NATIVE = ROOT / "target/release/libapisec_bench_floor_native.so"
 OUT = ROOT / "bench/results"
 ALL_VARIANTS = ["bare", "floor", "floor_evidence", "s0", "s1", "jwt_hs256", "bare_post", "s3", "jwt_es256", "s1_sm3", "s3_sm2",
-                "s1_cluster", "s3_cluster", "s0_native", "s1_native", "s3_native"]
+                "s1_cluster", "s3_cluster", "s0_native", "s1_native", "s3_native", "floor_native",
+                "floor_evidence_native", "floor_s3_native"]
 # BENCH_VARIANTS=bare,s0 runs a subset (a quick A/B while working; baselines are always kept).
 _picked = [v for v in os.environ.get("BENCH_VARIANTS", "").split(",") if v]
 VARIANTS = [v for v in ALL_VARIANTS if not _picked or v in _picked or v in ("bare", "bare_post")]
@@ -76,8 +82,8 @@ BEFORE_HAS_GUARD = bool(os.environ.get("BENCH_BEFORE_HAS_GUARD"))
 
 # S3 (place an order) is a POST with a JSON body; its baseline and its native peer get the very
 # same POST requests, so that the body's own cost is not charged to the filter.
-BASELINE = {"s3": "bare_post", "jwt_es256": "bare_post", "bare_post": "bare_post"}
-POST_VARIANTS = ("bare_post", "jwt_es256")
+BASELINE = {"s3": "bare_post", "jwt_es256": "bare_post", "bare_post": "bare_post", "floor_s3": "bare_post"}
+POST_VARIANTS = ("bare_post", "jwt_es256", "floor_s3_native")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 LAT_SECONDS = int(os.environ.get("BENCH_LATENCY_SECONDS", "5"))
@@ -153,6 +159,17 @@ def floor_filter(mode: str = "") -> dict:
         config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": mode}
     return {"name": name, "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm", "config": config}}
+
+
+def floor_native_filter(mode: str = "") -> dict:
+    """The native floor fixture (bench/floor_native); `mode` "evidence" makes S0's callbacks,
+    "evidence_s3" S3's and its P-256 verification."""
+    name = {"": "floor_native", "evidence": "floor_evidence_native", "evidence_s3": "floor_s3_native"}[mode]
+    return {"name": name, "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+        "dynamic_module_config": {"name": "apisec_bench_floor_native", "do_not_close": True},
+        "filter_name": name,
+        "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": mode}}}
 
 
 def bench_policy(pub_pem: str, sm2_pem: str) -> dict:
@@ -287,6 +304,9 @@ def render(build: Path, ports: dict, policy: dict, jwts: tuple[dict, dict], vari
         "s0_native_before": [native_before, guard, gw.ROUTER],
         "s1_native_before": [native_before, guard, gw.ROUTER],
         "s3_native_before": [native_before, guard, gw.ROUTER],
+        "floor_native": [floor_native_filter(), gw.ROUTER],
+        "floor_evidence_native": [floor_native_filter("evidence"), guard, gw.ROUTER],
+        "floor_s3_native": [floor_native_filter("evidence_s3"), guard, gw.ROUTER],
         "jwt_hs256": [jwt_filter("hs", hs["jwks"]), gw.ROUTER],
         "jwt_es256": [jwt_filter("es", es["jwks"]), gw.ROUTER],
     }
@@ -618,12 +638,13 @@ def main() -> int:
     jwts = jwt_tokens()
     policy = bench_policy(pub, sm2_pub)
     layout = render(build, ports, policy, jwts)
-    modules = gw.NATIVE_DIR
-    if BEFORE_NATIVE:  # both modules in one search directory, each under its own name
-        modules = build / "modules"
-        shutil.rmtree(modules, ignore_errors=True)
-        modules.mkdir()
-        (modules / "libapisec_native.so").symlink_to(gw.NATIVE_DIR / "libapisec_native.so")
+    # every module in one search directory, each under its own name
+    modules = build / "modules"
+    shutil.rmtree(modules, ignore_errors=True)
+    modules.mkdir()
+    (modules / "libapisec_native.so").symlink_to(gw.NATIVE_DIR / "libapisec_native.so")
+    (modules / FLOOR_NATIVE.name).symlink_to(FLOOR_NATIVE)
+    if BEFORE_NATIVE:
         shutil.copyfile(BEFORE_NATIVE, modules / "libapisec_native_before.so")
     env = {**os.environ, "APISEC_BENCH_SECRET": secret,
            "APISEC_BENCH_AUDIT_KEY": base64.b64encode(os.urandom(32)).decode(),
@@ -679,10 +700,11 @@ def main() -> int:
         import ssl
         import urllib.request
         ctx = ssl.create_default_context(cafile=str(ca))
-        # The POST family (bare_post, jwt_es256) reuses one file of S3-shaped requests, cycled:
-        # without apisec on those listeners, repeated nonces mean nothing.
+        # The POST family (bare_post, jwt_es256, the native S3 floor) reuses one file of
+        # S3-shaped requests, cycled: without apisec on those listeners, repeated nonces mean
+        # nothing.
         post_files = {}
-        for v, hdr in (("bare_post", []), ("jwt_es256", ["--header", auth["es"]])):
+        for v, hdr in (("bare_post", []), ("jwt_es256", ["--header", auth["es"]]), ("floor_s3_native", [])):
             if v not in VARIANTS:
                 continue
             f = build / f"{v}-post.bin"
@@ -878,7 +900,10 @@ def markdown(r: dict) -> str:
              "jwt_hs256": "jwt_authn HS256", "jwt_es256": "jwt_authn ES256 (POST)", "bare_post": "bare Envoy (POST)",
              "s1_cluster": "apisec S1 (HMAC), cluster state", "s3_cluster": "apisec S3 (P-256, POST), cluster state",
              "s0_native": "apisec S0, native build", "s1_native": "apisec S1 (HMAC), native build",
-             "s3_native": "apisec S3 (P-256, POST), native build"}
+             "s3_native": "apisec S3 (P-256, POST), native build",
+             "floor_native": "empty dynamic module (native floor)",
+             "floor_evidence_native": "S0's callbacks alone, and the guard (native floor)",
+             "floor_s3_native": "S3's callbacks and one ring P-256 verification, and the guard (native floor, POST)"}
     lines = [f"Run {r['date']}, Envoy {r['envoy']}, 1 worker, TLS, {r['method']['rounds']} rounds x "
              f"{r['method']['seconds']} s, {r['method']['connections']} connections; latency open-loop at "
              f"a quarter of the baseline's capacity ({r['method']['latency_rate']['bare']} req/s GET, "
