@@ -620,6 +620,10 @@ def main() -> int:
         if not shutil.which(tool):
             print(f"{tool} not found (make bench installs it)", file=sys.stderr)
             return 2
+    for built in (WASM, FLOOR_WASM, FLOOR_NATIVE, gw.NATIVE_DIR / "libapisec_native.so", LOADGEN):
+        if not built.exists():
+            print(f"{built} is not built (make bench builds it)", file=sys.stderr)
+            return 2
     build = ROOT / "build/bench"
     shutil.rmtree(build, ignore_errors=True)
     build.mkdir(parents=True)
