@@ -2,10 +2,10 @@
 //! (`v0.2.0`, Envoy 1.40), the native build's counterpart of `bench/floor_filter`.
 //!
 //! Three fixtures in one module, chosen by the filter configuration:
-//! - anything but `evidence` (the `floor_native` variant): reads one request header
+//! - anything else (the `floor_native` variant, configured empty): reads one request header
 //!   (`x-app-id`) and continues: what the dynamic-modules filter itself costs (the stream
 //!   object, the hooks Envoy calls on every stream, one callback);
-//! - `evidence` (the `floor_native_evidence` variant): makes the callbacks apisec's native build
+//! - `evidence` (the `floor_evidence_native` variant): makes the callbacks apisec's native build
 //!   makes on an allowed S0 request (filter/native: `stream.rs`, `host.rs`, `metrics.rs`) and
 //!   decides nothing: the request headers (all pairs), the client address, the worker's index,
 //!   the identity header added, the guard's mark set in the filter state; the response's
