@@ -20,8 +20,9 @@
 //!   body is whole, the body's chunks read as the native build reads them, a record of an S3
 //!   record's size), and one ECDSA P-256 verification through `ring`, the native build's
 //!   verifier, of a signature made at load over a message of the bench's signature base size.
-//!   A failed verification sets no mark, so the guard refuses and the bench counts the run
-//!   invalid. What S3's evidence and its signature cost in this build before anything else.
+//!   A failed verification sets no mark, so the guard refuses and the bench stops at its check
+//!   before anything is timed (tried with the message altered: "floor_s3_native refused its
+//!   requests"). What S3's evidence and its signature cost in this build before anything else.
 //!
 //! Its own bindings, written from the same ABI as `filter/native/src/abi.rs`; only what the
 //! fixtures call.
