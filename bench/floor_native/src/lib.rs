@@ -295,20 +295,32 @@ fn set_filter_state(f: EnvoyPtr, key: &str, value: &[u8]) -> bool {
     }
 }
 
+/// `len` bytes Envoy passed at `ptr`, in place; empty for a null pointer (the fixture's
+/// `abi::view` of filter/native: its only reader of Envoy's bytes). Valid during the hook.
+fn view<'a>(ptr: *const u8, len: usize) -> &'a [u8] {
+    if ptr.is_null() || len == 0 {
+        return &[];
+    }
+    // SAFETY: Envoy passes `len` readable bytes at `ptr`, valid during the hook.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
 /// One body buffer's chunk views (as the native build's `chunk_views` asks for them): their
 /// length, and the bytes they hold copied out when `into` is given.
 fn chunks(f: EnvoyPtr, kind: u32, mut into: Option<&mut Vec<u8>>) -> usize {
     let mut len = 0;
-    // SAFETY: `out` has room for the `n` views Envoy writes; each view is read during the hook.
-    unsafe {
+    let mut out = Vec::new();
+    // SAFETY: `out` has room for the `n` views Envoy writes.
+    let ok = unsafe {
         let n = envoy_dynamic_module_callback_http_get_body_chunks_size(f, kind);
-        let mut out = vec![Buf::EMPTY; n];
-        if envoy_dynamic_module_callback_http_get_body_chunks(f, kind, out.as_mut_ptr()) {
-            for c in &out {
-                len += c.len;
-                if let (false, Some(into)) = (c.ptr.is_null(), into.as_deref_mut()) {
-                    into.extend_from_slice(std::slice::from_raw_parts(c.ptr, c.len));
-                }
+        out.resize(n, Buf::EMPTY);
+        envoy_dynamic_module_callback_http_get_body_chunks(f, kind, out.as_mut_ptr())
+    };
+    if ok {
+        for c in &out {
+            len += c.len;
+            if let Some(into) = into.as_deref_mut() {
+                into.extend_from_slice(view(c.ptr, c.len));
             }
         }
     }
@@ -357,13 +369,7 @@ mod hooks {
         config_ptr: *const u8,
         config_len: usize,
     ) -> *const c_void {
-        let text: &[u8] = if config_ptr.is_null() {
-            &[]
-        } else {
-            // SAFETY: Envoy passes `config_len` readable bytes, valid during this hook.
-            unsafe { std::slice::from_raw_parts(config_ptr, config_len) }
-        };
-        let config = match text {
+        let config = match view(config_ptr, config_len) {
             b"evidence" => stats(config_envoy).map(Config::Evidence),
             b"evidence_s3" => match (stats(config_envoy), s3_key()) {
                 (Some(s), Some((key, sig))) => Some(Config::EvidenceS3(s, key, sig)),
